@@ -1,0 +1,222 @@
+"""The public entry point: ``LLM`` loads a model and generates, streams, chats and scores."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence as Seq
+from typing import Any
+
+import torch
+
+from frugallm.engine.sequence import RequestOutput, Sequence
+from frugallm.errors import FrugalError, InvalidRequestError
+from frugallm.loading import LoadedModel, load_model
+from frugallm.model.kv_cache import ContiguousKVCache, KVCache
+from frugallm.sampling import SamplingParams, apply_penalties, filter_logits
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FrugalError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FrugalError("device cuda requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # CPU: fp16 weights stream fastest in matrix-vector products (decode), and large matmuls
+        # switch to bf16 inside Linear; CUDA: bf16 (no fp16 overflow risk, same speed).
+        return torch.float16 if device.type == "cpu" else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise FrugalError(f"unknown dtype {dtype!r}; choices: auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+class LLM:
+    """Load a model (``"default"``, a ``.gguf`` path or a Hugging Face folder) and run it.
+
+    >>> llm = LLM("default", dtype="float32", device="cpu")
+    >>> llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].text
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = "default",
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "auto",
+        max_model_len: int | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+        threads: int | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        loaded: LoadedModel = load_model(model, self.dtype, self.device, use_cache=use_cache, progress=progress)
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = min(max_model_len or loaded.config.max_position_embeddings,
+                                 loaded.config.max_position_embeddings)
+        self._next_id = 0
+
+    # -- helpers --------------------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def make_cache(self, batch: int, capacity: int, pad_lens: list[int] | None = None) -> KVCache:
+        cfg = self.config
+        return ContiguousKVCache(cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, capacity,
+                                 self.dtype, self.device, pad_lens)
+
+    def _prompt_ids(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            text: str | None = prompt
+        else:
+            ids = [int(i) for i in prompt]
+            text = None
+            bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt is {len(ids)} tokens but the context window is {self.max_model_len} tokens "
+                "(the prompt plus at least one generated token must fit)"
+            )
+        return text, ids
+
+    def _sequences(self, prompts: str | Seq[Any], params: SamplingParams | Seq[SamplingParams] | None) -> list[Sequence]:
+        if isinstance(prompts, str) or (isinstance(prompts, Seq) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise InvalidRequestError("no prompts given")
+        if params is None:
+            params = SamplingParams()
+        plist = list(params) if isinstance(params, Seq) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        seqs = []
+        for p, sp in zip(prompts, plist, strict=True):
+            text, ids = self._prompt_ids(p)
+            seqs.append(Sequence(self._next_id, text, ids, sp, self.tokenizer, self.max_model_len))
+            self._next_id += 1
+        return seqs
+
+    # -- the generation loop --------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run(self, seqs: list[Sequence]) -> Iterator[list[Sequence]]:
+        """Static batch: left-padded prefill, then one decode step per token; yields after each step."""
+        b = len(seqs)
+        lens = [len(s.prompt_ids) for s in seqs]
+        t = max(lens)
+        pads = [t - n for n in lens]
+        ids = torch.zeros(b, t, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, pads[i]:] = torch.tensor(s.prompt_ids)
+        pos = (torch.arange(t)[None, :] - torch.tensor(pads)[:, None]).clamp(min=0)
+        capacity = t + max(s.max_new for s in seqs)
+        cache = self.make_cache(b, capacity, pads if any(pads) else None)
+        dev = self.device
+        logits = self.model(ids.to(dev), pos.to(dev), cache, "last")  # [B, vocab]
+        next_pos = pos[:, -1:].to(dev) + 1
+        hist = [torch.tensor(s.prompt_ids, device=dev) for s in seqs]
+        while True:
+            tokens = self._sample(logits, seqs, hist)
+            for s, tok in zip(seqs, tokens, strict=True):
+                if not s.finished:
+                    s.append(tok)
+            yield seqs
+            if all(s.finished for s in seqs):
+                return
+            inp = torch.tensor(tokens, device=dev).view(b, 1)
+            logits = self.model(inp, next_pos, cache, "last")
+            next_pos += 1
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], hist: list[torch.Tensor]) -> list[int]:
+        if all(s.params.greedy and not s.params.needs_history and s.logprobs is None for s in seqs):
+            return logits.argmax(-1).tolist()  # one batched op for the common greedy case
+        out = []
+        for i, s in enumerate(seqs):
+            row = logits[i]
+            if s.params.needs_history:
+                row = apply_penalties(row.clone(), s.params, hist[i],
+                                      torch.tensor(s.output_ids, dtype=torch.long, device=row.device))
+            if s.params.greedy:
+                tok = int(row.argmax())
+            else:
+                probs = filter_logits(row, s.params).softmax(-1)
+                gen = s.generator
+                if gen is not None and gen.device != probs.device:
+                    probs = probs.cpu()
+                tok = int(torch.multinomial(probs, 1, generator=gen))
+            if s.logprobs is not None and not s.finished:
+                lp = row.log_softmax(-1)
+                top = lp.topk(max(s.params.logprobs or 0, 1))
+                entry = {int(k): float(v) for k, v in zip(top.indices, top.values, strict=True)}
+                entry[tok] = float(lp[tok])
+                s.logprobs.append(entry)
+            out.append(tok)
+        return out
+
+    # -- public API -----------------------------------------------------------------------------
+    def generate(self, prompts: str | Seq[Any], params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for one or many prompts (strings or token-id lists); one output per prompt."""
+        seqs = self._sequences(prompts, params)
+        for _ in self._run(seqs):
+            pass
+        return [s.output() for s in seqs]
+
+    def stream(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas for one prompt as tokens are generated."""
+        (seq,) = self._sequences([prompt] if isinstance(prompt, str) else [list(prompt)], params)
+        for _ in self._run([seq]):
+            delta = seq.take_delta()
+            if delta:
+                yield delta
+        self.last_output = seq.output()
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Apply the chat template to one conversation (or a list of them) and generate."""
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        return self.generate([self.chat_prompt(c) for c in convs], params)
+
+    @torch.inference_mode()
+    def score(self, token_ids: Seq[int]) -> torch.Tensor:
+        """Teacher-forced next-token logits ``[len(token_ids), vocab]`` (fp32) for one sequence."""
+        ids = [int(i) for i in token_ids]
+        if not ids:
+            raise InvalidRequestError("token_ids is empty")
+        if len(ids) > self.max_model_len:
+            raise InvalidRequestError(f"{len(ids)} tokens exceed the context window of {self.max_model_len}")
+        x = torch.tensor([ids], device=self.device)
+        pos = torch.arange(len(ids), device=self.device)[None]
+        cache = self.make_cache(1, len(ids))
+        return self.model(x, pos, cache, "all")[0]

@@ -1,0 +1,100 @@
+"""Per-request state: token ids, incremental detokenization, stop conditions."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from frugallm.sampling import SamplingParams
+from frugallm.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt (vLLM-like field names)."""
+
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | None while running
+    metrics: dict[str, float] = field(default_factory=dict)
+    logprobs: list[dict[int, float]] | None = None
+
+
+class Sequence:
+    """One prompt being generated. Text deltas hold back what could still become a stop string."""
+
+    def __init__(self, request_id: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+                 tokenizer: Tokenizer, max_len: int) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.tokenizer = tokenizer
+        self.output_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.text = ""
+        self.emitted = 0  # chars of self.text already returned as deltas
+        self.finish_reason: str | None = None
+        self.max_new = min(params.max_tokens, max_len - len(prompt_ids))
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_ids))
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        self.t_start = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_end: float | None = None
+        self._hold = max((len(s) for s in params.stop), default=1) - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int) -> None:
+        """Add a sampled token and update text / finish state."""
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = now
+        if token in self.stop_ids:
+            self.output_ids.append(token)
+            self._finish("stop", now)
+            return
+        self.output_ids.append(token)
+        text = self.tokenizer.decode(self.output_ids, skip_special_tokens=self.params.skip_special_tokens)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next byte
+            prev = len(self.text)
+            self.text = text
+            for s in self.params.stop:
+                i = text.find(s, max(0, prev - len(s) + 1))
+                if i != -1:
+                    self.text = text[:i]
+                    self._finish("stop", now)
+                    return
+        if len(self.output_ids) >= self.max_new:
+            self._finish("length", now)
+
+    def _finish(self, reason: str, now: float) -> None:
+        self.finish_reason = reason
+        self.t_end = now
+
+    def take_delta(self) -> str:
+        """New text since the last call (all of it once finished)."""
+        end = len(self.text) if self.finished else max(self.emitted, len(self.text) - self._hold)
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta
+
+    def output(self) -> RequestOutput:
+        m: dict[str, float] = {"prompt_tokens": len(self.prompt_ids), "output_tokens": len(self.output_ids)}
+        if self.t_first is not None:
+            m["ttft_s"] = self.t_first - self.t_start
+        if self.t_end is not None:
+            m["e2e_s"] = self.t_end - self.t_start
+            if len(self.output_ids) > 1 and self.t_first is not None:
+                m["tpot_s"] = (self.t_end - self.t_first) / (len(self.output_ids) - 1)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.text, list(self.output_ids),
+                             self.finish_reason, m, self.logprobs)

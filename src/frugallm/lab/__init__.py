@@ -1,0 +1,1 @@
+"""Efficiency lab: hardware specs and probing, the analytic roofline model, utilization metrics."""

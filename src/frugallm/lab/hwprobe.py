@@ -1,0 +1,337 @@
+"""Measure this machine's roofline ceilings (memory bandwidth, matmul FLOP/s per dtype) with torch.
+
+``probe(device)`` returns a :class:`~frugallm.lab.hwspecs.HardwareSpec` (``source="probed"``);
+``probe_result`` returns the full :class:`ProbeResult` (CPU model, cores, caches, every sample).
+Results are cached as JSON in ``$FRUGALLM_CACHE_DIR`` (default: the platform user cache dir), keyed
+by device and torch thread count, because both change the numbers; ``refresh=True`` re-measures.
+
+Every measured value is the median over several timed runs; a run repeats the op enough times to last
+``target`` seconds, so fast GPU kernels are not lost in timer and launch noise. The full probe takes
+about 10-20 s on a 2-core CPU; ``quick=True`` (small buffers, 2 runs) takes well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from frugallm.errors import FrugalError
+from frugallm.lab.hwspecs import HardwareSpec
+
+CACHE_VERSION = 1
+MiB = 1 << 20
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How hard to measure. ``quick`` settings are for tests and smoke runs, not for reporting."""
+
+    buffer_bytes: int = 256 * MiB
+    reps: int = 7
+    target_s: float = 0.08  # one matmul (or one inner-repeated group) lasts about this long
+    max_matmul_n: int = 8192
+    dtype_budget_s: float = 3.0  # growing the matmul size stops once this is spent
+
+    @classmethod
+    def quick(cls) -> ProbeSettings:
+        return cls(buffer_bytes=8 * MiB, reps=2, target_s=0.004, max_matmul_n=512, dtype_budget_s=0.3)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured ceiling: ``value`` is the median of ``samples`` (same unit)."""
+
+    value: float
+    unit: str  # "GB/s" or "FLOP/s"
+    samples: tuple[float, ...]
+    size: str  # what was timed, e.g. "256 MiB fp32" or "n=2048 bf16"
+    inner: int  # op repetitions inside one timed run
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The probed spec plus everything needed to judge (and reproduce) the numbers."""
+
+    spec: HardwareSpec
+    device: str
+    cpu_model: str
+    logical_cores: int | None
+    physical_cores: int | None
+    cache_bytes: dict[str, int]  # "L1d", "L1i", "L2", "L3" -> bytes (CPU 0)
+    torch_version: str
+    num_threads: int
+    gpu_name: str | None
+    quick: bool
+    measurements: dict[str, Measurement]  # "read_bw", "copy_bw", "matmul_fp32", ...
+    skipped: dict[str, str]  # measurement name -> why it was not measured
+    elapsed_s: float
+    timestamp: float
+    version: int = CACHE_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeResult:
+        d = dict(d)
+        d["spec"] = HardwareSpec.from_dict(d["spec"])
+        d["measurements"] = {
+            k: Measurement(**{**m, "samples": tuple(m["samples"])}) for k, m in d["measurements"].items()
+        }
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------- system info
+
+
+def default_device() -> str:
+    """``"cuda"`` when a CUDA device is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FrugalError(f"invalid device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FrugalError(f"device {device!r} requested but CUDA is not available")
+        return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    if dev.type != "cpu":
+        raise FrugalError(f"unsupported probe device {device!r}; supported: cpu, cuda, cuda:N")
+    return dev
+
+
+def _cpu_model() -> str:
+    try:
+        import cpuinfo  # py-cpuinfo, optional
+
+        brand = cpuinfo.get_cpu_info().get("brand_raw")
+        if brand:
+            return str(brand)
+    except Exception:  # noqa: BLE001 - optional dependency; any failure falls back to /proc
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * mult
+
+
+def _cache_sizes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for index in sorted(root.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = _parse_size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        sizes[f"L{level}{suffix}"] = size
+    return sizes
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def _sync_fn(dev: torch.device) -> Callable[[], None]:
+    if dev.type == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+def _time_runs(fn: Callable[[], object], sync: Callable[[], None], reps: int, target_s: float
+               ) -> tuple[list[float], int]:
+    """Seconds per call of ``fn`` for ``reps`` runs, each repeating it ``inner`` times (~target_s)."""
+    fn()  # warm-up: first-call allocations, kernel selection, page faults
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    single = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, min(10_000, round(target_s / single)))
+    per_call = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        per_call.append((time.perf_counter() - t0) / inner)
+    return per_call, inner
+
+
+def _bandwidth(dev: torch.device, s: ProbeSettings) -> dict[str, Measurement]:
+    sync = _sync_fn(dev)
+    n = s.buffer_bytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=dev)  # filled, so every page is really mapped
+    dst = torch.zeros_like(src)
+    size = f"{s.buffer_bytes / MiB:.0f} MiB fp32"
+    out: dict[str, Measurement] = {}
+    # sum() reads every byte once; copy_ reads src and writes dst, counted as 2x (the STREAM
+    # convention; write-allocate traffic on CPUs is not counted).
+    for name, fn, nbytes in (("read_bw", src.sum, s.buffer_bytes),
+                             ("copy_bw", lambda: dst.copy_(src), 2 * s.buffer_bytes)):
+        times, inner = _time_runs(fn, sync, s.reps, s.target_s)
+        samples = tuple(nbytes / t / 1e9 for t in times)
+        out[name] = Measurement(statistics.median(samples), "GB/s", samples, size, inner)
+    return out
+
+
+def _matmul_fn(dtype: str, n: int, dev: torch.device) -> Callable[[], object]:
+    if dtype == "int8":
+        a = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=dev)
+        b = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=dev)
+        return lambda: torch._int_mm(a, b)
+    a = torch.randn(n, n, dtype=_DTYPES[dtype], device=dev)
+    b = torch.randn(n, n, dtype=_DTYPES[dtype], device=dev)
+    c = torch.empty(n, n, dtype=_DTYPES[dtype], device=dev)
+    return lambda: torch.mm(a, b, out=c)
+
+
+def _matmul_peak(dtype: str, dev: torch.device, s: ProbeSettings) -> Measurement:
+    """Grow a square matmul until one call lasts ~target_s (or the size/time cap), then time it."""
+    sync = _sync_fn(dev)
+    n, spent = 128, 0.0
+    while True:
+        fn = _matmul_fn(dtype, n, dev)
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        t = max(time.perf_counter() - t0, 1e-7)
+        spent += 2 * t
+        if t >= 0.5 * s.target_s or n >= s.max_matmul_n or spent >= s.dtype_budget_s:
+            break
+        # Time grows as n^3; aim at target_s, but never more than 4x per step in case small sizes
+        # were unrepresentatively slow (thread wake-up), and stay a multiple of 64 for the kernels.
+        scale = min(4.0, max(1.25, (s.target_s / t) ** (1 / 3)))
+        n = min(s.max_matmul_n, max(n + 64, int(n * scale) // 64 * 64))
+    times, inner = _time_runs(fn, sync, s.reps, s.target_s)
+    samples = tuple(2 * n**3 / t for t in times)
+    return Measurement(statistics.median(samples), "FLOP/s", samples, f"n={n} {dtype}", inner)
+
+
+# --------------------------------------------------------------------------------------------- cache
+
+
+def cache_dir() -> Path:
+    """``$FRUGALLM_CACHE_DIR`` or the platform user cache dir for frugallm."""
+    env = os.environ.get("FRUGALLM_CACHE_DIR")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("frugallm"))
+
+
+def cache_path(device: str = "cpu", quick: bool = False) -> Path:
+    """Where the probe of ``device`` at the current torch thread count is cached."""
+    dev = _resolve_device(device)
+    tag = f"{dev.type}{dev.index if dev.index is not None else ''}-t{torch.get_num_threads()}"
+    return cache_dir() / f"hwprobe-{tag}{'-quick' if quick else ''}.json"
+
+
+def _load_cached(path: Path) -> ProbeResult | None:
+    try:
+        d = json.loads(path.read_text())
+        if d.get("version") != CACHE_VERSION or d.get("torch_version") != torch.__version__:
+            return None  # stale format or a different torch build: measure again
+        return ProbeResult.from_dict(d)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or corrupt cache is not an error, just a reason to measure
+
+
+def _save(path: Path, result: ProbeResult) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result.to_dict(), indent=2))
+    tmp.replace(path)  # atomic, so a concurrent reader never sees half a file
+
+
+# --------------------------------------------------------------------------------------------- probe
+
+
+def measure(device: str = "cpu", quick: bool = False) -> ProbeResult:
+    """Run the measurements now (no cache). Use :func:`probe_result` to go through the cache."""
+    dev = _resolve_device(device)
+    s = ProbeSettings.quick() if quick else ProbeSettings()
+    start = time.perf_counter()
+    measurements = _bandwidth(dev, s)
+    skipped: dict[str, str] = {}
+    for dtype in ("fp32", "bf16", "fp16", "int8"):
+        try:
+            measurements[f"matmul_{dtype}"] = _matmul_peak(dtype, dev, s)
+        except (RuntimeError, NotImplementedError, AttributeError) as e:
+            # e.g. torch._int_mm missing or not built for this device/shape; a reason beats a crash.
+            skipped[f"matmul_{dtype}"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    if dev.type == "cuda":
+        mem_bytes = int(torch.cuda.get_device_properties(dev).total_memory)
+    else:
+        mem_bytes = int(psutil.virtual_memory().total)
+    cpu_model = _cpu_model()
+    peaks = {k.removeprefix("matmul_"): m.value for k, m in measurements.items() if k.startswith("matmul_")}
+    spec = HardwareSpec(
+        name=f"local {dev}: {gpu_name or cpu_model}" + ("" if gpu_name else f" x{torch.get_num_threads()}t"),
+        mem_bandwidth_gbs=measurements["read_bw"].value,  # decode streams weights: reads dominate
+        peak_flops=peaks,
+        mem_bytes=mem_bytes,
+        source="probed",
+    )
+    return ProbeResult(
+        spec=spec,
+        device=str(dev),
+        cpu_model=cpu_model,
+        logical_cores=psutil.cpu_count(logical=True),
+        physical_cores=psutil.cpu_count(logical=False),
+        cache_bytes=_cache_sizes(),
+        torch_version=torch.__version__,
+        num_threads=torch.get_num_threads(),
+        gpu_name=gpu_name,
+        quick=quick,
+        measurements=measurements,
+        skipped=skipped,
+        elapsed_s=time.perf_counter() - start,
+        timestamp=time.time(),
+    )
+
+
+def probe_result(device: str = "cpu", refresh: bool = False, quick: bool = False) -> ProbeResult:
+    """The cached probe of ``device`` (measured and cached first if absent or ``refresh``)."""
+    path = cache_path(device, quick)
+    if not refresh:
+        cached = _load_cached(path)
+        if cached is not None:
+            return cached
+    result = measure(device, quick)
+    _save(path, result)
+    return result
+
+
+def probe(device: str = "cpu", refresh: bool = False, quick: bool = False) -> HardwareSpec:
+    """This machine's measured :class:`HardwareSpec` for ``device`` (cached; see module docstring)."""
+    return probe_result(device, refresh, quick).spec

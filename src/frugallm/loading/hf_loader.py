@@ -1,0 +1,126 @@
+"""Hugging Face model folders: ``config.json`` + ``*.safetensors`` (single or sharded index).
+
+Tensors are read through ``safetensors.safe_open`` (memory-mapped), converted one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frugallm.config import ModelConfig
+from frugallm.errors import ModelLoadError
+
+
+class HFModelFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ModelLoadError(f"model folder not found: {self.path}")
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise ModelLoadError(f"{self.path} has no config.json (not a Hugging Face model folder)")
+        try:
+            self.raw_config: dict[str, Any] = json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{cfg}: invalid JSON ({e})") from None
+        self.weight_map = self._weight_map()
+
+    def _weight_map(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise ModelLoadError(f"{index}: invalid safetensors index ({e})") from None
+            return {name: self.path / fname for name, fname in wm.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{self.path} has no *.safetensors weights (pickle checkpoints are not loaded)")
+        from safetensors import safe_open
+
+        out: dict[str, Path] = {}
+        for f in files:
+            try:
+                with safe_open(f, "pt") as sf:
+                    out.update({k: f for k in sf.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+            except Exception as e:
+                raise ModelLoadError(f"{f}: corrupt safetensors file ({e})") from None
+        return out
+
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_hf(self.raw_config)
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        p = self.path / "tokenizer_config.json"
+        if not p.is_file():
+            return {}
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{p}: invalid JSON ({e})") from None
+
+    def dtype_bytes(self) -> dict[str, int]:
+        from safetensors import safe_open
+
+        out: dict[str, int] = {}
+        for f in sorted(set(self.weight_map.values())):
+            with safe_open(f, "pt") as sf:
+                for k in sf.keys():  # noqa: SIM118
+                    sl = sf.get_slice(k)
+                    dt = sl.get_dtype()
+                    n = 1
+                    for s in sl.get_shape():
+                        n *= s
+                    size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1}.get(dt, 4)
+                    out[dt] = out.get(dt, 0) + n * size
+        return out
+
+
+def iter_hf_state_dict(folder: HFModelFolder, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` in frugallm names with q/k/v and gate/up fused."""
+    from safetensors import safe_open
+
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def get(name: str) -> torch.Tensor:
+            f = folder.weight_map.get(name)
+            if f is None:
+                raise ModelLoadError(f"{folder.path}: missing tensor {name!r}")
+            if f not in handles:
+                try:
+                    handles[f] = stack.enter_context(safe_open(f, "pt"))
+                except Exception as e:
+                    raise ModelLoadError(f"{f}: cannot open safetensors file ({e})") from None
+            try:
+                return handles[f].get_tensor(name)
+            except Exception as e:
+                raise ModelLoadError(f"{f}: cannot read tensor {name!r} ({e})") from None
+
+        def cat(*names: str) -> torch.Tensor:
+            return torch.cat([get(n).to(dtype) for n in names], dim=0)
+
+        yield "embed_tokens.weight", get("model.embed_tokens.weight").to(dtype)
+        for i in range(cfg.num_layers):
+            p, o = f"model.layers.{i}.", f"layers.{i}."
+            a = p + "self_attn."
+            yield o + "input_norm.weight", get(p + "input_layernorm.weight").to(dtype)
+            yield o + "post_attn_norm.weight", get(p + "post_attention_layernorm.weight").to(dtype)
+            yield o + "attn.qkv_proj.weight", cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+            if cfg.attention_bias:
+                yield o + "attn.qkv_proj.bias", cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
+            if cfg.qk_norm:
+                yield o + "attn.q_norm.weight", get(a + "q_norm.weight").to(dtype)
+                yield o + "attn.k_norm.weight", get(a + "k_norm.weight").to(dtype)
+            yield o + "attn.o_proj.weight", get(a + "o_proj.weight").to(dtype)
+            yield o + "mlp.gate_up_proj.weight", cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            yield o + "mlp.down_proj.weight", get(p + "mlp.down_proj.weight").to(dtype)
+        yield "norm.weight", get("model.norm.weight").to(dtype)
+        if not cfg.tie_word_embeddings:
+            yield "lm_head.weight", get("lm_head.weight").to(dtype)

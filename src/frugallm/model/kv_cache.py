@@ -1,0 +1,134 @@
+"""KV-cache interface and the contiguous implementation.
+
+The attention layer only calls :meth:`KVCache.update` (append this step's keys/values and get back
+what the queries may see, plus a mask) so the model does not depend on one cache layout: compressed,
+quantized or paged caches implement the same three methods.
+
+Slots versus positions: a cache stores keys/values in *slots*. Slot order is the order tokens were
+appended, so causality holds in slot space even when a policy evicts or compacts slots. RoPE
+positions are handled by the model (keys are stored rotated), never derived from slot indices.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class KVCache(ABC):
+    """Keys/values of every layer for a batch of sequences.
+
+    Shapes: ``k, v: [batch, num_kv_heads, new_tokens, head_dim]``.
+    """
+
+    @abstractmethod
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append ``k, v`` for ``layer`` and return ``(keys, values, mask)`` to attend over.
+
+        ``keys, values: [batch, num_kv_heads, visible, head_dim]``; ``mask`` is ``None`` when plain
+        causal attention over all visible slots is right, else a bool ``[batch, 1, new_tokens,
+        visible]`` tensor (True = may attend).
+        """
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of cache storage actually holding tokens (not merely reserved)."""
+
+    @abstractmethod
+    def reserved_bytes(self) -> int:
+        """Bytes of storage allocated for the cache."""
+
+    @property
+    @abstractmethod
+    def num_slots(self) -> int:
+        """Slots filled so far in layer 0 (equals tokens seen for an uncompressed cache)."""
+
+
+class ContiguousKVCache(KVCache):
+    """Preallocated ``[batch, heads, capacity, head_dim]`` buffers per layer (gpt-fast style).
+
+    Supports left padding for batched prompts: ``pad_lens[b]`` leading slots of row ``b`` are never
+    attended to. Capacity grows by doubling if a caller under-reserves.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        pad_lens: list[int] | None = None,
+    ) -> None:
+        shape = (batch, num_kv_heads, max(capacity, 1), head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = [0] * num_layers
+        self.batch = batch
+        self.pad_lens = torch.tensor(pad_lens or [0] * batch, device=device)
+        self._has_pad = bool(pad_lens and any(pad_lens))
+        self._mask_key: tuple[int, int] | None = None
+        self._mask: torch.Tensor | None = None
+
+    def _grow(self, layer: int, needed: int) -> None:
+        cap = self.k[layer].shape[2]
+        new_cap = max(needed, 2 * cap)
+        for buf in (self.k, self.v):
+            old = buf[layer]
+            new = old.new_empty(old.shape[0], old.shape[1], new_cap, old.shape[3])
+            new[:, :, :cap] = old
+            buf[layer] = new
+
+    def _build_mask(self, start: int, q: int, total: int) -> torch.Tensor | None:
+        if not self._has_pad and (q == 1 or start == 0):
+            return None  # causal (prefill) or unmasked (single-token decode)
+        key = (start, q)
+        if self._mask_key != key:  # identical for every layer of one step: build once
+            dev = self.pad_lens.device
+            slots = torch.arange(total, device=dev)
+            qpos = torch.arange(start, start + q, device=dev)
+            causal = slots[None, :] <= qpos[:, None]  # [q, total]
+            valid = slots[None, :] >= self.pad_lens[:, None]  # [batch, total]
+            mask = causal[None, :, :] & valid[:, None, :]
+            # A fully padded query row would give NaN in softmax; let it see itself.
+            mask |= (slots[None, None, :] == qpos[None, :, None])
+            self._mask = mask[:, None]
+            self._mask_key = key
+        return self._mask
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        start = self.lengths[layer]
+        end = start + k.shape[2]
+        if end > self.k[layer].shape[2]:
+            self._grow(layer, end)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+        mask = self._build_mask(start, k.shape[2], end)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer, n in enumerate(self.lengths):
+            b, h, _, d = self.k[layer].shape
+            total += 2 * b * h * n * d * self.k[layer].element_size()
+        return total
+
+    def reserved_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    @property
+    def num_slots(self) -> int:
+        return self.lengths[0]
+
+    def truncate(self, length: int) -> None:
+        """Drop slots past ``length`` in every layer (used to roll back rejected draft tokens)."""
+        self.lengths = [min(n, length) for n in self.lengths]
+        self._mask_key = None

@@ -1,0 +1,195 @@
+"""The Llama family (llama, mistral, qwen2, qwen3) in one file.
+
+Weights follow the Hugging Face layout (RoPE on rotate-half pairs); loaders convert GGUF's permuted
+Q/K rows back to it. Q, K and V are one fused projection, and so are gate and up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frugallm.config import ModelConfig
+from frugallm.model.kv_cache import KVCache
+
+# Below this many tokens a matmul is a matrix-vector product, bound by reading the weights, where
+# fp16 weights are fastest on CPU; above it the matmul is compute bound and bf16 (AVX512-BF16/AMX)
+# is several times faster than fp16 there (measured: 714 vs 47 GFLOP/s on the 1536x576 MLP shape).
+_HALF_GEMM_MIN_TOKENS = 16
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that runs large fp16 matmuls in bf16 on CPU (see ``_HALF_GEMM_MIN_TOKENS``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype == torch.float16 and w.device.type == "cpu" and x.numel() >= _HALF_GEMM_MIN_TOKENS * x.shape[-1]:
+            b = None if self.bias is None else self.bias.to(torch.bfloat16)
+            return F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16), b).to(x.dtype)
+        return F.linear(x, w, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference implementations; half precision loses the mean square.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]``; ``factors`` (GGUF ``rope_freqs``) divide them."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling
+    if factors is not None:
+        inv = inv / factors.to(torch.float64)
+    elif rs is not None and rs.rope_type == "linear":
+        inv = inv / rs.factor
+    elif rs is not None and rs.rope_type == "llama3":
+        low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+        wl = 2 * math.pi / inv
+        smooth = (rs.original_max_position_embeddings / wl - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        scaled = torch.where(wl > low_wl, inv / rs.factor, inv)
+        mid = (wl <= low_wl) & (wl >= high_wl)
+        scaled = torch.where(mid, (1 - smooth) * inv / rs.factor + smooth * inv, scaled)
+        inv = scaled
+    return inv.float()
+
+
+def llama3_rope_factors(cfg: ModelConfig) -> torch.Tensor | None:
+    """Per-frequency divisors equivalent to ``cfg.rope_scaling`` (the form GGUF stores)."""
+    if cfg.rope_scaling is None:
+        return None
+    base = rope_inv_freq(ModelConfig(**{**cfg.to_dict(), "rope_scaling": None}))
+    return base / rope_inv_freq(cfg)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x: [batch, heads, tokens, head_dim]`` by ``cos, sin: [batch, 1, tokens, head_dim]``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values, mask = cache.update(self.layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,
+            enable_gqa=self.n_heads != self.n_kv,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer. ``forward(input_ids [B, T], positions [B, T], cache)``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Optional per-frequency RoPE divisors (llama3 scaling as stored in GGUF ``rope_freqs``).
+        self.register_buffer("rope_factors", None, persistent=False)
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def rope_tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin: [length, head_dim]`` in fp32, grown on demand and reused across calls."""
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < length or self._rope_cache[0].device != device:
+            n = max(length, min(self.config.max_position_embeddings, 4096))
+            inv = rope_inv_freq(self.config, self.rope_factors).to(device)
+            freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cache = (emb.cos(), emb.sin())
+        return self._rope_cache
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        logits_for: str | torch.Tensor = "last",
+    ) -> torch.Tensor:
+        """Run ``input_ids [B, T]`` at ``positions [B, T]`` and append their keys/values to ``cache``.
+
+        ``logits_for``: ``"last"`` -> logits ``[B, vocab]`` of the last token; ``"all"`` ->
+        ``[B, T, vocab]``; an index tensor ``[B]`` -> logits ``[B, vocab]`` at those token indices.
+        Logits are fp32.
+        """
+        x = self.embed_tokens(input_ids)
+        cos_t, sin_t = self.rope_tables(int(positions.max()) + 1, x.device)
+        cos = cos_t[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
+        sin = sin_t[positions].unsqueeze(1).to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        if isinstance(logits_for, str):
+            if logits_for == "last":
+                x = x[:, -1]
+        else:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_for]
+        return self.lm_head(self.norm(x)).float()
