@@ -2,9 +2,9 @@
 
 Everything here is built from scratch in well under a second per model, with no network access:
 
-* :func:`make_tokenizer_json` trains a small byte-level BPE (SmolLM2-style special tokens and ChatML template).
-* :func:`make_hf_model` random-initialises a 2-layer Llama / Mistral / Qwen2 / Qwen3 with transformers and saves
-  it as a Hugging Face folder (safetensors, optionally sharded) together with the tokenizer files.
+* :func:`make_tokenizer_json` trains a small byte-level BPE (SmolLM2-style special tokens, ChatML template).
+* :func:`make_hf_model` random-initialises a 2-layer Llama / Mistral / Qwen2 / Qwen3 with transformers and
+  saves it as a Hugging Face folder (safetensors, optionally sharded) together with the tokenizer files.
 * :func:`make_gguf` converts such a folder to GGUF v3 following llama.cpp's ``convert_hf_to_gguf.py``
   conventions (tensor names, metadata keys, Q/K row permutation for arch ``llama``, ``rope_freqs`` for
   llama3 rope scaling, ``gpt2`` tokenizer metadata).
@@ -24,7 +24,6 @@ import functools
 import json
 import math
 import random
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,7 +45,8 @@ TOKENIZER_VOCAB_SIZE = 384
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
     "{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}"
@@ -71,7 +71,7 @@ LLAMA3_REGEX = (
 TOKENIZER_PRES = ("smollm", "gpt2", "qwen2", "llama-bpe")
 
 # Mixed text used to check that an engine tokenizer matches the HF one. Deliberately includes things the
-# pre-tokenizers treat differently: digit runs, contractions, runs of spaces/newlines, code, non-Latin scripts.
+# pre-tokenizers treat differently: digit runs, contractions, runs of spaces/newlines, code, other scripts.
 MIXED_TEXT = (
     "Hello world! It's 2024-06-15 and we've got 1234567 tokens, isn't it? I'LL say: 3.14159.\n"
     "def add(a, b):\n    return a + b  # sum\n\n\tx = [1, 22, 333, 4444]\n"
@@ -80,16 +80,19 @@ MIXED_TEXT = (
 )
 
 
+_WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this have from or one had "
+    "by word but not what all were we when your can said there use an each which she do how their if "
+    "will up other about out many then them these so some her would make like him into time has look two "
+    "more write go see number no way could people my than first water been call who oil its now find long "
+    "down day did get come made may part model token language learning inference quantization cache memory"
+)
+
+
 def _corpus_lines(seed: int = 1234) -> list[str]:
     """A few KB of deterministic mixed text: English, digits, code, unicode."""
     rng = random.Random(seed)
-    words = (
-        "the of and to in is you that it he was for on are as with his they at be this have from or one had "
-        "by word but not what all were we when your can said there use an each which she do how their if will "
-        "up other about out many then them these so some her would make like him into time has look two more "
-        "write go see number no way could people my than first water been call who oil its now find long down "
-        "day did get come made may part model token language learning inference quantization cache memory"
-    ).split()
+    words = _WORDS.split()
     code = [
         "def forward(self, x):\n    return self.proj(x) * 2\n",
         "for i in range(10):\n    print(i, i ** 2)\n",
@@ -154,7 +157,7 @@ def _pre_tokenizer(pre: str):
     raise ValueError(f"unknown tokenizer pre {pre!r}; expected one of {TOKENIZER_PRES}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer_json_str(pre: str = "smollm", vocab_size: int = TOKENIZER_VOCAB_SIZE) -> str:
     """Train the tiny BPE (deterministic) and return the serialized tokenizer.json content."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -231,7 +234,7 @@ def load_hf_tokenizer(dir_or_file: str | Path):
 
 
 def hf_encode(dir_or_file: str | Path, text: str) -> list[int]:
-    """Reference encoding: HF tokenizer, no special tokens added (special markers in text are still parsed)."""
+    """Reference encoding: HF tokenizer, no special tokens added (special markers in text are parsed)."""
     return load_hf_tokenizer(dir_or_file).encode(text, add_special_tokens=False).ids
 
 
@@ -306,7 +309,7 @@ def tiny_config_kwargs(
 
 
 def _randomize_(model: torch.nn.Module, seed: int, std: float = INIT_STD) -> None:
-    """Deterministic init that makes every tensor matter: norms ~ 1 +- 0.1, biases and matrices ~ N(0, std)."""
+    """Deterministic init where every tensor matters: norms ~ 1 +- 0.1, biases and matrices ~ N(0, std)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied weights are listed once
@@ -366,6 +369,7 @@ def make_hf_model(
             **config_overrides,
         )
     )
+    quiet_transformers()
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32)
     _randomize_(model, seed, std)
@@ -385,9 +389,19 @@ def make_hf_model(
     return d
 
 
+def quiet_transformers() -> None:
+    """No progress bars / load reports from transformers (they flood test output)."""
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+
+
 def load_hf_reference(dir: str | Path):
     """The transformers model of a tiny HF folder, in fp32 eval mode with eager attention."""
     from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
 
     model = AutoModelForCausalLM.from_pretrained(str(dir), dtype=torch.float32, attn_implementation="eager")
     return model.float().eval()
@@ -480,7 +494,7 @@ def gguf_to_hf_name(name: str, n_layers: int) -> str:
 
 
 def permute_qk(w: np.ndarray | torch.Tensor, n_head: int, n_head_kv: int | None = None):
-    """llama.cpp ``LlamaModel.permute``: HF's rotate-half Q/K row order -> GGML's interleaved (pairwise) order.
+    """llama.cpp ``LlamaModel.permute``: HF's rotate-half Q/K row order -> GGML's interleaved pair order.
 
     Exactly ``convert_hf_to_gguf.py``: for K pass ``(n_head, n_head_kv)``, for Q ``(n_head, n_head)``.
     Works for weights ``[rows, cols]`` and biases ``[rows]``.
@@ -589,8 +603,9 @@ def _choose_type(
         t = embed_type
     if gguf_name == "output.weight" and output_type is not None:
         t = output_type
+    segments = gguf_name.split(".")
     for key, typ in (overrides or {}).items():
-        if key in gguf_name:
+        if key == gguf_name or key in segments:
             t = typ
     if t in KQUANT_TYPES and shape[-1] % 256 != 0:
         t = KQUANT_FALLBACK[t]
@@ -657,12 +672,16 @@ def make_gguf(
 
     ``tensor_type``: type of the 2-D weight matrices (norms/biases stay F32), one of GGUF_WRITABLE_TYPES.
     ``embed_type`` / ``output_type``: override for ``token_embd.weight`` / ``output.weight``.
-    ``overrides``: {substring of GGUF tensor name: type}, e.g. ``{"attn_v": "Q6_K", "ffn_down": "Q6_K"}``
-    for a Q4_K_M-like mix. K-quant rows not a multiple of 256 fall back like llama.cpp (Q4_K->Q5_0,
-    Q5_K->Q5_1, Q6_K->Q8_0). ``tokenizer_pre``: the ``tokenizer.ggml.pre`` value to write (it should match
-    the pre-tokenizer the HF folder was built with). ``write_head_dim_keys``: write
-    ``attention.key_length/value_length``; default: only when head_dim != hidden/heads.
+    ``overrides``: {GGUF tensor name or one dot-separated part of it: type}, e.g.
+    ``{"attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}`` for a Q4_K_M-like mix.
+    K-quant rows not a multiple of 256 fall back like llama.cpp (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0).
+    ``tokenizer_pre``: the ``tokenizer.ggml.pre`` value to write (it should match the pre-tokenizer the HF
+    folder was built with). ``write_head_dim_keys``: write ``attention.key_length/value_length``;
+    default: only when head_dim != hidden/heads.
     """
+    for typ in (tensor_type, embed_type, output_type, *(overrides or {}).values()):
+        if typ is not None and typ not in GGUF_WRITABLE_TYPES:
+            raise ValueError(f"cannot write tensor type {typ!r}; writable: {GGUF_WRITABLE_TYPES}")
     hf_dir = Path(hf_dir)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -705,8 +724,12 @@ def make_gguf(
     w.add_token_list(tm["tokens"])
     w.add_token_types(tm["types"])
     w.add_token_merges(tm["merges"])
-    for key, fn in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
-                    ("pad", w.add_pad_token_id)):
+    for key, fn in (
+        ("bos", w.add_bos_token_id),
+        ("eos", w.add_eos_token_id),
+        ("unk", w.add_unk_token_id),
+        ("pad", w.add_pad_token_id),
+    ):
         if tm[key] is not None:
             fn(tm[key])
     w.add_add_bos_token(tm["add_bos"])
@@ -854,13 +877,6 @@ def make_model(
     raise ValueError(f"unknown fmt {fmt!r}")
 
 
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
-    for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        p = Path(src) / n
-        if p.exists():
-            shutil.copy(p, Path(dst) / n)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # K-quants (numpy encoders; gguf-py only has decoders for them)
 # ----------------------------------------------------------------------------------------------------------
@@ -932,7 +948,13 @@ def _quantize_q5_k_blocks(blocks: np.ndarray) -> np.ndarray:
     for j in range(8):
         qh |= hi[:, j, :] << j
     return np.concatenate(
-        [d.reshape(nb, 1).view(np.uint8), dmin.reshape(nb, 1).view(np.uint8), _pack_scale_min_k4(sc, m), qh, qs],
+        [
+            d.reshape(nb, 1).view(np.uint8),
+            dmin.reshape(nb, 1).view(np.uint8),
+            _pack_scale_min_k4(sc, m),
+            qh,
+            qs,
+        ],
         axis=1,
     )
 
@@ -958,13 +980,19 @@ def _quantize_q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
     lo = (u & 0x0F).reshape(nb, 2, 2, 64)  # [h, k, l] -> ql[h*64 + l] nibble k
     ql = (lo[:, :, 0, :] | (lo[:, :, 1, :] << 4)).reshape(nb, 128)
     hi = (u >> 4).reshape(nb, 2, 4, 32)  # [h, s, m] -> qh[h*32 + m] bits 2s..2s+1
-    qh = (hi[:, :, 0, :] | (hi[:, :, 1, :] << 2) | (hi[:, :, 2, :] << 4) | (hi[:, :, 3, :] << 6)).reshape(nb, 64)
+    qh = (hi[:, :, 0, :] | (hi[:, :, 1, :] << 2) | (hi[:, :, 2, :] << 4) | (hi[:, :, 3, :] << 6)).reshape(
+        nb, 64
+    )
     return np.concatenate(
         [ql, qh, sc.astype(np.int8).view(np.uint8), d.reshape(nb, 1).view(np.uint8)], axis=1
     )
 
 
-_KQUANT_ENCODERS = {"Q4_K": _quantize_q4_k_blocks, "Q5_K": _quantize_q5_k_blocks, "Q6_K": _quantize_q6_k_blocks}
+_KQUANT_ENCODERS = {
+    "Q4_K": _quantize_q4_k_blocks,
+    "Q5_K": _quantize_q5_k_blocks,
+    "Q6_K": _quantize_q6_k_blocks,
+}
 
 
 def quantize_kquant(data: np.ndarray, type_name: str) -> np.ndarray:

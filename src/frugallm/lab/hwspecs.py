@@ -189,6 +189,8 @@ def load_hw_spec(name_or_path: str | Path) -> HardwareSpec:
     ``"local"`` and ``"auto"`` return the probed spec of this machine (CUDA device 0 when available,
     else the CPU): the cached probe when there is one, otherwise a probe is run (~20 s) and cached.
     """
+    if isinstance(name_or_path, Path):
+        return load_toml_spec(name_or_path)
     text = str(name_or_path).strip()
     key = text.lower()
     if key in LOCAL_NAMES:
@@ -198,7 +200,7 @@ def load_hw_spec(name_or_path: str | Path) -> HardwareSpec:
     key = ALIASES.get(key, key)
     if key in DATASHEET_SPECS:
         return DATASHEET_SPECS[key]
-    if isinstance(name_or_path, Path) or key.endswith(".toml") or Path(text).is_file():
+    if key.endswith(".toml") or Path(text).is_file():
         return load_toml_spec(text)
     raise FrugalError(
         f"unknown hardware spec {text!r}; valid names: {', '.join(valid_names())} "

@@ -1,0 +1,247 @@
+"""``frugallm`` command line. Each subcommand is a small function; user errors exit non-zero with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from frugallm.errors import FrugalError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+_ADDERS: list[Callable[[Any], None]] = []
+
+
+def command(name: str, help: str) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.ArgumentParser], None]]:
+    """Register ``add_args(parser)``; the parser's ``func`` default runs the command."""
+
+    def deco(add_args: Callable[[argparse.ArgumentParser], None]) -> Callable[[argparse.ArgumentParser], None]:
+        def adder(sub: Any) -> None:
+            p = sub.add_parser(name, help=help, description=help)
+            add_args(p)
+
+        _ADDERS.append(adder)
+        return add_args
+
+    return deco
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options every model-loading command shares."""
+    p.add_argument("--model", "-m", default="default", help="'default' (embedded SmolLM2-135M), a .gguf file or a HF folder")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--no-cache", action="store_true", help="do not use the converted-weights cache")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=128)
+    p.add_argument("--temperature", "-t", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def load_llm(args: argparse.Namespace) -> Any:
+    from frugallm import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+               use_cache=not args.no_cache, progress=sys.stderr.isatty())
+
+
+def sampling_from_args(args: argparse.Namespace) -> Any:
+    from frugallm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+# -- generate -----------------------------------------------------------------------------------
+@command("generate", "generate a completion for a prompt (argument or stdin)")
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="prompt text; read from stdin when omitted")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    params = sampling_from_args(args)  # validate before the (slow) model load
+    if not prompt.strip():
+        raise FrugalError("prompt is empty")
+    t0 = time.perf_counter()
+    llm = load_llm(args)
+    load_s = time.perf_counter() - t0
+    if args.chat:
+        prompt = llm.chat_prompt([{"role": "user", "content": prompt}])
+    if args.json:
+        out = llm.generate([prompt], params)[0]
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_token_ids": out.prompt_token_ids,
+                          "finish_reason": out.finish_reason, "timings": {"load_s": load_s, **out.metrics}}))
+        return 0
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    m = llm.last_output.metrics
+    if "tpot_s" in m:
+        print(f"[{m['output_tokens']} tokens, ttft {m['ttft_s'] * 1e3:.0f} ms, {1 / m['tpot_s']:.1f} tok/s]",
+              file=sys.stderr)
+    return 0
+
+
+# -- chat ---------------------------------------------------------------------------------------
+@command("chat", "interactive chat that streams tokens (/reset clears history, /exit quits)")
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat, max_tokens=256)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_from_args(args)
+    llm = load_llm(args)
+    history: list[dict[str, str]] = []
+
+    def reset() -> None:
+        history.clear()
+        if args.system:
+            history.append({"role": "system", "content": args.system})
+
+    reset()
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            reset()
+            print("(history cleared)")
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for delta in llm.stream(llm.chat_prompt(history), params):
+                reply.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except FrugalError as e:  # e.g. history outgrew the context: keep the session alive
+            history.pop()
+            print(f"\nerror: {e} (use /reset)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+# -- info ---------------------------------------------------------------------------------------
+@command("info", "describe a model: architecture, parameters, bytes per tensor type, context, template")
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="default")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+
+def model_info(model: str) -> dict[str, Any]:
+    from frugallm.loading import resolve_model_path
+
+    path = resolve_model_path(model)
+    if path.is_dir():
+        from frugallm.loading.hf_loader import HFModelFolder
+
+        folder = HFModelFolder(path)
+        cfg = folder.config()
+        type_bytes = folder.dtype_bytes()
+        template = bool(folder.tokenizer_config().get("chat_template")) or (path / "chat_template.jinja").is_file()
+        fmt = "hf"
+    else:
+        from frugallm.loading.gguf_loader import GGUFModelFile
+
+        gf = GGUFModelFile(path)
+        cfg = gf.config()
+        type_bytes = gf.tensor_type_bytes()
+        template = gf.field("tokenizer.chat_template") is not None
+        fmt = "gguf"
+    return {
+        "path": str(path), "format": fmt, "name": cfg.name, "architecture": cfg.arch,
+        "parameters": cfg.num_params, "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "context_length": cfg.max_position_embeddings,
+        "tied_embeddings": cfg.tie_word_embeddings, "bytes_per_tensor_type": type_bytes,
+        "total_bytes": sum(type_bytes.values()), "chat_template": template,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = model_info(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=info["name"] or info["path"], show_header=False)
+    for k, v in info.items():
+        if k == "bytes_per_tensor_type":
+            v = ", ".join(f"{n}: {b / 2**20:.1f} MiB" for n, b in sorted(v.items()))
+        elif k == "parameters":
+            v = f"{v / 1e6:.1f} M"
+        t.add_row(k, str(v))
+    Console().print(t)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from frugallm import __version__
+
+    p = argparse.ArgumentParser(prog="frugallm", description="LLM inference engine and efficiency lab")
+    p.add_argument("--version", action="version", version=f"frugallm {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for adder in _ADDERS:
+        adder(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FrugalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Shared pytest fixtures: tiny random models (HF folders and GGUF files) built once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tiny_models as tm
+
+
+def _key(*parts: Any) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+class TinyModelFactory:
+    """Builds tiny models on demand under one session temp dir and caches paths and reference models.
+
+    ``hf(arch, **hf_kwargs)`` -> HF folder; ``gguf(arch, tensor_type, **kw)`` -> GGUF file converted from the
+    matching HF folder; ``hf_reference`` / ``gguf_reference`` -> cached transformers models (fp32, eager;
+    the GGUF one holds exactly the GGUF's dequantized weights); ``*_logits(ids)`` -> cached reference logits.
+    ``hf_kwargs`` are those of :func:`tiny_models.make_hf_model` (``sharded``, ``tie_word_embeddings``,
+    ``rope_scaling``, ``dtype``, ``config_format``, ``tokenizer_pre``, config overrides like ``hidden_size``).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._paths: dict[str, Path] = {}
+        self._models: dict[str, Any] = {}
+        self._logits: dict[str, Any] = {}
+
+    def hf(self, arch: str, **hf_kwargs: Any) -> Path:
+        k = _key("hf", arch, hf_kwargs)
+        if k not in self._paths:
+            d = self.root / f"hf-{arch}-{len(self._paths)}"
+            self._paths[k] = tm.make_hf_model(d, arch, **hf_kwargs)
+        return self._paths[k]
+
+    def gguf(
+        self,
+        arch: str,
+        tensor_type: str = "F32",
+        *,
+        embed_type: str | None = None,
+        output_type: str | None = None,
+        overrides: dict[str, str] | None = None,
+        **hf_kwargs: Any,
+    ) -> Path:
+        k = _key("gguf", arch, tensor_type, embed_type, output_type, overrides, hf_kwargs)
+        if k not in self._paths:
+            hf_dir = self.hf(arch, **hf_kwargs)
+            out = self.root / f"{arch}-{tensor_type}-{len(self._paths)}.gguf"
+            self._paths[k] = tm.make_gguf(
+                hf_dir,
+                out,
+                tensor_type=tensor_type,
+                embed_type=embed_type,
+                output_type=output_type,
+                overrides=overrides,
+                tokenizer_pre=hf_kwargs.get("tokenizer_pre", "smollm"),
+            )
+        return self._paths[k]
+
+    def hf_reference(self, arch: str, **hf_kwargs: Any):
+        d = self.hf(arch, **hf_kwargs)
+        if str(d) not in self._models:
+            self._models[str(d)] = tm.load_hf_reference(d)
+        return self._models[str(d)]
+
+    def gguf_reference(self, arch: str, tensor_type: str = "F32", **kw: Any):
+        g = self.gguf(arch, tensor_type, **kw)
+        if str(g) not in self._models:
+            hf_kw = {k: v for k, v in kw.items() if k not in ("embed_type", "output_type", "overrides")}
+            self._models[str(g)] = tm.load_gguf_reference(self.hf(arch, **hf_kw), g)
+        return self._models[str(g)]
+
+    def reference_logits(self, path: Path, model, ids: list[int]):
+        k = _key(str(path), ids)
+        if k not in self._logits:
+            self._logits[k] = tm.reference_logits(model, ids)
+        return self._logits[k]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
+    tm.quiet_transformers()
+    return TinyModelFactory(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_tokenizer")
+    tm.make_tokenizer_json(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_ids() -> list[int]:
+    """40 token ids (a real encoding of mixed text, then random non-special ids)."""
+    return tm.sample_ids(40)
+
+
+@pytest.fixture(scope="session")
+def mixed_text() -> str:
+    return tm.MIXED_TEXT

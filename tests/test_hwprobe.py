@@ -1,0 +1,83 @@
+"""Hardware probe: quick-mode measurements, the JSON cache, system-info parsing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from frugallm.errors import FrugalError
+from frugallm.lab import hwprobe
+from frugallm.lab.hwspecs import load_hw_spec
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FRUGALLM_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_quick_probe_measures_and_caches(cache, monkeypatch) -> None:
+    spec = hwprobe.probe("cpu", quick=True)
+    assert spec.source == "probed"
+    assert spec.mem_bandwidth_gbs > 0
+    assert spec.peak_flops["fp32"] > 0
+    assert spec.mem_bytes and spec.mem_bytes > 0
+    path = hwprobe.cache_path("cpu", quick=True)
+    assert path.parent == cache and path.is_file()
+    assert f"t{torch.get_num_threads()}" in path.name
+
+    first = hwprobe.probe_result("cpu", quick=True)
+    assert first.measurements["copy_bw"].value > 0
+    assert len(first.measurements["read_bw"].samples) == 2
+    assert first.torch_version == torch.__version__ and first.quick
+    for dtype in ("bf16", "fp16", "int8"):  # each either measured or skipped with a reason
+        key = f"matmul_{dtype}"
+        assert (key in first.measurements) != bool(first.skipped.get(key))
+
+    def no_measure(*args, **kwargs):
+        raise AssertionError("should have been served from the cache")
+
+    monkeypatch.setattr(hwprobe, "measure", no_measure)
+    again = hwprobe.probe_result("cpu", quick=True)
+    assert again == first  # reloaded from JSON, identical
+    monkeypatch.undo()
+    monkeypatch.setenv("FRUGALLM_CACHE_DIR", str(cache))
+    fresh = hwprobe.probe_result("cpu", refresh=True, quick=True)
+    assert fresh.timestamp > first.timestamp
+
+
+def test_corrupt_cache_is_remeasured(cache) -> None:
+    path = hwprobe.cache_path("cpu", quick=True)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert hwprobe.probe("cpu", quick=True).mem_bandwidth_gbs > 0
+
+
+def test_load_hw_spec_local_uses_probe(cache, monkeypatch) -> None:
+    real = hwprobe.measure
+    monkeypatch.setattr(hwprobe, "measure", lambda device="cpu", quick=False: real(device, quick=True))
+    monkeypatch.setattr(hwprobe, "default_device", lambda: "cpu")
+    spec = load_hw_spec("local")
+    assert spec.source == "probed" and spec.name.startswith("local cpu")
+    assert hwprobe.cache_path("cpu").is_file()
+    assert load_hw_spec("auto") == spec
+
+
+def test_bad_devices() -> None:
+    with pytest.raises(FrugalError, match="invalid device"):
+        hwprobe.probe("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(FrugalError, match="CUDA is not available"):
+            hwprobe.probe("cuda")
+
+
+def test_cache_sizes_parse_sysfs(tmp_path) -> None:
+    for i, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"),
+                                             (2, "Unified", "1024K"), (3, "Unified", "32M")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert hwprobe._cache_sizes(tmp_path) == {"L1d": 48 << 10, "L1i": 32 << 10, "L2": 1 << 20, "L3": 32 << 20}
+    assert hwprobe._cache_sizes(tmp_path / "missing") == {}

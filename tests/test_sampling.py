@@ -1,0 +1,104 @@
+"""Sampling: parameter validation, filters never leak disallowed tokens, penalties, seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from frugallm.errors import InvalidRequestError
+from frugallm.sampling import SamplingParams, apply_penalties, filter_logits, sample_token
+
+VOCAB = 50
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
+def test_invalid_params_name_the_problem(kwargs: dict, needle: str) -> None:
+    with pytest.raises(InvalidRequestError, match=needle):
+        SamplingParams(**kwargs)
+
+
+def test_stop_string_normalised_to_tuple() -> None:
+    assert SamplingParams(stop="\n").stop == ("\n",)
+
+
+logits_st = st.lists(st.floats(-20, 20, allow_nan=False), min_size=VOCAB, max_size=VOCAB).map(
+    lambda xs: torch.tensor(xs, dtype=torch.float32)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=logits_st, k=st.integers(1, VOCAB), seed=st.integers(0, 2**31 - 1))
+def test_top_k_only_emits_top_k(logits: torch.Tensor, k: int, seed: int) -> None:
+    p = SamplingParams(temperature=1.0, top_k=k)
+    allowed = set(torch.nonzero(logits >= torch.topk(logits, k).values[-1]).flatten().tolist())
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(5):
+        assert sample_token(logits.clone(), p, g) in allowed
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=logits_st, top_p=st.floats(0.01, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_top_p_only_emits_nucleus(logits: torch.Tensor, top_p: float, seed: int) -> None:
+    p = SamplingParams(temperature=0.7, top_p=top_p)
+    probs = (logits / 0.7).softmax(-1)
+    sp, idx = probs.sort(descending=True)
+    # the nucleus: tokens whose preceding mass is < top_p (ties at the boundary may add tokens)
+    before = sp.cumsum(0) - sp
+    allowed = set(idx[before < top_p + 1e-6].tolist())
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(5):
+        assert sample_token(logits.clone(), p, g) in allowed
+    kept = torch.isfinite(filter_logits(logits.clone(), p))
+    assert kept.any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=logits_st, min_p=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_min_p_only_emits_above_threshold(logits: torch.Tensor, min_p: float, seed: int) -> None:
+    p = SamplingParams(temperature=1.0, min_p=min_p)
+    probs = logits.softmax(-1)
+    allowed = set(torch.nonzero(probs >= min_p * probs.max() - 1e-7).flatten().tolist())
+    g = torch.Generator().manual_seed(seed)
+    assert sample_token(logits.clone(), p, g) in allowed
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.randn(VOCAB)
+    assert sample_token(logits, SamplingParams(temperature=0), None) == int(logits.argmax())
+
+
+def test_same_seed_same_tokens() -> None:
+    logits = torch.randn(VOCAB)
+    p = SamplingParams(temperature=1.0)
+    a = [sample_token(logits, p, g) for g in [torch.Generator().manual_seed(7)] for _ in range(20)]
+    b = [sample_token(logits, p, g) for g in [torch.Generator().manual_seed(7)] for _ in range(20)]
+    assert a == b
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = apply_penalties(logits.clone(), SamplingParams(repetition_penalty=2.0),
+                          torch.tensor([0, 1]), torch.tensor([], dtype=torch.long))
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_presence_and_frequency_penalties_count_output_tokens() -> None:
+    logits = torch.zeros(4)
+    out = apply_penalties(logits.clone(), SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+                          torch.tensor([3]), torch.tensor([1, 1, 2]))
+    assert out.tolist() == pytest.approx([0.0, -1.0, -0.75, 0.0])
