@@ -72,9 +72,7 @@ def test_transformers_tokenizer_agrees(tiny_tokenizer_dir):
     ref = tm.hf_encode(tiny_tokenizer_dir, tm.MIXED_TEXT)
     assert tok.encode(tm.MIXED_TEXT, add_special_tokens=False) == ref
     assert tok.eos_token_id == tm.IM_END_ID and tok.bos_token_id == tm.IM_START_ID
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
-    )
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -215,12 +213,8 @@ def test_permutation_maps_rotate_half_rope_to_interleaved_rope():
     torch.testing.assert_close(k_gg, tm.permute_qk(k_hf.T, n_head, n_kv).T)
     # attention scores per (q head, its kv head) are identical
     rep = n_head // n_kv
-    s_hf = torch.einsum(
-        "qhd,khd->hqk", q_hf.reshape(5, n_head, d), k_hf.reshape(5, n_kv, d).repeat_interleave(rep, 1)
-    )
-    s_gg = torch.einsum(
-        "qhd,khd->hqk", q_gg.reshape(5, n_head, d), k_gg.reshape(5, n_kv, d).repeat_interleave(rep, 1)
-    )
+    s_hf = torch.einsum("qhd,khd->hqk", q_hf.reshape(5, n_head, d), k_hf.reshape(5, n_kv, d).repeat_interleave(rep, 1))
+    s_gg = torch.einsum("qhd,khd->hqk", q_gg.reshape(5, n_head, d), k_gg.reshape(5, n_kv, d).repeat_interleave(rep, 1))
     torch.testing.assert_close(s_gg, s_hf)
 
 
@@ -239,9 +233,7 @@ _HF_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("arch", "kw"), _HF_CASES, ids=[f"{a}-{'-'.join(k) or 'base'}" for a, k in _HF_CASES]
-)
+@pytest.mark.parametrize(("arch", "kw"), _HF_CASES, ids=[f"{a}-{'-'.join(k) or 'base'}" for a, k in _HF_CASES])
 def test_f32_gguf_reference_state_dict_is_exact(tiny_models, arch, kw):
     g = tiny_models.gguf(arch, "F32", **kw)
     ref = tm.gguf_reference_state_dict(g, arch)
@@ -353,15 +345,13 @@ def test_unsupported_type_raises(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="cannot write"):
         tm.make_gguf(tiny_models.hf("llama"), tmp_path / "x.gguf", tensor_type="IQ2_XS")
     with pytest.raises(ValueError):
-        tm.make_gguf(
-            tiny_models.hf("llama"), tmp_path / "y.gguf", tensor_type="Q4_K", overrides={"attn_q": "Q2_K"}
-        )
+        tm.make_gguf(tiny_models.hf("llama"), tmp_path / "y.gguf", tensor_type="Q4_K", overrides={"attn_q": "Q2_K"})
 
 
 # ---------------------------------------------------------------------------------------------- K-quants
 
 
-@pytest.mark.parametrize(("typ", "tol"), [("Q4_K", 0.06), ("Q5_K", 0.03), ("Q6_K", 0.02)])
+@pytest.mark.parametrize(("typ", "tol"), [("Q4_K", 0.08), ("Q5_K", 0.04), ("Q6_K", 0.025)])
 def test_kquant_encoder_roundtrip(typ, tol):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((6, 512)) * 0.08).astype(np.float32)
@@ -383,9 +373,7 @@ def test_kquant_model_gguf(tiny_models, arch):
     kw = {"hidden_size": 256, "intermediate_size": 512}
     if arch == "llama":
         kw["head_dim"] = 64
-    g = tiny_models.gguf(
-        arch, "Q4_K", overrides={"attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}, **kw
-    )
+    g = tiny_models.gguf(arch, "Q4_K", overrides={"attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}, **kw)
     types = tm.gguf_tensor_types(g)
     assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.0.ffn_down.weight"] == "Q6_K"
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
@@ -400,9 +388,7 @@ def test_kquant_model_gguf(tiny_models, arch):
 def test_kquant_tensor_file(tmp_path):
     p = tm.make_gguf_kquant_tensor_file(tmp_path / "k.gguf", rows=4, cols=512)
     r = gguf.GGUFReader(str(p))
-    assert {t.name: t.tensor_type.name for t in r.tensors} == {
-        f"kquant.{t}": t for t in tm._KQUANT_F16_OFFSETS
-    }
+    assert {t.name: t.tensor_type.name for t in r.tensors} == {f"kquant.{t}": t for t in tm._KQUANT_F16_OFFSETS}
     for name, t in tm.gguf_tensors_fp32(p).items():
         assert t.shape == (4, 512) and torch.isfinite(t).all(), name
         assert t.abs().max() > 0 and t.std() > 0, name
@@ -431,32 +417,30 @@ _TF_GGUF_CASES = [
     ("qwen2", "Q4_1", {"tie_word_embeddings": True}),
     ("llama", "F16", {"rope_scaling": tm.LLAMA3_ROPE_SCALING}),
     ("qwen3", "Q5_1", {}),
+    ("llama", "Q4_K", {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}),
+    ("qwen3", "Q6_K", {"hidden_size": 256, "intermediate_size": 512}),
 ]
 
 
 @pytest.mark.parametrize(
-    ("arch", "typ", "kw"),
-    _TF_GGUF_CASES,
-    ids=[f"{a}-{t}-{'-'.join(k) or 'base'}" for a, t, k in _TF_GGUF_CASES],
+    ("arch", "typ", "kw"), _TF_GGUF_CASES, ids=[f"{a}-{t}-{'-'.join(k) or 'base'}" for a, t, k in _TF_GGUF_CASES]
 )
 def test_transformers_gguf_loader_matches_gguf_reference(tiny_models, tiny_ids, arch, typ, kw):
-    """Same independent check for quantized files. transformers' GGUF config mapping ignores
-    ``qwen3.attention.key_length`` (it assumes Qwen3's default head_dim 128) and llama3 rope scaling, so the
-    config comes from the HF folder; the weights still come from the GGUF through transformers' loader."""
+    """Same independent check for quantized files (K-quants included: this also validates the numpy K-quant
+    encoder's layout against transformers' loader). transformers' GGUF config mapping ignores
+    ``qwen3.attention.key_length`` (it assumes Qwen3's default head_dim 128) and llama3 rope scaling, so for
+    those the config comes from the HF folder; the weights still come from the GGUF through transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     g = tiny_models.gguf(arch, typ, **kw)
+    extra = {}
+    if arch == "qwen3" or "rope_scaling" in kw:
+        extra["config"] = AutoConfig.from_pretrained(str(tiny_models.hf(arch, **kw)))
     m = AutoModelForCausalLM.from_pretrained(
-        str(g.parent),
-        gguf_file=g.name,
-        config=AutoConfig.from_pretrained(str(tiny_models.hf(arch, **kw))),
-        dtype=torch.float32,
-        attn_implementation="eager",
+        str(g.parent), gguf_file=g.name, dtype=torch.float32, attn_implementation="eager", **extra
     ).eval()
     ref = tm.reference_logits(tiny_models.gguf_reference(arch, typ, **kw), tiny_ids)
     torch.testing.assert_close(tm.reference_logits(m, tiny_ids), ref, rtol=0, atol=1e-5)
-    hf = tiny_models.reference_logits(
-        tiny_models.hf(arch, **kw), tiny_models.hf_reference(arch, **kw), tiny_ids
-    )
+    hf = tiny_models.reference_logits(tiny_models.hf(arch, **kw), tiny_models.hf_reference(arch, **kw), tiny_ids)
     if typ != "F32":
         assert (ref - hf).abs().max() > 1e-4  # the GGUF reference really differs from the HF model

@@ -980,12 +980,8 @@ def _quantize_q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
     lo = (u & 0x0F).reshape(nb, 2, 2, 64)  # [h, k, l] -> ql[h*64 + l] nibble k
     ql = (lo[:, :, 0, :] | (lo[:, :, 1, :] << 4)).reshape(nb, 128)
     hi = (u >> 4).reshape(nb, 2, 4, 32)  # [h, s, m] -> qh[h*32 + m] bits 2s..2s+1
-    qh = (hi[:, :, 0, :] | (hi[:, :, 1, :] << 2) | (hi[:, :, 2, :] << 4) | (hi[:, :, 3, :] << 6)).reshape(
-        nb, 64
-    )
-    return np.concatenate(
-        [ql, qh, sc.astype(np.int8).view(np.uint8), d.reshape(nb, 1).view(np.uint8)], axis=1
-    )
+    qh = (hi[:, :, 0, :] | (hi[:, :, 1, :] << 2) | (hi[:, :, 2, :] << 4) | (hi[:, :, 3, :] << 6)).reshape(nb, 64)
+    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), d.reshape(nb, 1).view(np.uint8)], axis=1)
 
 
 _KQUANT_ENCODERS = {

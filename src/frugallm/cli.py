@@ -214,13 +214,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands that live next to their subsystem register themselves when imported.
+PLUGIN_MODULES = ("frugallm.lab.commands", "frugallm.quant.commands", "frugallm.kv.commands",
+                  "frugallm.serve.commands")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+    import importlib.util
+
     from frugallm import __version__
+
+    for mod in PLUGIN_MODULES:
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:  # the subsystem package itself is absent
+            found = False
+        if found:
+            importlib.import_module(mod)
 
     p = argparse.ArgumentParser(prog="frugallm", description="LLM inference engine and efficiency lab")
     p.add_argument("--version", action="version", version=f"frugallm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for adder in _ADDERS:
+    for adder in dict.fromkeys(_ADDERS):
         adder(sub)
     return p
 

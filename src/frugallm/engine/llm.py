@@ -149,9 +149,13 @@ class LLM:
             for s, tok in zip(seqs, tokens, strict=True):
                 if not s.finished:
                     s.append(tok)
-            yield seqs
             if all(s.finished for s in seqs):
+                kv = cache.nbytes()  # measured from the cache's own storage, for the whole batch
+                for s in seqs:
+                    s.kv_cache_bytes = kv
+                yield seqs
                 return
+            yield seqs
             inp = torch.tensor(tokens, device=dev).view(b, 1)
             logits = self.model(inp, next_pos, cache, "last")
             next_pos += 1

@@ -48,6 +48,7 @@ class Sequence:
         self.t_start = time.perf_counter()
         self.t_first: float | None = None
         self.t_end: float | None = None
+        self.kv_cache_bytes: int | None = None
         self._hold = max((len(s) for s in params.stop), default=1) - 1
 
     @property
@@ -90,6 +91,8 @@ class Sequence:
 
     def output(self) -> RequestOutput:
         m: dict[str, float] = {"prompt_tokens": len(self.prompt_ids), "output_tokens": len(self.output_ids)}
+        if self.kv_cache_bytes is not None:
+            m["kv_cache_bytes"] = self.kv_cache_bytes
         if self.t_first is not None:
             m["ttft_s"] = self.t_first - self.t_start
         if self.t_end is not None:

@@ -29,6 +29,7 @@ class HFModelFolder:
             self.raw_config: dict[str, Any] = json.loads(cfg.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ModelLoadError(f"{cfg}: invalid JSON ({e})") from None
+        self._config = ModelConfig.from_hf(self.raw_config)  # reject unknown architectures first
         self.weight_map = self._weight_map()
 
     def _weight_map(self) -> dict[str, Path]:
@@ -54,7 +55,7 @@ class HFModelFolder:
         return out
 
     def config(self) -> ModelConfig:
-        return ModelConfig.from_hf(self.raw_config)
+        return self._config
 
     def tokenizer_config(self) -> dict[str, Any]:
         p = self.path / "tokenizer_config.json"

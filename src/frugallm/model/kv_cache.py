@@ -24,9 +24,21 @@ class KVCache(ABC):
 
     @abstractmethod
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        q: torch.Tensor | None = None,
+        x: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Append ``k, v`` for ``layer`` and return ``(keys, values, mask)`` to attend over.
+
+        Extra inputs, for policies that need them (plain caches ignore them): ``q`` this step's
+        rotated queries ``[batch, num_heads, new_tokens, head_dim]`` (attention-score based eviction),
+        ``x`` the normalised layer input ``[batch, new_tokens, hidden]`` (caches that store X and
+        rematerialise K/V), ``positions`` ``[batch, new_tokens]`` RoPE positions.
 
         ``keys, values: [batch, num_kv_heads, visible, head_dim]``; ``mask`` is ``None`` when plain
         causal attention over all visible slots is right, else a bool ``[batch, 1, new_tokens,
@@ -102,7 +114,14 @@ class ContiguousKVCache(KVCache):
         return self._mask
 
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        q: torch.Tensor | None = None,
+        x: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         start = self.lengths[layer]
         end = start + k.shape[2]

@@ -96,7 +96,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, positions: torch.Tensor
     ) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv_proj(x)
@@ -107,7 +107,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values, mask = cache.update(self.layer, k, v)
+        keys, values, mask = cache.update(self.layer, k, v, q=q, x=x, positions=positions)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,
             enable_gqa=self.n_heads != self.n_kv,
@@ -135,8 +135,10 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, cache)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, positions: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, cache, positions)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -158,11 +160,14 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def rope_tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos, sin: [length, head_dim]`` in fp32, grown on demand and reused across calls."""
-        if self._rope_cache is None or self._rope_cache[0].shape[0] < length or self._rope_cache[0].device != device:
-            n = max(length, min(self.config.max_position_embeddings, 4096))
+    def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin: [max_position_embeddings, head_dim]`` fp32, built once per device.
+
+        Built for the whole context up front so a forward pass never syncs to ask for the max position.
+        """
+        if self._rope_cache is None or self._rope_cache[0].device != device:
             inv = rope_inv_freq(self.config, self.rope_factors).to(device)
+            n = self.config.max_position_embeddings
             freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv)
             emb = torch.cat((freqs, freqs), dim=-1)
             self._rope_cache = (emb.cos(), emb.sin())
@@ -182,11 +187,11 @@ class Transformer(nn.Module):
         Logits are fp32.
         """
         x = self.embed_tokens(input_ids)
-        cos_t, sin_t = self.rope_tables(int(positions.max()) + 1, x.device)
+        cos_t, sin_t = self.rope_tables(x.device)
         cos = cos_t[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
         sin = sin_t[positions].unsqueeze(1).to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+            x = layer(x, cos, sin, cache, positions)
         if isinstance(logits_for, str):
             if logits_for == "last":
                 x = x[:, -1]
