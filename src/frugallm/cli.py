@@ -15,7 +15,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 _ADDERS: list[Callable[[Any], None]] = []
 
 
-def command(name: str, help: str) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.ArgumentParser], None]]:
+def command(
+    name: str, help: str
+) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.ArgumentParser], None]]:
     """Register ``add_args(parser)``; the parser's ``func`` default runs the command."""
 
     def deco(add_args: Callable[[argparse.ArgumentParser], None]) -> Callable[[argparse.ArgumentParser], None]:
@@ -31,7 +33,9 @@ def command(name: str, help: str) -> Callable[[Callable[[argparse.ArgumentParser
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options every model-loading command shares."""
-    p.add_argument("--model", "-m", default="default", help="'default' (embedded SmolLM2-135M), a .gguf file or a HF folder")
+    p.add_argument(
+        "--model", "-m", default="default", help="'default' (embedded SmolLM2-135M), a .gguf file or a HF folder"
+    )
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -55,17 +59,30 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def load_llm(args: argparse.Namespace) -> Any:
     from frugallm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-               use_cache=not args.no_cache, progress=sys.stderr.isatty())
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        use_cache=not args.no_cache,
+        progress=sys.stderr.isatty(),
+    )
 
 
 def sampling_from_args(args: argparse.Namespace) -> Any:
     from frugallm import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=tuple(args.stop),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
     )
 
@@ -93,8 +110,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = llm.chat_prompt([{"role": "user", "content": prompt}])
     if args.json:
         out = llm.generate([prompt], params)[0]
-        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_token_ids": out.prompt_token_ids,
-                          "finish_reason": out.finish_reason, "timings": {"load_s": load_s, **out.metrics}}))
+        print(
+            json.dumps(
+                {
+                    "text": out.text,
+                    "token_ids": out.token_ids,
+                    "prompt_token_ids": out.prompt_token_ids,
+                    "finish_reason": out.finish_reason,
+                    "timings": {"load_s": load_s, **out.metrics},
+                }
+            )
+        )
         return 0
     for delta in llm.stream(prompt, params):
         sys.stdout.write(delta)
@@ -102,8 +128,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     m = llm.last_output.metrics
     if "tpot_s" in m:
-        print(f"[{m['output_tokens']} tokens, ttft {m['ttft_s'] * 1e3:.0f} ms, {1 / m['tpot_s']:.1f} tok/s]",
-              file=sys.stderr)
+        print(
+            f"[{m['output_tokens']} tokens, ttft {m['ttft_s'] * 1e3:.0f} ms, {1 / m['tpot_s']:.1f} tok/s]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -186,12 +214,22 @@ def model_info(model: str) -> dict[str, Any]:
         template = gf.field("tokenizer.chat_template") is not None
         fmt = "gguf"
     return {
-        "path": str(path), "format": fmt, "name": cfg.name, "architecture": cfg.arch,
-        "parameters": cfg.num_params, "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-        "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size, "context_length": cfg.max_position_embeddings,
-        "tied_embeddings": cfg.tie_word_embeddings, "bytes_per_tensor_type": type_bytes,
-        "total_bytes": sum(type_bytes.values()), "chat_template": template,
+        "path": str(path),
+        "format": fmt,
+        "name": cfg.name,
+        "architecture": cfg.arch,
+        "parameters": cfg.num_params,
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_position_embeddings,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "bytes_per_tensor_type": type_bytes,
+        "total_bytes": sum(type_bytes.values()),
+        "chat_template": template,
     }
 
 
@@ -215,8 +253,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # Subcommands that live next to their subsystem register themselves when imported.
-PLUGIN_MODULES = ("frugallm.lab.commands", "frugallm.quant.commands", "frugallm.kv.commands",
-                  "frugallm.serve.commands")
+PLUGIN_MODULES = ("frugallm.lab.commands", "frugallm.quant.commands", "frugallm.kv.commands", "frugallm.serve.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,9 +28,7 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.rope_type not in ("llama3", "linear"):
-            raise ModelLoadError(
-                f"unsupported rope scaling type {self.rope_type!r}; supported: llama3, linear"
-            )
+            raise ModelLoadError(f"unsupported rope scaling type {self.rope_type!r}; supported: llama3, linear")
 
 
 @dataclass(frozen=True)
@@ -56,17 +54,22 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
-            raise ModelLoadError(
-                f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
-            )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            raise ModelLoadError(f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise ModelLoadError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
-                f"model config: num_heads ({self.num_heads}) is not a multiple of "
-                f"num_kv_heads ({self.num_kv_heads})"
+                f"model config: num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})"
             )
 
     # Derived sizes, used by the model, the KV cache and the roofline model.
@@ -108,9 +111,7 @@ class ModelConfig:
         mt = cfg.get("model_type")
         if mt not in SUPPORTED_ARCHS:
             archs = cfg.get("architectures") or []
-            raise ModelLoadError(
-                f"unsupported architecture {mt or archs!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
-            )
+            raise ModelLoadError(f"unsupported architecture {mt or archs!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -124,9 +125,7 @@ class ModelConfig:
                     factor=float(rs.get("factor", 1.0)),
                     low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
                     high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-                    original_max_position_embeddings=int(
-                        rs.get("original_max_position_embeddings", 8192)
-                    ),
+                    original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
                 )
             return cls(
                 arch=mt,

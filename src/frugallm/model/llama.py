@@ -15,21 +15,22 @@ from torch import nn
 from frugallm.config import ModelConfig
 from frugallm.model.kv_cache import KVCache
 
-# Below this many tokens a matmul is a matrix-vector product, bound by reading the weights, where
-# fp16 weights are fastest on CPU; above it the matmul is compute bound and bf16 (AVX512-BF16/AMX)
-# is several times faster than fp16 there (measured: 714 vs 47 GFLOP/s on the 1536x576 MLP shape).
-_HALF_GEMM_MIN_TOKENS = 16
+# At or above this many tokens a forward pass is compute bound (prefill): on CPU it then runs in
+# ``Transformer.prefill_dtype`` (bf16: AVX512-BF16/AMX matmuls reach ~700 GFLOP/s here while fp16
+# reaches a few GFLOP/s). Below it (decode) the weights' own dtype is used: fp16 matrix-vector
+# products stream weights ~2x faster than bf16 on this CPU.
+PREFILL_MIN_TOKENS = 16
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that runs large fp16 matmuls in bf16 on CPU (see ``_HALF_GEMM_MIN_TOKENS``)."""
+    """``nn.Linear`` whose weight is cast on the fly when activations come in another dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if w.dtype == torch.float16 and w.device.type == "cpu" and x.numel() >= _HALF_GEMM_MIN_TOKENS * x.shape[-1]:
-            b = None if self.bias is None else self.bias.to(torch.bfloat16)
-            return F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16), b).to(x.dtype)
-        return F.linear(x, w, self.bias)
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+            b = None if b is None else b.to(x.dtype)
+        return F.linear(x, w, b)
 
 
 class RMSNorm(nn.Module):
@@ -108,8 +109,14 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values, mask = cache.update(self.layer, k, v, q=q, x=x, positions=positions)
+        if keys.dtype != q.dtype:  # cache stored in another dtype than this pass computes in
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=mask is None and t > 1,
             enable_gqa=self.n_heads != self.n_kv,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.q_size))
@@ -155,6 +162,8 @@ class Transformer(nn.Module):
         # Optional per-frequency RoPE divisors (llama3 scaling as stored in GGUF ``rope_freqs``).
         self.register_buffer("rope_factors", None, persistent=False)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Activation dtype for compute-bound passes (see PREFILL_MIN_TOKENS); None = weights' dtype.
+        self.prefill_dtype: torch.dtype | None = None
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -187,6 +196,8 @@ class Transformer(nn.Module):
         Logits are fp32.
         """
         x = self.embed_tokens(input_ids)
+        if self.prefill_dtype is not None and input_ids.numel() >= PREFILL_MIN_TOKENS:
+            x = x.to(self.prefill_dtype)
         cos_t, sin_t = self.rope_tables(x.device)
         cos = cos_t[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
         sin = sin_t[positions].unsqueeze(1).to(x.dtype)

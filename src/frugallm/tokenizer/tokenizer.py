@@ -6,6 +6,7 @@ GGUF byte-level BPE vocabularies get the pre-tokenizer regex llama.cpp uses for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,8 +47,17 @@ _PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
 }
 
 # Control tokens that end a turn although the file may name another EOS (llama.cpp does the same).
-_EOG_NAMES = {"<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>",
-              "<end_of_turn>", "<|end|>", "</s>", "<|return|>"}
+_EOG_NAMES = {
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "</s>",
+    "<|return|>",
+}
 
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -85,8 +95,9 @@ def _spm_from_gguf(meta: TokenizerMeta) -> HFTokenizer:
                 merges.append((-scores[pid], vocab[left], vocab[right], (left, right)))
     merges.sort()
     unk = meta.tokens[meta.unk_id] if meta.unk_id is not None else "<unk>"
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[m[3] for m in merges], unk_token=unk,
-                                 byte_fallback=True, fuse_unk=True))
+    tok = HFTokenizer(
+        models.BPE(vocab=vocab, merges=[m[3] for m in merges], unk_token=unk, byte_fallback=True, fuse_unk=True)
+    )
     tok.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="▁", prepend_scheme="first" if meta.add_space_prefix else "never", split=False
     )
@@ -158,10 +169,8 @@ class Tokenizer:
         gen_cfg = folder / "generation_config.json"
         sources = [model_config]
         if gen_cfg.is_file():
-            try:
+            with contextlib.suppress(OSError, json.JSONDecodeError):
                 sources.append(json.loads(gen_cfg.read_text()))
-            except (OSError, json.JSONDecodeError):
-                pass
         for src in sources:
             ids = src.get("eos_token_id")
             eos |= set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -175,13 +184,23 @@ class Tokenizer:
 
     # -- cache round trip -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"tokenizer": self._tok.to_str(), "bos_id": self.bos_id, "eos_ids": sorted(self.eos_ids),
-                "add_bos": self.add_bos, "chat_template": self.chat_template}
+        return {
+            "tokenizer": self._tok.to_str(),
+            "bos_id": self.bos_id,
+            "eos_ids": sorted(self.eos_ids),
+            "add_bos": self.add_bos,
+            "chat_template": self.chat_template,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Tokenizer:
-        return cls(HFTokenizer.from_str(d["tokenizer"]), bos_id=d["bos_id"], eos_ids=set(d["eos_ids"]),
-                   add_bos=d["add_bos"], chat_template=d["chat_template"])
+        return cls(
+            HFTokenizer.from_str(d["tokenizer"]),
+            bos_id=d["bos_id"],
+            eos_ids=set(d["eos_ids"]),
+            add_bos=d["add_bos"],
+            chat_template=d["chat_template"],
+        )
 
     # -- use --------------------------------------------------------------------------------------
     @property
@@ -211,5 +230,10 @@ class Tokenizer:
         bos = self.id_to_token(self.bos_id) if self.bos_id is not None else ""
         eos_id = min(self.eos_ids) if self.eos_ids else None
         eos = self.id_to_token(eos_id) if eos_id is not None else ""
-        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos or "", eos_token=eos or "")
+        return render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos or "",
+            eos_token=eos or "",
+        )

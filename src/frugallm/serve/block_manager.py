@@ -1,0 +1,213 @@
+"""Paged KV memory bookkeeping: fixed-size blocks, reference counts, copy-on-write, prefix caching.
+
+Plain Python (no torch) so it can be unit-tested alone; the tensors live in :mod:`paged_cache`.
+
+* A sequence owns a *block table*: ``block_table[i]`` holds the keys/values of its tokens
+  ``[i * block_size, (i + 1) * block_size)``.
+* Blocks are reference counted. Two sequences share a block after :meth:`BlockManager.fork` (``n > 1``
+  samples of one prompt) or a prefix-cache hit. Shared *full* blocks are never written again; a shared
+  *partial* last block is copied before the next write (copy-on-write): :meth:`BlockManager.append_slots`
+  returns the ``(src, dst)`` pairs the model runner must copy before the forward pass.
+* Prefix caching: once a block is full and computed its hash, chained with the previous block's hash
+  (``hash((prev_hash, *tokens))``), is registered. A new sequence whose leading full blocks hash the same
+  (and hold the same tokens: hashes are verified) reuses them instead of recomputing. Freed blocks keep
+  their contents and hash, sit in an LRU free list and are only forgotten when reallocated, so a request
+  arriving after an identical one finished still hits.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+NO_HASH = -1
+
+
+class BlockSeq(Protocol):
+    """What the block manager needs to know about a sequence (see ``scheduler.SeqState``)."""
+
+    token_ids: list[int]
+    block_table: list[int]
+    block_hashes: list[int]  # chained hashes of the leading full, computed blocks
+    num_computed_tokens: int
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int = NO_HASH
+    token_ids: tuple[int, ...] = field(default=())
+
+
+def chain_hash(prev_hash: int, tokens: tuple[int, ...] | list[int]) -> int:
+    """Hash of a full block given the hash of the block before it (``NO_HASH`` for the first)."""
+    return hash((prev_hash, *tokens))
+
+
+class BlockManager:
+    """Allocates ``num_blocks`` blocks of ``block_size`` token slots to sequences."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in LRU order (oldest first). Values unused: an ordered set with O(1) removal.
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        # Counters for metrics.
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # tokens found there
+
+    # -- accounting ---------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence references (some may still hold reusable cached prefixes)."""
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        return sum(1 for b in self.free if self.blocks[b].hash != NO_HASH)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- allocation ---------------------------------------------------------------------------------
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)  # least recently freed first
+        b = self.blocks[block_id]
+        assert b.ref_count == 0
+        if b.hash != NO_HASH:  # its cached contents are about to be overwritten
+            if self.hash_to_block.get(b.hash) == block_id:
+                del self.hash_to_block[b.hash]
+            b.hash, b.token_ids = NO_HASH, ()
+        b.ref_count = 1
+        return block_id
+
+    def _release(self, block_id: int) -> None:
+        b = self.blocks[block_id]
+        assert b.ref_count > 0, f"block {block_id} freed twice"
+        b.ref_count -= 1
+        if b.ref_count == 0:
+            self.free[block_id] = None  # most recently freed: evicted last
+
+    def match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Cached blocks holding a prefix of ``token_ids`` (no side effects).
+
+        At most ``(len - 1) // block_size`` blocks: the last token is always recomputed because its
+        logits are needed to sample the next one.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        hits: list[int] = []
+        h = NO_HASH
+        for i in range((len(token_ids) - 1) // bs):
+            toks = tuple(token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(h, toks)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != toks:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, cached: list[int], num_tokens: int) -> bool:
+        """Can a new sequence reuse ``cached`` blocks and get enough blocks for ``num_tokens`` tokens?"""
+        needed = self.blocks_for(num_tokens) - len(cached)
+        reclaimed = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # leave the free list
+        return needed <= len(self.free) - reclaimed
+
+    def allocate(self, seq: BlockSeq, cached: list[int], num_tokens: int) -> None:
+        """Give a sequence with no blocks the ``cached`` prefix blocks plus fresh ones for ``num_tokens``."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        assert self.can_allocate(cached, num_tokens)
+        self.prefix_queries += len(seq.token_ids)
+        self.prefix_hits += len(cached) * self.block_size
+        for block_id in cached:
+            b = self.blocks[block_id]
+            if b.ref_count == 0:
+                del self.free[block_id]
+            b.ref_count += 1
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(b.hash)
+        seq.num_computed_tokens = len(cached) * self.block_size
+        for _ in range(self.blocks_for(num_tokens) - len(cached)):
+            seq.block_table.append(self._take_free())
+
+    def _needs_cow(self, seq: BlockSeq) -> bool:
+        # The next write goes into the last block if it is partially filled; copy it first if shared.
+        return bool(
+            seq.block_table
+            and seq.num_computed_tokens % self.block_size
+            and self.blocks[seq.block_table[-1]].ref_count > 1
+        )
+
+    def num_new_blocks(self, seq: BlockSeq, num_new_tokens: int) -> int:
+        total = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        return max(0, total - len(seq.block_table)) + self._needs_cow(seq)
+
+    def can_append(self, seq: BlockSeq, num_new_tokens: int) -> bool:
+        return self.num_new_blocks(seq, num_new_tokens) <= len(self.free)
+
+    def append_slots(self, seq: BlockSeq, num_new_tokens: int) -> list[tuple[int, int]]:
+        """Make room for ``num_new_tokens`` more tokens; returns ``(src, dst)`` block copies to perform."""
+        assert self.can_append(seq, num_new_tokens)
+        copies = []
+        if self._needs_cow(seq):
+            src = seq.block_table[-1]
+            dst = self._take_free()
+            self._release(src)
+            seq.block_table[-1] = dst
+            copies.append((src, dst))
+        total = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        while len(seq.block_table) < total:
+            seq.block_table.append(self._take_free())
+        return copies
+
+    def fork(self, parent: BlockSeq, child: BlockSeq) -> None:
+        """Let ``child`` share all of ``parent``'s blocks (copy-on-write for the partial last one)."""
+        assert not child.block_table
+        for block_id in parent.block_table:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+
+    def commit(self, seq: BlockSeq) -> None:
+        """Register the hashes of blocks that became full and computed (call after each forward)."""
+        bs = self.block_size
+        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        while len(seq.block_hashes) < full:
+            i = len(seq.block_hashes)
+            toks = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else NO_HASH, toks)
+            seq.block_hashes.append(h)
+            if self.enable_prefix_caching:
+                b = self.blocks[seq.block_table[i]]
+                if b.hash == NO_HASH:
+                    b.hash, b.token_ids = h, toks
+                    self.hash_to_block.setdefault(h, b.block_id)
+
+    def free_seq(self, seq: BlockSeq) -> None:
+        """Drop the sequence's references (blocks that reach zero join the free list)."""
+        for block_id in reversed(seq.block_table):  # the tail is freed first, so it is evicted first
+            self._release(block_id)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def check(self) -> None:
+        """Assert internal invariants (tests)."""
+        for b in self.blocks:
+            assert b.ref_count >= 0
+            assert (b.ref_count == 0) == (b.block_id in self.free), b
+        for h, block_id in self.hash_to_block.items():
+            assert self.blocks[block_id].hash == h

@@ -1,0 +1,223 @@
+"""Iteration-level scheduling: which sequences run in the next forward pass, and with how many tokens.
+
+Plain Python (no torch). Every step the engine calls :meth:`Scheduler.schedule`, runs the model on the
+returned batch, then :meth:`Scheduler.postprocess`. Requests join and leave between steps (continuous
+batching).
+
+A sequence is described by how many of its tokens have keys/values in the cache
+(``num_computed_tokens``); a step computes the next ``num_new`` of them. Prefill and decode are the same
+thing seen this way: a decode is a step with one new token, a chunk of a long prompt is a step with
+``num_new < remaining``. Only a step that reaches the last token produces logits to sample.
+
+Policies:
+
+* **Chunked prefill on** (default): running sequences first (decodes, or the next chunk of a prompt),
+  then waiting ones in arrival order, until ``max_num_batched_tokens`` or ``max_num_seqs`` is reached; a
+  long prompt takes what is left of the budget, so running decodes are never starved.
+* **Chunked prefill off**: a step either prefills whole prompts (priority, so time to first token is
+  low, but running decodes pause) or decodes every running sequence. A prompt longer than the budget
+  runs alone.
+* **Preemption by recompute**: when a running sequence needs a block and none is free, the most recently
+  admitted sequence loses its blocks and returns to the front of the queue; it later prefills its prompt
+  plus what it generated so far (prefix caching usually makes that cheap).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from frugallm.serve.block_manager import BlockManager
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_seq_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class SeqState:
+    """The scheduler's view of one sequence: its tokens, blocks and progress.
+
+    ``token_ids`` is the prompt followed by the generated tokens. ``num_forks`` more sequences will be
+    forked from this one (sharing its prompt blocks) when its prompt is computed (``n > 1``).
+    ``payload`` is whatever the engine attaches (its ``Sequence``).
+    """
+
+    token_ids: list[int]
+    num_prompt_tokens: int = -1
+    num_forks: int = 0
+    payload: Any = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: SeqStatus = SeqStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens still to compute before the next token can be sampled."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: ``seqs[i]`` computes its tokens ``[num_computed, num_computed + num_new[i])``."""
+
+    seqs: list[SeqState] = field(default_factory=list)
+    num_new: list[int] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks, before the forward
+    preempted: list[SeqState] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+    def samples(self, i: int) -> bool:
+        """Does ``seqs[i]`` reach its last token this step (so its logits are sampled)?"""
+        return self.seqs[i].num_computed_tokens + self.num_new[i] == self.seqs[i].num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[SeqState] = deque()
+        self.running: list[SeqState] = []
+        self.num_preemptions = 0
+
+    # -- queues -------------------------------------------------------------------------------------
+    def add(self, seq: SeqState) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: SeqState) -> None:
+        """Remove a sequence (finished or aborted) and free its blocks."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.bm.free_seq(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def fork(self, parent: SeqState, child: SeqState) -> None:
+        """Start ``child`` (same tokens as ``parent``) sharing ``parent``'s blocks, right after it."""
+        assert parent.status is SeqStatus.RUNNING and child.token_ids == parent.token_ids
+        self.bm.fork(parent, child)
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.status = SeqStatus.RUNNING
+        self.running.insert(self.running.index(parent) + 1, child)
+
+    def _preempt(self, seq: SeqState, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.bm.free_seq(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def _num_seqs_after(self, seq: SeqState) -> int:
+        return len(self.running) + 1 + seq.num_forks
+
+    # -- the step -----------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        if self.config.enable_chunked_prefill:
+            budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+            if not out.preempted:
+                self._schedule_waiting(out, budget)
+        else:
+            self._schedule_waiting(out, self.config.max_num_batched_tokens)
+            if not out.seqs:
+                self._schedule_running(out, self.config.max_num_batched_tokens)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        chunked = self.config.enable_chunked_prefill
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_remaining, budget) if chunked else seq.num_remaining
+            if not chunked and out.seqs and num_new > budget:
+                i += 1
+                continue
+            while not self.bm.can_append(seq, num_new):
+                victim = self.running[-1]  # the most recently admitted; never one already scheduled
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.copies += self.bm.append_slots(seq, num_new)
+                out.seqs.append(seq)
+                out.num_new.append(num_new)
+                budget -= num_new
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        chunked = self.config.enable_chunked_prefill
+        while self.waiting and budget > 0 and self._num_seqs_after(self.waiting[0]) <= self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.bm.match_prefix(seq.token_ids)
+            remaining = seq.num_tokens - len(cached) * self.bm.block_size
+            if chunked:
+                num_new = min(remaining, budget)
+            elif remaining <= budget or not out.seqs:
+                num_new = remaining  # a prompt over the budget runs alone
+            else:
+                break
+            total = len(cached) * self.bm.block_size + num_new
+            if not self.bm.can_allocate(cached, total):
+                break
+            self.waiting.popleft()
+            self.bm.allocate(seq, cached, total)
+            seq.num_cached_tokens = len(cached) * self.bm.block_size
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.seqs.append(seq)
+            out.num_new.append(num_new)
+            budget -= num_new
+
+    def postprocess(self, out: SchedulerOutput) -> None:
+        """Record the step's progress (call after the forward pass, before appending sampled tokens)."""
+        for seq, n in zip(out.seqs, out.num_new, strict=True):
+            seq.num_computed_tokens += n
+            self.bm.commit(seq)
