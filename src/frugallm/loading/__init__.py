@@ -34,6 +34,11 @@ def default_model_path() -> Path:
 def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
     if model is None or str(model) == "default":
         return default_model_path()
+    from frugallm.loading.catalog import catalog_path
+
+    named = catalog_path(str(model))
+    if named is not None:
+        return named
     p = Path(model).expanduser()
     if not p.exists():
         raise ModelLoadError(f"model path not found: {p}")

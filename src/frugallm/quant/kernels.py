@@ -161,15 +161,13 @@ INT4_LAYOUTS: dict[str, Int4Layout] = {lay.name: lay for lay in (CpuInt4Layout()
 def int4_layout_for(device: torch.device, out_features: int, in_features: int, group_size: int) -> Int4Layout | None:
     """The int4 kernel layout usable for this shape on ``device``, or None (dequantize-then-matmul)."""
     for lay in INT4_LAYOUTS.values():
-        if lay.available(device) and lay.shape_ok(out_features, in_features, group_size):
-            if block_permutation(lay.name, in_features, device) is not None:
-                return lay
+        if (
+            lay.available(device)
+            and lay.shape_ok(out_features, in_features, group_size)
+            and block_permutation(lay.name, in_features, device) is not None
+        ):
+            return lay
     return None
-
-
-def kernel_compute_dtype(layout: Int4Layout, x_dtype: torch.dtype) -> torch.dtype:
-    """Both int4 kernels are only fast (CPU) or only implemented (CUDA) for bf16 activations."""
-    return torch.bfloat16
 
 
 def to_nibbles(t: torch.Tensor) -> torch.Tensor:
@@ -178,7 +176,9 @@ def to_nibbles(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1)
 
 
-def nibble_permutation(convert: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, device: torch.device) -> torch.Tensor | None:
+def nibble_permutation(
+    convert: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, device: torch.device
+) -> torch.Tensor | None:
     """Find ``perm`` with ``to_nibbles(convert(codes)) == codes.flatten()[perm]`` for every ``codes [n, k]``.
 
     The position index of every code is fed through the converter one hex digit at a time, so

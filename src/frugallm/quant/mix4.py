@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugallm.quant import kernels
-from frugallm.quant.linear import bias_of, flatten_input, tensor_bytes, check_groups, param_dtype
+from frugallm.quant.linear import bias_of, check_groups, flatten_input, param_dtype, tensor_bytes
 from frugallm.quant.packing import pack, unpack
 
 _E2M1 = [-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]

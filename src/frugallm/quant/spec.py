@@ -6,13 +6,14 @@ Grammar: ``METHOD[:KEY=VALUE | :FLAG]*``.
 ``int8``                  per-output-channel symmetric int8, weight only (``int8:group=G`` = group-wise)
 ``llm.int8``              LLM.int8() int8 x int8 with outlier decomposition; key ``threshold`` (6.0)
 ``int2|int3|int4|int6``   group-wise round-to-nearest; key ``group`` (32/64/128), flags ``sym``/``asym``
-``gptq``                  GPTQ; keys ``bits`` (4), ``group`` (128); flags ``act_order``, ``sym``
+``gptq``                  GPTQ; keys ``bits`` (4), ``group``; flags ``act_order``, ``sym``
 ``auto4``                 int4 with the group size chosen per matrix (FineQuant-style); key ``tol``
-``mix4``                  4-bit with a data type chosen per group (BitMoD-style); key ``group`` (128)
+``mix4``                  4-bit with a data type chosen per group (BitMoD-style); key ``group``
 ========================  =====================================================================
 
 Flags accepted by every method: ``embed`` (quantize token embeddings) and ``head`` (quantize lm_head).
-A tied lm_head shares the embedding's quantized storage whenever either flag is given.
+A tied lm_head shares the embedding's quantized storage whenever either flag is given. Without ``group``
+the group size is :data:`DEFAULT_GROUP` for the bit width (32 for 2-3 bits, 64 above).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ METHOD_BITS: dict[str, tuple[int, ...]] = {
     "auto4": (4,),
     "mix4": (4,),
 }
-# Lower widths need smaller groups to stay usable (int2 at g128 loses most of the signal).
-DEFAULT_GROUP = {2: 32, 3: 64, 4: 128, 6: 128, 8: 128}
+# Defaults divide every hidden size we target (SmolLM2's 576 is not a multiple of 128); lower widths need
+# smaller groups to stay usable (int2 at g64 loses most of the signal).
+DEFAULT_GROUP = {2: 32, 3: 32, 4: 64, 6: 64, 8: 64}
 _COMMON_FLAGS = ("embed", "head")
 _KEYS: dict[str, tuple[str, ...]] = {
     "int8": ("group",),
@@ -148,7 +150,7 @@ def parse_quant_spec(spec: str) -> QuantSpec:
     if bits is None:
         bits = 4 if method in ("gptq", "auto4", "mix4", "int") else 8
     if group is None and method in ("int", "gptq", "mix4"):
-        group = 128 if method in ("gptq", "mix4") else DEFAULT_GROUP.get(bits, 128)
+        group = DEFAULT_GROUP[bits]
     if "sym" in values and "asym" in values:
         raise FrugalError(f"{spec!r} asks for both sym and asym")
     kwargs: dict[str, object] = {}

@@ -1,0 +1,173 @@
+"""``AsyncLLM``: an :class:`LLMEngine` stepping in a background thread, awaited per request.
+
+One thread owns the engine (nothing else touches it). Callers hand it requests and aborts through a
+thread-safe inbox; each request gets an ``asyncio.Queue`` on the caller's event loop that the engine
+thread feeds with :class:`StepOutput` objects. Leaving the ``async for`` early (a client disconnect
+cancels the task) aborts the request, which frees its KV blocks at the start of the next step.
+
+>>> async for out in async_llm.generate("Hello", SamplingParams(max_tokens=8)):
+...     print(out.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence as Seq
+from dataclasses import dataclass
+
+from frugallm.errors import InvalidRequestError
+from frugallm.sampling import SamplingParams
+from frugallm.serve.engine import LLMEngine, StepOutput
+
+log = logging.getLogger("frugallm.serve")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served."""
+
+
+@dataclass
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    index_offset: int  # choice index of this prompt's first choice within the caller's request
+
+
+class AsyncLLM:
+    """Serve many concurrent requests from one engine. Start with :meth:`start`, stop with :meth:`shutdown`."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._sinks: dict[str, _Sink] = {}  # engine thread only
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="frugallm-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> AsyncLLM:
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop
+
+    # -- requests -----------------------------------------------------------------------------------
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        return self.engine.encode(prompt)
+
+    async def generate(
+        self, prompt: str | Seq[int], params: SamplingParams, n: int = 1, request_id: str | None = None
+    ) -> AsyncIterator[StepOutput]:
+        """Stream the outputs of one prompt (``n`` choices) as the engine produces them."""
+        async for out in self.generate_many([prompt], params, n, request_id):
+            yield out
+
+    async def generate_many(
+        self, prompts: Seq[str | Seq[int]], params: SamplingParams, n: int = 1, request_id: str | None = None
+    ) -> AsyncIterator[StepOutput]:
+        """Several prompts as one request: choice ``index`` is ``prompt_index * n + i``.
+
+        Raises :class:`InvalidRequestError` before anything is queued if any prompt is invalid.
+        """
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        ids_list = [self.engine.encode(p) for p in prompts]
+        for ids in ids_list:
+            self.engine.check_request(ids, params, n)
+        base = request_id or f"async-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        arrival = time.perf_counter()
+        rids = [base if len(ids_list) == 1 else f"{base}-{i}" for i in range(len(ids_list))]
+        for i, (rid, ids) in enumerate(zip(rids, ids_list, strict=True)):
+            self._inbox.put(("add", rid, ids, params, n, arrival, _Sink(loop, q, i * n)))
+        self._wake.set()
+        remaining = len(ids_list) * n
+        try:
+            while remaining:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+        finally:
+            if remaining:  # cancelled (client gone) or failed: free the blocks
+                for rid in rids:
+                    self._inbox.put(("abort", rid))
+                self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # -- the engine thread --------------------------------------------------------------------------
+    def _deliver(self, sink: _Sink, item: StepOutput | BaseException) -> None:
+        try:
+            sink.loop.call_soon_threadsafe(sink.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, rid, ids, params, n, arrival, sink = msg
+                try:
+                    self.engine.add_request(ids, params, request_id=rid, n=n, arrival_time=arrival)
+                    self._sinks[rid] = sink
+                except InvalidRequestError as e:
+                    self._deliver(sink, e)
+            else:
+                if self.engine.abort(msg[1]):
+                    self._sinks.pop(msg[1], None)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # a bug or out-of-memory: fail the running requests, keep serving
+                    log.exception("engine step failed; aborting %d requests", len(self._sinks))
+                    for rid, sink in list(self._sinks.items()):
+                        self.engine.abort(rid)
+                        self._deliver(sink, e)
+                    self._sinks.clear()
+                    continue
+                for out in outputs:
+                    sink = self._sinks.get(out.request_id)
+                    if sink is None:
+                        continue
+                    out.index += sink.index_offset
+                    self._deliver(sink, out)
+                    if out.request_id not in self.engine.requests:
+                        self._sinks.pop(out.request_id, None)
+        except BaseException as e:  # pragma: no cover - fatal
+            self.error = e
+            log.exception("engine thread died")
+            for sink in self._sinks.values():
+                self._deliver(sink, EngineDeadError(f"engine thread died: {e}"))
+            raise

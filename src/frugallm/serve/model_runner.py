@@ -1,0 +1,119 @@
+"""Runs a scheduled batch through the model on the paged cache, and samples.
+
+Batching choice: a step makes at most a few forward passes.
+
+* every decode (one new token) in one ``[B, 1]`` pass: the weights are read once for all sequences,
+  which is where batching pays on a memory-bound CPU or GPU;
+* prefill chunks right-padded into ``[P, T]`` passes, grouped by length so that padding stays under
+  a quarter of the tokens (equal-length prompts, the common benchmark case, share one pass).
+
+Prefill is kept apart from decodes because padding a ``[B, 1]`` decode to a long chunk's length would
+multiply its cost by that length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from frugallm.engine.sequence import Sequence
+from frugallm.model.llama import Transformer
+from frugallm.sampling import apply_penalties, filter_logits
+from frugallm.serve.paged_cache import PagedKVCache
+from frugallm.serve.scheduler import SchedulerOutput
+
+_MAX_PAD_FRACTION = 0.25
+
+
+def group_prefills(lengths: list[int]) -> list[list[int]]:
+    """Indices of prefill chunks grouped so that each group's padding is <= 25% of its tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            longest = lengths[g[0]]
+            real = sum(lengths[j] for j in g) + lengths[i]
+            if longest * (len(g) + 1) - real <= _MAX_PAD_FRACTION * real:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+class ModelRunner:
+    """Owns the paged cache; :meth:`run` returns the last-token logits of sequences that sample."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, device: torch.device) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor | None]:
+        """Compute ``out``'s tokens. Returns (indices into ``out.seqs`` that sample, fp32 logits [S, vocab])."""
+        self.cache.copy_blocks(out.copies)
+        decodes = [i for i, n in enumerate(out.num_new) if n == 1]
+        prefills = [i for i, n in enumerate(out.num_new) if n > 1]
+        groups = ([decodes] if decodes else []) + [
+            [prefills[j] for j in g] for g in group_prefills([out.num_new[i] for i in prefills])
+        ]
+        rows: list[int] = []
+        logits: list[torch.Tensor] = []
+        for g in groups:
+            sampled = [i for i in g if out.samples(i)]
+            lg = self._forward(out, g)
+            if sampled:
+                keep = [g.index(i) for i in sampled]
+                logits.append(lg if len(keep) == len(g) else lg[torch.tensor(keep, device=lg.device)])
+                rows += sampled
+        return rows, (torch.cat(logits) if len(logits) > 1 else logits[0]) if logits else None
+
+    def _forward(self, out: SchedulerOutput, idx: list[int]) -> torch.Tensor:
+        seqs = [out.seqs[i] for i in idx]
+        num_new = [out.num_new[i] for i in idx]
+        starts = [s.num_computed_tokens for s in seqs]
+        t = max(num_new)
+        ids = torch.zeros(len(seqs), t, dtype=torch.long)
+        pos = torch.zeros(len(seqs), t, dtype=torch.long)
+        for r, (s, st, n) in enumerate(zip(seqs, starts, num_new, strict=True)):
+            ids[r, :n] = torch.tensor(s.token_ids[st:st + n])
+            pos[r, :n] = torch.arange(st, st + n)
+            pos[r, n:] = st + n - 1  # padding: any valid position
+        self.cache.bind([s.block_table for s in seqs], starts, num_new)
+        last = "last" if t == 1 or len(set(num_new)) == 1 else torch.tensor(num_new, device=self.device) - 1
+        return self.model(ids.to(self.device), pos.to(self.device), self.cache, last)
+
+
+def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
+    """One token per row of ``logits [S, vocab]`` (fp32) for ``seqs`` (penalties, filters, logprobs).
+
+    Same rules as ``LLM.generate``: penalties over the prompt/output history, then greedy or
+    temperature / top-k / top-p / min-p sampling with the sequence's own generator; log-probabilities
+    are those of the penalised distribution before temperature.
+    """
+    if all(s.params.greedy and not s.params.needs_history and s.logprobs is None for s in seqs):
+        return logits.argmax(-1).tolist()
+    out = []
+    for row, s in zip(logits, seqs, strict=True):
+        if s.params.needs_history:
+            dev = row.device
+            row = apply_penalties(row.clone(), s.params, torch.tensor(s.prompt_ids, dtype=torch.long, device=dev),
+                                  torch.tensor(s.output_ids, dtype=torch.long, device=dev))
+        if s.params.greedy:
+            tok = int(row.argmax())
+        else:
+            probs = filter_logits(row, s.params).softmax(-1)
+            gen = s.generator
+            if gen is not None and gen.device != probs.device:
+                probs = probs.cpu()
+            tok = int(torch.multinomial(probs, 1, generator=gen))
+        if s.logprobs is not None:
+            lp = row.log_softmax(-1)
+            top = lp.topk(max(s.params.logprobs or 0, 1))
+            entry = {int(k): float(v) for k, v in zip(top.indices, top.values, strict=True)}
+            entry[tok] = float(lp[tok])
+            s.logprobs.append(entry)
+        out.append(tok)
+    return out

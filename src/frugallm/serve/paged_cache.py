@@ -1,0 +1,127 @@
+"""A paged KV cache: one pool of fixed-size blocks per layer, addressed through per-sequence block tables.
+
+The attention layer sees an ordinary :class:`~frugallm.model.kv_cache.KVCache`. Before each forward pass
+the model runner calls :meth:`PagedKVCache.bind` with the batch's block tables, how many tokens each row
+already has in the cache and how many it adds; :meth:`update` then scatters the new keys/values into
+their slots and gathers each row's blocks back into a right-padded ``[batch, kv_heads, visible, head_dim]``
+view with a mask that hides padding and future tokens.
+
+Pool layout ``[num_blocks + 1, block_size, kv_heads, head_dim]``: token-major inside a block so a row's
+blocks gather into ``[visible, kv_heads, head_dim]`` with one indexing op. The extra last block is scratch
+space: padding tokens write there and padded block-table entries point there, so no real block is
+touched. The pool is zero-initialised so that masked-out slots are always finite (a NaN there would leak
+through the attention matmul even with zero weight).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from frugallm.model.kv_cache import KVCache
+
+
+class PagedKVCache(KVCache):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.scratch_block = num_blocks
+        self.device = torch.device(device)
+        self.num_used_blocks = 0  # kept current by the engine, for nbytes()
+        self._bound = False
+
+    @property
+    def bytes_per_block(self) -> int:
+        t = self.k[0]
+        return 2 * len(self.k) * t[0].numel() * t.element_size()
+
+    def bind(self, block_tables: list[list[int]], starts: list[int], num_new: list[int]) -> None:
+        """Prepare one forward pass over a right-padded ``[batch, max(num_new)]`` input.
+
+        Row ``b`` has ``starts[b]`` tokens cached already (slots ``0..starts[b]-1`` of its block table) and
+        adds ``num_new[b]`` tokens at positions ``starts[b]..``; its input is right-padded to
+        ``max(num_new)``. Block tables must already cover ``starts[b] + num_new[b]`` slots.
+        """
+        bs, dev = self.block_size, self.device
+        b = len(block_tables)
+        t = max(num_new)
+        ends = [s + n for s, n in zip(starts, num_new, strict=True)]
+        nb = max(-(-e // bs) for e in ends)
+        tables = torch.full((b, nb), self.scratch_block, dtype=torch.long)
+        for i, bt in enumerate(block_tables):
+            k = min(len(bt), nb)
+            tables[i, :k] = torch.tensor(bt[:k], dtype=torch.long)
+        starts_t = torch.tensor(starts, dtype=torch.long)
+        n_t = torch.tensor(num_new, dtype=torch.long)
+        pos = starts_t[:, None] + torch.arange(t)[None, :]  # [b, t] position (= slot) of each new token
+        valid = torch.arange(t)[None, :] < n_t[:, None]
+        blk = torch.gather(tables, 1, (pos // bs).clamp(max=nb - 1))
+        write = torch.where(valid, blk * bs + pos % bs, self.scratch_block * bs)
+        self._write_idx = write.reshape(-1).to(dev)
+        self._tables = tables.to(dev)
+        self._shape = (b, t, nb * bs)
+        if b == 1:
+            # One row: show exactly its tokens, like a contiguous cache, so results match it bit for bit.
+            self._visible = ends[0]
+            self._mask = None
+            if starts[0] > 0 and num_new[0] > 1:  # a later prompt chunk: causal with an offset
+                slots = torch.arange(ends[0])
+                self._mask = (slots[None, :] <= pos[0, :, None]).view(1, 1, t, ends[0]).to(dev)
+        else:
+            self._visible = nb * bs
+            slots = torch.arange(nb * bs)
+            # Slot j is visible to query i of row b iff j <= its position. Padding query rows see up to
+            # their (fake) position too: finite garbage, discarded by the caller, never NaN.
+            self._mask = (slots[None, None, :] <= pos[:, :, None]).unsqueeze(1).to(dev)
+        self._bound = True
+
+    def update(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        q: torch.Tensor | None = None,
+        x: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        assert self._bound, "PagedKVCache.bind() must be called before a forward pass"
+        b, h, t, d = k.shape
+        assert (b, t) == self._shape[:2], f"input {b}x{t} does not match the bound batch {self._shape[:2]}"
+        kp, vp = self.k[layer], self.v[layer]
+        kp.view(-1, h, d).index_copy_(0, self._write_idx, k.transpose(1, 2).reshape(b * t, h, d))
+        vp.view(-1, h, d).index_copy_(0, self._write_idx, v.transpose(1, 2).reshape(b * t, h, d))
+        n = self._visible
+        keys = kp[self._tables].view(b, -1, h, d)[:, :n].transpose(1, 2)
+        values = vp[self._tables].view(b, -1, h, d)[:, :n].transpose(1, 2)
+        return keys, values, self._mask
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate block ``src`` into ``dst`` in every layer."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for pool in (*self.k, *self.v):
+            pool[dst] = pool[src]
+
+    def nbytes(self) -> int:
+        return self.num_used_blocks * self.bytes_per_block
+
+    def reserved_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_used_blocks * self.block_size
