@@ -83,6 +83,14 @@ class TinyModelFactory:
         return self._logits[k]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Converted weights and probes go to a per-session dir: tests never see a stale user cache."""
+    import os
+
+    os.environ["FRUGALLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("frugallm_cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
     tm.quiet_transformers()

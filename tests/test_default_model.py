@@ -64,8 +64,9 @@ def test_greedy_chat_continuations_identical(hf, llm: LLM) -> None:
         prompt = llm.chat_prompt([{"role": "user", "content": q}])
         out = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
         with torch.no_grad():
-            ref = model.generate(torch.tensor([out.prompt_token_ids]), max_new_tokens=32, do_sample=False,
-                                 pad_token_id=0)[0, len(out.prompt_token_ids):].tolist()
+            ref = model.generate(
+                torch.tensor([out.prompt_token_ids]), max_new_tokens=32, do_sample=False, pad_token_id=0
+            )[0, len(out.prompt_token_ids) :].tolist()
         assert out.token_ids == ref, q
 
 

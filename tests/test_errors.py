@@ -79,7 +79,7 @@ def test_wrong_tensor_offset(tmp_path: Path) -> None:
     # the single tensor's info ends with its uint64 offset (0); point it far past the end of the file
     name = b"token_embd.weight"
     i = data.index(name) + len(name) + 4 + 2 * 8 + 4  # n_dims (u32), 2 dims (u64), type (u32)
-    data[i:i + 8] = (10**9).to_bytes(8, "little")
+    data[i : i + 8] = (10**9).to_bytes(8, "little")
     p.write_bytes(bytes(data))
     with pytest.raises(ModelLoadError, match="offset"):
         _load(p)

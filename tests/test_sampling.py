@@ -92,13 +92,18 @@ def test_same_seed_same_tokens() -> None:
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
     logits = torch.tensor([2.0, -2.0, 1.0])
-    out = apply_penalties(logits.clone(), SamplingParams(repetition_penalty=2.0),
-                          torch.tensor([0, 1]), torch.tensor([], dtype=torch.long))
+    out = apply_penalties(
+        logits.clone(), SamplingParams(repetition_penalty=2.0), torch.tensor([0, 1]), torch.tensor([], dtype=torch.long)
+    )
     assert out.tolist() == [1.0, -4.0, 1.0]
 
 
 def test_presence_and_frequency_penalties_count_output_tokens() -> None:
     logits = torch.zeros(4)
-    out = apply_penalties(logits.clone(), SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
-                          torch.tensor([3]), torch.tensor([1, 1, 2]))
+    out = apply_penalties(
+        logits.clone(),
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+        torch.tensor([3]),
+        torch.tensor([1, 1, 2]),
+    )
     assert out.tolist() == pytest.approx([0.0, -1.0, -0.75, 0.0])

@@ -85,7 +85,8 @@ def _roofline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wbits", type=int, default=16)
     p.add_argument("--abits", type=int, default=16)
     p.add_argument("--kvbits", type=int, default=16)
-    p.add_argument("--compute-dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 when abits is 32, else fp16)")
+    p.add_argument("--compute-dtype", default=None,
+                   help="fp32 | bf16 | fp16 (default: fp32 when abits is 32, else fp16)")
     p.add_argument("--unfused-attention", action="store_true", help="count the score matrix's memory traffic")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a roofline chart")

@@ -170,7 +170,8 @@ def _latency_chart(ok: list[dict[str, Any]]) -> str | None:
     if not series:
         return None
     fig = _figure(10, 1.5 + 0.45 * len(series) * 2)
-    for i, (key, title) in enumerate((("ttft_s", "time to first token (ms)"), ("tpot_s", "time per output token (ms)"))):
+    kinds = (("ttft_s", "time to first token (ms)"), ("tpot_s", "time per output token (ms)"))
+    for i, (key, title) in enumerate(kinds):
         ax = fig.add_subplot(1, 2, i + 1)
         data = [[v * 1e3 for v in s.get(key) or []] or [math.nan] for _, s in series]
         ax.boxplot(data, vert=False, showfliers=True)
@@ -239,8 +240,8 @@ def build_html(records: list[dict[str, Any]]) -> str:
         parts.append(f"<h3>Unavailable metrics</h3><table><tr><th>config</th><th>metric</th><th>why</th></tr>{rows}"
                      "</table>")
     if errors:
-        rows = "".join(f"<tr><td>{html.escape(_label(r))}</td><td class=err>{html.escape(str(r.get('error')))}</td></tr>"
-                       for r in errors)
+        rows = "".join(f"<tr><td>{html.escape(_label(r))}</td><td class=err>{html.escape(str(r.get('error')))}"
+                       "</td></tr>" for r in errors)
         parts.append(f"<h2>Errors</h2><table><tr><th>config</th><th>error</th></tr>{rows}</table>")
     parts.append(_environment(ok))
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>frugallm report</title>"

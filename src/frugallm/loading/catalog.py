@@ -40,9 +40,12 @@ CATALOG: dict[str, CatalogModel] = {
 
 
 def models_dir() -> Path:
-    from frugallm.loading.weight_cache import cache_dir
+    """``$FRUGALLM_MODELS_DIR`` or ``<user cache>/frugallm/models`` (kept apart from the weights cache)."""
+    import os
 
-    return cache_dir() / "models"
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("FRUGALLM_MODELS_DIR") or Path(user_cache_dir("frugallm")) / "models")
 
 
 def catalog_path(name: str) -> Path | None:

