@@ -9,6 +9,7 @@ their original order and the full model prefills that shorter prompt with fresh 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -80,10 +81,8 @@ class GemFilter(PromptSelector):
         probe = _ProbeCache(self.filter_layer(len(model.layers)))
         dev = model.embed_tokens.weight.device
         ids = torch.tensor([prompt_ids], device=dev)
-        try:
+        with contextlib.suppress(_StopForward):  # the probe stops the forward pass at the filter layer
             model(ids, torch.arange(n, device=dev)[None], probe, "last")
-        except _StopForward:
-            pass
         assert probe.scores is not None
         scores = probe.scores[0].sum(0)  # [T]
         scores[max(0, n - self.window):] = float("inf")

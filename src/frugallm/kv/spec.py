@@ -12,6 +12,7 @@ import types
 import typing
 from dataclasses import dataclass
 
+from frugallm.errors import FrugalError
 from frugallm.kv.policy import KV_POLICIES, KVPolicy, KVSpecError
 
 PLAIN = ("", "full", "none")
@@ -99,7 +100,10 @@ def _convert(policy: str, param: str, hint: object, raw: str) -> object:
 def parse_policy(part: str) -> KVPolicy:
     """One ``name[:param=value,...]`` term."""
     name, _, params = part.partition(":")
-    cls = KV_POLICIES.get(name.strip().lower())
+    try:
+        cls = KV_POLICIES.get(name.strip().lower())
+    except FrugalError as e:
+        raise KVSpecError(f"{e} (in KV spec term {part!r})") from None
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, object] = {}

@@ -43,6 +43,7 @@ class Store(ABC):
     """Slots of one layer. ``k: [batch, kv_heads, t, key_dim]``, ``v: [batch, kv_heads, t, head_dim]``."""
 
     per_head: bool = True  # gather() accepts different slots per KV head
+    exact: bool = False  # materialize() returns exactly what was appended (attention may read it in place)
     stores_keys: bool = True  # False: keys are rebuilt from the layer input x (append ignores k, v)
 
     @property
@@ -81,6 +82,8 @@ def gather_slots(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 class FullStore(Store):
     """Plain tensors in the cache dtype, grown by doubling; eviction copies the kept slots out."""
+
+    exact = True
 
     def __init__(self, ctx: StoreContext) -> None:
         self.ctx = ctx

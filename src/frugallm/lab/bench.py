@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import os
 import resource
 import statistics
 import sys
@@ -391,9 +392,16 @@ class RunnerCache:
         self.runner: Runner | None = None
         self.reused = False
 
+    @staticmethod
+    def _key(p: BenchPoint) -> tuple[Any, ...]:
+        return (p.backend, p.model, p.dtype, p.quant, p.kv, p.device, p.threads)
+
+    def holds(self, p: BenchPoint) -> bool:
+        return self.runner is not None and self.key == self._key(p)
+
     def get(self, p: BenchPoint, settings: BenchSettings, n_ctx: int) -> Runner:
-        key = (p.backend, p.model, p.dtype, p.quant, p.kv, p.device, p.threads)
-        if key == self.key and self.runner is not None:
+        key = self._key(p)
+        if self.holds(p):
             self.reused = True
             return self.runner
         self.close()
@@ -441,8 +449,7 @@ def _base_record(p: BenchPoint) -> dict[str, Any]:
             "timestamp": time.time(), "versions": results.package_versions(), "git_commit": results.git_commit()}
 
 
-def _check_context(p: BenchPoint) -> Any:
-    cfg = load_model_config(p.model)
+def _check_context(p: BenchPoint, cfg: Any) -> Any:
     limit = cfg.max_position_embeddings
     if p.prompt_len + p.gen_len > limit:
         raise FrugalError(f"prompt_len {p.prompt_len} + gen_len {p.gen_len} = {p.prompt_len + p.gen_len} tokens "
@@ -513,8 +520,16 @@ def _quality(m: _Metrics, rec: dict[str, Any], p: BenchPoint, runner: Runner, se
 
 
 def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> dict[str, Any]:
-    cfg = _check_context(p)
-    runner = cache.get(p, settings, n_ctx=p.prompt_len + p.gen_len + 8)
+    why = BACKENDS[p.backend].missing()
+    if why:  # before any model work: a missing optional peer is reported at once
+        raise FrugalError(why)
+    n_ctx = p.prompt_len + p.gen_len + 8
+    if p.backend == "frugallm" or cache.holds(p):
+        # Loading frugallm from its weights cache is faster than parsing a GGUF's metadata.
+        cfg = _check_context(p, cache.get(p, settings, n_ctx).config)
+    else:  # peers load slowly: reject an invalid point from the config alone
+        cfg = _check_context(p, load_model_config(p.model))
+    runner = cache.get(p, settings, n_ctx)
     rec = _base_record(p)
     m = _Metrics()
     prompts = synthetic_prompts(runner.tokenizer, settings.corpus(p.corpus), p.batch, p.prompt_len)
@@ -525,6 +540,7 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
         torch.cuda.reset_peak_memory_stats()
     meter = make_energy_meter(runner.device, settings.watts_per_core)
     gc.collect()
+    load_before = _loadavg()
     rss_hwm_before = peak_rss_bytes()
     timings, walls, kv_bytes = [], [], None
     with RssSampler() as rss:
@@ -580,8 +596,25 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
                engine={"backend": runner.backend, "dtype": runner.dtype, "device": runner.device,
                        "threads": torch.get_num_threads(), "quant": p.quant, "kv": p.kv, "model_path": str(runner.path),
                        "reused_loaded_model": cache.reused},
-               notes=[*NOTES, meter.note, *runner.notes])
+               system_load={"loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg(),
+                            "logical_cores": psutil.cpu_count(logical=True)},
+               notes=[*NOTES, meter.note, *runner.notes, *_load_note(load_before)])
     return rec
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on this platform
+        return None
+
+
+def _load_note(load: float | None) -> list[str]:
+    cores = psutil.cpu_count(logical=True) or 1
+    if load is not None and load > 0.5 * cores:
+        return [f"the machine was busy (1-min load average {load:.1f} on {cores} logical cores): "
+                "timings include contention from other processes"]
+    return []
 
 
 def _run_endpoint(p: BenchPoint, settings: BenchSettings) -> dict[str, Any]:

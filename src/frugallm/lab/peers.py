@@ -15,6 +15,7 @@ backend types.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +37,19 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 
 
 def load_model_config(model: str | Path) -> ModelConfig:
-    """The config of a model without its weights: ``default``, a ``.gguf``, a HF folder or a JSON config."""
+    """The config of a model without its weights: ``default``, a ``.gguf``, a HF folder or a JSON config.
+
+    Cached per file version: parsing a GGUF's metadata takes seconds (its vocabulary is in it).
+    """
     from frugallm.loading import resolve_model_path
 
-    path = resolve_model_path(str(model))
+    path = resolve_model_path(str(model)).resolve()
+    st = path.stat()
+    return _config_of(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _config_of(path: Path, mtime_ns: int, size: int) -> ModelConfig:
     if path.is_dir():
         from frugallm.loading.hf_loader import HFModelFolder
 
@@ -99,6 +109,11 @@ class Runner:
     dtype: str  # "float32" | "float16" | "bfloat16" | "gguf" (llama.cpp runs the file's own types)
     device: str
     load_s: float
+
+    @classmethod
+    def missing(cls) -> str | None:
+        """Why this backend cannot run here (an optional package is absent), or None."""
+        return None
 
     def weight_bytes(self) -> int:
         raise NotImplementedError
@@ -189,6 +204,10 @@ class TransformersRunner(Runner):
     notes = ("transformers: TTFT is a separate generate(max_new_tokens=1) run; "
              "TPOT = (e2e - ttft) / (gen_len - 1)",)
 
+    @classmethod
+    def missing(cls) -> str | None:
+        return None if importlib.util.find_spec("transformers") else TRANSFORMERS_MISSING
+
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", threads: int | None = None) -> None:
         try:
             import transformers
@@ -263,6 +282,10 @@ class LlamaCppRunner(Runner):
     notes = ("llama.cpp: the high-level API runs one sequence at a time, so a batch runs sequentially",
              "llama.cpp: weight_bytes is the GGUF file size (weights run in their stored types)")
 
+    @classmethod
+    def missing(cls) -> str | None:
+        return None if importlib.util.find_spec("llama_cpp") else LLAMA_CPP_MISSING
+
     def __init__(self, model: str, threads: int | None = None, n_ctx: int = 2048, device: str = "cpu") -> None:
         try:
             import llama_cpp
@@ -317,6 +340,9 @@ def make_runner(backend: str, model: str, *, dtype: str = "auto", device: str = 
     """Load ``model`` with ``backend``; FrugalError for an unknown backend or a missing optional peer."""
     if backend not in BACKENDS:
         raise FrugalError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    why = BACKENDS[backend].missing()
+    if why:
+        raise FrugalError(why)
     if backend != "frugallm" and (quant or kv):
         raise FrugalError(f"--quant/--kv are frugallm engine options; backend {backend} does not take them")
     if backend == "frugallm":

@@ -40,10 +40,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementations; half precision loses the mean square.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        # One fused kernel (it accumulates in fp32 for half inputs); per-token decode is overhead bound.
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, w.shape, w, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig, factors: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,7 +77,10 @@ def llama3_rope_factors(cfg: ModelConfig) -> torch.Tensor | None:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x: [batch, heads, tokens, head_dim]`` by ``cos, sin: [batch, 1, tokens, head_dim]``."""
+    """Rotate pairs ``(i, i + head_dim/2)`` of ``x`` by the angles in ``cos, sin`` (broadcastable to ``x``).
+
+    The model calls it on ``[batch, tokens, heads, head_dim]`` with ``cos, sin: [batch, tokens, 1, head_dim]``.
+    """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -101,13 +103,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qk_size = self.q_size + self.kv_size
+        if self.q_norm is None:
+            # Rotate q and k in one pass: they are adjacent heads of the fused projection.
+            qk = apply_rope(qkv[..., :qk_size].view(b, t, self.n_heads + self.n_kv, self.head_dim), cos, sin)
+            q, k = qk.split((self.n_heads, self.n_kv), dim=2)
+        else:
+            q = self.q_norm(qkv[..., : self.q_size].view(b, t, self.n_heads, self.head_dim))
+            k = self.k_norm(qkv[..., self.q_size : qk_size].view(b, t, self.n_kv, self.head_dim))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = qkv[..., qk_size:].view(b, t, self.n_kv, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         keys, values, mask = cache.update(self.layer, k, v, q=q, x=x, positions=positions)
         if keys.dtype != q.dtype:  # cache stored in another dtype than this pass computes in
             keys, values = keys.to(q.dtype), values.to(q.dtype)
@@ -199,8 +205,8 @@ class Transformer(nn.Module):
         if self.prefill_dtype is not None and input_ids.numel() >= PREFILL_MIN_TOKENS:
             x = x.to(self.prefill_dtype)
         cos_t, sin_t = self.rope_tables(x.device)
-        cos = cos_t[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
-        sin = sin_t[positions].unsqueeze(1).to(x.dtype)
+        cos = cos_t[positions].unsqueeze(2).to(x.dtype)  # [B, T, 1, D]
+        sin = sin_t[positions].unsqueeze(2).to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, positions)
         if isinstance(logits_for, str):

@@ -150,7 +150,7 @@ def parse_quant_spec(spec: str) -> QuantSpec:
     if bits is None:
         bits = 4 if method in ("gptq", "auto4", "mix4", "int") else 8
     if group is None and method in ("int", "gptq", "mix4"):
-        group = DEFAULT_GROUP[bits]
+        group = DEFAULT_GROUP.get(bits, 64)  # unsupported bits are reported by QuantSpec
     if "sym" in values and "asym" in values:
         raise FrugalError(f"{spec!r} asks for both sym and asym")
     kwargs: dict[str, object] = {}

@@ -12,12 +12,14 @@ cancels the task) aborts the request, which frees its KV blocks at the start of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from frugallm.errors import InvalidRequestError
@@ -118,10 +120,8 @@ class AsyncLLM:
 
     # -- the engine thread --------------------------------------------------------------------------
     def _deliver(self, sink: _Sink, item: StepOutput | BaseException) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the caller's loop is closed, nobody listens
             sink.loop.call_soon_threadsafe(sink.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
 
     def _drain_inbox(self) -> None:
         while True:

@@ -1,0 +1,39 @@
+"""KV-cache compression you can compose: eviction, quantization, key-channel pruning, prompt selection.
+
+``build_kv_cache(spec, model, ...)`` returns the cache a spec such as ``snapkv:budget=0.25+kivi:bits=2``
+describes; ``select_prompt_tokens(spec, model, ids)`` runs a prompt selector (GemFilter) before prefill.
+Policies (one file each, registered in ``KV_POLICIES``): kivi, xquant (quantizers), streamingllm, h2o,
+snapkv, lacache (evictors), think (key-channel pruner), gemfilter (prompt selector).
+"""
+
+from frugallm.kv import gemfilter, h2o, kivi, lacache, snapkv, streaming, think, xquant  # noqa: F401 (register)
+from frugallm.kv.cache import CompressedKVCache, build_kv_cache, select_prompt_tokens
+from frugallm.kv.policy import (
+    KV_POLICIES,
+    ChannelPruner,
+    DecodeContext,
+    Evictor,
+    KVPolicy,
+    KVSpecError,
+    PrefillContext,
+    PromptSelector,
+    Quantizer,
+)
+from frugallm.kv.spec import KVSpec, parse_kv_spec
+
+__all__ = [
+    "KV_POLICIES",
+    "ChannelPruner",
+    "CompressedKVCache",
+    "DecodeContext",
+    "Evictor",
+    "KVPolicy",
+    "KVSpec",
+    "KVSpecError",
+    "PrefillContext",
+    "PromptSelector",
+    "Quantizer",
+    "build_kv_cache",
+    "parse_kv_spec",
+    "select_prompt_tokens",
+]

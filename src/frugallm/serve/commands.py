@@ -1,0 +1,79 @@
+"""``frugallm serve``: the OpenAI-compatible server on the continuous-batching engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from frugallm.cli import add_model_args, command, load_llm
+from frugallm.errors import FrugalError
+
+
+@command("serve", "OpenAI-compatible HTTP server with continuous batching (bound to 127.0.0.1 by default)")
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_path", nargs="?", metavar="MODEL", default=None,
+                   help="'default', a .gguf file or a HF folder (same as --model)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $FRUGALLM_API_KEY if set)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: MODEL as given)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step at most")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks in the pool")
+    kv.add_argument("--kv-memory-gb", type=float, default=1.0, help="KV-cache pool size in GiB (default 1)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    p.add_argument("--no-chunked-prefill", action="store_true",
+                   help="prefill whole prompts in dedicated steps (running decodes pause meanwhile)")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="largest accepted request body")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def build_engine_config(args: argparse.Namespace):  # -> EngineConfig
+    from frugallm.serve.engine import EngineConfig
+
+    return EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_blocks=args.num_blocks, kv_memory_gb=args.kv_memory_gb,
+        enable_prefix_caching=not args.no_prefix_caching, enable_chunked_prefill=not args.no_chunked_prefill,
+        max_model_len=args.max_model_len,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise FrugalError("serving needs the 'serve' extra: pip install 'frugallm[serve]'") from None
+    from frugallm.serve.async_engine import AsyncLLM
+    from frugallm.serve.engine import LLMEngine
+    from frugallm.serve.server import create_app
+
+    if args.model_path is not None:
+        args.model = args.model_path
+    if not 0 <= args.port <= 65535:
+        raise FrugalError(f"--port must be in [0, 65535], got {args.port}")
+    config = build_engine_config(args)  # validate before the (slow) model load
+    api_key = args.api_key if args.api_key is not None else os.environ.get("FRUGALLM_API_KEY") or None
+    llm = load_llm(args)
+    engine = LLMEngine(llm, config)
+    bm = engine.block_manager
+    gib = bm.num_blocks * engine.cache.bytes_per_block / 2**30
+    name = args.served_model_name or args.model
+    print(f"frugallm: serving {name!r} on http://{args.host}:{args.port}/v1 | KV pool {bm.num_blocks} blocks x "
+          f"{bm.block_size} tokens ({gib:.2f} GiB) | max_model_len {engine.max_model_len} | "
+          f"max_num_seqs {config.max_num_seqs} | chunked prefill {config.enable_chunked_prefill} | "
+          f"prefix caching {config.enable_prefix_caching} | api key {'on' if api_key else 'off'}", file=sys.stderr)
+    async_llm = AsyncLLM(engine).start()
+    app = create_app(async_llm, name, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        async_llm.shutdown()
+    return 0
