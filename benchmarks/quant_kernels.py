@@ -100,7 +100,10 @@ def main() -> None:
             continue
         with torch.no_grad():
             fns, nbytes = build(fmt, device)
-            act_dtype = fmt if isinstance(fmt, torch.dtype) else torch.float32
+            # Quantized modules get the activations a model would feed them: fp32 on CPU (they compute in
+            # bf16 internally), bf16 on GPU.
+            act_dtype = fmt if isinstance(fmt, torch.dtype) else (
+                torch.float32 if device.type == "cpu" else torch.bfloat16)
             xs = {i: torch.randn(args.rows, i, device=device, dtype=act_dtype) for i in {s[1] for s in SHAPES}}
             times = time_pass(fns, xs, args.runs, device)
         med = statistics.median(times)

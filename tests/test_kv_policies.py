@@ -49,6 +49,15 @@ def make_model(**overrides) -> Transformer:
     return model.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     return make_model()

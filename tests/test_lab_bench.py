@@ -131,10 +131,10 @@ def test_cli_bench_errors_and_roofline(capsys, tiny_models) -> None:
 def test_sweep_files(tmp_path) -> None:
     y = tmp_path / "s.yaml"
     y.write_text("models: [default]\nengine:\n  - {dtype: float32}\n  - {dtype: auto, quant: 'int4:group=32'}\n"
-                 "batch: [1, 2]\nprompt_len: 16\ngen_lens: [2, 4]\nrepeat: 1\nquality: false\n")
+                 "batch: [1, 2]\nprompt_len: 16\ngen_lens: [2, 4]\nrepeat: 1\nquality: false\nthreads: 1\n")
     pts = bench.expand_sweep(bench.read_sweep_file(y))
     assert len(pts) == 8 and {p["quant"] for p in pts} == {None, "int4:group=32"}
-    assert all(p["repeat"] == 1 and not p["quality"] for p in pts)
+    assert all(p["repeat"] == 1 and not p["quality"] and p["threads"] == 1 for p in pts)
     t = tmp_path / "s.toml"
     t.write_text('model = "default"\ndtype = ["float32", "float16"]\nbatch = [1, 0]\n')
     pts = bench.expand_sweep(bench.read_sweep_file(t), {"gen_len": 3})

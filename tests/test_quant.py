@@ -221,7 +221,7 @@ def test_int8_kernel_and_dequant_paths_agree(monkeypatch: pytest.MonkeyPatch) ->
     mod = build("int8", gaussian_linear(64, 96))
     x = torch.randn(5, 96)
     y_kernel = mod(x)
-    monkeypatch.setattr("frugallm.quant.linear.INT8_KERNEL_MAX_ROWS", 0)
+    monkeypatch.setattr("frugallm.quant.linear.INT8_KERNEL_MAX_ROWS", {})
     assert rel_err(mod(x), y_kernel) < 0.005
 
 
@@ -235,6 +235,19 @@ def test_half_precision_inputs() -> None:
             y = mod(x.to(dtype))
             assert y.dtype == dtype
             assert rel_err(y, ref) < BOUNDS.get(spec, 0.2) + 0.02, (spec, dtype)
+
+
+def test_from_linear_constructors_match_methods() -> None:
+    lin = gaussian_linear(64, 96)
+    x = torch.randn(3, 96)
+    for cls, spec in [
+        (Int8Linear, "int8"),
+        (LLMInt8Linear, "llm.int8"),
+        (GroupQuantLinear, "int3:group=32"),
+        (Mix4Linear, "mix4:group=32"),
+    ]:
+        mod = cls.from_linear(lin, parse_quant_spec(spec))
+        assert torch.equal(mod(x), build(spec, lin)(x)), spec
 
 
 def test_group_must_divide_in_features() -> None:
@@ -304,14 +317,16 @@ def test_llm_int8_outlier_decomposition() -> None:
     x = torch.randn(17, 128)
     x[:, 7] *= 40.0  # systematic outlier features, |x| far above the 6.0 threshold
     x[:, 90] *= 25.0
-    ref = lin(x)
+    with torch.no_grad():
+        ref = lin(x)
+        regular = lin(x.index_fill(1, torch.tensor([7, 90]), 0.0)) - lin.bias
     # Errors relative to the regular features' share of the output, which the outliers would otherwise
     # hide (they dominate the output norm).
-    regular = lin(x.index_fill(1, torch.tensor([7, 90]), 0.0)) - lin.bias
     mixed = LLMInt8Linear.from_linear(lin, parse_quant_spec("llm.int8"))
     plain = LLMInt8Linear.from_linear(lin, parse_quant_spec("llm.int8:threshold=1e9"))  # no outliers
-    err_mixed = float((mixed(x) - ref).norm() / regular.norm())
-    err_plain = float((plain(x) - ref).norm() / regular.norm())
+    with torch.no_grad():
+        err_mixed = float((mixed(x) - ref).norm() / regular.norm())
+        err_plain = float((plain(x) - ref).norm() / regular.norm())
     # Measured 2.6% vs 10.2%. What remains in the mixed result is the int8 rounding of the outlier
     # columns' *weights* (stored int8, as in bitsandbytes) multiplied by the large activations.
     assert err_mixed < 0.04

@@ -185,11 +185,10 @@ def expand_sweep(spec: dict[str, Any], defaults: dict[str, Any] | None = None) -
         engines = [{"dtype": d, "quant": q, "kv": k}
                    for d, q, k in itertools.product(axis("dtype", (defaults or {}).get("dtype", "auto")),
                                                     axis("quant", None), axis("kv", None))]
-        for e in engines:
-            for k in ("device", "threads"):
-                if k in spec:
-                    e[k] = spec[k]
     d = defaults or {}
+    # Top-level (or command-line) device / threads apply to every engine entry that does not set them.
+    engines = [{**{k: spec.get(k, d.get(k)) for k in ("device", "threads") if spec.get(k, d.get(k)) is not None},
+                **e} for e in engines]
     out = []
     for model, backend, engine, batch, plen, glen in itertools.product(
             axis("model", d.get("model", "default")), axis("backend", d.get("backend", "frugallm")), engines,

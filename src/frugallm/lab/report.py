@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import tempfile
 import time
@@ -109,10 +110,12 @@ def _roofline_charts(ok: list[dict[str, Any]]) -> list[tuple[str, str]]:
     by_hw: dict[str, list[dict[str, Any]]] = {}
     for r in ok:
         if r.get("roofline") and r.get("hardware") and r.get("model_config"):
-            by_hw.setdefault(r["hardware"]["name"], []).append(r)
+            # The whole spec, not its name: two probes of one machine share a name, not their ceilings.
+            by_hw.setdefault(json.dumps(r["hardware"], sort_keys=True), []).append(r)
     charts = []
-    for name, recs in by_hw.items():
+    for recs in by_hw.values():
         first = recs[0]
+        name = f"{first['hardware']['name']} ({first['hardware']['mem_bandwidth_gbs']:.3g} GB/s)"
         hw = HardwareSpec.from_dict(first["hardware"])
         cfg = ModelConfig.from_dict(first["model_config"])
         rf, pt = first["roofline"], first["point"]
@@ -174,12 +177,19 @@ def _latency_chart(ok: list[dict[str, Any]]) -> str | None:
     for i, (key, title) in enumerate(kinds):
         ax = fig.add_subplot(1, 2, i + 1)
         data = [[v * 1e3 for v in s.get(key) or []] or [math.nan] for _, s in series]
-        ax.boxplot(data, vert=False, showfliers=True)
+        ax.boxplot(data, showfliers=True, **_horizontal())
         ax.set_yticks(range(1, len(series) + 1))
         ax.set_yticklabels([_label(r) for r, _ in series] if i == 0 else [], fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
     return _png(fig)
+
+
+def _horizontal() -> dict[str, Any]:
+    import matplotlib
+
+    major, minor = (int(x) for x in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
 
 
 # --------------------------------------------------------------------------------------------- pages

@@ -122,9 +122,21 @@ def package_versions(names: Iterable[str] = ("frugallm", "torch", "transformers"
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def machine_info(probe: Any | None) -> dict[str, Any]:
     """Host facts for a record; ``probe`` is a :class:`~frugallm.lab.hwprobe.ProbeResult` or None."""
-    info: dict[str, Any] = {"hostname": platform.node(), "platform": platform.platform()}
+    info: dict[str, Any] = {"hostname": platform.node(), "platform": platform.platform(), "cpu_model": cpu_model(),
+                            "logical_cores": os.cpu_count()}
     if probe is not None:
         info.update(cpu_model=probe.cpu_model, logical_cores=probe.logical_cores,
                     physical_cores=probe.physical_cores, cache_bytes=probe.cache_bytes,

@@ -53,8 +53,8 @@ def quantize_model(
 
 def _find_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     for parent in model.modules():
-        child = getattr(parent, "lm_head", None)
-        if isinstance(child, nn.Linear) and "lm_head" in parent._modules:
+        child = dict(parent.named_children()).get("lm_head")
+        if isinstance(child, nn.Linear):
             return parent, child
     return None
 

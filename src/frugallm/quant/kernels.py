@@ -44,11 +44,10 @@ def compute_dtype(device: torch.device, x_dtype: torch.dtype) -> torch.dtype:
 
 def int8pack_supported(device: torch.device, in_features: int) -> bool:
     """Whether ``torch._weight_int8pack_mm`` can run a ``[*, in_features]`` input on ``device``."""
-    if not hasattr(torch, "_weight_int8pack_mm"):
+    # K % 16 is required on CPU (other sizes crash); kept on CUDA too rather than risk a fault there.
+    if not hasattr(torch, "_weight_int8pack_mm") or in_features % 16:
         return False
-    if device.type == "cpu":
-        return in_features % 16 == 0
-    return device.type == "cuda" and _cuda_probe("int8pack", device)
+    return device.type == "cpu" or (device.type == "cuda" and _cuda_probe("int8pack", device))
 
 
 def int8_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -253,7 +252,7 @@ def _cuda_probe_cached(name: str, device_str: str) -> bool:
             torch._weight_int8pack_mm(x, q, torch.ones(32, device=device, dtype=torch.bfloat16))
         elif name == "int_mm":
             a = torch.randint(-8, 8, (32, 64), device=device, dtype=torch.int8)
-            torch._int_mm(a, a.t().contiguous().t())
+            torch._int_mm(a, a.t())  # [32, 64] @ column-major [64, 32], the layout int8_int8_mm uses
         elif name == "int4pack":
             codes = torch.randint(0, 16, (32, 128), device=device)
             w = CudaInt4Layout().convert(codes)

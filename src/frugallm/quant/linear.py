@@ -7,8 +7,9 @@ quantizer's state (``from_state``; GPTQ and the other methods in ``methods.py``)
 Kernel choices (CPU numbers: EPYC AVX512-BF16, 2 threads, torch 2.13; microseconds per matmul):
 
 * :class:`Int8Linear` uses ``torch._weight_int8pack_mm`` for up to :data:`INT8_KERNEL_MAX_ROWS` token rows and
-  dequantize-then-matmul above: for 1536x576 the kernel takes 14 us at 1 row (bf16 ``F.linear``: 42, fp32: 51)
-  but 740 us at 128 rows, where dequantizing to bf16 and calling ``F.linear`` takes 370.
+  dequantize-then-matmul above: on CPU for 1536x576 the kernel takes 14 us at 1 row (bf16 ``F.linear``: 42,
+  fp32: 51) but 740 us at 128 rows, where dequantizing to bf16 and calling ``F.linear`` takes 370. On CUDA
+  neither beats fp16 ``F.linear`` (no fused int8 GEMV in torch); the kernel is used for single rows only.
 * :class:`GroupQuantLinear` keeps int4 weights in the int4 kernel layout when the shape allows it
   (CPU: ``out % 64 == 0``; the layout is exactly as large as the bit-packed codes, so nothing else is kept)
   and uses the kernel for every batch size: it beats dequantize-then-matmul at 1 row (15 vs ~150 us) and
@@ -28,10 +29,12 @@ from torch import nn
 from frugallm.errors import FrugalError
 from frugallm.quant import kernels
 from frugallm.quant.packing import pack, unpack
+from frugallm.quant.spec import QuantSpec
 
-# Above this many token rows, dequantize + bf16 GEMM beats torch._weight_int8pack_mm on CPU (measured
-# crossover between 32 and 64 rows for the SmolLM2 shapes).
-INT8_KERNEL_MAX_ROWS = 32
+# Above this many token rows dequantize + GEMM beats torch._weight_int8pack_mm. CPU: crossover between 32
+# and 64 rows for the SmolLM2 shapes. CUDA (H200, torch 2.11): the kernel is only competitive for a
+# single row (960x576: 58 vs 71 us) and collapses with rows (3072x576 at 64 rows: 168 vs 71 us).
+INT8_KERNEL_MAX_ROWS = {"cpu": 32, "cuda": 1}
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -85,7 +88,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", state.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: object = None) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec | None = None) -> Int8Linear:
         q, s = quantize_int8_rows(linear.weight.detach())
         return cls(Int8State(q, s, bias_of(linear)))
 
@@ -101,7 +104,8 @@ class Int8Linear(nn.Module):
         x2 = flatten_input(x, self.in_features)
         cd = kernels.compute_dtype(x.device, x.dtype)
         xc = x2.to(cd)
-        if x2.shape[0] <= INT8_KERNEL_MAX_ROWS and kernels.int8pack_supported(x.device, self.in_features):
+        max_rows = INT8_KERNEL_MAX_ROWS.get(x.device.type, 0)
+        if x2.shape[0] <= max_rows and kernels.int8pack_supported(x.device, self.in_features):
             y = kernels.int8_weight_mm(xc, self.qweight, self.scales)
         else:
             y = F.linear(xc, self.dequantize(cd))
@@ -139,9 +143,9 @@ class LLMInt8Linear(nn.Module):
         self.register_buffer("bias", state.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: object = None) -> LLMInt8Linear:
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec | None = None) -> LLMInt8Linear:
         q, s = quantize_int8_rows(linear.weight.detach())
-        return cls(Int8State(q, s, bias_of(linear)), getattr(spec, "threshold", 6.0))
+        return cls(Int8State(q, s, bias_of(linear)), 6.0 if spec is None else spec.threshold)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
@@ -297,10 +301,9 @@ class GroupQuantLinear(nn.Module):
         self._store(codes, state.scales, state.offsets, device or codes.device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: object) -> GroupQuantLinear:
-        bits = getattr(spec, "bits", 4)
-        group = getattr(spec, "group_size", None) or 128
-        state = rtn_group_quantize(linear.weight, bits, group, getattr(spec, "symmetric", False))
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> GroupQuantLinear:
+        """Round-to-nearest at ``spec.bits`` / ``spec.group_size`` (64 when the spec has none)."""
+        state = rtn_group_quantize(linear.weight, spec.bits, spec.group_size or 64, spec.symmetric)
         state.bias = bias_of(linear)
         return cls(state)
 

@@ -24,6 +24,7 @@ from torch import nn
 from frugallm.quant import kernels
 from frugallm.quant.linear import bias_of, check_groups, flatten_input, param_dtype, tensor_bytes
 from frugallm.quant.packing import pack, unpack
+from frugallm.quant.spec import QuantSpec
 
 _E2M1 = [-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 GRIDS = torch.tensor(
@@ -101,12 +102,12 @@ class Mix4Linear(nn.Module):
         self.register_buffer("selector", pack(state.selector, 2))
         dtype = param_dtype(state.scales, state.offsets)
         self.register_buffer("qscale", torch.stack([state.scales, state.offsets], -1).to(dtype))
-        self.register_buffer("grids", GRIDS.clone(), persistent=False)
+        self.register_buffer("grids", GRIDS.to(state.codes.device), persistent=False)
         self.register_buffer("bias", state.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: object) -> Mix4Linear:
-        state = mix4_quantize(linear.weight, getattr(spec, "group_size", None) or 128)
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> Mix4Linear:
+        state = mix4_quantize(linear.weight, spec.group_size or 64)
         state.bias = bias_of(linear)
         return cls(state)
 

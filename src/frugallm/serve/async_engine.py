@@ -159,12 +159,11 @@ class AsyncLLM:
                     continue
                 for out in outputs:
                     sink = self._sinks.get(out.request_id)
-                    if sink is None:
-                        continue
-                    out.index += sink.index_offset
-                    self._deliver(sink, out)
-                    if out.request_id not in self.engine.requests:
-                        self._sinks.pop(out.request_id, None)
+                    if sink is not None:
+                        out.index += sink.index_offset
+                        self._deliver(sink, out)
+                for rid in {out.request_id for out in outputs} - self.engine.requests.keys():
+                    self._sinks.pop(rid, None)  # finished
         except BaseException as e:  # pragma: no cover - fatal
             self.error = e
             log.exception("engine thread died")

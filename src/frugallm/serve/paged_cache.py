@@ -100,8 +100,9 @@ class PagedKVCache(KVCache):
         b, h, t, d = k.shape
         assert (b, t) == self._shape[:2], f"input {b}x{t} does not match the bound batch {self._shape[:2]}"
         kp, vp = self.k[layer], self.v[layer]
-        kp.view(-1, h, d).index_copy_(0, self._write_idx, k.transpose(1, 2).reshape(b * t, h, d))
-        vp.view(-1, h, d).index_copy_(0, self._write_idx, v.transpose(1, 2).reshape(b * t, h, d))
+        # The pass may compute in another dtype than the pool stores (CPU prefill in bf16, fp16 pool).
+        kp.view(-1, h, d).index_copy_(0, self._write_idx, k.transpose(1, 2).reshape(b * t, h, d).to(kp.dtype))
+        vp.view(-1, h, d).index_copy_(0, self._write_idx, v.transpose(1, 2).reshape(b * t, h, d).to(vp.dtype))
         n = self._visible
         keys = kp[self._tables].view(b, -1, h, d)[:, :n].transpose(1, 2)
         values = vp[self._tables].view(b, -1, h, d)[:, :n].transpose(1, 2)

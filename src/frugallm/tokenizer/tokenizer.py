@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from frugallm.errors import ModelLoadError
@@ -81,29 +81,55 @@ def _bpe_from_gguf(meta: TokenizerMeta) -> HFTokenizer:
     return tok
 
 
+def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocabulary, which stores pieces and scores but no merges.
+
+    Every split of a piece into two vocabulary pieces is a merge ranked by the piece's score (llama.cpp merges
+    the adjacent pair whose concatenation scores highest). Ties are ordered exactly like transformers'
+    ``generate_merges`` (longer left part, then longer right part, then vocabulary order), so the ids match its
+    GGUF tokenizer too.
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges: list[tuple[str, str, float]] = []
+    for piece, score in dict(zip(tokens, scores, strict=True)).items():
+        local = [
+            (piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab
+        ]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: equal keys keep their order
+    return [(left, right) for left, right, _ in merges]
+
+
 def _spm_from_gguf(meta: TokenizerMeta) -> HFTokenizer:
-    """SentencePiece-BPE vocabularies (Llama 2, TinyLlama, Mistral): merges rebuilt from scores."""
+    """SentencePiece-BPE vocabularies (Llama 2, TinyLlama, Mistral): merges rebuilt from scores.
+
+    Text is handled like llama.cpp and sentencepiece do: spaces become ``▁`` and, with ``add_space_prefix``,
+    every text fragment (the whole text, or what follows a special token) gets one ``▁`` prepended, even when
+    it already starts with a space. Characters outside the vocabulary fall back to ``<0xXX>`` byte tokens.
+    """
     vocab = {tok: i for i, tok in enumerate(meta.tokens)}
-    scores = meta.scores or [0.0] * len(meta.tokens)
-    merges: list[tuple[float, int, int, tuple[str, str]]] = []
-    for piece, pid in vocab.items():
-        if meta.token_types[pid] != 1 or len(piece) < 2:
-            continue
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in vocab and right in vocab:
-                merges.append((-scores[pid], vocab[left], vocab[right], (left, right)))
-    merges.sort()
+    scores = [*meta.scores[: len(meta.tokens)], *[0.0] * (len(meta.tokens) - len(meta.scores))]
     unk = meta.tokens[meta.unk_id] if meta.unk_id is not None else "<unk>"
     tok = HFTokenizer(
-        models.BPE(vocab=vocab, merges=[m[3] for m in merges], unk_token=unk, byte_fallback=True, fuse_unk=True)
+        models.BPE(
+            vocab=vocab,
+            merges=_spm_merges(meta.tokens, scores),
+            unk_token=unk if unk in vocab else None,
+            byte_fallback=True,
+            fuse_unk=True,
+        )
     )
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if meta.add_space_prefix else "never", split=False
-    )
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    # A normalizer, not ``Metaspace(prepend_scheme="first")``: that one adds no ``▁`` to text starting with a
+    # space and none after special tokens, unlike llama.cpp. Normalizers run on each piece between added tokens.
+    steps: list[Any] = [normalizers.Prepend("▁")] if meta.add_space_prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
+    dec: list[Any] = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if meta.add_space_prefix:
+        dec.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(dec)
+    if unk in vocab:  # llama.cpp parses the unknown token's text like a special token's
+        tok.add_special_tokens([AddedToken(unk, special=True, normalized=False)])
     return tok
 
 
