@@ -67,11 +67,28 @@ class LLM:
         use_cache: bool = True,
         progress: bool = False,
         threads: int | None = None,
+        quant: str | None = None,
+        kv: str | None = None,
+        calib: str | None = None,
     ) -> None:
+        """``quant``: weight quantization spec (``int4:group=32``, ``gptq:bits=4``, see ``frugallm.quant``);
+        ``kv``: KV-cache policy spec (``snapkv:budget=0.25+kivi:bits=2``, see ``frugallm.kv``);
+        ``calib``: calibration text file for methods that need one (default: the built-in corpus)."""
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        # Parse technique specs before the (slow) load so a typo fails at once.
+        self.quant_spec = None
+        if quant:
+            from frugallm.quant import parse_quant_spec
+
+            self.quant_spec = parse_quant_spec(quant)
+        self.kv_spec = None
+        if kv:
+            from frugallm.kv import parse_kv_spec
+
+            self.kv_spec = parse_kv_spec(kv)
         loaded: LoadedModel = load_model(model, self.dtype, self.device, use_cache=use_cache, progress=progress)
         self.loaded = loaded
         self.model = loaded.model
@@ -83,18 +100,50 @@ class LLM:
             max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings
         )
         self._next_id = 0
+        if self.quant_spec is not None:
+            self._quantize(calib)
+
+    def _quantize(self, calib: str | None) -> None:
+        from frugallm.quant import quantize_model
+
+        run_calib = None
+        if self.quant_spec.method == "gptq":
+            from frugallm.lab.corpus import load_corpus
+
+            ids = self.tokenizer.encode(load_corpus(calib)[:200_000])
+            windows = [ids[i : i + 256] for i in range(0, min(len(ids), 16 * 256) - 255, 256)]
+
+            def run_calib() -> None:
+                for w in windows:
+                    self.score(w)
+
+        quantize_model(self.model, self.quant_spec, calib=run_calib)
 
     # -- helpers --------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
+        """Bytes of all weights as stored (packed codes, scales, ...), tied tensors counted once."""
         seen: set[int] = set()
         total = 0
         for t in (*self.model.parameters(), *self.model.buffers()):
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
+            if t is not None and t.numel() and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total
 
     def make_cache(self, batch: int, capacity: int, pad_lens: list[int] | None = None) -> KVCache:
+        """The KV cache for one batch: the configured KV policy's cache, or the plain contiguous one."""
+        if self.kv_spec is not None:
+            from frugallm.kv import build_kv_cache
+
+            return build_kv_cache(
+                self.kv_spec,
+                self.model,
+                batch=batch,
+                capacity=capacity,
+                dtype=self.dtype,
+                device=self.device,
+                pad_lens=pad_lens,
+            )
         cfg = self.config
         return ContiguousKVCache(
             cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, capacity, self.dtype, self.device, pad_lens
@@ -145,12 +194,18 @@ class LLM:
     def _run(self, seqs: list[Sequence]) -> Iterator[list[Sequence]]:
         """Static batch: left-padded prefill, then one decode step per token; yields after each step."""
         b = len(seqs)
-        lens = [len(s.prompt_ids) for s in seqs]
+        prompts = [s.prompt_ids for s in seqs]
+        if self.kv_spec is not None and self.kv_spec.selector is not None:
+            from frugallm.kv import select_prompt_tokens
+
+            # GemFilter-style: prefill only the selected prompt tokens (positions renumbered from 0).
+            prompts = [select_prompt_tokens(self.kv_spec, self.model, p) or p for p in prompts]
+        lens = [len(p) for p in prompts]
         t = max(lens)
         pads = [t - n for n in lens]
         ids = torch.zeros(b, t, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, pads[i] :] = torch.tensor(s.prompt_ids)
+        for i, p in enumerate(prompts):
+            ids[i, pads[i] :] = torch.tensor(p)
         pos = (torch.arange(t)[None, :] - torch.tensor(pads)[:, None]).clamp(min=0)
         capacity = t + max(s.max_new for s in seqs)
         cache = self.make_cache(b, capacity, pads if any(pads) else None)

@@ -13,6 +13,7 @@ already in the file (:func:`done_keys`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -35,7 +36,10 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
     """Append one record as one line; the line is written in one call, flushed and fsynced."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=_json_default, allow_nan=False) + "\n"
+    try:
+        line = json.dumps(record, default=_json_default, allow_nan=False) + "\n"
+    except ValueError:  # a NaN/inf somewhere: strict JSON has no such values, write null instead
+        line = json.dumps(_finite(record), default=_json_default, allow_nan=False) + "\n"
     with p.open("a+b") as f:
         f.seek(0, os.SEEK_END)
         if f.tell() > 0:  # a previous run died mid-line: start on a fresh line so this one parses
@@ -45,6 +49,16 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
         f.write(line.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:

@@ -1,20 +1,23 @@
 """Quantized replacements for ``nn.Linear``: ``forward(x [..., in]) -> [..., out]`` plus bias.
 
 Every module reports ``weight_bytes()``, the bytes it actually stores (codes, scales, offsets,
-permutations, bias), and is built by ``from_linear(linear, spec)`` (round-to-nearest) or from a
-quantizer's state (``from_state``; GPTQ and the other methods in ``methods.py``).
+permutations, bias), and is built by ``from_linear(linear, spec)`` (round-to-nearest) or directly from
+a quantizer's state (``GroupQuantLinear(state)``; GPTQ and the other methods in ``methods.py``).
 
-Kernel choices (CPU numbers: EPYC AVX512-BF16, 2 threads, torch 2.13; microseconds per matmul):
+Kernel choices (CPU: EPYC with AVX512-BF16, 2 threads, torch 2.13; CUDA: H200, torch 2.11; us per matmul).
+On CPU every path computes in bf16 (see ``kernels.py``) and casts the result back to the input dtype.
 
 * :class:`Int8Linear` uses ``torch._weight_int8pack_mm`` for up to :data:`INT8_KERNEL_MAX_ROWS` token rows and
   dequantize-then-matmul above: on CPU for 1536x576 the kernel takes 14 us at 1 row (bf16 ``F.linear``: 42,
   fp32: 51) but 740 us at 128 rows, where dequantizing to bf16 and calling ``F.linear`` takes 370. On CUDA
   neither beats fp16 ``F.linear`` (no fused int8 GEMV in torch); the kernel is used for single rows only.
-* :class:`GroupQuantLinear` keeps int4 weights in the int4 kernel layout when the shape allows it
-  (CPU: ``out % 64 == 0``; the layout is exactly as large as the bit-packed codes, so nothing else is kept)
-  and uses the kernel for every batch size: it beats dequantize-then-matmul at 1 row (15 vs ~150 us) and
-  stays within 2x of a bf16 GEMM at 128 rows. Other widths (2/3/6/8) and shapes the kernel rejects
-  (e.g. odd ``out``) dequantize the packed codes to the compute dtype and call ``F.linear``.
+* :class:`GroupQuantLinear` keeps int4 weights in the int4 kernel layout when the shape allows it (CPU:
+  ``out % 64 == 0``, CUDA: ``out % 8 == 0``, ``in % 32 == 0``); that layout is exactly as large as the
+  bit-packed codes, so nothing else is kept. The kernel is used for every batch size: at 1 row it is ~20x
+  faster than dequantize-then-matmul (960x576: 21 vs ~400 us) and it grows ~2.5x slower than a bf16 GEMM
+  per row, so dequantizing (~1.2 ms for 960x576) only pays off beyond ~500 rows, which prefill chunks
+  rarely reach. Other widths (2/3/6/8) and shapes the kernels reject (odd ``out``) unpack the bit-packed
+  codes, dequantize to the compute dtype and call ``F.linear`` (no torch kernel exists for them).
 * :class:`LLMInt8Linear` uses ``torch._int_mm`` (exact int32 accumulation) - see its docstring.
 """
 

@@ -30,6 +30,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--no-chunked-prefill", action="store_true",
                    help="prefill whole prompts in dedicated steps (running decodes pause meanwhile)")
+    p.add_argument("--quant", default=None, help="weight quantization spec applied after loading, e.g. int8, int4")
+    p.add_argument("--kv", default=None, help="KV-cache compression policy (not supported with batching yet)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="largest accepted request body")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -59,9 +61,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = args.model_path
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port must be in [0, 65535], got {args.port}")
+    if args.kv and args.kv.lower() not in ("none", "full"):
+        raise FrugalError(
+            f"--kv {args.kv}: KV-cache compression policies are not supported with batching yet (the paged cache "
+            "keeps full keys/values per block); serve without --kv, or use them through LLM.generate"
+        )
     config = build_engine_config(args)  # validate before the (slow) model load
+    quant = None
+    if args.quant:
+        from frugallm.quant import parse_quant_spec
+
+        quant = parse_quant_spec(args.quant)
+        if quant.method == "gptq":
+            raise FrugalError("--quant gptq needs calibration data; quantize offline and serve the result")
     api_key = args.api_key if args.api_key is not None else os.environ.get("FRUGALLM_API_KEY") or None
     llm = load_llm(args)
+    if quant is not None:
+        from frugallm.quant import quantize_model
+
+        quantize_model(llm.model, quant)
     engine = LLMEngine(llm, config)
     bm = engine.block_manager
     gib = bm.num_blocks * engine.cache.bytes_per_block / 2**30

@@ -210,7 +210,10 @@ def create_app(
             s = tok_str(tid)
             toks.append(s)
             lps.append(entry.get(tid))
-            tops.append({tok_str(t): lp for t, lp in top_entries(entry, k)} if k else None)
+            top: dict[str, float] = {}
+            for t, lp in top_entries(entry, k):  # best first; distinct ids may decode to the same text
+                top.setdefault(tok_str(t), lp)
+            tops.append(top if k else None)
             offs.append(offset)
             offset += len(s)
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}

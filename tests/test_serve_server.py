@@ -1,0 +1,446 @@
+"""The OpenAI-compatible server on a tiny random model: routes, formats, bad input, auth, disconnects, soak, fuzz."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from frugallm import LLM, SamplingParams
+from frugallm.serve.async_engine import AsyncLLM
+from frugallm.serve.engine import EngineConfig, LLMEngine
+from frugallm.serve.server import create_app
+
+MODEL = "tiny"
+SOAK_REQUESTS = int(os.environ.get("FRUGALLM_SOAK_REQUESTS", "200"))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models) -> LLM:
+    return LLM(str(tiny_models.hf("llama")), dtype="float32", device="cpu")
+
+
+def make_app(llm: LLM, api_key: str | None = None, max_body_bytes: int = 2**20, **cfg: Any):
+    cfg = {"num_blocks": 128, "block_size": 4, "max_num_seqs": 8, **cfg}
+    engine = LLMEngine(llm, EngineConfig(**cfg))
+    return create_app(AsyncLLM(engine).start(), MODEL, api_key=api_key, max_body_bytes=max_body_bytes), engine
+
+
+@pytest.fixture(scope="module")
+def client(llm: LLM) -> Iterator[TestClient]:
+    app, _ = make_app(llm)
+    with TestClient(app) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def greedy(llm: LLM, prompt: Any, max_tokens: int) -> Any:
+    return llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))[0]
+
+
+def sse_events(lines: Iterator[str]) -> list[Any]:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+# -- routes and formats ---------------------------------------------------------------------------------
+def test_models_health_metrics(client: TestClient) -> None:
+    r = client.get("/v1/models")
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    assert client.get("/v1/models/other").status_code == 404
+    assert client.get("/health").json() == {"status": "ok"}
+    m = client.get("/metrics")
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "num_requests_running",
+                 "num_requests_waiting", "kv_blocks_used", "kv_blocks_free", "generation_tokens_total"):
+        assert f"frugallm_{name}" in m.text
+
+
+def test_completion_matches_generate(client: TestClient, llm: LLM) -> None:
+    ref = greedy(llm, "The cat sat on", 10)
+    body = {"model": MODEL, "prompt": "The cat sat on", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["object"] == "text_completion" and j["model"] == MODEL
+    assert j["choices"][0]["text"] == ref.text and j["choices"][0]["finish_reason"] == "length"
+    n_prompt = len(ref.prompt_token_ids)
+    cached = j["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert j["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 10, "total_tokens": n_prompt + 10,
+                          "prompt_tokens_details": {"cached_tokens": cached}}
+    # Streaming gives the same text, in pieces, then the usage chunk and [DONE].
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                        "stream_options": {"include_usage": True}}) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(s.iter_lines())
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
+    chunks = events[:-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["usage"] is None for c in chunks)
+
+
+def test_token_prompts_batches_and_n(client: TestClient, llm: LLM) -> None:
+    ids = [[5, 6, 7, 8], [40, 41]]
+    r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 4, "temperature": 0, "n": 2,
+                                             "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for i, p in enumerate(ids):
+        ref = greedy(llm, p, 4).text
+        assert choices[2 * i]["text"] == choices[2 * i + 1]["text"] == ref
+    assert r.json()["usage"]["prompt_tokens"] == 6 and r.json()["usage"]["completion_tokens"] == 16
+
+
+def test_chat_matches_generate(client: TestClient, llm: LLM) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    ref = greedy(llm, llm.chat_prompt(messages), 8)
+    body = {"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    j = client.post("/v1/chat/completions", json=body).json()
+    assert j["object"] == "chat.completion"
+    assert j["choices"][0]["message"] == {"role": "assistant", "content": ref.text}
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        events = sse_events(s.iter_lines())
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == ref.text
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    # Content as a list of text parts is the same conversation.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo!"}]}]
+    j2 = client.post("/v1/chat/completions", json={**body, "messages": [messages[0], *parts]}).json()
+    assert j2["choices"][0]["message"]["content"] == ref.text
+
+
+def test_logprobs_formats(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3, "temperature": 0, "logprobs": 2,
+                                             "ignore_eos": True}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 3
+    assert all(1 <= len(t) <= 2 for t in lp["top_logprobs"])  # keyed by text: distinct ids may decode alike
+    assert all(lp["token_logprobs"][i] == max(lp["top_logprobs"][i].values()) for i in range(3))  # greedy
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                                                  "logprobs": True, "top_logprobs": 3, "ignore_eos": True}).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(c["top_logprobs"]) == 3 and c["logprob"] <= 0 for c in content)
+    assert set(content[0]) == {"token", "logprob", "bytes", "top_logprobs"}
+
+
+def test_seed_and_stop(client: TestClient) -> None:
+    body = {"prompt": "hello", "max_tokens": 12, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    a = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    b = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert a == b
+    text = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    stop = text[3:5]
+    j = client.post("/v1/completions", json={**body, "temperature": 0, "stop": [stop]}).json()
+    assert j["choices"][0]["text"] == text[:text.find(stop)] and j["choices"][0]["finish_reason"] == "stop"
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+BAD = [
+    ("completions", b"{not json", 400, None),
+    ("completions", b'["a list"]', 400, None),
+    ("completions", b'{"max_tokens": 4}', 400, "prompt"),
+    ("completions", b'{"prompt": 5}', 400, "prompt"),
+    ("completions", b'{"prompt": "x", "max_tokens": "5"}', 400, "max_tokens"),
+    ("completions", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    ("completions", b'{"prompt": "x", "max_tokens": -3}', 400, "max_tokens"),
+    ("completions", b'{"prompt": "x", "max_tokens": 100000}', 400, None),
+    ("completions", b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
+    ("completions", b'{"prompt": "x", "temperature": "hot"}', 400, "temperature"),
+    ("completions", b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
+    ("completions", b'{"prompt": "x", "n": 0}', 400, "n"),
+    ("completions", b'{"prompt": "x", "n": 100}', 400, None),
+    ("completions", b'{"prompt": "x", "stream": "yes"}', 400, "stream"),
+    ("completions", b'{"prompt": "x", "seed": 1e400}', 400, "seed"),
+    ("completions", b'{"prompt": "x", "logprobs": 50}', 400, "logprobs"),
+    ("completions", b'{"prompt": "x", "stop": [1, 2]}', 400, None),
+    ("completions", b'{"prompt": ""}', 400, None),
+    ("completions", b'{"prompt": []}', 400, None),
+    ("completions", b'{"prompt": [99999999]}', 400, None),
+    ("completions", b'{"prompt": [-1]}', 400, None),
+    ("completions", b'{"prompt": "x", "model": "gpt-4"}', 404, "model"),
+    ("completions", json.dumps({"prompt": list(range(3, 300))}).encode(), 400, None),  # longer than the context
+    ("completions", b'{"prompt": "x", "logit_bias": {"5": 1}}', 400, None),
+    ("chat/completions", b'{"messages": []}', 400, "messages"),
+    ("chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, None),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": 7}]}', 400, None),
+    ("chat/completions", b'{"messages": "hello"}', 400, "messages"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, None),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
+     400, None),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}', 400,
+     "max_completion_tokens"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "param"), BAD, ids=[f"{r}:{b[:40]!r}" for r, b, _, _ in BAD])
+def test_bad_input_is_4xx_with_openai_error(client: TestClient, route: str, body: bytes, status: int,
+                                            param: str | None) -> None:
+    r = client.post(f"/v1/{route}", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    assert client.get("/v1/nothing").status_code == 404
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_oversized_body_is_413(llm: LLM) -> None:
+    app, _ = make_app(llm, max_body_bytes=1000)
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"prompt": "x" * 2000})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted while reading
+            yield b'{"prompt": "'
+            for _ in range(20):
+                yield b"x" * 100
+            yield b'"}'
+
+        r = c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_api_key(llm: LLM) -> None:
+    app, _ = make_app(llm, api_key="sesame")
+    with TestClient(app) as c:
+        body = {"prompt": "x", "max_tokens": 1}
+        assert c.post("/v1/completions", json=body).status_code == 401
+        r = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        # Checked before the body is parsed: bad JSON without a key is still 401.
+        assert c.post("/v1/completions", content=b"{", headers={"content-type": "application/json"}).status_code == 401
+        assert c.get("/v1/models").status_code == 401
+        assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer sesame"}).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+# -- a real server: disconnects, concurrency, soak ---------------------------------------------------------
+def kv_used(base: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("frugallm_kv_blocks_used ")))
+
+
+def wait_idle(base: str, engine: LLMEngine, timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while (engine.requests or kv_used(base)) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def test_client_disconnect_frees_blocks(llm: LLM) -> None:
+    app, engine = make_app(llm)
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.01), step())[1]  # slow the tiny model down: >= 2 s for 200 tokens
+    with LiveServer(app) as srv:
+        body = {"prompt": "x", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data: "):
+                        break  # the first token arrived; hang up
+            assert engine.block_manager.num_used_blocks > 0 or engine.requests  # still generating then
+        # Non-streaming: give up before the answer.
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=srv.url, timeout=0.3) as c:
+            c.post("/v1/completions", json=body)
+        time.sleep(1.0)  # the server notices the closed connection within its 0.5 s poll
+        wait_idle(srv.url, engine)
+        assert kv_used(srv.url) == 0 and not engine.requests
+        assert 'frugallm_request_aborted_total 2' in httpx.get(f"{srv.url}/metrics").text
+
+
+def soak_request(base: str, i: int, rng: random.Random) -> tuple[str, int, bool]:
+    """One random request; returns (kind, status, answer looked right)."""
+    key = {"Authorization": "Bearer k"}
+    kind = rng.choice(["complete", "stream", "chat", "chat-stream", "n2", "hangup",
+                       "bad-json", "bad-type", "zero-tokens", "bad-model", "too-long", "no-key", "huge"])
+    prompt = f"request {i} " + "word " * rng.randrange(0, 20)
+    mt = rng.randrange(1, 8)
+    with httpx.Client(base_url=base, timeout=120, headers=key) as c:
+        if kind in ("complete", "n2"):
+            n = 2 if kind == "n2" else 1
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": mt, "n": n})
+            ok = r.status_code == 200 and len(r.json()["choices"]) == n
+            return kind, r.status_code, ok
+        if kind in ("stream", "chat-stream"):
+            route = "/v1/completions" if kind == "stream" else "/v1/chat/completions"
+            payload: dict[str, Any] = {"max_tokens": mt, "stream": True, "stream_options": {"include_usage": True}}
+            payload.update({"prompt": prompt} if kind == "stream" else {"messages": [{"role": "user",
+                                                                                      "content": prompt}]})
+            with c.stream("POST", route, json=payload) as s:
+                if s.status_code != 200:
+                    return kind, s.status_code, False
+                events = sse_events(s.iter_lines())
+                return kind, s.status_code, len(events) > 2 and events[-1] == "[DONE]" and "usage" in events[-2]
+        if kind == "chat":
+            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
+                                                     "max_tokens": mt, "temperature": 0.7})
+            ok = r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+            return kind, r.status_code, ok
+        if kind == "hangup":
+            with c.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 100, "stream": True,
+                                                           "ignore_eos": True}) as s:
+                for _ in s.iter_lines():
+                    break
+                return kind, s.status_code, True
+        bodies = {"bad-json": b'{"prompt": ', "bad-type": b'{"prompt": "x", "max_tokens": "many"}',
+                  "zero-tokens": b'{"prompt": "x", "max_tokens": 0}', "bad-model": b'{"prompt": "x", "model": "m"}',
+                  "too-long": json.dumps({"prompt": list(range(3, 300))}).encode(),
+                  "huge": b'{"prompt": "' + b"y" * 70000 + b'"}', "no-key": b'{"prompt": "x"}'}
+        headers = {"content-type": "application/json"}
+        if kind == "no-key":
+            headers["Authorization"] = "Bearer nope"
+        r = c.post("/v1/completions", content=bodies[kind], headers=headers)
+        return kind, r.status_code, 400 <= r.status_code < 500 and "error" in r.json()
+
+
+def test_soak_mixed_requests(llm: LLM) -> None:
+    app, engine = make_app(llm, api_key="k", max_body_bytes=64 * 1024)
+    rng = random.Random(1234)
+    seeds = [rng.random() for _ in range(SOAK_REQUESTS)]
+    with LiveServer(app) as srv:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: soak_request(srv.url, i, random.Random(seeds[i])), range(SOAK_REQUESTS)))
+        wait_idle(srv.url, engine)
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+        assert kv_used(srv.url) == 0 and not engine.requests
+        metrics = httpx.get(f"{srv.url}/metrics").text
+    bad = [r for r in results if not r[2] or r[1] >= 500]
+    assert not bad, bad[:10]
+    valid = {"complete", "stream", "chat", "chat-stream", "n2", "hangup"}
+    assert all(s == 200 for k, s, _ in results if k in valid)
+    assert all(400 <= s < 500 for k, s, _ in results if k not in valid)
+    assert 'status="5' not in metrics
+    engine.block_manager.check()
+
+
+# -- fuzzing from the OpenAPI schema -----------------------------------------------------------------------
+def test_openapi_fuzz_no_5xx(llm: LLM) -> None:
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    app, engine = make_app(llm, max_model_len=48)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    statuses: list[int] = []
+    examples = int(os.environ.get("FRUGALLM_FUZZ_EXAMPLES", "25"))
+    with TestClient(app):  # runs the lifespan (and shuts the engine down at the end)
+        for op in schema.get_all_operations():
+            operation = op.ok()
+            for mode in schemathesis.GenerationMode:  # schema-valid cases, then schema-violating ones
+                strategy = operation.as_strategy(generation_mode=mode)
+
+                @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck),
+                          database=None)
+                @given(case=strategy)
+                def run(case: Any) -> None:
+                    r = case.call()
+                    statuses.append(r.status_code)
+                    assert r.status_code < 500, (case.method, case.path, case.body, r.text[:300])
+
+                try:
+                    run()
+                except Unsatisfiable:  # negative mode on a route with nothing to violate
+                    assert mode is schemathesis.GenerationMode.NEGATIVE
+    print("fuzz statuses:", dict(Counter(statuses)))
+    assert len(statuses) > 50 and any(s == 200 for s in statuses) and any(400 <= s < 500 for s in statuses)
+    assert engine.block_manager.num_used_blocks == 0
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------
+def test_serve_command_end_to_end(tiny_models) -> None:
+    import subprocess
+    import sys
+
+    port = free_port()
+    cmd = [sys.executable, "-c", "from frugallm.cli import main; raise SystemExit(main())", "serve",
+           str(tiny_models.hf("llama")), "--port", str(port), "--dtype", "float32", "--device", "cpu",
+           "--api-key", "k", "--num-blocks", "64", "--block-size", "8", "--max-num-seqs", "4",
+           "--served-model-name", "tiny-cli", "--no-chunked-prefill", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        h = {"Authorization": "Bearer k"}
+        assert httpx.get(f"{base}/v1/models", headers=h).json()["data"][0]["id"] == "tiny-cli"
+        r = httpx.post(f"{base}/v1/completions", headers=h, json={"model": "tiny-cli", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}).status_code == 401
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "64 blocks x 8 tokens" in err and "chunked prefill False" in err
+
+
+def test_serve_command_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from frugallm.cli import main
+
+    assert main(["serve", "--kv", "snapkv:budget=0.5"]) == 2
+    assert "not supported with batching" in capsys.readouterr().err
+    assert main(["serve", "--block-size", "0"]) == 2
+    assert "block_size" in capsys.readouterr().err
