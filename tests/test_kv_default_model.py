@@ -58,15 +58,23 @@ def test_kivi4_agrees_with_full_cache(llm, text_ids):
 
 
 def test_streamingllm_stays_fluent_past_its_window(llm, text_ids):
-    """A 64-slot StreamingLLM cache (4 sinks) keeps perplexity bounded for 300+ tokens past the window."""
-    ids, prefill, size = text_ids[:, :360], 32, 64
-    stream = teacher_forced(llm.model, f"streamingllm:sinks=4,window={size - 4}", ids, prefill)
-    full = full_logits(llm.model, ids, prefill)
-    target = ids[0, prefill:]
-    late = slice(2 * size - prefill, None)  # tokens whose context lost most of its slots
-    nll = F.cross_entropy(stream[late], target[late], reduction="none")
-    ref = F.cross_entropy(full[late], target[late], reduction="none")
-    assert nll.mean().exp() < 2.0 * ref.mean().exp(), (nll.mean().exp(), ref.mean().exp())
-    # No blow-up over time: the last third is not worse than the first third past the window.
-    third = nll.shape[0] // 3
+    """A 64-slot StreamingLLM cache (4 sinks) stays fluent for 190 tokens past its window.
+
+    Reference: the StreamingLLM paper's oracle, recomputing the sinks + the last 60 tokens from scratch
+    for every prediction. The incremental cache (keys re-rotated by slot) must match it; the full
+    cache is better still, because it keeps the whole text.
+    """
+    ids, prefill, size, sinks = text_ids[:, :260], 32, 64, 4
+    stream = teacher_forced(llm.model, f"streamingllm:sinks={sinks},window={size - sinks}", ids, prefill)
+    late = list(range(2 * size, ids.shape[1] - 1))  # predict ids[i + 1] long after the window filled up
+    target = ids[0, [i + 1 for i in late]]
+    nll = F.cross_entropy(stream[[i - prefill + 1 for i in late]], target, reduction="none")
+    ctx = torch.stack([torch.cat([ids[0, :sinks], ids[0, i - (size - sinks) + 1:i + 1]]) for i in late])
+    oracle_cache = build_kv_cache("full", llm.model, batch=len(late), capacity=size, dtype=torch.float32,
+                                  device="cpu")
+    with torch.inference_mode():
+        oracle = llm.model(ctx, torch.arange(size)[None].expand(len(late), size), oracle_cache, "last")
+    ref = F.cross_entropy(oracle, target, reduction="none")
+    assert nll.mean().exp() < 1.15 * ref.mean().exp(), (nll.mean().exp(), ref.mean().exp())
+    third = nll.shape[0] // 3  # no drift: the last third is not worse than the first third
     assert nll[-third:].mean() < nll[:third].mean() + 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -94,15 +95,24 @@ def test_resume_invalid_points_and_interrupt(tmp_path, settings) -> None:
     assert bench.run_points(points, settings, out=out, progress=False) == []  # everything done
 
 
-def test_missing_llama_cpp_is_a_clean_error_record(settings) -> None:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("llama-cpp-python is installed")
+def test_missing_llama_cpp_is_a_clean_error_record(settings, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what an environment without the extra looks like
     rec = bench.run_point(point(backend="llama.cpp", **TINY), settings)
     assert rec["status"] == "error" and rec["error"] == LLAMA_CPP_MISSING
+    out = bench.run_points([point(backend="llama.cpp", **TINY), point(quality=False, **TINY)], settings,
+                           progress=False)
+    assert [r["status"] for r in out] == ["error", "ok"]  # the other points still run
+
+
+def test_llama_cpp_peer(settings) -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (frugallm[llamacpp]) is not installed")
+    rec = bench.run_point(point(backend="llama.cpp", **{**TINY, "batch": 2, "gen_len": 5}), settings)
+    assert_complete(rec)
+    m = rec["metrics"]
+    assert m["requests"] == 2 and m["output_tokens"] == 10 and m["tpot_s"]["p50"] > 0
+    assert m["kv_cache_bytes"] is None and "llama-cpp-python" in rec["unavailable"]["kv_cache_bytes"]
+    assert m["perplexity"] is None and "logits_all" in rec["unavailable"]["perplexity"]
+    assert 0 < m["weight_bytes"] < 2e8  # the GGUF file: quantized weights run as stored
 
 
 def test_transformers_peer_on_tiny_model(tiny_models, settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,6 +18,15 @@ from frugallm.serve.async_engine import AsyncLLM
 from frugallm.serve.engine import EngineConfig, LLMEngine, generate_batched
 from frugallm.serve.model_runner import group_prefills
 from frugallm.serve.paged_cache import PagedKVCache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny-model steps are microseconds of work: on a shared CPU, intra-op threads only add spinning."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # -- paged cache == contiguous cache ------------------------------------------------------------------

@@ -10,15 +10,27 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import torch
 
 from frugallm import LLM, SamplingParams
 from frugallm.serve.async_engine import AsyncLLM
 from frugallm.serve.engine import EngineConfig, LLMEngine
 from frugallm.serve.server import create_app
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny-model steps are microseconds of work: on a shared CPU, intra-op threads only add spinning."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"

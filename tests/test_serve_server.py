@@ -15,12 +15,22 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from frugallm import LLM, SamplingParams
 from frugallm.serve.async_engine import AsyncLLM
 from frugallm.serve.engine import EngineConfig, LLMEngine
 from frugallm.serve.server import create_app
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny-model steps are microseconds of work: on a shared CPU, intra-op threads only add spinning."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 MODEL = "tiny"
 SOAK_REQUESTS = int(os.environ.get("FRUGALLM_SOAK_REQUESTS", "200"))

@@ -25,7 +25,7 @@ cache stores them unrotated), ``needs_layer_input`` (the store keeps X, not K/V)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -64,8 +64,6 @@ class KVPolicy:
 
     def describe(self) -> str:
         """``name:param=value,...`` with the non-default parameters (round-trips through the parser)."""
-        from dataclasses import fields
-
         parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
                  if f.init and getattr(self, f.name) != f.default]
         return self.name + (":" + ",".join(parts) if parts else "")

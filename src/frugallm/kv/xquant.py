@@ -113,8 +113,9 @@ class XQuantStore(Store):
         b, n, _ = x.shape
         kv = _linear(x, self.w, self.bias)
         k, v = kv.split(attn.kv_size, dim=-1)
-        k = k.view(b, n, attn.n_kv, attn.head_dim).transpose(1, 2)
-        v = v.view(b, n, attn.n_kv, attn.head_dim).transpose(1, 2)
+        # Contiguous [b, heads, n, d]: attention kernels take a slow path on strided half tensors.
+        k = k.reshape(b, n, attn.n_kv, attn.head_dim).transpose(1, 2).contiguous()
+        v = v.reshape(b, n, attn.n_kv, attn.head_dim).transpose(1, 2).contiguous()
         if attn.k_norm is not None:
             k = attn.k_norm(k)
         if self.keep_pos:

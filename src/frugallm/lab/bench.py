@@ -470,11 +470,13 @@ def _utilization(m: _Metrics, rec: dict[str, Any], p: BenchPoint, runner: Runner
 
     cfg = runner.config
     abits, compute = _DTYPE_BITS.get(runner.dtype, (32, "fp32"))
+    if compute == "fp16" and runner.device == "cpu":
+        compute = runner.cpu_fp16_compute
     if compute not in hw.peak_flops:
         compute = "fp32" if "fp32" in hw.peak_flops else next(iter(hw.peak_flops))
     w_eff = m.values["weight_bytes"] * 8 / cfg.num_params
     kv_elems = 2 * cfg.num_layers * cfg.kv_size * p.batch * (p.prompt_len + p.gen_len - 1)
-    kv_eff = kv_bytes * 8 / kv_elems if kv_bytes else abits
+    kv_eff = kv_bytes * 8 / kv_elems if kv_bytes else (runner.kv_bits or abits)
     bits = {"wbits": _nearest_bits(w_eff), "abits": abits, "kvbits": _nearest_bits(kv_eff)}
     ttft, tpot = m.values.get("ttft_s"), m.values.get("tpot_s")
     u = measured_utilization(cfg, hw, p.batch, p.prompt_len, p.gen_len, tpot["mean"] if tpot else None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,13 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 # ------------------------------------------------------------------------------------------ model files
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken or half-imported package counts as absent
+        return False
+
+
 def load_model_config(model: str | Path) -> ModelConfig:
     """The config of a model without its weights: ``default``, a ``.gguf``, a HF folder or a JSON config.
 
@@ -48,6 +56,23 @@ def load_model_config(model: str | Path) -> ModelConfig:
     return _config_of(path, st.st_mtime_ns, st.st_size)
 
 
+def _converted_meta(path: Path) -> dict[str, Any] | None:
+    """Config and tokenizer that frugallm's weights cache stored for this GGUF, if it converted it once:
+    reading them is instant, parsing the GGUF's metadata (its whole vocabulary) takes seconds."""
+    from frugallm.loading import weight_cache
+
+    try:
+        entry = weight_cache.entry_dir(weight_cache.file_hash(path), torch.float32)
+        for d in sorted(entry.parent.glob(entry.name.replace("-float32-", "-*-", 1))):
+            if (d / "meta.json").is_file():
+                meta = json.loads((d / "meta.json").read_text())
+                if "config" in meta and "tokenizer" in meta:
+                    return meta
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def _config_of(path: Path, mtime_ns: int, size: int) -> ModelConfig:
     if path.is_dir():
@@ -56,6 +81,9 @@ def _config_of(path: Path, mtime_ns: int, size: int) -> ModelConfig:
         return HFModelFolder(path).config()
     if path.suffix.lower() == ".json":
         return ModelConfig.from_json_file(path)
+    meta = _converted_meta(path)
+    if meta is not None:
+        return ModelConfig.from_dict(meta["config"])
     from frugallm.loading.gguf_loader import GGUFModelFile
 
     return GGUFModelFile(path).config()
@@ -69,6 +97,9 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
         folder = HFModelFolder(path)
         return Tokenizer.from_hf_folder(path, folder.tokenizer_config(), folder.raw_config)
+    meta = _converted_meta(path)
+    if meta is not None:
+        return Tokenizer.from_dict(meta["tokenizer"])
     from frugallm.loading.gguf_loader import GGUFModelFile
 
     return Tokenizer.from_gguf_meta(GGUFModelFile(path).tokenizer_meta())
@@ -102,6 +133,8 @@ class Runner:
     score_reason: ClassVar[str] = ""  # why not, when can_score is False
     kv_reason: ClassVar[str] = ""  # why kv_cache_bytes is None, when it is
     notes: ClassVar[tuple[str, ...]] = ()  # caveats recorded with every result of this backend
+    kv_bits: ClassVar[int | None] = None  # K/V element bits when kv_cache_bytes is unknown (roofline)
+    cpu_fp16_compute: ClassVar[str] = "fp16"  # the peak that bounds fp16 matmuls on a CPU (roofline)
 
     config: ModelConfig
     tokenizer: Tokenizer
@@ -140,6 +173,7 @@ class Runner:
 class FrugalRunner(Runner):
     backend = "frugallm"
     can_score = True
+    cpu_fp16_compute = "bf16"  # its CPU Linear runs large fp16 matmuls in bf16 (see engine.llm.resolve_dtype)
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", threads: int | None = None,
                  quant: str | None = None, kv: str | None = None, use_cache: bool = True) -> None:
@@ -206,7 +240,7 @@ class TransformersRunner(Runner):
 
     @classmethod
     def missing(cls) -> str | None:
-        return None if importlib.util.find_spec("transformers") else TRANSFORMERS_MISSING
+        return None if _importable("transformers") else TRANSFORMERS_MISSING
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", threads: int | None = None) -> None:
         try:
@@ -273,18 +307,19 @@ class TransformersRunner(Runner):
 
 
 class LlamaCppRunner(Runner):
-    """llama-cpp-python. UNTESTED HERE: llama-cpp-python is not installed in this project's CI image;
-    this code follows its documented high-level API (``Llama``, ``create_completion(stream=True)``)."""
+    """llama-cpp-python (optional extra), through its high-level API (``Llama``,
+    ``create_completion(stream=True)``). Tested when the package is installed; skipped otherwise."""
 
     backend = "llama.cpp"
     score_reason = "llama.cpp backend: logits_all=False (teacher-forced logits are not kept)"
     kv_reason = "llama-cpp-python does not expose its KV-cache size"
+    kv_bits = 16  # llama.cpp's default f16 K/V cache
     notes = ("llama.cpp: the high-level API runs one sequence at a time, so a batch runs sequentially",
              "llama.cpp: weight_bytes is the GGUF file size (weights run in their stored types)")
 
     @classmethod
     def missing(cls) -> str | None:
-        return None if importlib.util.find_spec("llama_cpp") else LLAMA_CPP_MISSING
+        return None if _importable("llama_cpp") else LLAMA_CPP_MISSING
 
     def __init__(self, model: str, threads: int | None = None, n_ctx: int = 2048, device: str = "cpu") -> None:
         try:
@@ -298,8 +333,10 @@ class LlamaCppRunner(Runner):
             raise FrugalError(f"llama.cpp backend needs a .gguf model, got the folder {self.path}")
         n_gpu = -1 if device.startswith("cuda") else 0
         t0 = time.perf_counter()
-        self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads or torch.get_num_threads(),
-                                   n_batch=512, n_gpu_layers=n_gpu, logits_all=False, verbose=False)
+        n_threads = threads or torch.get_num_threads()  # the same thread count as the other backends,
+        self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads,  # prefill too
+                                   n_threads_batch=n_threads, n_batch=512, n_gpu_layers=n_gpu, logits_all=False,
+                                   verbose=False)
         self.load_s = time.perf_counter() - t0
         self.config = load_model_config(self.path)
         self.tokenizer = load_tokenizer(self.path)
@@ -317,14 +354,16 @@ class LlamaCppRunner(Runner):
             self.llm.reset()  # forget the previous prompt, or its prefix cache would skip the prefill
             t0 = time.perf_counter()
             first, last, chunks = None, t0, 0
-            for _chunk in self.llm.create_completion(prompt=list(ids), max_tokens=gen_len, temperature=0.0,
-                                                     top_k=1, stream=True, logit_bias=self._no_eos):
+            for chunk in self.llm.create_completion(prompt=list(ids), max_tokens=gen_len, temperature=0.0,
+                                                    top_k=1, stream=True, logit_bias=self._no_eos):
+                if not chunk["choices"][0].get("text"):
+                    continue  # the final chunk only carries finish_reason
                 last = time.perf_counter()
                 first = first if first is not None else last
                 chunks += 1
             # A chunk may hold several tokens (incomplete UTF-8 is held back); n_tokens counts the
             # evaluated ones, which excludes the last sampled token.
-            n_out = max(chunks, int(self.llm.n_tokens) - len(ids) + 1)
+            n_out = min(gen_len, max(chunks, int(self.llm.n_tokens) - len(ids) + 1))
             first = first if first is not None else last
             tpot = (last - first) / (n_out - 1) if n_out > 1 else None
             reqs.append(RequestTiming(first - t0, tpot, last - t0, n_out))

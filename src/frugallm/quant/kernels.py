@@ -13,10 +13,16 @@ and the module docstrings of ``linear.py``):
   the activation dtype and computes ``w = (q - 8) * scale + zero``.
 * ``torch._int_mm`` (int8 x int8 -> int32) works on CPU for every shape and is exact; on CUDA it needs
   ``M > 16`` and ``K, N`` multiples of 8, so decode rows are zero-padded to 17.
+* CUDA (checked on an H200 with torch 2.11): ``_convert_weight_to_int4pack`` takes ``uint8 [N, K/2]``
+  (even column in the high nibble) and the tinygemm kernel needs bf16; ``_weight_int8pack_mm`` runs but is
+  2-3x slower than fp16 ``F.linear`` even for one row. Each CUDA kernel is probed once per device and
+  skipped (dequantize-then-matmul) if it fails.
 
-The int4 kernel layouts are bijective nibble permutations of the codes; :func:`nibble_permutation`
-recovers that permutation by probing the converter, so a module can keep *only* the kernel-layout weight
-and still decode rows (embedding lookups) or re-layout itself when moved to another device.
+The int4 kernel layouts are bijective nibble permutations of the codes, in independent blocks of
+``row_block`` output rows (64 on CPU, 8 on CUDA). :func:`nibble_permutation` recovers the permutation by
+probing the converter, so a module keeps *only* the kernel-layout weight and can still decode single rows
+(embedding lookups) or re-layout itself when moved to another device. A layout whose permutation cannot be
+recovered is not used.
 """
 
 from __future__ import annotations
