@@ -42,6 +42,7 @@ DEFAULT_SPECS = [
     "gemfilter:budget=0.25",
     "snapkv:budget=0.25+kivi:bits=2",
     "h2o:budget=0.25+kivi:bits=2",
+    "snapkv:budget=0.25+think:ratio=0.5+kivi:bits=2",
 ]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -86,7 +87,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--only", nargs="*", help="subset of format names (substring match)")
+    ap.add_argument("--only", nargs="*", help="subset of formats: words that start a format name's word")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -96,7 +97,7 @@ def main() -> None:
     print(f"{'format':<22}{'median ms':>10}{'min ms':>9}{'MB stored':>11}{'GB/s':>8}{'x fp32':>8}")
     base = None
     for name, fmt in FORMATS.items():
-        if args.only and not any(s.lower() in name.lower() for s in args.only):
+        if args.only and not any(re.search(rf"\b{re.escape(s)}", name, re.IGNORECASE) for s in args.only):
             continue
         with torch.no_grad():
             fns, nbytes = build(fmt, device)

@@ -34,7 +34,8 @@ ALONE = [
     "lacache:budget=0.3",
     "gemfilter:budget=0.5,layer=1",
 ]
-COMPOSED = [f"{s}+{KIVI}" for s in ALONE if not parse_kv_spec(s).quantizer]
+COMPOSED = [f"{s}+{KIVI}" for s in ALONE if not parse_kv_spec(s).quantizer] + [
+    f"snapkv:budget=0.25,window=8+think:ratio=0.5,window=8+{KIVI}", "gemfilter:budget=0.5+snapkv:budget=0.5"]
 PROMPT, STEPS, PADS = 48, 20, [0, 5]
 
 
@@ -177,6 +178,19 @@ def test_xquant_rematerializes_bias_and_qk_norm():
     torch.testing.assert_close(exact, full_cache_logits(model, ids, [0], 6), atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("spec", ["h2o:budget=0.25", "snapkv:budget=0.25,window=8", "lacache:budget=0.3",
+                                  "streamingllm:sinks=2,window=20", KIVI, "xquant:bits=2,group=8",
+                                  f"h2o:budget=0.25+{KIVI}", f"think:ratio=0.5,window=8+{KIVI}"])
+def test_batch_rows_are_independent(model, spec):
+    """Each row of a batch is compressed on its own: batched logits equal the rows run one at a time."""
+    torch.manual_seed(4)
+    ids = torch.randint(3, 97, (3, PROMPT + 12))
+    batched, _ = run_policy(model, spec, ids, [0, 0, 0], 12, check_reference=False)
+    for row in range(3):
+        alone, _ = run_policy(model, spec, ids[row:row + 1], [0], 12, check_reference=False)
+        torch.testing.assert_close(batched[row:row + 1], alone, atol=1e-4, rtol=1e-4)
+
+
 # -- invariants on synthetic keys -------------------------------------------------------------------------------
 
 
@@ -305,19 +319,23 @@ def test_lacache_bands_form_a_ladder():
 
 
 def test_think_keeps_the_query_relevant_channels(model):
+    """Prompt keys before the window keep the channels the queries read; the window and new keys stay whole."""
     k, v, q, x, pos = synthetic(64)
     q[..., 3] *= 20.0  # every query leans on channel 3
     k[..., 5] *= 20.0  # big keys on channel 5, but no query reads it
     q[..., 5] = 0.0
-    cache = build_kv_cache("think:ratio=0.75,window=16", model, batch=1, capacity=64, dtype=torch.float32,
+    cache = build_kv_cache("think:ratio=0.75,window=16", model, batch=1, capacity=80, dtype=torch.float32,
                            device="cpu")
     drive(cache, [(k, v, q, x, pos)])
-    channels = cache.layers[0].channels
-    assert channels.shape == (1, 2, 4)
-    assert (channels == 3).any(-1).all() and not (channels == 5).any()
-    keys, _ = cache.dequantized(0)
-    assert cache.layers[0].store.k.shape[3] == 4  # stored reduced
-    assert (keys[..., 5] == 0).all()
+    drive(cache, [synthetic(1, seed=7, start=64)])
+    st = cache.layers[0]
+    assert st.channels.shape == (1, 2, 4)
+    assert (st.channels == 3).any(-1).all() and not (st.channels == 5).any()
+    assert st.pruned.k.shape[3] == 4 and st.pruned.num_slots == 48  # stored reduced
+    keys, values = cache.dequantized(0)
+    assert keys.shape == (1, 2, 65, 16) and cache.slots(0) == 65
+    assert (keys[:, :, :48, 5] == 0).all() and torch.equal(keys[:, :, 48:64], k[:, :, 48:])
+    assert torch.equal(values[:, :, :64], v)
 
 
 def test_gemfilter_selects_in_order_and_keeps_the_tail(model):
@@ -343,7 +361,8 @@ def test_gemfilter_selects_in_order_and_keeps_the_tail(model):
     ("snapkv:window", "expected param=value"),
     ("snapkv++kivi", "empty policy"),
     ("xquant+think", "stores the layer input X"),
-    ("streamingllm+think", "positions=original"),
+    ("streamingllm+think", "evicts during decoding"),
+    ("h2o+think", "compose think with snapkv"),
     ("streamingllm:window=8,budget=0.5", "not both"),
     ("think:ratio=1", r"ratio must be in \[0, 1\)"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,8 +199,9 @@ def test_block_manager_random_ops_keep_invariants() -> None:
 
 
 # -- scheduler ----------------------------------------------------------------------------------------
-def make(num_blocks: int = 64, block_size: int = 4, **cfg: object) -> Scheduler:
-    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size))  # type: ignore[arg-type]
+def make(num_blocks: int = 64, block_size: int = 4, **cfg: Any) -> Scheduler:
+    cfg.setdefault("max_num_seqs", min(16, cfg.get("max_num_batched_tokens", 512)))
+    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size))
 
 
 def run_step(sch: Scheduler, sampled_token: int = 1) -> list[tuple[int, int]]:
@@ -323,4 +325,4 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="max_num_seqs"):
         SchedulerConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        SchedulerConfig(max_num_batched_tokens=0)
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4)

@@ -155,7 +155,7 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingPara
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 CONFIGS = {
     "default": EngineConfig(num_blocks=256, block_size=4),
-    "small-budget": EngineConfig(num_blocks=256, block_size=4, max_num_batched_tokens=7),
+    "small-budget": EngineConfig(num_blocks=256, block_size=4, max_num_batched_tokens=7, max_num_seqs=7),
     "preempting": EngineConfig(num_blocks=20, block_size=4, max_num_batched_tokens=16, max_num_seqs=5),
     "no-chunking": EngineConfig(num_blocks=256, block_size=8, enable_chunked_prefill=False),
     "no-chunking-preempting": EngineConfig(num_blocks=18, block_size=4, enable_chunked_prefill=False,
@@ -251,7 +251,7 @@ def test_step_outputs_stream_the_final_text(llm: LLM) -> None:
 
 
 def test_abort_frees_blocks(llm: LLM) -> None:
-    engine = LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=8))
+    engine = LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=8, max_num_seqs=8))
     a = engine.add_request(list(range(3, 40)), GREEDY)
     b = engine.add_request(list(range(3, 10)), GREEDY, n=2)
     engine.step()

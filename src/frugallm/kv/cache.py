@@ -1,8 +1,9 @@
 """The compressed KV cache: runs a :class:`~frugallm.kv.spec.KVSpec` behind the engine's ``KVCache`` API.
 
 Per layer it keeps a *store* (plain tensors, or the quantizer's packed format), the number of
-leading padding slots per row, the key channels kept per head (channel pruner) and per-slot policy
-statistics. The rules that make policies compose:
+leading padding slots per row, the key channels kept per head (channel pruner; the pruned prompt
+slots live in a second store placed before the main one) and per-slot policy statistics. The rules
+that make policies compose:
 
 * **Attention sees the stored state plus exact new tokens.** A step attends over the dequantized
   copy of what was stored before it, followed by this step's keys/values exactly as the model made
@@ -12,7 +13,8 @@ statistics. The rules that make policies compose:
 * **Evicted slots leave storage.** Evictors score slots, the cache keeps the top ones per KV head
   (in arrival order) and the store physically drops the rest: packed codes, scales, X rows,
   per-slot statistics. Stores that cannot evict per head (XQuant keeps one X per token) get the
-  scores averaged over heads. The quantizer's full-precision window is never evicted.
+  scores averaged over heads. The quantizer's full-precision window is never evicted; with an
+  evictor that holds a layer at C slots during decode it is capped at ``C / 2 - group`` tokens.
 * **Padding stays first.** Left padding scores ``-inf``, so it is evicted before any real token and
   the remaining padding is always the first ``pad[b]`` slots of row ``b``: one ``[batch]`` count
   gives the mask.
@@ -40,6 +42,7 @@ class _Layer:
     store: Store | None = None
     pad: torch.Tensor | None = None  # [batch] leading padding slots
     channels: torch.Tensor | None = None  # [batch, kv_heads, kept] key channels kept (channel pruner)
+    pruned: Store | None = None  # prompt slots stored with only `channels` of their keys (before `store`)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # per-slot policy state [b, h, N]
     capacity: int = 0  # slots allowed after a decode step (decode-time evictors)
     prompt: int = 0  # prompt slots seen at prefill
@@ -90,11 +93,15 @@ class CompressedKVCache(KVCache):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return apply_rope(k, cos.to(k.dtype), (-sin if inverse else sin).to(k.dtype))
 
-    def _new_store(self, layer: int, key_dim: int) -> Store:
+    def _new_store(self, layer: int, key_dim: int, capacity: int | None) -> Store:
+        q = self.spec.quantizer
+        # A decode-time evictor holds the layer at `capacity` slots; a full-precision window (never
+        # evicted) of that size would leave it nothing to choose, so cap the window at half of it.
+        group = getattr(q, "group", 0)
+        max_residual = None if capacity is None else max(0, capacity // 2 - group)
         ctx = StoreContext(layer=layer, batch=self.batch, kv_heads=self.kv_heads, head_dim=self.head_dim,
                            key_dim=key_dim, dtype=self.dtype, device=self.device, frame=self.frame,
-                           attn=self.model.layers[layer].attn, rope=self.rope)
-        q = self.spec.quantizer
+                           max_residual=max_residual, attn=self.model.layers[layer].attn, rope=self.rope)
         return FullStore(ctx) if q is None else q.make_store(ctx)
 
     def _store_per_head(self) -> bool:
@@ -176,25 +183,31 @@ class CompressedKVCache(KVCache):
             ks, vs = gather_slots(ks, src[:, None].expand(b, h, n)), gather_slots(vs, src[:, None].expand(b, h, n))
             if xs is not None:
                 xs = torch.gather(xs, 1, src[..., None].expand(b, n, xs.shape[2]))
-        if spec.pruner is not None:
-            valid_kept = torch.arange(n, device=k.device)[None, :] >= st.pad[:, None]
-            ctx = PrefillContext(layer, self.num_layers, ks, vs, q, valid_kept)
-            st.channels = spec.pruner.on_prefill(ctx)
-            ks = torch.gather(ks, 3, st.channels[:, :, None, :].expand(b, h, n, st.channels.shape[2]))
         if self.frame == "raw":
             ks = self._rotate(ks, pos, inverse=True)
-        st.store = self._new_store(layer, ks.shape[3])
+        pr = spec.pruner
+        if pr is not None and n > pr.window:
+            # ThinK: prompt keys before the observation window keep only the query-relevant channels;
+            # the window and every generated key stay full width.
+            valid_kept = torch.arange(n, device=k.device)[None, :] >= st.pad[:, None]
+            st.channels = pr.on_prefill(PrefillContext(layer, self.num_layers, ks, vs, q, valid_kept))
+            m, kept = n - pr.window, st.channels.shape[2]
+            st.pruned = self._new_store(layer, kept, 0)
+            st.pruned.append(torch.gather(ks[:, :, :m], 3, st.channels[:, :, None, :].expand(b, h, m, kept)),
+                             vs[:, :, :m], None if xs is None else xs[:, :m], pos[:, 0, :m])
+            ks, vs, pos = ks[:, :, m:], vs[:, :, m:], pos[:, :, m:]
+            xs = None if xs is None else xs[:, m:]
+        decode_evicts = ev is not None and ev.evicts_during_decode
+        st.store = self._new_store(layer, ks.shape[3], st.capacity if decode_evicts else None)
         st.store.append(ks, vs, xs, pos[:, 0])
         return k, v, mask
 
     def _step(self, layer: int, st: _Layer, k, v, q, x, positions):  # noqa: ANN001, ANN202
         store, spec = st.store, self.spec
         b, h, t, d = k.shape
-        n_old = store.num_slots
+        n_old = self.slots(layer)
         k_store = self._rotate(k, positions, inverse=True) if self.frame == "raw" else k
-        if st.channels is not None:
-            k_store = torch.gather(k_store, 3, st.channels[:, :, None, :].expand(b, h, t, st.channels.shape[2]))
-        if store.exact and st.channels is None and self.frame == "rotated":
+        if store.exact and st.pruned is None and self.frame == "rotated":
             store.append(k_store, v, x, positions)  # stored == exact: attend over the buffer itself
             keys, values = store.materialize()
         else:
@@ -231,10 +244,11 @@ class CompressedKVCache(KVCache):
         st = self.layers[layer]
         assert st.store is not None, "layer has not been prefilled"
         keys, values = st.store.materialize()
-        if st.channels is not None:
-            b, h, n, _ = keys.shape
-            full = keys.new_zeros(b, h, n, self.head_dim)
-            keys = full.scatter(3, st.channels[:, :, None, :].expand(b, h, n, st.channels.shape[2]), keys)
+        if st.pruned is not None:  # zeros in the dropped channels: q . k then only uses the kept ones
+            pk, pv = st.pruned.materialize()
+            b, h, n, kept = pk.shape
+            pk = pk.new_zeros(b, h, n, self.head_dim).scatter(3, st.channels[:, :, None, :].expand(b, h, n, kept), pk)
+            keys, values = torch.cat([pk, keys], dim=2), torch.cat([pv, values], dim=2)
         return keys, values
 
     def padding(self, layer: int) -> torch.Tensor:
@@ -244,7 +258,9 @@ class CompressedKVCache(KVCache):
 
     def slots(self, layer: int) -> int:
         st = self.layers[layer]
-        return 0 if st.store is None else st.store.num_slots
+        if st.store is None:
+            return 0
+        return st.store.num_slots + (0 if st.pruned is None else st.pruned.num_slots)
 
     def _meta_bytes(self) -> int:
         total = 0
@@ -254,10 +270,12 @@ class CompressedKVCache(KVCache):
         return total
 
     def nbytes(self) -> int:
-        return sum(st.store.nbytes() for st in self.layers if st.store is not None) + self._meta_bytes()
+        stores = [s for st in self.layers for s in (st.store, st.pruned) if s is not None]
+        return sum(s.nbytes() for s in stores) + self._meta_bytes()
 
     def reserved_bytes(self) -> int:
-        return sum(st.store.reserved_bytes() for st in self.layers if st.store is not None) + self._meta_bytes()
+        stores = [s for st in self.layers for s in (st.store, st.pruned) if s is not None]
+        return sum(s.reserved_bytes() for s in stores) + self._meta_bytes()
 
     @property
     def num_slots(self) -> int:

@@ -87,3 +87,105 @@ def channel_group(channels: int, group: int) -> int:
 
 def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t: [*lead, N, C]``, ``idx: [*lead, keep]`` -> ``[*lead, keep, C]``."""
+    return torch.gather(t, -2, idx[..., None].expand(*idx.shape, t.shape[-1]))
+
+
+class QuantizedSequence:
+    """A growing sequence ``[*lead, N, C]`` whose oldest tokens are quantized and newest stay exact.
+
+    ``axis="channel"``: one (scale, zero) per channel for every ``group`` consecutive tokens (KIVI keys,
+    XQuant's X: outlier channels keep their own range); ``axis="token"``: one per token for every
+    ``group`` channels (KIVI values). Tokens wait in a full-precision buffer and are quantized
+    ``flush`` at a time once more than ``residual`` are waiting, so the newest ``residual`` are always
+    exact. :meth:`gather` drops single quantized tokens: for ``axis="channel"`` each token then keeps
+    a pointer to its group's (scale, zero), and entries no token points to are freed.
+    """
+
+    def __init__(self, lead: tuple[int, ...], channels: int, bits: int, *, axis: str, group: int, residual: int,
+                 flush: int, dtype: torch.dtype, device: torch.device) -> None:
+        assert axis in ("channel", "token") and (axis == "token" or flush % group == 0)
+        self.bits, self.axis, self.group, self.residual, self.flush = bits, axis, group, residual, flush
+        self.channels, self.dtype = channels, dtype
+        packed = pack(torch.zeros(channels, dtype=torch.uint8), bits).shape[0]
+        self.codes = torch.empty(*lead, 0, packed, dtype=torch.uint8, device=device)
+        ncols = channels if axis == "channel" else channels // group
+        self.scale = torch.empty(*lead, 0, ncols, dtype=torch.float16, device=device)
+        self.zero = torch.empty_like(self.scale)
+        self.gid: torch.Tensor | None = None  # [*lead, nq] int32, once tokens were dropped (axis="channel")
+        self.res = torch.empty(*lead, 0, channels, dtype=dtype, device=device)
+
+    @property
+    def num_quantized(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_quantized + self.res.shape[-2]
+
+    def append(self, x: torch.Tensor) -> None:
+        self.res = torch.cat([self.res, x.to(self.dtype)], dim=-2)
+        waiting = self.res.shape[-2] - self.residual
+        if waiting >= self.flush:
+            self._quantize(waiting // self.flush * self.flush)
+
+    def _quantize(self, m: int) -> None:
+        chunk, lead = self.res[..., :m, :], self.res.shape[:-2]
+        if self.axis == "channel":
+            ng = m // self.group
+            codes, scale, zero = quantize(chunk.reshape(*lead, ng, self.group, self.channels), self.bits, dim=-2)
+            codes, scale, zero = codes.reshape(chunk.shape), scale.squeeze(-2), zero.squeeze(-2)
+            if self.gid is not None:
+                first = self.scale.shape[-2]
+                new = torch.arange(first, first + ng, dtype=torch.int32, device=chunk.device).repeat_interleave(
+                    self.group)
+                self.gid = torch.cat([self.gid, new.expand(*lead, m)], dim=-1)
+            self.codes = torch.cat([self.codes, pack(codes, self.bits)], dim=-2)
+        else:
+            packed, scale, zero = quantize_groups(chunk, self.bits, self.group)
+            self.codes = torch.cat([self.codes, packed], dim=-2)
+        self.scale = torch.cat([self.scale, scale], dim=-2)
+        self.zero = torch.cat([self.zero, zero], dim=-2)
+        self.res = self.res[..., m:, :].clone()
+
+    def dequantized(self) -> torch.Tensor:
+        """The quantized tokens ``[*lead, nq, C]`` in ``dtype``."""
+        if self.axis == "token":
+            return dequantize_groups(self.codes, self.scale, self.zero, self.bits, self.channels, self.dtype)
+        if self.gid is None:
+            scale = self.scale.repeat_interleave(self.group, dim=-2)
+            zero = self.zero.repeat_interleave(self.group, dim=-2)
+        else:
+            scale, zero = gather_tokens(self.scale, self.gid.long()), gather_tokens(self.zero, self.gid.long())
+        return dequantize(unpack(self.codes, self.bits, self.channels), scale, zero, self.dtype)
+
+    def materialize(self) -> torch.Tensor:
+        if self.num_quantized == 0:
+            return self.res
+        return torch.cat([self.dequantized(), self.res], dim=-2)
+
+    def gather(self, idx: torch.Tensor) -> None:
+        """Keep tokens ``idx: [*lead, keep]`` (ascending); the full-precision buffer must all be kept."""
+        nq, r = self.num_quantized, self.res.shape[-2]
+        keep_q = idx.shape[-1] - r
+        assert keep_q >= 0 and bool((idx[..., keep_q:] >= nq).all()), "the full-precision window must be kept"
+        qidx = idx[..., :keep_q]
+        self.codes = gather_tokens(self.codes, qidx)
+        if self.axis == "token":
+            self.scale, self.zero = gather_tokens(self.scale, qidx), gather_tokens(self.zero, qidx)
+            return
+        if self.gid is None:
+            self.gid = (torch.arange(nq, device=idx.device, dtype=torch.int32) // self.group).expand(
+                *self.codes.shape[:-2], nq)
+        self.gid = torch.gather(self.gid, -1, qidx)
+        used = torch.zeros(self.scale.shape[-2], dtype=torch.bool, device=idx.device)
+        used[self.gid.long().flatten()] = True
+        if not bool(used.all()):  # free the (scale, zero) entries of groups nobody points to any more
+            self.gid = (used.cumsum(0) - 1).to(torch.int32)[self.gid.long()]
+            self.scale, self.zero = self.scale[..., used, :], self.zero[..., used, :]
+
+    def nbytes(self) -> int:
+        return nbytes(self.codes, self.scale, self.zero, self.gid, self.res)

@@ -43,10 +43,11 @@ class KVSpec:
         if q is not None and pr is not None and q.needs_layer_input:
             raise KVSpecError(f"{pr.name} prunes key channels but {q.name} stores the layer input X, not keys; "
                               f"use {pr.name} with kivi or alone")
-        moving = [p.name for p in self.policies if p.changes_positions]
-        if pr is not None and moving:
-            raise KVSpecError(f"{pr.name} picks channels of RoPE-rotated keys but {moving[0]} re-rotates keys by "
-                              f"cache slot; use {moving[0]}:positions=original with {pr.name}")
+        ev = self.evictor
+        if pr is not None and ev is not None and ev.evicts_during_decode:
+            raise KVSpecError(f"{pr.name} keeps generated keys full width and the prompt's keys pruned, but "
+                              f"{ev.name} evicts during decoding across both; compose {pr.name} with snapkv "
+                              "(prefill-time eviction) and/or kivi")
 
     def _role(self, flag: str) -> KVPolicy | None:
         return next((p for p in self.policies if getattr(p, flag)), None)

@@ -23,7 +23,8 @@ class StoreContext:
     ``key_dim``: channels stored per key (``head_dim`` unless a channel pruner dropped some);
     ``frame``: ``"rotated"`` (keys as the model rotated them) or ``"raw"`` (unrotated: the cache
     rotates them by slot index); ``attn``: the layer's attention module (for stores that
-    rematerialize K/V);
+    rematerialize K/V); ``max_residual``: cap on a quantizer's full-precision window (set when a
+    decode-time evictor holds the layer at a fixed size, so the window cannot crowd its choices out);
     ``rope``: ``(cos, sin)`` tables ``[max_pos, head_dim]``.
     """
 
@@ -35,6 +36,7 @@ class StoreContext:
     dtype: torch.dtype
     device: torch.device
     frame: str = "rotated"
+    max_residual: int | None = None
     attn: Any = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -48,8 +48,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
-            (self.max_num_batched_tokens >= 1,
-             f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
+            (self.max_num_batched_tokens >= self.max_num_seqs,
+             f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs}) "
+             "so that every running sequence can decode in each step"),
             (1 <= self.block_size <= 1024, f"block_size must be in [1, 1024], got {self.block_size}"),
             (self.num_blocks is None or self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}"),
             (self.kv_memory_gb > 0, f"kv_memory_gb must be > 0, got {self.kv_memory_gb}"),
@@ -309,10 +310,12 @@ def generate_batched(llm: Any, prompts_token_ids: list[list[int]], params: list[
         return []
     if config is None:
         bs = EngineConfig.block_size
-        need = [-(-min(len(p) + sp.max_tokens, llm.max_model_len) // bs) for p, sp in zip(prompts_token_ids, params,
-                                                                                           strict=True)]
+        need = [-(-min(len(p) + sp.max_tokens, llm.max_model_len) // bs)
+                for p, sp in zip(prompts_token_ids, params, strict=True)]
         cap = LLMEngine.blocks_in(llm, EngineConfig.kv_memory_gb, bs)
-        config = EngineConfig(max_num_seqs=min(len(need), 256), num_blocks=max(min(sum(need), cap), max(need)))
+        seqs_cap = min(len(need), 256)
+        config = EngineConfig(max_num_seqs=seqs_cap, max_num_batched_tokens=max(512, seqs_cap),
+                              num_blocks=max(min(sum(need), cap), max(need)))
     engine = LLMEngine(llm, config)
     start = time.perf_counter()
     seqs = []

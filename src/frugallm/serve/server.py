@@ -32,13 +32,12 @@ from frugallm.serve.protocol import ChatCompletionRequest, CompletionRequest, er
 log = logging.getLogger("frugallm.serve")
 
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-                429: "rate_limit_error", 503: "service_unavailable"}
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
 def _json_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    etype = "invalid_request_error" if status in (400, 404, 405, 413, 415, 422) else _ERROR_TYPES.get(status,
-                                                                                                  "server_error")
+    """An OpenAI-style error response: ``{"error": {"message", "type", "param", "code"}}``."""
+    etype = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return JSONResponse(error_body(message, etype, param, code), status_code=status)
 
 
