@@ -13,11 +13,12 @@ On CPU every path computes in bf16 (see ``kernels.py``) and casts the result bac
   neither beats fp16 ``F.linear`` (no fused int8 GEMV in torch); the kernel is used for single rows only.
 * :class:`GroupQuantLinear` keeps int4 weights in the int4 kernel layout when the shape allows it (CPU:
   ``out % 64 == 0``, CUDA: ``out % 8 == 0``, ``in % 32 == 0``); that layout is exactly as large as the
-  bit-packed codes, so nothing else is kept. The kernel is used for every batch size: at 1 row it is ~20x
-  faster than dequantize-then-matmul (960x576: 21 vs ~400 us) and it grows ~2.5x slower than a bf16 GEMM
-  per row, so dequantizing (~1.2 ms for 960x576) only pays off beyond ~500 rows, which prefill chunks
-  rarely reach. Other widths (2/3/6/8) and shapes the kernels reject (odd ``out``) unpack the bit-packed
-  codes, dequantize to the compute dtype and call ``F.linear`` (no torch kernel exists for them).
+  bit-packed codes, so nothing else is kept. The kernel is used for every batch size: a batch-1 pass over
+  SmolLM2-135M's matrices takes 4.8 ms (fp16 ``F.linear``: 6.9, bf16: 11.5, fp32: 33; the dequantizing
+  int3/int2 paths: 123/91) and at 64 rows 58 ms (bf16 GEMM: 41). Dequantizing once per call (~1.2 ms
+  for 960x576) only pays off beyond ~500 rows, which prefill chunks rarely reach. Other widths
+  (2/3/6/8) and shapes the kernels reject (odd ``out``) unpack the bit-packed codes, dequantize to the
+  compute dtype and call ``F.linear`` (torch has no kernel for them).
 * :class:`LLMInt8Linear` uses ``torch._int_mm`` (exact int32 accumulation) - see its docstring.
 """
 
