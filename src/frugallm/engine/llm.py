@@ -70,10 +70,12 @@ class LLM:
         quant: str | None = None,
         kv: str | None = None,
         calib: str | None = None,
+        batching: bool = True,
     ) -> None:
         """``quant``: weight quantization spec (``int4:group=32``, ``gptq:bits=4``, see ``frugallm.quant``);
         ``kv``: KV-cache policy spec (``snapkv:budget=0.25+kivi:bits=2``, see ``frugallm.kv``);
-        ``calib``: calibration text file for methods that need one (default: the built-in corpus)."""
+        ``calib``: calibration text file for methods that need one (default: the built-in corpus);
+        ``batching``: run multi-prompt ``generate`` calls through the continuous-batching engine."""
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -92,6 +94,10 @@ class LLM:
         loaded: LoadedModel = load_model(model, self.dtype, self.device, use_cache=use_cache, progress=progress)
         self.loaded = loaded
         self.model = loaded.model
+        # KV cache dtype: on CPU, half-precision caches make decode attention slow (see Attention), so
+        # half models keep fp32 keys/values there; KV policies that quantize shrink them anyway.
+        self.batching = batching
+        self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         if self.device.type == "cpu" and self.dtype == torch.float16:
             self.model.prefill_dtype = torch.bfloat16
         self.config = loaded.config
@@ -140,13 +146,13 @@ class LLM:
                 self.model,
                 batch=batch,
                 capacity=capacity,
-                dtype=self.dtype,
+                dtype=self.kv_dtype,
                 device=self.device,
                 pad_lens=pad_lens,
             )
         cfg = self.config
         return ContiguousKVCache(
-            cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, capacity, self.dtype, self.device, pad_lens
+            cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, capacity, self.kv_dtype, self.device, pad_lens
         )
 
     def _prompt_ids(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
@@ -262,6 +268,14 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for one or many prompts (strings or token-id lists); one output per prompt."""
         seqs = self._sequences(prompts, params)
+        if len(seqs) > 1 and self.batching and self.kv_spec is None:
+            # Continuous batching over a paged KV cache (KV policies still use the static batch).
+            from frugallm.serve.engine import generate_batched
+
+            outs = generate_batched(self, [s.prompt_ids for s in seqs], [s.params for s in seqs])
+            for s, o in zip(seqs, outs, strict=True):
+                o.prompt, o.request_id = s.prompt, s.request_id
+            return outs
         for _ in self._run(seqs):
             pass
         return [s.output() for s in seqs]

@@ -100,6 +100,10 @@ def load_model(
 
     t0 = time.perf_counter()
     path = resolve_model_path(model)
+    if path.is_dir() and (path / "frugallm_quant.json").is_file():
+        from frugallm.quant.storage import load_quantized
+
+        return load_quantized(path, dtype, device)
     if path.is_dir():
         from frugallm.loading.hf_loader import HFModelFolder, iter_hf_state_dict
 

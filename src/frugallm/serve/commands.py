@@ -75,6 +75,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if quant.method == "gptq":
             raise FrugalError("--quant gptq needs calibration data; quantize offline and serve the result")
     api_key = args.api_key if args.api_key is not None else os.environ.get("FRUGALLM_API_KEY") or None
+    if args.dtype == "auto" and args.device in ("auto", "cpu") and not _cuda():
+        # Batched decode is matrix-matrix work: bf16 kernels beat fp16 (the single-stream CPU default)
+        # on CPU, and no per-step weight conversion is needed.
+        args.dtype = "bfloat16"
     llm = load_llm(args)
     if quant is not None:
         from frugallm.quant import quantize_model
@@ -95,3 +99,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         async_llm.shutdown()
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -121,7 +121,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.block_manager)
         self.cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
-                                  llm.dtype, llm.device)
+                                  llm.kv_dtype, llm.device)
         self.runner = ModelRunner(llm.model, self.cache, llm.device)
         # A sequence alone must always fit in the pool, so preemption can always make progress.
         self.max_model_len = min(config.max_model_len or llm.max_model_len, llm.max_model_len,
@@ -135,7 +135,7 @@ class LLMEngine:
     def blocks_in(llm: Any, kv_memory_gb: float, block_size: int) -> int:
         """How many KV blocks of ``block_size`` tokens fit in ``kv_memory_gb`` GiB for this model."""
         mc = llm.config
-        elem = torch.empty((), dtype=llm.dtype).element_size()
+        elem = torch.empty((), dtype=llm.kv_dtype).element_size()
         bytes_per_block = 2 * mc.num_layers * block_size * mc.num_kv_heads * mc.head_dim * elem
         return max(1, int(kv_memory_gb * 2**30) // bytes_per_block)
 
