@@ -43,7 +43,7 @@ QUANT_MODULES: dict[str, type[nn.Module]] = {
     c.__name__: c for c in (Int8Linear, LLMInt8Linear, GroupQuantLinear, Mix4Linear, QuantEmbedding)
 }
 # Non-persistent buffers are derived constants: rebuilt at load time rather than stored.
-_DERIVED_BUFFERS = {("Mix4Linear", "grids"): lambda: GRIDS.clone()}
+_DERIVED_BUFFERS = {("Mix4Linear", "grids"): lambda: GRIDS}  # shared, as Mix4Linear on CPU
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
     torch.int32, torch.int64, torch.bool,
