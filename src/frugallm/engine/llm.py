@@ -106,7 +106,14 @@ class LLM:
             max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings
         )
         self._next_id = 0
-        if self.quant_spec is not None:
+        stored = loaded.source_info.get("quant_spec") if loaded.source_format == "quantized" else None
+        if stored is not None:
+            if self.quant_spec is not None:
+                raise FrugalError(f"{loaded.path} is already quantized ({stored}); drop quant=")
+            from frugallm.quant import parse_quant_spec
+
+            self.quant_spec = parse_quant_spec(stored)
+        elif self.quant_spec is not None:
             self._quantize(calib)
 
     def _quantize(self, calib: str | None) -> None:
