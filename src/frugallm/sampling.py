@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -118,3 +120,42 @@ def sample_token(
         return int(logits.argmax())
     probs = filter_logits(logits, params).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_batch(logits: torch.Tensor, seqs: Sequence[Any]) -> list[int]:
+    """One token per row of ``logits [S, vocab]`` (fp32) for ``seqs`` (penalties, filters, logprobs).
+
+    ``seqs`` are :class:`frugallm.engine.sequence.Sequence` objects (``params``, ``prompt_ids``,
+    ``output_ids``, ``generator``, ``logprobs``, ``finished``); ``LLM`` and the serving engine share this.
+    Penalties apply over the prompt/output history, then greedy or temperature / top-k / top-p / min-p
+    sampling with the sequence's own generator; log-probabilities are those of the penalised
+    distribution before temperature.
+    """
+    if all(s.params.greedy and not s.params.needs_history and s.logprobs is None for s in seqs):
+        return logits.argmax(-1).tolist()
+    out = []
+    for row, s in zip(logits, seqs, strict=True):
+        if s.params.needs_history:
+            dev = row.device
+            row = apply_penalties(
+                row.clone(),
+                s.params,
+                torch.tensor(s.prompt_ids, dtype=torch.long, device=dev),
+                torch.tensor(s.output_ids, dtype=torch.long, device=dev),
+            )
+        if s.params.greedy:
+            tok = int(row.argmax())
+        else:
+            probs = filter_logits(row, s.params).softmax(-1)
+            gen = s.generator
+            if gen is not None and gen.device != probs.device:
+                probs = probs.cpu()
+            tok = int(torch.multinomial(probs, 1, generator=gen))
+        if s.logprobs is not None and not s.finished:  # static batches keep finished rows
+            lp = row.log_softmax(-1)
+            top = lp.topk(max(s.params.logprobs or 0, 1))
+            entry = {int(k): float(v) for k, v in zip(top.indices, top.values, strict=True)}
+            entry[tok] = float(lp[tok])
+            s.logprobs.append(entry)
+        out.append(tok)
+    return out

@@ -13,7 +13,7 @@ from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.loading import LoadedModel, load_model
 from frugallm.model.kv_cache import ContiguousKVCache, KVCache
-from frugallm.sampling import SamplingParams, apply_penalties, filter_logits
+from frugallm.sampling import SamplingParams, sample_batch
 
 _DTYPES = {
     "float32": torch.float32,
@@ -225,9 +225,8 @@ class LLM:
         dev = self.device
         logits = self.model(ids.to(dev), pos.to(dev), cache, "last")  # [B, vocab]
         next_pos = pos[:, -1:].to(dev) + 1
-        hist = [torch.tensor(s.prompt_ids, device=dev) for s in seqs]
         while True:
-            tokens = self._sample(logits, seqs, hist)
+            tokens = sample_batch(logits, seqs)
             for s, tok in zip(seqs, tokens, strict=True):
                 if not s.finished:
                     s.append(tok)
@@ -241,33 +240,6 @@ class LLM:
             inp = torch.tensor(tokens, device=dev).view(b, 1)
             logits = self.model(inp, next_pos, cache, "last")
             next_pos += 1
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], hist: list[torch.Tensor]) -> list[int]:
-        if all(s.params.greedy and not s.params.needs_history and s.logprobs is None for s in seqs):
-            return logits.argmax(-1).tolist()  # one batched op for the common greedy case
-        out = []
-        for i, s in enumerate(seqs):
-            row = logits[i]
-            if s.params.needs_history:
-                row = apply_penalties(
-                    row.clone(), s.params, hist[i], torch.tensor(s.output_ids, dtype=torch.long, device=row.device)
-                )
-            if s.params.greedy:
-                tok = int(row.argmax())
-            else:
-                probs = filter_logits(row, s.params).softmax(-1)
-                gen = s.generator
-                if gen is not None and gen.device != probs.device:
-                    probs = probs.cpu()
-                tok = int(torch.multinomial(probs, 1, generator=gen))
-            if s.logprobs is not None and not s.finished:
-                lp = row.log_softmax(-1)
-                top = lp.topk(max(s.params.logprobs or 0, 1))
-                entry = {int(k): float(v) for k, v in zip(top.indices, top.values, strict=True)}
-                entry[tok] = float(lp[tok])
-                s.logprobs.append(entry)
-            out.append(tok)
-        return out
 
     # -- public API -----------------------------------------------------------------------------
     def generate(

@@ -25,9 +25,10 @@ import torch
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.sampling import SamplingParams
+from frugallm.sampling import sample_batch as sample
 from frugallm.serve.block_manager import BlockManager
 from frugallm.serve.metrics import EngineMetrics
-from frugallm.serve.model_runner import ModelRunner, sample
+from frugallm.serve.model_runner import ModelRunner
 from frugallm.serve.paged_cache import PagedKVCache
 from frugallm.serve.scheduler import Scheduler, SchedulerConfig, SeqState, SeqStatus
 

@@ -13,13 +13,9 @@ multiply its cost by that length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
-
 import torch
 
-from frugallm.engine.sequence import Sequence
 from frugallm.model.llama import Transformer
-from frugallm.sampling import apply_penalties, filter_logits
 from frugallm.serve.paged_cache import PagedKVCache
 from frugallm.serve.scheduler import SchedulerOutput
 
@@ -84,36 +80,3 @@ class ModelRunner:
         self.cache.bind([s.block_table for s in seqs], starts, num_new)
         last = "last" if t == 1 or len(set(num_new)) == 1 else torch.tensor(num_new, device=self.device) - 1
         return self.model(ids.to(self.device), pos.to(self.device), self.cache, last)
-
-
-def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
-    """One token per row of ``logits [S, vocab]`` (fp32) for ``seqs`` (penalties, filters, logprobs).
-
-    Same rules as ``LLM.generate``: penalties over the prompt/output history, then greedy or
-    temperature / top-k / top-p / min-p sampling with the sequence's own generator; log-probabilities
-    are those of the penalised distribution before temperature.
-    """
-    if all(s.params.greedy and not s.params.needs_history and s.logprobs is None for s in seqs):
-        return logits.argmax(-1).tolist()
-    out = []
-    for row, s in zip(logits, seqs, strict=True):
-        if s.params.needs_history:
-            dev = row.device
-            row = apply_penalties(row.clone(), s.params, torch.tensor(s.prompt_ids, dtype=torch.long, device=dev),
-                                  torch.tensor(s.output_ids, dtype=torch.long, device=dev))
-        if s.params.greedy:
-            tok = int(row.argmax())
-        else:
-            probs = filter_logits(row, s.params).softmax(-1)
-            gen = s.generator
-            if gen is not None and gen.device != probs.device:
-                probs = probs.cpu()
-            tok = int(torch.multinomial(probs, 1, generator=gen))
-        if s.logprobs is not None:
-            lp = row.log_softmax(-1)
-            top = lp.topk(max(s.params.logprobs or 0, 1))
-            entry = {int(k): float(v) for k, v in zip(top.indices, top.values, strict=True)}
-            entry[tok] = float(lp[tok])
-            s.logprobs.append(entry)
-        out.append(tok)
-    return out
