@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -21,6 +23,8 @@ def test_quick_probe_measures_and_caches(cache, monkeypatch) -> None:
     assert spec.source == "probed"
     assert spec.mem_bandwidth_gbs > 0
     assert spec.peak_flops["fp32"] > 0
+    assert spec.gemv_bandwidth_gbs and spec.gemv_bandwidth_gbs["fp32"] > 0
+    assert all(v > 0 for v in spec.gemv_bandwidth_gbs.values())
     assert spec.mem_bytes and spec.mem_bytes > 0
     path = hwprobe.cache_path("cpu", quick=True)
     assert path.parent == cache and path.is_file()
@@ -61,6 +65,17 @@ def test_load_hw_spec_local_uses_probe(cache, monkeypatch) -> None:
     assert spec.source == "probed" and spec.name.startswith("local cpu")
     assert hwprobe.cache_path("cpu").is_file()
     assert load_hw_spec("auto") == spec
+
+
+def test_old_cache_version_is_remeasured(cache) -> None:
+    first = hwprobe.probe_result("cpu", quick=True)
+    path = hwprobe.cache_path("cpu", quick=True)
+    old = json.loads(path.read_text())
+    old["version"] = 1
+    old["spec"].pop("gemv_bandwidth_gbs")
+    path.write_text(json.dumps(old))
+    again = hwprobe.probe_result("cpu", quick=True)
+    assert again.timestamp > first.timestamp and again.spec.gemv_bandwidth_gbs
 
 
 def test_bad_devices() -> None:

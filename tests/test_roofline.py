@@ -135,6 +135,57 @@ def test_measured_utilization() -> None:
         measured_utilization(LLAMA2_7B, H100, 1, 128, 128, 0.0, None, 16, 16, 16)
 
 
+def test_attainable_gemv_bandwidth_used_when_present() -> None:
+    gemv = HardwareSpec("toy-gemv", 100.0, {"fp32": 1e12, "fp16": 4e12}, source="custom",
+                        gemv_bandwidth_gbs={"fp32": 25.0, "fp16": 50.0})
+    peak = analyze(TINY, TOY_HW, 1, 8, 4, wbits=32, abits=32, kvbits=32, compute_dtype="fp32")
+    att = analyze(TINY, gemv, 1, 8, 4, wbits=32, abits=32, kvbits=32, compute_dtype="fp32")
+    # Absent: the peak everywhere, both predictions equal.
+    assert peak.weight_dtype == "fp32" and peak.weight_bandwidth_gbs == 100.0
+    assert peak.tpot_peak_s == peak.tpot_s and peak.ttft_peak_s == peak.ttft_s
+    # Present: weight matmuls stream at the fp32 GEMV bandwidth (4x slower), other ops at the peak.
+    assert att.weight_bandwidth_gbs == 25.0
+    assert att.tpot_peak_s == pytest.approx(peak.tpot_s) and att.ttft_peak_s == pytest.approx(peak.ttft_s)
+    for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"):
+        r = att.decode.row(name)
+        assert r.bound == "memory" and r.time_s == pytest.approx(r.bytes / 25e9)
+        assert r.bytes == peak.decode.row(name).bytes and r.flops == peak.decode.row(name).flops
+    for name in ("attn_score", "attn_value", "norms"):
+        assert att.decode.row(name).time_s == pytest.approx(peak.decode.row(name).time_s)
+    assert att.tpot_s > 3 * peak.tpot_s
+    # fp16 weights pick the fp16 entry; quantized weights (not probed) fall back to the peak.
+    assert analyze(TINY, gemv, 1, 8, 4, compute_dtype="fp16").weight_bandwidth_gbs == 50.0
+    assert analyze(TINY, gemv, 1, 8, 4, compute_dtype="fp32", weight_dtype="fp16").weight_dtype == "fp16"
+    assert analyze(TINY, gemv, 1, 8, 4, wbits=4, compute_dtype="fp16").weight_bandwidth_gbs == 100.0
+    with pytest.raises(FrugalError, match="weight_dtype"):
+        analyze(TINY, gemv, 1, 8, 4, weight_dtype="int8")
+
+    rep = att
+    u = measured_utilization(TINY, gemv, 1, 8, 4, tpot_s=2 * rep.tpot_s, ttft_s=rep.ttft_s, wbits=32,
+                             abits=32, kvbits=32, compute_dtype="fp32")
+    assert u["predicted_tpot_s"] == rep.tpot_s and u["predicted_tpot_peak_s"] == rep.tpot_peak_s
+    assert u["decode_roofline_fraction"] == pytest.approx(0.5)
+    assert u["decode_roofline_fraction_peak"] == pytest.approx(rep.tpot_peak_s / (2 * rep.tpot_s))
+    achieved = rep.decode.bytes / (2 * rep.tpot_s)
+    assert u["decode_mbu"] == pytest.approx(achieved / 100e9)  # MBU stays against the peak
+    assert u["decode_gemv_efficiency"] == pytest.approx(achieved / 25e9)
+    assert u["prefill_roofline_fraction"] == pytest.approx(1.0)
+    assert "GEMV bandwidth" in format_table(att) and "GEMV" not in format_table(peak)
+
+
+def test_gemv_bandwidth_spec_validation(tmp_path) -> None:
+    assert all(s.gemv_bandwidth_gbs is None for s in DATASHEET_SPECS.values())
+    with pytest.raises(FrugalError, match="gemv_bandwidth_gbs"):
+        HardwareSpec("x", 1.0, {"fp32": 1.0}, gemv_bandwidth_gbs={"int8": 1.0})
+    with pytest.raises(FrugalError, match="positive"):
+        HardwareSpec("x", 1.0, {"fp32": 1.0}, gemv_bandwidth_gbs={"fp32": 0.0})
+    path = tmp_path / "cpu.toml"
+    path.write_text('mem_bandwidth_gbs = 80.0\n[peak_flops]\nfp32 = 1e12\n[gemv_bandwidth_gbs]\nfp32 = 14.0\n')
+    spec = load_hw_spec(path)
+    assert spec.gemv_bandwidth_gbs == {"fp32": 14.0} and spec.gemv_bandwidth(None) == 80e9
+    assert HardwareSpec.from_dict(spec.to_dict()) == spec
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

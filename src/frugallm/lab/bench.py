@@ -48,7 +48,9 @@ METRIC_KEYS = (
     "cuda_max_reserved_bytes", "weight_bytes", "kv_cache_bytes", "kv_cache_bytes_per_token",
     "fp16_baseline_bytes", "compression_rate", "decode_mbu", "decode_mfu", "prefill_mbu", "prefill_mfu",
     "decode_achieved_gbs", "prefill_achieved_flops", "predicted_ttft_s", "predicted_tpot_s",
-    "ttft_over_predicted", "tpot_over_predicted", "energy_method", "energy_j", "energy_per_token_j",
+    "ttft_over_predicted", "tpot_over_predicted", "predicted_ttft_peak_s", "predicted_tpot_peak_s",
+    "ttft_over_predicted_peak", "tpot_over_predicted_peak", "decode_gemv_efficiency",
+    "energy_method", "energy_j", "energy_per_token_j",
     "energy_per_request_j", "avg_power_w", "perplexity", "nll", "kl_divergence", "top1_agreement",
 )
 DEFAULT_WATTS_PER_CORE = 10.0
@@ -478,12 +480,17 @@ def _utilization(m: _Metrics, rec: dict[str, Any], p: BenchPoint, runner: Runner
     kv_elems = 2 * cfg.num_layers * cfg.kv_size * p.batch * (p.prompt_len + p.gen_len - 1)
     kv_eff = kv_bytes * 8 / kv_elems if kv_bytes else (runner.kv_bits or abits)
     bits = {"wbits": _nearest_bits(w_eff), "abits": abits, "kvbits": _nearest_bits(kv_eff)}
+    # The stored weight dtype picks the attainable GEMV bandwidth (fp16 weights stay fp16 even when the
+    # CPU computes in fp32); quantized weights (wbits < 16) fall back to the peak bandwidth.
+    stored = _DTYPE_BITS.get(runner.dtype, (32, "fp32"))[1]
+    weight_dtype = {32: "fp32", 16: stored if stored in ("bf16", "fp16") else "fp16"}.get(bits["wbits"])
+    kw = {"compute_dtype": compute, "weight_dtype": weight_dtype, **bits}
     ttft, tpot = m.values.get("ttft_s"), m.values.get("tpot_s")
     u = measured_utilization(cfg, hw, p.batch, p.prompt_len, p.gen_len, tpot["mean"] if tpot else None,
-                             ttft["mean"] if ttft else None, compute_dtype=compute, **bits)
-    report = analyze(cfg, hw, p.batch, p.prompt_len, p.gen_len, compute_dtype=compute, **bits)
+                             ttft["mean"] if ttft else None, **kw)
+    report = analyze(cfg, hw, p.batch, p.prompt_len, p.gen_len, **kw)
     no_tpot = "gen_len 1 has no decode step"
-    for key in ("decode_mbu", "decode_mfu", "decode_achieved_gbs"):
+    for key in ("decode_mbu", "decode_mfu", "decode_achieved_gbs", "decode_gemv_efficiency"):
         m.put(key, u[key], no_tpot)
     for key in ("prefill_mbu", "prefill_mfu", "prefill_achieved_flops"):
         m.put(key, u[key])
@@ -491,12 +498,17 @@ def _utilization(m: _Metrics, rec: dict[str, Any], p: BenchPoint, runner: Runner
     m.put("predicted_tpot_s", u["predicted_tpot_s"])
     m.put("ttft_over_predicted", ttft["mean"] / u["predicted_ttft_s"] if ttft else None, "no TTFT")
     m.put("tpot_over_predicted", tpot["mean"] / u["predicted_tpot_s"] if tpot else None, no_tpot)
+    m.put("predicted_ttft_peak_s", u["predicted_ttft_peak_s"])
+    m.put("predicted_tpot_peak_s", u["predicted_tpot_peak_s"])
+    m.put("ttft_over_predicted_peak", ttft["mean"] / u["predicted_ttft_peak_s"] if ttft else None, "no TTFT")
+    m.put("tpot_over_predicted_peak", tpot["mean"] / u["predicted_tpot_peak_s"] if tpot else None, no_tpot)
     rec["roofline"] = {**bits, "wbits_effective": w_eff, "kvbits_effective": kv_eff, "compute_dtype": compute,
                        "matmul_dtype": report.matmul_dtype, "decode_intensity": report.decode.intensity,
                        "prefill_intensity": report.prefill.intensity, "decode_flops": report.decode.flops,
                        "decode_bytes": report.decode.bytes, "prefill_flops": report.prefill.flops,
                        "prefill_bytes": report.prefill.bytes, "peak_flops": u["peak_flops"],
-                       "mem_bandwidth_gbs": u["mem_bandwidth_gbs"]}
+                       "mem_bandwidth_gbs": u["mem_bandwidth_gbs"], "weight_dtype": report.weight_dtype,
+                       "weight_bandwidth_gbs": u["weight_bandwidth_gbs"]}
 
 
 def _quality(m: _Metrics, rec: dict[str, Any], p: BenchPoint, runner: Runner, settings: BenchSettings) -> None:
@@ -589,7 +601,8 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
     except FrugalError as e:  # e.g. a spec without the needed dtype peak
         m.none(("decode_mbu", "decode_mfu", "prefill_mbu", "prefill_mfu", "decode_achieved_gbs",
                 "prefill_achieved_flops", "predicted_ttft_s", "predicted_tpot_s", "ttft_over_predicted",
-                "tpot_over_predicted"), f"roofline: {e}")
+                "tpot_over_predicted", "predicted_ttft_peak_s", "predicted_tpot_peak_s", "ttft_over_predicted_peak",
+                "tpot_over_predicted_peak", "decode_gemv_efficiency"), f"roofline: {e}")
     _quality(m, rec, p, runner, settings)
     rec["metrics"], rec["unavailable"] = m.finish()
     rec.update(energy_method=meter.method, samples=samples, hardware=hw.to_dict(),

@@ -1,5 +1,9 @@
 """Measure this machine's roofline ceilings (memory bandwidth, matmul FLOP/s per dtype) with torch.
 
+Besides the plain-read bandwidth (the hardware ceiling), it measures the *attainable* bandwidth of a
+batch-1 matrix-vector product (``F.linear`` of one token through a weight far larger than the caches)
+per weight dtype: that is what decode actually streams at, and on CPUs it is often several times lower.
+
 ``probe(device)`` returns a :class:`~frugallm.lab.hwspecs.HardwareSpec` (``source="probed"``);
 ``probe_result`` returns the full :class:`ProbeResult` (CPU model, cores, caches, every sample).
 Results are cached as JSON in ``$FRUGALLM_CACHE_DIR`` (default: the platform user cache dir), keyed
@@ -28,7 +32,7 @@ import torch
 from frugallm.errors import FrugalError
 from frugallm.lab.hwspecs import HardwareSpec
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: gemv_* measurements and HardwareSpec.gemv_bandwidth_gbs
 MiB = 1 << 20
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,10 +47,13 @@ class ProbeSettings:
     target_s: float = 0.08  # one matmul (or one inner-repeated group) lasts about this long
     max_matmul_n: int = 8192
     dtype_budget_s: float = 3.0  # growing the matmul size stops once this is spent
+    gemv_bytes: int = 128 * MiB  # weight of the batch-1 matrix-vector probe: well beyond any LLC
+    gemv_in: int = 4096  # its input features (a typical hidden size)
 
     @classmethod
     def quick(cls) -> ProbeSettings:
-        return cls(buffer_bytes=8 * MiB, reps=2, target_s=0.004, max_matmul_n=512, dtype_budget_s=0.3)
+        return cls(buffer_bytes=8 * MiB, reps=2, target_s=0.004, max_matmul_n=512, dtype_budget_s=0.3,
+                   gemv_bytes=4 * MiB, gemv_in=512)
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class ProbeResult:
     num_threads: int
     gpu_name: str | None
     quick: bool
-    measurements: dict[str, Measurement]  # "read_bw", "copy_bw", "matmul_fp32", ...
+    measurements: dict[str, Measurement]  # "read_bw", "copy_bw", "matmul_fp32", "gemv_fp32", ...
     skipped: dict[str, str]  # measurement name -> why it was not measured
     elapsed_s: float
     timestamp: float
@@ -235,6 +242,21 @@ def _matmul_peak(dtype: str, dev: torch.device, s: ProbeSettings) -> Measurement
     return Measurement(statistics.median(samples), "FLOP/s", samples, f"n={n} {dtype}", inner)
 
 
+def _gemv_bandwidth(dtype: str, dev: torch.device, s: ProbeSettings) -> Measurement:
+    """Weight bytes streamed per second by a batch-1 ``F.linear`` (decode's matrix-vector product)."""
+    sync = _sync_fn(dev)
+    dt = _DTYPES[dtype]
+    esize = torch.empty((), dtype=dt).element_size()
+    k = s.gemv_in
+    n = max(64, s.gemv_bytes // (k * esize) // 64 * 64)
+    w = torch.randn(n, k, dtype=dt, device=dev)
+    x = torch.randn(1, k, dtype=dt, device=dev)
+    nbytes = n * k * esize
+    times, inner = _time_runs(lambda: torch.nn.functional.linear(x, w), sync, s.reps, s.target_s)
+    samples = tuple(nbytes / t / 1e9 for t in times)
+    return Measurement(statistics.median(samples), "GB/s", samples, f"[{n}, {k}] {dtype}", inner)
+
+
 # --------------------------------------------------------------------------------------------- cache
 
 
@@ -288,6 +310,11 @@ def measure(device: str = "cpu", quick: bool = False) -> ProbeResult:
         except (RuntimeError, NotImplementedError, AttributeError) as e:
             # e.g. torch._int_mm missing or not built for this device/shape; a reason beats a crash.
             skipped[f"matmul_{dtype}"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    for dtype in ("fp32", "bf16", "fp16"):
+        try:
+            measurements[f"gemv_{dtype}"] = _gemv_bandwidth(dtype, dev, s)
+        except (RuntimeError, NotImplementedError) as e:
+            skipped[f"gemv_{dtype}"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     if dev.type == "cuda":
         mem_bytes = int(torch.cuda.get_device_properties(dev).total_memory)
@@ -295,12 +322,14 @@ def measure(device: str = "cpu", quick: bool = False) -> ProbeResult:
         mem_bytes = int(psutil.virtual_memory().total)
     cpu_model = _cpu_model()
     peaks = {k.removeprefix("matmul_"): m.value for k, m in measurements.items() if k.startswith("matmul_")}
+    gemv = {k.removeprefix("gemv_"): m.value for k, m in measurements.items() if k.startswith("gemv_")}
     spec = HardwareSpec(
         name=f"local {dev}: {gpu_name or cpu_model}" + ("" if gpu_name else f" x{torch.get_num_threads()}t"),
         mem_bandwidth_gbs=measurements["read_bw"].value,  # decode streams weights: reads dominate
         peak_flops=peaks,
         mem_bytes=mem_bytes,
         source="probed",
+        gemv_bandwidth_gbs=gemv or None,
     )
     return ProbeResult(
         spec=spec,

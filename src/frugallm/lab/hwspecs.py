@@ -5,7 +5,13 @@ matmul FLOP/s per dtype) plus memory capacity. ``load_hw_spec`` resolves a name 
 :data:`DATASHEET_SPECS`, a path to a TOML file, or ``"local"``/``"auto"`` (the cached result of
 :func:`frugallm.lab.hwprobe.probe`).
 
-TOML format (``peak_flops`` in FLOP/s, dense; ``mem_bytes`` optional)::
+``gemv_bandwidth_gbs`` (optional) is the *attainable* weight-streaming bandwidth of batch-1 matrix-vector
+products per weight dtype (``fp32``/``bf16``/``fp16``), as measured by the probe: on CPUs PyTorch's GEMV
+kernels stream well below the plain-read bandwidth, so the roofline predicts decode time with it when
+present. ``mem_bandwidth_gbs`` stays the hardware ceiling (MBU is measured against it). Datasheet specs
+leave it unset.
+
+TOML format (``peak_flops`` in FLOP/s, dense; ``mem_bytes`` and ``gemv_bandwidth_gbs`` optional)::
 
     name = "my-gpu"
     mem_bandwidth_gbs = 936.0
@@ -13,6 +19,8 @@ TOML format (``peak_flops`` in FLOP/s, dense; ``mem_bytes`` optional)::
     [peak_flops]
     fp32 = 35.6e12
     fp16 = 142e12
+    [gemv_bandwidth_gbs]  # optional
+    fp16 = 850.0
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ else:  # pragma: no cover - exercised on 3.10 only
         tomllib = None
 
 DTYPES = ("fp32", "bf16", "fp16", "int8")
+GEMV_DTYPES = ("fp32", "bf16", "fp16")
 SOURCES = ("datasheet", "probed", "custom")
 LOCAL_NAMES = ("local", "auto")
 
@@ -45,6 +54,8 @@ class HardwareSpec:
 
     ``peak_flops`` maps a dtype name (``fp32``, ``bf16``, ``fp16``, ``int8``) to dense matmul FLOP/s
     (OP/s for int8); a dtype that is missing is one the device cannot run fast (or was not measured).
+    ``gemv_bandwidth_gbs`` maps a weight dtype to the attainable batch-1 matrix-vector bandwidth (GB/s);
+    None (or a missing dtype) means "assume the peak ``mem_bandwidth_gbs``".
     """
 
     name: str
@@ -53,6 +64,7 @@ class HardwareSpec:
     peak_flops: dict[str, float] = field(hash=False)
     mem_bytes: int | None = None
     source: str = "custom"
+    gemv_bandwidth_gbs: dict[str, float] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if not self.mem_bandwidth_gbs or self.mem_bandwidth_gbs <= 0:
@@ -72,6 +84,14 @@ class HardwareSpec:
                 raise FrugalError(f"hardware spec {self.name!r}: peak_flops[{dtype!r}] must be positive")
         if self.mem_bytes is not None and self.mem_bytes <= 0:
             raise FrugalError(f"hardware spec {self.name!r}: mem_bytes must be positive when given")
+        for dtype, value in (self.gemv_bandwidth_gbs or {}).items():
+            if dtype not in GEMV_DTYPES:
+                raise FrugalError(
+                    f"hardware spec {self.name!r}: unknown dtype {dtype!r} in gemv_bandwidth_gbs; "
+                    f"valid: {', '.join(GEMV_DTYPES)}"
+                )
+            if not value or value <= 0:
+                raise FrugalError(f"hardware spec {self.name!r}: gemv_bandwidth_gbs[{dtype!r}] must be positive")
         if self.source not in SOURCES:
             raise FrugalError(
                 f"hardware spec {self.name!r}: source must be one of {', '.join(SOURCES)}, "
@@ -82,6 +102,11 @@ class HardwareSpec:
     def mem_bandwidth(self) -> float:
         """Memory bandwidth in bytes/s."""
         return self.mem_bandwidth_gbs * 1e9
+
+    def gemv_bandwidth(self, dtype: str | None) -> float:
+        """Attainable weight-streaming bandwidth (bytes/s) for ``dtype`` weights; the peak when unknown."""
+        gemv = self.gemv_bandwidth_gbs or {}
+        return gemv[dtype] * 1e9 if dtype in gemv else self.mem_bandwidth
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for ``dtype``; raises a :class:`FrugalError` naming the available dtypes."""
@@ -103,7 +128,7 @@ class HardwareSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | None = None) -> HardwareSpec:
         """Build from a dict (TOML table, JSON cache); unknown or missing keys raise FrugalError."""
-        allowed = {"name", "mem_bandwidth_gbs", "peak_flops", "mem_bytes", "source"}
+        allowed = {"name", "mem_bandwidth_gbs", "peak_flops", "mem_bytes", "source", "gemv_bandwidth_gbs"}
         extra = set(d) - allowed
         if extra:
             raise FrugalError(
@@ -115,6 +140,9 @@ class HardwareSpec:
             raise FrugalError(f"hardware spec: missing field(s) {', '.join(sorted(missing))}")
         if not isinstance(d["peak_flops"], dict):
             raise FrugalError("hardware spec: peak_flops must be a table of dtype = FLOP/s")
+        gemv = d.get("gemv_bandwidth_gbs")
+        if gemv is not None and not isinstance(gemv, dict):
+            raise FrugalError("hardware spec: gemv_bandwidth_gbs must be a table of dtype = GB/s")
         try:
             mem = d.get("mem_bytes")
             return cls(
@@ -123,6 +151,7 @@ class HardwareSpec:
                 peak_flops={str(k): float(v) for k, v in d["peak_flops"].items()},
                 mem_bytes=None if mem is None else int(mem),
                 source=source or str(d.get("source", "custom")),
+                gemv_bandwidth_gbs=None if gemv is None else {str(k): float(v) for k, v in gemv.items()},
             )
         except (TypeError, ValueError) as e:
             if isinstance(e, FrugalError):

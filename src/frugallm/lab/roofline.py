@@ -21,6 +21,11 @@ Conventions (every count is for the whole batch):
   generation needs); every decode step computes ``batch`` logits rows.
 * Decode is represented by one step at the average context ``prompt_len + gen_len / 2``; since every
   decode count is affine in the context, totals over the ``gen_len`` steps are ``gen_len`` times it.
+* Weight-streaming bandwidth: the memory time of the weight matmuls (``*_proj``, ``lm_head``) uses the
+  spec's *attainable* batch-1 GEMV bandwidth for the weight dtype (``hw.gemv_bandwidth_gbs``, probed) when
+  it has one, else the peak ``mem_bandwidth_gbs``; every other op uses the peak. The report gives both
+  predictions: ``ttft_s``/``tpot_s`` (attainable) and ``ttft_peak_s``/``tpot_peak_s`` (peak bandwidth
+  everywhere, the pure hardware roofline). They are equal for datasheet specs.
 * Matmuls run at the ``int8`` peak when both operands are <= 8 bits and the device lists ``int8``
   (weights: ``wbits``/``abits``; attention: ``kvbits``/``abits``), else at ``compute_dtype``.
 """
@@ -35,13 +40,14 @@ from typing import Any
 
 from frugallm.config import ModelConfig
 from frugallm.errors import FrugalError
-from frugallm.lab.hwspecs import DTYPES, HardwareSpec
+from frugallm.lab.hwspecs import DTYPES, GEMV_DTYPES, HardwareSpec
 
 VALID_BITS = (2, 3, 4, 6, 8, 16, 32)
 SOFTMAX_FLOPS = 5  # max, subtract, exp, sum, divide per score
 ACT_FLOPS = 5  # SiLU (negate, exp, add, divide) and the multiply by ``up``, per element
 NORM_FLOPS = 4  # square, accumulate, scale by rsqrt, multiply by the weight, per element
 
+WEIGHT_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 OP_NAMES = ("qkv_proj", "attn_score", "attn_softmax", "attn_value", "o_proj", "gate_up_proj",
             "act_mul", "down_proj", "norms", "lm_head")
 
@@ -105,6 +111,8 @@ class RooflineReport:
     kvbits: int
     compute_dtype: str
     matmul_dtype: str  # the dtype whose peak bounds the weight matmuls
+    weight_dtype: str | None  # the dtype whose attainable GEMV bandwidth bounds weight streaming
+    weight_bandwidth_gbs: float  # that bandwidth (mem_bandwidth_gbs when the spec has none for it)
     fused_attention: bool
     num_params: int
     prefill: PhaseReport
@@ -112,8 +120,10 @@ class RooflineReport:
     decode_total_flops: float
     decode_total_bytes: float
     decode_total_time_s: float
-    ttft_s: float  # predicted time to first token = prefill time
-    tpot_s: float  # predicted time per output token = one decode step
+    ttft_s: float  # predicted time to first token = prefill time (attainable GEMV bandwidth)
+    tpot_s: float  # predicted time per output token = one decode step (attainable GEMV bandwidth)
+    ttft_peak_s: float  # the same at the peak memory bandwidth (hardware roofline)
+    tpot_peak_s: float
     decode_tokens_per_s: float  # whole batch: batch / tpot_s
     e2e_latency_s: float  # ttft_s + decode_total_time_s
     weight_bytes: float
@@ -155,10 +165,10 @@ def _pick_dtype(hw: HardwareSpec, compute_dtype: str, a: int, b: int) -> str:
 
 
 def _make_row(name: str, phase: str, layer: tuple[float, float], once: tuple[float, float],
-              num_layers: int, hw: HardwareSpec, dtype: str) -> OpRow:
+              num_layers: int, hw: HardwareSpec, dtype: str, bandwidth: float) -> OpRow:
     flops = num_layers * layer[0] + once[0]
     nbytes = num_layers * layer[1] + once[1]
-    compute_t, memory_t = flops / hw.peak(dtype), nbytes / hw.mem_bandwidth
+    compute_t, memory_t = flops / hw.peak(dtype), nbytes / bandwidth
     return OpRow(
         name=name, phase=phase, layer_flops=layer[0], layer_bytes=layer[1], flops=flops, bytes=nbytes,
         intensity=flops / nbytes if nbytes else math.inf,
@@ -168,8 +178,10 @@ def _make_row(name: str, phase: str, layer: tuple[float, float], once: tuple[flo
 
 
 def _phase(cfg: ModelConfig, hw: HardwareSpec, phase: str, batch: int, new: int, context: float,
-           bits: tuple[int, int, int], dtypes: tuple[str, str, str], fused: bool) -> PhaseReport:
-    """Rows of one phase: ``new`` tokens per sequence attending causally up to ``context`` keys."""
+           bits: tuple[int, int, int], dtypes: tuple[str, str, str], fused: bool,
+           weight_bw: float) -> PhaseReport:
+    """Rows of one phase: ``new`` tokens per sequence attending causally up to ``context`` keys.
+    Weight matmuls stream at ``weight_bw`` bytes/s, everything else at ``hw.mem_bandwidth``."""
     h, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     heads, d, q, kv = cfg.num_heads, cfg.head_dim, cfg.q_size, cfg.kv_size
     wb, ab, kb = (b / 8 for b in bits)
@@ -201,12 +213,25 @@ def _phase(cfg: ModelConfig, hw: HardwareSpec, phase: str, batch: int, new: int,
         "lm_head": (2 * batch * h * vocab, h * vocab * wb + batch * (h + vocab) * ab),  # one row per seq
     }
     rows = tuple(
-        _make_row(name, phase, (f, b), once.get(name, (0.0, 0.0)), cfg.num_layers, hw, dt)
+        _make_row(name, phase, (f, b), once.get(name, (0.0, 0.0)), cfg.num_layers, hw, dt,
+                  weight_bw if name in WEIGHT_OPS else hw.mem_bandwidth)
         for name, (f, b, dt) in layer.items()
     )
     return PhaseReport(phase=phase, tokens=n, context=context, rows=rows,
                        flops=sum(r.flops for r in rows), bytes=sum(r.bytes for r in rows),
                        time_s=sum(r.time_s for r in rows))
+
+
+def _weight_dtype(wbits: int, compute_dtype: str, weight_dtype: str | None) -> str | None:
+    if weight_dtype is not None:
+        if weight_dtype not in GEMV_DTYPES:
+            raise FrugalError(f"roofline: unknown weight_dtype {weight_dtype!r}; valid: {', '.join(GEMV_DTYPES)}")
+        return weight_dtype
+    if wbits == 32:
+        return "fp32"
+    if wbits == 16:
+        return compute_dtype if compute_dtype in ("bf16", "fp16") else "fp16"
+    return None
 
 
 def _activation_peak(cfg: ModelConfig, batch: int, new: int, context: float, abits: int,
@@ -225,8 +250,12 @@ def _activation_peak(cfg: ModelConfig, batch: int, new: int, context: float, abi
 
 def analyze(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_len: int, gen_len: int,
             wbits: int = 16, abits: int = 16, kvbits: int = 16, compute_dtype: str = "fp16",
-            fused_attention: bool = True) -> RooflineReport:
+            fused_attention: bool = True, weight_dtype: str | None = None) -> RooflineReport:
     """Predict per-op FLOPs, bytes and time for prefill and decode (see the module docstring).
+
+    ``weight_dtype`` picks the attainable GEMV bandwidth (``fp32``/``bf16``/``fp16``); by default it is
+    ``fp32`` for 32-bit weights and, for 16-bit weights, ``compute_dtype`` if that is bf16/fp16 else fp16.
+    Other bit widths (quantized kernels, not probed) stream at the peak bandwidth.
 
     Raises :class:`FrugalError` for batch < 1, prompt_len < 1, gen_len < 0, a bit width outside
     ``VALID_BITS`` or a compute dtype the spec has no peak for.
@@ -237,9 +266,17 @@ def analyze(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_len: int, gen
     attn_mm = _pick_dtype(hw, compute_dtype, kvbits, abits)
     vec = "fp32" if "fp32" in hw.peak_flops else compute_dtype
     bits, dtypes = (wbits, abits, kvbits), (mm, attn_mm, vec)
-    prefill = _phase(cfg, hw, "prefill", batch, prompt_len, prompt_len, bits, dtypes, fused_attention)
+    wdt = _weight_dtype(wbits, compute_dtype, weight_dtype)
+    weight_bw = hw.gemv_bandwidth(wdt)
     ctx = prompt_len + gen_len / 2
-    decode = _phase(cfg, hw, "decode", batch, 1, ctx, bits, dtypes, fused_attention)
+    args = (bits, dtypes, fused_attention)
+    prefill = _phase(cfg, hw, "prefill", batch, prompt_len, prompt_len, *args, weight_bw)
+    decode = _phase(cfg, hw, "decode", batch, 1, ctx, *args, weight_bw)
+    if weight_bw == hw.mem_bandwidth:
+        prefill_peak_t, decode_peak_t = prefill.time_s, decode.time_s
+    else:
+        prefill_peak_t = _phase(cfg, hw, "prefill", batch, prompt_len, prompt_len, *args, hw.mem_bandwidth).time_s
+        decode_peak_t = _phase(cfg, hw, "decode", batch, 1, ctx, *args, hw.mem_bandwidth).time_s
 
     weight_bytes = cfg.num_params * wbits / 8
     kv_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (prompt_len + gen_len) * batch
@@ -250,11 +287,13 @@ def analyze(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_len: int, gen
     return RooflineReport(
         model=cfg.name or f"{cfg.arch}-{cfg.num_params / 1e9:.2f}B", hardware=hw.name,
         batch=batch, prompt_len=prompt_len, gen_len=gen_len, wbits=wbits, abits=abits, kvbits=kvbits,
-        compute_dtype=compute_dtype, matmul_dtype=mm, fused_attention=fused_attention,
+        compute_dtype=compute_dtype, matmul_dtype=mm, weight_dtype=wdt, weight_bandwidth_gbs=weight_bw / 1e9,
+        fused_attention=fused_attention,
         num_params=cfg.num_params, prefill=prefill, decode=decode,
         decode_total_flops=gen_len * decode.flops, decode_total_bytes=gen_len * decode.bytes,
         decode_total_time_s=gen_len * decode.time_s,
-        ttft_s=prefill.time_s, tpot_s=decode.time_s, decode_tokens_per_s=batch / decode.time_s,
+        ttft_s=prefill.time_s, tpot_s=decode.time_s, ttft_peak_s=prefill_peak_t, tpot_peak_s=decode_peak_t,
+        decode_tokens_per_s=batch / decode.time_s,
         e2e_latency_s=prefill.time_s + gen_len * decode.time_s,
         weight_bytes=weight_bytes, kv_cache_bytes=kv_bytes, activation_peak_bytes=act_bytes,
         total_memory_bytes=total_mem,
@@ -265,18 +304,28 @@ def analyze(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_len: int, gen
 def measured_utilization(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_len: int, gen_len: int,
                          tpot_s: float | None, ttft_s: float | None, wbits: int = 16, abits: int = 16,
                          kvbits: int = 16, compute_dtype: str = "fp16",
-                         fused_attention: bool = True) -> dict[str, float | None]:
+                         fused_attention: bool = True, weight_dtype: str | None = None
+                         ) -> dict[str, float | None]:
     """MBU and MFU of a measured run: the modelled bytes (FLOPs) per measured second over the ceiling.
+
+    MBU is against the peak ``mem_bandwidth_gbs``; ``decode_gemv_efficiency`` is the achieved bandwidth
+    over the attainable GEMV bandwidth of the weight dtype (the peak when the spec has none).
+    ``predicted_*_s`` use the attainable bandwidth, ``predicted_*_peak_s`` the peak.
 
     ``tpot_s`` should be the mean decode step time (it matches the model's mid-context step) and
     ``ttft_s`` the prefill time; either may be None, which makes its keys None.
-    ``*_roofline_fraction`` = predicted / measured time (1.0 means running at the roofline).
+    ``*_roofline_fraction`` = predicted / measured time (1.0 means running at the roofline);
+    ``*_roofline_fraction_peak`` the same against the peak-bandwidth prediction.
     """
     report = analyze(cfg, hw, batch, prompt_len, gen_len, wbits, abits, kvbits, compute_dtype,
-                     fused_attention)
+                     fused_attention, weight_dtype)
     peak, bw = hw.peak(report.matmul_dtype), hw.mem_bandwidth
-    out: dict[str, float | None] = {"peak_flops": peak, "mem_bandwidth_gbs": hw.mem_bandwidth_gbs,
-                                    "predicted_tpot_s": report.tpot_s, "predicted_ttft_s": report.ttft_s}
+    out: dict[str, float | None] = {
+        "peak_flops": peak, "mem_bandwidth_gbs": hw.mem_bandwidth_gbs,
+        "weight_bandwidth_gbs": report.weight_bandwidth_gbs,
+        "predicted_tpot_s": report.tpot_s, "predicted_ttft_s": report.ttft_s,
+        "predicted_tpot_peak_s": report.tpot_peak_s, "predicted_ttft_peak_s": report.ttft_peak_s,
+    }
     for phase, measured, model in (("decode", tpot_s, report.decode), ("prefill", ttft_s, report.prefill)):
         if measured is not None and measured <= 0:
             raise FrugalError(f"measured_utilization: {phase} time must be positive, got {measured}")
@@ -286,6 +335,10 @@ def measured_utilization(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_
         out[f"{phase}_mbu"] = model.bytes / measured / bw if ok else None
         out[f"{phase}_mfu"] = model.flops / measured / peak if ok else None
         out[f"{phase}_roofline_fraction"] = model.time_s / measured if ok else None
+        peak_t = report.tpot_peak_s if phase == "decode" else report.ttft_peak_s
+        out[f"{phase}_roofline_fraction_peak"] = peak_t / measured if ok else None
+    out["decode_gemv_efficiency"] = (report.decode.bytes / tpot_s / (report.weight_bandwidth_gbs * 1e9)
+                                     if tpot_s is not None else None)
     return out
 
 
@@ -338,6 +391,10 @@ def format_table(report: RooflineReport, width: int = 110) -> str:
         f"TTFT {_seconds(report.ttft_s)} | TPOT {_seconds(report.tpot_s)} | "
         f"decode {report.decode_tokens_per_s:.4g} tok/s (batch) | e2e {_seconds(report.e2e_latency_s)} | "
         f"matmul peak: {report.matmul_dtype}\nmemory: {mem}"
+        + ("" if report.tpot_peak_s == report.tpot_s else
+           f"\nweights stream at the attainable {report.weight_dtype} GEMV bandwidth "
+           f"{report.weight_bandwidth_gbs:.4g} GB/s; at the peak bandwidth: TTFT {_seconds(report.ttft_peak_s)}"
+           f" | TPOT {_seconds(report.tpot_peak_s)}")
     )
     return buf.getvalue()
 
