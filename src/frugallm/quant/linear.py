@@ -125,7 +125,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
 
 
-class LLMInt8Linear(nn.Module):
+class LLMInt8Linear(Int8Linear):
     """LLM.int8() (Dettmers et al. 2022): vector-wise int8 x int8 matmul plus an outlier decomposition.
 
     ``y = s_x s_w^T * (Xq_regular @ Wq^T)  +  X[:, O] @ (Wq[:, O] * s_w)^T`` where ``O`` are the input
@@ -139,23 +139,13 @@ class LLMInt8Linear(nn.Module):
     """
 
     def __init__(self, state: Int8State, threshold: float = 6.0) -> None:
-        super().__init__()
-        self.out_features, self.in_features = state.qweight.shape
+        super().__init__(state)  # same stored weights as Int8Linear; only the forward differs
         self.threshold = float(threshold)
-        self.register_buffer("qweight", state.qweight.contiguous())
-        self.register_buffer("scales", state.scales.float())
-        self.register_buffer("bias", state.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec | None = None) -> LLMInt8Linear:
         q, s = quantize_int8_rows(linear.weight.detach())
         return cls(Int8State(q, s, bias_of(linear)), 6.0 if spec is None else spec.threshold)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
-
-    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.qweight[rows].float() * self.scales[rows, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = flatten_input(x, self.in_features).float()
@@ -173,9 +163,6 @@ class LLMInt8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def weight_bytes(self) -> int:
-        return tensor_bytes(self.qweight, self.scales, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"

@@ -301,12 +301,7 @@ def create_app(
         echo = [tokenizer.decode(x, skip_special_tokens=False) if not isinstance(p, str) else p
                 for p, x in zip(req.prompts(), ids, strict=True)] if req.echo else None
 
-        def chunk(choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> dict[str, Any]:
-            body = {"id": rid, "object": "text_completion", "created": now, "model": served_model_name,
-                    "choices": choices}
-            if include_usage:
-                body["usage"] = use
-            return body
+        chunk = _chunker(rid, "text_completion", now, served_model_name, include_usage)
 
         if req.stream:
             async def events() -> AsyncIterator[str]:
@@ -372,12 +367,7 @@ def create_app(
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         agen = async_llm.generate_many(ids, params, req.n, rid)
 
-        def chunk(choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> dict[str, Any]:
-            body = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": served_model_name,
-                    "choices": choices}
-            if include_usage:
-                body["usage"] = use
-            return body
+        chunk = _chunker(rid, "chat.completion.chunk", now, served_model_name, include_usage)
 
         if req.stream:
             async def events() -> AsyncIterator[str]:
@@ -425,3 +415,16 @@ def create_app(
                 "choices": choices, "usage": acc.body()}
 
     return app
+
+
+def _chunker(rid: str, obj: str, created: int, model: str, include_usage: bool
+             ) -> Callable[..., dict[str, Any]]:
+    """Builds the response/chunk bodies of one request (``usage`` only when the client asked for it)."""
+
+    def chunk(choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            body["usage"] = use
+        return body
+
+    return chunk
