@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/frugallm generate --model default "$(PROMPT)" --max-tokens 64
+	$(BIN)/frugallm generate --model default --chat "$(PROMPT)" --max-tokens 128
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -127,11 +127,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     m = llm.last_output.metrics
-    if "tpot_s" in m:
-        print(
-            f"[{m['output_tokens']} tokens, ttft {m['ttft_s'] * 1e3:.0f} ms, {1 / m['tpot_s']:.1f} tok/s]",
-            file=sys.stderr,
-        )
+    rate = f", {1 / m['tpot_s']:.1f} tok/s" if "tpot_s" in m else ""
+    print(f"[{m['output_tokens']} tokens, ttft {m.get('ttft_s', 0) * 1e3:.0f} ms{rate}, "
+          f"finish: {llm.last_output.finish_reason}]", file=sys.stderr)
     return 0
 
 
