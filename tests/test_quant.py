@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -29,6 +28,7 @@ from frugallm.quant import (
 from frugallm.quant.linear import GroupQuantState, rtn_group_quantize
 from frugallm.quant.mix4 import mix4_quantize
 from frugallm.quant.packing import SUPPORTED_BITS, chunk_shape, pack, packed_size, unpack
+from quant_models import TinyLM
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -368,40 +368,6 @@ def test_auto4_picks_group_by_error() -> None:
 
 
 # ------------------------------------------------------------------------------------------- whole model
-
-
-class Block(nn.Module):
-    def __init__(self, h: int, inter: int, kv: int) -> None:
-        super().__init__()
-        self.h, self.inter = h, inter
-        self.qkv_proj = nn.Linear(h, h + 2 * kv, bias=True)
-        self.o_proj = nn.Linear(h, h, bias=False)
-        self.gate_up_proj = nn.Linear(h, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, h, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.qkv_proj(F.rms_norm(x, (self.h,)))[..., : self.h]
-        x = x + self.o_proj(torch.tanh(q))
-        gate, up = self.gate_up_proj(F.rms_norm(x, (self.h,))).split(self.inter, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
-
-
-class TinyLM(nn.Module):
-    """The module names of the real model (fused qkv/gate_up, lm_head optionally tied to embed_tokens)."""
-
-    def __init__(self, vocab: int = 256, h: int = 128, inter: int = 192, layers: int = 2, tied: bool = True):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, h)
-        self.layers = nn.ModuleList(Block(h, inter, 32) for _ in range(layers))
-        self.lm_head = nn.Linear(h, vocab, bias=False)
-        if tied:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.lm_head(F.rms_norm(x, (x.shape[-1],)))
 
 
 @pytest.fixture(scope="module")

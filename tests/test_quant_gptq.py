@@ -7,13 +7,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from frugallm.errors import FrugalError
 from frugallm.quant import GroupQuantLinear, gptq_quantize_model, parse_quant_spec, quantize_model
 from frugallm.quant.gptq import collect_hessians, gptq_quantize_weight
 from frugallm.quant.linear import rtn_group_quantize
+from quant_models import TinyLM
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -85,39 +85,13 @@ def test_gptq_block_must_hold_whole_groups() -> None:
         gptq_quantize_weight(torch.randn(4, 128), torch.eye(128), 4, 128, block_size=96)
 
 
-class Block(nn.Module):
-    def __init__(self, h: int, inter: int) -> None:
-        super().__init__()
-        self.h, self.inter = h, inter
-        self.qkv_proj = nn.Linear(h, 3 * h, bias=True)
-        self.o_proj = nn.Linear(h, h, bias=False)
-        self.gate_up_proj = nn.Linear(h, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, h, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.qkv_proj(F.rms_norm(x, (self.h,)))[..., : self.h]
-        x = x + self.o_proj(torch.tanh(q))
-        gate, up = self.gate_up_proj(F.rms_norm(x, (self.h,))).split(self.inter, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab: int = 128, h: int = 64, inter: int = 128, layers: int = 3) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, h)
-        self.layers = nn.ModuleList(Block(h, inter) for _ in range(layers))
-        self.lm_head = nn.Linear(h, vocab, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.lm_head(F.rms_norm(x, (x.shape[-1],)))
+def gptq_lm(layers: int = 3) -> TinyLM:
+    return TinyLM(vocab=128, h=64, inter=128, layers=layers, kv=64, tied=False)
 
 
 def test_gptq_model_block_by_block() -> None:
     torch.manual_seed(0)
-    base = TinyLM().eval()
+    base = gptq_lm().eval()
     gen = torch.Generator().manual_seed(2)
     calib = [torch.randint(0, 128, (4, 32), generator=gen) for _ in range(4)]
     model = copy.deepcopy(base)
@@ -142,7 +116,7 @@ def test_gptq_model_block_by_block() -> None:
 
 
 def test_gptq_model_errors() -> None:
-    model = TinyLM(layers=2)
+    model = gptq_lm(layers=2)
     with pytest.raises(FrugalError, match="use quantize_model"):
         gptq_quantize_model(model, "int4", lambda: None)
     with pytest.raises(FrugalError, match="calibration never reached"):

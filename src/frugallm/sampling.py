@@ -105,6 +105,16 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy or filtered multinomial choice from already-penalised ``logits: [vocab]`` (fp32)."""
+    if params.greedy:
+        return int(logits.argmax())
+    probs = filter_logits(logits, params).softmax(-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.cpu()  # seeded generators live on the CPU
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 def sample_token(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -112,14 +122,11 @@ def sample_token(
     prompt_ids: torch.Tensor | None = None,
     output_ids: torch.Tensor | None = None,
 ) -> int:
-    """Pick one token from ``logits: [vocab]`` (fp32)."""
+    """Pick one token from ``logits: [vocab]`` (fp32), applying penalties over the given history."""
     if params.needs_history:
         assert prompt_ids is not None and output_ids is not None
         logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
-    if params.greedy:
-        return int(logits.argmax())
-    probs = filter_logits(logits, params).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return pick_token(logits, params, generator)
 
 
 def sample_batch(logits: torch.Tensor, seqs: Sequence[Any]) -> list[int]:
@@ -143,14 +150,7 @@ def sample_batch(logits: torch.Tensor, seqs: Sequence[Any]) -> list[int]:
                 torch.tensor(s.prompt_ids, dtype=torch.long, device=dev),
                 torch.tensor(s.output_ids, dtype=torch.long, device=dev),
             )
-        if s.params.greedy:
-            tok = int(row.argmax())
-        else:
-            probs = filter_logits(row, s.params).softmax(-1)
-            gen = s.generator
-            if gen is not None and gen.device != probs.device:
-                probs = probs.cpu()
-            tok = int(torch.multinomial(probs, 1, generator=gen))
+        tok = pick_token(row, s.params, s.generator)
         if s.logprobs is not None and not s.finished:  # static batches keep finished rows
             lp = row.log_softmax(-1)
             top = lp.topk(max(s.params.logprobs or 0, 1))
