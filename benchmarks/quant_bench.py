@@ -26,8 +26,11 @@ CONFIGS: list[tuple[str, str, str | None]] = [  # (label, dtype, quant)
     ("fp32", "float32", None),
     ("auto (engine default)", "auto", None),
     ("int8", "auto", "int8"),
+    ("int8:head", "auto", "int8:head"),
     ("llm.int8", "auto", "llm.int8"),
     ("int4:group=32", "auto", "int4:group=32"),
+    # llama.cpp's Q4 files keep token_embd (the tied head) at Q8_0: the like-for-like configuration
+    ("int4:group=32:head=8", "auto", "int4:group=32:head=8"),
     ("gptq:bits=4:group=32", "auto", "gptq:bits=4:group=32"),
     ("int3:group=32", "auto", "int3:group=32"),
     ("int2:group=32", "auto", "int2:group=32"),

@@ -105,6 +105,8 @@ def test_pack_rejects_bad_width_and_size() -> None:
         ("mix4", QuantSpec("mix4", 4, 64)),
         ("int4:group=32:embed:head", QuantSpec("int", 4, 32, include_embeddings=True, include_lm_head=True)),
         (" INT8:head ", QuantSpec("int8", 8, include_lm_head=True)),
+        ("int4:group=32:head=8", QuantSpec("int", 4, 32, include_lm_head=True, embed_bits=8)),
+        ("int4:group=32:embed=8:head=8", QuantSpec("int", 4, 32, include_embeddings=True, include_lm_head=True, embed_bits=8)),
     ],
 )
 def test_parse_valid(text: str, expected: QuantSpec) -> None:
@@ -131,6 +133,9 @@ def test_parse_valid(text: str, expected: QuantSpec) -> None:
         ("llm.int8:threshold=-1", "threshold must be > 0"),
         ("int4:bits=3", "already fixes the bit width"),
         ("auto4:tol=2", "tol must be in"),
+        ("int4:group=32:head=3", "tables support bits"),
+        ("int4:group=32:embed=4:head=8", "different bit widths"),
+        ("int4:group=32:head=x", "not a valid int"),
     ],
 )
 def test_parse_invalid(text: str, match: str) -> None:
@@ -435,6 +440,24 @@ def test_untied_head_and_embedding_flags(tiny_models: dict) -> None:
     with torch.no_grad():
         assert rel_err(embed_only(IDS), base(IDS)) < 0.01
         assert rel_err(head_only(IDS), base(IDS)) < 0.01
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_bits_int8_table_with_int4_layers(tiny_models: dict, tied: bool) -> None:
+    """``head=8``: int4 layers with an int8 head, as llama.cpp keeps Q8_0 ``token_embd`` in Q4 files."""
+    base = tiny_models[tied]
+    model = quantize_model(copy.deepcopy(base), "int4:group=32:head=8")
+    assert isinstance(model.layers[0].down_proj, GroupQuantLinear)
+    assert isinstance(model.lm_head, Int8Linear)
+    if tied:
+        assert isinstance(model.embed_tokens, QuantEmbedding) and model.lm_head is model.embed_tokens.table
+    else:
+        assert type(model.embed_tokens) is nn.Embedding
+    with torch.no_grad():
+        int4_only = quantize_model(copy.deepcopy(base), "int4:group=32")
+        # the head adds int8 error only: close to the int4-layers-only model
+        assert rel_err(model(IDS), int4_only(IDS)) < 0.02
+        assert rel_err(model(IDS), base(IDS)) < 0.12
 
 
 def test_bf16_model(tiny_models: dict) -> None:

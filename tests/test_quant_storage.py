@@ -30,6 +30,7 @@ SPECS = {
     "mix4:group=32": Mix4Linear,
     "gptq:bits=4:group=32": GroupQuantLinear,
     "int4:group=32:embed:head": GroupQuantLinear,
+    "int4:group=32:head=8": GroupQuantLinear,
 }
 
 

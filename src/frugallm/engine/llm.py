@@ -115,6 +115,12 @@ class LLM:
             self.quant_spec = parse_quant_spec(stored)
         elif self.quant_spec is not None:
             self._quantize(calib)
+        if self.quant_spec is not None and self.device.type == "cpu" and self.dtype != torch.float32:
+            from frugallm.quant.kernels import compute_dtype
+
+            # Quantized matmuls take bf16 inputs on CPU: decoding in that dtype saves two casts per
+            # projection (4 per layer), a large share of a batch-1 decode step.
+            self.model.decode_dtype = compute_dtype(self.device, self.dtype)
 
     def _quantize(self, calib: str | None) -> None:
         from frugallm.quant import quantize_model
@@ -123,7 +129,9 @@ class LLM:
         if self.quant_spec.method == "gptq":
             from frugallm.lab.corpus import load_corpus
 
-            ids = self.tokenizer.encode(load_corpus(calib)[:200_000])
+            # The corpus tail: quality evaluation (lab/quality.py) scores windows from the start of the same
+            # built-in corpus, so calibrating on its head would evaluate GPTQ on its calibration tokens.
+            ids = self.tokenizer.encode(load_corpus(calib)[-200_000:])
             windows = [ids[i : i + 256] for i in range(0, min(len(ids), 16 * 256) - 255, 256)]
 
             def run_calib() -> None:

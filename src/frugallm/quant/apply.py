@@ -47,8 +47,20 @@ def quantize_model(
     with torch.no_grad():
         quantize_embeddings(model, spec)
         for parent, name, linear in target_linears(model, spec):
-            setattr(parent, name, method(linear))
+            setattr(parent, name, head_module(linear, spec) if name == "lm_head" else method(linear))
     return model
+
+
+def table_bits(spec: QuantSpec) -> int:
+    """Bit width of embedding tables (and of tied heads): ``head=8`` / ``embed=8``, else by the method."""
+    return spec.embed_bits or (8 if spec.bits >= 6 else 4)
+
+
+def head_module(linear: nn.Linear, spec: QuantSpec) -> nn.Module:
+    """An untied lm_head: the method itself, or the table width that ``head=BITS`` names."""
+    if spec.embed_bits is None:
+        return QUANT_METHODS.get(spec.method)(spec)(linear)
+    return QuantEmbedding.table_from_weight(linear.weight.detach(), spec.embed_bits, bias=linear.bias)
 
 
 def _find_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -62,7 +74,7 @@ def _find_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 def quantize_embeddings(model: nn.Module, spec: QuantSpec) -> None:
     """Replace embeddings (``embed`` flag) and tied heads (either flag) by :class:`QuantEmbedding` storage."""
     head = _find_head(model)
-    bits = 8 if spec.bits >= 6 else 4
+    bits = table_bits(spec)
     for parent in list(model.modules()):
         for name, emb in list(parent.named_children()):
             if not isinstance(emb, nn.Embedding):

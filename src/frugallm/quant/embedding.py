@@ -29,12 +29,20 @@ class QuantEmbedding(nn.Module):
     def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int | None = None) -> QuantEmbedding:
         """``bits`` 8 -> symmetric int8 per row; 4 -> asymmetric int4 groups of ``group_size`` (default 32)."""
         weight = emb.weight.detach()
+        return cls(cls.table_from_weight(weight, bits, group_size), weight.dtype)
+
+    @staticmethod
+    def table_from_weight(
+        weight: torch.Tensor, bits: int, group_size: int | None = None, bias: torch.Tensor | None = None
+    ) -> Int8Linear | GroupQuantLinear:
+        """The quantized table for ``weight [rows, dim]``; it is also a linear layer (a tied or untied head)."""
+        bias = None if bias is None else bias.detach().clone()
         if bits == 8:
             q, s = quantize_int8_rows(weight)
-            table: Int8Linear | GroupQuantLinear = Int8Linear(Int8State(q, s, None))
-        else:
-            table = GroupQuantLinear(rtn_group_quantize(weight, 4, group_size or EMBED_INT4_GROUP))
-        return cls(table, weight.dtype)
+            return Int8Linear(Int8State(q, s, bias))
+        state = rtn_group_quantize(weight, 4, group_size or EMBED_INT4_GROUP)
+        state.bias = bias
+        return GroupQuantLinear(state)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.table.dequantize_rows(ids.reshape(-1))

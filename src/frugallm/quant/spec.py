@@ -12,7 +12,10 @@ Grammar: ``METHOD[:KEY=VALUE | :FLAG]*``.
 ========================  =====================================================================
 
 Flags accepted by every method: ``embed`` (quantize token embeddings) and ``head`` (quantize lm_head).
-A tied lm_head shares the embedding's quantized storage whenever either flag is given. Without ``group``
+A tied lm_head shares the embedding's quantized storage whenever either flag is given. Either flag may
+name the tables' bit width, ``head=8`` or ``head=4`` (as llama.cpp keeps ``token_embd`` at Q8_0 in Q4
+files); without it embedding tables take 8 bits for 6/8-bit methods and 4 bits otherwise, and an untied
+head takes the method itself. Without ``group``
 the group size is :data:`DEFAULT_GROUP` for the bit width (32 for 2-3 bits, 64 above).
 """
 
@@ -44,6 +47,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "mix4": ("group",),
 }
 _FLAGS = {"sym", "asym", "act_order", "embed", "head"}
+EMBED_BITS = (4, 8)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class QuantSpec:
     include_embeddings: bool = False
     include_lm_head: bool = False
     tol: float = 0.11
+    embed_bits: int | None = None  # bit width of embedding/head tables (``head=8``); None: see module doc
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_BITS:
@@ -84,6 +89,11 @@ class QuantSpec:
             raise FrugalError(f"auto4 tol must be in (0, 1), got {self.tol}")
         if self.act_order and self.method != "gptq":
             raise FrugalError("act_order only applies to gptq")
+        if self.embed_bits is not None:
+            if self.embed_bits not in EMBED_BITS:
+                raise FrugalError(f"embedding/head tables support bits {EMBED_BITS}, got {self.embed_bits}")
+            if not (self.include_embeddings or self.include_lm_head):
+                raise FrugalError("embed_bits needs the embed or head flag")
 
     def __str__(self) -> str:
         base = {"int": f"int{self.bits}", "gptq": f"gptq:bits={self.bits}"}.get(self.method, self.method)
@@ -97,7 +107,8 @@ class QuantSpec:
         for flag, on in (("sym", self.symmetric), ("act_order", self.act_order),
                          ("embed", self.include_embeddings), ("head", self.include_lm_head)):
             if on:
-                parts.append(flag)
+                parts.append(flag if self.embed_bits is None or flag not in ("embed", "head")
+                             else f"{flag}={self.embed_bits}")
         return ":".join(parts)
 
 
@@ -127,7 +138,7 @@ def parse_quant_spec(spec: str) -> QuantSpec:
             raise FrugalError(f"unknown option {key!r} for {head} in {spec!r}; valid options: {', '.join(allowed)}")
         if key in values:
             raise FrugalError(f"option {key!r} given twice in {spec!r}")
-        if (key in _FLAGS) == bool(sep):
+        if (key in _FLAGS) == bool(sep) and not (key in _COMMON_FLAGS and sep):
             form = key if key in _FLAGS else f"{key}=VALUE"
             raise FrugalError(f"option {key!r} in {spec!r} must be written as {form!r}")
         values[key] = value.strip() if sep else None
@@ -151,6 +162,9 @@ def parse_quant_spec(spec: str) -> QuantSpec:
         bits = 4 if method in ("gptq", "auto4", "mix4", "int") else 8
     if group is None and method in ("int", "gptq", "mix4"):
         group = DEFAULT_GROUP.get(bits, 64)  # unsupported bits are reported by QuantSpec
+    table_bits = {number(k, int) for k in _COMMON_FLAGS if values.get(k) is not None}
+    if len(table_bits) > 1:
+        raise FrugalError(f"embed and head name different bit widths in {spec!r}; the tables share one")
     if "sym" in values and "asym" in values:
         raise FrugalError(f"{spec!r} asks for both sym and asym")
     kwargs: dict[str, object] = {}
@@ -165,5 +179,6 @@ def parse_quant_spec(spec: str) -> QuantSpec:
         act_order="act_order" in values,
         include_embeddings="embed" in values,
         include_lm_head="head" in values,
+        embed_bits=table_bits.pop() if table_bits else None,
         **kwargs,  # type: ignore[arg-type]
     )
