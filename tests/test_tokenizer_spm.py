@@ -329,3 +329,12 @@ def test_no_space_prefix(tmp_path: Path) -> None:
         assert tok.encode(text) == llama_cpp_tokenize(meta, text), text
     for text in TEXTS + LEADING_SPACE_TEXTS:
         assert tok.decode(tok.encode(text)) == text
+
+
+def test_incremental_detokenization_keeps_word_boundaries(engine_tok: Tokenizer) -> None:
+    # SentencePiece drops the leading space of the first decoded piece: streaming must not drop the
+    # space of every new token (Sequence decodes a few already-read tokens in front of new ones).
+    from test_sequence import assert_incremental_matches_full
+
+    for text in TEXTS:
+        assert_incremental_matches_full(engine_tok, engine_tok.encode(text, add_special_tokens=False), True)

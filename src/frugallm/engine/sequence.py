@@ -25,6 +25,10 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None
 
 
+# Already-read tokens decoded in front of new ones after a full re-decode (vLLM uses 5 as well).
+_CONTEXT_TOKENS = 5
+
+
 class Sequence:
     """One prompt being generated. Text deltas hold back what could still become a stop string."""
 
@@ -57,6 +61,11 @@ class Sequence:
         self.t_end: float | None = None
         self.kv_cache_bytes: int | None = None
         self._hold = max((len(s) for s in params.stop), default=1) - 1
+        # Incremental detokenization state (see _detokenize): output_ids[_prefix:_read] were decoded last
+        # step as context, output_ids[_read:] are new; _text is the untruncated output text so far.
+        self._prefix = 0
+        self._read = 0
+        self._text = ""
 
     @property
     def finished(self) -> bool:
@@ -72,8 +81,8 @@ class Sequence:
             self._finish("stop", now)
             return
         self.output_ids.append(token)
-        text = self.tokenizer.decode(self.output_ids, skip_special_tokens=self.params.skip_special_tokens)
-        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next byte
+        text = self._detokenize()
+        if text is not None:
             prev = len(self.text)
             self.text = text
             for s in self.params.stop:
@@ -84,6 +93,31 @@ class Sequence:
                     return
         if len(self.output_ids) >= self.max_new:
             self._finish("length", now)
+
+    def _detokenize(self) -> str | None:
+        """The full output text after the newest token, or None while it ends in an incomplete character.
+
+        Incremental (as vLLM): only the tokens from ``_prefix`` on are decoded, twice (with and without the
+        unread ones), so a step costs O(window) instead of O(output); decoding a few already-read tokens in
+        front keeps the decoder's handling of word boundaries (SentencePiece's leading space) the same as
+        for the full sequence.
+        """
+        skip = self.params.skip_special_tokens
+        window = self.output_ids[self._prefix :]
+        read = self._read - self._prefix
+        before = self.tokenizer.decode(window[:read], skip_special_tokens=skip) if read else ""
+        after = self.tokenizer.decode(window, skip_special_tokens=skip)
+        if after.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next byte
+            return None
+        if len(after) <= len(before) or not after.startswith(before):
+            # Nothing new (e.g. a skipped special token), or the decoder rewrote earlier text: decode all.
+            full = self.tokenizer.decode(self.output_ids, skip_special_tokens=skip)
+            self._prefix, self._read = max(0, len(self.output_ids) - _CONTEXT_TOKENS), len(self.output_ids)
+            self._text = full
+            return full
+        self._text += after[len(before) :]
+        self._prefix, self._read = self._read, len(self.output_ids)
+        return self._text
 
     def _finish(self, reason: str, now: float) -> None:
         self.finish_reason = reason
