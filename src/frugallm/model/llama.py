@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugallm.config import ModelConfig
+from frugallm.model.casts import CastCache
 from frugallm.model.kv_cache import KVCache
 
 # At or above this many tokens a forward pass is compute bound (prefill): on CPU it then runs in
@@ -41,17 +42,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self._cast: tuple[tuple[object, ...], torch.Tensor] | None = None
+        self._cast = CastCache()  # the weight in another activation dtype (bf16 prefill / decode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel (it accumulates in fp32 for half inputs); per-token decode is overhead bound,
-        # so the weight's copy in another activation dtype is kept rather than cast on every call.
-        w = self.weight
-        if w.dtype != x.dtype:
-            key = (x.dtype, w.device, w.data_ptr(), w._version)
-            if self._cast is None or self._cast[0] != key:
-                self._cast = (key, w.detach().to(x.dtype))
-            w = self._cast[1]
+        # One fused kernel (it accumulates in fp32 for half inputs).
+        w = self._cast.get(self.weight, x.dtype)
         return F.rms_norm(x, w.shape, w, self.eps)
 
 

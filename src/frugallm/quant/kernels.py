@@ -59,7 +59,9 @@ def int8pack_supported(device: torch.device, in_features: int) -> bool:
 def int8_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x [M, K] @ (qweight [N, K] int8 * scales [N])^T -> [M, N]`` with the packed kernel."""
     # The CPU kernel reads raw rows: hand it dense row-major operands whatever the caller's layout.
-    return torch._weight_int8pack_mm(x.contiguous(), qweight.contiguous(), scales.to(x.dtype).contiguous())
+    if scales.dtype != x.dtype:
+        scales = scales.to(x.dtype)
+    return torch._weight_int8pack_mm(x.contiguous(), qweight.contiguous(), scales.contiguous())
 
 
 # ------------------------------------------------------------------------------------------- int8 x int8

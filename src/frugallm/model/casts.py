@@ -1,0 +1,25 @@
+"""``CastCache``: a tensor's copy in another dtype, made once and remade only when the tensor changes.
+
+Batch-1 decode is overhead bound, so small parameters (norm weights, int8 row scales) that meet
+activations of another dtype are not cast again on every call. The copy is derived state: it is not a
+buffer, so it is neither saved nor counted in weight bytes (it is at most a few KiB per module).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CastCache:
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] | None = None
+        self._value: torch.Tensor | None = None
+
+    def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``t`` in ``dtype`` (``t`` itself when it already is)."""
+        if t.dtype == dtype:
+            return t
+        key = (dtype, t.device, t.data_ptr(), t._version)
+        if key != self._key or self._value is None:
+            self._key, self._value = key, t.detach().to(dtype)
+        return self._value
