@@ -59,3 +59,14 @@ def test_console_script_nonzero_exit_without_traceback() -> None:
         text=True,
     )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_generate_with_quant_and_kv(model: str, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["generate", "hello world", "--model", model, "--dtype", "float32", "-n", "5", "--ignore-eos", "--json"]
+    assert main([*base, "--quant", "int8", "--kv", "kivi:bits=4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 5 and out["timings"]["kv_cache_bytes"] > 0
+    assert main([*base, "--quant", "int5"]) == 2
+    assert "int5 is not supported" in capsys.readouterr().err
+    assert main([*base, "--kv", "nope"]) == 2
+    assert "unknown KV policy 'nope'" in capsys.readouterr().err

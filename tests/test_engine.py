@@ -153,3 +153,16 @@ def test_half_dtypes_close_to_fp32(tiny_models, llm: LLM, dtype: str) -> None:
     assert (ref.argmax(-1) == out.argmax(-1)).float().mean() > 0.9
     gen = half.generate(["hello"], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0))[0]
     assert len(gen.token_ids) == 8
+
+
+def test_compiled_decode_matches_eager(tiny_models, tmp_path, monkeypatch) -> None:
+    """``compile=True`` runs decode steps through torch.compile'd layer halves: same tokens, cost recorded."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    path = str(tiny_models.gguf("llama", "F32"))
+    eager = LLM(path, dtype="float32", device="cpu")
+    compiled = LLM(path, dtype="float32", device="cpu", compile=True)
+    assert compiled.compile_seconds is not None and compiled.compile_seconds > 0
+    assert eager.compile_seconds is None
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    for prompt in ("Hello world", "A longer prompt with several words in it"):
+        assert compiled.generate(prompt, params)[0].token_ids == eager.generate(prompt, params)[0].token_ids

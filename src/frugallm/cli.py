@@ -42,6 +42,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not use the converted-weights cache")
 
 
+def add_technique_args(p: argparse.ArgumentParser) -> None:
+    """Efficiency techniques of the in-process engine (generate, chat)."""
+    p.add_argument("--quant", default=None, help="weight quantization spec, e.g. int8, int4:group=32:head=8")
+    p.add_argument("--kv", default=None, help="KV-cache policy spec, e.g. snapkv:budget=0.25+kivi:bits=2")
+    p.add_argument("--calib", default=None, help="calibration text file for gptq (default: built-in corpus)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (cached on disk)")
+    p.set_defaults(_techniques=True)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=128)
     p.add_argument("--temperature", "-t", type=float, default=0.0)
@@ -59,6 +68,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def load_llm(args: argparse.Namespace) -> Any:
     from frugallm import LLM
 
+    # Only commands that registered add_technique_args hand them to LLM (serve applies its own).
+    names = ("quant", "kv", "calib", "compile") if getattr(args, "_techniques", False) else ()
+    techniques = {k: getattr(args, k) for k in names}
+
     return LLM(
         args.model,
         dtype=args.dtype,
@@ -66,6 +79,7 @@ def load_llm(args: argparse.Namespace) -> Any:
         threads=args.threads,
         use_cache=not args.no_cache,
         progress=sys.stderr.isatty(),
+        **techniques,
     )
 
 
@@ -92,6 +106,7 @@ def sampling_from_args(args: argparse.Namespace) -> Any:
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="prompt text; read from stdin when omitted")
     add_model_args(p)
+    add_technique_args(p)
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
@@ -137,6 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 @command("chat", "interactive chat that streams tokens (/reset clears history, /exit quits)")
 def _chat_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_technique_args(p)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat, max_tokens=256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -71,11 +72,13 @@ class LLM:
         kv: str | None = None,
         calib: str | None = None,
         batching: bool = True,
+        compile: bool = False,
     ) -> None:
         """``quant``: weight quantization spec (``int4:group=32``, ``gptq:bits=4``, see ``frugallm.quant``);
         ``kv``: KV-cache policy spec (``snapkv:budget=0.25+kivi:bits=2``, see ``frugallm.kv``);
         ``calib``: calibration text file for methods that need one (default: the built-in corpus);
-        ``batching``: run multi-prompt ``generate`` calls through the continuous-batching engine."""
+        ``batching``: run multi-prompt ``generate`` calls through the continuous-batching engine;
+        ``compile``: ``torch.compile`` the decode step's layers (``compile_seconds`` records the cost)."""
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -121,6 +124,21 @@ class LLM:
             # Quantized matmuls take bf16 inputs on CPU: decoding in that dtype saves two casts per
             # projection (4 per layer), a large share of a batch-1 decode step.
             self.model.decode_dtype = compute_dtype(self.device, self.dtype)
+        self.compile_seconds: float | None = None
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile the decode step now (one dummy step), timing it; inductor caches the result on disk."""
+        from frugallm.loading.weight_cache import cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+        self.model.compile_decode()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self.model(one, one, self.make_cache(1, 2))
+        self.compile_seconds = time.perf_counter() - t0
 
     def _quantize(self, calib: str | None) -> None:
         from frugallm.quant import quantize_model

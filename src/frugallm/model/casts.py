@@ -19,6 +19,8 @@ class CastCache:
         """``t`` in ``dtype`` (``t`` itself when it already is)."""
         if t.dtype == dtype:
             return t
+        if torch.compiler.is_compiling():
+            return t.to(dtype)  # traced into the graph (and fused) rather than guarded on cache state
         key = (dtype, t.device, t.data_ptr(), t._version)
         if key != self._key or self._value is None:
             self._key, self._value = key, t.detach().to(dtype)

@@ -7,6 +7,8 @@ Q/K rows back to it. Q, K and V are one fused projection, and so are gate and up
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +104,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, positions: torch.Tensor
-    ) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, T, hidden]`` -> rotated ``q [B, heads, T, D]``, ``k, v [B, kv_heads, T, D]``."""
         b, t, _ = x.shape
         qkv = self.qkv_proj(x)
         qk_size = self.q_size + self.kv_size
@@ -117,7 +120,19 @@ class Attention(nn.Module):
             k = self.k_norm(qkv[..., self.q_size : qk_size].view(b, t, self.n_kv, self.head_dim))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = qkv[..., qk_size:].view(b, t, self.n_kv, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        x: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Append ``k, v`` to ``cache`` and attend; returns ``[B, T, heads * D]`` in ``x``'s dtype."""
+        b, _, t, _ = q.shape
         keys, values, mask = cache.update(self.layer, k, v, q=q, x=x, positions=positions)
         if keys.dtype != q.dtype:
             if t < PREFILL_MIN_TOKENS:
@@ -134,7 +149,13 @@ class Attention(nn.Module):
             is_causal=mask is None and t > 1,
             enable_gqa=self.n_heads != self.n_kv,
         ).to(x.dtype)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.q_size))
+        return out.transpose(1, 2).reshape(b, t, self.q_size)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, positions: torch.Tensor
+    ) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.o_proj(self.attend(q, k, v, x, cache, positions))
 
 
 class MLP(nn.Module):
@@ -160,7 +181,22 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, positions: torch.Tensor
     ) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, cache, positions)
+        q, k, v, h = self.pre_attention(x, cos, sin)
+        return self.post_attention(x, self.attn.attend(q, k, v, h, cache, positions))
+
+    # The two cache-free halves of a step, which ``Transformer.compile_decode`` compiles (the KV cache
+    # update in between stays eager: policies run arbitrary Python there).
+    def pre_attention(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, T, hidden]`` -> ``(q, k, v, normed x)``."""
+        h = self.input_norm(x)
+        q, k, v = self.attn.project(h, cos, sin)
+        return q, k, v, h
+
+    def post_attention(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual stream ``x`` plus the output projection of ``attn_out [B, T, heads * D]``, then the MLP."""
+        x = x + self.attn.o_proj(attn_out)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -181,6 +217,22 @@ class Transformer(nn.Module):
         # None = the embedding's dtype. Quantized CPU models decode in bf16, their kernels' input dtype.
         self.prefill_dtype: torch.dtype | None = None
         self.decode_dtype: torch.dtype | None = None
+        # torch.compile'd (Block.pre_attention, Block.post_attention) for decode steps; see compile_decode.
+        self._compiled: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+
+    def compile_decode(self) -> None:
+        """Run decode steps (one token per sequence) through ``torch.compile``d layer halves.
+
+        Everything in a layer but the KV-cache update and attention (norms, projections, RoPE, MLP,
+        residuals) becomes one generated kernel sequence per half, which removes most of the per-op
+        overhead that bounds batch-1 decode. One graph serves every layer (parameters are graph inputs);
+        shapes are static, so each batch size compiles once. Compiled code is cached on disk by inductor
+        (``TORCHINDUCTOR_CACHE_DIR``): the first process pays the compile, later ones load it.
+        """
+        self._compiled = (
+            torch.compile(Block.pre_attention, dynamic=False),
+            torch.compile(Block.post_attention, dynamic=False),
+        )
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -223,8 +275,15 @@ class Transformer(nn.Module):
         cos_t, sin_t = self.rope_tables(x.device)
         cos = cos_t[positions].unsqueeze(2).to(x.dtype)  # [B, T, 1, D]
         sin = sin_t[positions].unsqueeze(2).to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache, positions)
+        compiled = self._compiled if input_ids.shape[1] == 1 else None
+        if compiled is None:
+            for layer in self.layers:
+                x = layer(x, cos, sin, cache, positions)
+        else:
+            pre, post = compiled
+            for layer in self.layers:
+                q, k, v, h = pre(layer, x, cos, sin)
+                x = post(layer, x, layer.attn.attend(q, k, v, h, cache, positions))
         if isinstance(logits_for, str):
             if logits_for == "last":
                 x = x[:, -1]
