@@ -104,6 +104,8 @@ class Int4Layout:
     name: str = ""
     device_type: str = ""
     row_block: int = 1
+    # The torch op ``(x [M, K] bf16, qweight, group_size, qscale) -> [M, N]``; ``mm`` calls it.
+    op: Callable[..., torch.Tensor] | None = None
 
     def available(self, device: torch.device) -> bool:
         raise NotImplementedError
@@ -122,6 +124,7 @@ class Int4Layout:
 
 class CpuInt4Layout(Int4Layout):
     name, device_type, row_block = "int4_cpu", "cpu", 64
+    op = staticmethod(getattr(torch, "_weight_int4pack_mm_for_cpu", None))
 
     def available(self, device: torch.device) -> bool:
         return device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu")
@@ -133,13 +136,14 @@ class CpuInt4Layout(Int4Layout):
         return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
 
     def mm(self, x: torch.Tensor, qweight: torch.Tensor, group_size: int, qscale: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, qweight, group_size, qscale)
+        return self.op(x, qweight, group_size, qscale)
 
 
 class CudaInt4Layout(Int4Layout):
     """tinygemm layout (``torch._weight_int4pack_mm``); bf16 only, Ampere or newer."""
 
     name, device_type, row_block = "int4_cuda", "cuda", 8
+    op = staticmethod(getattr(torch, "_weight_int4pack_mm", None))
 
     def available(self, device: torch.device) -> bool:
         return (
@@ -160,7 +164,7 @@ class CudaInt4Layout(Int4Layout):
         return torch._convert_weight_to_int4pack(packed.contiguous(), inner_k_tiles)
 
     def mm(self, x: torch.Tensor, qweight: torch.Tensor, group_size: int, qscale: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm(x, qweight, group_size, qscale)
+        return self.op(x, qweight, group_size, qscale)
 
 
 INT4_LAYOUTS: dict[str, Int4Layout] = {lay.name: lay for lay in (CpuInt4Layout(), CudaInt4Layout())}

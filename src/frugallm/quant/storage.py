@@ -388,6 +388,8 @@ def _build_module(entry: dict[str, Any], tensors: dict[str, torch.Tensor], meta_
         if m.layout not in kernels.INT4_LAYOUTS:
             raise FrugalError(f"{where}: unknown int4 kernel layout {m.layout!r} (saved with another torch?)")
     _check_sizes(where, m)
+    if hasattr(m, "_init_runtime"):
+        m._init_runtime()  # derived state that __init__ would have made
     return m
 
 
