@@ -106,7 +106,9 @@ def test_pack_rejects_bad_width_and_size() -> None:
         ("int4:group=32:embed:head", QuantSpec("int", 4, 32, include_embeddings=True, include_lm_head=True)),
         (" INT8:head ", QuantSpec("int8", 8, include_lm_head=True)),
         ("int4:group=32:head=8", QuantSpec("int", 4, 32, include_lm_head=True, embed_bits=8)),
-        ("int4:group=32:embed=8:head=8", QuantSpec("int", 4, 32, include_embeddings=True, include_lm_head=True, embed_bits=8)),
+        ("llm.int8:threshold=2:zeropoint", QuantSpec("llm.int8", 8, threshold=2.0, zeropoint=True)),
+        ("int4:group=32:embed=8:head=8",
+         QuantSpec("int", 4, 32, include_embeddings=True, include_lm_head=True, embed_bits=8)),
     ],
 )
 def test_parse_valid(text: str, expected: QuantSpec) -> None:
@@ -136,6 +138,7 @@ def test_parse_valid(text: str, expected: QuantSpec) -> None:
         ("int4:group=32:head=3", "tables support bits"),
         ("int4:group=32:embed=4:head=8", "different bit widths"),
         ("int4:group=32:head=x", "not a valid int"),
+        ("int4:zeropoint", "unknown option 'zeropoint'"),
     ],
 )
 def test_parse_invalid(text: str, match: str) -> None:

@@ -44,14 +44,23 @@ def problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return w, x_cal, x_test
 
 
+ORDERS = ["columns", "act_order", "act_order_dynamic"]  # the last: groups along the processing order
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, order: str, **kw) -> object:
+    return gptq_quantize_weight(w, h, bits, 32, act_order=order != "columns",
+                                static_groups=order != "act_order_dynamic", **kw)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_gptq_beats_rtn(problem: tuple, bits: int, act_order: bool, symmetric: bool) -> None:
+def test_gptq_beats_rtn(problem: tuple, bits: int, order: str, symmetric: bool) -> None:
     w, x_cal, x_test = problem
     h = 2.0 * x_cal.t() @ x_cal / x_cal.shape[0]
-    state = gptq_quantize_weight(w, h, bits, 32, symmetric=symmetric, act_order=act_order)
-    assert (state.perm is not None) == act_order
+    state = gptq(w, h, bits, order, symmetric=symmetric)
+    # only groups along the processing order need the runtime to permute activations
+    assert (state.perm is not None) == (order == "act_order_dynamic")
     rtn = rtn_group_quantize(w, bits, 32, symmetric)
     ref = x_test @ w.t()
     mod = GroupQuantLinear(state)
@@ -66,9 +75,8 @@ def test_act_order_helps_on_uneven_feature_scales(problem: tuple) -> None:
     w, x_cal, x_test = problem
     h = 2.0 * x_cal.t() @ x_cal / x_cal.shape[0]
     ref = x_test @ w.t()
-    errs = [rel_err(GroupQuantLinear(gptq_quantize_weight(w, h, 3, 32, act_order=a))(x_test), ref)
-            for a in (False, True)]
-    assert errs[1] < errs[0], errs
+    errs = [rel_err(GroupQuantLinear(gptq(w, h, 3, order))(x_test), ref) for order in ORDERS]
+    assert errs[1] < errs[0] and errs[2] < errs[0], errs
 
 
 def test_gptq_handles_dead_inputs() -> None:
@@ -134,3 +142,93 @@ def test_collect_hessians_matches_definition() -> None:
     (h,) = collect_hessians([lin], run)
     x = torch.cat([x.reshape(-1, 16) for x in xs])
     assert torch.allclose(h, 2 * x.t() @ x / x.shape[0], atol=1e-5)
+
+
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, order: str) -> torch.Tensor:
+    """The paper's update written out without its tricks: an explicit inverse Hessian from which each
+    quantized column is eliminated (OBS, Eq. 3), one column at a time. Group scales/offsets come from the
+    error-updated weights when a group starts or, for static groups under act-order, from the original
+    weights of each input-feature group. Returns the dequantized weight in original column order."""
+    w, h = w.double().clone(), h.double().clone()
+    k = w.shape[1]
+
+    def params(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = block.amin(1), block.amax(1)
+        return ((hi - lo) / (2**bits - 1)).to(torch.float16).double(), lo.to(torch.float16).double()
+
+    static = [params(w[:, j : j + group]) for j in range(0, k, group)]
+    perm = torch.argsort(torch.diag(h), descending=True) if order != "columns" else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += 0.01 * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.inv(h)
+    out = torch.zeros_like(w)
+    for i in range(k):
+        if order == "act_order":
+            s, m = static[int(perm[i]) // group]
+        elif i % group == 0:
+            s, m = params(w[:, i : i + group])
+        q = torch.round((w[:, i] - m) / s).clamp(0, 2**bits - 1) * s + m
+        out[:, i] = q
+        err = (w[:, i] - q) / hinv[i, i]
+        w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
+        hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
+    return out[:, torch.argsort(perm)].float()
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_gptq_matches_the_papers_update(problem: tuple, order: str) -> None:
+    # Cholesky of the inverse Hessian + lazy batch updates are exact rewrites of the plain OBS update: the
+    # same codes, whatever the block size.
+    w, x_cal, _ = problem
+    w = w[:24]
+    h = 2.0 * x_cal.t() @ x_cal / x_cal.shape[0]
+    ref = reference_gptq(w, h, 4, 32, order)
+    for block_size in (32, 128, 256):
+        deq = GroupQuantLinear(gptq(w, h, 4, order, block_size=block_size)).dequantize()
+        same = float(((deq - ref).abs() < 1e-3 * ref.abs().amax()).float().mean())
+        assert same > 0.995, (block_size, same)  # ties may round apart in float32
+
+
+def test_llm_calibration_is_disjoint_from_quality_windows(tiny_models, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Quality evaluation (lab/quality.py, benchmarks/quant_bench.py) scores windows from the start of the
+    # built-in corpus; GPTQ must not calibrate on those tokens.
+    from frugallm import LLM
+    from frugallm.lab import quality
+    from frugallm.lab.corpus import builtin_corpus
+
+    seen: list[list[int]] = []
+    score = LLM.score
+
+    def recording_score(self: LLM, token_ids: list[int]) -> torch.Tensor:
+        seen.append(list(token_ids))
+        return score(self, token_ids)
+
+    monkeypatch.setattr(LLM, "score", recording_score)
+    llm = LLM(str(tiny_models.gguf("llama", "F32")), dtype="float32", device="cpu", quant="gptq:bits=4:group=32")
+    monkeypatch.undo()
+    assert seen
+    evaluated = [t for w in quality.corpus_windows(llm.tokenizer, builtin_corpus(), 16, 256) for t in w]
+
+    def grams(ids: list[int], n: int = 64) -> set[tuple[int, ...]]:
+        return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+
+    calib = set().union(*(grams(w) for w in seen))
+    assert not calib & grams(evaluated)
+
+
+def test_static_groups_keep_a_source_grid(problem: tuple) -> None:
+    # Weights already on a 4-bit grid at the same group size (a Q4 GGUF source): round-to-nearest is
+    # lossless, and so is act-order with static groups (no rounding error to feed back), while groups along
+    # the processing order mix source groups and lose the grid.
+    _, x_cal, _ = problem
+    gen = torch.Generator().manual_seed(3)
+    n, k = 32, x_cal.shape[1]
+    scales = (torch.rand(n, k // 32, 1, generator=gen) * 0.1 + 0.01).half().float()
+    offsets = (-8 * scales + torch.randn(n, k // 32, 1, generator=gen) * 0.01).half().float()
+    codes = torch.randint(0, 16, (n, k // 32, 32), generator=gen)
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans the whole grid, so min/max recover it
+    w = (codes * scales + offsets).reshape(n, k)
+    h = 2.0 * x_cal.t() @ x_cal / x_cal.shape[0]
+    assert torch.equal(rtn_group_quantize(w, 4, 32).dequantize(), w)
+    assert torch.equal(GroupQuantLinear(gptq(w, h, 4, "act_order")).dequantize(), w)
+    assert rel_err(GroupQuantLinear(gptq(w, h, 4, "act_order_dynamic")).dequantize(), w) > 0.01

@@ -25,6 +25,7 @@ IDS = list(range(5, 30))
 SPECS = {
     "int8": Int8Linear,
     "llm.int8": LLMInt8Linear,
+    "llm.int8:threshold=2:zeropoint": LLMInt8Linear,
     "int4:group=32": GroupQuantLinear,
     "int3:group=32": GroupQuantLinear,
     "mix4:group=32": Mix4Linear,

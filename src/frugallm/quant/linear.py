@@ -170,6 +170,9 @@ class LLMInt8Linear(Int8Linear):
         super().__init__(state)  # same stored weights as Int8Linear; only the forward differs
         self.threshold = float(threshold)
         self.zeropoint = bool(zeropoint)
+
+    def _init_runtime(self) -> None:
+        super()._init_runtime()
         self._rowsum: tuple[int, torch.Tensor] | None = None  # (qweight.data_ptr(), int32 [N])
 
     @classmethod
@@ -177,7 +180,8 @@ class LLMInt8Linear(Int8Linear):
         cls, linear: nn.Linear, spec: QuantSpec | None = None, zeropoint: bool = False
     ) -> LLMInt8Linear:
         q, s = quantize_int8_rows(linear.weight.detach())
-        return cls(Int8State(q, s, bias_of(linear)), 6.0 if spec is None else spec.threshold, zeropoint)
+        threshold = 6.0 if spec is None else spec.threshold
+        return cls(Int8State(q, s, bias_of(linear)), threshold, zeropoint or (spec is not None and spec.zeropoint))
 
     def _weight_rowsum(self) -> torch.Tensor:
         """``sum_k Wq[n, k]`` as int32 ``[N]``: derived from ``qweight``, cached, never stored."""

@@ -71,7 +71,7 @@ class LLMInt8Method(Int8Method):
     """Same stored weights as ``int8``; the runtime quantizes activations and splits outliers."""
 
     def convert(self, state: Int8State) -> nn.Module:
-        return LLMInt8Linear(state, self.spec.threshold)
+        return LLMInt8Linear(state, self.spec.threshold, self.spec.zeropoint)
 
 
 @QUANT_METHODS.register("int")

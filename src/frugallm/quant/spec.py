@@ -4,7 +4,8 @@ Grammar: ``METHOD[:KEY=VALUE | :FLAG]*``.
 
 ========================  =====================================================================
 ``int8``                  per-output-channel symmetric int8, weight only (``int8:group=G`` = group-wise)
-``llm.int8``              LLM.int8() int8 x int8 with outlier decomposition; key ``threshold`` (6.0)
+``llm.int8``              LLM.int8() int8 x int8 with outlier decomposition; key ``threshold`` (6.0),
+                          flag ``zeropoint`` (the paper's zeropoint row quantization instead of absmax)
 ``int2|int3|int4|int6``   group-wise round-to-nearest; key ``group`` (32/64/128), flags ``sym``/``asym``
 ``gptq``                  GPTQ; keys ``bits`` (4), ``group``; flags ``act_order``, ``sym``
 ``auto4``                 int4 with the group size chosen per matrix (FineQuant-style); key ``tol``
@@ -40,13 +41,13 @@ DEFAULT_GROUP = {2: 32, 3: 32, 4: 64, 6: 64, 8: 64}
 _COMMON_FLAGS = ("embed", "head")
 _KEYS: dict[str, tuple[str, ...]] = {
     "int8": ("group",),
-    "llm.int8": ("threshold",),
+    "llm.int8": ("threshold", "zeropoint"),
     "int": ("group", "sym", "asym", "bits"),
     "gptq": ("bits", "group", "act_order", "sym", "asym"),
     "auto4": ("tol", "sym", "asym"),
     "mix4": ("group",),
 }
-_FLAGS = {"sym", "asym", "act_order", "embed", "head"}
+_FLAGS = {"sym", "asym", "act_order", "embed", "head", "zeropoint"}
 EMBED_BITS = (4, 8)
 
 
@@ -69,6 +70,7 @@ class QuantSpec:
     include_lm_head: bool = False
     tol: float = 0.11
     embed_bits: int | None = None  # bit width of embedding/head tables (``head=8``); None: see module doc
+    zeropoint: bool = False  # llm.int8: zeropoint (asymmetric) activation rows instead of absmax
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_BITS:
@@ -89,6 +91,8 @@ class QuantSpec:
             raise FrugalError(f"auto4 tol must be in (0, 1), got {self.tol}")
         if self.act_order and self.method != "gptq":
             raise FrugalError("act_order only applies to gptq")
+        if self.zeropoint and self.method != "llm.int8":
+            raise FrugalError("zeropoint only applies to llm.int8")
         if self.embed_bits is not None:
             if self.embed_bits not in EMBED_BITS:
                 raise FrugalError(f"embedding/head tables support bits {EMBED_BITS}, got {self.embed_bits}")
@@ -104,7 +108,7 @@ class QuantSpec:
             parts.append(f"threshold={self.threshold:g}")
         if self.method == "auto4" and self.tol != QuantSpec.tol:
             parts.append(f"tol={self.tol:g}")
-        for flag, on in (("sym", self.symmetric), ("act_order", self.act_order),
+        for flag, on in (("sym", self.symmetric), ("act_order", self.act_order), ("zeropoint", self.zeropoint),
                          ("embed", self.include_embeddings), ("head", self.include_lm_head)):
             if on:
                 parts.append(flag if self.embed_bits is None or flag not in ("embed", "head")
@@ -180,5 +184,6 @@ def parse_quant_spec(spec: str) -> QuantSpec:
         include_embeddings="embed" in values,
         include_lm_head="head" in values,
         embed_bits=table_bits.pop() if table_bits else None,
+        zeropoint="zeropoint" in values,
         **kwargs,  # type: ignore[arg-type]
     )
