@@ -4,12 +4,15 @@ Starts the server as a subprocess (once with chunked prefill, once without), the
 streaming ``/v1/completions`` requests of ``--prompt-len`` token-id prompts (distinct corpus slices, so no
 prefix-cache hits between them) and exactly ``--output-len`` greedy output tokens (``ignore_eos``).
 
-Reports, per run: output tokens/s (all output tokens / wall time), TTFT p50/p99, mean TPOT; the
-speed-up of concurrency 16 over concurrency 1 (the engine's own single-stream decode); prefix caching: the
-TTFT of a second request sharing a ``--system-prompt-len``-token prefix with a first one; and, when
+Reports, per run: output tokens/s (all output tokens / wall time), TTFT p50/p99, mean TPOT, CPU ms per
+output token (server, its event-loop thread alone, and this load generator, which shares the machine:
+it speaks HTTP/1.1 over raw asyncio streams and JSON-decodes only the usage event); the speed-up of
+concurrency 16 over concurrency 1 (the engine's own single-stream decode); prefix caching: the TTFT of a
+second request sharing a ``--system-prompt-len``-token prefix with a first one; and, when
 ``llama-cpp-python`` is installed, llama.cpp's single-stream decode tok/s on the same GGUF.
 
     python benchmarks/serve_bench.py --threads 1 --out serve_bench.json
+    python benchmarks/serve_bench.py --threads 2 --requests 64 --c1-requests 8 --quick  # main runs only
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -68,22 +72,34 @@ class ServerProcess:
             self.proc.kill()
 
 
-async def one_request(client: httpx.AsyncClient, prompt: list[int] | str, max_tokens: int) -> dict[str, float]:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def one_request(url: str, prompt: list[int] | str, max_tokens: int) -> dict[str, float]:
+    """One streaming completion over a raw asyncio connection: the load generator shares the CPU with the
+    server, so it parses no more than it must (HTTP/1.1 chunked framing, and JSON only for the usage event).
+    """
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
     t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), len(body)) + body)
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"HTTP error: {status!r} {await reader.read(500)!r}")
+    while (await reader.readline()) not in (b"\r\n", b""):  # headers
+        pass
     ttft = None
     tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and ttft is None:
+    buf = b""
+    while size := int((await reader.readline()).strip() or b"0", 16):  # chunked transfer encoding
+        buf += (await reader.readexactly(size + 2))[:-2]
+        *events, buf = buf.split(b"\n\n")
+        for ev in events:
+            if ttft is None and b'"text":' in ev:
                 ttft = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            elif b'"choices":[]' in ev or b'"choices": []' in ev:  # the usage event
+                tokens = json.loads(ev[len(b"data: "):])["usage"]["completion_tokens"]
+    writer.close()
     e2e = time.perf_counter() - t0
     ttft = ttft if ttft is not None else e2e
     return {"ttft": ttft, "e2e": e2e, "tokens": tokens, "tpot": (e2e - ttft) / max(tokens - 1, 1)}
@@ -91,14 +107,14 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int] | str, max_to
 
 async def run_load(url: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> dict[str, Any]:
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
-        async def guarded(p: list[int]) -> dict[str, float]:
-            async with sem:
-                return await one_request(client, p, max_tokens)
 
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(guarded(p) for p in prompts))
-        wall = time.perf_counter() - t0
+    async def guarded(p: list[int]) -> dict[str, float]:
+        async with sem:
+            return await one_request(url, p, max_tokens)
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(guarded(p) for p in prompts))
+    wall = time.perf_counter() - t0
     ttfts = sorted(r["ttft"] for r in results)
     total = sum(r["tokens"] for r in results)
 
@@ -111,11 +127,43 @@ async def run_load(url: str, prompts: list[list[int]], max_tokens: int, concurre
             "single_stream_decode_tok_s": statistics.mean(1 / r["tpot"] for r in results) if concurrency == 1 else None}
 
 
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(whole process, main thread) CPU seconds of ``pid`` from /proc (None where there is no /proc).
+
+    The server's main thread runs the event loop (HTTP, SSE); the engine thread and torch's workers
+    are the rest.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read(path: str) -> float:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+    try:
+        return read(f"/proc/{pid}/stat"), read(f"/proc/{pid}/task/{pid}/stat")
+    except OSError:
+        return None
+
+
+def measured(url: str, pid: int, prompts: list[list[int]], max_tokens: int, concurrency: int) -> dict[str, Any]:
+    """``run_load`` plus where the CPU went, per output token: server (all, event loop) and this client."""
+    c0, r0 = cpu_seconds(pid), resource.getrusage(resource.RUSAGE_SELF)
+    r = asyncio.run(run_load(url, prompts, max_tokens, concurrency))
+    c1, r1 = cpu_seconds(pid), resource.getrusage(resource.RUSAGE_SELF)
+    n = max(r["output_tokens"], 1)
+    if c0 and c1:
+        r["server_cpu_ms_per_token"] = (c1[0] - c0[0]) / n * 1e3
+        r["server_event_loop_cpu_ms_per_token"] = (c1[1] - c0[1]) / n * 1e3
+    r["client_cpu_ms_per_token"] = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / n * 1e3
+    r["load_avg"] = os.getloadavg()
+    return r
+
+
 async def prefix_ttft(url: str, system: list[int], questions: list[list[int]]) -> list[float]:
     out = []
-    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
-        for q in questions:  # one after the other: the second finds the first's blocks
-            out.append((await one_request(client, system + q, 1))["ttft"])
+    for q in questions:  # one after the other: the second finds the first's blocks
+        out.append((await one_request(url, system + q, 1))["ttft"])
     return out
 
 
@@ -155,6 +203,7 @@ def main() -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--system-prompt-len", type=int, default=1000)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--quick", action="store_true", help="skip the no-prefix-caching and no-chunked-prefill servers")
     args = ap.parse_args()
 
     from frugallm import LLM
@@ -174,9 +223,12 @@ def main() -> int:
                                "load_avg_start": os.getloadavg()}
 
     def show(name: str, r: dict[str, Any]) -> None:
+        cpu = (f" | CPU ms/token: server {r['server_cpu_ms_per_token']:.2f} (event loop "
+               f"{r['server_event_loop_cpu_ms_per_token']:.2f}), client {r['client_cpu_ms_per_token']:.2f}"
+               if "server_cpu_ms_per_token" in r else "")
         print(f"{name:32s} {r['output_tok_s']:8.1f} out tok/s | TTFT p50 {r['ttft_p50_s']:6.2f}s "
-              f"p99 {r['ttft_p99_s']:6.2f}s | TPOT {r['tpot_mean_s'] * 1e3:6.1f} ms | wall {r['wall_s']:.0f}s",
-              flush=True)
+              f"p99 {r['ttft_p99_s']:6.2f}s | TPOT {r['tpot_mean_s'] * 1e3:6.1f} ms | wall {r['wall_s']:.0f}s{cpu} "
+              f"| load {r['load_avg'][0]:.1f}", flush=True)
 
     with ServerProcess(args) as srv:
         first, second = asyncio.run(prefix_ttft(srv.url, system, questions))
@@ -185,20 +237,21 @@ def main() -> int:
         print(f"prefix caching: {len(system)}-token shared prefix, TTFT first {first:.3f}s, second {second:.3f}s "
               f"({first / second:.1f}x)", flush=True)
         asyncio.run(run_load(srv.url, prompts[:2], 4, 2))  # warm-up
-        r1 = asyncio.run(run_load(srv.url, c1_prompts, args.output_len, 1))
+        r1 = measured(srv.url, srv.proc.pid, c1_prompts, args.output_len, 1)
         show("concurrency 1", r1)
-        rc = asyncio.run(run_load(srv.url, prompts, args.output_len, args.concurrency))
+        rc = measured(srv.url, srv.proc.pid, prompts, args.output_len, args.concurrency)
         show(f"concurrency {args.concurrency} (chunked prefill)", rc)
         results["c1"], results["chunked"] = r1, rc
-    with ServerProcess(args, "--no-prefix-caching") as srv:
-        first, second = asyncio.run(prefix_ttft(srv.url, system, questions))
-        results["prefix_cache_off"] = {"ttft_first_s": first, "ttft_second_s": second}
-        print(f"prefix caching off: TTFT first {first:.3f}s, second {second:.3f}s", flush=True)
-    with ServerProcess(args, "--no-chunked-prefill") as srv:
-        asyncio.run(run_load(srv.url, prompts[:2], 4, 2))
-        rn = asyncio.run(run_load(srv.url, prompts, args.output_len, args.concurrency))
-        show(f"concurrency {args.concurrency} (no chunked prefill)", rn)
-        results["unchunked"] = rn
+    if not args.quick:
+        with ServerProcess(args, "--no-prefix-caching") as srv:
+            first, second = asyncio.run(prefix_ttft(srv.url, system, questions))
+            results["prefix_cache_off"] = {"ttft_first_s": first, "ttft_second_s": second}
+            print(f"prefix caching off: TTFT first {first:.3f}s, second {second:.3f}s", flush=True)
+        with ServerProcess(args, "--no-chunked-prefill") as srv:
+            asyncio.run(run_load(srv.url, prompts[:2], 4, 2))
+            rn = measured(srv.url, srv.proc.pid, prompts, args.output_len, args.concurrency)
+            show(f"concurrency {args.concurrency} (no chunked prefill)", rn)
+            results["unchunked"] = rn
     results["speedup_vs_single_stream"] = results["chunked"]["output_tok_s"] / r1["single_stream_decode_tok_s"]
     print(f"concurrency {args.concurrency} output tok/s / engine single-stream decode tok/s: "
           f"{results['speedup_vs_single_stream']:.2f}x", flush=True)

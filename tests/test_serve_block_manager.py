@@ -79,6 +79,25 @@ def test_prefix_cache_hit_reuses_blocks_and_refcounts() -> None:
     bm.check()
 
 
+def test_in_flight_blocks_are_announced_until_computed_or_freed() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = seq(10)
+    bm.allocate(a, [], 10)
+    b = SeqState(list(a.token_ids))
+    assert bm.match_prefix(b.token_ids) == [] and bm.prefix_in_flight(b.token_ids, [])  # a computes it
+    assert not bm.prefix_in_flight([7] * 10, [])
+    bm.check()
+    a.num_computed_tokens = 10
+    bm.commit(a)  # computed: cached now, no longer in flight
+    assert not bm.in_flight and bm.match_prefix(b.token_ids) == a.block_table[:2]
+    c = seq(9, start=500)
+    bm.allocate(c, [], 9)
+    assert bm.prefix_in_flight(list(c.token_ids), [])
+    bm.free_seq(c)  # dropped before it was computed: nobody is computing it any more
+    assert not bm.in_flight
+    bm.check()
+
+
 def test_prefix_cache_survives_free_until_reused() -> None:
     bm = BlockManager(num_blocks=4, block_size=4)
     a = seq(9)
@@ -319,6 +338,17 @@ def test_fork_in_scheduler() -> None:
     c.token_ids.append(8)
     out = sch.schedule()
     assert out.seqs == [p, c] and len(out.copies) == 1  # p copies the shared partial block
+
+
+def test_identical_prompts_arriving_together_share_blocks() -> None:
+    sch = make(block_size=4)
+    a, b, c = seq(10), seq(10), seq(6, start=300)
+    for s in (a, b, c):
+        sch.add(s)
+    assert run_step(sch) == [(a.seq_id, 10), (c.seq_id, 6)]  # b waits for the blocks a is computing
+    assert run_step(sch) == [(a.seq_id, 1), (c.seq_id, 1), (b.seq_id, 2)]  # then reuses them
+    assert b.num_cached_tokens == 8 and b.block_table[:2] == a.block_table[:2]
+    sch.bm.check()
 
 
 def test_config_validation() -> None:

@@ -199,6 +199,17 @@ def test_prefix_cache_hit_gives_same_tokens(llm: LLM) -> None:
     assert seq.output_ids == first.token_ids
 
 
+def test_identical_prompts_together_share_prefix_blocks(llm: LLM, reference: list[list[int]]) -> None:
+    engine = LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4))
+    p = prompts_for(llm)[0]
+    rids = [engine.add_request(p, GREEDY) for _ in range(3)]
+    states = [engine.requests[r].states[0] for r in rids]
+    seqs = [engine.requests[r].choices[0].seq for r in rids]
+    engine.run_to_completion()
+    assert [s.num_cached_tokens for s in states] == [0] + [(len(p) - 1) // 4 * 4] * 2
+    assert all(s.output_ids == reference[0] for s in seqs)
+
+
 def test_single_request_sampling_matches_generate(llm: LLM) -> None:
     """Seeded sampling, penalties, stop strings and logprobs follow LLM.generate exactly when alone."""
     engine = LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4))

@@ -5,6 +5,10 @@ thread-safe inbox; each request gets an ``asyncio.Queue`` on the caller's event 
 thread feeds with :class:`StepOutput` objects. Leaving the ``async for`` early (a client disconnect
 cancels the task) aborts the request, which frees its KV blocks at the start of the next step.
 
+Per-token costs are kept off the engine's path: a step's outputs reach each event loop in one
+``call_soon_threadsafe`` (one wake-up per step, not per token), and a consumer that fell behind gets
+the tokens queued for a choice merged into one output (one SSE event) instead of one per token.
+
 >>> async for out in async_llm.generate("Hello", SamplingParams(max_tokens=8)):
 ...     print(out.text, end="")
 """
@@ -102,12 +106,12 @@ class AsyncLLM:
         remaining = len(ids_list) * n
         try:
             while remaining:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    remaining -= 1
-                yield item
+                for item in _coalesce(await q.get(), q):
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finished:
+                        remaining -= 1
+                    yield item
         finally:
             if remaining:  # cancelled (client gone) or failed: free the blocks
                 for rid in rids:
@@ -122,6 +126,18 @@ class AsyncLLM:
     def _deliver(self, sink: _Sink, item: StepOutput | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # RuntimeError: the caller's loop is closed, nobody listens
             sink.loop.call_soon_threadsafe(sink.queue.put_nowait, item)
+
+    def _deliver_step(self, outputs: list[StepOutput]) -> None:
+        """Hand a step's outputs to their queues: one wake-up per event loop, not one per output."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is not None:
+                out.index += sink.index_offset
+                by_loop.setdefault(sink.loop, []).append((sink.queue, out))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -157,11 +173,7 @@ class AsyncLLM:
                         self._deliver(sink, e)
                     self._sinks.clear()
                     continue
-                for out in outputs:
-                    sink = self._sinks.get(out.request_id)
-                    if sink is not None:
-                        out.index += sink.index_offset
-                        self._deliver(sink, out)
+                self._deliver_step(outputs)
                 for rid in {out.request_id for out in outputs} - self.engine.requests.keys():
                     self._sinks.pop(rid, None)  # finished
         except BaseException as e:  # pragma: no cover - fatal
@@ -170,3 +182,28 @@ class AsyncLLM:
             for sink in self._sinks.values():
                 self._deliver(sink, EngineDeadError(f"engine thread died: {e}"))
             raise
+
+
+def _put_all(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _coalesce(first: StepOutput | BaseException, q: asyncio.Queue) -> list[StepOutput | BaseException]:
+    """``first`` plus whatever is already queued, with the outputs of each choice merged into one.
+
+    Order within a choice is kept; nothing is merged across an exception (it is raised in place).
+    """
+    items = [first]
+    at: dict[int, int] = {} if isinstance(first, BaseException) else {first.index: 0}
+    while not q.empty():
+        item = q.get_nowait()
+        if isinstance(item, BaseException):
+            at.clear()
+            items.append(item)
+        elif (i := at.get(item.index)) is not None:
+            items[i] = items[i].merge(item)
+        else:
+            at[item.index] = len(items)
+            items.append(item)
+    return items

@@ -13,6 +13,10 @@ Plain Python (no torch) so it can be unit-tested alone; the tensors live in :mod
   (and hold the same tokens: hashes are verified) reuses them instead of recomputing. Freed blocks keep
   their contents and hash, sit in an LRU free list and are only forgotten when reallocated, so a request
   arriving after an identical one finished still hits.
+* In-flight prefixes: a full block whose tokens are known but not yet computed (a prompt being prefilled)
+  is *in flight* under the hash it will have. :meth:`BlockManager.prefix_in_flight` tells the scheduler
+  that a new sequence's next prefix block is being computed right now, so it can wait a step and then
+  share it rather than compute the same tokens again (identical prompts arriving together).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Block:
     ref_count: int = 0
     hash: int = NO_HASH
     token_ids: tuple[int, ...] = field(default=())
+    pending_hash: int = NO_HASH  # the hash it will get once computed, while in flight
 
 
 def chain_hash(prev_hash: int, tokens: tuple[int, ...] | list[int]) -> int:
@@ -59,6 +64,7 @@ class BlockManager:
         # Free blocks in LRU order (oldest first). Values unused: an ordered set with O(1) removal.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
+        self.in_flight: dict[int, int] = {}  # hash -> block being computed that will hold it
         # Counters for metrics.
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
@@ -97,7 +103,38 @@ class BlockManager:
         assert b.ref_count > 0, f"block {block_id} freed twice"
         b.ref_count -= 1
         if b.ref_count == 0:
+            self._land(b)  # freed before it was computed: nobody will compute it
             self.free[block_id] = None  # most recently freed: evicted last
+
+    def _land(self, b: Block) -> None:
+        """The block is no longer in flight (computed, or dropped)."""
+        if b.pending_hash != NO_HASH:
+            if self.in_flight.get(b.pending_hash) == b.block_id:
+                del self.in_flight[b.pending_hash]
+            b.pending_hash = NO_HASH
+
+    def _mark_in_flight(self, seq: BlockSeq) -> None:
+        """Register the sequence's allocated, full, not yet computed blocks as in flight."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = min(len(seq.token_ids) // bs, len(seq.block_table))
+        h = seq.block_hashes[-1] if seq.block_hashes else NO_HASH
+        for i in range(len(seq.block_hashes), full):
+            h = chain_hash(h, seq.token_ids[i * bs:(i + 1) * bs])
+            b = self.blocks[seq.block_table[i]]
+            if b.hash == NO_HASH and b.pending_hash == NO_HASH:
+                b.pending_hash = h
+                self.in_flight.setdefault(h, b.block_id)
+
+    def prefix_in_flight(self, token_ids: list[int], cached: list[int]) -> bool:
+        """Is the block after the ``cached`` prefix blocks (see :meth:`match_prefix`) being computed now?"""
+        bs = self.block_size
+        i = len(cached)
+        if not self.in_flight or i >= (len(token_ids) - 1) // bs:
+            return False
+        prev = self.blocks[cached[-1]].hash if cached else NO_HASH
+        return chain_hash(prev, token_ids[i * bs:(i + 1) * bs]) in self.in_flight
 
     def match_prefix(self, token_ids: list[int]) -> list[int]:
         """Cached blocks holding a prefix of ``token_ids`` (no side effects).
@@ -141,6 +178,7 @@ class BlockManager:
         seq.num_computed_tokens = len(cached) * self.block_size
         for _ in range(self.blocks_for(num_tokens) - len(cached)):
             seq.block_table.append(self._take_free())
+        self._mark_in_flight(seq)
 
     def _needs_cow(self, seq: BlockSeq) -> bool:
         # The next write goes into the last block if it is partially filled; copy it first if shared.
@@ -170,6 +208,7 @@ class BlockManager:
         total = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
         while len(seq.block_table) < total:
             seq.block_table.append(self._take_free())
+        self._mark_in_flight(seq)
         return copies
 
     def fork(self, parent: BlockSeq, child: BlockSeq) -> None:
@@ -192,6 +231,7 @@ class BlockManager:
             seq.block_hashes.append(h)
             if self.enable_prefix_caching:
                 b = self.blocks[seq.block_table[i]]
+                self._land(b)
                 if b.hash == NO_HASH:
                     b.hash, b.token_ids = h, toks
                     self.hash_to_block.setdefault(h, b.block_id)
@@ -211,3 +251,6 @@ class BlockManager:
             assert (b.ref_count == 0) == (b.block_id in self.free), b
         for h, block_id in self.hash_to_block.items():
             assert self.blocks[block_id].hash == h
+        for h, block_id in self.in_flight.items():
+            b = self.blocks[block_id]
+            assert b.pending_hash == h and b.ref_count > 0 and b.hash == NO_HASH, b

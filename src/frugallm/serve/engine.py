@@ -89,6 +89,13 @@ class StepOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def merge(self, later: StepOutput) -> StepOutput:
+        """One output carrying this one's tokens then ``later``'s (same request and choice)."""
+        assert (later.request_id, later.index) == (self.request_id, self.index)
+        lps = None if self.logprobs is None or later.logprobs is None else self.logprobs + later.logprobs
+        return dataclasses.replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
+                                   logprobs=lps)
+
 
 @dataclass(eq=False)
 class _Choice:

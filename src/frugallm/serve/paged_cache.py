@@ -11,6 +11,11 @@ blocks gather into ``[visible, kv_heads, head_dim]`` with one indexing op. The e
 space: padding tokens write there and padded block-table entries point there, so no real block is
 touched. The pool is zero-initialised so that masked-out slots are always finite (a NaN there would leak
 through the attention matmul even with zero weight).
+
+Prompts computed from their first token (``starts`` all 0, the usual prefill) skip the gather: each row
+attends only to its own new keys, which are returned as they are, with a causal mask. (Keeping decode
+batches gathered across steps and appending one token was tried: it saves the gather but the attention
+then reads the keys from DRAM instead of from cache, which costs as much.)
 """
 
 from __future__ import annotations
@@ -69,21 +74,31 @@ class PagedKVCache(KVCache):
         blk = torch.gather(tables, 1, (pos // bs).clamp(max=nb - 1))
         write = torch.where(valid, blk * bs + pos % bs, self.scratch_block * bs)
         self._write_idx = write.reshape(-1).to(dev)
-        self._tables = tables.to(dev)
+        self._tables = tables.view(-1).to(dev)
         self._shape = (b, t, nb * bs)
+        self._fresh = False
+        # Masks are additive fp32 (0 or -inf), built once per pass: SDPA would otherwise turn a bool mask
+        # into this form in every layer (~15% of a decode step's attention time).
         if b == 1:
             # One row: show exactly its tokens, like a contiguous cache, so results match it bit for bit.
             self._visible = ends[0]
             self._mask = None
             if starts[0] > 0 and num_new[0] > 1:  # a later prompt chunk: causal with an offset
                 slots = torch.arange(ends[0])
-                self._mask = (slots[None, :] <= pos[0, :, None]).view(1, 1, t, ends[0]).to(dev)
+                self._mask = _additive(slots[None, :] <= pos[0, :, None]).view(1, 1, t, ends[0]).to(dev)
+        elif t > 1 and not any(starts):
+            # Whole prompts from their first token: each row attends only to its own new keys, so they
+            # are returned as they are (no gather) with a plain causal mask; right padding only ever
+            # reaches padding queries.
+            self._visible = t
+            self._mask = None
+            self._fresh = True
         else:
-            self._visible = nb * bs
-            slots = torch.arange(nb * bs)
+            self._visible = max(ends)
+            slots = torch.arange(self._visible)
             # Slot j is visible to query i of row b iff j <= its position. Padding query rows see up to
             # their (fake) position too: finite garbage, discarded by the caller, never NaN.
-            self._mask = (slots[None, None, :] <= pos[:, :, None]).unsqueeze(1).to(dev)
+            self._mask = _additive(slots[None, None, :] <= pos[:, :, None]).unsqueeze(1).to(dev)
         self._bound = True
 
     def update(
@@ -101,11 +116,14 @@ class PagedKVCache(KVCache):
         assert (b, t) == self._shape[:2], f"input {b}x{t} does not match the bound batch {self._shape[:2]}"
         kp, vp = self.k[layer], self.v[layer]
         # The pass may compute in another dtype than the pool stores (CPU prefill in bf16, fp16 pool).
-        kp.view(-1, h, d).index_copy_(0, self._write_idx, k.transpose(1, 2).reshape(b * t, h, d).to(kp.dtype))
-        vp.view(-1, h, d).index_copy_(0, self._write_idx, v.transpose(1, 2).reshape(b * t, h, d).to(vp.dtype))
+        k, v = k.to(kp.dtype), v.to(vp.dtype)
+        kp.view(-1, h, d).index_copy_(0, self._write_idx, k.transpose(1, 2).reshape(b * t, h, d))
+        vp.view(-1, h, d).index_copy_(0, self._write_idx, v.transpose(1, 2).reshape(b * t, h, d))
+        if self._fresh:
+            return k, v, None
         n = self._visible
-        keys = kp[self._tables].view(b, -1, h, d)[:, :n].transpose(1, 2)
-        values = vp[self._tables].view(b, -1, h, d)[:, :n].transpose(1, 2)
+        keys = kp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
+        values = vp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
         return keys, values, self._mask
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -126,3 +144,8 @@ class PagedKVCache(KVCache):
     @property
     def num_slots(self) -> int:
         return self.num_used_blocks * self.block_size
+
+
+def _additive(visible: torch.Tensor) -> torch.Tensor:
+    """Bool "may attend" mask -> fp32 additive mask (0 where visible, -inf elsewhere)."""
+    return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))

@@ -17,6 +17,9 @@ Policies:
 * **Chunked prefill off**: a step either prefills whole prompts (priority, so time to first token is
   low, but running decodes pause) or decodes every running sequence. A prompt longer than the budget
   runs alone.
+* **Shared prompts in flight**: a waiting sequence whose next prefix block is being computed by a
+  running one (two identical prompts arriving together) is passed over for this step; in the next one
+  that block is cached and it reuses it instead of computing the same tokens twice.
 * **Preemption by recompute**: when a running sequence needs a block and none is free, the most recently
   admitted sequence loses its blocks and returns to the front of the queue; it later prefills its prompt
   plus what it generated so far (prefix caching usually makes that cheap).
@@ -197,9 +200,15 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         chunked = self.config.enable_chunked_prefill
-        while self.waiting and budget > 0 and self._num_seqs_after(self.waiting[0]) <= self.config.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            seq = self.waiting[i]
+            if self._num_seqs_after(seq) > self.config.max_num_seqs:
+                break
             cached = self.bm.match_prefix(seq.token_ids)
+            if self.bm.prefix_in_flight(seq.token_ids, cached):
+                i += 1  # a running sequence is computing its next prefix block: share it from the next step
+                continue
             remaining = seq.num_tokens - len(cached) * self.bm.block_size
             if chunked:
                 num_new = min(remaining, budget)
@@ -210,7 +219,7 @@ class Scheduler:
             total = len(cached) * self.bm.block_size + num_new
             if not self.bm.can_allocate(cached, total):
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             self.bm.allocate(seq, cached, total)
             seq.num_cached_tokens = len(cached) * self.bm.block_size
             seq.status = SeqStatus.RUNNING
