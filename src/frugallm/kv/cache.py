@@ -109,13 +109,16 @@ class CompressedKVCache(KVCache):
         return q is None or not q.needs_layer_input
 
     @staticmethod
-    def _select(scores: torch.Tensor, keep: int, valid: torch.Tensor, protected: int, per_head: bool) -> torch.Tensor:
+    def _select(scores: torch.Tensor, keep: int, valid: torch.Tensor, protected: int, per_head: bool,
+                pinned: int = 0) -> torch.Tensor:
         """Top-``keep`` slots ``[b, h or 1, keep]`` in ascending slot order."""
-        # Priority: the store's protected window, then the policy's +inf slots, then scores; padding last.
+        # Priority: the store's protected window and pinned sinks, then the policy's +inf slots, then
+        # scores; padding last.
         s = scores.float().nan_to_num(posinf=torch.finfo(torch.float32).max)
         s = s.masked_fill(~valid[:, None, :], float("-inf"))
         if protected:
             s[..., s.shape[2] - protected:] = float("inf")
+        s[..., :pinned] = float("inf")
         if not per_head:
             s = s.mean(1, keepdim=True)
         return s.topk(keep, dim=-1).indices.sort(dim=-1).values
@@ -227,9 +230,9 @@ class CompressedKVCache(KVCache):
             scores = ev.on_decode(ctx)
             st.stats = ctx.stats
             if scores is not None and n > st.capacity:
-                keep = max(ev.decode_keep(n, st.capacity), store.protected)
+                keep = max(ev.decode_keep(n, st.capacity), store.protected + store.pinned)
                 if keep < n:
-                    idx = self._select(scores, keep, valid, store.protected, self._store_per_head())
+                    idx = self._select(scores, keep, valid, store.protected, self._store_per_head(), store.pinned)
                     store.gather(idx)
                     self._gather_stats(st, idx)
                     st.pad = (idx[:, 0] < st.pad[:, None]).sum(1)

@@ -57,6 +57,11 @@ class Store(ABC):
         """Trailing slots eviction must keep (a full-precision window not yet quantized)."""
         return 0
 
+    @property
+    def pinned(self) -> int:
+        """Leading slots eviction must keep (attention sinks a quantizer stores exact)."""
+        return 0
+
     @abstractmethod
     def append(self, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor | None, positions: torch.Tensor) -> None:
         """Append ``t`` slots; ``x: [batch, t, hidden]``, ``positions: [batch, t]`` RoPE positions."""

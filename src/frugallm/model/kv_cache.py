@@ -41,8 +41,9 @@ class KVCache(ABC):
         rematerialise K/V), ``positions`` ``[batch, new_tokens]`` RoPE positions.
 
         ``keys, values: [batch, num_kv_heads, visible, head_dim]``; ``mask`` is ``None`` when plain
-        causal attention over all visible slots is right, else a bool ``[batch, 1, new_tokens,
-        visible]`` tensor (True = may attend).
+        causal attention over all visible slots is right, else a ``[batch, 1, new_tokens, visible]``
+        tensor for SDPA: bool (True = may attend) or additive float (0 / -inf, which SDPA takes without
+        converting it in every layer).
         """
 
     @abstractmethod
