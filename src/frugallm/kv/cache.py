@@ -218,8 +218,8 @@ class CompressedKVCache(KVCache):
             if self.frame == "raw":
                 old_pos = positions[:, :1] - n_old + torch.arange(n_old, device=k.device)[None, :]
                 old_k = self._rotate(old_k, old_pos)
-            keys = torch.cat([old_k.to(k.dtype), k], dim=2)
-            values = torch.cat([old_v.to(v.dtype), v], dim=2)
+            keys = torch.cat([old_k.to(self.dtype), k.to(self.dtype)], dim=2)
+            values = torch.cat([old_v.to(self.dtype), v.to(self.dtype)], dim=2)
             store.append(k_store, v, x, positions)
         n = n_old + t
         valid = torch.arange(n, device=k.device)[None, :] >= st.pad[:, None]
@@ -236,7 +236,9 @@ class CompressedKVCache(KVCache):
                     store.gather(idx)
                     self._gather_stats(st, idx)
                     st.pad = (idx[:, 0] < st.pad[:, None]).sum(1)
-        return keys.to(k.dtype), values.to(v.dtype), mask
+        # In the cache dtype, as ContiguousKVCache: the model attends a decode step in it (fp32 on CPU,
+        # where half-precision SDPA with one query is 4-10x slower).
+        return keys.to(self.dtype), values.to(self.dtype), mask
 
     def dequantized(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored slots of ``layer`` as attention will read them (full head_dim, store frame).
