@@ -7,6 +7,8 @@ buffer, so it is neither saved nor counted in weight bytes (it is at most a few 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -15,13 +17,18 @@ class CastCache:
         self._key: tuple[object, ...] | None = None
         self._value: torch.Tensor | None = None
 
-    def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``t`` in ``dtype`` (``t`` itself when it already is)."""
-        if t.dtype == dtype:
+    def get(
+        self, t: torch.Tensor, dtype: torch.dtype, derive: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``t`` in ``dtype`` (``t`` itself when it already is and there is no ``derive``), passed through
+        ``derive`` when given (one cache holds one derived form)."""
+        if t.dtype == dtype and derive is None:
             return t
         if torch.compiler.is_compiling():
-            return t.to(dtype)  # traced into the graph (and fused) rather than guarded on cache state
+            # traced into the graph (and fused) rather than guarded on cache state
+            return t.to(dtype) if derive is None else derive(t.to(dtype))
         key = (dtype, t.device, t.data_ptr(), t._version)
         if key != self._key or self._value is None:
-            self._key, self._value = key, t.detach().to(dtype)
+            v = t.detach().to(dtype)
+            self._key, self._value = key, v if derive is None else derive(v)
         return self._value
