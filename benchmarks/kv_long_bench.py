@@ -110,7 +110,10 @@ def prefill(llm: LLM, specs: list[str], ids: list[int], extra: int, kv_dtype: to
     assert specs[0] == "full"
 
     def new_cache(spec: str, n: int) -> KVCache:
-        return build_kv_cache(spec, model, batch=1, capacity=n + extra, dtype=kv_dtype, device=dev)
+        # As LLM.make_cache: compressed caches store exact slots in the model's half dtype.
+        store = llm.dtype if llm.dtype in (torch.float16, torch.bfloat16) else None
+        return build_kv_cache(spec, model, batch=1, capacity=n + extra, dtype=kv_dtype, device=dev,
+                              store_dtype=store)
 
     def forward(prompt: list[int], cache: KVCache) -> torch.Tensor:
         return model(torch.tensor([prompt], device=dev), torch.arange(len(prompt), device=dev)[None], cache,

@@ -384,3 +384,26 @@ def test_spec_round_trip_and_registry():
     assert [n for n, p in flags.items() if p.quantizes] == ["kivi", "xquant"]
     assert flags["streamingllm"].changes_positions and flags["h2o"].needs_scores
     assert flags["gemfilter"].selects_prompt and flags["think"].prunes_channels
+
+
+@pytest.mark.parametrize("spec", ["snapkv:budget=0.5", "kivi:bits=2,residual=8,sinks=0"])
+def test_half_storage_attends_in_fp32(model, spec):
+    """``store_dtype=float16``: exact slots stored in half (half the bytes), attention still gets fp32, and
+    for keys/values that are fp16 values to begin with the result equals the fp32-stored cache's."""
+    k, v, q, x, pos = synthetic(40)
+    k, v, q, x = (t.half().float() for t in (k, v, q, x))  # fp16-representable, as half activations are
+    full = build_kv_cache(spec, model, batch=1, capacity=64, dtype=torch.float32, device="cpu")
+    half = build_kv_cache(spec, model, batch=1, capacity=64, dtype=torch.float32, device="cpu",
+                          store_dtype=torch.float16)
+    chunks = [(k, v, q, x, pos)]
+    for i in range(3):  # decode steps
+        kd, vd, qd, xd, pd = synthetic(1, seed=10 + i, start=40 + i)
+        chunks.append(tuple(t.half().float() for t in (kd, vd, qd, xd)) + (pd,))
+    for c in chunks:
+        a, b = drive(full, [c]), drive(half, [c])
+    assert b[0].dtype == torch.float32 and b[1].dtype == torch.float32
+    torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(b[1], a[1], rtol=0, atol=1e-6)
+    assert half.nbytes() < full.nbytes()
+    if spec.startswith("snapkv"):
+        assert half.nbytes() * 2 == full.nbytes()

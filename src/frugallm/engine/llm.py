@@ -182,6 +182,9 @@ class LLM:
                 dtype=self.kv_dtype,
                 device=self.device,
                 pad_lens=pad_lens,
+                # Compressed caches keep exact slots in the model's half dtype (lossless: keys come from
+                # half activations) and attend in kv_dtype; the plain cache stays fp32 (no per-step cast).
+                store_dtype=self.dtype if self.dtype in (torch.float16, torch.bfloat16) else None,
             )
         cfg = self.config
         return ContiguousKVCache(

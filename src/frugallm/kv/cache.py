@@ -58,8 +58,12 @@ class CompressedKVCache(KVCache):
     model : Transformer
         The model the cache serves (config, RoPE tables; XQuant also reads the K/V projections).
     batch, dtype, device, pad_lens
-        As for :class:`~frugallm.model.kv_cache.ContiguousKVCache`; ``dtype`` is the storage dtype of
-        full-precision slots (quantized slots use packed codes and fp16 scales).
+        As for :class:`~frugallm.model.kv_cache.ContiguousKVCache`; ``dtype`` is the dtype of the keys and
+        values handed to attention.
+    store_dtype
+        Storage dtype of full-precision slots (default ``dtype``; quantized slots use packed codes and
+        their own scale dtypes). On CPU the engine attends in fp32 but stores in the model's half dtype:
+        keys come from half-precision activations, so that is lossless and halves the bytes.
     """
 
     def __init__(
@@ -71,13 +75,15 @@ class CompressedKVCache(KVCache):
         dtype: torch.dtype,
         device: torch.device | str,
         pad_lens: list[int] | None = None,
+        store_dtype: torch.dtype | None = None,
     ) -> None:
         cfg = model.config
         self.spec = spec
         self.model = model
         self.num_layers, self.batch = cfg.num_layers, batch
         self.kv_heads, self.head_dim = cfg.num_kv_heads, cfg.head_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = store_dtype or dtype, torch.device(device)
+        self.attn_dtype = dtype
         self.frame = "raw" if spec.changes_positions else "rotated"
         self.rope = model.rope_tables(self.device)
         self.pad_lens = torch.tensor(pad_lens or [0] * batch, device=self.device, dtype=torch.long)
@@ -218,8 +224,8 @@ class CompressedKVCache(KVCache):
             if self.frame == "raw":
                 old_pos = positions[:, :1] - n_old + torch.arange(n_old, device=k.device)[None, :]
                 old_k = self._rotate(old_k, old_pos)
-            keys = torch.cat([old_k.to(self.dtype), k.to(self.dtype)], dim=2)
-            values = torch.cat([old_v.to(self.dtype), v.to(self.dtype)], dim=2)
+            keys = torch.cat([old_k.to(self.attn_dtype), k.to(self.attn_dtype)], dim=2)
+            values = torch.cat([old_v.to(self.attn_dtype), v.to(self.attn_dtype)], dim=2)
             store.append(k_store, v, x, positions)
         n = n_old + t
         valid = torch.arange(n, device=k.device)[None, :] >= st.pad[:, None]
@@ -236,9 +242,9 @@ class CompressedKVCache(KVCache):
                     store.gather(idx)
                     self._gather_stats(st, idx)
                     st.pad = (idx[:, 0] < st.pad[:, None]).sum(1)
-        # In the cache dtype, as ContiguousKVCache: the model attends a decode step in it (fp32 on CPU,
+        # In the attention dtype, as ContiguousKVCache: the model attends a decode step in it (fp32 on CPU,
         # where half-precision SDPA with one query is 4-10x slower).
-        return keys.to(self.dtype), values.to(self.dtype), mask
+        return keys.to(self.attn_dtype), values.to(self.attn_dtype), mask
 
     def dequantized(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored slots of ``layer`` as attention will read them (full head_dim, store frame).
@@ -296,15 +302,18 @@ def build_kv_cache(
     dtype: torch.dtype,
     device: torch.device | str,
     pad_lens: list[int] | None = None,
+    store_dtype: torch.dtype | None = None,
 ) -> KVCache:
     """The cache for ``spec``: a :class:`CompressedKVCache`, or the plain contiguous cache when the spec
-    compresses nothing (``"full"``, or a prompt selector alone). ``capacity`` sizes the plain cache."""
+    compresses nothing (``"full"``, or a prompt selector alone). ``capacity`` sizes the plain cache;
+    ``store_dtype`` is the compressed cache's full-precision storage (see :class:`CompressedKVCache`)."""
     spec = parse_kv_spec(spec)
     cfg = model.config
     if not spec.compresses_cache:
         return ContiguousKVCache(cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, capacity, dtype, device,
                                  pad_lens)
-    return CompressedKVCache(spec, model, batch=batch, dtype=dtype, device=device, pad_lens=pad_lens)
+    return CompressedKVCache(spec, model, batch=batch, dtype=dtype, device=device, pad_lens=pad_lens,
+                             store_dtype=store_dtype)
 
 
 def select_prompt_tokens(spec: str | KVSpec | None, model: Any, prompt_ids: list[int]) -> list[int] | None:
