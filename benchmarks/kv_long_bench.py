@@ -111,7 +111,8 @@ def prefill(llm: LLM, specs: list[str], ids: list[int], extra: int, kv_dtype: to
 
     def new_cache(spec: str, n: int) -> KVCache:
         # As LLM.make_cache: compressed caches store exact slots in the model's half dtype.
-        store = llm.dtype if llm.dtype in (torch.float16, torch.bfloat16) else None
+        half = getattr(llm, "dtype", None)
+        store = half if half in (torch.float16, torch.bfloat16) else None
         return build_kv_cache(spec, model, batch=1, capacity=n + extra, dtype=kv_dtype, device=dev,
                               store_dtype=store)
 
