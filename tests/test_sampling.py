@@ -59,7 +59,9 @@ def test_top_p_only_emits_nucleus(logits: torch.Tensor, top_p: float, seed: int)
     sp, idx = probs.sort(descending=True)
     # the nucleus: tokens whose preceding mass is < top_p (ties at the boundary may add tokens)
     before = sp.cumsum(0) - sp
-    allowed = set(idx[before < top_p + 1e-6].tolist())
+    # Tied probabilities sort in any order: every token as likely as the nucleus' least likely one counts.
+    floor = sp[before < top_p + 1e-6].min()
+    allowed = set(torch.nonzero(probs >= floor - 1e-7).flatten().tolist())
     g = torch.Generator().manual_seed(seed)
     for _ in range(5):
         assert sample_token(logits.clone(), p, g) in allowed
