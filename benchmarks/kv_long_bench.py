@@ -42,8 +42,7 @@ import torch.nn.functional as F
 
 from frugallm import LLM
 from frugallm.kv import build_kv_cache, parse_kv_spec, select_prompt_tokens
-from frugallm.kv.gemfilter import _StopForward
-from frugallm.kv.policy import attention_scores
+from frugallm.kv.gemfilter import ProbeCache, StopForward
 from frugallm.lab import passkey
 from frugallm.lab.corpus import load_corpus
 from frugallm.model.kv_cache import KVCache
@@ -194,31 +193,6 @@ def run_passkey(llm: LLM, specs: list[str], prompt: passkey.PasskeyPrompt,
              "fp16_prefill": fp16} for s in specs]
 
 
-class _LayerProbe(KVCache):
-    """Records every layer's last-window attention over the prompt; stops the pass after ``last``."""
-
-    def __init__(self, last: int, window: int) -> None:
-        self.last, self.window = last, window
-        self.scores: list[torch.Tensor] = []
-
-    def update(self, layer, k, v, *, q=None, x=None, positions=None):  # noqa: ANN001, ANN201
-        t = k.shape[2]
-        self.scores.append(attention_scores(q[:, :, t - self.window:], k, None, q_offset=t - self.window)[0].sum(0))
-        if layer == self.last:
-            raise _StopForward
-        return k, v, None
-
-    def nbytes(self) -> int:
-        return 0
-
-    def reserved_bytes(self) -> int:
-        return 0
-
-    @property
-    def num_slots(self) -> int:
-        return 0
-
-
 @torch.inference_mode()
 def needle_recall(llm: LLM, prompt: passkey.PasskeyPrompt, last: int, budget: float = 0.25,
                   window: int = 8) -> list[float]:
@@ -226,11 +200,12 @@ def needle_recall(llm: LLM, prompt: passkey.PasskeyPrompt, last: int, budget: fl
     ids, n = prompt.ids, len(prompt.ids)
     span = range(prompt.needle_start, prompt.needle_start + prompt.needle_len)
     digits = [i for i in span if any(ch.isdigit() for ch in llm.tokenizer.decode([ids[i]]))]
-    probe = _LayerProbe(last, window)
-    with contextlib.suppress(_StopForward):  # the probe ends the pass after the deepest layer tried
+    probe = ProbeCache(last, window, every_layer=True)
+    with contextlib.suppress(StopForward):  # the probe ends the pass after the deepest layer tried
         llm.model(torch.tensor([ids]), torch.arange(n)[None], probe, "last")
     recall = []
-    for scores in probe.scores:
+    for layer_scores in probe.scores:
+        scores = layer_scores[0].sum(0)  # [T]
         scores[n - window:] = float("inf")
         keep = set(scores.topk(math.ceil(budget * n)).indices.tolist())
         recall.append(sum(i in keep for i in digits) / len(digits))

@@ -7,22 +7,15 @@ import math
 import pytest
 import torch
 
-from frugallm.config import ModelConfig
 from frugallm.kv import select_prompt_tokens
 from frugallm.model.kv_cache import ContiguousKVCache
 from frugallm.model.llama import Transformer
+from test_kv_policies import make_model
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
-    m = Transformer(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.2)
-    return m.eval()
+    return make_model(std=0.2, num_layers=4)
 
 
 def test_filter_pass_runs_only_up_to_the_filter_layers_keys(model):

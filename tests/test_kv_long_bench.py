@@ -11,9 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from frugallm.config import ModelConfig
 from frugallm.kv import build_kv_cache, select_prompt_tokens
-from frugallm.model.llama import Transformer
+from test_kv_policies import make_model
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kv_long_bench.py"
 _spec = importlib.util.spec_from_file_location("kv_long_bench", _PATH)
@@ -27,14 +26,8 @@ SPECS = ["full", "snapkv:budget=0.25,window=8", "h2o:budget=0.25", "kivi:bits=2,
 
 @pytest.fixture(scope="module")
 def llm() -> SimpleNamespace:
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    return SimpleNamespace(model=model.eval(), device=torch.device("cpu"), config=cfg)
+    model = make_model()
+    return SimpleNamespace(model=model, device=torch.device("cpu"), config=model.config)
 
 
 @torch.inference_mode()

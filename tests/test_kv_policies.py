@@ -39,14 +39,15 @@ COMPOSED = [f"{s}+{KIVI}" for s in ALONE if not parse_kv_spec(s).quantizer] + [
 PROMPT, STEPS, PADS = 48, 20, [0, 5]
 
 
-def make_model(**overrides) -> Transformer:
+def make_model(std: float = 0.05, **overrides) -> Transformer:
+    """A tiny random llama (config fields overridable), weights ~ N(0, std), seed 0."""
     torch.manual_seed(0)
     cfg = dict(arch="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                num_kv_heads=2, head_dim=16, max_position_embeddings=512)
     model = Transformer(ModelConfig(**{**cfg, **overrides}))
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.05)
+            p.normal_(0.0, std)
     return model.eval()
 
 

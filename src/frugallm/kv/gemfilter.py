@@ -28,23 +28,26 @@ from frugallm.kv.policy import KV_POLICIES, PromptSelector, attention_scores
 from frugallm.model.kv_cache import KVCache
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by :class:`ProbeCache` to end a forward pass early."""
 
 
-class _ProbeCache(KVCache):
-    """Attends within the prompt without storing anything; records the filter layer's scores."""
+class ProbeCache(KVCache):
+    """Attends within the prompt without storing anything; records the last ``window`` queries' attention
+    ``[1, kv_heads, T]`` at layer ``last`` (and at every layer before it with ``every_layer``), then stops
+    the forward pass by raising :class:`StopForward`. The benchmark's layer scan reuses it."""
 
-    def __init__(self, layer: int, window: int) -> None:
-        self.layer, self.window = layer, window
-        self.scores: torch.Tensor | None = None
+    def __init__(self, last: int, window: int, every_layer: bool = False) -> None:
+        self.last, self.window, self.every_layer = last, window, every_layer
+        self.scores: list[torch.Tensor] = []
 
     def update(self, layer, k, v, *, q=None, x=None, positions=None):  # noqa: ANN001, ANN201
-        if layer == self.layer:
+        if self.every_layer or layer == self.last:
             t = k.shape[2]
             w = min(self.window, t)
-            self.scores = attention_scores(q[:, :, t - w:], k, None, q_offset=t - w)  # [1, kv_heads, T]
-            raise _StopForward
+            self.scores.append(attention_scores(q[:, :, t - w:], k, None, q_offset=t - w))
+        if layer == self.last:
+            raise StopForward
         return k, v, None
 
     def nbytes(self) -> int:
@@ -90,13 +93,12 @@ class GemFilter(PromptSelector):
         k = min(n, max(math.ceil(self.budget * n), self.window))
         if k >= n:
             return list(prompt_ids)
-        probe = _ProbeCache(self.filter_layer(len(model.layers)), self.window)
+        probe = ProbeCache(self.filter_layer(len(model.layers)), self.window)
         dev = model.embed_tokens.weight.device
         ids = torch.tensor([prompt_ids], device=dev)
-        with contextlib.suppress(_StopForward):  # the probe stops the forward pass at the filter layer
+        with contextlib.suppress(StopForward):  # the probe stops the forward pass at the filter layer
             model(ids, torch.arange(n, device=dev)[None], probe, "last")
-        assert probe.scores is not None
-        scores = probe.scores[0].sum(0)  # [T]
+        scores = probe.scores[-1][0].sum(0)  # [T]
         scores[max(0, n - self.window):] = float("inf")
         keep = scores.topk(k).indices.sort().values.tolist()
         return [prompt_ids[i] for i in keep]

@@ -251,6 +251,16 @@ def _read_json(path: Path, what: str) -> Any:
         raise FrugalError(f"quantized folder {path.parent}: {path.name} is corrupt ({e})") from None
 
 
+def _parse_json(path: Path, what: str, parse: Any) -> Any:
+    """``parse(json of path)``; any failure becomes a FrugalError naming the file."""
+    try:
+        return parse(_read_json(path, what))
+    except FrugalError:
+        raise
+    except Exception as e:
+        raise FrugalError(f"quantized folder {path.parent}: {path.name} is not a frugallm {what} ({e})") from None
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     meta = _read_json(p / META_FILE, "quantization metadata")
@@ -410,18 +420,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
     device = torch.device(device)
     meta = read_metadata(p)
     spec = parse_quant_spec(str(meta["spec"]))  # unknown methods / options fail here, by name
-    try:
-        cfg = ModelConfig.from_dict(_read_json(p / CONFIG_FILE, "model config"))
-    except FrugalError:
-        raise
-    except Exception as e:
-        raise FrugalError(f"quantized folder {p}: {CONFIG_FILE} is not a frugallm model config ({e})") from None
-    try:
-        tok = Tokenizer.from_dict(_read_json(p / TOKENIZER_FILE, "tokenizer"))
-    except FrugalError:
-        raise
-    except Exception as e:
-        raise FrugalError(f"quantized folder {p}: {TOKENIZER_FILE} is not a frugallm tokenizer ({e})") from None
+    cfg = _parse_json(p / CONFIG_FILE, "model config", ModelConfig.from_dict)
+    tok = _parse_json(p / TOKENIZER_FILE, "tokenizer", Tokenizer.from_dict)
     tensors = _load_tensors(p)
 
     with torch.device("meta"):
