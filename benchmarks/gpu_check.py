@@ -156,6 +156,12 @@ def speed(tmp: Path) -> dict:
         out[f"frugallm_{dt}_prefill1000_tok_s"] = round(1000 / sorted(ts)[1], 1)
         b16 = llm.generate([ids[:128]] * 16, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
         out[f"frugallm_{dt}_batch16_tok_s"] = round(16 * 64 / max(o.metrics["e2e_s"] for o in b16), 1)
+    for q in ("int8", "int4:group=32", "int4:group=32:head=8"):
+        llm = LLM(str(d), dtype="bfloat16", device=DEV, quant=q)
+        p = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+        llm.generate([ids[:16]], p)
+        tp = sorted(llm.generate([ids[:16]], p)[0].metrics["tpot_s"] for _ in range(3))[1]
+        out[f"frugallm_bf16_{q}_decode_tok_s"] = round(1 / tp, 1)
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(DEV).eval()
     x = torch.tensor([ids[:16]], device=DEV)
     with torch.no_grad():

@@ -125,14 +125,18 @@ class ContiguousKVCache(KVCache):
         positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         start = self.lengths[layer]
-        end = start + k.shape[2]
-        if end > self.k[layer].shape[2]:
+        t = k.shape[2]
+        end = start + t
+        kb, vb = self.k[layer], self.v[layer]
+        if end > kb.shape[2]:
             self._grow(layer, end)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+            kb, vb = self.k[layer], self.v[layer]
+        # narrow + copy_: two ops where slice assignment takes several (batch-1 decode is op bound)
+        kb.narrow(2, start, t).copy_(k)
+        vb.narrow(2, start, t).copy_(v)
         self.lengths[layer] = end
-        mask = self._build_mask(start, k.shape[2], end)
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask
+        mask = None if t == 1 and not self._has_pad else self._build_mask(start, t, end)
+        return kb.narrow(2, 0, end), vb.narrow(2, 0, end), mask
 
     def nbytes(self) -> int:
         total = 0

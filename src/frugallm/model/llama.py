@@ -16,6 +16,7 @@ from torch import nn
 
 from frugallm.config import ModelConfig
 from frugallm.model.casts import CastCache
+from frugallm.model.decode_plan import DecodePlan
 from frugallm.model.kv_cache import KVCache
 
 # At or above this many tokens a forward pass is compute bound (prefill): on CPU it then runs in
@@ -230,6 +231,14 @@ class Transformer(nn.Module):
         self.decode_dtype: torch.dtype | None = None
         # torch.compile'd (Block.pre_attention, Block.post_attention) for decode steps; see compile_decode.
         self._compiled: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+        # Decode steps run through a DecodePlan (model/decode_plan.py) unless this is False (e.g. to
+        # have module hooks fire in decode).
+        self.fast_decode = True
+        self._plan: DecodePlan | None = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._plan = None  # moves and casts replace the tensors a plan holds
+        return super()._apply(fn, recurse)
 
     def compile_decode(self) -> None:
         """Run decode steps (one token per sequence) through ``torch.compile``d layer halves.
@@ -286,15 +295,21 @@ class Transformer(nn.Module):
         cos_t, sin_t = self.rope_tables(x.device)
         cos = cos_t[positions].unsqueeze(2).to(x.dtype)  # [B, T, 1, D]
         sin = sin_t[positions].unsqueeze(2).to(x.dtype)
-        compiled = self._compiled if input_ids.shape[1] == 1 else None
-        if compiled is None:
-            for layer in self.layers:
-                x = layer(x, cos, sin, cache, positions)
-        else:
-            pre, post = compiled
+        decode = input_ids.shape[1] == 1
+        if decode and self._compiled is not None:
+            pre, post = self._compiled
             for layer in self.layers:
                 q, k, v, h = pre(layer, x, cos, sin)
                 x = post(layer, x, layer.attn.attend(q, k, v, h, cache, positions))
+        elif decode and self.fast_decode:
+            plan = self._plan
+            if plan is None or not plan.valid_for(self, x.dtype, x.device):
+                plan = self._plan = DecodePlan(self, x.dtype, x.device)
+            x = plan.run(x.view(x.shape[0], x.shape[2]), cos, sin, cache, positions)[:, None]
+        else:
+            self._plan = None  # rebuilt at the next decode step: weights may have changed since
+            for layer in self.layers:
+                x = layer(x, cos, sin, cache, positions)
         if isinstance(logits_for, str):
             if logits_for == "last":
                 x = x[:, -1]
