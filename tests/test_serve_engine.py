@@ -362,3 +362,32 @@ def test_quantized_weights_under_batching(tiny_models) -> None:
     ref = [qllm.generate([p], GREEDY)[0].token_ids for p in prompts]
     outs = run_engine(LLMEngine(qllm, EngineConfig(num_blocks=128, block_size=4)), prompts, GREEDY)
     assert [o[0].token_ids for o in outs] == ref
+
+
+def test_async_launch_builds_in_the_engine_thread(llm: LLM) -> None:
+    """``AsyncLLM.launch`` runs the build (model load) in the thread that serves; build errors surface."""
+    import threading
+
+    built_in: list[str] = []
+
+    def build() -> LLMEngine:
+        built_in.append(threading.current_thread().name)
+        return LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4))
+
+    a = AsyncLLM.launch(build)
+    try:
+        assert built_in == ["frugallm-engine"] and a.is_alive
+        p = prompts_for(llm)[0]
+
+        async def collect() -> list[int]:
+            return [t async for out in a.generate(p, GREEDY) for t in out.token_ids]
+
+        assert asyncio.run(collect()) == llm.generate([p], GREEDY)[0].token_ids
+    finally:
+        a.shutdown()
+
+    def broken() -> LLMEngine:
+        raise InvalidRequestError("no such model: nowhere.gguf")
+
+    with pytest.raises(InvalidRequestError, match="nowhere.gguf"):
+        AsyncLLM.launch(broken)

@@ -32,3 +32,8 @@ class CastCache:
             v = t.detach().to(dtype)
             self._key, self._value = key, v if derive is None else derive(v)
         return self._value
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        """The copy made last, if any."""
+        return self._value

@@ -47,15 +47,10 @@ class LayerPlan(NamedTuple):
 
 
 def linear_fn(mod: nn.Module, dtype: torch.dtype, device: torch.device) -> Fn:
-    """The cheapest callable equal to ``mod(x)`` for 2-D ``x`` in ``dtype`` on ``device``."""
-    kernel = getattr(mod, "_kernel", None)  # GroupQuantLinear's raw int4 op (see its _init_runtime)
-    if kernel is not None and dtype == torch.bfloat16 and device.type == kernel[0]:
-        _, op, qweight, qscale, group_size, _, _ = kernel
-        return lambda x: op(x, qweight, group_size, qscale)
-    if type(mod).__name__ == "Linear" and isinstance(mod, nn.Linear) and mod.weight.dtype == dtype:
-        w, b = mod.weight, mod.bias
-        return lambda x: F.linear(x, w, b)
-    return mod.forward
+    """The cheapest callable equal to ``mod(x)`` for 2-D ``x`` in ``dtype`` on ``device``: the module's
+    ``decode_fn`` hook where it has one (raw kernels with their weights bound), else its ``forward``."""
+    hook = getattr(mod, "decode_fn", None)
+    return mod.forward if hook is None else hook(dtype, device)
 
 
 def norm_fn(norm: RMSNorm, dtype: torch.dtype) -> Fn:

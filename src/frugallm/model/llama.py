@@ -24,11 +24,26 @@ from frugallm.model.kv_cache import KVCache
 # reaches a few GFLOP/s). Below it (decode) the weights' own dtype is used: fp16 matrix-vector
 # products stream weights ~2x faster than bf16 on this CPU.
 PREFILL_MIN_TOKENS = 16
+# Whether bf16 CPU linears run on oneDNN-packed weights (see Linear); off where torch lacks the ops.
+PACK_BF16_CPU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _mkldnn_pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w, PREFILL_MIN_TOKENS)
+
+
+def _mkldnn_linear(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` that runs activations of another dtype: a few rows (decode) are cast to the weight's
-    dtype and back, which is far cheaper than casting the weight; many rows (prefill) cast the weight."""
+    dtype and back, which is far cheaper than casting the weight; many rows (prefill) cast the weight.
+
+    bf16 on CPU runs on a copy of the weight pre-packed in oneDNN's blocked layout: ``F.linear`` re-lays the
+    weight out on every call, so the packed form is 2x faster for one row and 1.3-1.5x for 16 (bit-identical
+    results). The copy costs the weight's size again in memory (``packed_bytes``).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -37,7 +52,41 @@ class Linear(nn.Linear):
                 return F.linear(x.to(w.dtype), w, b).to(x.dtype)
             w = w.to(x.dtype)
             b = None if b is None else b.to(x.dtype)
+        elif self._packable(x.device):
+            return _mkldnn_linear(x, self.packed_weight(), b)
         return F.linear(x, w, b)
+
+    def _packable(self, device: torch.device) -> bool:
+        return (
+            PACK_BF16_CPU
+            and self.weight.dtype == torch.bfloat16
+            and device.type == "cpu"
+            and not (self.weight.requires_grad and torch.is_grad_enabled())  # the packed op has no backward
+            and not torch.compiler.is_compiling()
+        )
+
+    def packed_weight(self) -> torch.Tensor:
+        """The weight in oneDNN's blocked layout (made once, remade when the weight changes)."""
+        cache = self.__dict__.get("_packed")
+        if cache is None:
+            cache = self.__dict__["_packed"] = CastCache()
+        return cache.get(self.weight, self.weight.dtype, _mkldnn_pack)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Memory held by the packed copy (0 until a bf16 CPU forward made it)."""
+        cache = self.__dict__.get("_packed")
+        return 0 if cache is None or cache.value is None else self.weight.numel() * self.weight.element_size()
+
+    def decode_fn(self, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The cheapest callable equal to ``self(x)`` for 2-D ``x`` in ``dtype`` (see ``DecodePlan``)."""
+        w, b = self.weight, self.bias
+        if w.dtype != dtype:
+            return self.forward
+        if self._packable(device):
+            packed = self.packed_weight()
+            return lambda x: _mkldnn_linear(x, packed, b)
+        return lambda x: F.linear(x, w, b)
 
 
 class RMSNorm(nn.Module):

@@ -24,6 +24,7 @@ On CPU every path computes in bf16 (see ``kernels.py``) and casts the result bac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -473,6 +474,14 @@ class GroupQuantLinear(nn.Module):
         sz = self.qscale[:, rows].float().transpose(0, 1)  # [R, G, 2]
         w = (codes.reshape(-1, g, self.group_size).float() - 8.0) * sz[..., :1] + sz[..., 1:]
         return w.reshape(-1, self.in_features)
+
+    def decode_fn(self, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``self(x)`` for 2-D ``x`` in ``dtype`` on ``device``: the raw int4 op where the fast path applies."""
+        kernel = self._kernel
+        if kernel is not None and dtype == torch.bfloat16 and device.type == kernel[0]:
+            _, op, qweight, qscale, group_size, _, _ = kernel
+            return lambda x: op(x, qweight, group_size, qscale)
+        return self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel

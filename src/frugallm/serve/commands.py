@@ -79,12 +79,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Batched decode is matrix-matrix work: bf16 kernels beat fp16 (the single-stream CPU default)
         # on CPU, and no per-step weight conversion is needed.
         args.dtype = "bfloat16"
-    llm = load_llm(args)
-    if quant is not None:
-        from frugallm.quant import quantize_model
+    def build() -> LLMEngine:
+        llm = load_llm(args)
+        if quant is not None:
+            from frugallm.quant import quantize_model
 
-        quantize_model(llm.model, quant)
-    engine = LLMEngine(llm, config)
+            quantize_model(llm.model, quant)
+        return LLMEngine(llm, config)
+
+    # Loaded in the thread that serves it: one OpenMP pool (see AsyncLLM.launch).
+    async_llm = AsyncLLM.launch(build)
+    engine = async_llm.engine
     bm = engine.block_manager
     gib = bm.num_blocks * engine.cache.bytes_per_block / 2**30
     name = args.served_model_name or args.model
@@ -92,7 +97,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{bm.block_size} tokens ({gib:.2f} GiB) | max_model_len {engine.max_model_len} | "
           f"max_num_seqs {config.max_num_seqs} | chunked prefill {config.enable_chunked_prefill} | "
           f"prefix caching {config.enable_prefix_caching} | api key {'on' if api_key else 'off'}", file=sys.stderr)
-    async_llm = AsyncLLM(engine).start()
     app = create_app(async_llm, name, api_key=api_key, max_body_bytes=args.max_body_bytes)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
