@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from frugallm.engine.allocator import tune_malloc
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.loading import LoadedModel, load_model
@@ -83,6 +84,8 @@ class LLM:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if self.device.type == "cpu":
+            tune_malloc()
         # Parse technique specs before the (slow) load so a typo fails at once.
         self.quant_spec = None
         if quant:
