@@ -109,3 +109,27 @@ def test_presence_and_frequency_penalties_count_output_tokens() -> None:
         torch.tensor([1, 1, 2]),
     )
     assert out.tolist() == pytest.approx([0.0, -1.0, -0.75, 0.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": 5e-324},  # smallest positive double: logits / it overflow
+        {"temperature": 1e-300},
+        {"top_p": 1e-300},  # rounds to 0 in fp32
+        {"repetition_penalty": 1e-308},  # positive logits / it -> inf
+        {"repetition_penalty": 1e308},
+        {"temperature": 1e300, "top_k": 1},
+    ],
+)
+def test_extreme_but_valid_params_still_sample(kwargs: dict) -> None:
+    """Values the API accepts must never turn logits into inf/NaN (found by the OpenAPI fuzz test)."""
+    torch.manual_seed(0)
+    logits = torch.randn(50) * 5
+    params = SamplingParams(**kwargs)
+    hist = torch.tensor([1, 2, 3]), torch.tensor([4, 4])
+    g = torch.Generator().manual_seed(1)
+    tok = sample_token(logits.clone(), params, g, *hist)
+    assert 0 <= tok < 50
+    if params.temperature < 1e-5:
+        assert params.greedy and tok == int(logits.argmax())

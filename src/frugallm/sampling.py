@@ -66,11 +66,16 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Temperatures this small are greedy in effect, and dividing logits by them overflows (vLLM's rule).
+        return self.temperature < _GREEDY_BELOW
 
     @property
     def needs_history(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+_GREEDY_BELOW = 1e-5
+_FMAX = torch.finfo(torch.float32).max
 
 
 def apply_penalties(
@@ -84,12 +89,12 @@ def apply_penalties(
     if output_ids.numel() and (params.presence_penalty or params.frequency_penalty):
         counts = torch.bincount(output_ids, minlength=logits.shape[-1]).to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+    return logits.clamp_(-_FMAX, _FMAX)  # an extreme repetition_penalty must not make inf (then NaN) logits
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p, min-p; disallowed tokens get ``-inf``. ``logits: [vocab]``."""
-    logits = logits / params.temperature
+    logits = (logits / params.temperature).clamp_(-_FMAX, _FMAX)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -98,6 +103,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
         remove = probs.cumsum(-1) - probs >= params.top_p
+        remove[0] = False  # a top_p below fp32's smallest value compares as 0 and would remove every token
         logits = logits.scatter(0, idx[remove], float("-inf"))
     if params.min_p > 0:
         probs = logits.softmax(-1)
