@@ -247,6 +247,17 @@ def test_chunked_prefill_respects_token_budget_and_decodes_first() -> None:
     assert b.num_tokens == 21
 
 
+def test_chunked_prefill_does_not_split_a_prompt_that_fits_a_step() -> None:
+    sch = make(max_num_batched_tokens=8)
+    a, b, c = seq(3), seq(6, start=300), seq(20, start=500)
+    for s in (a, b, c):
+        sch.add(s)
+    assert run_step(sch) == [(a.seq_id, 3)]  # b (6 tokens) fits a whole step: it waits rather than split 3+3
+    # c is longer than any step: chunked into whatever is left of each step's budget
+    assert run_step(sch) == [(a.seq_id, 1), (b.seq_id, 6), (c.seq_id, 1)]
+    assert run_step(sch) == [(a.seq_id, 1), (b.seq_id, 1), (c.seq_id, 6)]
+
+
 def test_no_chunked_prefill_runs_whole_prompts_first() -> None:
     sch = make(max_num_batched_tokens=8, enable_chunked_prefill=False)
     a, b, c = seq(3), seq(20, start=300), seq(4, start=500)
