@@ -225,6 +225,22 @@ def test_int4_kernel_layout_decodes_exactly() -> None:
     assert torch.allclose(mod.dequantize_rows(rows), mod.dequantize()[rows], atol=1e-6)
 
 
+def test_int4_large_passes_dequantize_exactly_and_agree_with_the_kernel() -> None:
+    """Passes of >= INT4_DEQUANT_MIN_ROWS rows dequantize the CPU layout with a reshape (no gather)."""
+    from frugallm.quant import kernels
+    from frugallm.quant.linear import INT4_DEQUANT_MIN_ROWS
+
+    lin = gaussian_linear(192, 96, bias=False, seed=4)
+    mod = GroupQuantLinear(rtn_group_quantize(lin.weight, 4, 32))
+    assert mod.layout == "int4_cpu" and mod._dequantizer is not None
+    assert torch.equal(mod._dequantizer(mod.qweight, mod.qscale, 32), mod.dequantize(torch.bfloat16))
+    assert kernels.INT4_LAYOUTS["int4_cpu"].dequantizer(96) is not None
+    x = torch.randn(INT4_DEQUANT_MIN_ROWS + 5, 96, dtype=torch.bfloat16)
+    big = mod(x)  # dequantize + GEMM
+    small = torch.cat([mod(x[i : i + 8]) for i in range(0, x.shape[0], 8)])  # the packed kernel
+    assert rel_err(big.float(), small.float()) < 0.01
+
+
 def test_int8_kernel_and_dequant_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     mod = build("int8", gaussian_linear(64, 96))
     x = torch.randn(5, 96)

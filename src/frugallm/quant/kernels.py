@@ -121,6 +121,10 @@ class Int4Layout:
         """``x [M, K]`` (compute dtype) -> ``[M, N]``; ``qscale`` is ``[K/g, N, 2]`` (scale, zero)."""
         raise NotImplementedError
 
+    def dequantizer(self, k: int) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+        """A fast ``(qweight, qscale, group_size) -> bf16 [N, k]`` for large-M passes, or None."""
+        return None
+
 
 class CpuInt4Layout(Int4Layout):
     name, device_type, row_block = "int4_cpu", "cpu", 64
@@ -137,6 +141,33 @@ class CpuInt4Layout(Int4Layout):
 
     def mm(self, x: torch.Tensor, qweight: torch.Tensor, group_size: int, qscale: torch.Tensor) -> torch.Tensor:
         return self.op(x, qweight, group_size, qscale)
+
+    def dequantizer(self, k: int) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+        # The packed kernel is compute bound at large M (a 512-row pass over a 3072x576 weight: 5.4 ms, against
+        # 0.9 ms to dequantize plus 1.8 ms of bf16 GEMM). This layout, as torch 2.13 builds it, stores per
+        # 64-row block and input column 32 bytes whose low nibbles are rows 0-31 and high nibbles rows 32-63: a
+        # reshape, not a gather, undoes it. Used only where the probed permutation says exactly that.
+        return _cpu_dequantize if _cpu_layout_is_blocked(k) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_layout_is_blocked(k: int) -> bool:
+    perm = block_permutation("int4_cpu", k, torch.device("cpu"))
+    if perm is None:
+        return False
+    rows = torch.arange(64).reshape(2, 32).t().reshape(-1)  # nibble 2j -> row j, 2j+1 -> row 32+j
+    expected = (rows[None, :] * k + torch.arange(k)[:, None]).reshape(-1)  # nibbles ordered [col, 64]
+    return torch.equal(perm, expected)
+
+
+def _cpu_dequantize(qweight: torch.Tensor, qscale: torch.Tensor, group_size: int) -> torch.Tensor:
+    n = qscale.shape[1]
+    k = qweight.numel() * 2 // n
+    blocks = qweight.view(torch.uint8).reshape(n // 64, k, 32)
+    codes = torch.cat((blocks & 0xF, blocks >> 4), -1).transpose(1, 2).reshape(n, k // group_size, group_size)
+    sz = qscale.transpose(0, 1)  # [N, G, 2]: w = (q - 8) * scale + zero
+    s = sz[..., :1]
+    return (codes.to(torch.bfloat16) * s + (sz[..., 1:] - 8 * s)).reshape(n, k)
 
 
 class CudaInt4Layout(Int4Layout):

@@ -37,6 +37,9 @@ from frugallm.quant import kernels
 from frugallm.quant.packing import pack, unpack
 from frugallm.quant.spec import QuantSpec
 
+# From this many rows, dequantizing an int4 weight to bf16 and running a GEMM beats the packed int4 kernel on
+# CPU (crossover measured at ~140 rows for the default model's shapes; kernels.CpuInt4Layout.dequantizer).
+INT4_DEQUANT_MIN_ROWS = 192
 # Above this many token rows dequantize + GEMM beats torch._weight_int8pack_mm. CPU: crossover between 32
 # and 64 rows for the SmolLM2 shapes. CUDA (H200, torch 2.11): the kernel is only competitive for a
 # single row (960x576: 58 vs 71 us) and collapses with rows (3072x576 at 64 rows: 168 vs 71 us).
@@ -378,6 +381,8 @@ class GroupQuantLinear(nn.Module):
             if fast and layout is not None
             else None
         )
+        # Passes of at least INT4_DEQUANT_MIN_ROWS rows dequantize to bf16 and run a GEMM instead.
+        self._dequantizer = None if self._kernel is None or layout is None else layout.dequantizer(self.in_features)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         out = super()._apply(fn, recurse)
@@ -488,6 +493,8 @@ class GroupQuantLinear(nn.Module):
         if kernel is not None and x.dtype == torch.bfloat16 and x.device.type == kernel[0] and x.is_contiguous():
             # Fast path (decode is overhead bound): the int4 op straight on a view of the input.
             _, op, qweight, qscale, group_size, k, n = kernel
+            if x.numel() >= INT4_DEQUANT_MIN_ROWS * k and self._dequantizer is not None:
+                return F.linear(x, self._dequantizer(qweight, qscale, group_size))
             if x.dim() == 2:  # decode's 2-D residual stream: no view (each op costs ~1 us here)
                 return op(x, qweight, group_size, qscale)
             if x.shape[-1] == k:
