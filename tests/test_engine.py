@@ -166,3 +166,19 @@ def test_compiled_decode_matches_eager(tiny_models, tmp_path, monkeypatch) -> No
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for prompt in ("Hello world", "A longer prompt with several words in it"):
         assert compiled.generate(prompt, params)[0].token_ids == eager.generate(prompt, params)[0].token_ids
+
+
+def test_packed_bf16_linears_are_bit_identical_and_can_be_switched_off(tiny_models) -> None:
+    path = str(tiny_models.gguf("llama", "F32"))
+    packed = LLM(path, dtype="bfloat16", device="cpu", pack_weights=True)
+    plain = LLM(path, dtype="bfloat16", device="cpu", pack_weights=False)
+    ids = packed.tokenizer.encode("the quick brown fox jumps over the lazy dog")
+    assert torch.equal(packed.score(ids), plain.score(ids))
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert packed.generate("hello", p)[0].token_ids == plain.generate("hello", p)[0].token_ids
+    copies = sum(getattr(m, "packed_bytes", 0) for m in packed.model.modules())
+    linear_bytes = sum(m.weight.numel() * 2 for m in packed.model.modules() if isinstance(m, torch.nn.Linear))
+    assert copies == linear_bytes > 0  # the memory the speed costs, reported
+    assert sum(getattr(m, "packed_bytes", 0) for m in plain.model.modules()) == 0
+    assert packed.model.set_packing(False) == linear_bytes
+    assert sum(getattr(m, "packed_bytes", 0) for m in packed.model.modules()) == 0

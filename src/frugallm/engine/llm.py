@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
+import psutil
 import torch
 
 from frugallm.engine.allocator import tune_malloc
@@ -74,12 +75,15 @@ class LLM:
         calib: str | None = None,
         batching: bool = True,
         compile: bool = False,
+        pack_weights: bool | None = None,
     ) -> None:
         """``quant``: weight quantization spec (``int4:group=32``, ``gptq:bits=4``, see ``frugallm.quant``);
         ``kv``: KV-cache policy spec (``snapkv:budget=0.25+kivi:bits=2``, see ``frugallm.kv``);
         ``calib``: calibration text file for methods that need one (default: the built-in corpus);
         ``batching``: run multi-prompt ``generate`` calls through the continuous-batching engine;
-        ``compile``: ``torch.compile`` the decode step's layers (``compile_seconds`` records the cost)."""
+        ``compile``: ``torch.compile`` the decode step's layers (``compile_seconds`` records the cost);
+        ``pack_weights``: bf16 CPU linears on oneDNN-packed copies (faster, +1x those weights' memory); None =
+        when the copies take at most a quarter of the free memory."""
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -127,6 +131,9 @@ class LLM:
             # Quantized matmuls take bf16 inputs on CPU: decoding in that dtype saves two casts per
             # projection (4 per layer), a large share of a batch-1 decode step.
             self.model.decode_dtype = compute_dtype(self.device, self.dtype)
+        pack = self.model.set_packing(pack_weights is not False)
+        if pack and pack_weights is None and pack > psutil.virtual_memory().available // 4:
+            self.model.set_packing(False)
         self.compile_seconds: float | None = None
         if compile:
             self._compile()

@@ -42,8 +42,11 @@ class Linear(nn.Linear):
 
     bf16 on CPU runs on a copy of the weight pre-packed in oneDNN's blocked layout: ``F.linear`` re-lays the
     weight out on every call, so the packed form is 2x faster for one row and 1.3-1.5x for 16 (bit-identical
-    results). The copy costs the weight's size again in memory (``packed_bytes``).
+    results). The copy costs the weight's size again in memory (``packed_bytes``); ``Transformer.set_packing``
+    turns it off (``LLM`` does when the copies would not fit comfortably in free memory).
     """
+
+    pack = True  # instance attribute when set by Transformer.set_packing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -59,6 +62,7 @@ class Linear(nn.Linear):
     def _packable(self, device: torch.device) -> bool:
         return (
             PACK_BF16_CPU
+            and self.pack
             and self.weight.dtype == torch.bfloat16
             and device.type == "cpu"
             and not (self.weight.requires_grad and torch.is_grad_enabled())  # the packed op has no backward
@@ -302,6 +306,21 @@ class Transformer(nn.Module):
             torch.compile(Block.pre_attention, dynamic=False),
             torch.compile(Block.post_attention, dynamic=False),
         )
+
+    def set_packing(self, on: bool) -> int:
+        """Let bf16 CPU linears use oneDNN-packed copies (see ``Linear``), or not (dropping copies made).
+
+        Returns the bytes the copies take (or would take) for bf16 weights."""
+        total = 0
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack = on
+                if not on:
+                    m.__dict__.pop("_packed", None)
+                if m.weight.dtype == torch.bfloat16:
+                    total += m.weight.numel() * m.weight.element_size()
+        self._plan = None  # plans hold the packed copies
+        return total
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
