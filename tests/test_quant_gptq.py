@@ -123,6 +123,39 @@ def test_gptq_model_block_by_block() -> None:
     assert err_gptq < err_rtn < 0.1, (err_gptq, err_rtn)
 
 
+def test_gptq_early_stop_gives_identical_weights_with_less_compute() -> None:
+    """A run_calib that stops each batch after the block being calibrated gets the same Hessians."""
+    import contextlib
+
+    from frugallm.quant.gptq import StopCalibration
+
+    torch.manual_seed(0)
+    base = gptq_lm(layers=4).eval()
+    calib = [torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    results, layer_calls = [], []
+    for early in (False, True):
+        model = copy.deepcopy(base)
+        calls = [0]
+        model.layers[-1].register_forward_pre_hook(lambda *a, c=calls: c.__setitem__(0, c[0] + 1))
+
+        def run_calib(model=model, early=early) -> None:
+            for ids in calib:
+                if early:
+                    with contextlib.suppress(StopCalibration):
+                        model(ids)
+                else:
+                    model(ids)
+
+        run_calib.stops_early = early  # type: ignore[attr-defined]
+        quantize_model(model, "gptq:bits=4:group=32:head", calib=run_calib)
+        results.append(model.state_dict())
+        layer_calls.append(calls[0])
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    # the last block runs in every pass without early stop, only in its own pass and the head's with it
+    assert layer_calls == [5 * len(calib), 2 * len(calib)]
+
+
 def test_gptq_model_errors() -> None:
     model = gptq_lm(layers=2)
     with pytest.raises(FrugalError, match="use quantize_model"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -156,6 +157,7 @@ class LLM:
         run_calib = None
         if self.quant_spec.method == "gptq":
             from frugallm.lab.corpus import load_corpus
+            from frugallm.quant.gptq import StopCalibration
 
             # The corpus tail: quality evaluation (lab/quality.py) scores windows from the start of the same
             # built-in corpus, so calibrating on its head would evaluate GPTQ on its calibration tokens.
@@ -164,7 +166,10 @@ class LLM:
 
             def run_calib() -> None:
                 for w in windows:
-                    self.score(w)
+                    with contextlib.suppress(StopCalibration):  # the block being calibrated was reached
+                        self.score(w)
+
+            run_calib.stops_early = True  # type: ignore[attr-defined]
 
         quantize_model(self.model, self.quant_spec, calib=run_calib)
 

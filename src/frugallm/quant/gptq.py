@@ -9,7 +9,8 @@ linears only, so their Hessians see the outputs of the already-quantized blocks 
 compensation the paper relies on). Linears of one block share one pass (no "true-sequential" split
 inside the block), and linears outside the blocks (``lm_head`` with the ``head`` flag) come last. With
 no block list all linears are calibrated in a single pass on the unquantized model. Cost: one
-calibration pass per block.
+calibration pass per block, cut short after that block when ``run_calib`` supports it
+(:class:`StopCalibration`; ``LLM`` does).
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def gptq_quantize_weight(
     return GroupQuantState(codes, scales, offsets, bits, group_size, perm=perm)
 
 
-def _stages(model: nn.Module, targets: list[Target]) -> list[list[Target]]:
-    """Group targets by transformer block (in block order), then the rest; see module docstring."""
+def _stages(model: nn.Module, targets: list[Target]) -> list[tuple[nn.Module | None, list[Target]]]:
+    """``(block, targets)`` by transformer block in block order, then ``(None, the rest)``; see the module
+    docstring."""
     best: nn.ModuleList | None = None
     for m in model.modules():
         if isinstance(m, nn.ModuleList):
@@ -124,23 +126,39 @@ def _stages(model: nn.Module, targets: list[Target]) -> list[list[Target]]:
             if n_blocks >= 2 and (best is None or n_blocks > len(best)):
                 best = m
     if best is None:
-        return [targets]
-    stages: list[list[Target]] = []
+        return [(None, targets)]
+    stages: list[tuple[nn.Module | None, list[Target]]] = []
     placed: set[int] = set()
     for block in best:
         ids = {id(x) for x in block.modules()}
         stage = [t for t in targets if id(t[2]) in ids]
         placed.update(id(t[2]) for t in stage)
         if stage:
-            stages.append(stage)
+            stages.append((block, stage))
     rest = [t for t in targets if id(t[2]) not in placed]
-    return stages + ([rest] if rest else [])
+    return stages + ([(None, rest)] if rest else [])
 
 
-def collect_hessians(linears: list[nn.Linear], run_calib: Callable[[], None]) -> list[torch.Tensor]:
-    """Run ``run_calib`` once with input hooks on ``linears``; return ``H = 2 X^T X / n`` for each."""
+class StopCalibration(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a hook once a calibration batch has passed the block being calibrated.
+
+    A ``run_calib`` that catches it around each batch (and says so with ``run_calib.stops_early = True``)
+    lets :func:`gptq_quantize_model` skip the blocks after the one it calibrates: block ``i`` then costs
+    ``i + 1`` blocks of compute instead of a whole pass, halving GPTQ's calibration time.
+    """
+
+
+def collect_hessians(
+    linears: list[nn.Linear], run_calib: Callable[[], None], stop_after: nn.Module | None = None
+) -> list[torch.Tensor]:
+    """Run ``run_calib`` once with input hooks on ``linears``; return ``H = 2 X^T X / n`` for each.
+
+    ``stop_after``: a module after whose forward each batch may stop (see :class:`StopCalibration`)."""
     sums = [torch.zeros(lin.in_features, lin.in_features, device=lin.weight.device) for lin in linears]
     rows = [0] * len(linears)
+
+    def stop(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        raise StopCalibration
 
     def make_hook(i: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -151,6 +169,8 @@ def collect_hessians(linears: list[nn.Linear], run_calib: Callable[[], None]) ->
         return hook
 
     handles = [lin.register_forward_pre_hook(make_hook(i)) for i, lin in enumerate(linears)]
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(stop))
     try:
         with torch.no_grad():
             run_calib()
@@ -175,8 +195,9 @@ def gptq_quantize_model(model: nn.Module, spec: QuantSpec | str, run_calib: Call
     method = GPTQMethod(spec)
     with torch.no_grad():
         quantize_embeddings(model, spec)
-    for stage in _stages(model, target_linears(model, spec)):
-        hessians = collect_hessians([t[2] for t in stage], run_calib)
+    early = getattr(run_calib, "stops_early", False)
+    for block, stage in _stages(model, target_linears(model, spec)):
+        hessians = collect_hessians([t[2] for t in stage], run_calib, block if early else None)
         with torch.no_grad():
             for (parent, name, linear), h in zip(stage, hessians, strict=True):
                 setattr(parent, name, method(linear, h))
