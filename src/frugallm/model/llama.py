@@ -288,12 +288,13 @@ class Transformer(nn.Module):
         # have module hooks fire in decode).
         self.fast_decode = True
         self._plan: DecodePlan | None = None
+        self._graphs = False
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._plan = None  # moves and casts replace the tensors a plan holds
         return super()._apply(fn, recurse)
 
-    def compile_decode(self) -> None:
+    def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps (one token per sequence) through ``torch.compile``d layer halves.
 
         Everything in a layer but the KV-cache update and attention (norms, projections, RoPE, MLP,
@@ -301,11 +302,14 @@ class Transformer(nn.Module):
         overhead that bounds batch-1 decode. One graph serves every layer (parameters are graph inputs);
         shapes are static, so each batch size compiles once. Compiled code is cached on disk by inductor
         (``TORCHINDUCTOR_CACHE_DIR``): the first process pays the compile, later ones load it.
+        ``mode="reduce-overhead"`` also replays each half as a CUDA graph (not yet tried on a GPU:
+        ``benchmarks/gpu_check.py``'s ``compiled`` section measures it).
         """
         self._compiled = (
-            torch.compile(Block.pre_attention, dynamic=False),
-            torch.compile(Block.post_attention, dynamic=False),
+            torch.compile(Block.pre_attention, dynamic=False, mode=mode),
+            torch.compile(Block.post_attention, dynamic=False, mode=mode),
         )
+        self._graphs = mode == "reduce-overhead"
 
     def set_packing(self, on: bool) -> int:
         """Let bf16 CPU linears use oneDNN-packed copies (see ``Linear``), or not (dropping copies made).
@@ -366,6 +370,8 @@ class Transformer(nn.Module):
         decode = input_ids.shape[1] == 1
         if decode and self._compiled is not None:
             pre, post = self._compiled
+            if self._graphs:  # a new step: outputs of the previous step's graph replays may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             for layer in self.layers:
                 q, k, v, h = pre(layer, x, cos, sin)
                 x = post(layer, x, layer.attn.attend(q, k, v, h, cache, positions))
