@@ -56,7 +56,7 @@ def linear_fn(mod: nn.Module, dtype: torch.dtype, device: torch.device) -> Fn:
 def norm_fn(norm: RMSNorm, dtype: torch.dtype) -> Fn:
     """``RMSNorm`` in its decode form (fused ``layer_norm`` over ``[x, -x]``) on the last dim."""
     d = norm.weight.shape[0]
-    w2 = torch.cat((norm.weight.detach().to(dtype), norm.weight.new_zeros(d, dtype=dtype)))
+    w2 = norm.decode_weight(dtype)
     shape, eps = (2 * d,), norm.eps
     return lambda x: F.layer_norm(torch.cat((x, -x), -1), shape, w2, None, eps)[..., :d]
 
