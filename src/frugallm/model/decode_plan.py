@@ -65,6 +65,9 @@ class DecodePlan:
     """Per-layer callables for decode steps of ``model`` in activation ``dtype`` on ``device``."""
 
     def __init__(self, model: Transformer, dtype: torch.dtype, device: torch.device) -> None:
+        from frugallm.model.llama import apply_rope  # llama imports this module
+
+        self.rope = apply_rope
         self.key = (dtype, device)
         self.first = model.layers[0].attn.qkv_proj  # identity check: were the modules replaced?
         a0: Attention = model.layers[0].attn
@@ -92,8 +95,7 @@ class DecodePlan:
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, positions: torch.Tensor
     ) -> torch.Tensor:
         """``x [B, hidden]`` (one token per sequence) through every layer; ``cos, sin: [B, 1, 1, D]``."""
-        from frugallm.model.llama import apply_rope
-
+        apply_rope = self.rope
         b = x.shape[0]
         nh, nkv, d = self.heads, self.kv_heads, self.head_dim
         q_size, qk_size, inter = self.q_size, self.q_size + self.kv_size, self.inter
@@ -109,7 +111,7 @@ class DecodePlan:
                 k = apply_rope(p.k_norm(qkv[:, q_size:qk_size].view(b, nkv, 1, d)), cos, sin)
             v = qkv[:, qk_size:].view(b, nkv, 1, d)
             keys, values, mask = cache.update(layer, k, v, q=q, x=h[:, None], positions=positions)
-            if keys.dtype != q.dtype:  # as Attention._sdpa: decode attends in the cache's dtype
+            if keys.dtype != q.dtype:  # as Attention.attend: decode attends in the cache's dtype
                 q = q.to(keys.dtype)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
             # [B, heads, 1, D] -> [B, heads * D] is a view: the token dim has size 1
