@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from frugallm.kv import KVSpecError, build_kv_cache, parse_kv_spec
+from frugallm.kv import build_kv_cache, parse_kv_spec
 from frugallm.kv.quantize import FP8, QuantizedSequence, hadamard, quantize
 from test_kv_policies import drive, make_model, synthetic
 
@@ -159,18 +159,6 @@ def test_sinks_survive_decode_time_eviction():
         dk, dv = cache.dequantized(layer)
         assert cache.slots(layer) <= 24 + 4 + 8 + 1
         assert torch.equal(dk[:, :, :4], k[:, :, :4]) and torch.equal(dv[:, :, :4], v[:, :, :4])
-
-
-@pytest.mark.parametrize(("spec", "message"), [
-    ("kivi:scales=fp4", "scales must be fp8 or fp16"),
-    ("kivi:clip=0", r"clip must be in \[0.05, 1\]"),
-    ("kivi:rotate=2", "rotate must be 0 or 1"),
-    ("kivi:vgroup=0", "vgroup must be an integer >= 1"),
-    ("kivi:sinks=-1", "sinks must be an integer >= 0"),
-])
-def test_bad_kivi_specs(spec, message):
-    with pytest.raises(KVSpecError, match=message):
-        parse_kv_spec(spec)
 
 
 def test_kivi_spec_round_trip():

@@ -368,6 +368,11 @@ def test_gemfilter_selects_in_order_and_keeps_the_tail(model):
     ("h2o+think", "compose think with snapkv"),
     ("streamingllm:window=8,budget=0.5", "not both"),
     ("think:ratio=1", r"ratio must be in \[0, 1\)"),
+    ("kivi:scales=fp4", "scales must be fp8 or fp16"),
+    ("kivi:clip=0", r"clip must be in \[0.05, 1\]"),
+    ("kivi:rotate=2", "rotate must be 0 or 1"),
+    ("kivi:vgroup=0", "vgroup must be an integer >= 1"),
+    ("kivi:sinks=-1", "sinks must be an integer >= 0"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(KVSpecError, match=message):

@@ -132,9 +132,10 @@ class LLM:
             # Quantized matmuls take bf16 inputs on CPU: decoding in that dtype saves two casts per
             # projection (4 per layer), a large share of a batch-1 decode step.
             self.model.decode_dtype = compute_dtype(self.device, self.dtype)
-        pack = self.model.set_packing(pack_weights is not False)
-        if pack and pack_weights is None and pack > psutil.virtual_memory().available // 4:
-            self.model.set_packing(False)
+        if self.device.type == "cpu":
+            pack = self.model.set_packing(pack_weights is not False)
+            if pack and pack_weights is None and pack > psutil.virtual_memory().available // 4:
+                self.model.set_packing(False)
         self.compile_seconds: float | None = None
         if compile:
             self._compile()

@@ -55,10 +55,10 @@ def linear_fn(mod: nn.Module, dtype: torch.dtype, device: torch.device) -> Fn:
 
 def norm_fn(norm: RMSNorm, dtype: torch.dtype) -> Fn:
     """``RMSNorm`` in its decode form (fused ``layer_norm`` over ``[x, -x]``) on the last dim."""
-    d = norm.weight.shape[0]
-    w2 = norm.decode_weight(dtype)
-    shape, eps = (2 * d,), norm.eps
-    return lambda x: F.layer_norm(torch.cat((x, -x), -1), shape, w2, None, eps)[..., :d]
+    from frugallm.model.llama import rms_norm_as_layer_norm
+
+    w2, eps = norm.decode_weight(dtype), norm.eps
+    return lambda x: rms_norm_as_layer_norm(x, w2, eps)
 
 
 class DecodePlan:

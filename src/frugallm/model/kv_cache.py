@@ -135,8 +135,7 @@ class ContiguousKVCache(KVCache):
         kb.narrow(2, start, t).copy_(k)
         vb.narrow(2, start, t).copy_(v)
         self.lengths[layer] = end
-        mask = None if t == 1 and not self._has_pad else self._build_mask(start, t, end)
-        return kb.narrow(2, 0, end), vb.narrow(2, 0, end), mask
+        return kb.narrow(2, 0, end), vb.narrow(2, 0, end), self._build_mask(start, t, end)
 
     def nbytes(self) -> int:
         total = 0

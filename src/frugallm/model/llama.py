@@ -106,15 +106,19 @@ class RMSNorm(nn.Module):
             # Decode: on CPU, F.rms_norm is ~8 small kernels (10 us for one bf16 row); layer_norm is one
             # fused kernel, and over [x, -x] (mean exactly 0, variance mean(x^2)) its first half is
             # x / sqrt(mean(x^2) + eps), the RMS norm (5 us with the cat).
-            w2 = self.decode_weight(x.dtype)
-            d = x.shape[-1]
-            return F.layer_norm(torch.cat((x, -x), -1), (2 * d,), w2, None, self.eps)[..., :d]
+            return rms_norm_as_layer_norm(x, self.decode_weight(x.dtype), self.eps)
         w = self._cast.get(self.weight, x.dtype)
         return F.rms_norm(x, w.shape, w, self.eps)
 
     def decode_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """``[weight, zeros]`` in ``dtype``: the layer-norm form's weight (cached until the weight changes)."""
         return self._padded.get(self.weight, dtype, _pad_zeros)
+
+
+def rms_norm_as_layer_norm(x: torch.Tensor, w2: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm of ``x [..., d]`` as one fused ``layer_norm`` over ``[x, -x]``; ``w2 = [weight, zeros]``."""
+    d = x.shape[-1]
+    return F.layer_norm(torch.cat((x, -x), -1), (2 * d,), w2, None, eps)[..., :d]
 
 
 def _pad_zeros(w: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ Policies:
 * **Chunked prefill on** (default): running sequences first (decodes, or the next chunk of a prompt),
   then waiting ones in arrival order, until ``max_num_batched_tokens`` or ``max_num_seqs`` is reached; a
   prompt longer than a whole step's budget takes what is left of it, so running decodes are never
-  starved. A prompt that would fit a whole step waits for the next one rather than being split (the split
-  bounds nothing and costs an extra pass: c16 serving 473 -> see docs/benchmarks.md).
+  starved. A prompt that would fit a whole step waits for the next one rather than being split: that split
+  bounds no step's time and costs an extra pass and gather (numbers in docs/benchmarks.md).
 * **Chunked prefill off**: a step either prefills whole prompts (priority, so time to first token is
   low, but running decodes pause) or decodes every running sequence. A prompt longer than the budget
   runs alone.
