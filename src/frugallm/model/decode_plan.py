@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugallm.model.kv_cache import KVCache
+from frugallm.model.kv_cache import KVCache, sdpa_dtypes
 
 if TYPE_CHECKING:
     from frugallm.model.llama import Attention, RMSNorm, Transformer
@@ -110,10 +110,11 @@ class DecodePlan:
                 q = apply_rope(p.q_norm(qkv[:, :q_size].view(b, nh, 1, d)), cos, sin)
                 k = apply_rope(p.k_norm(qkv[:, q_size:qk_size].view(b, nkv, 1, d)), cos, sin)
             v = qkv[:, qk_size:].view(b, nkv, 1, d)
-            keys, values, mask = cache.update(layer, k, v, q=q, x=h[:, None], positions=positions)
-            if keys.dtype != q.dtype:  # as Attention.attend: decode attends in the cache's dtype
-                q = q.to(keys.dtype)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+            out = cache.decode_attention(layer, q, k, v)
+            if out is None:
+                keys, values, mask = cache.update(layer, k, v, q=q, x=h[:, None], positions=positions)
+                q, keys, values = sdpa_dtypes(q, keys, values, decode=True)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
             # [B, heads, 1, D] -> [B, heads * D] is a view: the token dim has size 1
             x = x + p.o(out.to(x.dtype).reshape(b, q_size))
             gu = p.gate_up(p.post_norm(x))

@@ -17,7 +17,7 @@ from torch import nn
 from frugallm.config import ModelConfig
 from frugallm.model.casts import CastCache
 from frugallm.model.decode_plan import DecodePlan
-from frugallm.model.kv_cache import KVCache
+from frugallm.model.kv_cache import KVCache, sdpa_dtypes
 
 # At or above this many tokens a forward pass is compute bound (prefill): on CPU it then runs in
 # ``Transformer.prefill_dtype`` (bf16: AVX512-BF16/AMX matmuls reach ~700 GFLOP/s here while fp16
@@ -206,14 +206,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Append ``k, v`` to ``cache`` and attend; returns ``[B, T, heads * D]`` in ``x``'s dtype."""
         b, _, t, _ = q.shape
+        if t == 1 and (fused := cache.decode_attention(self.layer, q, k, v)) is not None:
+            return fused.to(x.dtype).view(b, 1, self.q_size)
         keys, values, mask = cache.update(self.layer, k, v, q=q, x=x, positions=positions)
-        if keys.dtype != q.dtype:
-            if t < PREFILL_MIN_TOKENS:
-                # Decode: attend in the cache's dtype (fp32 on CPU, where half-precision SDPA with a
-                # one-token query is 4-10x slower than fp32: 150 vs 24 us at 200 keys).
-                q = q.to(keys.dtype)
-            else:
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
+        q, keys, values = sdpa_dtypes(q, keys, values, decode=t < PREFILL_MIN_TOKENS)
         out = F.scaled_dot_product_attention(
             q,
             keys,

@@ -29,7 +29,7 @@ from frugallm.sampling import sample_batch as sample
 from frugallm.serve.block_manager import BlockManager
 from frugallm.serve.metrics import EngineMetrics
 from frugallm.serve.model_runner import ModelRunner
-from frugallm.serve.paged_cache import PagedKVCache
+from frugallm.serve.paged_cache import PagedKVCache, pool_dtype
 from frugallm.serve.scheduler import Scheduler, SchedulerConfig, SeqState, SeqStatus
 
 
@@ -125,11 +125,12 @@ class LLMEngine:
         self.config = config
         self.tokenizer = llm.tokenizer
         mc = llm.config
-        num_blocks = config.num_blocks or self.blocks_in(llm, config.kv_memory_gb, config.block_size)
+        kv_dtype = pool_dtype(llm.dtype, llm.kv_dtype, llm.device)
+        num_blocks = config.num_blocks or self.blocks_in(llm, config.kv_memory_gb, config.block_size, kv_dtype)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.block_manager)
         self.cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
-                                  llm.kv_dtype, llm.device)
+                                  kv_dtype, llm.device)
         self.runner = ModelRunner(llm.model, self.cache, llm.device)
         # A sequence alone must always fit in the pool, so preemption can always make progress.
         self.max_model_len = min(config.max_model_len or llm.max_model_len, llm.max_model_len,
@@ -140,10 +141,10 @@ class LLMEngine:
         self.metrics.gauges = self.gauges
 
     @staticmethod
-    def blocks_in(llm: Any, kv_memory_gb: float, block_size: int) -> int:
-        """How many KV blocks of ``block_size`` tokens fit in ``kv_memory_gb`` GiB for this model."""
+    def blocks_in(llm: Any, kv_memory_gb: float, block_size: int, kv_dtype: torch.dtype) -> int:
+        """How many KV blocks of ``block_size`` tokens in ``kv_dtype`` fit in ``kv_memory_gb`` GiB."""
         mc = llm.config
-        elem = torch.empty((), dtype=llm.kv_dtype).element_size()
+        elem = torch.empty((), dtype=kv_dtype).element_size()
         bytes_per_block = 2 * mc.num_layers * block_size * mc.num_kv_heads * mc.head_dim * elem
         return max(1, int(kv_memory_gb * 2**30) // bytes_per_block)
 
@@ -320,7 +321,7 @@ def generate_batched(llm: Any, prompts_token_ids: list[list[int]], params: list[
         bs = EngineConfig.block_size
         need = [-(-min(len(p) + sp.max_tokens, llm.max_model_len) // bs)
                 for p, sp in zip(prompts_token_ids, params, strict=True)]
-        cap = LLMEngine.blocks_in(llm, EngineConfig.kv_memory_gb, bs)
+        cap = LLMEngine.blocks_in(llm, EngineConfig.kv_memory_gb, bs, pool_dtype(llm.dtype, llm.kv_dtype, llm.device))
         seqs_cap = min(len(need), 256)
         config = EngineConfig(max_num_seqs=seqs_cap, max_num_batched_tokens=max(512, seqs_cap),
                               num_blocks=max(min(sum(need), cap), max(need)))

@@ -12,6 +12,12 @@ space: padding tokens write there and padded block-table entries point there, so
 touched. The pool is zero-initialised so that masked-out slots are always finite (a NaN there would leak
 through the attention matmul even with zero weight).
 
+Decode passes (one new token per row) on CPU attend with a fused kernel
+(``csrc/paged_attention.cpp``, :meth:`decode_attention`) that reads the rows' blocks in place, in the
+pool's dtype: no gather, and half-precision pools (half the bytes) cost no slow half-precision SDPA. It is
+used for half-precision pools (:func:`pool_dtype` picks bf16 for half models on CPU when the kernel
+builds); fp32 pools keep the gather + SDPA path, whose results match a contiguous cache bit for bit.
+
 Prompts computed from their first token (``starts`` all 0, the usual prefill) skip the gather: each row
 attends only to its own new keys, which are returned as they are, with a causal mask. (Keeping decode
 batches gathered across steps and appending one token was tried: it saves the gather but the attention
@@ -22,7 +28,23 @@ from __future__ import annotations
 
 import torch
 
+from frugallm import native
 from frugallm.model.kv_cache import KVCache
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def fused_decode_available(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether decode passes over a pool of ``dtype`` on ``device`` can use the fused CPU kernel."""
+    return torch.device(device).type == "cpu" and dtype in _HALF and native.load("paged_attention")
+
+
+def pool_dtype(model_dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The pool's dtype: bf16 for half-precision models on CPU when the fused kernel is there (half the
+    bytes of the fp32 keys/values ``kv_dtype`` gives them there), else ``kv_dtype``."""
+    if model_dtype in _HALF and fused_decode_available(torch.bfloat16, device):
+        return torch.bfloat16
+    return kv_dtype
 
 
 class PagedKVCache(KVCache):
@@ -44,7 +66,9 @@ class PagedKVCache(KVCache):
         self.scratch_block = num_blocks
         self.device = torch.device(device)
         self.num_used_blocks = 0  # kept current by the engine, for nbytes()
+        self.fused_decode = fused_decode_available(dtype, device)
         self._bound = False
+        self._fused = False
 
     @property
     def bytes_per_block(self) -> int:
@@ -75,6 +99,10 @@ class PagedKVCache(KVCache):
         write = torch.where(valid, blk * bs + pos % bs, self.scratch_block * bs)
         self._write_idx = write.reshape(-1).to(dev)
         self._tables = tables.view(-1).to(dev)
+        self._fused = self.fused_decode and t == 1
+        if self._fused:
+            self._tables_2d = tables
+            self._lens = torch.tensor(ends, dtype=torch.long)
         self._shape = (b, t, nb * bs)
         self._fresh = False
         # Masks are additive fp32 (0 or -inf), built once per pass: SDPA would otherwise turn a bool mask
@@ -125,6 +153,19 @@ class PagedKVCache(KVCache):
         keys = kp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
         values = vp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
         return keys, values, self._mask
+
+    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """One-token decode with the fused kernel: ``q [B, heads, 1, D]``, ``k, v [B, kv_heads, 1, D]`` ->
+        fp32 ``[B, heads, 1, D]``; None when this pass does not use it (then :meth:`update` + SDPA)."""
+        if not self._fused:
+            return None
+        b, h, _, d = k.shape
+        kp, vp = self.k[layer], self.v[layer]
+        kp.view(-1, h, d).index_copy_(0, self._write_idx, k.reshape(b, h, d).to(kp.dtype))
+        vp.view(-1, h, d).index_copy_(0, self._write_idx, v.reshape(b, h, d).to(vp.dtype))
+        qf = q.reshape(b, -1, d).to(torch.float32).contiguous()
+        out = torch.ops.frugallm.paged_decode_attention(qf, kp, vp, self._tables_2d, self._lens, d**-0.5)
+        return out.unsqueeze(2)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate block ``src`` into ``dst`` in every layer."""
