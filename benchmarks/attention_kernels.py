@@ -8,12 +8,17 @@ the median microseconds per call of:
 * ``gather+sdpa bf16->fp32``: the same on a bf16 pool, upcast before SDPA (half SDPA is slower still);
 * ``kernel fp32`` / ``kernel bf16``: ``torch.ops.frugallm.paged_decode_attention`` on the pool in place.
 
+Each timed call reads a different copy of the pool (as many copies as it takes to pass 64 MiB, at most
+30, one per layer of the model), so the keys and values come from DRAM as in a real decode step, not
+from the L3 cache a single repeated call would leave them in.
+
     python benchmarks/attention_kernels.py --threads 2 --batch 1 16 64 --context 256 1024
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -46,17 +51,23 @@ def measure(b: int, ctx: int, rounds: int) -> list[float]:
     mask = torch.zeros(b, 1, 1, nb * BS)
     mask[..., ctx:] = float("-inf")
     q = torch.randn(b, HQ, D)
-    pools = {dt: (torch.randn(num_blocks, BS, HK, D).to(dt), torch.randn(num_blocks, BS, HK, D).to(dt))
-             for dt in (torch.float32, torch.bfloat16)}
+    layer_bytes = 2 * num_blocks * BS * HK * D * 4
+    copies = max(1, min(30, -(-(64 << 20) // layer_bytes)))
+    pools = {dt: [(torch.randn(num_blocks, BS, HK, D).to(dt), torch.randn(num_blocks, BS, HK, D).to(dt))
+                  for _ in range(copies)] for dt in (torch.float32, torch.bfloat16)}
+    turn = itertools.count()
+
+    def pool(dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return pools[dt][next(turn) % copies]
 
     def gather_sdpa(dt: torch.dtype) -> torch.Tensor:
-        kp, vp = pools[dt]
+        kp, vp = pool(dt)
         k = kp.index_select(0, tables.view(-1)).view(b, -1, HK, D).transpose(1, 2).float()
         v = vp.index_select(0, tables.view(-1)).view(b, -1, HK, D).transpose(1, 2).float()
         return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
 
     def kernel(dt: torch.dtype) -> torch.Tensor:
-        return torch.ops.frugallm.paged_decode_attention(q, *pools[dt], tables, lens, D**-0.5)
+        return torch.ops.frugallm.paged_decode_attention(q, *pool(dt), tables, lens, D**-0.5)
 
     dts = (torch.float32, torch.bfloat16)
     return [median_us(lambda fn=fn, dt=dt: fn(dt), rounds) for fn in (gather_sdpa, kernel) for dt in dts]
@@ -65,7 +76,7 @@ def measure(b: int, ctx: int, rounds: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 32])
     ap.add_argument("--context", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--rounds", type=int, default=200)
     args = ap.parse_args()

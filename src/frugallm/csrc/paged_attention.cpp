@@ -51,8 +51,10 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// One (sequence, kv head) task: the query heads of its GQA group against its visible keys and values.
-// HEAD_DIM > 0 fixes the head size at compile time (unrolled, vectorized rows); 0 reads it at run time.
+// A task is one sequence and a run of its kv heads with their GQA query groups. With enough sequences to
+// go round the threads, a task takes all of a sequence's heads, so it streams each token's contiguous row
+// ([kv_heads, head_dim]) through whole blocks; with fewer (a single stream), one head per task, to use
+// every thread. HEAD_DIM > 0 fixes the head size at compile time (unrolled loops); 0 reads it at run time.
 template <typename T, int HEAD_DIM>
 void decode_attention(const float* q, const T* k_pool, const T* v_pool, const int64_t* tables,
                       const int64_t* lens, float* out, int64_t batch, int64_t q_heads, int64_t kv_heads,
@@ -61,62 +63,75 @@ void decode_attention(const float* q, const T* k_pool, const T* v_pool, const in
   const int64_t group = q_heads / kv_heads;
   const int64_t token_stride = kv_heads * head_dim;  // pool layout [blocks, block_size, kv_heads, head_dim]
   const int64_t block_stride = block_size * token_stride;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, row(head_dim), qs(group * head_dim);
+  const int64_t task_heads = batch >= 2 * at::get_num_threads() ? kv_heads : 1;
+  const int64_t task_qheads = task_heads * group;  // adjacent query heads: h0 * group ...
+  const int64_t chunks = kv_heads / task_heads;
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, row(task_heads * head_dim), qs(task_qheads * head_dim);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const int64_t b = task / chunks, h0 = (task % chunks) * task_heads;
       const int64_t len = lens[b];
       const int64_t* table = tables + b * max_blocks;
       const int64_t num_blocks = (len + block_size - 1) / block_size;
-      scores.resize(group * len);
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < head_dim; ++d)
-          qs[g * head_dim + d] = q[(b * q_heads + h * group + g) * head_dim + d] * scale;
-      // Calls fn(s) with row = token s's key or value (head h) in fp32, for s = 0..len-1: blocks, then
-      // slots in a block (no division per token).
+      const float* qb = q + (b * q_heads + h0 * group) * head_dim;
+      float* o = out + (b * q_heads + h0 * group) * head_dim;
+      scores.resize(task_qheads * len);
+      for (int64_t i = 0; i < task_qheads * head_dim; ++i) qs[i] = qb[i] * scale;
+      // Calls fn(s) with row = token s's keys or values (heads h0..) in fp32, for s = 0..len-1: blocks,
+      // then slots in a block (no division per token).
+      // Blocks are scattered, so the hardware prefetcher stops at each block's end: each row fetches the
+      // same row of the next block ahead of use (the kernel is otherwise memory-latency bound).
+      const int64_t row_bytes = task_heads * head_dim * static_cast<int64_t>(sizeof(T));
       const auto for_each_row = [&](const T* pool, auto&& fn) {
         for (int64_t blk = 0, s = 0; blk < num_blocks; ++blk) {
-          const T* p = pool + table[blk] * block_stride + h * head_dim;
+          const T* p = pool + table[blk] * block_stride + h0 * head_dim;
+          const char* next = blk + 1 < num_blocks
+              ? reinterpret_cast<const char*>(pool + table[blk + 1] * block_stride + h0 * head_dim)
+              : nullptr;
           const int64_t n = std::min(block_size, len - blk * block_size);
           for (int64_t j = 0; j < n; ++j, ++s, p += token_stride) {
-            for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(p[d]);
+            if (next != nullptr)
+              for (int64_t c = 0; c < row_bytes; c += 64)
+                __builtin_prefetch(next + j * token_stride * static_cast<int64_t>(sizeof(T)) + c);
+            for (int64_t d = 0; d < task_heads * head_dim; ++d) row[d] = to_float(p[d]);
             fn(s);
           }
         }
       };
-      // Scores: one read of each key row serves the whole query group.
+      // Scores: one read of each key serves its whole query group.
       for_each_row(k_pool, [&](int64_t s) {
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qs.data() + g * head_dim;
+        for (int64_t i = 0; i < task_qheads; ++i) {
+          const float* qi = qs.data() + i * head_dim;
+          const float* k = row.data() + (i / group) * head_dim;
           float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t d = 0; d < head_dim; ++d) acc += qg[d] * row[d];
-          scores[g * len + s] = acc;
+          for (int64_t d = 0; d < head_dim; ++d) acc += qi[d] * k[d];
+          scores[i * len + s] = acc;
         }
       });
       // Softmax per query head.
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * len;
+      for (int64_t i = 0; i < task_qheads; ++i) {
+        float* si = scores.data() + i * len;
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < len; ++s) mx = std::max(mx, sg[s]);
+        for (int64_t s = 0; s < len; ++s) mx = std::max(mx, si[s]);
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t s = 0; s < len; ++s) {
-          sg[s] = exp_nonpositive(sg[s] - mx);
-          sum += sg[s];
+          si[s] = exp_nonpositive(si[s] - mx);
+          sum += si[s];
         }
         const float inv = 1.0f / sum;
-        for (int64_t s = 0; s < len; ++s) sg[s] *= inv;
+        for (int64_t s = 0; s < len; ++s) si[s] *= inv;
       }
       // Weighted sum of values: one read of each value row.
-      float* o = out + (b * q_heads + h * group) * head_dim;  // the group's heads are adjacent
-      std::fill(o, o + group * head_dim, 0.0f);
+      std::fill(o, o + task_qheads * head_dim, 0.0f);
       for_each_row(v_pool, [&](int64_t s) {
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + s];
-          float* og = o + g * head_dim;
+        for (int64_t i = 0; i < task_qheads; ++i) {
+          const float p = scores[i * len + s];
+          const float* v = row.data() + (i / group) * head_dim;
+          float* oi = o + i * head_dim;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) og[d] += p * row[d];
+          for (int64_t d = 0; d < head_dim; ++d) oi[d] += p * v[d];
         }
       });
     }
