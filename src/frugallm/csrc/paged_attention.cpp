@@ -67,7 +67,7 @@ void decode_attention(const float* q, const T* k_pool, const T* v_pool, const in
   const int64_t task_qheads = task_heads * group;  // adjacent query heads: h0 * group ...
   const int64_t chunks = kv_heads / task_heads;
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, row(task_heads * head_dim), qs(task_qheads * head_dim);
+    std::vector<float> scores, row(head_dim), qs(task_qheads * head_dim), vblock(block_size * task_heads * head_dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, h0 = (task % chunks) * task_heads;
       const int64_t len = lens[b];
@@ -77,36 +77,40 @@ void decode_attention(const float* q, const T* k_pool, const T* v_pool, const in
       float* o = out + (b * q_heads + h0 * group) * head_dim;
       scores.resize(task_qheads * len);
       for (int64_t i = 0; i < task_qheads * head_dim; ++i) qs[i] = qb[i] * scale;
-      // Calls fn(s) with row = token s's keys or values (heads h0..) in fp32, for s = 0..len-1: blocks,
-      // then slots in a block (no division per token).
-      // Blocks are scattered, so the hardware prefetcher stops at each block's end: each row fetches the
-      // same row of the next block ahead of use (the kernel is otherwise memory-latency bound).
+      // Calls fn(rows, s0, n, next) per block: rows = its first token's keys or values (heads h0..), tokens
+      // s0..s0+n-1, one every token_stride elements; next = the next block's rows or null. Blocks are
+      // scattered, so the hardware prefetcher stops at each block's end: fn prefetches row j of the next
+      // block as it uses row j of this one (the kernel is otherwise memory-latency bound: 2x slower from
+      // DRAM; prefetching a whole block at once is slower than spreading it).
       const int64_t row_bytes = task_heads * head_dim * static_cast<int64_t>(sizeof(T));
-      const auto for_each_row = [&](const T* pool, auto&& fn) {
-        for (int64_t blk = 0, s = 0; blk < num_blocks; ++blk) {
-          const T* p = pool + table[blk] * block_stride + h0 * head_dim;
-          const char* next = blk + 1 < num_blocks
-              ? reinterpret_cast<const char*>(pool + table[blk + 1] * block_stride + h0 * head_dim)
-              : nullptr;
-          const int64_t n = std::min(block_size, len - blk * block_size);
-          for (int64_t j = 0; j < n; ++j, ++s, p += token_stride) {
-            if (next != nullptr)
-              for (int64_t c = 0; c < row_bytes; c += 64)
-                __builtin_prefetch(next + j * token_stride * static_cast<int64_t>(sizeof(T)) + c);
-            for (int64_t d = 0; d < task_heads * head_dim; ++d) row[d] = to_float(p[d]);
-            fn(s);
-          }
+      const auto for_each_block = [&](const T* pool, auto&& fn) {
+        for (int64_t blk = 0; blk < num_blocks; ++blk) {
+          const T* next = blk + 1 < num_blocks ? pool + table[blk + 1] * block_stride + h0 * head_dim : nullptr;
+          fn(pool + table[blk] * block_stride + h0 * head_dim, blk * block_size,
+             std::min(block_size, len - blk * block_size), next);
         }
       };
-      // Scores: one read of each key serves its whole query group.
-      for_each_row(k_pool, [&](int64_t s) {
-        for (int64_t i = 0; i < task_qheads; ++i) {
-          const float* qi = qs.data() + i * head_dim;
-          const float* k = row.data() + (i / group) * head_dim;
-          float acc = 0.0f;
+      const auto prefetch_row = [&](const T* next, int64_t j) {
+        if (next == nullptr) return;
+        const char* r = reinterpret_cast<const char*>(next + j * token_stride);
+        for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(r + c);
+      };
+      // Scores: each key row is converted once and serves its whole query group.
+      for_each_block(k_pool, [&](const T* rows, int64_t s0, int64_t n, const T* next) {
+        for (int64_t j = 0; j < n; ++j) {
+          prefetch_row(next, j);
+          for (int64_t hh = 0; hh < task_heads; ++hh) {
+            const T* k = rows + j * token_stride + hh * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(k[d]);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t i = hh * group + g;
+              const float* qi = qs.data() + i * head_dim;
+              float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t d = 0; d < head_dim; ++d) acc += qi[d] * k[d];
-          scores[i * len + s] = acc;
+              for (int64_t d = 0; d < head_dim; ++d) acc += qi[d] * row[d];
+              scores[i * len + s0 + j] = acc;
+            }
+          }
         }
       });
       // Softmax per query head.
@@ -123,15 +127,35 @@ void decode_attention(const float* q, const T* k_pool, const T* v_pool, const in
         const float inv = 1.0f / sum;
         for (int64_t s = 0; s < len; ++s) si[s] *= inv;
       }
-      // Weighted sum of values: one read of each value row.
+      // Weighted sum of values, a block at a time: its rows are converted to fp32 once (prefetching the
+      // next block's as they go), then each query head's output stays in registers across the block's
+      // tokens (with HEAD_DIM known) instead of a load and a store per token.
       std::fill(o, o + task_qheads * head_dim, 0.0f);
-      for_each_row(v_pool, [&](int64_t s) {
-        for (int64_t i = 0; i < task_qheads; ++i) {
-          const float p = scores[i * len + s];
-          const float* v = row.data() + (i / group) * head_dim;
-          float* oi = o + i * head_dim;
+      for_each_block(v_pool, [&](const T* rows, int64_t s0, int64_t n, const T* next) {
+        const int64_t width = task_heads * head_dim;
+        for (int64_t j = 0; j < n; ++j) {
+          prefetch_row(next, j);
+          const T* v = rows + j * token_stride;
+          for (int64_t d = 0; d < width; ++d) vblock[j * width + d] = to_float(v[d]);
+        }
+        for (int64_t hh = 0; hh < task_heads; ++hh) {
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t i = hh * group + g;
+            const float* pi = scores.data() + i * len + s0;
+            const float* vb = vblock.data() + hh * head_dim;
+            float* oi = o + i * head_dim;
+            if constexpr (HEAD_DIM > 0) {
+              float acc[HEAD_DIM];
+              for (int64_t d = 0; d < HEAD_DIM; ++d) acc[d] = oi[d];
+              for (int64_t j = 0; j < n; ++j)
+                for (int64_t d = 0; d < HEAD_DIM; ++d) acc[d] += pi[j] * vb[j * width + d];
+              for (int64_t d = 0; d < HEAD_DIM; ++d) oi[d] = acc[d];
+            } else {
+              for (int64_t j = 0; j < n; ++j)
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) oi[d] += p * v[d];
+                for (int64_t d = 0; d < head_dim; ++d) oi[d] += pi[j] * vb[j * width + d];
+            }
+          }
         }
       });
     }
