@@ -14,6 +14,7 @@ from frugallm.config import ModelConfig
 from frugallm.model.llama import Transformer
 from frugallm.serve.engine import EngineConfig, LLMEngine
 from frugallm.serve.paged_cache import PagedKVCache, pool_dtype
+from test_serve_engine import prompts_for, run_engine
 
 needs_kernel = pytest.mark.skipif(not native.load("paged_attention"), reason="native kernel did not build here")
 
@@ -196,3 +197,26 @@ def test_default_model_bf16_engine_agrees_with_generate() -> None:
                   for x, y in zip(got, alone, strict=True)]
     assert min(first_diff) >= 4, (got, alone)
     assert sum(first_diff) >= 0.75 * 16 * len(prompts), (got, alone)
+
+
+@needs_kernel
+@pytest.mark.parametrize("preempting", [False, True])
+def test_engine_fused_decode_matches_unfused(tiny_models, preempting: bool) -> None:
+    """A bf16 model on the engine (chunked prefill, prefix hits, preemption): the fused kernel and the
+    gather + SDPA path over the same bf16 pool give the same greedy tokens."""
+    llm = LLM(str(tiny_models.hf("llama")), dtype="bfloat16", device="cpu")
+    config = (EngineConfig(num_blocks=20, block_size=4, max_num_batched_tokens=16, max_num_seqs=5) if preempting
+              else EngineConfig(num_blocks=256, block_size=4, max_num_batched_tokens=7, max_num_seqs=7))
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = prompts_for(llm)
+    results = []
+    for fused in (True, False):
+        engine = LLMEngine(llm, config)
+        assert engine.cache.k[0].dtype == torch.bfloat16 and engine.cache.fused_decode
+        engine.cache.fused_decode = fused
+        results.append([o[0].token_ids for o in run_engine(engine, prompts, sp)])
+        if preempting:
+            assert engine.scheduler.num_preemptions > 0
+        else:
+            assert engine.block_manager.prefix_hits > 0
+    assert results[0] == results[1]
