@@ -168,7 +168,8 @@ def test_compiled_decode_matches_eager(tiny_models, tmp_path, monkeypatch) -> No
         assert compiled.generate(prompt, params)[0].token_ids == eager.generate(prompt, params)[0].token_ids
 
 
-def test_packed_bf16_linears_are_bit_identical_and_can_be_switched_off(tiny_models) -> None:
+def test_packed_bf16_linears_are_bit_identical_and_can_be_switched_off(tiny_models, monkeypatch) -> None:
+    monkeypatch.setenv("FRUGALLM_NATIVE", "0")  # oneDNN's packing: bit-identical (native: test_packed_linear.py)
     path = str(tiny_models.gguf("llama", "F32"))
     packed = LLM(path, dtype="bfloat16", device="cpu", pack_weights=True)
     plain = LLM(path, dtype="bfloat16", device="cpu", pack_weights=False)

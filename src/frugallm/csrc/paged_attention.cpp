@@ -224,7 +224,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
 
 }  // namespace
 
-TORCH_LIBRARY(frugallm, m) {
+TORCH_LIBRARY_FRAGMENT(frugallm, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
         "Tensor context_lens, float scale) -> Tensor");
 }

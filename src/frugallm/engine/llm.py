@@ -83,7 +83,7 @@ class LLM:
         ``calib``: calibration text file for methods that need one (default: the built-in corpus);
         ``batching``: run multi-prompt ``generate`` calls through the continuous-batching engine;
         ``compile``: ``torch.compile`` the decode step's layers (``compile_seconds`` records the cost);
-        ``pack_weights``: bf16 CPU linears on oneDNN-packed copies (faster, +1x those weights' memory); None =
+        ``pack_weights``: bf16 CPU linears on packed copies (faster, +1x those weights' memory); None =
         when the copies take at most a quarter of the free memory."""
         if threads:
             torch.set_num_threads(threads)

@@ -1,0 +1,94 @@
+"""bf16 CPU linears on packed weights: the native kernel (csrc/bf16_gemm.cpp) against float references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from frugallm import LLM, SamplingParams
+from frugallm.model import packed
+from frugallm.model.llama import Linear
+
+needs_native = pytest.mark.skipif(packed.backend(64) != "native", reason="native bf16 kernel unavailable here")
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 64, 65, 200, 256])
+@pytest.mark.parametrize(("n", "k"), [(16, 2), (100, 64), (3072, 576), (49, 1538)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_kernel_matches_reference(rows: int, n: int, k: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(rows * 7 + n + k)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    p = packed.pack(w, b)
+    assert p.kind == "native" and p.weight.shape == (-(-n // 16), k // 2, 16, 2)
+    y = packed.linear(x, p, w, b)
+    assert y.shape == (rows, n) and y.dtype == torch.bfloat16
+    ref = reference(x, w, b)
+    # fp32 accumulation then one rounding to bf16: within a bf16 ulp of the exact result, plus fp32 noise
+    tol = ref.abs() * 2.0**-8 + 1e-5 * (x.double().abs() @ w.double().abs().t())
+    assert ((y.double() - ref).abs() <= tol).all()
+
+
+@needs_native
+def test_many_rows_fall_back_to_f_linear() -> None:
+    x = torch.randn(2, packed.NATIVE_MAX_ROWS, 64).bfloat16()  # 512 rows
+    w = torch.randn(48, 64).bfloat16()
+    assert torch.equal(packed.linear(x, packed.pack(w, None), w, None), F.linear(x, w))
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda x, p: (x.float(), p.weight), "x must be a contiguous bfloat16"),
+        (lambda x, p: (x[:, :-2].contiguous(), p.weight), "x has 62 features but the packed weight 64"),
+        (lambda x, p: (x, p.weight.float()), "w must be a contiguous bfloat16"),
+    ],
+)
+def test_native_kernel_rejects_bad_inputs(make, message) -> None:
+    x, w = torch.randn(3, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    xa, wa = make(x, packed.pack(w, None))
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.frugallm.bf16_linear(xa, wa, None, 32)
+    with pytest.raises(RuntimeError, match="out_features does not match"):
+        torch.ops.frugallm.bf16_linear(x, packed.pack(w, None).weight, None, 50)
+
+
+def test_backend_choice(monkeypatch) -> None:
+    assert packed.backend(63) in ("onednn", None)  # odd in_features: no VNNI pairs
+    monkeypatch.setenv("FRUGALLM_NATIVE", "0")
+    assert packed.backend(64) in ("onednn", None)
+
+
+@needs_native
+@torch.no_grad()
+def test_linear_module_repacks_when_the_weight_changes() -> None:
+    lin = Linear(64, 40, bias=True).bfloat16()
+    x = torch.randn(5, 64).bfloat16()
+    first = lin(x)
+    assert lin.packed_weight().kind == "native" and lin.packed_bytes == 40 * 64 * 2
+    lin.weight.mul_(2)  # in place: new version, the packed copy is remade
+    torch.testing.assert_close(lin(x).float(), F.linear(x, lin.weight, lin.bias).float(), rtol=2e-2, atol=2e-2)
+    assert not torch.equal(lin(x), first)
+
+
+@needs_native
+def test_native_packed_model_agrees_with_plain(tiny_models) -> None:
+    path = str(tiny_models.gguf("llama", "F32"))
+    native_llm = LLM(path, dtype="bfloat16", device="cpu", pack_weights=True)
+    plain = LLM(path, dtype="bfloat16", device="cpu", pack_weights=False)
+    ids = plain.tokenizer.encode("the quick brown fox jumps over the lazy dog")
+    a, b = native_llm.score(ids), plain.score(ids)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
+    kinds = {m.packed_weight().kind for m in native_llm.model.modules() if isinstance(m, Linear)}
+    assert kinds == {"native"}
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert len(native_llm.generate("hello", p)[0].token_ids) == 8
