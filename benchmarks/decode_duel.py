@@ -23,7 +23,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--gen", type=int, default=64, help="decode tokens per run")
     ap.add_argument("--configs", default="int4:group=32:head=8,int4:group=32,none",
-                    help="comma-separated frugallm --quant specs ('none': the unquantized default, 'fp32': float32)")
+                    help="comma-separated frugallm --quant specs ('none': the unquantized default, 'fp32': float32, "
+                         "'bf16': bfloat16 weights)")
     args = ap.parse_args()
 
     import torch
@@ -33,8 +34,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     runners = {}
     for spec in args.configs.split(","):
-        q = None if spec in ("none", "fp32") else spec
-        dtype = "float32" if spec == "fp32" else "auto"
+        q = None if spec in ("none", "fp32", "bf16") else spec
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(spec, "auto")
         runners[f"frugallm {spec}"] = make_runner("frugallm", args.model, dtype=dtype, threads=args.threads, quant=q)
     try:
         runners["llama.cpp"] = make_runner("llama.cpp", args.model, threads=args.threads)
