@@ -86,6 +86,9 @@ def _build(name: str, cxx: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
     os.replace(tmp, out)
+    for stale in out.parent.glob(f"{name}-*.so"):  # builds of older sources; a process using one keeps it mapped
+        if stale != out:
+            stale.unlink(missing_ok=True)
     return out
 
 
