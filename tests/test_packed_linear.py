@@ -1,4 +1,4 @@
-"""bf16 CPU linears on packed weights: the native kernel (csrc/bf16_gemm.cpp) against float references."""
+"""CPU linears on native kernels: bf16 on packed weights (csrc/bf16_gemm.cpp), int8 (csrc/int8_linear.cpp)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from frugallm import LLM, SamplingParams
 from frugallm.model import packed
 from frugallm.model.llama import Linear
+from frugallm.quant import kernels
 
 needs_native = pytest.mark.skipif(packed.backend(64) != "native", reason="native bf16 kernel unavailable here")
 
@@ -92,3 +93,52 @@ def test_native_packed_model_agrees_with_plain(tiny_models) -> None:
     assert kinds == {"native"}
     p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     assert len(native_llm.generate("hello", p)[0].token_ids) == 8
+
+
+# -- the native int8 kernel (csrc/int8_linear.cpp) ------------------------------------------------------------
+needs_int8 = pytest.mark.skipif(not kernels.native_int8(torch.device("cpu"), torch.bfloat16),
+                                reason="native int8 kernel unavailable here")
+
+
+@needs_int8
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize(("n", "k"), [(1, 7), (5, 16), (960, 576), (50, 1537)])
+def test_native_int8_matches_reference(rows: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(rows + n + k)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) / 50
+    y = torch.ops.frugallm.int8_linear(x, q, s, None)
+    ref = x.double() @ (q.double() * s.double()[:, None]).t()
+    tol = ref.abs() * 2.0**-8 + 1e-6 * (x.double().abs() @ (q.double().abs() * s.double()[:, None]).t())
+    assert y.dtype == torch.bfloat16 and ((y.double() - ref).abs() <= tol).all()
+
+
+@needs_int8
+def test_native_int8_rejects_bad_inputs() -> None:
+    x, q, s = torch.randn(2, 8).bfloat16(), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(RuntimeError, match="x must be a contiguous bfloat16"):
+        torch.ops.frugallm.int8_linear(x.float(), q, s, None)
+    with pytest.raises(RuntimeError, match="x has 6 features but the weight 8"):
+        torch.ops.frugallm.int8_linear(x[:, :6].contiguous(), q, s, None)
+    with pytest.raises(RuntimeError, match="scales must be a contiguous float32"):
+        torch.ops.frugallm.int8_linear(x, q, s[:3], None)
+
+
+@needs_int8
+@torch.no_grad()
+def test_int8_linear_module_uses_the_native_kernel(monkeypatch) -> None:
+    from frugallm.quant.linear import Int8Linear, LLMInt8Linear
+
+    lin = torch.nn.Linear(64, 48, bias=False)
+    q8 = Int8Linear.from_linear(lin)
+    x = torch.randn(3, 64).bfloat16()
+    ref = F.linear(x.float(), q8.dequantize()).bfloat16()
+    fn = q8.decode_fn(torch.bfloat16, torch.device("cpu"))
+    torch.testing.assert_close(fn(x), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(q8(x), ref, rtol=2e-2, atol=2e-2)
+    assert fn.__name__ == "<lambda>"  # the kernel itself, not forward
+    llm_int8 = LLMInt8Linear.from_linear(lin)
+    assert llm_int8.decode_fn(torch.bfloat16, torch.device("cpu")) == llm_int8.forward  # its own arithmetic
+    monkeypatch.setenv("FRUGALLM_NATIVE", "0")
+    assert q8.decode_fn(torch.bfloat16, torch.device("cpu")) == q8.forward

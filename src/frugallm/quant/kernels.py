@@ -34,6 +34,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from frugallm import native
+
 # int8 x int8 products are < 2**14, so fp32 sums of at most 1024 of them stay below 2**24 and are exact.
 _EXACT_FP32_K = 1024
 
@@ -54,6 +56,19 @@ def int8pack_supported(device: torch.device, in_features: int) -> bool:
     if not hasattr(torch, "_weight_int8pack_mm") or in_features % 16:
         return False
     return device.type == "cpu" or (device.type == "cuda" and _cuda_probe("int8pack", device))
+
+
+NATIVE_INT8_MAX_ROWS = 16  # up to here frugallm's int8 kernel beats torch._weight_int8pack_mm on CPU
+
+
+def native_int8(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.ops.frugallm.int8_linear`` (csrc/int8_linear.cpp) serves bf16 inputs on ``device``."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and native.enabled() and _native_int8_ok()
+
+
+@functools.cache
+def _native_int8_ok() -> bool:
+    return native.load("int8_linear") and bool(torch.ops.frugallm.int8_linear_vectorized())
 
 
 def int8_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
