@@ -1,4 +1,4 @@
-"""CPU linears on native kernels: bf16 on packed weights (csrc/bf16_gemm.cpp), int8 (csrc/int8_linear.cpp)."""
+"""CPU linears on native kernels (csrc/): bf16 on packed weights, weight-only int8, mix4."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_native_packed_model_agrees_with_plain(tiny_models) -> None:
 
 
 # -- the native int8 kernel (csrc/int8_linear.cpp) ------------------------------------------------------------
-needs_int8 = pytest.mark.skipif(not kernels.native_int8(torch.device("cpu"), torch.bfloat16),
+needs_int8 = pytest.mark.skipif(not kernels.native_kernel("int8_linear", torch.device("cpu"), torch.bfloat16),
                                 reason="native int8 kernel unavailable here")
 
 
@@ -142,3 +142,48 @@ def test_int8_linear_module_uses_the_native_kernel(monkeypatch) -> None:
     assert llm_int8.decode_fn(torch.bfloat16, torch.device("cpu")) == llm_int8.forward  # its own arithmetic
     monkeypatch.setenv("FRUGALLM_NATIVE", "0")
     assert q8.decode_fn(torch.bfloat16, torch.device("cpu")) == q8.forward
+
+
+# -- the native mix4 kernel (csrc/mix4_linear.cpp) ------------------------------------------------------------
+needs_mix4 = pytest.mark.skipif(not kernels.native_kernel("mix4_linear", torch.device("cpu"), torch.bfloat16),
+                                reason="native mix4 kernel unavailable here")
+
+
+@needs_mix4
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize(("n", "k", "group"), [(1, 64, 32), (7, 576, 32), (40, 1536, 64), (9, 256, 128)])
+def test_native_mix4_matches_dequantized(rows: int, n: int, k: int, group: int) -> None:
+    from frugallm.quant.mix4 import Mix4Linear
+    from frugallm.quant.spec import parse_quant_spec
+
+    torch.manual_seed(rows + n + k)
+    m = Mix4Linear.from_linear(torch.nn.Linear(k, n, bias=False), parse_quant_spec(f"mix4:group={group}"))
+    x = torch.randn(rows, k).bfloat16()
+    y = torch.ops.frugallm.mix4_linear(x, m.qweight, m.selector, m.qscale, m.grids, group, None)
+    w = m.dequantize().double()
+    ref = x.double() @ w.t()
+    tol = ref.abs() * 2.0**-8 + 1e-5 * (x.double().abs() @ w.abs().t())
+    assert y.dtype == torch.bfloat16 and ((y.double() - ref).abs() <= tol).all()
+    with torch.no_grad():  # the module: the kernel for few rows, dequantize + F.linear beyond
+        fn = m.decode_fn(torch.bfloat16, torch.device("cpu"))
+        assert fn.__name__ == "<lambda>"
+        torch.testing.assert_close(fn(x).float(), m(x).float(), rtol=0, atol=0)
+        many = torch.randn(40, k).bfloat16()
+        torch.testing.assert_close(m(many).float(), F.linear(many, m.dequantize(torch.bfloat16)).float())
+
+
+@needs_mix4
+def test_native_mix4_rejects_bad_inputs() -> None:
+    from frugallm.quant.mix4 import Mix4Linear
+    from frugallm.quant.spec import parse_quant_spec
+
+    m = Mix4Linear.from_linear(torch.nn.Linear(64, 8, bias=False), parse_quant_spec("mix4:group=32"))
+    x = torch.randn(2, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="x must be a contiguous bfloat16"):
+        torch.ops.frugallm.mix4_linear(x.float(), m.qweight, m.selector, m.qscale, m.grids, 32, None)
+    with pytest.raises(RuntimeError, match="group_size % 16 == 0"):
+        torch.ops.frugallm.mix4_linear(x, m.qweight, m.selector, m.qscale, m.grids, 24, None)
+    with pytest.raises(RuntimeError, match="selector must be a contiguous uint8"):
+        torch.ops.frugallm.mix4_linear(x, m.qweight, m.selector[:, :0].contiguous(), m.qscale, m.grids, 32, None)
+    with pytest.raises(RuntimeError, match="qscale must be float16 or bfloat16"):
+        torch.ops.frugallm.mix4_linear(x, m.qweight, m.selector, m.qscale.float(), m.grids, 32, None)

@@ -10,11 +10,14 @@ Four 16-level grids, selected per group by a 2-bit selector (``w = grid[sel][cod
 3. ``fp4_shift``: e2m1 shifted to the group's midrange, ``scale = (max - min) / 12``, ``offset = (max + min) / 2``.
 
 Storage per group: scale and offset (16-bit) and the 2-bit selector; codes are 4-bit packed. There is
-no torch kernel for a per-group look-up table, so the runtime dequantizes then calls ``F.linear``.
+no torch kernel for a per-group look-up table: up to 16 rows (decode) run frugallm's native kernel on the
+stored format (``csrc/mix4_linear.cpp``: a group's grid in a register, 16 look-ups per ``vpermps``; one
+batch-1 pass over SmolLM2's matrices 4.4 ms instead of ~400); more rows dequantize then call ``F.linear``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,10 +128,30 @@ class Mix4Linear(nn.Module):
         qs = self.qscale.to(dtype)
         return (levels * qs[..., :1] + qs[..., 1:]).reshape(n, k)
 
+    def _native_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
+        k, g = self.in_features, self.group_size
+        shape_ok = g % 16 == 0 and k % 32 == 0 and (k // 2) % g == 0 and k // g <= 512
+        return shape_ok and kernels.native_kernel("mix4_linear", device, dtype)
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, K]`` bf16, M <= NATIVE_MAX_ROWS -> ``[M, N]`` bf16 on the stored codes (no bias)."""
+        return torch.ops.frugallm.mix4_linear(x, self.qweight, self.selector, self.qscale, self.grids,
+                                              self.group_size, None)
+
+    def decode_fn(self, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``self(x)`` for 2-D ``x`` in ``dtype`` (see ``DecodePlan``): the native kernel directly where it serves."""
+        if self.bias is not None or not self._native_ok(device, dtype):
+            return self.forward
+        native, forward = self._native, self.forward
+        return lambda x: native(x) if x.shape[0] <= kernels.NATIVE_MAX_ROWS else forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = flatten_input(x, self.in_features)
         cd = kernels.compute_dtype(x.device, x.dtype)
-        y = F.linear(x2.to(cd), self.dequantize(cd)).to(x.dtype)
+        if x2.shape[0] <= kernels.NATIVE_MAX_ROWS and self._native_ok(x.device, cd):
+            y = self._native(x2.to(cd).contiguous()).to(x.dtype)
+        else:
+            y = F.linear(x2.to(cd), self.dequantize(cd)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
