@@ -4,13 +4,19 @@ columns not yet quantized, weighted by the inverse Hessian of the layer's recons
 
 Model driver (:func:`gptq_quantize_model`): layers are quantized *sequentially one transformer block at a
 time*. The blocks are the children of the model's largest ``nn.ModuleList`` of modules containing linears
-(``model.layers``); for block ``i`` the calibration batches are run again with hooks on that block's
-linears only, so their Hessians see the outputs of the already-quantized blocks ``< i`` (the error
-compensation the paper relies on). Linears of one block share one pass (no "true-sequential" split
-inside the block), and linears outside the blocks (``lm_head`` with the ``head`` flag) come last. With
-no block list all linears are calibrated in a single pass on the unquantized model. Cost: one
-calibration pass per block, cut short after that block when ``run_calib`` supports it
-(:class:`StopCalibration`; ``LLM`` does).
+(``model.layers``); block ``i``'s Hessians are taken on the outputs of the already-quantized blocks ``< i``
+(the error compensation the paper relies on). Linears of one block share one pass (no "true-sequential"
+split inside the block), and linears outside the blocks (``lm_head`` with the ``head`` flag) come last, on
+a whole calibration pass. With no block list all linears are calibrated in a single pass on the
+unquantized model.
+
+Cost. When ``run_calib`` can stop a batch early (:class:`StopCalibration`; ``LLM``'s does), the batches'
+inputs to block 0 are captured once and then *replayed* block by block, as the reference implementation
+does: block ``i`` runs twice per batch (for its Hessians, then quantized to make block ``i + 1``'s
+inputs), 2L block passes in all instead of the L(L+1)/2 of re-running the model from the embeddings for
+every block. Replay needs blocks called as ``block(x, *rest)`` returning the next ``x`` and KV caches
+that can be emptied (``truncate``); otherwise each block's pass runs the model up to that block. Without
+early stops every block costs a whole calibration pass.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 from frugallm.errors import FrugalError
+from frugallm.model.kv_cache import KVCache
 from frugallm.quant.apply import Target, as_spec, quantize_embeddings, target_linears
 from frugallm.quant.linear import GroupQuantState, check_groups, group_params, param_dtype
 from frugallm.quant.methods import GPTQMethod
@@ -116,15 +123,21 @@ def gptq_quantize_weight(
     return GroupQuantState(codes, scales, offsets, bits, group_size, perm=perm)
 
 
-def _stages(model: nn.Module, targets: list[Target]) -> list[tuple[nn.Module | None, list[Target]]]:
-    """``(block, targets)`` by transformer block in block order, then ``(None, the rest)``; see the module
-    docstring."""
+def _block_list(model: nn.Module) -> nn.ModuleList | None:
+    """The model's largest ``nn.ModuleList`` of (>= 2) modules containing linears: its transformer blocks."""
     best: nn.ModuleList | None = None
     for m in model.modules():
         if isinstance(m, nn.ModuleList):
             n_blocks = sum(any(isinstance(x, nn.Linear) for x in b.modules()) for b in m)
             if n_blocks >= 2 and (best is None or n_blocks > len(best)):
                 best = m
+    return best
+
+
+def _stages(model: nn.Module, targets: list[Target]) -> list[tuple[nn.Module | None, list[Target]]]:
+    """``(block, targets)`` by transformer block in block order, then ``(None, the rest)``; see the module
+    docstring."""
+    best = _block_list(model)
     if best is None:
         return [(None, targets)]
     stages: list[tuple[nn.Module | None, list[Target]]] = []
@@ -137,6 +150,70 @@ def _stages(model: nn.Module, targets: list[Target]) -> list[tuple[nn.Module | N
             stages.append((block, stage))
     rest = [t for t in targets if id(t[2]) not in placed]
     return stages + ([(None, rest)] if rest else [])
+
+
+BlockCall = tuple[tuple, dict]  # one batch's (args, kwargs) into a block
+
+
+def _capture_block_inputs(block: nn.Module, run_calib: Callable[[], None]) -> list[BlockCall] | None:
+    """Each calibration batch's ``(args, kwargs)`` into ``block`` (the batch stops there), or None when they
+    cannot be replayed (see the module docstring)."""
+    captured: list[BlockCall] = []
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise StopCalibration
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run_calib()
+    finally:
+        handle.remove()
+    for args, kwargs in captured:
+        caches = [a for a in (*args, *kwargs.values()) if isinstance(a, KVCache)]
+        if not args or not isinstance(args[0], torch.Tensor) or any(not hasattr(c, "truncate") for c in caches):
+            return None
+    if captured:
+        out = _run_block(block, captured[0])
+        if not isinstance(out, torch.Tensor) or out.shape != captured[0][0][0].shape:
+            return None
+    return captured or None
+
+
+def _run_block(block: nn.Module, call: BlockCall) -> torch.Tensor:
+    """``block`` on one captured batch; its KV caches are emptied first (a block only reads its own layer's
+    slots, which a previous run of it filled)."""
+    args, kwargs = call
+    for c in (*args, *kwargs.values()):
+        if isinstance(c, KVCache):
+            c.truncate(0)  # type: ignore[attr-defined]
+    with torch.inference_mode():  # LLM's passes make their caches in inference mode
+        return block(*args, **kwargs)
+
+
+def _quantize_replaying(
+    blocks: nn.ModuleList, stages: list[tuple[nn.Module | None, list[Target]]], calls: list[BlockCall],
+    run_calib: Callable[[], None], method: GPTQMethod,
+) -> None:
+    """Blocks in order on the captured inputs: Hessians, quantize, then the quantized block's outputs become
+    the next block's inputs; the linears outside the blocks last, on whole calibration passes."""
+    stage_of = {id(b): st for b, st in stages if b is not None}
+    for i, block in enumerate(blocks):
+        stage = stage_of.get(id(block))
+        if stage:
+            hessians = collect_hessians([t[2] for t in stage], lambda b=block, cs=calls: [_run_block(b, c) for c in cs])
+            with torch.no_grad():
+                for (parent, name, linear), h in zip(stage, hessians, strict=True):
+                    setattr(parent, name, method(linear, h))
+        if i + 1 < len(blocks):
+            calls = [((_run_block(block, c), *c[0][1:]), c[1]) for c in calls]
+    for block, stage in stages:
+        if block is None:
+            hessians = collect_hessians([t[2] for t in stage], run_calib)
+            with torch.no_grad():
+                for (parent, name, linear), h in zip(stage, hessians, strict=True):
+                    setattr(parent, name, method(linear, h))
 
 
 class StopCalibration(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -196,7 +273,14 @@ def gptq_quantize_model(model: nn.Module, spec: QuantSpec | str, run_calib: Call
     with torch.no_grad():
         quantize_embeddings(model, spec)
     early = getattr(run_calib, "stops_early", False)
-    for block, stage in _stages(model, target_linears(model, spec)):
+    stages = _stages(model, target_linears(model, spec))
+    blocks = _block_list(model)
+    if early and blocks is not None:
+        calls = _capture_block_inputs(blocks[0], run_calib)
+        if calls is not None:
+            _quantize_replaying(blocks, stages, calls, run_calib, method)
+            return model
+    for block, stage in stages:
         hessians = collect_hessians([t[2] for t in stage], run_calib, block if early else None)
         with torch.no_grad():
             for (parent, name, linear), h in zip(stage, hessians, strict=True):
