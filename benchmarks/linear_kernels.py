@@ -10,25 +10,14 @@ DRAM, as in a decode step). Median ms per pass for each row count.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from attention_kernels import median_us  # same folder: the scripts share their timer
 
 from frugallm.model import packed
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
-
-
-def median_ms(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -61,7 +50,7 @@ def main() -> None:
                 else:
                     F.linear(x, w)
 
-        t = {kind: median_ms(lambda kind=kind: run(kind), args.rounds) for kind in ("native", "onednn", "plain")}
+        t = {kind: median_us(lambda kind=kind: run(kind), args.rounds) / 1e3 for kind in ("native", "onednn", "plain")}
         print(f"| {rows} | {t['native']:.2f} | {t['onednn']:.2f} | {t['plain']:.2f} | "
               f"{total * 2 / t['native'] / 1e6:.0f} | {2 * rows * total / t['native'] / 1e6:.0f} |")
 

@@ -71,7 +71,8 @@ def _build(name: str, cxx: str) -> Path:
     source = CSRC / f"{name}.cpp"
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
-        "\0".join([source.read_text(), torch.__version__, version, _cpu_model(), " ".join(CFLAGS)]).encode()
+        "\0".join([source.read_text(), *(h.read_text() for h in sorted(CSRC.glob("*.h"))), torch.__version__,
+                   version, _cpu_model(), " ".join(CFLAGS)]).encode()
     ).hexdigest()[:16]
     out = cache_dir() / "native" / f"{name}-{key}.so"
     if out.exists():

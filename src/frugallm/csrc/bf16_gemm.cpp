@@ -12,6 +12,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -22,6 +24,9 @@
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define FRUGALLM_DPBF16 1
+constexpr bool kVectorized = true;
+#else
+constexpr bool kVectorized = false;
 #endif
 
 namespace {
@@ -32,20 +37,6 @@ constexpr int64_t kChunkRows = 64;  // rows per pass over the weight (their acti
 // Software prefetch distance into the weight stream: the hardware prefetcher alone leaves the loop
 // waiting on DRAM (16 rows: 10.4 -> 5.6 ms over SmolLM2's matrices with 8 KiB; 0.5 KiB: 8.3, 2 KiB: 6.8).
 constexpr int kPrefetchBytes = 8192;
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 #if defined(FRUGALLM_DPBF16)
 // One 16-column block for ROWS (<= 16) rows: acc[m] += pair(x[m], k) . pair(W[:, k]) over K/2 pairs.
@@ -93,9 +84,9 @@ void block_generic(const uint16_t* x, int64_t k, const uint16_t* w, const float*
       float acc = 0.0f;
       for (int64_t p = 0; p < pairs; ++p)
         for (int64_t i = 0; i < 2; ++i)
-          acc += bf16_to_float(x[m * k + 2 * p + i]) * bf16_to_float(w[(p * kCols + c) * 2 + i]);
+          acc += frugallm::bf16_to_float(x[m * k + 2 * p + i]) * frugallm::bf16_to_float(w[(p * kCols + c) * 2 + i]);
       if (bias != nullptr) acc += bias[col0 + c];
-      y[m * n_out + col0 + c] = float_to_bf16(acc);
+      y[m * n_out + col0 + c] = frugallm::float_to_bf16(acc);
     }
   }
 }
@@ -110,12 +101,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   const int64_t rows = x.size(0), k = x.size(1), pairs = w.size(1), blocks = w.size(0);
   TORCH_CHECK(k == 2 * pairs, "x has ", k, " features but the packed weight ", 2 * pairs);
   TORCH_CHECK(n_out > 0 && (n_out + kCols - 1) / kCols == blocks, "out_features does not match the packed weight");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n_out,
-                "bias must be a contiguous float32 [out_features] tensor");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = frugallm::bias_ptr(bias, n_out);
   at::Tensor y = at::empty({rows, n_out}, x.options());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
@@ -143,13 +129,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   return y;
 }
 
-bool bf16_linear_vectorized() {
-#if defined(FRUGALLM_DPBF16)
-  return true;
-#else
-  return false;
-#endif
-}
+bool bf16_linear_vectorized() { return kVectorized; }
 
 }  // namespace
 

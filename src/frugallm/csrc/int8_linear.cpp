@@ -11,6 +11,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -20,6 +22,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define FRUGALLM_INT8_AVX512 1
+constexpr bool kVectorized = true;
+#else
+constexpr bool kVectorized = false;
 #endif
 
 namespace {
@@ -27,20 +32,6 @@ namespace {
 constexpr int64_t kRowsPerTile = 4;  // output rows sharing each load of x
 constexpr int64_t kMaxRows = 4;      // rows of x per pass (accumulators: 4 x 4 zmm)
 constexpr int kPrefetchBytes = 8192;
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // out[r][m] = sum_k q[r][k] * x[m][k] for `rows` (<= 4) weight rows and MC (<= 4) inputs.
 template <int MC>
@@ -95,16 +86,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(q.size(1) == k, "x has ", k, " features but the weight ", q.size(1));
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == n,
               "scales must be a contiguous float32 [out_features] tensor");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
-                "bias must be a contiguous float32 [out_features] tensor");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = frugallm::bias_ptr(bias, n);
   // x in fp32 once: every weight tile reads it from cache.
-  std::vector<float> xf(rows * k);
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t i = 0; i < rows * k; ++i) xf[i] = bf16_to_float(xp[i]);
+  const std::vector<float> xf = frugallm::rows_as_float(x);
   at::Tensor y = at::empty({rows, n}, x.options());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int8_t* qp = q.data_ptr<int8_t>();
@@ -122,7 +106,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
           for (int64_t m = 0; m < mc; ++m) {
             float v = out[r][m] * sp[n0 + r];
             if (b != nullptr) v += b[n0 + r];
-            yp[(m0 + m) * n + n0 + r] = float_to_bf16(v);
+            yp[(m0 + m) * n + n0 + r] = frugallm::float_to_bf16(v);
           }
       }
     }
@@ -130,13 +114,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
-bool int8_linear_vectorized() {
-#if defined(FRUGALLM_INT8_AVX512)
-  return true;
-#else
-  return false;
-#endif
-}
+bool int8_linear_vectorized() { return kVectorized; }
 
 }  // namespace
 

@@ -13,6 +13,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -26,6 +28,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define FRUGALLM_MIX4_AVX512 1
+constexpr bool kVectorized = true;
+#else
+constexpr bool kVectorized = false;
 #endif
 
 namespace {
@@ -41,19 +46,7 @@ inline float to_float(c10::Half v) {
   return static_cast<float>(v);
 #endif
 }
-inline float to_float(c10::BFloat16 v) {
-  uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+inline float to_float(c10::BFloat16 v) { return frugallm::bf16_to_float(v.x); }
 
 struct Layout {
   int64_t k, half, group, groups, sel_bytes;  // half = K/2 (bytes per row); sel_bytes = ceil(groups/4)
@@ -144,7 +137,7 @@ void run(const float* xf, int64_t rows, const uint8_t* codes, const uint8_t* sel
                       xf + m0 * l.k, nr, out);
         for (int64_t r = 0; r < nr; ++r)
           for (int64_t m = 0; m < mc; ++m)
-            y[(m0 + m) * n + n0 + r] = float_to_bf16(out[r][m] + (bias != nullptr ? bias[n0 + r] : 0.0f));
+            y[(m0 + m) * n + n0 + r] = frugallm::float_to_bf16(out[r][m] + (bias != nullptr ? bias[n0 + r] : 0.0f));
       }
     }
   });
@@ -171,15 +164,8 @@ at::Tensor mix4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
               "qscale must be a contiguous [out_features, groups, 2] tensor");
   TORCH_CHECK(grids.scalar_type() == at::kFloat && grids.is_contiguous() && grids.numel() == 64,
               "grids must be a contiguous float32 [4, 16] tensor");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
-                "bias must be a contiguous float32 [out_features] tensor");
-    b = bias->data_ptr<float>();
-  }
-  std::vector<float> xf(rows * k);
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  for (int64_t i = 0; i < rows * k; ++i) xf[i] = static_cast<float>(xp[i]);
+  const float* b = frugallm::bias_ptr(bias, n);
+  const std::vector<float> xf = frugallm::rows_as_float(x);
   at::Tensor y = at::empty({rows, n}, x.options());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const Layout l{k, k / 2, group_size, groups, sel_bytes};
@@ -199,13 +185,7 @@ at::Tensor mix4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y;
 }
 
-bool mix4_linear_vectorized() {
-#if defined(FRUGALLM_MIX4_AVX512)
-  return true;
-#else
-  return false;
-#endif
-}
+bool mix4_linear_vectorized() { return kVectorized; }
 
 }  // namespace
 

@@ -13,6 +13,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,12 +25,7 @@
 namespace {
 
 inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  uint32_t u = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+inline float to_float(c10::BFloat16 x) { return frugallm::bf16_to_float(x.x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 // exp(x) for x <= 0 (scores minus their max): Cephes' expf polynomial on the reduced argument, written

@@ -1,0 +1,45 @@
+// Helpers shared by frugallm's native CPU kernels (each .cpp is its own library; see frugallm/native.py).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace frugallm {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The bias of a linear as a float32 pointer (nullptr for none), checked against out_features.
+inline const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t out_features) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out_features,
+              "bias must be a contiguous float32 [out_features] tensor");
+  return bias->data_ptr<float>();
+}
+
+// A contiguous bfloat16 [rows, k] activation as float32, row-major (kernels that FMA in fp32 read it from
+// cache for every weight tile).
+inline std::vector<float> rows_as_float(const at::Tensor& x) {
+  std::vector<float> out(x.numel());
+  const auto* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (size_t i = 0; i < out.size(); ++i) out[i] = bf16_to_float(p[i]);
+  return out;
+}
+
+}  // namespace frugallm
