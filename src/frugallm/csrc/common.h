@@ -1,9 +1,11 @@
 // Helpers shared by frugallm's native CPU kernels (each .cpp is its own library; see frugallm/native.py).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -40,6 +42,31 @@ inline std::vector<float> rows_as_float(const at::Tensor& x) {
   const auto* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   for (size_t i = 0; i < out.size(); ++i) out[i] = bf16_to_float(p[i]);
   return out;
+}
+
+// Drives a row-tiled GEMV-like kernel: output rows in tiles of R, inputs in chunks of M. tile(n0, nr, m0, mc,
+// out) fills out[r][m] = row n0 + r of W . input m0 + m (r < nr <= R, m < mc <= M); y[m][n] = out (+ scale[n])
+// (+ bias[n]) as bf16. Each thread takes a contiguous run of tiles: one sequential stream through W.
+template <int64_t R, int64_t M, typename Tile>
+void row_tiles(int64_t n_out, int64_t rows, const float* scale, const float* bias, uint16_t* y, Tile&& tile) {
+  const int64_t tiles = (n_out + R - 1) / R;
+  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
+    float out[R][M];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * R, nr = std::min(R, n_out - n0);
+      for (int64_t m0 = 0; m0 < rows; m0 += M) {
+        const int64_t mc = std::min(M, rows - m0);
+        tile(n0, nr, m0, mc, out);
+        for (int64_t r = 0; r < nr; ++r)
+          for (int64_t m = 0; m < mc; ++m) {
+            float v = out[r][m];
+            if (scale != nullptr) v *= scale[n0 + r];
+            if (bias != nullptr) v += bias[n0 + r];
+            y[(m0 + m) * n_out + n0 + r] = float_to_bf16(v);
+          }
+      }
+    }
+  });
 }
 
 }  // namespace frugallm

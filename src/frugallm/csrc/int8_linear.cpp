@@ -93,24 +93,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
-  const int64_t tiles = (n + kRowsPerTile - 1) / kRowsPerTile;
-  // Each thread a contiguous range of output rows: one sequential stream through the weight.
-  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
-    float out[kRowsPerTile][kMaxRows];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kRowsPerTile, nr = std::min(kRowsPerTile, n - n0);
-      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
-        const int64_t mc = std::min(kMaxRows, rows - m0);
+  frugallm::row_tiles<kRowsPerTile, kMaxRows>(
+      n, rows, sp, b, yp, [&](int64_t n0, int64_t nr, int64_t m0, int64_t mc, float out[kRowsPerTile][kMaxRows]) {
         kTiles[mc - 1](qp + n0 * k, k, xf.data() + m0 * k, nr, out);
-        for (int64_t r = 0; r < nr; ++r)
-          for (int64_t m = 0; m < mc; ++m) {
-            float v = out[r][m] * sp[n0 + r];
-            if (b != nullptr) v += b[n0 + r];
-            yp[(m0 + m) * n + n0 + r] = frugallm::float_to_bf16(v);
-          }
-      }
-    }
-  });
+      });
   return y;
 }
 

@@ -125,22 +125,11 @@ void run(const float* xf, int64_t rows, const uint8_t* codes, const uint8_t* sel
       {&dot_tile<4, 2, S>, &dot_tile<4, 4, S>, &dot_tile<4, 0, S>},
   };
   const int gi = l.group == 32 ? 0 : l.group == 64 ? 1 : 2;
-  const int64_t n_tiles = (n + kRowsPerTile - 1) / kRowsPerTile;
-  // Each thread a contiguous range of output rows: one sequential stream through the codes.
-  at::parallel_for(0, n_tiles, 8, [&](int64_t begin, int64_t end) {
-    float out[kRowsPerTile][kMaxRows];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kRowsPerTile, nr = std::min(kRowsPerTile, n - n0);
-      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
-        const int64_t mc = std::min(kMaxRows, rows - m0);
+  frugallm::row_tiles<kRowsPerTile, kMaxRows>(
+      n, rows, nullptr, bias, y, [&](int64_t n0, int64_t nr, int64_t m0, int64_t mc, float out[kRowsPerTile][kMaxRows]) {
         tiles[mc - 1][gi](codes + n0 * l.half, sel + n0 * l.sel_bytes, qscale + n0 * l.groups * 2, grids, l,
-                      xf + m0 * l.k, nr, out);
-        for (int64_t r = 0; r < nr; ++r)
-          for (int64_t m = 0; m < mc; ++m)
-            y[(m0 + m) * n + n0 + r] = frugallm::float_to_bf16(out[r][m] + (bias != nullptr ? bias[n0 + r] : 0.0f));
-      }
-    }
-  });
+                          xf + m0 * l.k, nr, out);
+      });
 }
 
 at::Tensor mix4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sel,
