@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -97,24 +98,26 @@ def _build(name: str, cxx: str) -> Path:
 # source) must never be loaded next to the first, which would abort the process.
 _loaded: set[str] = set()
 _failed: set[str] = set()  # warned once; not retried
+_lock = threading.Lock()
 
 
 def load(name: str) -> bool:
     """Build (if needed) and load ``csrc/<name>.cpp``; True when its ops are registered and enabled."""
     if not enabled():
         return False
-    if name in _loaded:
+    with _lock:  # two threads loading one library at once would register its ops twice
+        if name in _loaded:
+            return True
+        if name in _failed:
+            return False
+        cxx = _compiler()
+        try:
+            if cxx is None:
+                raise RuntimeError("no C++ compiler found (set CXX)")
+            torch.ops.load_library(str(_build(name, cxx)))
+        except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path
+            log.warning("native kernel %s unavailable (torch fallback in use): %s", name, e)
+            _failed.add(name)
+            return False
+        _loaded.add(name)
         return True
-    if name in _failed:
-        return False
-    cxx = _compiler()
-    try:
-        if cxx is None:
-            raise RuntimeError("no C++ compiler found (set CXX)")
-        torch.ops.load_library(str(_build(name, cxx)))
-    except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path
-        log.warning("native kernel %s unavailable (torch fallback in use): %s", name, e)
-        _failed.add(name)
-        return False
-    _loaded.add(name)
-    return True
