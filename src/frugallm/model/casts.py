@@ -12,6 +12,12 @@ from collections.abc import Callable
 import torch
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version`` (bumped by in-place updates), or -1 for inference tensors, which do not track one
+    (a model loaded under ``torch.inference_mode()``: its weights cannot change outside that mode)."""
+    return -1 if t.is_inference() else t._version
+
+
 class CastCache:
     def __init__(self) -> None:
         self._key: tuple[object, ...] | None = None
@@ -27,7 +33,7 @@ class CastCache:
         if torch.compiler.is_compiling():
             # traced into the graph (and fused) rather than guarded on cache state
             return t.to(dtype) if derive is None else derive(t.to(dtype))
-        key = (dtype, t.device, t.data_ptr(), t._version)
+        key = (dtype, t.device, t.data_ptr(), tensor_version(t))
         if key != self._key or self._value is None:
             v = t.detach().to(dtype)
             self._key, self._value = key, v if derive is None else derive(v)

@@ -16,7 +16,7 @@ from torch import nn
 
 from frugallm.config import ModelConfig
 from frugallm.model import packed
-from frugallm.model.casts import CastCache
+from frugallm.model.casts import CastCache, tensor_version
 from frugallm.model.decode_plan import DecodePlan
 from frugallm.model.kv_cache import KVCache, sdpa_dtypes
 
@@ -62,7 +62,7 @@ class Linear(nn.Linear):
     def packed_weight(self) -> packed.Packed:
         """The packed copy (made once, remade when the weight or the packing kernel changes)."""
         w = self.weight
-        key = (w.data_ptr(), w._version, packed.backend(self.in_features))
+        key = (w.data_ptr(), tensor_version(w), packed.backend(self.in_features))
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_packed"] = (key, packed.pack(w, self.bias))
