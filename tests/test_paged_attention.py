@@ -202,24 +202,25 @@ def test_default_model_bf16_engine_agrees_with_generate() -> None:
 @needs_kernel
 @pytest.mark.parametrize("preempting", [False, True])
 def test_engine_fused_decode_matches_unfused(tiny_models, preempting: bool) -> None:
-    """A bf16 model on the engine (chunked prefill, prefix hits, preemption): the fused kernel and the
-    gather + SDPA path over the same bf16 pool give the same greedy tokens."""
+    """A bf16 model on the engine (chunked prefill, prefix hits, preemption, n=2 choices sharing prompt blocks
+    copy-on-write): the fused kernel and the gather + SDPA path over the same bf16 pool give the same tokens."""
     llm = LLM(str(tiny_models.hf("llama")), dtype="bfloat16", device="cpu")
     config = (EngineConfig(num_blocks=20, block_size=4, max_num_batched_tokens=16, max_num_seqs=5) if preempting
               else EngineConfig(num_blocks=256, block_size=4, max_num_batched_tokens=7, max_num_seqs=7))
-    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)  # the 2 choices diverge
     prompts = prompts_for(llm)
     results = []
     for fused in (True, False):
         engine = LLMEngine(llm, config)
         assert engine.cache.k[0].dtype == torch.bfloat16 and engine.cache.fused_decode
         engine.cache.fused_decode = fused
-        results.append([o[0].token_ids for o in run_engine(engine, prompts, sp)])
+        results.append([[c.token_ids for c in o] for o in run_engine(engine, prompts, sp, n=2)])
         if preempting:
             assert engine.scheduler.num_preemptions > 0
         else:
             assert engine.block_manager.prefix_hits > 0
     assert results[0] == results[1]
+    assert any(c[0] != c[1] for c in results[0])  # forks really diverged from shared blocks
 
 
 @needs_kernel
