@@ -120,6 +120,14 @@ def test_native_off_switch(monkeypatch) -> None:
     monkeypatch.setenv("FRUGALLM_NATIVE", "0")
     assert native.load("paged_attention") is False
     assert not PagedKVCache(1, 4, 4, 2, 8, torch.bfloat16, "cpu").fused_decode
+    assert set(native.status().values()) == {"off (FRUGALLM_NATIVE=0)"}
+
+
+@needs_kernel
+def test_native_status_names_every_kernel() -> None:
+    st = native.status()
+    assert set(st) == {"bf16_gemm", "int8_linear", "mix4_linear", "paged_attention"}
+    assert st["paged_attention"] == "in use"
 
 
 # -- the paged cache's fused decode ----------------------------------------------------------------------

@@ -121,3 +121,19 @@ def load(name: str) -> bool:
             return False
         _loaded.add(name)
         return True
+
+
+def status() -> dict[str, str]:
+    """Each kernel in ``csrc/`` and whether it runs here (``frugallm hw probe`` prints this)."""
+    out = {}
+    for source in sorted(CSRC.glob("*.cpp")):
+        name = source.stem
+        if not enabled():
+            out[name] = "off (FRUGALLM_NATIVE=0)"
+        elif not load(name):
+            out[name] = "unavailable (build failed or no compiler; torch path in use)"
+        else:
+            vectorized = getattr(torch.ops.frugallm, f"{name}_vectorized", None)
+            ok = vectorized is None or bool(vectorized())
+            out[name] = "in use" if ok else "built without the CPU features it needs (torch path in use)"
+    return out

@@ -37,8 +37,11 @@ def cmd_hw_probe(args: argparse.Namespace) -> int:
 
     device = args.device or hwprobe.default_device()
     r = hwprobe.probe_result(device, refresh=args.refresh, quick=args.quick)
+    from frugallm import native
+
+    kernels = native.status() if device.startswith("cpu") else {}
     if args.json:
-        print(json.dumps(r.to_dict(), indent=2))
+        print(json.dumps({**r.to_dict(), "native_kernels": kernels}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -57,6 +60,8 @@ def cmd_hw_probe(args: argparse.Namespace) -> int:
     caches = ", ".join(f"{k} {v >> 10} KiB" for k, v in r.cache_bytes.items())
     console.print(f"CPU: {r.cpu_model} ({r.physical_cores} cores / {r.logical_cores} threads; torch threads "
                   f"{r.num_threads}); caches: {caches or 'unknown'}; GPU: {r.gpu_name or 'none'}")
+    if kernels:
+        console.print("native CPU kernels: " + "; ".join(f"{k} {v}" for k, v in kernels.items()))
     return 0
 
 
