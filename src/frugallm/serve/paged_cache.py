@@ -139,14 +139,9 @@ class PagedKVCache(KVCache):
         x: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        assert self._bound, "PagedKVCache.bind() must be called before a forward pass"
-        b, h, t, d = k.shape
-        assert (b, t) == self._shape[:2], f"input {b}x{t} does not match the bound batch {self._shape[:2]}"
+        k, v = self._write(layer, k, v)
+        b, h, _, d = k.shape
         kp, vp = self.k[layer], self.v[layer]
-        # The pass may compute in another dtype than the pool stores (CPU prefill in bf16, fp16 pool).
-        k, v = k.to(kp.dtype), v.to(vp.dtype)
-        kp.view(-1, h, d).index_copy_(0, self._write_idx, k.transpose(1, 2).reshape(b * t, h, d))
-        vp.view(-1, h, d).index_copy_(0, self._write_idx, v.transpose(1, 2).reshape(b * t, h, d))
         if self._fresh:
             return k, v, None
         n = self._visible
@@ -159,13 +154,25 @@ class PagedKVCache(KVCache):
         fp32 ``[B, heads, 1, D]``; None when this pass does not use it (then :meth:`update` + SDPA)."""
         if not self._fused:
             return None
-        b, h, _, d = k.shape
-        kp, vp = self.k[layer], self.v[layer]
-        kp.view(-1, h, d).index_copy_(0, self._write_idx, k.reshape(b, h, d).to(kp.dtype))
-        vp.view(-1, h, d).index_copy_(0, self._write_idx, v.reshape(b, h, d).to(vp.dtype))
+        self._write(layer, k, v)
+        b, _, _, d = k.shape
         qf = q.reshape(b, -1, d).to(torch.float32).contiguous()
-        out = torch.ops.frugallm.paged_decode_attention(qf, kp, vp, self._tables_2d, self._lens, d**-0.5)
+        out = torch.ops.frugallm.paged_decode_attention(
+            qf, self.k[layer], self.v[layer], self._tables_2d, self._lens, d**-0.5
+        )
         return out.unsqueeze(2)
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scatter this pass's ``k, v [B, kv_heads, T, D]`` into their bound slots; returns them in the pool's
+        dtype (the pass may compute in another: CPU prefill in bf16, fp16 pool)."""
+        assert self._bound, "PagedKVCache.bind() must be called before a forward pass"
+        b, h, t, d = k.shape
+        assert (b, t) == self._shape[:2], f"input {b}x{t} does not match the bound batch {self._shape[:2]}"
+        kp, vp = self.k[layer], self.v[layer]
+        k, v = k.to(kp.dtype), v.to(vp.dtype)
+        kp.view(-1, h, d).index_copy_(0, self._write_idx, k.transpose(1, 2).reshape(b * t, h, d))
+        vp.view(-1, h, d).index_copy_(0, self._write_idx, v.transpose(1, 2).reshape(b * t, h, d))
+        return k, v
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate block ``src`` into ``dst`` in every layer."""
