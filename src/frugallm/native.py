@@ -99,6 +99,7 @@ def _build(name: str, cxx: str) -> Path:
 _loaded: set[str] = set()
 _failed: set[str] = set()  # warned once; not retried
 _lock = threading.Lock()
+_vectorized: dict[str, bool] = {}  # per loaded library: its fast path compiled in
 
 
 def load(name: str) -> bool:
@@ -123,6 +124,22 @@ def load(name: str) -> bool:
         return True
 
 
+def usable(name: str) -> bool:
+    """Whether ``csrc/<name>.cpp`` is enabled, loaded, and built with the CPU features its fast path needs
+    (a library that has them reports it through its ``<name>_vectorized`` op; one without that op needs
+    none). Callers choose their kernel path with this."""
+    if not enabled():
+        return False
+    known = _vectorized.get(name)  # set once loaded: callers ask per forward pass
+    if known is not None:
+        return known
+    if not load(name):
+        return False
+    flag = getattr(torch.ops.frugallm, f"{name}_vectorized", None)
+    _vectorized[name] = flag is None or bool(flag())
+    return _vectorized[name]
+
+
 def status() -> dict[str, str]:
     """Each kernel in ``csrc/`` and whether it runs here (``frugallm hw probe`` prints this)."""
     out = {}
@@ -133,7 +150,5 @@ def status() -> dict[str, str]:
         elif not load(name):
             out[name] = "unavailable (build failed or no compiler; torch path in use)"
         else:
-            vectorized = getattr(torch.ops.frugallm, f"{name}_vectorized", None)
-            ok = vectorized is None or bool(vectorized())
-            out[name] = "in use" if ok else "built without the CPU features it needs (torch path in use)"
+            out[name] = "in use" if usable(name) else "built without the CPU features it needs (torch path in use)"
     return out

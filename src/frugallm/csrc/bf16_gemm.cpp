@@ -129,13 +129,13 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   return y;
 }
 
-bool bf16_linear_vectorized() { return kVectorized; }
+bool bf16_gemm_vectorized() { return kVectorized; }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(frugallm, m) {
   m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor");
-  m.def("bf16_linear_vectorized() -> bool", &bf16_linear_vectorized);
+  m.def("bf16_gemm_vectorized() -> bool", &bf16_gemm_vectorized);
 }
 
 TORCH_LIBRARY_IMPL(frugallm, CPU, m) { m.impl("bf16_linear", &bf16_linear); }

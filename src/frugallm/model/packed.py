@@ -15,7 +15,6 @@ Either copy costs the weight's size again in memory (``Linear.packed_bytes``).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -35,14 +34,9 @@ class Packed(NamedTuple):
     out_features: int
 
 
-@functools.cache
-def _native_ok() -> bool:
-    return native.load("bf16_gemm") and bool(torch.ops.frugallm.bf16_linear_vectorized())
-
-
 def backend(in_features: int) -> str | None:
     """The packing kernel for a bf16 CPU weight with ``in_features`` inputs, or None for plain ``F.linear``."""
-    if in_features % 2 == 0 and native.enabled() and _native_ok():
+    if in_features % 2 == 0 and native.usable("bf16_gemm"):
         return "native"
     return "onednn" if _ONEDNN else None
 

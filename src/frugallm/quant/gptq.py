@@ -192,6 +192,16 @@ def _run_block(block: nn.Module, call: BlockCall) -> torch.Tensor:
         return block(*args, **kwargs)
 
 
+def _quantize_stage(
+    stage: list[Target], method: GPTQMethod, run: Callable[[], object], stop_after: nn.Module | None = None
+) -> None:
+    """Hessians of the stage's linears over ``run``'s forward passes, then each replaced by its GPTQ module."""
+    hessians = collect_hessians([t[2] for t in stage], run, stop_after)
+    with torch.no_grad():
+        for (parent, name, linear), h in zip(stage, hessians, strict=True):
+            setattr(parent, name, method(linear, h))
+
+
 def _quantize_replaying(
     blocks: nn.ModuleList, stages: list[tuple[nn.Module | None, list[Target]]], calls: list[BlockCall],
     run_calib: Callable[[], None], method: GPTQMethod,
@@ -202,18 +212,12 @@ def _quantize_replaying(
     for i, block in enumerate(blocks):
         stage = stage_of.get(id(block))
         if stage:
-            hessians = collect_hessians([t[2] for t in stage], lambda b=block, cs=calls: [_run_block(b, c) for c in cs])
-            with torch.no_grad():
-                for (parent, name, linear), h in zip(stage, hessians, strict=True):
-                    setattr(parent, name, method(linear, h))
+            _quantize_stage(stage, method, lambda b=block, cs=calls: [_run_block(b, c) for c in cs])
         if i + 1 < len(blocks):
             calls = [((_run_block(block, c), *c[0][1:]), c[1]) for c in calls]
     for block, stage in stages:
         if block is None:
-            hessians = collect_hessians([t[2] for t in stage], run_calib)
-            with torch.no_grad():
-                for (parent, name, linear), h in zip(stage, hessians, strict=True):
-                    setattr(parent, name, method(linear, h))
+            _quantize_stage(stage, method, run_calib)
 
 
 class StopCalibration(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -226,7 +230,7 @@ class StopCalibration(Exception):  # noqa: N818 - a control-flow signal, not an 
 
 
 def collect_hessians(
-    linears: list[nn.Linear], run_calib: Callable[[], None], stop_after: nn.Module | None = None
+    linears: list[nn.Linear], run_calib: Callable[[], object], stop_after: nn.Module | None = None
 ) -> list[torch.Tensor]:
     """Run ``run_calib`` once with input hooks on ``linears``; return ``H = 2 X^T X / n`` for each.
 
@@ -281,8 +285,5 @@ def gptq_quantize_model(model: nn.Module, spec: QuantSpec | str, run_calib: Call
             _quantize_replaying(blocks, stages, calls, run_calib, method)
             return model
     for block, stage in stages:
-        hessians = collect_hessians([t[2] for t in stage], run_calib, block if early else None)
-        with torch.no_grad():
-            for (parent, name, linear), h in zip(stage, hessians, strict=True):
-                setattr(parent, name, method(linear, h))
+        _quantize_stage(stage, method, run_calib, block if early else None)
     return model

@@ -60,17 +60,12 @@ def int8pack_supported(device: torch.device, in_features: int) -> bool:
 
 # Up to this many rows frugallm's native low-bit kernels (csrc/int8_linear.cpp, csrc/mix4_linear.cpp) beat
 # the torch paths on CPU (torch._weight_int8pack_mm; dequantize + F.linear for mix4).
-NATIVE_MAX_ROWS = 16
+NATIVE_QUANT_MAX_ROWS = 16
 
 
 def native_kernel(name: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.ops.frugallm.<name>`` (``csrc/<name>.cpp``, vectorized) serves bf16 inputs on ``device``."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and native.enabled() and _native_ok(name)
-
-
-@functools.cache
-def _native_ok(name: str) -> bool:
-    return native.load(name) and bool(getattr(torch.ops.frugallm, f"{name}_vectorized")())
+    """Whether ``torch.ops.frugallm.<name>`` (``csrc/<name>.cpp``) serves bf16 inputs on ``device``."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and native.usable(name)
 
 
 def int8_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

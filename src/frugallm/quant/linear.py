@@ -134,7 +134,7 @@ class Int8Linear(nn.Module):
         cd = kernels.compute_dtype(x.device, x.dtype)
         xc = as_dtype(x2, cd)
         max_rows = INT8_KERNEL_MAX_ROWS.get(x.device.type, 0)
-        if x2.shape[0] <= kernels.NATIVE_MAX_ROWS and kernels.native_kernel("int8_linear", x.device, cd):
+        if x2.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS and kernels.native_kernel("int8_linear", x.device, cd):
             y = torch.ops.frugallm.int8_linear(xc.contiguous(), self.qweight, self.scales, None)
         elif x2.shape[0] <= max_rows and kernels.int8pack_supported(x.device, self.in_features):
             y = kernels.int8_weight_mm(xc, self.qweight, self._scales_cast.get(self.scales, cd))
@@ -149,7 +149,7 @@ class Int8Linear(nn.Module):
         if not plain or not kernels.native_kernel("int8_linear", device, dtype):
             return self.forward
         q, s, op, forward = self.qweight, self.scales, torch.ops.frugallm.int8_linear, self.forward
-        return lambda x: op(x, q, s, None) if x.shape[0] <= kernels.NATIVE_MAX_ROWS else forward(x)
+        return lambda x: op(x, q, s, None) if x.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS else forward(x)
 
     def weight_bytes(self) -> int:
         return tensor_bytes(self.qweight, self.scales, self.bias)

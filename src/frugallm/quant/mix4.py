@@ -134,7 +134,7 @@ class Mix4Linear(nn.Module):
         return shape_ok and kernels.native_kernel("mix4_linear", device, dtype)
 
     def _native(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [M, K]`` bf16, M <= NATIVE_MAX_ROWS -> ``[M, N]`` bf16 on the stored codes (no bias)."""
+        """``x [M, K]`` bf16, M <= NATIVE_QUANT_MAX_ROWS -> ``[M, N]`` bf16 on the stored codes (no bias)."""
         return torch.ops.frugallm.mix4_linear(x, self.qweight, self.selector, self.qscale, self.grids,
                                               self.group_size, None)
 
@@ -143,12 +143,12 @@ class Mix4Linear(nn.Module):
         if self.bias is not None or not self._native_ok(device, dtype):
             return self.forward
         native, forward = self._native, self.forward
-        return lambda x: native(x) if x.shape[0] <= kernels.NATIVE_MAX_ROWS else forward(x)
+        return lambda x: native(x) if x.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS else forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = flatten_input(x, self.in_features)
         cd = kernels.compute_dtype(x.device, x.dtype)
-        if x2.shape[0] <= kernels.NATIVE_MAX_ROWS and self._native_ok(x.device, cd):
+        if x2.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS and self._native_ok(x.device, cd):
             y = self._native(x2.to(cd).contiguous()).to(x.dtype)
         else:
             y = F.linear(x2.to(cd), self.dequantize(cd)).to(x.dtype)
