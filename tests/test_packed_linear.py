@@ -1,4 +1,4 @@
-"""CPU linears on native kernels (csrc/): bf16 on packed weights, weight-only int8, mix4."""
+"""CPU linears on native kernels (csrc/): bf16 on packed weights, weight-only int8, mix4, packed low-bit."""
 
 from __future__ import annotations
 
@@ -187,3 +187,98 @@ def test_native_mix4_rejects_bad_inputs() -> None:
         torch.ops.frugallm.mix4_linear(x, m.qweight, m.selector[:, :0].contiguous(), m.qscale, m.grids, 32, None)
     with pytest.raises(RuntimeError, match="qscale must be float16 or bfloat16"):
         torch.ops.frugallm.mix4_linear(x, m.qweight, m.selector, m.qscale.float(), m.grids, 32, None)
+
+
+# -- the native packed low-bit kernel (csrc/lowbit_linear.cpp) -------------------------------------------------
+needs_lowbit = pytest.mark.skipif(
+    not kernels.native_kernel("lowbit_linear", torch.device("cpu"), torch.bfloat16),
+    reason="native low-bit kernel unavailable here",
+)
+
+
+@needs_lowbit
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize(("n", "k", "group"), [(1, 96, 32), (17, 576, 32), (6, 1536, 64), (33, 384, 128)])
+def test_native_lowbit_matches_dequantized(bits: int, symmetric: bool, n: int, k: int, group: int) -> None:
+    from frugallm.quant.linear import dequant_groups, rtn_group_quantize
+    from frugallm.quant.packing import pack
+
+    torch.manual_seed(bits * 1000 + n + k)
+    st = rtn_group_quantize(torch.randn(n, k), bits, group, symmetric)
+    # Both 16-bit scale dtypes and fp32 (the packed layout stores what param_dtype chose).
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        params = [st.scales] if symmetric else [st.scales, st.offsets]
+        qscale = torch.stack(params, -1).to(dtype)
+        p = qscale.float()
+        w = dequant_groups(st.codes, p[..., 0], None if symmetric else p[..., 1], bits, group).double()
+        for rows in (1, 3, 5, 16):
+            x = torch.randn(rows, k).bfloat16()
+            y = torch.ops.frugallm.lowbit_linear(x, pack(st.codes, bits), qscale, bits, group, None)
+            ref = x.double() @ w.t()
+            tol = ref.abs() * 2.0**-8 + 1e-5 * (x.double().abs() @ w.abs().t())
+            assert y.dtype == torch.bfloat16 and ((y.double() - ref).abs() <= tol).all(), (dtype, rows)
+    bias = torch.randn(n)
+    x = torch.randn(2, k).bfloat16()
+    qscale = torch.stack([st.scales] if symmetric else [st.scales, st.offsets], -1)
+    with_bias = torch.ops.frugallm.lowbit_linear(x, pack(st.codes, bits), qscale, bits, group, bias)
+    without = torch.ops.frugallm.lowbit_linear(x, pack(st.codes, bits), qscale, bits, group, None)
+    torch.testing.assert_close(with_bias.float(), (without.float() + bias), rtol=2e-2, atol=2e-2)
+
+
+@needs_lowbit
+@torch.no_grad()
+@pytest.mark.parametrize("spec", ["int3:group=32", "int2:group=32", "int6:group=64", "int8:group=64"])
+def test_group_quant_module_uses_the_native_lowbit_kernel(spec: str, monkeypatch) -> None:
+    from frugallm.quant.linear import GroupQuantLinear
+    from frugallm.quant.spec import parse_quant_spec
+
+    torch.manual_seed(0)
+    m = GroupQuantLinear.from_linear(torch.nn.Linear(576, 40, bias=False), parse_quant_spec(spec))
+    assert m.layout == "packed"
+    x = torch.randn(3, 576).bfloat16()
+    fn = m.decode_fn(torch.bfloat16, torch.device("cpu"))
+    assert fn.__name__ == "<lambda>"  # the kernel itself, not forward
+    ref = F.linear(x.float(), m.dequantize())
+    torch.testing.assert_close(fn(x).float(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(m(x).float(), fn(x).float(), rtol=0, atol=0)
+    torch.testing.assert_close(m(x.float()), ref, rtol=2e-2, atol=2e-2)  # fp32 models compute in bf16 too
+    many = torch.randn(40, 576).bfloat16()  # beyond NATIVE_QUANT_MAX_ROWS: dequantize + F.linear
+    torch.testing.assert_close(m(many).float(), F.linear(many.float(), m.dequantize()), rtol=2e-2, atol=2e-2)
+    monkeypatch.setenv("FRUGALLM_NATIVE", "0")
+    assert m.decode_fn(torch.bfloat16, torch.device("cpu")) == m.forward
+
+
+@needs_lowbit
+@torch.no_grad()
+def test_act_order_gptq_runs_the_native_kernel_on_permuted_inputs() -> None:
+    from frugallm.quant.linear import GroupQuantLinear, rtn_group_quantize
+
+    torch.manual_seed(1)
+    st = rtn_group_quantize(torch.randn(24, 256), 3, 32)
+    st.perm = torch.randperm(256)
+    m = GroupQuantLinear(st)
+    x = torch.randn(2, 256).bfloat16()
+    torch.testing.assert_close(m(x).float(), F.linear(x.float(), m.dequantize()), rtol=2e-2, atol=2e-2)
+
+
+@needs_lowbit
+def test_native_lowbit_rejects_bad_inputs() -> None:
+    from frugallm.quant.linear import rtn_group_quantize
+    from frugallm.quant.packing import pack
+
+    st = rtn_group_quantize(torch.randn(8, 64), 3, 32)
+    q, s = pack(st.codes, 3), torch.stack([st.scales, st.offsets], -1)
+    x = torch.randn(2, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="x must be a contiguous bfloat16"):
+        torch.ops.frugallm.lowbit_linear(x.float(), q, s, 3, 32, None)
+    with pytest.raises(RuntimeError, match="supports 2, 3, 4, 6 and 8 bits, got 5"):
+        torch.ops.frugallm.lowbit_linear(x, q, s, 5, 32, None)
+    with pytest.raises(RuntimeError, match="group_size % 16 == 0"):
+        torch.ops.frugallm.lowbit_linear(x, q, s, 3, 24, None)
+    with pytest.raises(RuntimeError, match="packed 3-bit codes"):
+        torch.ops.frugallm.lowbit_linear(x, q[:, :-3].contiguous(), s, 3, 32, None)
+    with pytest.raises(RuntimeError, match="qscale must be a contiguous"):
+        torch.ops.frugallm.lowbit_linear(x, q, s[:, :1].contiguous(), 3, 32, None)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous float32"):
+        torch.ops.frugallm.lowbit_linear(x, q, s, 3, 32, torch.zeros(3))

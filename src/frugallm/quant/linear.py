@@ -347,7 +347,8 @@ class GroupQuantLinear(nn.Module):
     Storage (``layout``):
 
     * ``"packed"``: ``qweight`` = bit-packed codes ``uint8 [N, K*bits/8]``; ``qscale`` = ``[N, K/g, 2]``
-      (scale, offset), or ``[N, K/g, 1]`` when symmetric. Dequantize-then-matmul.
+      (scale, offset), or ``[N, K/g, 1]`` when symmetric. Up to ``NATIVE_QUANT_MAX_ROWS`` rows on CPU run
+      frugallm's native kernel on these bytes (``csrc/lowbit_linear.cpp``); otherwise dequantize-then-matmul.
     * ``"int4_cpu"`` / ``"int4_cuda"``: 4-bit weights in the torch int4 kernel layout (same byte count as
       the packed codes) and ``qscale`` = ``[K/g, N, 2]`` bf16 in the kernel's ``(q - 8) * scale + zero`` form.
 
@@ -493,12 +494,29 @@ class GroupQuantLinear(nn.Module):
         w = (codes.reshape(-1, g, self.group_size).float() - 8.0) * sz[..., :1] + sz[..., 1:]
         return w.reshape(-1, self.in_features)
 
+    def _native_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether ``csrc/lowbit_linear.cpp`` runs this (packed) layout for ``dtype`` inputs on ``device``."""
+        return (
+            self.layout == "packed"
+            and self.group_size % 16 == 0
+            and self.qweight.device.type == device.type
+            and kernels.native_kernel("lowbit_linear", device, dtype)
+        )
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, K]`` bf16 (act-order columns already permuted), M <= NATIVE_QUANT_MAX_ROWS -> ``[M, N]`` bf16."""
+        return torch.ops.frugallm.lowbit_linear(x, self.qweight, self.qscale, self.bits, self.group_size, None)
+
     def decode_fn(self, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``self(x)`` for 2-D ``x`` in ``dtype`` on ``device``: the raw int4 op where the fast path applies."""
+        """``self(x)`` for 2-D ``x`` in ``dtype`` on ``device``: the raw int4 op where the fast path applies,
+        the native low-bit kernel for the packed layout."""
         kernel = self._kernel
         if kernel is not None and dtype == torch.bfloat16 and device.type == kernel[0]:
             _, op, qweight, qscale, group_size, _, _ = kernel
             return lambda x: op(x, qweight, group_size, qscale)
+        if self.perm is None and self.bias is None and self._native_ok(device, dtype):
+            native, forward = self._native, self.forward
+            return lambda x: native(x) if x.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS else forward(x)
         return self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -518,7 +536,10 @@ class GroupQuantLinear(nn.Module):
             x2 = x2.index_select(1, self.perm.long())
         if self.layout == "packed":
             cd = kernels.compute_dtype(x.device, x.dtype)
-            y = F.linear(x2.to(cd), self.dequantize(cd, original_order=False))
+            if x2.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS and self._native_ok(x.device, cd):
+                y = self._native(as_dtype(x2, cd).contiguous())
+            else:
+                y = F.linear(x2.to(cd), self.dequantize(cd, original_order=False))
         else:
             layout = kernels.INT4_LAYOUTS[self.layout]
             y = layout.mm(as_dtype(x2, torch.bfloat16).contiguous(), self.qweight, self.group_size, self.qscale)
