@@ -10,6 +10,13 @@
 // (one byte-plane load each) and V shifts give V runs of 16 codes, written in column order to a small fp32
 // buffer; the dot product then walks the buffer group by group against x. Each thread streams a contiguous run
 // of output rows, 4 at a time, with up to 4 inputs per pass.
+//
+// Fast path (AVX512-BF16, up to 6 bits, m % 16 == 0: int2/int4/int6 on any K % 64 == 0, int3 on K % 128 == 0):
+// no buffer and no int-to-float conversion. 32 positions are widened to 16-bit lanes; a shift and one
+// vpternlogd turn a plane into 32 bf16 values 128 + code (0x4300 | code is exact), and vdpbf16ps multiplies
+// them with the bf16 input as it is. Each 16-column half lies in one group, so a chunk's result takes its two
+// group scales from one vector; the offsets and the 128 bias come back once per row as a dot of the
+// per-group (scale, offset) with per-group sums of x.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -56,6 +63,8 @@ inline float to_float(c10::BFloat16 v) { return frugallm::bf16_to_float(v.x); }
 struct Layout {
   int64_t k, group, groups, planes, plane_len, row_bytes;  // planes = V, plane_len = m, row_bytes = bytes * m
   int64_t params;                                          // 2: (scale, offset) per group; 1: symmetric
+  int group_shift;                                         // log2(group) for a power of two, else -1
+  int64_t group_of(int64_t col) const { return group_shift >= 0 ? col >> group_shift : col / group; }
 };
 
 template <int BITS>
@@ -144,9 +153,159 @@ void dot_tile(const float* codes, int64_t stride, const S* qscale, const Layout&
 #endif
 }
 
+
+#if defined(FRUGALLM_LOWBIT_AVX512) && defined(__AVX512BF16__)
+#define FRUGALLM_LOWBIT_BF16 1
+
+// n (scale, offset) parameters of type S -> fp32, vectorized (a row's parameters are converted once per row).
+inline const float* params_f32(const float* src, int64_t, float*) { return src; }
+inline const float* params_f32(const c10::Half* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+  return dst;
+}
+inline const float* params_f32(const c10::BFloat16* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+  }
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+  return dst;
+}
+
+// One 32-position step of one plane, the same in every row: its first column, its valid columns (the plane or
+// the matrix may end inside it) and the groups of its two 16-column halves. Computed once per call.
+struct Chunk {
+  int64_t c0;
+  __mmask32 cols;
+  int32_t g_lo, g_hi;
+};
+
+std::vector<Chunk> plane_chunks(const Layout& l) {
+  std::vector<Chunk> chunks;
+  for (int64_t p0 = 0; p0 < l.plane_len; p0 += 32)
+    for (int64_t i = 0; i < l.planes; ++i) {
+      const int64_t c0 = i * l.plane_len + p0;
+      const int64_t n = std::max<int64_t>(0, std::min({int64_t{32}, l.plane_len - p0, l.k - c0}));
+      const __mmask32 cols = n == 32 ? ~0u : (1u << n) - 1u;
+      const int64_t g_lo = n > 0 ? l.group_of(c0) : 0, g_hi = n > 0 ? std::min(l.group_of(c0 + 16), l.groups - 1) : 0;
+      chunks.push_back({c0, cols, static_cast<int32_t>(g_lo), static_cast<int32_t>(g_hi)});
+    }
+  return chunks;
+}
+
+// out[r][m] = sum_k w[r][k] * x[m][k] straight from the packed rows (see the header). `coef` holds, per input,
+// the per-group multipliers of (scale, offset) that restore the offsets and remove the 128 bias.
+template <int BITS, int MC, typename S>
+void dot_tile_bf16(const uint8_t* qweight, const S* qscale, const Layout& l, const Chunk* chunks, const uint16_t* x,
+                   const float* coef, int64_t rows, float out[kRowsPerTile][kMaxRows]) {
+  constexpr int B = Planar<BITS>::kBytes, V = Planar<BITS>::kValues;
+  const int64_t m = l.plane_len, k = l.k, np = l.groups * l.params;
+  thread_local std::vector<float> param_buf;
+  if (static_cast<int64_t>(param_buf.size()) < np) param_buf.resize(np);
+  const __m512i code_mask = _mm512_set1_epi16((1 << BITS) - 1), magic = _mm512_set1_epi16(0x4300);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* src = qweight + r * l.row_bytes;
+    const float* qf = params_f32(qscale + r * np, np, param_buf.data());
+    __m512 acc[4][MC];  // four independent FMA chains per input
+    for (int j = 0; j < MC; ++j) {  // the offsets' share, as a vector: reduced with the rest at the end
+      __m512 off = _mm512_setzero_ps();
+      for (int64_t i = 0; i < np; i += 16) {
+        const __mmask16 mask =
+            np - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (np - i)) - 1u);
+        off = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qf + i), _mm512_maskz_loadu_ps(mask, coef + j * np + i), off);
+      }
+      acc[0][j] = off;
+      acc[1][j] = acc[2][j] = acc[3][j] = _mm512_setzero_ps();
+    }
+    const Chunk* chunk = chunks;
+    for (int64_t p0 = 0; p0 < m; p0 += 32, chunk += V) {
+      const __mmask32 pos_mask = m - p0 >= 32 ? ~0u : (1u << (m - p0)) - 1u;
+      __m512i bytes[B];
+#pragma GCC unroll 3
+      for (int j = 0; j < B; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + j * m + p0) + kPrefetchBytes, _MM_HINT_T0);
+        bytes[j] = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(pos_mask, src + j * m + p0));
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < V; ++i) {
+        const Chunk& c = chunk[i];
+        if (c.cols == 0) continue;  // padding positions of the last plane
+        const int bit = i * BITS, byte = bit / 8, shift = bit % 8;
+        // 16-bit lanes of bytes `byte` and `byte + 1`: the code never crosses them (shift + BITS <= 16).
+        const __m512i word =
+            byte + 1 < B ? _mm512_or_si512(bytes[byte], _mm512_slli_epi16(bytes[byte + 1], 8)) : bytes[byte];
+        const __m512bh w = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(word, shift), code_mask, magic, 0xEA);
+        const __m512 scale =
+            _mm512_insertf32x8(_mm512_set1_ps(qf[c.g_lo * l.params]), _mm256_set1_ps(qf[c.g_hi * l.params]), 1);
+#pragma GCC unroll 4
+        for (int j = 0; j < MC; ++j) {
+          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(c.cols, x + j * k + c.c0);
+          acc[i & 3][j] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w, xv), scale, acc[i & 3][j]);
+        }
+      }
+    }
+    for (int j = 0; j < MC; ++j) out[r][j] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[0][j], acc[1][j]), _mm512_add_ps(acc[2][j], acc[3][j])));
+  }
+}
+
+// Whether dot_tile_bf16 serves this layout.
+template <int BITS>
+bool bf16_path(const Layout& l) {
+  return BITS <= 6 && l.plane_len % 16 == 0;
+}
+#else
+template <int BITS>
+bool bf16_path(const Layout&) {
+  return false;
+}
+#endif
+
 template <int BITS, typename S>
-void run(const float* xf, int64_t rows, const uint8_t* qweight, const S* qscale, const Layout& l, const float* bias,
-         uint16_t* y, int64_t n) {
+void run_bf16(const float* xf, const uint16_t* xb, int64_t rows, const uint8_t* qweight, const S* qscale,
+              const Layout& l, const float* bias, uint16_t* y, int64_t n) {
+#if defined(FRUGALLM_LOWBIT_BF16)
+  // Per input and group: sum of x. The parameters' multipliers: scale * (-128 * xsum) (the bias of the bf16
+  // codes) and offset * xsum; symmetric groups have offset = -2^(BITS-1) * scale.
+  const int64_t np = l.groups * l.params;
+  std::vector<float> coef(rows * np);
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t g = 0; g < l.groups; ++g) {
+      float xs = 0.0f;
+      for (int64_t c = g * l.group; c < (g + 1) * l.group; ++c) xs += xf[j * l.k + c];
+      float* cg = coef.data() + j * np + g * l.params;
+      if (l.params == 2) {
+        cg[0] = -128.0f * xs;
+        cg[1] = xs;
+      } else {
+        cg[0] = (-128.0f - static_cast<float>(1 << (BITS - 1))) * xs;
+      }
+    }
+  const std::vector<Chunk> chunks = plane_chunks(l);
+  using Tile = void (*)(const uint8_t*, const S*, const Layout&, const Chunk*, const uint16_t*, const float*, int64_t,
+                        float[kRowsPerTile][kMaxRows]);
+  constexpr Tile tiles[kMaxRows] = {&dot_tile_bf16<BITS, 1, S>, &dot_tile_bf16<BITS, 2, S>,
+                                    &dot_tile_bf16<BITS, 3, S>, &dot_tile_bf16<BITS, 4, S>};
+  frugallm::row_tiles<kRowsPerTile, kMaxRows>(
+      n, rows, nullptr, bias, y,
+      [&](int64_t n0, int64_t nr, int64_t m0, int64_t mc, float out[kRowsPerTile][kMaxRows]) {
+        tiles[mc - 1](qweight + n0 * l.row_bytes, qscale + n0 * np, l, chunks.data(), xb + m0 * l.k,
+                      coef.data() + m0 * np, nr, out);
+      });
+#else
+  (void)xf, (void)xb, (void)rows, (void)qweight, (void)qscale, (void)l, (void)bias, (void)y, (void)n;
+  TORCH_CHECK(false, "lowbit_linear: the bf16 path is not compiled in");
+#endif
+}
+
+template <int BITS, typename S>
+void run(const float* xf, const uint16_t* xb, int64_t rows, const uint8_t* qweight, const S* qscale, const Layout& l,
+         const float* bias, uint16_t* y, int64_t n) {
+  if (bf16_path<BITS>(l)) return run_bf16<BITS>(xf, xb, rows, qweight, qscale, l, bias, y, n);
   using Tile = void (*)(const float*, int64_t, const S*, const Layout&, const float*, int64_t,
                         float[kRowsPerTile][kMaxRows]);
   constexpr Tile tiles[kMaxRows] = {&dot_tile<BITS, 1, S>, &dot_tile<BITS, 2, S>, &dot_tile<BITS, 3, S>,
@@ -168,14 +327,14 @@ void run(const float* xf, int64_t rows, const uint8_t* qweight, const S* qscale,
 }
 
 template <typename S>
-void dispatch_bits(int64_t bits, const float* xf, int64_t rows, const uint8_t* qweight, const S* qscale,
-                   const Layout& l, const float* bias, uint16_t* y, int64_t n) {
+void dispatch_bits(int64_t bits, const float* xf, const uint16_t* xb, int64_t rows, const uint8_t* qweight,
+                   const S* qscale, const Layout& l, const float* bias, uint16_t* y, int64_t n) {
   switch (bits) {
-    case 2: return run<2>(xf, rows, qweight, qscale, l, bias, y, n);
-    case 3: return run<3>(xf, rows, qweight, qscale, l, bias, y, n);
-    case 4: return run<4>(xf, rows, qweight, qscale, l, bias, y, n);
-    case 6: return run<6>(xf, rows, qweight, qscale, l, bias, y, n);
-    case 8: return run<8>(xf, rows, qweight, qscale, l, bias, y, n);
+    case 2: return run<2>(xf, xb, rows, qweight, qscale, l, bias, y, n);
+    case 3: return run<3>(xf, xb, rows, qweight, qscale, l, bias, y, n);
+    case 4: return run<4>(xf, xb, rows, qweight, qscale, l, bias, y, n);
+    case 6: return run<6>(xf, xb, rows, qweight, qscale, l, bias, y, n);
+    case 8: return run<8>(xf, xb, rows, qweight, qscale, l, bias, y, n);
     default: TORCH_CHECK(false, "lowbit_linear supports 2, 3, 4, 6 and 8 bits, got ", bits);
   }
 }
@@ -203,17 +362,19 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   const std::vector<float> xf = frugallm::rows_as_float(x);
   at::Tensor y = at::empty({rows, n}, x.options());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const Layout l{k, group_size, groups, values, plane_len, plane_len * nbytes, qscale.size(2)};
+  const int shift = (group_size & (group_size - 1)) == 0 ? __builtin_ctzll(group_size) : -1;
+  const Layout l{k, group_size, groups, values, plane_len, plane_len * nbytes, qscale.size(2), shift};
+  const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
   switch (qscale.scalar_type()) {
     case at::kFloat:
-      dispatch_bits(bits, xf.data(), rows, qp, qscale.data_ptr<float>(), l, b, yp, n);
+      dispatch_bits(bits, xf.data(), xb, rows, qp, qscale.data_ptr<float>(), l, b, yp, n);
       break;
     case at::kHalf:
-      dispatch_bits(bits, xf.data(), rows, qp, qscale.data_ptr<c10::Half>(), l, b, yp, n);
+      dispatch_bits(bits, xf.data(), xb, rows, qp, qscale.data_ptr<c10::Half>(), l, b, yp, n);
       break;
     case at::kBFloat16:
-      dispatch_bits(bits, xf.data(), rows, qp, qscale.data_ptr<c10::BFloat16>(), l, b, yp, n);
+      dispatch_bits(bits, xf.data(), xb, rows, qp, qscale.data_ptr<c10::BFloat16>(), l, b, yp, n);
       break;
     default:
       TORCH_CHECK(false, "qscale must be float32, float16 or bfloat16, got ", qscale.scalar_type());
