@@ -11,7 +11,8 @@
 // buffer; the dot product then walks the buffer group by group against x. Each thread streams a contiguous run
 // of output rows, 4 at a time, with up to 4 inputs per pass.
 //
-// Fast path (AVX512-BF16, up to 6 bits, m % 16 == 0: int2/int4/int6 on any K % 64 == 0, int3 on K % 128 == 0):
+// Fast path (AVX512-BF16, up to 6 bits, groups of a power of two, m % 16 == 0: int2/int4/int6 on K % 64 == 0,
+// int3 on K % 128 == 0; int3 at K = 576 (planes of 72) keeps the buffer):
 // no buffer and no int-to-float conversion. 32 positions are widened to 16-bit lanes; a shift and one
 // vpternlogd turn a plane into 32 bf16 values 128 + code (0x4300 | code is exact), and vdpbf16ps multiplies
 // them with the bf16 input as it is. Each 16-column half lies in one group, so a chunk's result takes its two
@@ -176,34 +177,15 @@ inline const float* params_f32(const c10::BFloat16* src, int64_t n, float* dst) 
   return dst;
 }
 
-// One 32-position step of one plane, the same in every row: its first column, its valid columns (the plane or
-// the matrix may end inside it) and the groups of its two 16-column halves. Computed once per call.
-struct Chunk {
-  int64_t c0;
-  __mmask32 cols;
-  int32_t g_lo, g_hi;
-};
-
-std::vector<Chunk> plane_chunks(const Layout& l) {
-  std::vector<Chunk> chunks;
-  for (int64_t p0 = 0; p0 < l.plane_len; p0 += 32)
-    for (int64_t i = 0; i < l.planes; ++i) {
-      const int64_t c0 = i * l.plane_len + p0;
-      const int64_t n = std::max<int64_t>(0, std::min({int64_t{32}, l.plane_len - p0, l.k - c0}));
-      const __mmask32 cols = n == 32 ? ~0u : (1u << n) - 1u;
-      const int64_t g_lo = n > 0 ? l.group_of(c0) : 0, g_hi = n > 0 ? std::min(l.group_of(c0 + 16), l.groups - 1) : 0;
-      chunks.push_back({c0, cols, static_cast<int32_t>(g_lo), static_cast<int32_t>(g_hi)});
-    }
-  return chunks;
-}
-
 // out[r][m] = sum_k w[r][k] * x[m][k] straight from the packed rows (see the header). `coef` holds, per input,
 // the per-group multipliers of (scale, offset) that restore the offsets and remove the 128 bias.
-template <int BITS, int MC, typename S>
-void dot_tile_bf16(const uint8_t* qweight, const S* qscale, const Layout& l, const Chunk* chunks, const uint16_t* x,
-                   const float* coef, int64_t rows, float out[kRowsPerTile][kMaxRows]) {
+// P is the number of parameters per group (2: scale and offset; 1: symmetric).
+template <int BITS, int P, int MC, typename S>
+void dot_tile_bf16(const uint8_t* qweight, const S* qscale, const Layout& l, const uint16_t* x, const float* coef,
+                   int64_t rows, float out[kRowsPerTile][kMaxRows]) {
   constexpr int B = Planar<BITS>::kBytes, V = Planar<BITS>::kValues;
-  const int64_t m = l.plane_len, k = l.k, np = l.groups * l.params;
+  const int64_t m = l.plane_len, k = l.k, np = l.groups * P;
+  const int shift = l.group_shift;
   thread_local std::vector<float> param_buf;
   if (static_cast<int64_t>(param_buf.size()) < np) param_buf.resize(np);
   const __m512i code_mask = _mm512_set1_epi16((1 << BITS) - 1), magic = _mm512_set1_epi16(0x4300);
@@ -221,8 +203,7 @@ void dot_tile_bf16(const uint8_t* qweight, const S* qscale, const Layout& l, con
       acc[0][j] = off;
       acc[1][j] = acc[2][j] = acc[3][j] = _mm512_setzero_ps();
     }
-    const Chunk* chunk = chunks;
-    for (int64_t p0 = 0; p0 < m; p0 += 32, chunk += V) {
+    for (int64_t p0 = 0; p0 < m; p0 += 32) {
       const __mmask32 pos_mask = m - p0 >= 32 ? ~0u : (1u << (m - p0)) - 1u;
       __m512i bytes[B];
 #pragma GCC unroll 3
@@ -232,18 +213,18 @@ void dot_tile_bf16(const uint8_t* qweight, const S* qscale, const Layout& l, con
       }
 #pragma GCC unroll 8
       for (int i = 0; i < V; ++i) {
-        const Chunk& c = chunk[i];
-        if (c.cols == 0) continue;  // padding positions of the last plane
-        const int bit = i * BITS, byte = bit / 8, shift = bit % 8;
+        const int64_t c0 = i * m + p0;  // plane i's columns: the bf16 path has K == V * m, no padding
+        const int bit = i * BITS, byte = bit / 8, bit_shift = bit % 8;
         // 16-bit lanes of bytes `byte` and `byte + 1`: the code never crosses them (shift + BITS <= 16).
         const __m512i word =
             byte + 1 < B ? _mm512_or_si512(bytes[byte], _mm512_slli_epi16(bytes[byte + 1], 8)) : bytes[byte];
-        const __m512bh w = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(word, shift), code_mask, magic, 0xEA);
-        const __m512 scale =
-            _mm512_insertf32x8(_mm512_set1_ps(qf[c.g_lo * l.params]), _mm256_set1_ps(qf[c.g_hi * l.params]), 1);
+        const __m512bh w = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(word, bit_shift), code_mask, magic, 0xEA);
+        // dpbf16 lane j sums columns 2j and 2j + 1: lanes 0-7 are the first 16 columns, each half in one group.
+        const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(qf[(c0 >> shift) * P]),
+                                                _mm256_set1_ps(qf[((c0 + 16) >> shift) * P]), 1);
 #pragma GCC unroll 4
         for (int j = 0; j < MC; ++j) {
-          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(c.cols, x + j * k + c.c0);
+          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(pos_mask, x + j * k + c0);
           acc[i & 3][j] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w, xv), scale, acc[i & 3][j]);
         }
       }
@@ -256,7 +237,8 @@ void dot_tile_bf16(const uint8_t* qweight, const S* qscale, const Layout& l, con
 // Whether dot_tile_bf16 serves this layout.
 template <int BITS>
 bool bf16_path(const Layout& l) {
-  return BITS <= 6 && l.plane_len % 16 == 0;
+  // m % 16 == 0 with V | K (K % 16 == 0) means no padding and 16-column halves that never straddle groups.
+  return BITS <= 6 && l.plane_len % 16 == 0 && l.plane_len * l.planes == l.k && l.group_shift >= 4;
 }
 #else
 template <int BITS>
@@ -285,16 +267,18 @@ void run_bf16(const float* xf, const uint16_t* xb, int64_t rows, const uint8_t* 
         cg[0] = (-128.0f - static_cast<float>(1 << (BITS - 1))) * xs;
       }
     }
-  const std::vector<Chunk> chunks = plane_chunks(l);
-  using Tile = void (*)(const uint8_t*, const S*, const Layout&, const Chunk*, const uint16_t*, const float*, int64_t,
+  using Tile = void (*)(const uint8_t*, const S*, const Layout&, const uint16_t*, const float*, int64_t,
                         float[kRowsPerTile][kMaxRows]);
-  constexpr Tile tiles[kMaxRows] = {&dot_tile_bf16<BITS, 1, S>, &dot_tile_bf16<BITS, 2, S>,
-                                    &dot_tile_bf16<BITS, 3, S>, &dot_tile_bf16<BITS, 4, S>};
+  constexpr Tile asym[kMaxRows] = {&dot_tile_bf16<BITS, 2, 1, S>, &dot_tile_bf16<BITS, 2, 2, S>,
+                                   &dot_tile_bf16<BITS, 2, 3, S>, &dot_tile_bf16<BITS, 2, 4, S>};
+  constexpr Tile sym[kMaxRows] = {&dot_tile_bf16<BITS, 1, 1, S>, &dot_tile_bf16<BITS, 1, 2, S>,
+                                  &dot_tile_bf16<BITS, 1, 3, S>, &dot_tile_bf16<BITS, 1, 4, S>};
+  const Tile* tiles = l.params == 2 ? asym : sym;
   frugallm::row_tiles<kRowsPerTile, kMaxRows>(
       n, rows, nullptr, bias, y,
       [&](int64_t n0, int64_t nr, int64_t m0, int64_t mc, float out[kRowsPerTile][kMaxRows]) {
-        tiles[mc - 1](qweight + n0 * l.row_bytes, qscale + n0 * np, l, chunks.data(), xb + m0 * l.k,
-                      coef.data() + m0 * np, nr, out);
+        tiles[mc - 1](qweight + n0 * l.row_bytes, qscale + n0 * np, l, xb + m0 * l.k, coef.data() + m0 * np, nr,
+                      out);
       });
 #else
   (void)xf, (void)xb, (void)rows, (void)qweight, (void)qscale, (void)l, (void)bias, (void)y, (void)n;
