@@ -11,8 +11,8 @@
 // buffer; the dot product then walks the buffer group by group against x. Each thread streams a contiguous run
 // of output rows, 4 at a time, with up to 4 inputs per pass.
 //
-// Fast path (AVX512-BF16, up to 6 bits, groups of a power of two, m % 16 == 0: int2/int4/int6 on K % 64 == 0,
-// int3 on K % 128 == 0; int3 at K = 576 (planes of 72) keeps the buffer):
+// Fast path (AVX512-BF16, up to 6 bits, groups of a power of two, m % 8 == 0: int2/int4/int6 on K % 32 == 0,
+// int3 on K % 64 == 0):
 // no buffer and no int-to-float conversion. 32 positions are widened to 16-bit lanes; a shift and one
 // vpternlogd turn a plane into 32 bf16 values 128 + code (0x4300 | code is exact), and vdpbf16ps multiplies
 // them with the bf16 input as it is. Each 16-column half lies in one group, so a chunk's result takes its two
@@ -179,13 +179,14 @@ inline const float* params_f32(const c10::BFloat16* src, int64_t n, float* dst) 
 
 // out[r][m] = sum_k w[r][k] * x[m][k] straight from the packed rows (see the header). `coef` holds, per input,
 // the per-group multipliers of (scale, offset) that restore the offsets and remove the 128 bias.
-// P is the number of parameters per group (2: scale and offset; 1: symmetric).
-template <int BITS, int P, int MC, typename S>
+// P is the number of parameters per group (2: scale and offset; 1: symmetric); SHIFTED: planes of m % 16 == 8.
+template <int BITS, int P, bool SHIFTED, int MC, typename S>
 void dot_tile_bf16(const uint8_t* qweight, const S* qscale, const Layout& l, const uint16_t* x, const float* coef,
                    int64_t rows, float out[kRowsPerTile][kMaxRows]) {
   constexpr int B = Planar<BITS>::kBytes, V = Planar<BITS>::kValues;
   const int64_t m = l.plane_len, k = l.k, np = l.groups * P;
   const int shift = l.group_shift;
+  const int64_t last_group = l.groups - 1;
   thread_local std::vector<float> param_buf;
   if (static_cast<int64_t>(param_buf.size()) < np) param_buf.resize(np);
   const __m512i code_mask = _mm512_set1_epi16((1 << BITS) - 1), magic = _mm512_set1_epi16(0x4300);
@@ -203,28 +204,39 @@ void dot_tile_bf16(const uint8_t* qweight, const S* qscale, const Layout& l, con
       acc[0][j] = off;
       acc[1][j] = acc[2][j] = acc[3][j] = _mm512_setzero_ps();
     }
-    for (int64_t p0 = 0; p0 < m; p0 += 32) {
-      const __mmask32 pos_mask = m - p0 >= 32 ? ~0u : (1u << (m - p0)) - 1u;
-      __m512i bytes[B];
+    // Steps of 32 positions. With SHIFTED (m % 16 == 8) the odd planes, which start 8 columns past a multiple of
+    // 16, step from position -24 instead (their first step holds positions 0-7 only), so every step of every
+    // plane starts on a multiple of 16 columns. Masked-off lanes are never read.
+    constexpr int kPhases = SHIFTED ? 2 : 1;
+    for (int64_t s0 = 0; s0 < (SHIFTED ? m + 24 : m); s0 += 32) {
+      __m512i bytes[kPhases][B];
+      __mmask32 pos_mask[kPhases];
+#pragma GCC unroll 2
+      for (int h = 0; h < kPhases; ++h) {
+        const int64_t p0 = s0 - 24 * h, lo = std::max<int64_t>(0, -p0), hi = std::min<int64_t>(32, m - p0);
+        pos_mask[h] = hi <= lo ? 0u : (hi == 32 ? ~0u : (1u << hi) - 1u) & ~((1u << lo) - 1u);
 #pragma GCC unroll 3
-      for (int j = 0; j < B; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(src + j * m + p0) + kPrefetchBytes, _MM_HINT_T0);
-        bytes[j] = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(pos_mask, src + j * m + p0));
+        for (int j = 0; j < B; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(src + j * m + s0) + kPrefetchBytes, _MM_HINT_T0);
+          bytes[h][j] = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(pos_mask[h], src + j * m + p0));
+        }
       }
 #pragma GCC unroll 8
       for (int i = 0; i < V; ++i) {
-        const int64_t c0 = i * m + p0;  // plane i's columns: the bf16 path has K == V * m, no padding
+        const int h = SHIFTED ? (i & 1) : 0;
+        if (SHIFTED && pos_mask[h] == 0) continue;
+        const int64_t c0 = i * m + s0 - 24 * h;  // plane i's columns: the bf16 path has K == V * m, no padding
         const int bit = i * BITS, byte = bit / 8, bit_shift = bit % 8;
         // 16-bit lanes of bytes `byte` and `byte + 1`: the code never crosses them (shift + BITS <= 16).
-        const __m512i word =
-            byte + 1 < B ? _mm512_or_si512(bytes[byte], _mm512_slli_epi16(bytes[byte + 1], 8)) : bytes[byte];
+        const __m512i word = byte + 1 < B ? _mm512_or_si512(bytes[h][byte], _mm512_slli_epi16(bytes[h][byte + 1], 8))
+                                          : bytes[h][byte];
         const __m512bh w = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(word, bit_shift), code_mask, magic, 0xEA);
         // dpbf16 lane j sums columns 2j and 2j + 1: lanes 0-7 are the first 16 columns, each half in one group.
-        const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(qf[(c0 >> shift) * P]),
-                                                _mm256_set1_ps(qf[((c0 + 16) >> shift) * P]), 1);
+        const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(qf[(std::max<int64_t>(c0, 0) >> shift) * P]),
+                                                _mm256_set1_ps(qf[std::min((c0 + 16) >> shift, last_group) * P]), 1);
 #pragma GCC unroll 4
         for (int j = 0; j < MC; ++j) {
-          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(pos_mask, x + j * k + c0);
+          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(pos_mask[h], x + j * k + c0);
           acc[i & 3][j] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w, xv), scale, acc[i & 3][j]);
         }
       }
@@ -237,8 +249,10 @@ void dot_tile_bf16(const uint8_t* qweight, const S* qscale, const Layout& l, con
 // Whether dot_tile_bf16 serves this layout.
 template <int BITS>
 bool bf16_path(const Layout& l) {
-  // m % 16 == 0 with V | K (K % 16 == 0) means no padding and 16-column halves that never straddle groups.
-  return BITS <= 6 && l.plane_len % 16 == 0 && l.plane_len * l.planes == l.k && l.group_shift >= 4;
+  // No padding (V * m == K), groups of 16, 32, 64, ... columns, and planes of whole 8-column quarters: every
+  // plane step can then start on a multiple of 16 columns, so each 16-column half lies in one group.
+  return BITS <= 6 && l.plane_len * l.planes == l.k && l.group_shift >= 4 &&
+         (l.plane_len % 16 == 0 || (l.plane_len % 16 == 8 && l.plane_len >= 24));
 }
 #else
 template <int BITS>
@@ -269,11 +283,17 @@ void run_bf16(const float* xf, const uint16_t* xb, int64_t rows, const uint8_t* 
     }
   using Tile = void (*)(const uint8_t*, const S*, const Layout&, const uint16_t*, const float*, int64_t,
                         float[kRowsPerTile][kMaxRows]);
-  constexpr Tile asym[kMaxRows] = {&dot_tile_bf16<BITS, 2, 1, S>, &dot_tile_bf16<BITS, 2, 2, S>,
-                                   &dot_tile_bf16<BITS, 2, 3, S>, &dot_tile_bf16<BITS, 2, 4, S>};
-  constexpr Tile sym[kMaxRows] = {&dot_tile_bf16<BITS, 1, 1, S>, &dot_tile_bf16<BITS, 1, 2, S>,
-                                  &dot_tile_bf16<BITS, 1, 3, S>, &dot_tile_bf16<BITS, 1, 4, S>};
-  const Tile* tiles = l.params == 2 ? asym : sym;
+  // [parameters: asymmetric / symmetric][planes: m % 16 == 0 / 8][inputs - 1]
+  constexpr Tile all[2][2][kMaxRows] = {
+      {{&dot_tile_bf16<BITS, 2, false, 1, S>, &dot_tile_bf16<BITS, 2, false, 2, S>,
+        &dot_tile_bf16<BITS, 2, false, 3, S>, &dot_tile_bf16<BITS, 2, false, 4, S>},
+       {&dot_tile_bf16<BITS, 2, true, 1, S>, &dot_tile_bf16<BITS, 2, true, 2, S>,
+        &dot_tile_bf16<BITS, 2, true, 3, S>, &dot_tile_bf16<BITS, 2, true, 4, S>}},
+      {{&dot_tile_bf16<BITS, 1, false, 1, S>, &dot_tile_bf16<BITS, 1, false, 2, S>,
+        &dot_tile_bf16<BITS, 1, false, 3, S>, &dot_tile_bf16<BITS, 1, false, 4, S>},
+       {&dot_tile_bf16<BITS, 1, true, 1, S>, &dot_tile_bf16<BITS, 1, true, 2, S>,
+        &dot_tile_bf16<BITS, 1, true, 3, S>, &dot_tile_bf16<BITS, 1, true, 4, S>}}};
+  const Tile* tiles = all[l.params == 2 ? 0 : 1][l.plane_len % 16 == 0 ? 0 : 1];
   frugallm::row_tiles<kRowsPerTile, kMaxRows>(
       n, rows, nullptr, bias, y,
       [&](int64_t n0, int64_t nr, int64_t m0, int64_t mc, float out[kRowsPerTile][kMaxRows]) {
