@@ -34,9 +34,11 @@ FORMATS: dict[str, str | torch.dtype] = {
     "fp16 F.linear": torch.float16,
     "Int8Linear": "int8",
     "GroupQuant int4 g32": "int4:group=32",
+    "GroupQuant int6 g64": "int6:group=64",
     "GroupQuant int3 g32": "int3:group=32",
     "GroupQuant int2 g32": "int2:group=32",
     "LLMInt8Linear": "llm.int8",
+    "Mix4Linear g32": "mix4:group=32",
 }
 
 
