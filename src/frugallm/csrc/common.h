@@ -4,12 +4,17 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace frugallm {
 
@@ -25,6 +30,35 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
   std::memcpy(&u, &f, sizeof u);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Scales and offsets, read as float whatever their stored type.
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) {
+#if defined(__F16C__)
+  return _cvtsh_ss(v.x);
+#else
+  return static_cast<float>(v);
+#endif
+}
+inline float to_float(c10::BFloat16 v) { return bf16_to_float(v.x); }
+
+// fn(data) with the tensor's data typed as float (with AllowFloat), c10::Half or c10::BFloat16; any other dtype
+// is a clear error naming the tensor.
+template <bool AllowFloat, typename Fn>
+void with_param_type(const at::Tensor& t, const char* name, Fn&& fn) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      if constexpr (AllowFloat) return fn(t.data_ptr<float>());
+      break;
+    case at::kHalf:
+      return fn(t.data_ptr<c10::Half>());
+    case at::kBFloat16:
+      return fn(t.data_ptr<c10::BFloat16>());
+    default:
+      break;
+  }
+  TORCH_CHECK(false, name, " must be ", AllowFloat ? "float32, " : "", "float16 or bfloat16, got ", t.scalar_type());
 }
 
 // The bias of a linear as a float32 pointer (nullptr for none), checked against out_features.

@@ -33,10 +33,6 @@
 #include <optional>
 #include <vector>
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define FRUGALLM_LOWBIT_AVX512 1
@@ -51,15 +47,7 @@ constexpr int64_t kRowsPerTile = 4;
 constexpr int64_t kMaxRows = 4;
 constexpr int kPrefetchBytes = 4096;
 
-inline float to_float(float v) { return v; }
-inline float to_float(c10::Half v) {
-#if defined(__F16C__)
-  return _cvtsh_ss(v.x);
-#else
-  return static_cast<float>(v);
-#endif
-}
-inline float to_float(c10::BFloat16 v) { return frugallm::bf16_to_float(v.x); }
+using frugallm::to_float;
 
 struct Layout {
   int64_t k, group, groups, planes, plane_len, row_bytes;  // planes = V, plane_len = m, row_bytes = bytes * m
@@ -370,19 +358,8 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   const Layout l{k, group_size, groups, values, plane_len, plane_len * nbytes, qscale.size(2), shift};
   const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  switch (qscale.scalar_type()) {
-    case at::kFloat:
-      dispatch_bits(bits, xf.data(), xb, rows, qp, qscale.data_ptr<float>(), l, b, yp, n);
-      break;
-    case at::kHalf:
-      dispatch_bits(bits, xf.data(), xb, rows, qp, qscale.data_ptr<c10::Half>(), l, b, yp, n);
-      break;
-    case at::kBFloat16:
-      dispatch_bits(bits, xf.data(), xb, rows, qp, qscale.data_ptr<c10::BFloat16>(), l, b, yp, n);
-      break;
-    default:
-      TORCH_CHECK(false, "qscale must be float32, float16 or bfloat16, got ", qscale.scalar_type());
-  }
+  frugallm::with_param_type<true>(
+      qscale, "qscale", [&](const auto* qs) { dispatch_bits(bits, xf.data(), xb, rows, qp, qs, l, b, yp, n); });
   return y;
 }
 

@@ -21,10 +21,6 @@
 #include <optional>
 #include <vector>
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
-
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define FRUGALLM_MIX4_AVX512 1
@@ -39,14 +35,7 @@ constexpr int64_t kRowsPerTile = 4;
 constexpr int64_t kMaxRows = 4;
 constexpr int kPrefetchBytes = 4096;
 
-inline float to_float(c10::Half v) {
-#if defined(__F16C__)
-  return _cvtsh_ss(v.x);
-#else
-  return static_cast<float>(v);
-#endif
-}
-inline float to_float(c10::BFloat16 v) { return frugallm::bf16_to_float(v.x); }
+using frugallm::to_float;
 
 struct Layout {
   int64_t k, half, group, groups, sel_bytes;  // half = K/2 (bytes per row); sel_bytes = ceil(groups/4)
@@ -161,16 +150,7 @@ at::Tensor mix4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const uint8_t* cp = qweight.data_ptr<uint8_t>();
   const uint8_t* sp = sel.data_ptr<uint8_t>();
   const float* gp = grids.data_ptr<float>();
-  switch (qscale.scalar_type()) {
-    case at::kHalf:
-      run(xf.data(), rows, cp, sp, qscale.data_ptr<c10::Half>(), gp, l, b, yp, n);
-      break;
-    case at::kBFloat16:
-      run(xf.data(), rows, cp, sp, qscale.data_ptr<c10::BFloat16>(), gp, l, b, yp, n);
-      break;
-    default:
-      TORCH_CHECK(false, "qscale must be float16 or bfloat16, got ", qscale.scalar_type());
-  }
+  frugallm::with_param_type<false>(qscale, "qscale", [&](const auto* qs) { run(xf.data(), rows, cp, sp, qs, gp, l, b, yp, n); });
   return y;
 }
 
