@@ -206,8 +206,8 @@ def test_native_lowbit_matches_dequantized(bits: int, symmetric: bool, n: int, k
 
     torch.manual_seed(bits * 1000 + n + k)
     st = rtn_group_quantize(torch.randn(n, k), bits, group, symmetric)
-    # Both 16-bit scale dtypes and fp32 (the packed layout stores what param_dtype chose).
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    # Both 16-bit scale dtypes (the packed layout stores what param_dtype chose).
+    for dtype in (torch.float16, torch.bfloat16):
         params = [st.scales] if symmetric else [st.scales, st.offsets]
         qscale = torch.stack(params, -1).to(dtype)
         p = qscale.float()
@@ -222,7 +222,7 @@ def test_native_lowbit_matches_dequantized(bits: int, symmetric: bool, n: int, k
             assert y.dtype == torch.bfloat16 and ((y.double() - ref).abs() <= tol).all(), (dtype, rows)
     bias = torch.randn(n)
     x = torch.randn(2, k).bfloat16()
-    qscale = torch.stack([st.scales] if symmetric else [st.scales, st.offsets], -1)
+    qscale = torch.stack([st.scales] if symmetric else [st.scales, st.offsets], -1).half()
     with_bias = torch.ops.frugallm.lowbit_linear(x, pack(st.codes, bits), qscale, bits, group, bias)
     without = torch.ops.frugallm.lowbit_linear(x, pack(st.codes, bits), qscale, bits, group, None)
     torch.testing.assert_close(with_bias.float(), (without.float() + bias), rtol=2e-2, atol=2e-2)
@@ -247,6 +247,9 @@ def test_group_quant_module_uses_the_native_lowbit_kernel(spec: str, monkeypatch
     torch.testing.assert_close(m(x.float()), ref, rtol=2e-2, atol=2e-2)  # fp32 models compute in bf16 too
     many = torch.randn(40, 576).bfloat16()  # beyond NATIVE_QUANT_MAX_ROWS: dequantize + F.linear
     torch.testing.assert_close(m(many).float(), F.linear(many.float(), m.dequantize()), rtol=2e-2, atol=2e-2)
+    m.qscale = m.qscale.float()  # not a layout frugallm writes: the module falls back instead of failing
+    torch.testing.assert_close(m(x).float(), ref, rtol=2e-2, atol=2e-2)
+    assert m.decode_fn(torch.bfloat16, torch.device("cpu")) == m.forward
     monkeypatch.setenv("FRUGALLM_NATIVE", "0")
     assert m.decode_fn(torch.bfloat16, torch.device("cpu")) == m.forward
 
@@ -270,7 +273,7 @@ def test_native_lowbit_rejects_bad_inputs() -> None:
     from frugallm.quant.packing import pack
 
     st = rtn_group_quantize(torch.randn(8, 64), 3, 32)
-    q, s = pack(st.codes, 3), torch.stack([st.scales, st.offsets], -1)
+    q, s = pack(st.codes, 3), torch.stack([st.scales, st.offsets], -1).half()
     x = torch.randn(2, 64).bfloat16()
     with pytest.raises(RuntimeError, match="x must be a contiguous bfloat16"):
         torch.ops.frugallm.lowbit_linear(x.float(), q, s, 3, 32, None)
@@ -284,3 +287,5 @@ def test_native_lowbit_rejects_bad_inputs() -> None:
         torch.ops.frugallm.lowbit_linear(x, q, s[:, :1].contiguous(), 3, 32, None)
     with pytest.raises(RuntimeError, match="bias must be a contiguous float32"):
         torch.ops.frugallm.lowbit_linear(x, q, s, 3, 32, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="qscale must be float16 or bfloat16, got Float"):
+        torch.ops.frugallm.lowbit_linear(x, q, s.float(), 3, 32, None)

@@ -147,7 +147,6 @@ void dot_tile(const float* codes, int64_t stride, const S* qscale, const Layout&
 #define FRUGALLM_LOWBIT_BF16 1
 
 // n (scale, offset) parameters of type S -> fp32, vectorized (a row's parameters are converted once per row).
-inline const float* params_f32(const float* src, int64_t, float*) { return src; }
 inline const float* params_f32(const c10::Half* src, int64_t n, float* dst) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -297,7 +296,9 @@ void run_bf16(const float* xf, const uint16_t* xb, int64_t rows, const uint8_t* 
 template <int BITS, typename S>
 void run(const float* xf, const uint16_t* xb, int64_t rows, const uint8_t* qweight, const S* qscale, const Layout& l,
          const float* bias, uint16_t* y, int64_t n) {
-  if (bf16_path<BITS>(l)) return run_bf16<BITS>(xf, xb, rows, qweight, qscale, l, bias, y, n);
+  if constexpr (BITS <= 6) {
+    if (bf16_path<BITS>(l)) return run_bf16<BITS>(xf, xb, rows, qweight, qscale, l, bias, y, n);
+  }
   using Tile = void (*)(const float*, int64_t, const S*, const Layout&, const float*, int64_t,
                         float[kRowsPerTile][kMaxRows]);
   constexpr Tile tiles[kMaxRows] = {&dot_tile<BITS, 1, S>, &dot_tile<BITS, 2, S>, &dot_tile<BITS, 3, S>,
@@ -358,7 +359,7 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   const Layout l{k, group_size, groups, values, plane_len, plane_len * nbytes, qscale.size(2), shift};
   const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  frugallm::with_param_type<true>(
+  frugallm::with_param_type<false>(
       qscale, "qscale", [&](const auto* qs) { dispatch_bits(bits, xf.data(), xb, rows, qp, qs, l, b, yp, n); });
   return y;
 }

@@ -499,6 +499,7 @@ class GroupQuantLinear(nn.Module):
         return (
             self.layout == "packed"
             and self.group_size % 16 == 0
+            and self.qscale.dtype in (torch.float16, torch.bfloat16)
             and self.qweight.device.type == device.type
             and kernels.native_kernel("lowbit_linear", device, dtype)
         )
