@@ -126,7 +126,7 @@ def test_native_off_switch(monkeypatch) -> None:
 @needs_kernel
 def test_native_status_names_every_kernel() -> None:
     st = native.status()
-    assert set(st) == {"bf16_gemm", "int8_linear", "lowbit_linear", "mix4_linear", "paged_attention"}
+    assert set(st) == {"bf16_gemm", "int8_linear", "llm_int8_linear", "lowbit_linear", "mix4_linear", "paged_attention"}
     assert st["paged_attention"] == "in use"
 
 

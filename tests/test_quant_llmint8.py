@@ -7,8 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from frugallm.quant import LLMInt8Linear
+from frugallm.quant import LLMInt8Linear, kernels
 from frugallm.quant.linear import Int8State, quantize_int8_rows
+
+needs_native = pytest.mark.skipif(
+    not kernels.native_kernel("llm_int8_linear", torch.device("cpu"), torch.bfloat16),
+    reason="native LLM.int8() kernel unavailable here",
+)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -46,7 +51,8 @@ def float_definition(x: torch.Tensor, mod: LLMInt8Linear) -> torch.Tensor:
     else:
         s = reg.abs().amax(1, keepdim=True) / 127
         xh = torch.round(reg / s).clamp(-127, 127) * s
-    return xh @ w.t() + x[:, out] @ w[:, out].t() + mod.bias
+    y = xh @ w.t() + x[:, out] @ w[:, out].t()
+    return y if mod.bias is None else y + mod.bias
 
 
 @pytest.mark.parametrize("zeropoint", [False, True])
@@ -106,3 +112,71 @@ def test_weight_rowsum_cache_follows_the_weights() -> None:
     q, s = quantize_int8_rows(layer(32, 64, seed=5).weight)
     mod.qweight, mod.scales = q, s  # new storage (e.g. loaded weights): the cached row sums must follow
     assert rel_err(mod(x), float_definition(x, mod)) < 1e-5
+
+
+# -- the native kernel (csrc/llm_int8_linear.cpp): bf16 decode rows ------------------------------------------
+def torch_path(mod: LLMInt8Linear, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    with monkeypatch.context() as m:
+        m.setenv("FRUGALLM_NATIVE", "0")
+        return mod(x)
+
+
+@needs_native
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+@pytest.mark.parametrize(("n", "k"), [(96, 256), (7, 100), (576, 1536)])
+def test_native_kernel_follows_the_torch_path(rows: int, n: int, k: int, monkeypatch) -> None:
+    lin = layer(n, k)
+    lin.bias = None
+    mod = LLMInt8Linear.from_linear(lin)
+    for x in (activations(rows, k).bfloat16(), (0.3 * torch.randn(rows, k)).bfloat16()):  # with / without outliers
+        fn = mod.decode_fn(torch.bfloat16, torch.device("cpu"))
+        assert fn.__name__ == "<lambda>"  # the kernel, not forward
+        y, ref = fn(x), torch_path(mod, x, monkeypatch)
+        assert y.dtype == ref.dtype == torch.bfloat16
+        # Same rounding decisions and exact int8 products: at most one bf16 step apart (float sum order).
+        assert ((y.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-7 + 1e-6).all()
+        torch.testing.assert_close(mod(x), y, rtol=0, atol=0)  # forward takes the kernel too
+        assert rel_err(y, float_definition(x.float(), mod)) < 1e-2
+
+
+@needs_native
+@torch.no_grad()
+def test_native_kernel_edge_rows(monkeypatch) -> None:
+    lin = layer(32, 64)
+    lin.bias = None
+    mod = LLMInt8Linear.from_linear(lin)
+    every = (torch.full((3, 64), 7.0) * torch.randn(3, 64).sign()).bfloat16()  # all columns outliers
+    torch.testing.assert_close(mod(every).float(), torch_path(mod, every, monkeypatch).float(), rtol=1e-2, atol=1e-3)
+    zero = torch.zeros(2, 64).bfloat16()
+    assert (mod(zero) == 0).all()
+
+
+@needs_native
+def test_native_kernel_only_where_it_matches(monkeypatch) -> None:
+    lin = layer(32, 64)
+    with_bias = LLMInt8Linear.from_linear(lin)
+    zp = LLMInt8Linear.from_linear(lin, zeropoint=True)
+    cpu = torch.device("cpu")
+    assert with_bias.decode_fn(torch.bfloat16, cpu) == with_bias.forward  # bias: the torch path adds it in bf16
+    assert zp.decode_fn(torch.bfloat16, cpu) == zp.forward  # zeropoint rows: torch path only
+    lin.bias = None
+    plain = LLMInt8Linear.from_linear(lin)
+    assert plain.decode_fn(torch.float32, cpu) == plain.forward  # fp32 inputs keep full-precision outliers
+    monkeypatch.setenv("FRUGALLM_NATIVE", "0")
+    assert plain.decode_fn(torch.bfloat16, cpu) == plain.forward
+
+
+@needs_native
+def test_native_kernel_rejects_bad_inputs() -> None:
+    q, s = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
+    rs, x = torch.zeros(4, dtype=torch.int32), torch.randn(2, 8).bfloat16()
+    op = torch.ops.frugallm.llm_int8_linear
+    with pytest.raises(RuntimeError, match="x must be a contiguous bfloat16"):
+        op(x.float(), q, s, rs, 6.0)
+    with pytest.raises(RuntimeError, match="x has 6 features but the weight 8"):
+        op(x[:, :6].contiguous(), q, s, rs, 6.0)
+    with pytest.raises(RuntimeError, match="rowsum must be a contiguous int32"):
+        op(x, q, s, rs.float(), 6.0)
+    with pytest.raises(RuntimeError, match="threshold must be > 0"):
+        op(x, q, s, rs, 0.0)

@@ -224,7 +224,31 @@ class LLMInt8Linear(Int8Linear):
             xq = xq.masked_fill(outlier, 0.0)
         return xq.to(torch.int8), sx, centre
 
+    def _native_ok(self, x_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether ``csrc/llm_int8_linear.cpp`` serves this call: absmax rows, no bias, bf16 CPU decode rows."""
+        return (
+            not self.zeropoint
+            and self.bias is None
+            and x_rows <= kernels.NATIVE_QUANT_MAX_ROWS
+            and kernels.native_kernel("llm_int8_linear", device, dtype)
+        )
+
+    def decode_fn(self, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``self(x)`` for 2-D ``x`` in ``dtype``: the native kernel directly where it serves (see ``forward``)."""
+        if not self._native_ok(1, dtype, device):
+            return self.forward
+        q, s, rowsum, t = self.qweight, self.scales, self._weight_rowsum(), self.threshold
+        op, forward = torch.ops.frugallm.llm_int8_linear, self.forward
+        return lambda x: op(x, q, s, rowsum, t) if x.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS else forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.is_contiguous() and self._native_ok(x.shape[0], x.dtype, x.device):
+            if x.shape[1] != self.in_features:
+                raise FrugalError(f"input has {x.shape[1]} features, the layer expects {self.in_features}")
+            # The same arithmetic as below, in one pass (int8 products on VNNI); bf16 decode rows only, so
+            # fp32 inputs keep full-precision outlier columns.
+            return torch.ops.frugallm.llm_int8_linear(x, self.qweight, self.scales, self._weight_rowsum(),
+                                                      self.threshold)
         x2 = flatten_input(x, self.in_features).float()
         outlier = (x2.abs() > self.threshold).any(dim=0)  # [K]
         cols = outlier.nonzero().squeeze(1)
