@@ -61,6 +61,17 @@ void with_param_type(const at::Tensor& t, const char* name, Fn&& fn) {
   TORCH_CHECK(false, name, " must be ", AllowFloat ? "float32, " : "", "float16 or bfloat16, got ", t.scalar_type());
 }
 
+// x bf16 [rows, K] against an int8 weight [N, K] with float32 per-row scales [N] (the int8 linears' operands).
+inline void check_int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "x must be a contiguous bfloat16 [rows, in_features] tensor");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(),
+              "qweight must be a contiguous int8 [out_features, in_features] tensor");
+  TORCH_CHECK(q.size(1) == x.size(1), "x has ", x.size(1), " features but the weight ", q.size(1));
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == q.size(0),
+              "scales must be a contiguous float32 [out_features] tensor");
+}
+
 // The bias of a linear as a float32 pointer (nullptr for none), checked against out_features.
 inline const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t out_features) {
   if (!bias.has_value()) return nullptr;

@@ -115,14 +115,8 @@ constexpr BatchTileFn kBatchTiles[kBatchInputs] = {
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "x must be a contiguous bfloat16 [rows, in_features] tensor");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(),
-              "qweight must be a contiguous int8 [out_features, in_features] tensor");
+  frugallm::check_int8_linear(x, q, scales);
   const int64_t rows = x.size(0), k = x.size(1), n = q.size(0);
-  TORCH_CHECK(q.size(1) == k, "x has ", k, " features but the weight ", q.size(1));
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == n,
-              "scales must be a contiguous float32 [out_features] tensor");
   const float* b = frugallm::bias_ptr(bias, n);
   at::Tensor y = at::empty({rows, n}, x.options());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());

@@ -77,14 +77,8 @@ constexpr TileFn kTiles[kMaxInputs] = {&dot_tile<1>, &dot_tile<2>, &dot_tile<3>,
 
 at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
                            const at::Tensor& rowsum, double threshold) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "x must be a contiguous bfloat16 [rows, in_features] tensor");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(),
-              "qweight must be a contiguous int8 [out_features, in_features] tensor");
+  frugallm::check_int8_linear(x, q, scales);
   const int64_t rows = x.size(0), k = x.size(1), n = q.size(0);
-  TORCH_CHECK(q.size(1) == k, "x has ", k, " features but the weight ", q.size(1));
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == n,
-              "scales must be a contiguous float32 [out_features] tensor");
   TORCH_CHECK(rowsum.scalar_type() == at::kInt && rowsum.is_contiguous() && rowsum.numel() == n,
               "rowsum must be a contiguous int32 [out_features] tensor (sum of each weight row)");
   TORCH_CHECK(threshold > 0, "threshold must be > 0, got ", threshold);
@@ -123,29 +117,22 @@ at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& q, const at::T
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   const int32_t* rs = rowsum.data_ptr<int32_t>();
-  const int64_t tiles = (n + kRowsPerTile - 1) / kRowsPerTile;
-  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
-    int32_t acc[kRowsPerTile][kMaxInputs];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kRowsPerTile, nr = std::min(kRowsPerTile, n - n0);
-      for (int64_t m0 = 0; m0 < rows; m0 += kMaxInputs) {
-        const int64_t mc = std::min(kMaxInputs, rows - m0);
+  frugallm::row_tiles<kRowsPerTile, kMaxInputs>(
+      n, rows, nullptr, nullptr, yp,
+      [&](int64_t n0, int64_t nr, int64_t m0, int64_t mc, float out[kRowsPerTile][kMaxInputs]) {
+        int32_t acc[kRowsPerTile][kMaxInputs];
         kTiles[mc - 1](qp + n0 * k, k, u8.data() + m0 * stride, stride, nr, acc);
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t row = n0 + r;
           for (int64_t m = 0; m < mc; ++m) {
-            const int32_t dot = acc[r][m] - 128 * rs[row];
-            float v = static_cast<float>(dot) * sx[m0 + m] * sp[row];
+            float v = static_cast<float>(acc[r][m] - 128 * rs[row]) * sx[m0 + m] * sp[row];
             float extra = 0.0f;  // outlier columns: full-precision x times the dequantized weight
             for (int64_t c : outliers)
               extra += xf[(m0 + m) * k + c] * (static_cast<float>(qp[row * k + c]) * sp[row]);
-            if (!outliers.empty()) v += extra;
-            yp[(m0 + m) * n + row] = frugallm::float_to_bf16(v);
+            out[r][m] = outliers.empty() ? v : v + extra;
           }
         }
-      }
-    }
-  });
+      });
   return y;
 }
 

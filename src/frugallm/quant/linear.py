@@ -171,6 +171,9 @@ class LLMInt8Linear(Int8Linear):
     is centred on ``c = (max + min) / 2`` of its regular values before rounding, so a skewed row uses all
     255 levels; ``c`` comes back through the int32 row sums of ``Wq`` over the regular columns.
 
+    bf16 decode rows (absmax, no bias, up to ``NATIVE_QUANT_MAX_ROWS``) run the same arithmetic in one native op
+    (``csrc/llm_int8_linear.cpp``: VNNI int8 products; within one bf16 step of this path).
+
     Memory choice (as in bitsandbytes): only the int8 weights are stored, for all columns; the outlier
     columns of W are dequantized on the fly. Keeping those columns in fp16, as in the paper, would need
     the full-precision weight since the outlier set is only known per input.
