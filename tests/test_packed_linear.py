@@ -289,3 +289,39 @@ def test_native_lowbit_rejects_bad_inputs() -> None:
         torch.ops.frugallm.lowbit_linear(x, q, s, 3, 32, torch.zeros(3))
     with pytest.raises(RuntimeError, match="qscale must be float16 or bfloat16, got Float"):
         torch.ops.frugallm.lowbit_linear(x, q, s.float(), 3, 32, None)
+
+
+@needs_lowbit
+@pytest.mark.parametrize("spec", ["int2:group=32", "int3:group=32:sym", "int4:group=64", "int6:group=128",
+                                  "int8:group=32"])
+@pytest.mark.parametrize(("n", "k"), [(17, 576), (5, 96), (3, 1536)])
+def test_native_dequantize_rounds_once(spec: str, n: int, k: int) -> None:
+    """Prefill's dequantize-then-GEMM: the native pass equals the float weight up to one bf16 rounding."""
+    from frugallm.quant.linear import GroupQuantLinear, dequant_groups
+    from frugallm.quant.spec import parse_quant_spec
+
+    parsed = parse_quant_spec(spec)
+    if k % parsed.group_size:
+        pytest.skip("group does not divide in_features")
+    torch.manual_seed(n + k)
+    m = GroupQuantLinear.from_linear(torch.nn.Linear(k, n, bias=False), parsed)
+    if m.layout != "packed":
+        pytest.skip("int4 runs torch's layout for this shape")
+    codes, scales, offsets = m._codes_and_params()
+    exact = dequant_groups(codes, scales, offsets, m.bits, m.group_size).double()
+    w = m.dequantize(torch.bfloat16)
+    assert w.dtype == torch.bfloat16 and w.shape == (n, k)
+    assert ((w.double() - exact).abs() <= exact.abs() * 2.0**-8).all()
+
+
+@needs_mix4
+@pytest.mark.parametrize(("n", "k", "group"), [(7, 576, 32), (40, 1536, 64), (9, 256, 128)])
+def test_native_mix4_dequantize_rounds_once(n: int, k: int, group: int) -> None:
+    from frugallm.quant.mix4 import Mix4Linear
+    from frugallm.quant.spec import parse_quant_spec
+
+    torch.manual_seed(n + k)
+    m = Mix4Linear.from_linear(torch.nn.Linear(k, n, bias=False), parse_quant_spec(f"mix4:group={group}"))
+    exact = m.dequantize(torch.float32).double()  # the torch path
+    w = m.dequantize(torch.bfloat16)
+    assert w.dtype == torch.bfloat16 and ((w.double() - exact).abs() <= exact.abs() * 2.0**-8).all()

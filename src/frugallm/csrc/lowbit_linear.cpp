@@ -332,13 +332,11 @@ void dispatch_bits(int64_t bits, const float* xf, const uint16_t* xb, int64_t ro
   }
 }
 
-at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qscale, int64_t bits,
-                         int64_t group_size, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "x must be a contiguous bfloat16 [rows, in_features] tensor");
+// The checked layout of packed `bits`-bit codes for `k` input features (the ops' shared argument checks).
+Layout checked_layout(const at::Tensor& qweight, const at::Tensor& qscale, int64_t bits, int64_t group_size,
+                      int64_t k) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 6 || bits == 8,
               "lowbit_linear supports 2, 3, 4, 6 and 8 bits, got ", bits);
-  const int64_t rows = x.size(0), k = x.size(1);
   TORCH_CHECK(group_size > 0 && group_size % 16 == 0 && k % group_size == 0,
               "lowbit_linear needs group_size % 16 == 0 dividing in_features (", k, "), got ", group_size);
   const int64_t values = 8 / std::gcd<int64_t>(8, bits), nbytes = values * bits / 8;
@@ -347,21 +345,76 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const a
                   qweight.size(1) == plane_len * nbytes,
               "qweight must be a contiguous uint8 [out_features, ", plane_len * nbytes, "] tensor of packed ", bits,
               "-bit codes");
-  const int64_t n = qweight.size(0);
-  TORCH_CHECK(qscale.dim() == 3 && qscale.is_contiguous() && qscale.size(0) == n && qscale.size(1) == groups &&
-                  (qscale.size(2) == 1 || qscale.size(2) == 2),
+  TORCH_CHECK(qscale.dim() == 3 && qscale.is_contiguous() && qscale.size(0) == qweight.size(0) &&
+                  qscale.size(1) == groups && (qscale.size(2) == 1 || qscale.size(2) == 2),
               "qscale must be a contiguous [out_features, ", groups, ", 1 or 2] tensor");
+  const int shift = (group_size & (group_size - 1)) == 0 ? __builtin_ctzll(group_size) : -1;
+  return Layout{k, group_size, groups, values, plane_len, plane_len * nbytes, qscale.size(2), shift};
+}
+
+at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qscale, int64_t bits,
+                         int64_t group_size, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "x must be a contiguous bfloat16 [rows, in_features] tensor");
+  const int64_t rows = x.size(0), n = qweight.size(0);
+  const Layout l = checked_layout(qweight, qscale, bits, group_size, x.size(1));
   const float* b = frugallm::bias_ptr(bias, n);
   const std::vector<float> xf = frugallm::rows_as_float(x);
   at::Tensor y = at::empty({rows, n}, x.options());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const int shift = (group_size & (group_size - 1)) == 0 ? __builtin_ctzll(group_size) : -1;
-  const Layout l{k, group_size, groups, values, plane_len, plane_len * nbytes, qscale.size(2), shift};
   const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
   frugallm::with_param_type<false>(
       qscale, "qscale", [&](const auto* qs) { dispatch_bits(bits, xf.data(), xb, rows, qp, qs, l, b, yp, n); });
   return y;
+}
+
+// w[n, k] = code * scale + offset for the rows [begin, end) as bf16 (one fp32 FMA, one rounding).
+template <int BITS, typename S>
+void dequantize_rows(const uint8_t* qweight, const S* qscale, const Layout& l, int64_t begin, int64_t end,
+                     uint16_t* w) {
+  thread_local std::vector<float> codes;
+  if (static_cast<int64_t>(codes.size()) < l.planes * l.plane_len + 16) codes.assign(l.planes * l.plane_len + 16, 0.f);
+  const float sym_offset = -static_cast<float>(1 << (BITS - 1));
+  for (int64_t r = begin; r < end; ++r) {
+    decode_row<BITS>(qweight + r * l.row_bytes, l.plane_len, codes.data());
+    uint16_t* out = w + r * l.k;
+    for (int64_t g = 0; g < l.groups; ++g) {
+      const S* q = qscale + (r * l.groups + g) * l.params;
+      const float scale = to_float(q[0]), offset = l.params == 2 ? to_float(q[1]) : sym_offset * scale;
+      int64_t c = g * l.group;
+#if defined(FRUGALLM_LOWBIT_BF16)
+      const __m512 s = _mm512_set1_ps(scale), o = _mm512_set1_ps(offset);
+      for (; c < (g + 1) * l.group; c += 16) {
+        const __m256bh v = _mm512_cvtneps_pbh(_mm512_fmadd_ps(_mm512_loadu_ps(codes.data() + c), s, o));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), (__m256i)v);
+      }
+#endif
+      for (; c < (g + 1) * l.group; ++c) out[c] = frugallm::float_to_bf16(codes[c] * scale + offset);
+    }
+  }
+}
+
+// The whole weight as bf16 [N, K]: passes of more than 16 rows (prefill) dequantize, then run a GEMM.
+at::Tensor lowbit_dequantize(const at::Tensor& qweight, const at::Tensor& qscale, int64_t bits, int64_t group_size,
+                             int64_t in_features) {
+  const Layout l = checked_layout(qweight, qscale, bits, group_size, in_features);
+  const int64_t n = qweight.size(0);
+  at::Tensor w = at::empty({n, in_features}, qweight.options().dtype(at::kBFloat16));
+  auto* wp = reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>());
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  frugallm::with_param_type<false>(qscale, "qscale", [&](const auto* qs) {
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      switch (bits) {
+        case 2: return dequantize_rows<2>(qp, qs, l, begin, end, wp);
+        case 3: return dequantize_rows<3>(qp, qs, l, begin, end, wp);
+        case 4: return dequantize_rows<4>(qp, qs, l, begin, end, wp);
+        case 6: return dequantize_rows<6>(qp, qs, l, begin, end, wp);
+        default: return dequantize_rows<8>(qp, qs, l, begin, end, wp);
+      }
+    });
+  });
+  return w;
 }
 
 bool lowbit_linear_vectorized() { return kVectorized; }
@@ -370,7 +423,11 @@ bool lowbit_linear_vectorized() { return kVectorized; }
 
 TORCH_LIBRARY_FRAGMENT(frugallm, m) {
   m.def("lowbit_linear(Tensor x, Tensor qweight, Tensor qscale, int bits, int group_size, Tensor? bias) -> Tensor");
+  m.def("lowbit_dequantize(Tensor qweight, Tensor qscale, int bits, int group_size, int in_features) -> Tensor");
   m.def("lowbit_linear_vectorized() -> bool", &lowbit_linear_vectorized);
 }
 
-TORCH_LIBRARY_IMPL(frugallm, CPU, m) { m.impl("lowbit_linear", &lowbit_linear); }
+TORCH_LIBRARY_IMPL(frugallm, CPU, m) {
+  m.impl("lowbit_linear", &lowbit_linear);
+  m.impl("lowbit_dequantize", &lowbit_dequantize);
+}

@@ -121,12 +121,10 @@ void run(const float* xf, int64_t rows, const uint8_t* codes, const uint8_t* sel
       });
 }
 
-at::Tensor mix4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sel,
-                       const at::Tensor& qscale, const at::Tensor& grids, int64_t group_size,
-                       const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "x must be a contiguous bfloat16 [rows, in_features] tensor");
-  const int64_t rows = x.size(0), k = x.size(1), n = qweight.size(0);
+// The checked layout of a mix4 weight with `k` input features (the ops' shared argument checks).
+Layout checked_layout(const at::Tensor& qweight, const at::Tensor& sel, const at::Tensor& qscale,
+                      const at::Tensor& grids, int64_t group_size, int64_t k) {
+  const int64_t n = qweight.size(0);
   TORCH_CHECK(group_size > 0 && group_size % 16 == 0 && k % 32 == 0 && (k / 2) % group_size == 0 &&
                   k / group_size <= 512,
               "mix4_linear needs group_size % 16 == 0, in_features/2 a multiple of group_size and <= 512 groups");
@@ -142,16 +140,75 @@ at::Tensor mix4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
               "qscale must be a contiguous [out_features, groups, 2] tensor");
   TORCH_CHECK(grids.scalar_type() == at::kFloat && grids.is_contiguous() && grids.numel() == 64,
               "grids must be a contiguous float32 [4, 16] tensor");
+  return Layout{k, k / 2, group_size, groups, sel_bytes};
+}
+
+at::Tensor mix4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sel,
+                       const at::Tensor& qscale, const at::Tensor& grids, int64_t group_size,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "x must be a contiguous bfloat16 [rows, in_features] tensor");
+  const int64_t rows = x.size(0), n = qweight.size(0);
+  const Layout l = checked_layout(qweight, sel, qscale, grids, group_size, x.size(1));
   const float* b = frugallm::bias_ptr(bias, n);
   const std::vector<float> xf = frugallm::rows_as_float(x);
   at::Tensor y = at::empty({rows, n}, x.options());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const Layout l{k, k / 2, group_size, groups, sel_bytes};
   const uint8_t* cp = qweight.data_ptr<uint8_t>();
   const uint8_t* sp = sel.data_ptr<uint8_t>();
   const float* gp = grids.data_ptr<float>();
   frugallm::with_param_type<false>(qscale, "qscale", [&](const auto* qs) { run(xf.data(), rows, cp, sp, qs, gp, l, b, yp, n); });
   return y;
+}
+
+// w = grid[sel][code] * scale + offset for the rows [begin, end) as bf16 (one fp32 FMA, one rounding).
+template <typename S>
+void dequantize_rows(const uint8_t* codes, const uint8_t* sel, const S* qscale, const float* grids, const Layout& l,
+                     int64_t begin, int64_t end, uint16_t* w) {
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* cr = codes + r * l.half;
+    const S* qr = qscale + r * l.groups * 2;
+    uint16_t* out = w + r * l.k;
+    for (int64_t g = 0; g < l.groups; ++g) {
+      const int t = (sel[r * l.sel_bytes + g % l.sel_bytes] >> (2 * (g / l.sel_bytes))) & 3;
+      const float scale = to_float(qr[2 * g]), offset = to_float(qr[2 * g + 1]);
+      const bool high = g * l.group >= l.half;  // the high half's codes are the high nibbles
+      const int64_t c0 = g * l.group, byte0 = high ? c0 - l.half : c0;
+      int64_t j = 0;
+#if defined(FRUGALLM_MIX4_AVX512) && defined(__AVX512BF16__)
+      const __m512 lut = _mm512_loadu_ps(grids + 16 * t), s = _mm512_set1_ps(scale), o = _mm512_set1_ps(offset);
+      const __m128i low4 = _mm_set1_epi8(0x0f);
+      for (; j + 16 <= l.group; j += 16) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cr + byte0 + j));
+        if (high) b = _mm_srli_epi16(b, 4);
+        const __m512i code = _mm512_cvtepu8_epi32(_mm_and_si128(b, low4));
+        const __m256bh v = _mm512_cvtneps_pbh(_mm512_fmadd_ps(_mm512_permutexvar_ps(code, lut), s, o));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c0 + j), (__m256i)v);
+      }
+#endif
+      for (; j < l.group; ++j) {
+        const uint8_t b = cr[byte0 + j];
+        const int code = high ? b >> 4 : b & 15;
+        out[c0 + j] = frugallm::float_to_bf16(grids[16 * t + code] * scale + offset);
+      }
+    }
+  }
+}
+
+// The whole weight as bf16 [N, K]: passes of more than 16 rows (prefill) dequantize, then run a GEMM.
+at::Tensor mix4_dequantize(const at::Tensor& qweight, const at::Tensor& sel, const at::Tensor& qscale,
+                           const at::Tensor& grids, int64_t group_size, int64_t in_features) {
+  const Layout l = checked_layout(qweight, sel, qscale, grids, group_size, in_features);
+  const int64_t n = qweight.size(0);
+  at::Tensor w = at::empty({n, in_features}, qweight.options().dtype(at::kBFloat16));
+  auto* wp = reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>());
+  const uint8_t* cp = qweight.data_ptr<uint8_t>();
+  const uint8_t* sp = sel.data_ptr<uint8_t>();
+  const float* gp = grids.data_ptr<float>();
+  frugallm::with_param_type<false>(qscale, "qscale", [&](const auto* qs) {
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { dequantize_rows(cp, sp, qs, gp, l, begin, end, wp); });
+  });
+  return w;
 }
 
 bool mix4_linear_vectorized() { return kVectorized; }
@@ -161,7 +218,12 @@ bool mix4_linear_vectorized() { return kVectorized; }
 TORCH_LIBRARY_FRAGMENT(frugallm, m) {
   m.def("mix4_linear(Tensor x, Tensor qweight, Tensor selector, Tensor qscale, Tensor grids, int group_size, "
         "Tensor? bias) -> Tensor");
+  m.def("mix4_dequantize(Tensor qweight, Tensor selector, Tensor qscale, Tensor grids, int group_size, "
+        "int in_features) -> Tensor");
   m.def("mix4_linear_vectorized() -> bool", &mix4_linear_vectorized);
 }
 
-TORCH_LIBRARY_IMPL(frugallm, CPU, m) { m.impl("mix4_linear", &mix4_linear); }
+TORCH_LIBRARY_IMPL(frugallm, CPU, m) {
+  m.impl("mix4_linear", &mix4_linear);
+  m.impl("mix4_dequantize", &mix4_dequantize);
+}

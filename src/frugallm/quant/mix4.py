@@ -122,6 +122,9 @@ class Mix4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, k, g = self.out_features, self.in_features, self.group_size
+        if dtype == torch.bfloat16 and self._native_ok(self.qweight.device, dtype):
+            # Prefill's dequantize-then-GEMM: one native pass instead of a gather per weight.
+            return torch.ops.frugallm.mix4_dequantize(self.qweight, self.selector, self.qscale, self.grids, g, k)
         codes = unpack(self.qweight, 4, k).reshape(n, k // g, g).long()
         sel = unpack(self.selector, 2, k // g).long()
         levels = self.grids.to(dtype).reshape(-1)[sel[..., None] * 16 + codes]
