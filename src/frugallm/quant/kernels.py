@@ -177,9 +177,10 @@ def _cpu_dequantize(qweight: torch.Tensor, qscale: torch.Tensor, group_size: int
     k = qweight.numel() * 2 // n
     blocks = qweight.view(torch.uint8).reshape(n // 64, k, 32)
     codes = torch.cat((blocks & 0xF, blocks >> 4), -1).transpose(1, 2).reshape(n, k // group_size, group_size)
-    sz = qscale.transpose(0, 1)  # [N, G, 2]: w = (q - 8) * scale + zero
+    sz = qscale.transpose(0, 1).float()  # [N, G, 2]: w = (q - 8) * scale + zero
     s = sz[..., :1]
-    return (codes.to(torch.bfloat16) * s + (sz[..., 1:] - 8 * s)).reshape(n, k)
+    # fp32 and one rounding, the arithmetic of GroupQuantLinear.dequantize (linear.dequant_groups).
+    return (codes.float() * s + (sz[..., 1:] - 8 * s)).reshape(n, k).to(torch.bfloat16)
 
 
 class CudaInt4Layout(Int4Layout):

@@ -348,12 +348,16 @@ def dequant_groups(
     group_size: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``codes [N, K]`` + ``scales/offsets [N, K/g]`` -> weight ``[N, K]`` in ``dtype``."""
+    """``codes [N, K]`` + ``scales/offsets [N, K/g]`` -> weight ``[N, K]`` in ``dtype``.
+
+    Computed in fp32 and rounded once: fp16 scales cast to bf16 first would carry a 2^-8 error shared by every
+    weight of their group (measured: mix4 perplexity +0.3 %).
+    """
     n, k = codes.shape
-    s = scales.to(dtype)[..., None]
-    m = (-(2 ** (bits - 1)) * s) if offsets is None else offsets.to(dtype)[..., None]
-    w = codes.reshape(n, k // group_size, group_size).to(dtype) * s + m
-    return w.reshape(n, k)
+    s = scales.float()[..., None]
+    m = (-(2 ** (bits - 1)) * s) if offsets is None else offsets.float()[..., None]
+    w = codes.reshape(n, k // group_size, group_size).float() * s + m
+    return w.reshape(n, k).to(dtype)
 
 
 def rtn_group_quantize(

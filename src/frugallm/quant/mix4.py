@@ -127,9 +127,9 @@ class Mix4Linear(nn.Module):
             return torch.ops.frugallm.mix4_dequantize(self.qweight, self.selector, self.qscale, self.grids, g, k)
         codes = unpack(self.qweight, 4, k).reshape(n, k // g, g).long()
         sel = unpack(self.selector, 2, k // g).long()
-        levels = self.grids.to(dtype).reshape(-1)[sel[..., None] * 16 + codes]
-        qs = self.qscale.to(dtype)
-        return (levels * qs[..., :1] + qs[..., 1:]).reshape(n, k)
+        levels = self.grids.float().reshape(-1)[sel[..., None] * 16 + codes]
+        qs = self.qscale.float()  # one rounding to dtype at the end (see linear.dequant_groups)
+        return (levels * qs[..., :1] + qs[..., 1:]).reshape(n, k).to(dtype)
 
     def _native_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
         k, g = self.in_features, self.group_size
