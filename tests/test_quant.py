@@ -384,11 +384,16 @@ def test_mix4_never_worse_than_int4_asym_and_mixes_types() -> None:
 def test_auto4_picks_group_by_error() -> None:
     lin = gaussian_linear(64, 256, bias=False)
     pick = lambda tol: build(f"auto4:tol={tol}", lin).group_size  # noqa: E731
-    assert pick(0.5) == 128  # coarse groups are accurate enough
+    assert pick(0.5) == 128  # Gaussian weights: coarse groups cost little more error than group 32
     assert pick(0.01) == 32  # nothing meets the bound: finest group
     with torch.no_grad():  # a few huge weights inflate the coarse groups' ranges
         lin.weight[:, ::100] *= 30.0
-    assert pick(0.2) < 128
+    assert pick(0.5) < 128
+    grid = torch.randint(0, 16, (64, 256)).float() * 0.01  # on a group-32 grid already (a Q4_1-like source)
+    grid += torch.randn(64, 8).repeat_interleave(32, dim=1) * 0.05
+    with torch.no_grad():
+        lin.weight.copy_(grid)
+    assert pick(0.99) == 32  # any coarser group is far worse than the (near-exact) group 32
 
 
 # ------------------------------------------------------------------------------------------- whole model

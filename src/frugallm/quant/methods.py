@@ -99,8 +99,13 @@ def relative_error(weight: torch.Tensor, state: GroupQuantState) -> float:
 @dataclass(frozen=True)
 class Auto4Method(IntMethod):
     """FineQuant-style adaptive granularity: per matrix, the coarsest group size in 128 -> 64 -> 32 whose
-    relative weight reconstruction error is below ``spec.tol`` (smallest memory that is accurate enough),
-    else 32. Groups that do not divide ``in_features`` are skipped."""
+    relative weight reconstruction error is within ``spec.tol`` of the finest group's (error <= (1 + tol) x
+    error at 32): coarse groups where they cost little, fine ones where a few large weights would stretch a
+    coarse group's range. Groups that do not divide ``in_features`` are skipped.
+
+    Relative to the finest group, not an absolute bound: an absolute 0.11 accepted groups of 64 and 128 on the
+    default model, whose Q4_1 source sits exactly on a group-32 grid (perplexity +43 %).
+    """
 
     candidates: ClassVar[tuple[int, ...]] = (128, 64, 32)
 
@@ -109,12 +114,10 @@ class Auto4Method(IntMethod):
         sizes = [g for g in self.candidates if k % g == 0]
         if not sizes:
             raise FrugalError(f"auto4 needs in_features divisible by 32; {linear} has {k}")
-        state = None
-        for g in sizes:
-            state = rtn_group_quantize(linear.weight, 4, g, self.spec.symmetric)
-            if relative_error(linear.weight, state) < self.spec.tol:
-                break
-        assert state is not None
+        states = [rtn_group_quantize(linear.weight, 4, g, self.spec.symmetric) for g in sizes]
+        errors = [relative_error(linear.weight, st) for st in states]
+        bound = (1.0 + self.spec.tol) * errors[-1]
+        state = next(st for st, err in zip(states, errors, strict=True) if err <= bound)
         state.bias = bias_of(linear)
         return state
 

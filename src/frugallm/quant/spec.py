@@ -56,8 +56,8 @@ class QuantSpec:
     """A validated quantization recipe.
 
     ``group_size`` None means per output channel (``int8``, ``llm.int8``) or chosen per matrix
-    (``auto4``). ``threshold`` is the LLM.int8() activation outlier threshold; ``tol`` is the relative
-    weight reconstruction error ``auto4`` accepts before trying a smaller group.
+    (``auto4``). ``threshold`` is the LLM.int8() activation outlier threshold; ``tol`` is how much more weight
+    reconstruction error than group 32's (relative) ``auto4`` accepts for a coarser group.
     """
 
     method: str
@@ -68,7 +68,7 @@ class QuantSpec:
     act_order: bool = False
     include_embeddings: bool = False
     include_lm_head: bool = False
-    tol: float = 0.11
+    tol: float = 0.25
     embed_bits: int | None = None  # bit width of embedding/head tables (``head=8``); None: see module doc
     zeropoint: bool = False  # llm.int8: zeropoint (asymmetric) activation rows instead of absmax
 
