@@ -129,7 +129,7 @@ at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& q, const at::T
             float extra = 0.0f;  // outlier columns: full-precision x times the dequantized weight
             for (int64_t c : outliers)
               extra += xf[(m0 + m) * k + c] * (static_cast<float>(qp[row * k + c]) * sp[row]);
-            out[r][m] = outliers.empty() ? v : v + extra;
+            out[r][m] = v + extra;
           }
         }
       });
