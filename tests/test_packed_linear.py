@@ -325,3 +325,16 @@ def test_native_mix4_dequantize_rounds_once(n: int, k: int, group: int) -> None:
     exact = m.dequantize(torch.float32).double()  # the torch path
     w = m.dequantize(torch.bfloat16)
     assert w.dtype == torch.bfloat16 and ((w.double() - exact).abs() <= exact.abs() * 2.0**-8).all()
+
+
+@needs_lowbit
+@pytest.mark.parametrize("spec", ["int3:group=32", "int8", "llm.int8", "mix4:group=32"])
+def test_batched_decode_through_native_quant_kernels(tiny_models, spec: str) -> None:
+    """Batched decode hands the linears strided norm outputs; the native kernels need dense rows (regression:
+    the decode plan's norms now return contiguous rows)."""
+    llm = LLM(str(tiny_models.gguf("llama", "F32")), quant=spec, device="cpu")
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outs = llm.generate(["the quick brown fox", "hello world", "a b c d e f"], p)
+    assert [len(o.token_ids) for o in outs] == [6, 6, 6]
+    single = llm.generate("hello world", p)[0].token_ids
+    assert len(single) == 6

@@ -47,8 +47,8 @@ class LayerPlan(NamedTuple):
 
 
 def linear_fn(mod: nn.Module, dtype: torch.dtype, device: torch.device) -> Fn:
-    """The cheapest callable equal to ``mod(x)`` for 2-D ``x`` in ``dtype`` on ``device``: the module's
-    ``decode_fn`` hook where it has one (raw kernels with their weights bound), else its ``forward``."""
+    """The cheapest callable equal to ``mod(x)`` for 2-D contiguous ``x`` in ``dtype`` on ``device``: the
+    module's ``decode_fn`` hook where it has one (raw kernels with their weights bound), else its ``forward``."""
     hook = getattr(mod, "decode_fn", None)
     return mod.forward if hook is None else hook(dtype, device)
 
@@ -58,7 +58,9 @@ def norm_fn(norm: RMSNorm, dtype: torch.dtype) -> Fn:
     from frugallm.model.llama import rms_norm_as_layer_norm
 
     w2, eps = norm.decode_weight(dtype), norm.eps
-    return lambda x: rms_norm_as_layer_norm(x, w2, eps)
+    # Contiguous rows: the fused form returns a strided half of [x, -x], and the linears' native kernels (their
+    # decode_fn) read dense rows. A no-op for one row; a [B, d] copy per norm for batched steps.
+    return lambda x: rms_norm_as_layer_norm(x, w2, eps).contiguous()
 
 
 class DecodePlan:
