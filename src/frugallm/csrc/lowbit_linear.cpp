@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <numeric>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -53,8 +54,15 @@ struct Layout {
   int64_t k, group, groups, planes, plane_len, row_bytes;  // planes = V, plane_len = m, row_bytes = bytes * m
   int64_t params;                                          // 2: (scale, offset) per group; 1: symmetric
   int group_shift;                                         // log2(group) for a power of two, else -1
-  int64_t group_of(int64_t col) const { return group_shift >= 0 ? col >> group_shift : col / group; }
 };
+
+// (scale, offset) of group g of weight row r: symmetric groups store the scale alone, offset -2^(BITS-1) * scale.
+template <int BITS, typename S>
+inline std::pair<float, float> group_params(const S* qscale, const Layout& l, int64_t r, int64_t g) {
+  const S* q = qscale + (r * l.groups + g) * l.params;
+  const float scale = to_float(q[0]);
+  return {scale, l.params == 2 ? to_float(q[1]) : -static_cast<float>(1 << (BITS - 1)) * scale};
+}
 
 template <int BITS>
 struct Planar {
@@ -98,7 +106,6 @@ void decode_row(const uint8_t* src, int64_t m, float* dst) {
 template <int BITS, int MC, typename S>
 void dot_tile(const float* codes, int64_t stride, const S* qscale, const Layout& l, const float* x, int64_t rows,
               float out[kRowsPerTile][kMaxRows]) {
-  const float sym_offset = -static_cast<float>(1 << (BITS - 1));
 #if defined(FRUGALLM_LOWBIT_AVX512)
   __m512 acc[kRowsPerTile][MC];
   for (int r = 0; r < kRowsPerTile; ++r)
@@ -107,10 +114,9 @@ void dot_tile(const float* codes, int64_t stride, const S* qscale, const Layout&
     __m512 s[kRowsPerTile], o[kRowsPerTile];
 #pragma GCC unroll 4
     for (int r = 0; r < kRowsPerTile; ++r) {
-      const S* q = qscale + (r * l.groups + g) * l.params;
-      const float scale = r < rows ? to_float(q[0]) : 0.0f;
+      const auto [scale, offset] = r < rows ? group_params<BITS>(qscale, l, r, g) : std::pair<float, float>{};
       s[r] = _mm512_set1_ps(scale);
-      o[r] = _mm512_set1_ps(r >= rows ? 0.0f : l.params == 2 ? to_float(q[1]) : sym_offset * scale);
+      o[r] = _mm512_set1_ps(offset);
     }
     for (int64_t c = g * l.group; c < (g + 1) * l.group; c += 16) {
       __m512 xv[MC];
@@ -131,9 +137,7 @@ void dot_tile(const float* codes, int64_t stride, const S* qscale, const Layout&
     for (int m = 0; m < MC; ++m) {
       float acc = 0.0f;
       for (int64_t g = 0; g < l.groups; ++g) {
-        const S* q = qscale + (r * l.groups + g) * l.params;
-        const float scale = to_float(q[0]);
-        const float offset = l.params == 2 ? to_float(q[1]) : sym_offset * scale;
+        const auto [scale, offset] = group_params<BITS>(qscale, l, r, g);
         for (int64_t c = g * l.group; c < (g + 1) * l.group; ++c)
           acc += (codes[r * stride + c] * scale + offset) * x[m * l.k + c];
       }
@@ -375,13 +379,11 @@ void dequantize_rows(const uint8_t* qweight, const S* qscale, const Layout& l, i
                      uint16_t* w) {
   thread_local std::vector<float> codes;
   if (static_cast<int64_t>(codes.size()) < l.planes * l.plane_len + 16) codes.assign(l.planes * l.plane_len + 16, 0.f);
-  const float sym_offset = -static_cast<float>(1 << (BITS - 1));
   for (int64_t r = begin; r < end; ++r) {
     decode_row<BITS>(qweight + r * l.row_bytes, l.plane_len, codes.data());
     uint16_t* out = w + r * l.k;
     for (int64_t g = 0; g < l.groups; ++g) {
-      const S* q = qscale + (r * l.groups + g) * l.params;
-      const float scale = to_float(q[0]), offset = l.params == 2 ? to_float(q[1]) : sym_offset * scale;
+      const auto [scale, offset] = group_params<BITS>(qscale, l, r, g);
       int64_t c = g * l.group;
 #if defined(FRUGALLM_LOWBIT_BF16)
       const __m512 s = _mm512_set1_ps(scale), o = _mm512_set1_ps(offset);

@@ -63,6 +63,14 @@ def int8pack_supported(device: torch.device, in_features: int) -> bool:
 NATIVE_QUANT_MAX_ROWS = 16
 
 
+def few_rows_kernel(
+    op: Callable[..., torch.Tensor], args: tuple, fallback: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``decode_fn``: ``op(x, *args)`` for passes of up to NATIVE_QUANT_MAX_ROWS rows, else ``fallback(x)``."""
+    limit = NATIVE_QUANT_MAX_ROWS
+    return lambda x: op(x, *args) if x.shape[0] <= limit else fallback(x)
+
+
 def native_kernel(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.ops.frugallm.<name>`` (``csrc/<name>.cpp``) serves bf16 inputs on ``device``."""
     return device.type == "cpu" and dtype == torch.bfloat16 and native.usable(name)
@@ -176,11 +184,12 @@ def _cpu_dequantize(qweight: torch.Tensor, qscale: torch.Tensor, group_size: int
     n = qscale.shape[1]
     k = qweight.numel() * 2 // n
     blocks = qweight.view(torch.uint8).reshape(n // 64, k, 32)
-    codes = torch.cat((blocks & 0xF, blocks >> 4), -1).transpose(1, 2).reshape(n, k // group_size, group_size)
+    from frugallm.quant.linear import dequant_groups  # linear.py imports this module
+
+    codes = torch.cat((blocks & 0xF, blocks >> 4), -1).transpose(1, 2).reshape(n, k)
     sz = qscale.transpose(0, 1).float()  # [N, G, 2]: w = (q - 8) * scale + zero
-    s = sz[..., :1]
-    # fp32 and one rounding, the arithmetic of GroupQuantLinear.dequantize (linear.dequant_groups).
-    return (codes.float() * s + (sz[..., 1:] - 8 * s)).reshape(n, k).to(torch.bfloat16)
+    # The arithmetic of GroupQuantLinear.dequantize, so large passes match it bit for bit.
+    return dequant_groups(codes, sz[..., 0], sz[..., 1] - 8 * sz[..., 0], 4, group_size, torch.bfloat16)
 
 
 class CudaInt4Layout(Int4Layout):

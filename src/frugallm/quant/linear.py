@@ -145,11 +145,9 @@ class Int8Linear(nn.Module):
     def decode_fn(self, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         """``self(x)`` for 2-D ``x`` in ``dtype`` (see ``DecodePlan``): the native kernel directly where it
         serves, without ``forward``'s per-call checks (~10 us per call at batch 1)."""
-        plain = type(self).forward is Int8Linear.forward and self.bias is None  # not LLM.int8()'s forward
-        if not plain or not kernels.native_kernel("int8_linear", device, dtype):
+        if self.bias is not None or not kernels.native_kernel("int8_linear", device, dtype):
             return self.forward
-        q, s, op, forward = self.qweight, self.scales, torch.ops.frugallm.int8_linear, self.forward
-        return lambda x: op(x, q, s, None) if x.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS else forward(x)
+        return kernels.few_rows_kernel(torch.ops.frugallm.int8_linear, (self.qweight, self.scales, None), self.forward)
 
     def weight_bytes(self) -> int:
         return tensor_bytes(self.qweight, self.scales, self.bias)
@@ -240,19 +238,17 @@ class LLMInt8Linear(Int8Linear):
         """``self(x)`` for 2-D ``x`` in ``dtype``: the native kernel directly where it serves (see ``forward``)."""
         if not self._native_ok(1, dtype, device):
             return self.forward
-        q, s, rowsum, t = self.qweight, self.scales, self._weight_rowsum(), self.threshold
-        op, forward = torch.ops.frugallm.llm_int8_linear, self.forward
-        return lambda x: op(x, q, s, rowsum, t) if x.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS else forward(x)
+        args = (self.qweight, self.scales, self._weight_rowsum(), self.threshold)
+        return kernels.few_rows_kernel(torch.ops.frugallm.llm_int8_linear, args, self.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.is_contiguous() and self._native_ok(x.shape[0], x.dtype, x.device):
-            if x.shape[1] != self.in_features:
-                raise FrugalError(f"input has {x.shape[1]} features, the layer expects {self.in_features}")
+        x2 = flatten_input(x, self.in_features)
+        if x is x2 and x.is_contiguous() and self._native_ok(x.shape[0], x.dtype, x.device):
             # The same arithmetic as below, in one pass (int8 products on VNNI); bf16 decode rows only, so
             # fp32 inputs keep full-precision outlier columns.
             return torch.ops.frugallm.llm_int8_linear(x, self.qweight, self.scales, self._weight_rowsum(),
                                                       self.threshold)
-        x2 = flatten_input(x, self.in_features).float()
+        x2 = x2.float()
         outlier = (x2.abs() > self.threshold).any(dim=0)  # [K]
         cols = outlier.nonzero().squeeze(1)
         regular = x2.masked_fill(outlier, 0.0) if cols.numel() else x2
@@ -552,8 +548,8 @@ class GroupQuantLinear(nn.Module):
             _, op, qweight, qscale, group_size, _, _ = kernel
             return lambda x: op(x, qweight, group_size, qscale)
         if self.perm is None and self.bias is None and self._native_ok(device, dtype):
-            native, forward = self._native, self.forward
-            return lambda x: native(x) if x.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS else forward(x)
+            args = (self.qweight, self.qscale, self.bits, self.group_size, None)
+            return kernels.few_rows_kernel(torch.ops.frugallm.lowbit_linear, args, self.forward)
         return self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

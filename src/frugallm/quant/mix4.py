@@ -145,8 +145,8 @@ class Mix4Linear(nn.Module):
         """``self(x)`` for 2-D ``x`` in ``dtype`` (see ``DecodePlan``): the native kernel directly where it serves."""
         if self.bias is not None or not self._native_ok(device, dtype):
             return self.forward
-        native, forward = self._native, self.forward
-        return lambda x: native(x) if x.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS else forward(x)
+        args = (self.qweight, self.selector, self.qscale, self.grids, self.group_size, None)
+        return kernels.few_rows_kernel(torch.ops.frugallm.mix4_linear, args, self.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = flatten_input(x, self.in_features)
