@@ -1,10 +1,14 @@
 """Native CPU kernels: the C++ sources in ``csrc/``, built once per machine and loaded as torch ops.
 
 Each source registers its ops under ``torch.ops.frugallm`` (``TORCH_LIBRARY``). On first use it is
-compiled with the system C++ compiler against torch's own headers and libraries
-(``-O3 -march=native -fopenmp``, a few seconds) into the cache directory, under a name keyed by the
-source, torch's version, the compiler and the CPU, so an edit, an upgrade or another machine gets a
-fresh build. The library's ``libgomp.so.1`` resolves to the copy torch has already loaded (same
+compiled with the system C++ compiler against torch's own headers and libraries (``-O3 -fopenmp`` and the
+``-march`` of the CPU's ISA level, :mod:`frugallm.cpu`; a few seconds, one line on stderr) into the cache
+directory, under a name keyed by the source, torch's version, the compiler, the CPU and the level, so an edit,
+an upgrade, another machine or ``FRUGALLM_ISA=avx2`` gets its own build. A source whose first lines say
+``// requires: LEVEL`` is only built where :func:`frugallm.cpu.level` reaches that level: on a CPU below it the
+kernel could only run its scalar fallback, slower than torch's, so it is neither built nor used.
+
+The library's ``libgomp.so.1`` resolves to the copy torch has already loaded (same
 soname), so ``at::parallel_for`` in a kernel runs on torch's one OpenMP pool: a second pool would make
 both stop spin-waiting (see ``AsyncLLM.launch``).
 
@@ -17,20 +21,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
+import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import torch
+
+from frugallm import cpu
+from frugallm.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 CFLAGS = (
     "-O3",
-    "-march=native",
     "-fopenmp",
     # Lets reductions (dot products, softmax sums) vectorize as trees instead of in-order scalar adds;
     # no -ffinite-math-only, so infinities keep their meaning.
@@ -55,43 +62,61 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_model() -> str:
-    """The CPU's name and feature flags (``-march=native`` code is only valid on a CPU like it)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return "\n".join(next((ln for ln in lines if ln.startswith(k)), "") for k in ("model name", "flags"))
+def required_level(name: str) -> str:
+    """The ISA level ``csrc/<name>.cpp`` needs to be worth building (its ``// requires: LEVEL`` line)."""
+    head = (CSRC / f"{name}.cpp").read_text()[:4000]
+    m = re.search(r"^// requires: (\w+)", head, re.MULTILINE)
+    return m.group(1) if m else "generic"
+
+
+def runnable(name: str) -> bool:
+    """Whether this CPU (at ``FRUGALLM_ISA``'s cap) reaches the level ``name`` needs."""
+    return cpu.at_least(required_level(name))
+
+
+def _build_path(name: str, cxx: str) -> tuple[Path, list[str]]:
+    """Where the build of ``name`` for this compiler, torch, CPU and ISA level lives, and its flags."""
+    source = CSRC / f"{name}.cpp"
+    flags = [*CFLAGS, *cpu.compile_flags()]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(
+        "\0".join([source.read_text(), *(h.read_text() for h in sorted(CSRC.glob("*.h"))), torch.__version__,
+                   version, cpu.model_name(), " ".join(sorted(cpu.flags())), cpu.level(), " ".join(flags)]).encode()
+    ).hexdigest()[:16]
+    return cache_dir() / "native" / f"{name}-{cpu.level()}-{key}.so", flags
 
 
 def _build(name: str, cxx: str) -> Path:
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    from frugallm.loading.weight_cache import cache_dir
-
     source = CSRC / f"{name}.cpp"
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(
-        "\0".join([source.read_text(), *(h.read_text() for h in sorted(CSRC.glob("*.h"))), torch.__version__,
-                   version, _cpu_model(), " ".join(CFLAGS)]).encode()
-    ).hexdigest()[:16]
-    out = cache_dir() / "native" / f"{name}-{key}.so"
+    out, flags = _build_path(name, cxx)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")  # concurrent builders each write their own, then rename
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [cxx, *CFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
+    cmd = [cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
            str(source), *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-o", str(tmp)]
+    print(f"frugallm: building native kernel {name} for {cpu.level()} (first use only)...", file=sys.stderr,
+          flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
     os.replace(tmp, out)
-    for stale in out.parent.glob(f"{name}-*.so"):  # builds of older sources; a process using one keeps it mapped
+    # Builds of older sources at this level (other levels stay: FRUGALLM_ISA switches between them); a process
+    # using one keeps it mapped.
+    for stale in out.parent.glob(f"{name}-{cpu.level()}-*.so"):
         if stale != out:
             stale.unlink(missing_ok=True)
     return out
+
+
+def built(name: str) -> bool:
+    """Whether a build of ``name`` for this machine is already in the cache (nothing is compiled)."""
+    cxx = _compiler()
+    return cxx is not None and _build_path(name, cxx)[0].exists()
 
 
 # A library's ops register once per process: a second build of it (another cache directory, an edited
@@ -104,7 +129,7 @@ _vectorized: dict[str, bool] = {}  # per loaded library: its fast path compiled 
 
 def load(name: str) -> bool:
     """Build (if needed) and load ``csrc/<name>.cpp``; True when its ops are registered and enabled."""
-    if not enabled():
+    if not enabled() or not runnable(name):
         return False
     with _lock:  # two threads loading one library at once would register its ops twice
         if name in _loaded:
@@ -140,13 +165,18 @@ def usable(name: str) -> bool:
     return _vectorized[name]
 
 
-def status() -> dict[str, str]:
-    """Each kernel in ``csrc/`` and whether it runs here (``frugallm hw probe`` prints this)."""
+def status(build: bool = True) -> dict[str, str]:
+    """Each kernel in ``csrc/`` and whether it runs here (``frugallm hw probe`` prints this); with
+    ``build=False`` nothing is compiled: kernels not built yet say so."""
     out = {}
     for source in sorted(CSRC.glob("*.cpp")):
         name = source.stem
         if not enabled():
             out[name] = "off (FRUGALLM_NATIVE=0)"
+        elif not runnable(name):
+            out[name] = f"not built: needs {required_level(name)}, this CPU runs {cpu.level()} (torch path in use)"
+        elif not build and name not in _loaded and not built(name):
+            out[name] = "not built yet (built on first use)"
         elif not load(name):
             out[name] = "unavailable (build failed or no compiler; torch path in use)"
         else:

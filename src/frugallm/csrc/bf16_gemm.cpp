@@ -1,3 +1,4 @@
+// requires: avx512bf16 (frugallm/native.py builds this kernel only on CPUs at that ISA level; below it torch runs)
 // bf16 linear for CPU decode steps: y[M, N] = x[M, K] @ W^T (+ bias) with W pre-packed in VNNI pairs,
 // [ceil(N/16), K/2, 16, 2], so that one 64-byte load of W feeds one vdpbf16ps (16 outputs x 2 inputs, fp32
 // accumulate) for every row of x. Registered as torch.ops.frugallm.bf16_linear.

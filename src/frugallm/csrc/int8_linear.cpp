@@ -1,3 +1,4 @@
+// requires: avx512bf16 (frugallm/native.py builds this kernel only on CPUs at that ISA level; below it torch runs)
 // Weight-only int8 linear for a few rows (decode): y[M, N] = (x[M, K] @ Q^T) * scales (+ bias), reading the
 // int8 weight Q [N, K] in its stored row-major layout (no second copy). Registered as
 // torch.ops.frugallm.int8_linear.

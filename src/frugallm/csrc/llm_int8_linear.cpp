@@ -1,3 +1,4 @@
+// requires: avx512bf16 (frugallm/native.py builds this kernel only on CPUs at that ISA level; below it torch runs)
 // LLM.int8() (Dettmers et al. 2022) for a few rows (decode), absmax variant: y = (Xq @ Wq^T) * sx * sw + X[:, O]
 // @ (Wq[:, O] * sw)^T, where O are the input columns whose |x| exceeds the threshold in any row, Xq the regular
 // columns rounded per row to int8 (round(x / sx), sx = absmax / 127) and Wq the stored int8 weight [N, K] with

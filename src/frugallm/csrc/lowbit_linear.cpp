@@ -1,3 +1,4 @@
+// requires: avx512bf16 (frugallm/native.py builds this kernel only on CPUs at that ISA level; below it torch runs)
 // Group-wise int2/int3/int4/int6/int8 linear for a few rows (decode) on GroupQuantLinear's "packed" storage
 // (quant/packing.py). A weight row holds K codes of BITS bits, planar: with V codes per chunk (int3: 8 codes in
 // 3 bytes) the row is cut into V planes of m = ceil(K / V) consecutive codes; code k = i * m + p sits in bits

@@ -1,3 +1,4 @@
+// requires: avx512bf16 (frugallm/native.py builds this kernel only on CPUs at that ISA level; below it torch runs)
 // BitMoD-style mix4 linear for a few rows (decode), on the stored format (quant/mix4.py): 4-bit codes packed
 // planar per weight row (byte j: code j in the low nibble, code j + K/2 in the high one), a 2-bit data-type
 // selector per group (planar too), fp16/bf16 (scale, offset) per group, and four 16-level grids:

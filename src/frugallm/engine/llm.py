@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 import torch
 
+from frugallm import cpu
 from frugallm.engine.allocator import tune_malloc
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
@@ -49,7 +50,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         # CUDA: bf16 (no fp16 overflow risk, same speed). CPU: bf16 where frugallm's native bf16 kernel
         # runs (AVX512-BF16; the fastest decode there: 122.6 vs 109.6 tok/s for fp16), else fp16, whose
         # matrix-vector products (decode) stream weights ~2x faster than bf16 through F.linear; large
-        # matmuls switch to bf16 inside Linear either way.
+        # matmuls switch to the CPU's fast compute dtype inside Linear (see LLM.__init__).
         if device.type == "cpu":
             from frugallm.model import packed
 
@@ -116,7 +117,9 @@ class LLM:
         self.batching = batching
         self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         if self.device.type == "cpu" and self.dtype == torch.float16:
-            self.model.prefill_dtype = torch.bfloat16
+            # Prefill is compute bound: bf16 where the CPU multiplies it natively (AVX512-BF16 / AMX), else
+            # fp32 (fp16 and emulated bf16 matmuls run at ~1.5 GFLOP/s on an AVX2 CPU, fp32 at 60-88).
+            self.model.prefill_dtype = torch.bfloat16 if cpu.fast_bf16() else torch.float32
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = min(
@@ -148,7 +151,7 @@ class LLM:
 
     def _compile(self) -> None:
         """Compile the decode step now (one dummy step), timing it; inductor caches the result on disk."""
-        from frugallm.loading.weight_cache import cache_dir
+        from frugallm.paths import cache_dir
 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         self.model.compile_decode()

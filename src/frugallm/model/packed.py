@@ -8,7 +8,8 @@
   another order), not bit-identical.
 * ``onednn``: ``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise`` (the path inductor's
   freezing uses), bit-identical to ``F.linear``: where the native kernel does not build or the CPU lacks
-  AVX512-BF16, or with ``FRUGALLM_NATIVE=0``.
+  AVX512-BF16, or with ``FRUGALLM_NATIVE=0``. oneDNN's bf16 path needs AVX-512 BW/VL/DQ: below that (AVX2 CPUs)
+  bf16 weights run through plain ``F.linear``, correct but slow, which is why ``dtype="auto"`` avoids bf16 there.
 
 Either copy costs the weight's size again in memory (``Linear.packed_bytes``).
 """
@@ -20,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from frugallm import native
+from frugallm import cpu, native
 
 NATIVE_MAX_ROWS = 256
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -38,7 +39,7 @@ def backend(in_features: int) -> str | None:
     """The packing kernel for a bf16 CPU weight with ``in_features`` inputs, or None for plain ``F.linear``."""
     if in_features % 2 == 0 and native.usable("bf16_gemm"):
         return "native"
-    return "onednn" if _ONEDNN else None
+    return "onednn" if _ONEDNN and cpu.onednn_bf16() else None
 
 
 def pack_vnni(w: torch.Tensor) -> torch.Tensor:

@@ -34,16 +34,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from frugallm import native
+from frugallm import cpu, native
 
 # int8 x int8 products are < 2**14, so fp32 sums of at most 1024 of them stay below 2**24 and are exact.
 _EXACT_FP32_K = 1024
 
 
 def compute_dtype(device: torch.device, x_dtype: torch.dtype) -> torch.dtype:
-    """Dtype the quantized matmuls run in: bf16 on CPU (see module docstring), the activation dtype on GPU."""
+    """Dtype the quantized matmuls run in: on CPU bf16 where the CPU computes it natively (see module docstring),
+    else fp32 (bf16 is emulated there, ~40x slower); the activation dtype on GPU."""
     if device.type == "cpu":
-        return torch.bfloat16
+        return torch.bfloat16 if cpu.fast_bf16() else torch.float32
     return x_dtype
 
 

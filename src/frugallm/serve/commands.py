@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from frugallm import cpu
 from frugallm.cli import add_model_args, command, load_llm
 from frugallm.errors import FrugalError
 
@@ -76,9 +77,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise FrugalError("--quant gptq needs calibration data; quantize offline and serve the result")
     api_key = args.api_key if args.api_key is not None else os.environ.get("FRUGALLM_API_KEY") or None
     if args.dtype == "auto" and args.device in ("auto", "cpu") and not _cuda():
-        # Batched decode is matrix-matrix work: bf16 kernels beat fp16 (the single-stream CPU default)
-        # on CPU, and no per-step weight conversion is needed.
-        args.dtype = "bfloat16"
+        # Batched decode is matrix-matrix work: bf16 kernels beat fp16 (the single-stream CPU default) on
+        # CPUs that compute bf16 natively, and no per-step weight conversion is needed; elsewhere bf16 is
+        # emulated (~40x slower) and fp32 runs the fastest GEMMs.
+        args.dtype = "bfloat16" if cpu.fast_bf16() else "float32"
     def build() -> LLMEngine:
         llm = load_llm(args)
         if quant is not None:
