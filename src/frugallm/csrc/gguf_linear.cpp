@@ -1,0 +1,527 @@
+// requires: avx2 (frugallm/native.py builds this kernel only on CPUs at that ISA level; below it torch runs)
+// Linears on GGUF quantized weights as stored: the raw ggml blocks of each weight row are decoded in registers and
+// meet fp32 activations in FMAs (no activation quantization), so the result is dequantize-then-matmul up to fp32
+// rounding. Registered as torch.ops.frugallm.gguf_linear (few rows: decode) and gguf_dequantize (prefill's
+// dequantize-then-GEMM, embedding rows).
+//
+// Formats (ground truth: the `gguf` package's gguf/quants.py; qtype numbers are GGMLQuantizationType):
+//   Q4_0 (2)  32 values in 18 bytes:  d f16, 16 bytes of nibbles (value j: low nibble of byte j, value 16+j: high)
+//   Q4_1 (3)  32 in 20:  d, m f16, nibbles as Q4_0                              w = d * q + m
+//   Q5_0 (6)  32 in 22:  d, qh u32 (bit j: 5th bit of value j), nibbles         w = d * (q - 16)
+//   Q5_1 (7)  32 in 24:  d, m, qh, nibbles                                       w = d * q + m
+//   Q8_0 (8)  32 in 34:  d, 32 int8                                              w = d * q
+//   Q2_K (10) 256 in 84: 16 bytes (scale | min << 4) per 16 values, 64 bytes of 2-bit codes, d, dmin
+//   Q3_K (11) 256 in 110: 32 bytes high-bit mask, 64 bytes 2-bit codes, 12 bytes of 6-bit scales, d
+//   Q4_K (12) 256 in 144: d, dmin, 12 bytes of 6-bit (scale, min) for 8 sub-blocks of 32, 128 bytes of nibbles
+//   Q5_K (13) 256 in 176: as Q4_K plus 32 bytes of 5th bits (bit s of byte i: value i of sub-block s)
+//   Q6_K (14) 256 in 210: 128 bytes low nibbles, 64 bytes 2-bit highs, 16 int8 scales (per 16 values), d
+//
+// Every format is decoded in chunks of 32 consecutive values as 32 int8 codes q plus (scale, offset) for each
+// 16-value half: w = scale * q - offset, the reference's arithmetic (for K-quants scale = d * sc and offset =
+// dmin * min, each one fp32 product), so gguf_dequantize matches gguf.quants.dequantize bit for bit. The linear
+// fuses that into one fmsub per 8 (AVX2) or 16 (AVX-512) values, then one FMA per input row.
+//
+// Code paths: AVX-512F (16-lane FMAs), AVX2 + FMA + F16C (8-lane; the baseline of every x86-64 CPU since 2013),
+// scalar reference otherwise (then gguf_linear_vectorized() is false and callers use their torch path). The chunk
+// decoders are AVX2 in both vector builds; only the FMA side widens with AVX-512.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define FRUGALLM_GGUF_VEC 1
+#if defined(__AVX512F__)
+#define FRUGALLM_GGUF_AVX512 1
+#endif
+constexpr bool kVectorized = true;
+#else
+constexpr bool kVectorized = false;
+#endif
+
+namespace {
+
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
+                       Q5_K = 13, Q6_K = 14 };
+
+struct Format {
+  int64_t block, bytes;  // values per block, bytes per block
+};
+
+// {0, 0} for a type this file does not run.
+Format format_of(int64_t qtype) {
+  switch (qtype) {
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q2_K: return {256, 84};
+    case Q3_K: return {256, 110};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+    default: return {0, 0};
+  }
+}
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// 6-bit (scale, min) of sub-block j of a Q4_K / Q5_K block from its 12 packed bytes.
+inline void k_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    mn = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// Signed 6-bit scale k (of 16) of a Q3_K block from its 12 packed bytes.
+inline int q3k_scale(const uint8_t* s, int k) {
+  return (((s[k % 8] >> (4 * (k / 8))) & 0xF) | (((s[8 + k % 4] >> (2 * (k / 4))) & 3) << 4)) - 32;
+}
+
+// One chunk of 32 values: w[i] = s[i / 16] * q[i] - o[i / 16].
+struct Params {
+  float s0, s1, o0, o1;
+};
+inline Params same(float s, float o) { return {s, s, o, o}; }
+
+#if defined(FRUGALLM_GGUF_VEC)
+using Codes = __m256i;  // 32 int8 codes
+
+inline __m256i nib_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+inline __m256i nib_hi(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+inline __m256i bits_at(__m256i v, int shift, int mask) {  // (v >> shift) & mask per byte
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(static_cast<char>(mask)));
+}
+// 16 bytes of nibbles -> 32 codes: low nibbles are values 0-15, high nibbles 16-31.
+inline __m256i nibbles16(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+// 32 bits (little endian) -> 32 bytes, 0x10 where the bit is set.
+inline __m256i bits32_x16(const uint8_t* p) {
+  uint32_t h;
+  std::memcpy(&h, p, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(h)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+}
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256i sub8(__m256i v, int c) { return _mm256_sub_epi8(v, _mm256_set1_epi8(static_cast<char>(c))); }
+#else
+struct Codes {
+  int8_t q[32];
+};
+#endif
+
+// Calls sink(chunk, codes, params) for the nblocks blocks of one weight row, chunk = index of the 32-value run.
+template <int64_t T, class Sink>
+inline void decode_row(const uint8_t* row, int64_t nblocks, Sink&& sink) {
+  constexpr Format f = T == Q4_0 ? Format{32, 18} : T == Q4_1 ? Format{32, 20} : T == Q5_0 ? Format{32, 22}
+                     : T == Q5_1 ? Format{32, 24} : T == Q8_0 ? Format{32, 34} : T == Q2_K ? Format{256, 84}
+                     : T == Q3_K ? Format{256, 110} : T == Q4_K ? Format{256, 144} : T == Q5_K ? Format{256, 176}
+                                                                                     : Format{256, 210};
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const uint8_t* b = row + blk * f.bytes;
+    const int64_t c0 = blk * (f.block / 32);
+    if constexpr (T == Q4_0 || T == Q4_1 || T == Q5_0 || T == Q5_1 || T == Q8_0) {
+      const float d = f16(b);
+      const float m = (T == Q4_1 || T == Q5_1) ? f16(b + 2) : 0.0f;
+      const Params p = same(d, -m);  // d * q + m == d * q - (-m) exactly
+#if defined(FRUGALLM_GGUF_VEC)
+      Codes q;
+      if constexpr (T == Q4_0) q = sub8(nibbles16(b + 2), 8);
+      if constexpr (T == Q4_1) q = nibbles16(b + 4);
+      if constexpr (T == Q5_0) q = sub8(_mm256_or_si256(nibbles16(b + 6), bits32_x16(b + 2)), 16);
+      if constexpr (T == Q5_1) q = _mm256_or_si256(nibbles16(b + 8), bits32_x16(b + 4));
+      if constexpr (T == Q8_0) q = load32(b + 2);
+#else
+      Codes q;
+      for (int i = 0; i < 32; ++i) {
+        if constexpr (T == Q8_0) {
+          q.q[i] = static_cast<int8_t>(b[2 + i]);
+        } else {
+          const int off = (T == Q4_0) ? 2 : (T == Q4_1) ? 4 : (T == Q5_0) ? 6 : 8;
+          int v = i < 16 ? (b[off + i] & 0xF) : (b[off + i - 16] >> 4);
+          if constexpr (T == Q5_0 || T == Q5_1) {
+            const uint8_t* qh = b + (T == Q5_0 ? 2 : 4);
+            v |= ((qh[i / 8] >> (i % 8)) & 1) << 4;
+          }
+          q.q[i] = static_cast<int8_t>(v - (T == Q4_0 ? 8 : T == Q5_0 ? 16 : 0));
+        }
+      }
+#endif
+      sink(c0, q, p);
+    } else if constexpr (T == Q4_K || T == Q5_K) {
+      const float d = f16(b), dmin = f16(b + 2);
+      const uint8_t* sc = b + 4;
+      const uint8_t* qh = b + 16;  // Q5_K only
+      const uint8_t* qs = b + (T == Q4_K ? 16 : 48);
+#if defined(FRUGALLM_GGUF_VEC)
+      __m256i hbits = _mm256_setzero_si256();
+      if constexpr (T == Q5_K) hbits = load32(qh);
+#endif
+      for (int pair = 0; pair < 4; ++pair) {
+#if defined(FRUGALLM_GGUF_VEC)
+        const __m256i v = load32(qs + 32 * pair);
+#endif
+        for (int half = 0; half < 2; ++half) {
+          const int s = 2 * pair + half;
+          int scv, mnv;
+          k_scale_min(sc, s, scv, mnv);
+          const Params p = same(d * static_cast<float>(scv), dmin * static_cast<float>(mnv));
+#if defined(FRUGALLM_GGUF_VEC)
+          Codes q = half ? nib_hi(v) : nib_lo(v);
+          if constexpr (T == Q5_K) q = _mm256_or_si256(q, _mm256_slli_epi16(bits_at(hbits, s, 1), 4));
+#else
+          Codes q;
+          for (int i = 0; i < 32; ++i) {
+            int c = (qs[32 * pair + i] >> (4 * half)) & 0xF;
+            if constexpr (T == Q5_K) c |= ((qh[i] >> s) & 1) << 4;
+            q.q[i] = static_cast<int8_t>(c);
+          }
+#endif
+          sink(c0 + s, q, p);
+        }
+      }
+    } else if constexpr (T == Q6_K) {
+      const uint8_t* ql = b;
+      const uint8_t* qh = b + 128;
+      const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = f16(b + 208);
+      for (int h = 0; h < 2; ++h) {
+#if defined(FRUGALLM_GGUF_VEC)
+        const __m256i l0 = load32(ql + 64 * h), l1 = load32(ql + 64 * h + 32), hi = load32(qh + 32 * h);
+#endif
+        for (int c = 0; c < 4; ++c) {
+          const int g = 8 * h + 2 * c;  // scale of the first 16 values
+          const Params p{d * static_cast<float>(sc[g]), d * static_cast<float>(sc[g + 1]), 0.0f, 0.0f};
+#if defined(FRUGALLM_GGUF_VEC)
+          const __m256i src = (c & 1) ? l1 : l0;
+          const __m256i lo = c < 2 ? nib_lo(src) : nib_hi(src);
+          const Codes q = sub8(_mm256_or_si256(lo, _mm256_slli_epi16(bits_at(hi, 2 * c, 3), 4)), 32);
+#else
+          Codes q;
+          for (int i = 0; i < 32; ++i) {
+            const int lo = (ql[64 * h + 32 * (c & 1) + i] >> (4 * (c / 2))) & 0xF;
+            const int hb = (qh[32 * h + i] >> (2 * c)) & 3;
+            q.q[i] = static_cast<int8_t>((lo | (hb << 4)) - 32);
+          }
+#endif
+          sink(c0 + 4 * h + c, q, p);
+        }
+      }
+    } else {  // Q2_K, Q3_K: 2-bit codes, byte i of a 32-byte run holds values i, 32 + i, 64 + i, 96 + i
+      const uint8_t* qs = b + (T == Q2_K ? 16 : 32);
+      const float d = f16(b + (T == Q2_K ? 80 : 108));
+      const float dmin = T == Q2_K ? f16(b + 82) : 0.0f;
+#if defined(FRUGALLM_GGUF_VEC)
+      __m256i hmask = _mm256_setzero_si256();
+      if constexpr (T == Q3_K) hmask = load32(b);
+#endif
+      for (int h = 0; h < 2; ++h) {
+#if defined(FRUGALLM_GGUF_VEC)
+        const __m256i v = load32(qs + 32 * h);
+#endif
+        for (int j = 0; j < 4; ++j) {
+          const int c = 4 * h + j, g = 2 * c;  // chunk in block, scale group of its first 16 values
+          Params p;
+          if constexpr (T == Q2_K) {
+            const uint8_t* s = b;
+            p = {d * static_cast<float>(s[g] & 0xF), d * static_cast<float>(s[g + 1] & 0xF),
+                 dmin * static_cast<float>(s[g] >> 4), dmin * static_cast<float>(s[g + 1] >> 4)};
+          } else {
+            p = {d * static_cast<float>(q3k_scale(b + 96, g)), d * static_cast<float>(q3k_scale(b + 96, g + 1)),
+                 0.0f, 0.0f};
+          }
+#if defined(FRUGALLM_GGUF_VEC)
+          Codes q = bits_at(v, 2 * j, 3);
+          // Q3_K: q - 4 where the high-mask bit is clear.
+          if constexpr (T == Q3_K) q = sub8(_mm256_or_si256(q, _mm256_slli_epi16(bits_at(hmask, c, 1), 2)), 4);
+#else
+          Codes q;
+          for (int i = 0; i < 32; ++i) {
+            int v2 = (qs[32 * h + i] >> (2 * j)) & 3;
+            if constexpr (T == Q3_K) v2 -= ((b[i] >> c) & 1) ? 0 : 4;
+            q.q[i] = static_cast<int8_t>(v2);
+          }
+#endif
+          sink(c0 + c, q, p);
+        }
+      }
+    }
+  }
+}
+
+// decode_row with the type chosen at run time.
+template <class Sink>
+void dispatch(int64_t qtype, const uint8_t* row, int64_t nblocks, Sink&& sink) {
+  switch (qtype) {
+    case Q4_0: return decode_row<Q4_0>(row, nblocks, sink);
+    case Q4_1: return decode_row<Q4_1>(row, nblocks, sink);
+    case Q5_0: return decode_row<Q5_0>(row, nblocks, sink);
+    case Q5_1: return decode_row<Q5_1>(row, nblocks, sink);
+    case Q8_0: return decode_row<Q8_0>(row, nblocks, sink);
+    case Q2_K: return decode_row<Q2_K>(row, nblocks, sink);
+    case Q3_K: return decode_row<Q3_K>(row, nblocks, sink);
+    case Q4_K: return decode_row<Q4_K>(row, nblocks, sink);
+    case Q5_K: return decode_row<Q5_K>(row, nblocks, sink);
+    case Q6_K: return decode_row<Q6_K>(row, nblocks, sink);
+    default: TORCH_CHECK(false, "unreachable qtype ", qtype);
+  }
+}
+
+constexpr int64_t kMaxRows = 4;  // inputs per pass over a weight row (accumulators in registers)
+
+#if defined(FRUGALLM_GGUF_AVX512)
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#elif defined(FRUGALLM_GGUF_VEC)
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+#endif
+
+// out[m] = row . x[m] for MC inputs x (fp32, row-major with stride k).
+template <int64_t T, int MC>
+void dot_row(const uint8_t* row, int64_t nblocks, const float* x, int64_t k, float* out) {
+#if defined(FRUGALLM_GGUF_AVX512)
+  constexpr int A = MC == 1 ? 4 : 2;  // accumulators per input: independent FMA chains
+  __m512 acc[MC][A];
+  for (int m = 0; m < MC; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+  int parity = 0;
+  decode_row<T>(row, nblocks, [&](int64_t c, Codes q, Params p) {
+    const __m512 w0 = _mm512_fmsub_ps(_mm512_set1_ps(p.s0), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                 _mm256_castsi256_si128(q))), _mm512_set1_ps(p.o0));
+    const __m512 w1 = _mm512_fmsub_ps(_mm512_set1_ps(p.s1), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                 _mm256_extracti128_si256(q, 1))), _mm512_set1_ps(p.o1));
+    const int a0 = A == 4 ? 2 * parity : 0;
+    for (int m = 0; m < MC; ++m) {
+      const float* xm = x + m * k + 32 * c;
+      acc[m][a0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][a0]);
+      acc[m][a0 + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[m][a0 + 1]);
+    }
+    parity ^= 1;
+  });
+  for (int m = 0; m < MC; ++m) {
+    __m512 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[m][a]);
+    out[m] = hsum(s);
+  }
+#elif defined(FRUGALLM_GGUF_VEC)
+  __m256 acc[MC][4];
+  for (int m = 0; m < MC; ++m)
+    for (int a = 0; a < 4; ++a) acc[m][a] = _mm256_setzero_ps();
+  decode_row<T>(row, nblocks, [&](int64_t c, Codes q, Params p) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m256 s0 = _mm256_set1_ps(p.s0), s1 = _mm256_set1_ps(p.s1);
+    const __m256 o0 = _mm256_set1_ps(p.o0), o1 = _mm256_set1_ps(p.o1);
+    const __m256 w[4] = {
+        _mm256_fmsub_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), o0),
+        _mm256_fmsub_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), o0),
+        _mm256_fmsub_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), o1),
+        _mm256_fmsub_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), o1)};
+    for (int m = 0; m < MC; ++m) {
+      const float* xm = x + m * k + 32 * c;
+      for (int a = 0; a < 4; ++a) acc[m][a] = _mm256_fmadd_ps(w[a], _mm256_loadu_ps(xm + 8 * a), acc[m][a]);
+    }
+  });
+  for (int m = 0; m < MC; ++m)
+    out[m] = hsum(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
+#else
+  float acc[MC] = {};
+  decode_row<T>(row, nblocks, [&](int64_t c, const Codes& q, Params p) {
+    for (int i = 0; i < 32; ++i) {
+      const float w = (i < 16 ? p.s0 : p.s1) * static_cast<float>(q.q[i]) - (i < 16 ? p.o0 : p.o1);
+      for (int m = 0; m < MC; ++m) acc[m] += w * x[m * k + 32 * c + i];
+    }
+  });
+  for (int m = 0; m < MC; ++m) out[m] = acc[m];
+#endif
+}
+
+template <int64_t T>
+void dot_rows(const uint8_t* row, int64_t nblocks, const float* x, int64_t k, int64_t mc, float* out) {
+  switch (mc) {
+    case 1: return dot_row<T, 1>(row, nblocks, x, k, out);
+    case 2: return dot_row<T, 2>(row, nblocks, x, k, out);
+    case 3: return dot_row<T, 3>(row, nblocks, x, k, out);
+    default: return dot_row<T, 4>(row, nblocks, x, k, out);
+  }
+}
+
+using DotFn = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, float*);
+DotFn dot_fn(int64_t qtype) {
+  switch (qtype) {
+    case Q4_0: return &dot_rows<Q4_0>;
+    case Q4_1: return &dot_rows<Q4_1>;
+    case Q5_0: return &dot_rows<Q5_0>;
+    case Q5_1: return &dot_rows<Q5_1>;
+    case Q8_0: return &dot_rows<Q8_0>;
+    case Q2_K: return &dot_rows<Q2_K>;
+    case Q3_K: return &dot_rows<Q3_K>;
+    case Q4_K: return &dot_rows<Q4_K>;
+    case Q5_K: return &dot_rows<Q5_K>;
+    case Q6_K: return &dot_rows<Q6_K>;
+    default: return nullptr;
+  }
+}
+
+// The format of qtype, checked against a weight of rows [rows, bytes_per_row] for `cols` values per row.
+Format check_weight(const at::Tensor& w, int64_t qtype, int64_t rows, int64_t cols) {
+  const Format f = format_of(qtype);
+  TORCH_CHECK(f.block != 0, "unsupported GGUF qtype ", qtype,
+              " (supported: Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q2_K=10, Q3_K=11, Q4_K=12, Q5_K=13, Q6_K=14)");
+  TORCH_CHECK(cols > 0 && cols % f.block == 0, "in_features (", cols, ") must be a positive multiple of ", f.block,
+              " for GGUF qtype ", qtype);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "w must be a contiguous uint8 [out_features, bytes_per_row] tensor, got ", w.scalar_type(), " with ",
+              w.dim(), " dims");
+  TORCH_CHECK(w.size(0) == rows, "w has ", w.size(0), " rows but out_features is ", rows);
+  TORCH_CHECK(w.size(1) == cols / f.block * f.bytes, "w has ", w.size(1), " bytes per row but GGUF qtype ", qtype,
+              " stores ", cols, " values in ", cols / f.block * f.bytes, " bytes (", f.bytes, " per block of ",
+              f.block, ")");
+  return f;
+}
+
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n_out,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a contiguous float32 or bfloat16 [rows, in_features] tensor");
+  const int64_t rows = x.size(0), k = x.size(1);
+  const Format f = check_weight(w, qtype, n_out, k);
+  const float* b = frugallm::bias_ptr(bias, n_out);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  std::vector<float> xbuf;
+  if (bf16) xbuf = frugallm::rows_as_float(x);
+  const float* xf = bf16 ? xbuf.data() : x.data_ptr<float>();
+  at::Tensor y = at::empty({rows, n_out}, x.options());
+  float* yf = bf16 ? nullptr : y.data_ptr<float>();
+  auto* yb = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) : nullptr;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1), nblocks = k / f.block;
+  const DotFn dot = dot_fn(qtype);
+  // Each thread a contiguous run of weight rows: one sequential stream through the blocks, read once per
+  // kMaxRows inputs (a second pass over a row finds it in cache).
+  at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+    float out[kMaxRows];
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+        const int64_t mc = std::min(kMaxRows, rows - m0);
+        dot(wp + n * row_bytes, nblocks, xf + m0 * k, k, mc, out);
+        for (int64_t m = 0; m < mc; ++m) {
+          const float v = b != nullptr ? out[m] + b[n] : out[m];
+          if (bf16)
+            yb[(m0 + m) * n_out + n] = frugallm::float_to_bf16(v);
+          else
+            yf[(m0 + m) * n_out + n] = v;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// Stores 32 values w = s * q - o of one chunk at dst (as fp32, bf16 bits or fp16 bits).
+template <typename Out>
+inline void store_chunk(const Codes& q, Params p, Out* dst) {
+#if defined(FRUGALLM_GGUF_VEC)
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int a = 0; a < 4; ++a) {
+    const __m256 s = _mm256_set1_ps(a < 2 ? p.s0 : p.s1), o = _mm256_set1_ps(a < 2 ? p.o0 : p.o1);
+    // Product and difference rounded apart, as the reference computes them.
+    const __m256 prod = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[a])));
+    const __m256 v = _mm256_sub_ps(prod, o);
+    if constexpr (std::is_same_v<Out, float>) {
+      _mm256_storeu_ps(dst + 8 * a, v);
+    } else if constexpr (std::is_same_v<Out, c10::Half>) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8 * a), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else {  // bf16, round to nearest even (finite values: GGUF scales are finite fp16)
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8 * a), packed);
+    }
+  }
+#else
+  for (int i = 0; i < 32; ++i) {
+    const float prod = (i < 16 ? p.s0 : p.s1) * static_cast<float>(q.q[i]);
+    const float v = prod - (i < 16 ? p.o0 : p.o1);
+    if constexpr (std::is_same_v<Out, float>)
+      dst[i] = v;
+    else
+      dst[i] = Out(v);
+  }
+#endif
+}
+
+at::Tensor gguf_dequantize(const at::Tensor& w, int64_t qtype, int64_t cols, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "dtype must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(w.dim() == 2, "w must be a uint8 [rows, bytes_per_row] tensor");
+  const int64_t rows = w.size(0);
+  const Format f = check_weight(w, qtype, rows, cols);
+  at::Tensor out = at::empty({rows, cols}, w.options().dtype(dtype));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1), nblocks = cols / f.block;
+  auto run = [&](auto* dst) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        auto* d = dst + n * cols;
+        dispatch(qtype, wp + n * row_bytes, nblocks,
+                 [&](int64_t c, const Codes& q, Params p) { store_chunk(q, p, d + 32 * c); });
+      }
+    });
+  };
+  if (dtype == at::kFloat) run(out.data_ptr<float>());
+  else if (dtype == at::kHalf) run(out.data_ptr<c10::Half>());
+  else run(out.data_ptr<c10::BFloat16>());
+  return out;
+}
+
+bool gguf_linear_vectorized() { return kVectorized; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(frugallm, m) {
+  m.def("gguf_linear(Tensor x, Tensor w, int qtype, int out_features, Tensor? bias) -> Tensor");
+  m.def("gguf_dequantize(Tensor w, int qtype, int cols, ScalarType dtype) -> Tensor");
+  m.def("gguf_linear_vectorized() -> bool", &gguf_linear_vectorized);
+}
+
+TORCH_LIBRARY_IMPL(frugallm, CPU, m) {
+  m.impl("gguf_linear", &gguf_linear);
+  m.impl("gguf_dequantize", &gguf_dequantize);
+}
