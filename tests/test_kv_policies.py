@@ -18,7 +18,8 @@ from frugallm.kv import (
     select_prompt_tokens,
 )
 from frugallm.model.kv_cache import ContiguousKVCache
-from frugallm.model.llama import Transformer, apply_rope
+from frugallm.model.llama import Transformer
+from frugallm.model.ops import apply_rope
 
 KIVI = "kivi:bits=2,residual=8,group=8"
 ALONE = [

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from frugallm import LLM, SamplingParams, native
 from frugallm.config import ModelConfig
+from frugallm.engine.llm_engine import EngineConfig, LLMEngine
+from frugallm.engine.paged_cache import PagedKVCache, pool_dtype
 from frugallm.model.llama import Transformer
-from frugallm.serve.engine import EngineConfig, LLMEngine
-from frugallm.serve.paged_cache import PagedKVCache, pool_dtype
 from test_serve_engine import prompts_for, run_engine
 
 needs_kernel = pytest.mark.skipif(not native.load("paged_attention"), reason="native kernel did not build here")

@@ -11,13 +11,13 @@ import torch
 
 from frugallm import LLM, SamplingParams
 from frugallm.config import ModelConfig
+from frugallm.engine.async_llm import AsyncLLM
+from frugallm.engine.llm_engine import EngineConfig, LLMEngine, generate_batched
+from frugallm.engine.model_runner import group_prefills
+from frugallm.engine.paged_cache import PagedKVCache
 from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.model.kv_cache import ContiguousKVCache
 from frugallm.model.llama import Transformer
-from frugallm.serve.async_engine import AsyncLLM
-from frugallm.serve.engine import EngineConfig, LLMEngine, generate_batched
-from frugallm.serve.model_runner import group_prefills
-from frugallm.serve.paged_cache import PagedKVCache
 
 
 @pytest.fixture(scope="module", autouse=True)

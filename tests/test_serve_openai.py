@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from frugallm import LLM, SamplingParams
-from frugallm.serve.async_engine import AsyncLLM
-from frugallm.serve.engine import EngineConfig, LLMEngine
+from frugallm.engine.async_llm import AsyncLLM
+from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.serve.server import create_app
 
 

@@ -26,9 +26,9 @@ from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+from frugallm.engine.llm_engine import LLMEngine, StepOutput
 from frugallm.errors import InvalidRequestError
 from frugallm.sampling import SamplingParams
-from frugallm.serve.engine import LLMEngine, StepOutput
 
 log = logging.getLogger("frugallm.serve")
 

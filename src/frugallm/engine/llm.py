@@ -167,7 +167,7 @@ class LLM:
         run_calib = None
         if self.quant_spec.method == "gptq":
             from frugallm.lab.corpus import load_corpus
-            from frugallm.quant.gptq import StopCalibration
+            from frugallm.quant.calibrate import StopCalibration
 
             # The corpus tail: quality evaluation (lab/quality.py) scores windows from the start of the same
             # built-in corpus, so calibrating on its head would evaluate GPTQ on its calibration tokens.
@@ -303,7 +303,7 @@ class LLM:
         seqs = self._sequences(prompts, params)
         if len(seqs) > 1 and self.batching and self.kv_spec is None:
             # Continuous batching over a paged KV cache (KV policies still use the static batch).
-            from frugallm.serve.engine import generate_batched
+            from frugallm.engine.llm_engine import generate_batched
 
             outs = generate_batched(self, [s.prompt_ids for s in seqs], [s.params for s in seqs])
             for s, o in zip(seqs, outs, strict=True):

@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
+from frugallm.engine.block_manager import BlockManager
+from frugallm.engine.metrics import EngineMetrics
+from frugallm.engine.model_runner import ModelRunner
+from frugallm.engine.paged_cache import PagedKVCache, pool_dtype
+from frugallm.engine.scheduler import Scheduler, SchedulerConfig, SeqState, SeqStatus
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.sampling import SamplingParams
 from frugallm.sampling import sample_batch as sample
-from frugallm.serve.block_manager import BlockManager
-from frugallm.serve.metrics import EngineMetrics
-from frugallm.serve.model_runner import ModelRunner
-from frugallm.serve.paged_cache import PagedKVCache, pool_dtype
-from frugallm.serve.scheduler import Scheduler, SchedulerConfig, SeqState, SeqStatus
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from frugallm.engine.paged_cache import PagedKVCache
+from frugallm.engine.scheduler import SchedulerOutput
 from frugallm.model.llama import Transformer
-from frugallm.serve.paged_cache import PagedKVCache
-from frugallm.serve.scheduler import SchedulerOutput
 
 _MAX_PAD_FRACTION = 0.25
 

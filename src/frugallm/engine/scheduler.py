@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from frugallm.serve.block_manager import BlockManager
+from frugallm.engine.block_manager import BlockManager
 
 
 class SeqStatus(Enum):

@@ -34,7 +34,7 @@ from frugallm.kv.policy import DecodeContext, PrefillContext
 from frugallm.kv.spec import KVSpec, parse_kv_spec
 from frugallm.kv.stores import FullStore, Store, StoreContext, gather_slots
 from frugallm.model.kv_cache import ContiguousKVCache, KVCache
-from frugallm.model.llama import apply_rope
+from frugallm.model.ops import apply_rope
 
 
 @dataclass

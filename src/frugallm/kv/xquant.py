@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from frugallm.kv.policy import KV_POLICIES, Quantizer
 from frugallm.kv.quantize import SUPPORTED_BITS, QuantizedSequence, channel_group, nbytes
 from frugallm.kv.stores import Store, StoreContext
-from frugallm.model.llama import apply_rope
+from frugallm.model.ops import apply_rope
 
 
 @KV_POLICIES.register("xquant")

@@ -21,16 +21,14 @@ runs decode through the modules instead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from frugallm.model.kv_cache import KVCache, sdpa_dtypes
-
-if TYPE_CHECKING:
-    from frugallm.model.llama import Attention, RMSNorm, Transformer
+from frugallm.model.ops import apply_rope, rms_norm_as_layer_norm
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,10 +51,8 @@ def linear_fn(mod: nn.Module, dtype: torch.dtype, device: torch.device) -> Fn:
     return mod.forward if hook is None else hook(dtype, device)
 
 
-def norm_fn(norm: RMSNorm, dtype: torch.dtype) -> Fn:
+def norm_fn(norm: nn.Module, dtype: torch.dtype) -> Fn:
     """``RMSNorm`` in its decode form (fused ``layer_norm`` over ``[x, -x]``) on the last dim."""
-    from frugallm.model.llama import rms_norm_as_layer_norm
-
     w2, eps = norm.decode_weight(dtype), norm.eps
     # Contiguous rows: the fused form returns a strided half of [x, -x], and the linears' native kernels (their
     # decode_fn) read dense rows. A no-op for one row; a [B, d] copy per norm for batched steps.
@@ -64,15 +60,14 @@ def norm_fn(norm: RMSNorm, dtype: torch.dtype) -> Fn:
 
 
 class DecodePlan:
-    """Per-layer callables for decode steps of ``model`` in activation ``dtype`` on ``device``."""
+    """Per-layer callables for decode steps of ``model`` (a ``llama.Transformer``; typed as ``nn.Module`` because
+    ``llama`` builds plans, and this module stays below it) in activation ``dtype`` on ``device``."""
 
-    def __init__(self, model: Transformer, dtype: torch.dtype, device: torch.device) -> None:
-        from frugallm.model.llama import apply_rope  # llama imports this module
-
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         self.rope = apply_rope
         self.key = (dtype, device)
         self.first = model.layers[0].attn.qkv_proj  # identity check: were the modules replaced?
-        a0: Attention = model.layers[0].attn
+        a0 = model.layers[0].attn
         self.heads, self.kv_heads, self.head_dim = a0.n_heads, a0.n_kv, a0.head_dim
         self.q_size, self.kv_size = a0.q_size, a0.kv_size
         self.inter = model.layers[0].mlp.inter
@@ -90,7 +85,7 @@ class DecodePlan:
             for blk in model.layers
         ]
 
-    def valid_for(self, model: Transformer, dtype: torch.dtype, device: torch.device) -> bool:
+    def valid_for(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
         return self.key == (dtype, device) and model.layers[0].attn.qkv_proj is self.first
 
     def run(

@@ -6,7 +6,6 @@ Q/K rows back to it. Q, K and V are one fused projection, and so are gate and up
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from frugallm.model import packed
 from frugallm.model.casts import CastCache, tensor_version
 from frugallm.model.decode_plan import DecodePlan
 from frugallm.model.kv_cache import KVCache, sdpa_dtypes
+from frugallm.model.ops import apply_rope, rms_norm_as_layer_norm, rope_inv_freq
 
 # At or above this many tokens a forward pass is compute bound (prefill): on CPU it then runs in
 # ``Transformer.prefill_dtype`` (bf16: AVX512-BF16/AMX matmuls reach ~700 GFLOP/s here while fp16
@@ -106,55 +106,8 @@ class RMSNorm(nn.Module):
         return self._padded.get(self.weight, dtype, _pad_zeros)
 
 
-def rms_norm_as_layer_norm(x: torch.Tensor, w2: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS norm of ``x [..., d]`` as one fused ``layer_norm`` over ``[x, -x]``; ``w2 = [weight, zeros]``."""
-    d = x.shape[-1]
-    return F.layer_norm(torch.cat((x, -x), -1), (2 * d,), w2, None, eps)[..., :d]
-
-
 def _pad_zeros(w: torch.Tensor) -> torch.Tensor:
     return torch.cat((w, torch.zeros_like(w)))
-
-
-def rope_inv_freq(cfg: ModelConfig, factors: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse frequencies ``[head_dim // 2]``; ``factors`` (GGUF ``rope_freqs``) divide them."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    rs = cfg.rope_scaling
-    if factors is not None:
-        inv = inv / factors.to(torch.float64)
-    elif rs is not None and rs.rope_type == "linear":
-        inv = inv / rs.factor
-    elif rs is not None and rs.rope_type == "llama3":
-        low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
-        high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
-        wl = 2 * math.pi / inv
-        smooth = (rs.original_max_position_embeddings / wl - rs.low_freq_factor) / (
-            rs.high_freq_factor - rs.low_freq_factor
-        )
-        scaled = torch.where(wl > low_wl, inv / rs.factor, inv)
-        mid = (wl <= low_wl) & (wl >= high_wl)
-        scaled = torch.where(mid, (1 - smooth) * inv / rs.factor + smooth * inv, scaled)
-        inv = scaled
-    return inv.float()
-
-
-def llama3_rope_factors(cfg: ModelConfig) -> torch.Tensor | None:
-    """Per-frequency divisors equivalent to ``cfg.rope_scaling`` (the form GGUF stores)."""
-    if cfg.rope_scaling is None:
-        return None
-    base = rope_inv_freq(ModelConfig(**{**cfg.to_dict(), "rope_scaling": None}))
-    return base / rope_inv_freq(cfg)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs ``(i, i + head_dim/2)`` of ``x`` by the angles in ``cos, sin`` (broadcastable to ``x``).
-
-    ``sin`` is in the signed form of :meth:`Transformer.rope_tables` (first half negated), which makes
-    the rotate-half a single ``roll`` (4 ops instead of 7; exact). The model calls it on
-    ``[batch, tokens, heads, head_dim]`` with ``cos, sin: [batch, tokens, 1, head_dim]``.
-    """
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Attention(nn.Module):

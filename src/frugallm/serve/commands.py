@@ -39,7 +39,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_engine_config(args: argparse.Namespace):  # -> EngineConfig
-    from frugallm.serve.engine import EngineConfig
+    from frugallm.engine.llm_engine import EngineConfig
 
     return EngineConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -54,8 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise FrugalError("serving needs the 'serve' extra: pip install 'frugallm[serve]'") from None
-    from frugallm.serve.async_engine import AsyncLLM
-    from frugallm.serve.engine import LLMEngine
+    from frugallm.engine.async_llm import AsyncLLM
+    from frugallm.engine.llm_engine import LLMEngine
     from frugallm.serve.server import create_app
 
     if args.model_path is not None:

@@ -23,10 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from frugallm.engine.async_llm import AsyncLLM, EngineDeadError
+from frugallm.engine.llm_engine import StepOutput
+from frugallm.engine.metrics import Counter
 from frugallm.errors import FrugalError, InvalidRequestError
-from frugallm.serve.async_engine import AsyncLLM, EngineDeadError
-from frugallm.serve.engine import StepOutput
-from frugallm.serve.metrics import Counter
 from frugallm.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
 
 log = logging.getLogger("frugallm.serve")
