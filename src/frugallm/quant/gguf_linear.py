@@ -1,0 +1,250 @@
+"""GGUF quantized weights run as stored: :class:`GGUFLinear` keeps each weight row's raw ggml blocks.
+
+Memory is the file's bytes (the blocks may be a zero-copy view of the GGUF memmap). Decode passes (up to
+``kernels.NATIVE_QUANT_MAX_ROWS`` rows) run ``torch.ops.frugallm.gguf_linear`` (``csrc/gguf_linear.cpp``): blocks
+decoded in registers against fp32 activations, equal to dequantize-then-matmul up to fp32 rounding. Larger
+passes (prefill) dequantize once per call (``gguf_dequantize``, one native pass) and run ``F.linear``.
+
+Native types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; F32 / F16 / BF16 rows are also
+accepted (run as plain float weights). Other GGUF types (IQ*, TQ*, MXFP4...) are rejected here: the loader
+dequantizes those at load.
+
+Without the native kernel (no compiler, ``FRUGALLM_NATIVE=0``, a CPU below AVX2, another device) every pass
+dequantizes with ``gguf.quants.dequantize`` (numpy, the format's reference code) and runs ``F.linear``: correct
+everywhere, but it re-dequantizes the weight on every call (tens of ms per large matrix), so it is a
+correctness fallback, not a fast path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from torch import nn
+
+from frugallm import native
+from frugallm.errors import FrugalError
+from frugallm.quant import kernels
+from frugallm.quant.layer import flatten_input, tensor_bytes
+
+Q = GGMLQuantizationType
+# Types csrc/gguf_linear.cpp runs on the stored blocks.
+NATIVE_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+# Unquantized rows: viewed as float and multiplied as they are.
+FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+SUPPORTED_TYPES = NATIVE_TYPES | frozenset(FLOAT_TYPES)
+KERNEL = "gguf_linear"  # csrc/gguf_linear.cpp
+
+
+def row_bytes(qtype: int, in_features: int) -> int:
+    """Bytes of one weight row of ``in_features`` values stored as ``qtype``."""
+    qt = _check_type(qtype)
+    block, size = GGML_QUANT_SIZES[qt]
+    if in_features <= 0 or in_features % block:
+        raise FrugalError(f"{qt.name} stores rows in blocks of {block} values; in_features={in_features} is not a "
+                          f"positive multiple of {block}")
+    return in_features // block * size
+
+
+def _check_type(qtype: int) -> GGMLQuantizationType:
+    try:
+        qt = GGMLQuantizationType(int(qtype))
+    except ValueError:
+        qt = None
+    if qt not in SUPPORTED_TYPES:
+        names = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise FrugalError(f"GGUF type {qtype!r} cannot run as stored (supported: {names}); dequantize it at load")
+    return qt
+
+
+def as_uint8(data: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The bytes of ``data`` as a uint8 tensor, without a copy.
+
+    A read-only numpy array (``GGUFReader``'s memmap opens the file with ``mode="r"``) is wrapped with
+    ``torch.from_numpy`` under a silenced "not writable" warning: the tensor shares the file's pages, so
+    memory is the file size, and nothing here ever writes it (the kernels only read). Writing into it would
+    fault (read-only mapping), which is the behaviour we want.
+    """
+    if isinstance(data, torch.Tensor):
+        return data.contiguous().view(torch.uint8)
+    arr = np.ascontiguousarray(data).view(np.uint8)  # a no-op on GGUFReader's contiguous rows
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
+
+
+def unpermute_rows(raw: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row interleave (see ``loading/gguf_loader._unpermute``) on raw rows ``[N, bytes]``.
+
+    Each row is an independent run of blocks, so permuting rows of the bytes is exact. The result is a new
+    tensor (``N * bytes`` bytes): the permuted rows cannot be a view of the file.
+    """
+    n = raw.shape[0]
+    if n % (2 * n_head):
+        raise FrugalError(f"{n} rows cannot be split into {n_head} heads of rotary pairs")
+    return raw.reshape(n_head, n // n_head // 2, 2, -1).transpose(1, 2).reshape(raw.shape).contiguous()
+
+
+def segment_from_reader(tensor, n_head: int | None = None) -> tuple[int, torch.Tensor, int]:
+    """``(qtype, raw [N, bytes], N)`` of a 2-D ``gguf.ReaderTensor`` (``.shape`` is GGUF's ``[K, N]``), with
+    llama's Q/K rows un-permuted when ``n_head`` is given."""
+    if len(tensor.shape) != 2:
+        raise FrugalError(f"{tensor.name}: a linear weight must be 2-D, got GGUF shape {list(tensor.shape)}")
+    k, n = (int(s) for s in tensor.shape)
+    qtype = int(tensor.tensor_type)
+    raw = as_uint8(tensor.data).reshape(n, row_bytes(qtype, k))
+    return qtype, unpermute_rows(raw, n_head) if n_head else raw, n
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``[start, start + rows)`` of the output, stored as ``qtype`` in buffer ``raw{index}``."""
+
+    qtype: int
+    start: int
+    rows: int
+
+
+class GGUFLinear(nn.Module):
+    """``y = x @ W^T (+ bias)`` with ``W [out, in]`` kept as raw GGUF blocks, in row segments of any types.
+
+    Parameters
+    ----------
+    segments
+        ``[(qtype, raw, rows), ...]`` in output order: ``raw`` holds ``rows`` weight rows of ``qtype`` blocks
+        (uint8 tensor or numpy array of ``rows * row_bytes(qtype, in_features)`` bytes; kept without a copy).
+        Several segments make one fused linear (qkv_proj from Q4_K q/k and a Q6_K v, as in Q4_K_M files).
+    in_features
+        Values per weight row (a multiple of the types' block sizes: 32, or 256 for K-quants).
+    bias
+        Optional ``[out]``, kept in fp32.
+
+    ``forward(x [..., in]) -> [..., out]`` in ``x``'s dtype.
+    """
+
+    def __init__(self, segments: Sequence[tuple[int, np.ndarray | torch.Tensor, int]], in_features: int,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not segments:
+            raise FrugalError("GGUFLinear needs at least one row segment")
+        self.in_features = int(in_features)
+        self.segments: list[Segment] = []
+        start = 0
+        for i, (qtype, raw, rows) in enumerate(segments):
+            qt = _check_type(qtype)
+            t = as_uint8(raw)
+            expected = int(rows) * row_bytes(qt, self.in_features)
+            if t.numel() != expected:
+                raise FrugalError(f"segment {i} ({qt.name}): {t.numel()} bytes, but {rows} rows of "
+                                  f"{self.in_features} values take {expected}")
+            self.register_buffer(f"raw{i}", t.reshape(int(rows), -1))
+            self.segments.append(Segment(int(qt), start, int(rows)))
+            start += int(rows)
+        self.out_features = start
+        if bias is not None and bias.numel() != self.out_features:
+            raise FrugalError(f"bias has {bias.numel()} values for {self.out_features} outputs")
+        self.register_buffer("bias", None if bias is None else bias.detach().float().reshape(-1).contiguous())
+
+    @classmethod
+    def from_segments(cls, segments: Sequence[tuple[int, np.ndarray | torch.Tensor, int]], in_features: int,
+                      bias: torch.Tensor | None = None) -> GGUFLinear:
+        """``GGUFLinear(segments, in_features, bias)``: ``[(qtype, raw, rows), ...]`` fused in output order."""
+        return cls(segments, in_features, bias)
+
+    @classmethod
+    def from_reader_tensors(cls, tensors: Sequence, n_heads: Sequence[int | None] | None = None,
+                            bias: torch.Tensor | None = None) -> GGUFLinear:
+        """Fuse ``gguf.ReaderTensor`` weights along the output dim (``n_heads[i]``: un-permute Q/K rows)."""
+        heads = n_heads or [None] * len(tensors)
+        segs = [segment_from_reader(t, h) for t, h in zip(tensors, heads, strict=True)]
+        return cls(segs, int(tensors[0].shape[0]), bias)
+
+    def raw(self, i: int) -> torch.Tensor:
+        return getattr(self, f"raw{i}")
+
+    def _bias(self, seg: Segment) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[seg.start : seg.start + seg.rows]
+
+    # -- dequantization --------------------------------------------------------------------------------------
+
+    def _dequantize_raw(self, qtype: int, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if qtype in FLOAT_TYPES:
+            return raw.view(FLOAT_TYPES[qtype]).to(dtype)
+        if raw.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16) and \
+                native.usable(KERNEL):
+            return torch.ops.frugallm.gguf_dequantize(raw, qtype, self.in_features, dtype)
+        w = gguf_dequantize(raw.cpu().numpy(), GGMLQuantizationType(qtype))  # the reference, fp32 [rows, in]
+        return torch.from_numpy(w).to(device=raw.device, dtype=dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Full weight ``[out, in]`` in ``dtype``."""
+        parts = [self._dequantize_raw(s.qtype, self.raw(i), dtype) for i, s in enumerate(self.segments)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``[R] -> [R, in]`` fp32 (embedding lookups on the stored blocks)."""
+        rows = rows.reshape(-1)
+        out = torch.empty(rows.numel(), self.in_features, dtype=torch.float32, device=rows.device)
+        for i, s in enumerate(self.segments):
+            hit = (rows >= s.start) & (rows < s.start + s.rows)
+            if bool(hit.any()):
+                out[hit] = self._dequantize_raw(s.qtype, self.raw(i)[rows[hit] - s.start], torch.float32)
+        return out
+
+    # -- matmul ----------------------------------------------------------------------------------------------
+
+    def _native_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.usable(KERNEL)
+
+    def _segment_fns(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Per segment, ``x [M, in]`` (contiguous fp32 / bf16, M small) -> ``[M, rows]`` in x's dtype."""
+        fns = []
+        for i, s in enumerate(self.segments):
+            raw, bias = self.raw(i), self._bias(s)
+            if s.qtype in FLOAT_TYPES:
+                w = raw.view(FLOAT_TYPES[s.qtype])
+                fns.append(lambda x, w=w, b=bias: F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)))
+            else:
+                op, args = torch.ops.frugallm.gguf_linear, (raw, s.qtype, s.rows, bias)
+                fns.append(lambda x, op=op, args=args: op(x, *args))
+        return fns
+
+    def decode_fn(self, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``self(x)`` for 2-D contiguous ``x`` in ``dtype`` (see ``DecodePlan``): the native op per segment
+        directly for up to ``NATIVE_QUANT_MAX_ROWS`` rows, without ``forward``'s per-call checks."""
+        if not self._native_ok(device, dtype):
+            return self.forward
+        fns = self._segment_fns()
+        if len(fns) == 1 and self.segments[0].qtype not in FLOAT_TYPES:
+            s = self.segments[0]
+            return kernels.few_rows_kernel(torch.ops.frugallm.gguf_linear, (self.raw(0), s.qtype, s.rows,
+                                                                            self._bias(s)), self.forward)
+        limit = kernels.NATIVE_QUANT_MAX_ROWS
+        return lambda x: torch.cat([f(x) for f in fns], 1) if x.shape[0] <= limit else self.forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = flatten_input(x, self.in_features)
+        if x2.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS and self._native_ok(x.device, x.dtype):
+            ys = [f(x2.contiguous()) for f in self._segment_fns()]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
+        else:
+            # fp16 GEMMs are very slow on CPU: dequantize to bf16 there.
+            cd = torch.bfloat16 if (x.device.type == "cpu" and x.dtype == torch.float16) else x.dtype
+            bias = None if self.bias is None else self.bias.to(cd)
+            y = F.linear(x2.to(cd), self.dequantize(cd), bias).to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        return tensor_bytes(*(self.raw(i) for i in range(len(self.segments))), self.bias)
+
+    def extra_repr(self) -> str:
+        types = "+".join(f"{GGMLQuantizationType(s.qtype).name}x{s.rows}" for s in self.segments)
+        return f"in_features={self.in_features}, out_features={self.out_features}, gguf={types}"
