@@ -128,7 +128,7 @@ def test_native_int8_rejects_bad_inputs() -> None:
 @needs_int8
 @torch.no_grad()
 def test_int8_linear_module_uses_the_native_kernel(monkeypatch) -> None:
-    from frugallm.quant.linear import Int8Linear, LLMInt8Linear
+    from frugallm.quant import Int8Linear, LLMInt8Linear
 
     lin = torch.nn.Linear(64, 48, bias=False)
     q8 = Int8Linear.from_linear(lin)
@@ -201,7 +201,7 @@ needs_lowbit = pytest.mark.skipif(
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize(("n", "k", "group"), [(1, 96, 32), (17, 576, 32), (6, 1536, 64), (33, 384, 128)])
 def test_native_lowbit_matches_dequantized(bits: int, symmetric: bool, n: int, k: int, group: int) -> None:
-    from frugallm.quant.linear import dequant_groups, rtn_group_quantize
+    from frugallm.quant.groups import dequant_groups, rtn_group_quantize
     from frugallm.quant.packing import pack
 
     torch.manual_seed(bits * 1000 + n + k)
@@ -232,7 +232,7 @@ def test_native_lowbit_matches_dequantized(bits: int, symmetric: bool, n: int, k
 @torch.no_grad()
 @pytest.mark.parametrize("spec", ["int3:group=32", "int2:group=32", "int6:group=64", "int8:group=64"])
 def test_group_quant_module_uses_the_native_lowbit_kernel(spec: str, monkeypatch) -> None:
-    from frugallm.quant.linear import GroupQuantLinear
+    from frugallm.quant import GroupQuantLinear
     from frugallm.quant.spec import parse_quant_spec
 
     torch.manual_seed(0)
@@ -257,7 +257,8 @@ def test_group_quant_module_uses_the_native_lowbit_kernel(spec: str, monkeypatch
 @needs_lowbit
 @torch.no_grad()
 def test_act_order_gptq_runs_the_native_kernel_on_permuted_inputs() -> None:
-    from frugallm.quant.linear import GroupQuantLinear, rtn_group_quantize
+    from frugallm.quant import GroupQuantLinear
+    from frugallm.quant.groups import rtn_group_quantize
 
     torch.manual_seed(1)
     st = rtn_group_quantize(torch.randn(24, 256), 3, 32)
@@ -269,7 +270,7 @@ def test_act_order_gptq_runs_the_native_kernel_on_permuted_inputs() -> None:
 
 @needs_lowbit
 def test_native_lowbit_rejects_bad_inputs() -> None:
-    from frugallm.quant.linear import rtn_group_quantize
+    from frugallm.quant.groups import rtn_group_quantize
     from frugallm.quant.packing import pack
 
     st = rtn_group_quantize(torch.randn(8, 64), 3, 32)
@@ -297,7 +298,8 @@ def test_native_lowbit_rejects_bad_inputs() -> None:
 @pytest.mark.parametrize(("n", "k"), [(17, 576), (5, 96), (3, 1536)])
 def test_native_dequantize_rounds_once(spec: str, n: int, k: int) -> None:
     """Prefill's dequantize-then-GEMM: the native pass equals the float weight up to one bf16 rounding."""
-    from frugallm.quant.linear import GroupQuantLinear, dequant_groups
+    from frugallm.quant import GroupQuantLinear
+    from frugallm.quant.groups import dequant_groups
     from frugallm.quant.spec import parse_quant_spec
 
     parsed = parse_quant_spec(spec)

@@ -25,7 +25,7 @@ from frugallm.quant import (
     quantize_model,
     quantized_weight_bytes,
 )
-from frugallm.quant.linear import GroupQuantState, rtn_group_quantize
+from frugallm.quant.groups import GroupQuantState, rtn_group_quantize
 from frugallm.quant.mix4 import mix4_quantize
 from frugallm.quant.packing import SUPPORTED_BITS, chunk_shape, pack, packed_size, unpack
 from quant_models import TinyLM
@@ -228,7 +228,7 @@ def test_int4_kernel_layout_decodes_exactly() -> None:
 def test_int4_large_passes_dequantize_exactly_and_agree_with_the_kernel() -> None:
     """Passes of >= INT4_DEQUANT_MIN_ROWS rows dequantize the CPU layout with a reshape (no gather)."""
     from frugallm.quant import kernels
-    from frugallm.quant.linear import INT4_DEQUANT_MIN_ROWS
+    from frugallm.quant.group_linear import INT4_DEQUANT_MIN_ROWS
 
     lin = gaussian_linear(192, 96, bias=False, seed=4)
     mod = GroupQuantLinear(rtn_group_quantize(lin.weight, 4, 32))
@@ -245,7 +245,7 @@ def test_int8_kernel_and_dequant_paths_agree(monkeypatch: pytest.MonkeyPatch) ->
     mod = build("int8", gaussian_linear(64, 96))
     x = torch.randn(5, 96)
     y_kernel = mod(x)
-    monkeypatch.setattr("frugallm.quant.linear.INT8_KERNEL_MAX_ROWS", {})
+    monkeypatch.setattr("frugallm.quant.int8.INT8_KERNEL_MAX_ROWS", {})
     assert rel_err(mod(x), y_kernel) < 0.005
 
 

@@ -11,8 +11,9 @@ from torch import nn
 
 from frugallm.errors import FrugalError
 from frugallm.quant import GroupQuantLinear, gptq_quantize_model, parse_quant_spec, quantize_model
-from frugallm.quant.gptq import collect_hessians, gptq_quantize_weight
-from frugallm.quant.linear import rtn_group_quantize
+from frugallm.quant.calibrate import collect_hessians
+from frugallm.quant.gptq import gptq_quantize_weight
+from frugallm.quant.groups import rtn_group_quantize
 from quant_models import TinyLM
 
 
@@ -127,7 +128,7 @@ def test_gptq_early_stop_gives_identical_weights_with_less_compute() -> None:
     """A run_calib that stops each batch after the block being calibrated gets the same Hessians."""
     import contextlib
 
-    from frugallm.quant.gptq import StopCalibration
+    from frugallm.quant.calibrate import StopCalibration
 
     torch.manual_seed(0)
     base = gptq_lm(layers=4).eval()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from frugallm.quant import LLMInt8Linear, kernels
-from frugallm.quant.linear import Int8State, quantize_int8_rows
+from frugallm.quant.int8 import Int8State, quantize_int8_rows
 
 needs_native = pytest.mark.skipif(
     not kernels.native_kernel("llm_int8_linear", torch.device("cpu"), torch.bfloat16),

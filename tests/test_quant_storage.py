@@ -12,7 +12,7 @@ from torch import nn
 
 from frugallm import LLM
 from frugallm.errors import FrugalError
-from frugallm.quant import GroupQuantLinear, Int8Linear, LLMInt8Linear, Mix4Linear, QuantEmbedding, linear
+from frugallm.quant import GroupQuantLinear, Int8Linear, LLMInt8Linear, Mix4Linear, QuantEmbedding, int8
 from frugallm.quant.storage import (
     META_FILE,
     WEIGHTS_FILE,
@@ -39,7 +39,7 @@ SPECS = {
 def _no_int8_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     # torch._weight_int8pack_mm intermittently segfaults on the tiny model's shapes (reported separately);
     # these tests are about storage, so int8 runs through its dequantize-then-matmul path.
-    monkeypatch.setattr(linear, "INT8_KERNEL_MAX_ROWS", {"cpu": 0, "cuda": 0})
+    monkeypatch.setattr(int8, "INT8_KERNEL_MAX_ROWS", {"cpu": 0, "cuda": 0})
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def saved(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tup
     root = tmp_path_factory.mktemp("quant-folders")
     out = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(linear, "INT8_KERNEL_MAX_ROWS", {"cpu": 0, "cuda": 0})
+        mp.setattr(int8, "INT8_KERNEL_MAX_ROWS", {"cpu": 0, "cuda": 0})
         for spec in SPECS:
             llm = LLM(str(gguf), dtype="float32", device="cpu", quant=spec, use_cache=False)
             folder = root / spec.replace(":", "_")

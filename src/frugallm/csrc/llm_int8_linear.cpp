@@ -2,7 +2,7 @@
 // LLM.int8() (Dettmers et al. 2022) for a few rows (decode), absmax variant: y = (Xq @ Wq^T) * sx * sw + X[:, O]
 // @ (Wq[:, O] * sw)^T, where O are the input columns whose |x| exceeds the threshold in any row, Xq the regular
 // columns rounded per row to int8 (round(x / sx), sx = absmax / 127) and Wq the stored int8 weight [N, K] with
-// per-row scales sw. Registered as torch.ops.frugallm.llm_int8_linear; quant/linear.py LLMInt8Linear has the
+// per-row scales sw. Registered as torch.ops.frugallm.llm_int8_linear; quant/llm_int8.py LLMInt8Linear has the
 // same arithmetic in torch ops, and this kernel follows it operation for operation (the int8 products are exact,
 // only the outlier columns' float sum may round in another order).
 //

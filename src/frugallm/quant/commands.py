@@ -16,11 +16,9 @@ from frugallm.errors import FrugalError
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", default=None, help="model to quantize (same as --model)")
     add_model_args(p)
-    # add_model_args may already provide --quant / --calib (every model-loading command takes them).
-    if "--quant" not in p._option_string_actions:
-        p.add_argument("--quant", default=None, help="quantization spec, e.g. int8, int4:group=32, gptq:bits=4")
-    if "--calib" not in p._option_string_actions:
-        p.add_argument("--calib", default=None, help="calibration text file for gptq (default: built-in corpus)")
+    # add_model_args takes no technique options (add_technique_args does, for generate/chat), so they are ours.
+    p.add_argument("--quant", default=None, help="quantization spec, e.g. int8, int4:group=32, gptq:bits=4")
+    p.add_argument("--calib", default=None, help="calibration text file for gptq (default: built-in corpus)")
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--store-dtype", default="float16",
                    help="dtype of the parameters left unquantized (norms, unquantized embedding/head)")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from frugallm.quant.linear import GroupQuantLinear, Int8Linear, Int8State, quantize_int8_rows, rtn_group_quantize
+from frugallm.quant.group_linear import GroupQuantLinear
+from frugallm.quant.groups import rtn_group_quantize
+from frugallm.quant.int8 import Int8Linear, Int8State, quantize_int8_rows
 
 EMBED_INT4_GROUP = 32
 

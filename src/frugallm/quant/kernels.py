@@ -1,7 +1,7 @@
 """Thin wrappers over torch's packed low-bit kernels, with the shape and dtype rules found by experiment.
 
 Measured on torch 2.13 (CPU: AMD EPYC with AVX512-BF16, 2 threads; numbers in ``benchmarks/quant_kernels.py``
-and the module docstrings of ``linear.py``):
+and the module docstrings of ``int8.py`` and ``group_linear.py``):
 
 * ``torch._weight_int8pack_mm`` and ``torch._weight_int4pack_mm_for_cpu`` accept fp32, fp16 and bf16
   activations on CPU, but only the bf16 path is fast (fp32 is 10-20x and fp16 30x slower than bf16), so
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from frugallm import cpu, native
+from frugallm.quant.groups import dequant_groups
 
 # int8 x int8 products are < 2**14, so fp32 sums of at most 1024 of them stay below 2**24 and are exact.
 _EXACT_FP32_K = 1024
@@ -185,8 +186,6 @@ def _cpu_dequantize(qweight: torch.Tensor, qscale: torch.Tensor, group_size: int
     n = qscale.shape[1]
     k = qweight.numel() * 2 // n
     blocks = qweight.view(torch.uint8).reshape(n // 64, k, 32)
-    from frugallm.quant.linear import dequant_groups  # linear.py imports this module
-
     codes = torch.cat((blocks & 0xF, blocks >> 4), -1).transpose(1, 2).reshape(n, k)
     sz = qscale.transpose(0, 1).float()  # [N, G, 2]: w = (q - 8) * scale + zero
     # The arithmetic of GroupQuantLinear.dequantize, so large passes match it bit for bit.

@@ -2,8 +2,8 @@
 
 ``quantize(linear, hessian=None) -> state`` runs offline and returns tensors plus metadata;
 ``convert(state) -> nn.Module`` builds the runtime module that replaces the ``nn.Linear``.
-``needs_calibration`` is a capability flag: such methods are driven by ``gptq_quantize_model``, which
-collects the Hessian each call needs.
+``needs_calibration`` is a capability flag: such methods are driven by ``gptq_quantize_model``
+(``calibrate.py``), which collects the Hessian each call needs.
 """
 
 from __future__ import annotations
@@ -15,16 +15,12 @@ import torch
 from torch import nn
 
 from frugallm.errors import FrugalError
-from frugallm.quant.linear import (
-    GroupQuantLinear,
-    GroupQuantState,
-    Int8Linear,
-    Int8State,
-    LLMInt8Linear,
-    bias_of,
-    quantize_int8_rows,
-    rtn_group_quantize,
-)
+from frugallm.quant.gptq import gptq_quantize_weight
+from frugallm.quant.group_linear import GroupQuantLinear
+from frugallm.quant.groups import GroupQuantState, rtn_group_quantize
+from frugallm.quant.int8 import Int8Linear, Int8State, quantize_int8_rows
+from frugallm.quant.layer import bias_of
+from frugallm.quant.llm_int8 import LLMInt8Linear
 from frugallm.quant.mix4 import Mix4Linear, Mix4State, mix4_quantize
 from frugallm.quant.spec import QuantSpec
 from frugallm.registry import Registry
@@ -145,8 +141,6 @@ class GPTQMethod(IntMethod):
     needs_calibration: ClassVar[bool] = True
 
     def quantize(self, linear: nn.Linear, hessian: torch.Tensor | None = None) -> GroupQuantState:
-        from frugallm.quant.gptq import gptq_quantize_weight
-
         if hessian is None:
             raise FrugalError("gptq needs calibration data: use gptq_quantize_model(model, spec, run_calib)")
         assert self.spec.group_size is not None

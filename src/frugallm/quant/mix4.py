@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugallm.quant import kernels
-from frugallm.quant.linear import bias_of, check_groups, flatten_input, param_dtype, tensor_bytes
+from frugallm.quant.groups import check_groups, param_dtype
+from frugallm.quant.layer import bias_of, flatten_input, tensor_bytes
 from frugallm.quant.packing import pack, unpack
 from frugallm.quant.spec import QuantSpec
 

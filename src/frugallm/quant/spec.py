@@ -187,3 +187,8 @@ def parse_quant_spec(spec: str) -> QuantSpec:
         zeropoint="zeropoint" in values,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def as_spec(spec: QuantSpec | str) -> QuantSpec:
+    """``spec`` itself, or parsed when given as a string."""
+    return parse_quant_spec(spec) if isinstance(spec, str) else spec

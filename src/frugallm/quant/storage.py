@@ -30,7 +30,9 @@ from torch import nn
 
 from frugallm.errors import FrugalError
 from frugallm.quant.embedding import QuantEmbedding
-from frugallm.quant.linear import GroupQuantLinear, Int8Linear, LLMInt8Linear
+from frugallm.quant.group_linear import GroupQuantLinear
+from frugallm.quant.int8 import Int8Linear
+from frugallm.quant.llm_int8 import LLMInt8Linear
 from frugallm.quant.mix4 import GRIDS, Mix4Linear
 
 FORMAT_VERSION = 1
