@@ -4,6 +4,10 @@
 // rounding. Registered as torch.ops.frugallm.gguf_linear (few rows: decode) and gguf_dequantize (prefill's
 // dequantize-then-GEMM, embedding rows).
 //
+//   gguf_linear(x [rows, K] float32|bfloat16 contiguous, w uint8 [N, K / block * bytes] contiguous, qtype, N,
+//               bias float32 [N]?) -> [rows, N] in x's dtype (fp32 accumulation; bf16 output rounded once, RNE)
+//   gguf_dequantize(w uint8 [N, bytes_per_row], qtype, K, dtype float32|bfloat16|float16) -> [N, K]
+//
 // Formats (ground truth: the `gguf` package's gguf/quants.py; qtype numbers are GGMLQuantizationType):
 //   Q4_0 (2)  32 values in 18 bytes:  d f16, 16 bytes of nibbles (value j: low nibble of byte j, value 16+j: high)
 //   Q4_1 (3)  32 in 20:  d, m f16, nibbles as Q4_0                              w = d * q + m
