@@ -8,8 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from frugallm.cli import add_model_args, command
+from frugallm.engine.llm import LLM, resolve_dtype
 from frugallm.errors import FrugalError
+from frugallm.loading import resolve_model_path
+from frugallm.quant.spec import parse_quant_spec
+from frugallm.quant.storage import is_quantized_folder, save_quantized, source_hash
 
 
 @command("quantize", "quantize a model's weights and write a packed safetensors folder (load it like a model)")
@@ -29,14 +35,6 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
-
-    from frugallm import LLM
-    from frugallm.engine.llm import resolve_dtype
-    from frugallm.loading import resolve_model_path
-    from frugallm.quant import parse_quant_spec
-    from frugallm.quant.storage import is_quantized_folder, save_quantized, source_hash
-
     if not args.quant:
         raise FrugalError("quantize needs --quant SPEC (e.g. int8, int4:group=32, gptq:bits=4:group=32)")
     parse_quant_spec(args.quant)  # fail fast on a typo

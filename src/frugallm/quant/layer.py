@@ -15,10 +15,12 @@ from frugallm.errors import FrugalError
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes stored by ``tensors`` (None entries, such as an absent bias, count 0)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def flatten_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``x [..., in_features]`` -> ``[M, in_features]`` (a view when possible); a wrong width is a user error."""
     if x.shape[-1] != in_features:
         raise FrugalError(f"input has {x.shape[-1]} features, the layer expects {in_features}")
     return x if x.dim() == 2 else x.reshape(-1, in_features)
@@ -38,4 +40,5 @@ def finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, out_feat
 
 
 def bias_of(linear: nn.Linear) -> torch.Tensor | None:
+    """A detached copy of ``linear``'s bias ``[N]``: the quantized module must not share the float module's."""
     return None if linear.bias is None else linear.bias.detach().clone()
