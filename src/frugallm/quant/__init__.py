@@ -11,6 +11,7 @@ Map of the package (each module imports only those listed above it):
 * ``llm_int8.py``: :class:`LLMInt8Linear` (LLM.int8(): int8 x int8 with outlier decomposition).
 * ``group_linear.py``: :class:`GroupQuantLinear` (group-wise int2-8, int4 kernel layouts).
 * ``mix4.py``: :class:`Mix4Linear` (per-group choice of 4-bit data type).
+* ``gguf_linear.py``: :class:`GGUFLinear` (GGUF weights run in their stored ggml blocks).
 * ``embedding.py``: :class:`QuantEmbedding` (shared with a tied ``lm_head``).
 * ``gptq.py``: GPTQ's weight algorithm: one matrix and its Hessian -> group codes.
 * ``methods.py``: the ``QUANT_METHODS`` registry; each method has ``quantize`` and ``convert``.
