@@ -96,3 +96,23 @@ def test_cache_sizes_parse_sysfs(tmp_path) -> None:
         (d / "size").write_text(f"{size}\n")
     assert hwprobe._cache_sizes(tmp_path) == {"L1d": 48 << 10, "L1i": 32 << 10, "L2": 1 << 20, "L3": 32 << 20}
     assert hwprobe._cache_sizes(tmp_path / "missing") == {}
+
+
+def test_quick_probe_command_never_compiles_native_kernels(cache, monkeypatch, capsys) -> None:
+    """``hw probe --quick`` is the fast smoke test: it must not spend minutes compiling csrc/."""
+    from frugallm import native
+    from frugallm.cli import main
+
+    def no_build(name: str, cxx: str) -> None:
+        raise AssertionError(f"hw probe --quick compiled native kernel {name}")
+
+    already = set(native._loaded)  # loaded by earlier tests in this process: loading those again is free
+    loads: list[str] = []
+    real_load = native.load
+    monkeypatch.setattr(native, "_build", no_build)
+    monkeypatch.setattr(native, "load", lambda name: loads.append(name) or real_load(name))
+    monkeypatch.setattr(hwprobe, "default_device", lambda: "cpu")
+    assert main(["hw", "probe", "--quick", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["quick"] and out["native_kernels"]
+    assert set(loads) <= already

@@ -14,7 +14,7 @@ import torch
 
 from frugallm.cli import main
 from frugallm.errors import FrugalError
-from frugallm.lab import bench, endpoint, hwprobe, results
+from frugallm.lab import bench, endpoint, hwprobe, meters, results, sweep
 from frugallm.lab.peers import LLAMA_CPP_MISSING
 
 # One thread: on a busy 2-core machine, OpenMP threads waiting on each other make runs 10x slower.
@@ -35,13 +35,13 @@ def settings() -> bench.BenchSettings:
 
 
 def point(**kw) -> dict:
-    return {k: kw.get(k, getattr(bench.BenchPoint, k)) for k in bench.POINT_FIELDS}
+    return {k: kw.get(k, getattr(sweep.BenchPoint, k)) for k in sweep.POINT_FIELDS}
 
 
 def assert_complete(rec: dict) -> None:
     """Every metric key present; every null has a non-empty reason."""
     assert rec["status"] == "ok", rec.get("error")
-    assert set(rec["metrics"]) == set(bench.METRIC_KEYS)
+    assert set(rec["metrics"]) == set(results.METRIC_KEYS)
     for k, v in rec["metrics"].items():
         if v is None:
             assert rec["unavailable"].get(k), f"{k} is null without a reason"
@@ -142,35 +142,35 @@ def test_sweep_files(tmp_path) -> None:
     y = tmp_path / "s.yaml"
     y.write_text("models: [default]\nengine:\n  - {dtype: float32}\n  - {dtype: auto, quant: 'int4:group=32'}\n"
                  "batch: [1, 2]\nprompt_len: 16\ngen_lens: [2, 4]\nrepeat: 1\nquality: false\nthreads: 1\n")
-    pts = bench.expand_sweep(bench.read_sweep_file(y))
+    pts = sweep.expand_sweep(sweep.read_sweep_file(y))
     assert len(pts) == 8 and {p["quant"] for p in pts} == {None, "int4:group=32"}
     assert all(p["repeat"] == 1 and not p["quality"] and p["threads"] == 1 for p in pts)
     t = tmp_path / "s.toml"
     t.write_text('model = "default"\ndtype = ["float32", "float16"]\nbatch = [1, 0]\n')
-    pts = bench.expand_sweep(bench.read_sweep_file(t), {"gen_len": 3})
+    pts = sweep.expand_sweep(sweep.read_sweep_file(t), {"gen_len": 3})
     assert len(pts) == 4 and all(p["gen_len"] == 3 for p in pts)
     with pytest.raises(FrugalError, match="unknown key"):
-        bench.expand_sweep({"batchez": [1]})
+        sweep.expand_sweep({"batchez": [1]})
     with pytest.raises(FrugalError, match="cannot read sweep file"):
-        bench.read_sweep_file(tmp_path / "missing.yaml")
+        sweep.read_sweep_file(tmp_path / "missing.yaml")
     (tmp_path / "bad.yaml").write_text("batch: [1\n")
     with pytest.raises(FrugalError, match="cannot parse"):
-        bench.read_sweep_file(tmp_path / "bad.yaml")
+        sweep.read_sweep_file(tmp_path / "bad.yaml")
 
 
 def test_summarize_and_energy_meters(tmp_path) -> None:
-    s = bench.summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    s = meters.summarize([1.0, 2.0, 3.0, 4.0, 5.0])
     assert s["p50"] == 3.0 and s["p90"] == pytest.approx(4.6) and s["min"] == 1.0 and s["n"] == 5
-    assert bench.summarize([]) is None
+    assert meters.summarize([]) is None
     zone = tmp_path / "intel-rapl:0"
     zone.mkdir()
     (zone / "max_energy_range_uj").write_text("1000000\n")
     (zone / "energy_uj").write_text("999000\n")
     (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-zone: must not be counted twice
-    meter = bench.RaplMeter(tmp_path)
+    meter = meters.RaplMeter(tmp_path)
     (zone / "energy_uj").write_text("1000\n")  # wrapped around
     assert meter.read() == pytest.approx(0.002)
-    est = bench.EstimatedMeter(10.0)
+    est = meters.EstimatedMeter(10.0)
     e0, t0 = est.read(), time.process_time()
     while time.process_time() - t0 < 0.05:
         pass

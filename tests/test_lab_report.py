@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from frugallm.cli import main
-from frugallm.lab import bench, hwprobe, report, results
+from frugallm.lab import bench, hwprobe, report, results, sweep
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def jsonl(tiny_models, tmp_path_factory) -> Path:
     settings = bench.BenchSettings(probe=hwprobe.measure("cpu", quick=True), quality_windows=2,
                                    quality_window_len=32)
     model = str(tiny_models.hf("llama"))
-    base = {k: getattr(bench.BenchPoint, k) for k in bench.POINT_FIELDS}
+    base = {k: getattr(sweep.BenchPoint, k) for k in sweep.POINT_FIELDS}
     pts = [{**base, "model": model, "dtype": dt, "batch": 2, "prompt_len": 16, "gen_len": 4, "repeat": 2,
             "threads": 1} for dt in ("float32", "bfloat16")]
     pts.append({**base, "model": model, "batch": 0})

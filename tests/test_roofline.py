@@ -8,8 +8,11 @@ import pytest
 
 from frugallm.config import ModelConfig
 from frugallm.errors import FrugalError
-from frugallm.lab.hwspecs import DATASHEET_SPECS, HardwareSpec, load_hw_spec
-from frugallm.lab.roofline import OP_NAMES, analyze, format_table, measured_utilization, plot_roofline
+from frugallm.lab.hardware import HardwareSpec
+from frugallm.lab.hwspecs import DATASHEET_SPECS, load_hw_spec
+from frugallm.lab.roofline import OP_NAMES, analyze
+from frugallm.lab.roofline_chart import format_table, plot_roofline
+from frugallm.lab.utilization import measured_utilization
 
 TINY = ModelConfig(arch="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128, name="tiny")

@@ -101,7 +101,8 @@ def _roofline_args(p: argparse.ArgumentParser) -> None:
 def cmd_roofline(args: argparse.Namespace) -> int:
     from frugallm.lab.hwspecs import load_hw_spec
     from frugallm.lab.peers import load_model_config
-    from frugallm.lab.roofline import analyze, format_table, plot_roofline
+    from frugallm.lab.roofline import analyze
+    from frugallm.lab.roofline_chart import format_table, plot_roofline
 
     cfg = load_model_config(args.model)
     hw = load_hw_spec(args.hw)
@@ -158,12 +159,13 @@ _POINT_ARGS = ("model", "backend", "dtype", "quant", "kv", "device", "threads", 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from frugallm.lab import bench
+    from frugallm.lab import bench, results, sweep
+    from frugallm.lab.meters import DEFAULT_WATTS_PER_CORE
 
     given = {k: getattr(args, k) for k in _POINT_ARGS if getattr(args, k) is not None}
     if args.endpoint:
         given["backend"] = "endpoint"
-    settings = bench.BenchSettings(watts_per_core=args.watts_per_core or bench.DEFAULT_WATTS_PER_CORE,
+    settings = bench.BenchSettings(watts_per_core=args.watts_per_core or DEFAULT_WATTS_PER_CORE,
                                    quality_windows=args.quality_windows,
                                    quality_window_len=args.quality_window_len, use_cache=not args.no_cache,
                                    served_model=args.served_model)
@@ -172,10 +174,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         settings.hw = load_hw_spec(args.hw)
     if args.sweep:
-        points = bench.expand_sweep(bench.read_sweep_file(args.sweep), given)
+        points = sweep.expand_sweep(sweep.read_sweep_file(args.sweep), given)
         out = args.out or str(Path(Path(args.sweep).name).with_suffix(".results.jsonl"))
     else:
-        points = [{k: given.get(k, getattr(bench.BenchPoint, k)) for k in bench.POINT_FIELDS}]
+        points = [{k: given.get(k, getattr(sweep.BenchPoint, k)) for k in sweep.POINT_FIELDS}]
         out = args.out
     records = bench.run_points(points, settings, out=out, resume=bool(args.sweep) and not args.no_resume,
                                progress=sys.stderr.isatty())
@@ -183,7 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for r in records:
             print(json.dumps(r))
     else:
-        bench.print_table(records)
+        results.print_table(records)
         if out:
             print(f"{len(records)} record(s) appended to {out} ({len(points) - len(records)} already there)")
     errors = [r for r in records if r.get("status") != "ok"]

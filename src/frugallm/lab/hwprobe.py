@@ -30,7 +30,7 @@ import psutil
 import torch
 
 from frugallm.errors import FrugalError
-from frugallm.lab.hwspecs import HardwareSpec
+from frugallm.lab.hardware import HardwareSpec
 
 CACHE_VERSION = 2  # 2: gemv_* measurements and HardwareSpec.gemv_bandwidth_gbs
 MiB = 1 << 20

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from frugallm.errors import FrugalError
-from frugallm.lab.bench import summary_rows
-from frugallm.lab.results import config_label
+from frugallm.lab.results import config_label, summary_rows
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -104,8 +103,9 @@ def _png(fig: Any) -> str:
 def _roofline_charts(ok: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """One roofline per hardware spec: the first record's predicted ops plus every measured point."""
     from frugallm.config import ModelConfig
-    from frugallm.lab.hwspecs import HardwareSpec
-    from frugallm.lab.roofline import analyze, plot_roofline
+    from frugallm.lab.hardware import HardwareSpec
+    from frugallm.lab.roofline import analyze
+    from frugallm.lab.roofline_chart import plot_roofline
 
     by_hw: dict[str, list[dict[str, Any]]] = {}
     for r in ok:
@@ -120,7 +120,7 @@ def _roofline_charts(ok: list[dict[str, Any]]) -> list[tuple[str, str]]:
         cfg = ModelConfig.from_dict(first["model_config"])
         rf, pt = first["roofline"], first["point"]
         rep = analyze(cfg, hw, pt["batch"], pt["prompt_len"], pt["gen_len"], rf["wbits"], rf["abits"], rf["kvbits"],
-                      rf["compute_dtype"])
+                      rf["compute_dtype"], prefill_compute_dtype=rf.get("prefill_compute_dtype"))
         points = []
         for r in recs:
             m, rl = r["metrics"], r["roofline"]

@@ -7,7 +7,9 @@ valid file: at worst a half-written last line, which :func:`read_records` skips.
 * ``{"status": "error", "key": ..., "point": {...}, "error": "message", ...}``.
 
 ``key`` is a canonical JSON string of the point's parameters; a sweep skips points whose key is
-already in the file (:func:`done_keys`).
+already in the file (:func:`done_keys`). ``metrics`` holds every key of :data:`METRIC_KEYS`, each null
+one with its reason in ``unavailable`` (:class:`Metrics` enforces both), so readers never guess why a
+number is missing. :func:`summary_rows` / :func:`print_table` turn records into the headline table.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +28,40 @@ from typing import Any
 from frugallm.errors import FrugalError
 
 SCHEMA_VERSION = 1
+LATENCY_KEYS = ("ttft_s", "tpot_s", "e2e_s")
+METRIC_KEYS = (
+    *LATENCY_KEYS, "output_tokens", "requests", "failed_requests", "output_tokens_per_s", "requests_per_s",
+    "load_s", "peak_rss_bytes", "peak_rss_delta_bytes", "rss_sampled_peak_bytes", "cuda_max_allocated_bytes",
+    "cuda_max_reserved_bytes", "weight_bytes", "kv_cache_bytes", "kv_cache_bytes_per_token",
+    "fp16_baseline_bytes", "compression_rate", "decode_mbu", "decode_mfu", "prefill_mbu", "prefill_mfu",
+    "decode_achieved_gbs", "prefill_achieved_flops", "predicted_ttft_s", "predicted_tpot_s",
+    "ttft_over_predicted", "tpot_over_predicted", "predicted_ttft_peak_s", "predicted_tpot_peak_s",
+    "ttft_over_predicted_peak", "tpot_over_predicted_peak", "decode_gemv_efficiency",
+    "energy_method", "energy_j", "energy_per_token_j",
+    "energy_per_request_j", "avg_power_w", "perplexity", "nll", "kl_divergence", "top1_agreement",
+)
+
+
+class Metrics:
+    """A record's ``metrics`` and ``unavailable``: every metric gets a value or the reason it has none."""
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.unavailable: dict[str, str] = {}
+
+    def put(self, key: str, value: Any, reason: str = "") -> None:
+        assert key in METRIC_KEYS, key
+        self.values[key] = value
+        if value is None:
+            self.unavailable[key] = reason or "not measured"
+
+    def none(self, keys: Iterable[str], reason: str) -> None:
+        for k in keys:
+            if k not in self.values:
+                self.put(k, None, reason)
+
+    def finish(self) -> tuple[dict[str, Any], dict[str, str]]:
+        self.none(METRIC_KEYS, "not measured")
+        return {k: self.values[k] for k in METRIC_KEYS}, self.unavailable
 
 
 def point_key(params: dict[str, Any]) -> str:
@@ -98,6 +135,12 @@ def done_keys(path: str | Path, include_errors: bool = True) -> set[str]:
         return set()
     return {r["key"] for r in read_records(path)
             if "key" in r and (include_errors or r.get("status") == "ok")}
+
+
+def ok_record(params: dict[str, Any]) -> dict[str, Any]:
+    """The common head of a measured point's record (the runner adds metrics and context)."""
+    return {"schema": SCHEMA_VERSION, "status": "ok", "key": point_key(params), "label": config_label(params),
+            "point": params, "timestamp": time.time(), "versions": package_versions(), "git_commit": git_commit()}
 
 
 def error_record(params: dict[str, Any], message: str) -> dict[str, Any]:
@@ -176,3 +219,52 @@ def config_label(point: dict[str, Any], shape: bool = True) -> str:
         if point.get("backend") == "endpoint":
             parts.append(f"c{point.get('concurrency')}")
     return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------- presentation
+
+
+def _fmt(v: Any, scale: float = 1.0, spec: str = ".3g") -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row of headline numbers per record (shared by the terminal table and the Markdown report)."""
+    rows = []
+    for r in records:
+        label = r.get("label") or config_label(r.get("point", {}))
+        if r.get("status") != "ok":
+            rows.append({"config": label, "status": f"error: {r.get('error')}"})
+            continue
+        m = r["metrics"]
+        energy = m.get("energy_per_token_j")
+        rows.append({
+            "config": label, "status": "ok",
+            "TTFT p50 ms": _fmt((m.get("ttft_s") or {}).get("p50"), 1e3),
+            "TPOT p50 ms": _fmt((m.get("tpot_s") or {}).get("p50"), 1e3),
+            "tok/s": _fmt(m.get("output_tokens_per_s"), 1, ".4g"),
+            "TPOT / roofline": _fmt(m.get("tpot_over_predicted")),
+            "MBU": _fmt(m.get("decode_mbu"), 1, ".2%") if m.get("decode_mbu") is not None else "-",
+            "weights MB": _fmt(m.get("weight_bytes"), 1e-6, ".4g"),
+            "KV MB": _fmt(m.get("kv_cache_bytes"), 1e-6, ".3g"),
+            "compr.": _fmt(m.get("compression_rate")),
+            "ppl": _fmt(m.get("perplexity"), 1, ".4g"),
+            "KL": _fmt(m.get("kl_divergence")),
+            "J/tok": "-" if energy is None else f"{energy:.3g} ({m.get('energy_method')})",
+        })
+    return rows
+
+
+def print_table(records: list[dict[str, Any]], file: Any = None) -> None:
+    """The :func:`summary_rows` of ``records`` as a rich table on ``file`` (stdout)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = summary_rows(records)
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    table = Table(title="frugallm bench")
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("config", "status") else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*(row.get(c, "") for c in cols))
+    Console(file=file or sys.stdout, width=200).print(table)

@@ -27,20 +27,23 @@ Conventions (every count is for the whole batch):
   predictions: ``ttft_s``/``tpot_s`` (attainable) and ``ttft_peak_s``/``tpot_peak_s`` (peak bandwidth
   everywhere, the pure hardware roofline). They are equal for datasheet specs.
 * Matmuls run at the ``int8`` peak when both operands are <= 8 bits and the device lists ``int8``
-  (weights: ``wbits``/``abits``; attention: ``kvbits``/``abits``), else at ``compute_dtype``.
+  (weights: ``wbits``/``abits``; attention: ``kvbits``/``abits``), else at the phase's compute dtype:
+  ``compute_dtype`` for decode, ``prefill_compute_dtype`` (default: the same) for prefill. They differ
+  where an engine multiplies the two phases in different dtypes, e.g. frugallm's fp16 models on CPU
+  prefill in bf16 (or fp32) but decode in fp16.
+
+Measured runs are compared with this model in :mod:`frugallm.lab.utilization` (MBU, MFU).
 """
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from frugallm.config import ModelConfig
 from frugallm.errors import FrugalError
-from frugallm.lab.hwspecs import DTYPES, GEMV_DTYPES, HardwareSpec
+from frugallm.lab.hardware import DTYPES, GEMV_DTYPES, HardwareSpec
 
 VALID_BITS = (2, 3, 4, 6, 8, 16, 32)
 SOFTMAX_FLOPS = 5  # max, subtract, exp, sum, divide per score
@@ -109,8 +112,10 @@ class RooflineReport:
     wbits: int
     abits: int
     kvbits: int
-    compute_dtype: str
-    matmul_dtype: str  # the dtype whose peak bounds the weight matmuls
+    compute_dtype: str  # decode's
+    matmul_dtype: str  # the dtype whose peak bounds decode's weight matmuls
+    prefill_compute_dtype: str
+    prefill_matmul_dtype: str  # the dtype whose peak bounds prefill's weight matmuls
     weight_dtype: str | None  # the dtype whose attainable GEMV bandwidth bounds weight streaming
     weight_bandwidth_gbs: float  # that bandwidth (mem_bandwidth_gbs when the spec has none for it)
     fused_attention: bool
@@ -140,7 +145,7 @@ class RooflineReport:
 
 
 def _check_inputs(batch: int, prompt_len: int, gen_len: int, bits: dict[str, int],
-                  compute_dtype: str) -> None:
+                  compute_dtypes: tuple[str, ...]) -> None:
     if batch < 1:
         raise FrugalError(f"roofline: batch must be >= 1, got {batch}")
     if prompt_len < 1:
@@ -153,8 +158,9 @@ def _check_inputs(batch: int, prompt_len: int, gen_len: int, bits: dict[str, int
                 f"roofline: {name}={value} is not supported; "
                 f"valid bit widths: {', '.join(map(str, VALID_BITS))}"
             )
-    if compute_dtype not in DTYPES:
-        raise FrugalError(f"roofline: unknown compute_dtype {compute_dtype!r}; valid: {', '.join(DTYPES)}")
+    for compute_dtype in compute_dtypes:
+        if compute_dtype not in DTYPES:
+            raise FrugalError(f"roofline: unknown compute_dtype {compute_dtype!r}; valid: {', '.join(DTYPES)}")
 
 
 def _pick_dtype(hw: HardwareSpec, compute_dtype: str, a: int, b: int) -> str:
@@ -250,9 +256,12 @@ def _activation_peak(cfg: ModelConfig, batch: int, new: int, context: float, abi
 
 def analyze(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_len: int, gen_len: int,
             wbits: int = 16, abits: int = 16, kvbits: int = 16, compute_dtype: str = "fp16",
-            fused_attention: bool = True, weight_dtype: str | None = None) -> RooflineReport:
+            fused_attention: bool = True, weight_dtype: str | None = None,
+            prefill_compute_dtype: str | None = None) -> RooflineReport:
     """Predict per-op FLOPs, bytes and time for prefill and decode (see the module docstring).
 
+    ``compute_dtype`` is the dtype decode multiplies in and ``prefill_compute_dtype`` the one prefill
+    does (None: the same), so each phase's time and MFU use the peak of the dtype it really runs in.
     ``weight_dtype`` picks the attainable GEMV bandwidth (``fp32``/``bf16``/``fp16``); by default it is
     ``fp32`` for 32-bit weights and, for 16-bit weights, ``compute_dtype`` if that is bf16/fp16 else fp16.
     Other bit widths (quantized kernels, not probed) stream at the peak bandwidth.
@@ -261,22 +270,27 @@ def analyze(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_len: int, gen
     ``VALID_BITS`` or a compute dtype the spec has no peak for.
     """
     bits_by_name = {"wbits": wbits, "abits": abits, "kvbits": kvbits}
-    _check_inputs(batch, prompt_len, gen_len, bits_by_name, compute_dtype)
-    mm = _pick_dtype(hw, compute_dtype, wbits, abits)
-    attn_mm = _pick_dtype(hw, compute_dtype, kvbits, abits)
-    vec = "fp32" if "fp32" in hw.peak_flops else compute_dtype
-    bits, dtypes = (wbits, abits, kvbits), (mm, attn_mm, vec)
+    prefill_compute = prefill_compute_dtype or compute_dtype
+    _check_inputs(batch, prompt_len, gen_len, bits_by_name, (compute_dtype, prefill_compute))
+
+    def dtypes(compute: str) -> tuple[str, str, str]:  # weight matmuls, attention matmuls, vector ops
+        vec = "fp32" if "fp32" in hw.peak_flops else compute
+        return _pick_dtype(hw, compute, wbits, abits), _pick_dtype(hw, compute, kvbits, abits), vec
+
+    bits = (wbits, abits, kvbits)
     wdt = _weight_dtype(wbits, compute_dtype, weight_dtype)
     weight_bw = hw.gemv_bandwidth(wdt)
     ctx = prompt_len + gen_len / 2
-    args = (bits, dtypes, fused_attention)
-    prefill = _phase(cfg, hw, "prefill", batch, prompt_len, prompt_len, *args, weight_bw)
-    decode = _phase(cfg, hw, "decode", batch, 1, ctx, *args, weight_bw)
+    pre_dtypes, dec_dtypes = dtypes(prefill_compute), dtypes(compute_dtype)
+    pre_args, dec_args = (bits, pre_dtypes, fused_attention), (bits, dec_dtypes, fused_attention)
+    prefill = _phase(cfg, hw, "prefill", batch, prompt_len, prompt_len, *pre_args, weight_bw)
+    decode = _phase(cfg, hw, "decode", batch, 1, ctx, *dec_args, weight_bw)
     if weight_bw == hw.mem_bandwidth:
         prefill_peak_t, decode_peak_t = prefill.time_s, decode.time_s
     else:
-        prefill_peak_t = _phase(cfg, hw, "prefill", batch, prompt_len, prompt_len, *args, hw.mem_bandwidth).time_s
-        decode_peak_t = _phase(cfg, hw, "decode", batch, 1, ctx, *args, hw.mem_bandwidth).time_s
+        prefill_peak_t = _phase(cfg, hw, "prefill", batch, prompt_len, prompt_len, *pre_args,
+                                hw.mem_bandwidth).time_s
+        decode_peak_t = _phase(cfg, hw, "decode", batch, 1, ctx, *dec_args, hw.mem_bandwidth).time_s
 
     weight_bytes = cfg.num_params * wbits / 8
     kv_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (prompt_len + gen_len) * batch
@@ -287,7 +301,9 @@ def analyze(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_len: int, gen
     return RooflineReport(
         model=cfg.name or f"{cfg.arch}-{cfg.num_params / 1e9:.2f}B", hardware=hw.name,
         batch=batch, prompt_len=prompt_len, gen_len=gen_len, wbits=wbits, abits=abits, kvbits=kvbits,
-        compute_dtype=compute_dtype, matmul_dtype=mm, weight_dtype=wdt, weight_bandwidth_gbs=weight_bw / 1e9,
+        compute_dtype=compute_dtype, matmul_dtype=dec_dtypes[0],
+        prefill_compute_dtype=prefill_compute, prefill_matmul_dtype=pre_dtypes[0],
+        weight_dtype=wdt, weight_bandwidth_gbs=weight_bw / 1e9,
         fused_attention=fused_attention,
         num_params=cfg.num_params, prefill=prefill, decode=decode,
         decode_total_flops=gen_len * decode.flops, decode_total_bytes=gen_len * decode.bytes,
@@ -299,148 +315,3 @@ def analyze(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_len: int, gen
         total_memory_bytes=total_mem,
         fits_in_memory=None if hw.mem_bytes is None else total_mem <= hw.mem_bytes,
     )
-
-
-def measured_utilization(cfg: ModelConfig, hw: HardwareSpec, batch: int, prompt_len: int, gen_len: int,
-                         tpot_s: float | None, ttft_s: float | None, wbits: int = 16, abits: int = 16,
-                         kvbits: int = 16, compute_dtype: str = "fp16",
-                         fused_attention: bool = True, weight_dtype: str | None = None
-                         ) -> dict[str, float | None]:
-    """MBU and MFU of a measured run: the modelled bytes (FLOPs) per measured second over the ceiling.
-
-    MBU is against the peak ``mem_bandwidth_gbs``; ``decode_gemv_efficiency`` is the achieved bandwidth
-    over the attainable GEMV bandwidth of the weight dtype (the peak when the spec has none).
-    ``predicted_*_s`` use the attainable bandwidth, ``predicted_*_peak_s`` the peak.
-
-    ``tpot_s`` should be the mean decode step time (it matches the model's mid-context step) and
-    ``ttft_s`` the prefill time; either may be None, which makes its keys None.
-    ``*_roofline_fraction`` = predicted / measured time (1.0 means running at the roofline);
-    ``*_roofline_fraction_peak`` the same against the peak-bandwidth prediction.
-    """
-    report = analyze(cfg, hw, batch, prompt_len, gen_len, wbits, abits, kvbits, compute_dtype,
-                     fused_attention, weight_dtype)
-    peak, bw = hw.peak(report.matmul_dtype), hw.mem_bandwidth
-    out: dict[str, float | None] = {
-        "peak_flops": peak, "mem_bandwidth_gbs": hw.mem_bandwidth_gbs,
-        "weight_bandwidth_gbs": report.weight_bandwidth_gbs,
-        "predicted_tpot_s": report.tpot_s, "predicted_ttft_s": report.ttft_s,
-        "predicted_tpot_peak_s": report.tpot_peak_s, "predicted_ttft_peak_s": report.ttft_peak_s,
-    }
-    for phase, measured, model in (("decode", tpot_s, report.decode), ("prefill", ttft_s, report.prefill)):
-        if measured is not None and measured <= 0:
-            raise FrugalError(f"measured_utilization: {phase} time must be positive, got {measured}")
-        ok = measured is not None
-        out[f"{phase}_achieved_gbs"] = model.bytes / measured / 1e9 if ok else None
-        out[f"{phase}_achieved_flops"] = model.flops / measured if ok else None
-        out[f"{phase}_mbu"] = model.bytes / measured / bw if ok else None
-        out[f"{phase}_mfu"] = model.flops / measured / peak if ok else None
-        out[f"{phase}_roofline_fraction"] = model.time_s / measured if ok else None
-        peak_t = report.tpot_peak_s if phase == "decode" else report.ttft_peak_s
-        out[f"{phase}_roofline_fraction_peak"] = peak_t / measured if ok else None
-    out["decode_gemv_efficiency"] = (report.decode.bytes / tpot_s / (report.weight_bandwidth_gbs * 1e9)
-                                     if tpot_s is not None else None)
-    return out
-
-
-# --------------------------------------------------------------------------------------- presentation
-
-
-def _si(x: float, unit: str = "") -> str:
-    if not math.isfinite(x):
-        return "inf"
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {prefix}{unit}"
-    return f"{x:.3g} {unit}".rstrip()
-
-
-def _seconds(t: float) -> str:
-    if t < 1e-3:
-        return f"{t * 1e6:.3g} us"
-    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
-
-
-def format_table(report: RooflineReport, width: int = 110) -> str:
-    """Render the per-op rows and the summary as plain text (rich tables, no colour codes)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"Roofline: {report.model} on {report.hardware}  (batch {report.batch}, "
-                        f"prompt {report.prompt_len}, gen {report.gen_len}, W{report.wbits}A{report.abits}"
-                        f"KV{report.kvbits})")
-    for col in ("phase", "op", "FLOPs", "bytes", "FLOP/B", "bound", "time", "share"):
-        table.add_column(col, justify="left" if col in ("phase", "op", "bound") else "right")
-    for ph in (report.prefill, report.decode):
-        label = "prefill" if ph.phase == "prefill" else f"decode step (ctx {ph.context:g})"
-        for r in ph.rows:
-            share = r.time_s / ph.time_s if ph.time_s else 0.0
-            table.add_row(label, r.name, _si(r.flops), _si(r.bytes, "B"),
-                          "inf" if math.isinf(r.intensity) else f"{r.intensity:.3g}", r.bound,
-                          _seconds(r.time_s), f"{share:.1%}")
-            label = ""
-        table.add_row("", "[b]total[/b]", _si(ph.flops), _si(ph.bytes, "B"), f"{ph.intensity:.3g}", "",
-                      _seconds(ph.time_s), "", end_section=True)
-    buf = io.StringIO()
-    console = Console(file=buf, width=width, color_system=None, force_terminal=False)
-    console.print(table)
-    mem = f"weights {_si(report.weight_bytes, 'B')}, KV {_si(report.kv_cache_bytes, 'B')}, " \
-          f"activations ~{_si(report.activation_peak_bytes, 'B')}"
-    if report.fits_in_memory is not None:
-        mem += "" if report.fits_in_memory else "  (DOES NOT FIT in device memory)"
-    console.print(
-        f"TTFT {_seconds(report.ttft_s)} | TPOT {_seconds(report.tpot_s)} | "
-        f"decode {report.decode_tokens_per_s:.4g} tok/s (batch) | e2e {_seconds(report.e2e_latency_s)} | "
-        f"matmul peak: {report.matmul_dtype}\nmemory: {mem}"
-        + ("" if report.tpot_peak_s == report.tpot_s else
-           f"\nweights stream at the attainable {report.weight_dtype} GEMV bandwidth "
-           f"{report.weight_bandwidth_gbs:.4g} GB/s; at the peak bandwidth: TTFT {_seconds(report.ttft_peak_s)}"
-           f" | TPOT {_seconds(report.tpot_peak_s)}")
-    )
-    return buf.getvalue()
-
-
-def plot_roofline(report: RooflineReport, hw: HardwareSpec, path: str | Path,
-                  measured_points: list[tuple[str, float, float]] | None = None) -> Path:
-    """Write a log-log roofline PNG: one ceiling per dtype in ``hw``, each op at (intensity, FLOP/s
-    at its predicted time), and optional measured ``(label, intensity, flops_per_s)`` points."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise FrugalError("plotting needs matplotlib: pip install 'frugallm[lab]'") from None
-
-    # Figure + Agg canvas, not pyplot: no global backend switch, safe in servers and threads.
-    fig = Figure(figsize=(9, 6), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    points = [(r, ph.phase) for ph in (report.prefill, report.decode) for r in ph.rows
-              if r.flops > 0 and r.bytes > 0 and r.time_s > 0]
-    xs = [r.intensity for r, _ in points] + [p[1] for p in measured_points or []]
-    lo = min([0.1, *xs]) / 2
-    hi = max([max(hw.peak_flops.values()) / hw.mem_bandwidth * 10, *xs]) * 2
-    grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-    for dtype, peak in sorted(hw.peak_flops.items(), key=lambda kv: -kv[1]):
-        ax.plot(grid, [min(peak, x * hw.mem_bandwidth) for x in grid],
-                label=f"{dtype} ceiling ({_si(peak)}FLOP/s)")
-    markers = {"prefill": "o", "decode": "s"}
-    for phase in ("prefill", "decode"):
-        rows = [r for r, ph in points if ph == phase]
-        ax.scatter([r.intensity for r in rows], [r.achieved_flops for r in rows], marker=markers[phase],
-                   label=f"{phase} ops (predicted)", zorder=3)
-        for r in rows:
-            ax.annotate(r.name, (r.intensity, r.achieved_flops), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
-    for label, x, y in measured_points or []:
-        ax.scatter([x], [y], marker="*", s=120, zorder=4)
-        ax.annotate(label, (x, y), fontsize=7, xytext=(4, -8), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
-    ax.set_ylabel("FLOP/s")
-    ax.set_title(f"{report.model} on {hw.name} ({hw.mem_bandwidth_gbs:.4g} GB/s), batch {report.batch}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
