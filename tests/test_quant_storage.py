@@ -12,14 +12,9 @@ from torch import nn
 
 from frugallm import LLM
 from frugallm.errors import FrugalError
+from frugallm.loading.quantized import load_quantized
 from frugallm.quant import GroupQuantLinear, Int8Linear, LLMInt8Linear, Mix4Linear, QuantEmbedding, int8
-from frugallm.quant.storage import (
-    META_FILE,
-    WEIGHTS_FILE,
-    load_quantized,
-    save_quantized,
-    theoretical_weight_bytes,
-)
+from frugallm.quant.storage import META_FILE, WEIGHTS_FILE, save_quantized, theoretical_weight_bytes
 
 IDS = list(range(5, 30))
 SPECS = {

@@ -8,7 +8,7 @@ import pytest
 
 from frugallm.engine.sequence import Sequence
 from frugallm.loading import default_model_path
-from frugallm.loading.gguf_loader import GGUFModelFile
+from frugallm.loading.gguf import GGUFModelFile
 from frugallm.sampling import SamplingParams
 from frugallm.tokenizer.tokenizer import Tokenizer
 

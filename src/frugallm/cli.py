@@ -208,28 +208,13 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_info(model: str) -> dict[str, Any]:
-    from frugallm.loading import resolve_model_path
+    from frugallm.loading import describe
 
-    path = resolve_model_path(model)
-    if path.is_dir():
-        from frugallm.loading.hf_loader import HFModelFolder
-
-        folder = HFModelFolder(path)
-        cfg = folder.config()
-        type_bytes = folder.dtype_bytes()
-        template = bool(folder.tokenizer_config().get("chat_template")) or (path / "chat_template.jinja").is_file()
-        fmt = "hf"
-    else:
-        from frugallm.loading.gguf_loader import GGUFModelFile
-
-        gf = GGUFModelFile(path)
-        cfg = gf.config()
-        type_bytes = gf.tensor_type_bytes()
-        template = gf.field("tokenizer.chat_template") is not None
-        fmt = "gguf"
+    desc = describe(model, use_cache=False)  # read the model's own metadata, not the weights cache
+    cfg, type_bytes = desc.config, dict(desc.tensor_bytes)
     return {
-        "path": str(path),
-        "format": fmt,
+        "path": str(desc.path),
+        "format": desc.format,
         "name": cfg.name,
         "architecture": cfg.arch,
         "parameters": cfg.num_params,
@@ -243,7 +228,7 @@ def model_info(model: str) -> dict[str, Any]:
         "tied_embeddings": cfg.tie_word_embeddings,
         "bytes_per_tensor_type": type_bytes,
         "total_bytes": sum(type_bytes.values()),
-        "chat_template": template,
+        "chat_template": desc.chat_template,
     }
 
 

@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass for every supported Llama-family architecture.
 
-Built from GGUF metadata (``loading/gguf_loader.py``) or a Hugging Face ``config.json``
-(``loading/hf_loader.py``); never guessed from file names.
+Built from GGUF metadata (``loading/gguf.py``) or a Hugging Face ``config.json``
+(``loading/hf.py``); never guessed from file names.
 """
 
 from __future__ import annotations
@@ -150,6 +150,31 @@ class ModelConfig:
             if isinstance(e, ModelLoadError):
                 raise
             raise ModelLoadError(f"config.json is missing or has an invalid field: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` transformers would write for this model: :meth:`from_hf` reads it back
+        equal, and other tools (``frugallm info``, transformers' config loader) can read it."""
+        names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+        return {
+            "architectures": [f"{names[self.arch]}ForCausalLM"],
+            "model_type": self.arch,
+            "_name_or_path": self.name,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else asdict(self.rope_scaling),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "sliding_window": self.sliding_window,
+        }
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> ModelConfig:

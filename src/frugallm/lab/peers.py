@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,53 +55,21 @@ def load_model_config(model: str | Path) -> ModelConfig:
     return _config_of(path, st.st_mtime_ns, st.st_size)
 
 
-def _converted_meta(path: Path) -> dict[str, Any] | None:
-    """Config and tokenizer that frugallm's weights cache stored for this GGUF, if it converted it once:
-    reading them is instant, parsing the GGUF's metadata (its whole vocabulary) takes seconds."""
-    from frugallm.loading import weight_cache
-
-    try:
-        entry = weight_cache.entry_dir(weight_cache.file_hash(path), torch.float32)
-        for d in sorted(entry.parent.glob(entry.name.replace("-float32-", "-*-", 1))):
-            if (d / "meta.json").is_file():
-                meta = json.loads((d / "meta.json").read_text())
-                if "config" in meta and "tokenizer" in meta:
-                    return meta
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 @functools.lru_cache(maxsize=16)
 def _config_of(path: Path, mtime_ns: int, size: int) -> ModelConfig:
-    if path.is_dir():
-        from frugallm.loading.hf_loader import HFModelFolder
-
-        return HFModelFolder(path).config()
     if path.suffix.lower() == ".json":
         return ModelConfig.from_json_file(path)
-    meta = _converted_meta(path)
-    if meta is not None:
-        return ModelConfig.from_dict(meta["config"])
-    from frugallm.loading.gguf_loader import GGUFModelFile
+    from frugallm.loading import describe
 
-    return GGUFModelFile(path).config()
+    return describe(path).config
 
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: Path) -> Tokenizer:
-    """frugallm's tokenizer of a GGUF file or HF folder (so every backend gets the same token ids)."""
-    if path.is_dir():
-        from frugallm.loading.hf_loader import HFModelFolder
+    """frugallm's tokenizer of a model (so every backend gets the same token ids)."""
+    from frugallm.loading import describe
 
-        folder = HFModelFolder(path)
-        return Tokenizer.from_hf_folder(path, folder.tokenizer_config(), folder.raw_config)
-    meta = _converted_meta(path)
-    if meta is not None:
-        return Tokenizer.from_dict(meta["tokenizer"])
-    from frugallm.loading.gguf_loader import GGUFModelFile
-
-    return Tokenizer.from_gguf_meta(GGUFModelFile(path).tokenizer_meta())
+    return describe(path).tokenizer()
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -134,6 +101,7 @@ class Runner:
     kv_reason: ClassVar[str] = ""  # why kv_cache_bytes is None, when it is
     notes: ClassVar[tuple[str, ...]] = ()  # caveats recorded with every result of this backend
     kv_bits: ClassVar[int | None] = None  # K/V element bits when kv_cache_bytes is unknown (roofline)
+    cpu_fp16_compute: ClassVar[str] = "fp16"  # the peak that bounds fp16 matmuls on a CPU (roofline)
 
     config: ModelConfig
     tokenizer: Tokenizer
@@ -149,12 +117,6 @@ class Runner:
 
     def weight_bytes(self) -> int:
         raise NotImplementedError
-
-    def compute_dtype(self, tokens: int) -> str:
-        """The dtype (a ``dtype`` name) that a forward pass over ``tokens`` tokens of the whole batch
-        multiplies in. The roofline bounds each phase by that dtype's peak, so MFU is only right if this
-        is what really runs; by default the weights' dtype."""
-        return self.dtype
 
     def generate(self, prompts: list[list[int]], gen_len: int) -> BatchResult:
         """Greedy, exactly ``gen_len`` new tokens per prompt (EOS ignored)."""
@@ -178,6 +140,7 @@ class Runner:
 class FrugalRunner(Runner):
     backend = "frugallm"
     can_score = True
+    cpu_fp16_compute = "bf16"  # its CPU Linear runs large fp16 matmuls in bf16 (see engine.llm.resolve_dtype)
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", threads: int | None = None,
                  quant: str | None = None, kv: str | None = None, use_cache: bool = True) -> None:
@@ -203,20 +166,6 @@ class FrugalRunner(Runner):
 
     def weight_bytes(self) -> int:
         return int(self.llm.weight_bytes())
-
-    def compute_dtype(self, tokens: int) -> str:
-        """What ``Transformer.forward`` picks: ``prefill_dtype`` from ``PREFILL_MIN_TOKENS`` tokens on (CPU fp16
-        models: bf16 where the CPU multiplies it natively, else fp32), ``decode_dtype`` below, else the
-        weights' dtype; quantized CPU matmuls then run in ``quant.kernels.compute_dtype`` of that."""
-        from frugallm.model.llama import PREFILL_MIN_TOKENS
-
-        model = self.llm.model
-        act = (model.prefill_dtype if tokens >= PREFILL_MIN_TOKENS else model.decode_dtype) or self.llm.dtype
-        if self.llm.quant_spec is not None:
-            from frugallm.quant.kernels import compute_dtype
-
-            act = compute_dtype(self.llm.device, act)
-        return _DTYPE_NAMES.get(act, str(act))
 
     def generate(self, prompts: list[list[int]], gen_len: int) -> BatchResult:
         from frugallm import SamplingParams

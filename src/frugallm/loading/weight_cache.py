@@ -75,3 +75,18 @@ def save_entry(d: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any
         (d / "meta.json").write_text(json.dumps(meta))  # written last: marks the entry complete
     except OSError:
         pass
+
+
+def find_meta(source_hash: str) -> dict[str, Any] | None:
+    """Config, tokenizer and source info stored by any complete entry of this source (whatever its dtype):
+    reading them is instant, while parsing a GGUF's metadata (its whole vocabulary) takes seconds."""
+    pattern = entry_dir(source_hash, torch.float32).name.replace("-float32-", "-*-", 1)
+    try:
+        for d in sorted((cache_dir() / "weights").glob(pattern)):
+            if (d / "meta.json").is_file():
+                meta = json.loads((d / "meta.json").read_text())
+                if {"config", "tokenizer", "source_info"} <= set(meta):
+                    return meta
+    except (OSError, ValueError):
+        pass
+    return None

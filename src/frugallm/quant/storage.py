@@ -1,4 +1,4 @@
-"""Quantized model folders: save a quantized ``Transformer`` as safetensors + metadata, load it back packed.
+"""Quantized model folders, the saving half: write a quantized ``Transformer`` as safetensors + metadata.
 
 Folder layout (written by :func:`save_quantized`, ``frugallm quantize MODEL --quant SPEC -o DIR``):
 
@@ -8,12 +8,14 @@ Folder layout (written by :func:`save_quantized`, ``frugallm quantize MODEL --qu
 * ``frugallm_quant.json``: format version, the quantization spec (method, bits, group size, flags), the
   source model's path and content hash, torch version, byte counts (stored and theoretical) and a
   manifest of the quantized modules: class, constructor attributes, buffer names, shapes and dtypes.
-* ``config.json``: :meth:`ModelConfig.to_dict`; ``tokenizer.json``: :meth:`Tokenizer.to_dict`.
+* ``config.json``: the Hugging Face form of the model config (:meth:`ModelConfig.to_hf`), so other tools
+  read the architecture; frugallm reads it back with :meth:`ModelConfig.from_hf` (equal by construction,
+  checked on save). Folders from before this change hold :meth:`ModelConfig.to_dict` there; the loader
+  accepts both. ``tokenizer.json``: :meth:`Tokenizer.to_dict`.
 
-Loading (:func:`load_quantized`) builds the float model on the meta device, installs each quantized
-module directly around its stored tensors (no ``__init__``, so nothing is re-quantized and no
-full-precision weight of a quantized matrix is ever created) and assigns the remaining parameters.
-Every mismatch between metadata, tensors and model config raises a :class:`FrugalError` naming it.
+The loading half lives in :mod:`frugallm.loading.quantized` (loading depends on this module, never the
+reverse). This module also defines what both halves share: file names, the module classes that may
+appear, and the buffers rebuilt rather than stored.
 """
 
 from __future__ import annotations
@@ -29,12 +31,10 @@ import torch
 from torch import nn
 
 from frugallm.errors import FrugalError
-from frugallm.quant.embedding import QuantEmbedding
-from frugallm.quant.group_linear import GroupQuantLinear
-from frugallm.quant.int8 import Int8Linear
-from frugallm.quant.llm_int8 import LLMInt8Linear
-from frugallm.quant.mix4 import GRIDS, Mix4Linear
+from frugallm.quant import GroupQuantLinear, Int8Linear, LLMInt8Linear, Mix4Linear, QuantEmbedding
+from frugallm.quant.mix4 import GRIDS
 
+# Version 1 folders before the Hugging Face config.json still load: the same version, a config either way.
 FORMAT_VERSION = 1
 META_FILE = "frugallm_quant.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -45,11 +45,7 @@ QUANT_MODULES: dict[str, type[nn.Module]] = {
     c.__name__: c for c in (Int8Linear, LLMInt8Linear, GroupQuantLinear, Mix4Linear, QuantEmbedding)
 }
 # Non-persistent buffers are derived constants: rebuilt at load time rather than stored.
-_DERIVED_BUFFERS = {("Mix4Linear", "grids"): lambda: GRIDS}  # shared, as Mix4Linear on CPU
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
-    torch.int32, torch.int64, torch.bool,
-)}
+DERIVED_BUFFERS = {("Mix4Linear", "grids"): lambda: GRIDS}  # shared, as Mix4Linear on CPU
 
 
 def is_quantized_folder(path: str | Path) -> bool:
@@ -155,7 +151,7 @@ def collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[dic
         buffers: dict[str, Any] = {}
         for bname, buf in m._buffers.items():
             if bname in m._non_persistent_buffers_set:
-                if (cls, bname) not in _DERIVED_BUFFERS:
+                if (cls, bname) not in DERIVED_BUFFERS:
                     raise FrugalError(f"cannot save {path}: non-persistent buffer {bname!r} of {cls} is unknown")
                 buffers[bname] = {"derived": True}
             elif buf is None:
@@ -214,6 +210,9 @@ def save_quantized(
         }
     if not any("class" in e for e in manifest):
         raise FrugalError("the model has no quantized modules; quantize it first")
+    hf_config = config.to_hf()
+    if type(config).from_hf(hf_config) != config:
+        raise FrugalError(f"this model's config has no Hugging Face config.json form that reads back equal: {config}")
     stored = sum(_nbytes(t) for k, t in tensors.items() if k != "rope_factors")
     meta = {
         "format": "frugallm-quant",
@@ -235,253 +234,7 @@ def save_quantized(
         "modules": manifest,
     }
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "frugallm-quant", "spec": str(spec)})
-    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
     (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
-
-
-# ------------------------------------------------------------------------------------------------ load
-
-
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise FrugalError(f"quantized folder {path.parent}: missing {path.name} ({what})")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FrugalError(f"quantized folder {path.parent}: {path.name} is corrupt ({e})") from None
-
-
-def _parse_json(path: Path, what: str, parse: Any) -> Any:
-    """``parse(json of path)``; any failure becomes a FrugalError naming the file."""
-    try:
-        return parse(_read_json(path, what))
-    except FrugalError:
-        raise
-    except Exception as e:
-        raise FrugalError(f"quantized folder {path.parent}: {path.name} is not a frugallm {what} ({e})") from None
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    meta = _read_json(p / META_FILE, "quantization metadata")
-    if not isinstance(meta, dict) or meta.get("format") != "frugallm-quant":
-        raise FrugalError(f"{p / META_FILE} is not frugallm quantization metadata")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise FrugalError(
-            f"{p / META_FILE}: format version {meta.get('format_version')} is not supported (expected "
-            f"{FORMAT_VERSION}); re-run `frugallm quantize`"
-        )
-    for key in ("spec", "modules"):
-        if key not in meta:
-            raise FrugalError(f"{p / META_FILE}: missing field {key!r}")
-    return meta
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    f = path / WEIGHTS_FILE
-    if not f.is_file():
-        raise FrugalError(f"quantized folder {path}: missing {WEIGHTS_FILE}")
-    try:
-        return load_file(str(f), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for truncated / garbled files
-        raise FrugalError(f"quantized folder {path}: {WEIGHTS_FILE} is corrupt or truncated ({e})") from None
-
-
-def _get(model: nn.Module, path: str) -> nn.Module | None:
-    m: nn.Module | None = model
-    for part in path.split("."):
-        m = getattr(m, part, None) if m is not None else None
-        if not isinstance(m, nn.Module):
-            return None
-    return m
-
-
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = _get(model, parent_path) if parent_path else model
-    if parent is None:
-        raise FrugalError(f"metadata names module {path!r}, which this model does not have")
-    setattr(parent, name, module)
-
-
-def _expected_shape(target: nn.Module) -> tuple[int, int]:
-    if isinstance(target, nn.Linear):
-        return target.out_features, target.in_features
-    if isinstance(target, nn.Embedding):
-        return target.num_embeddings, target.embedding_dim
-    raise FrugalError(f"cannot place a quantized module where the model has {type(target).__name__}")
-
-
-def _check_sizes(where: str, m: nn.Module) -> None:
-    """The stored code tensors must hold exactly the codes the module's shape needs."""
-    if isinstance(m, QuantEmbedding):
-        return
-    n, k = m.out_features, m.in_features
-    codes = m.qweight.numel() * m.qweight.element_size()
-    if isinstance(m, Int8Linear | LLMInt8Linear):
-        want, wanted_scales = n * k, n
-        got_scales = m.scales.numel()
-    elif isinstance(m, GroupQuantLinear):
-        if m.group_size <= 0 or k % m.group_size:
-            raise FrugalError(f"{where}: group size {m.group_size} does not divide in_features {k}")
-        want = math.ceil(n * k * m.bits / 8)
-        wanted_scales = n * (k // m.group_size) * (1 if m.symmetric and m.layout == "packed" else 2)
-        got_scales = m.qscale.numel()
-    elif isinstance(m, Mix4Linear):
-        if m.group_size <= 0 or k % m.group_size:
-            raise FrugalError(f"{where}: group size {m.group_size} does not divide in_features {k}")
-        want, wanted_scales, got_scales = n * k // 2, n * (k // m.group_size) * 2, m.qscale.numel()
-    else:  # pragma: no cover - QUANT_MODULES is closed
-        return
-    if codes != want:
-        raise FrugalError(f"{where}: stored codes are {codes} bytes, a {n}x{k} matrix needs {want}")
-    if got_scales != wanted_scales:
-        raise FrugalError(f"{where}: {got_scales} scale values stored, {wanted_scales} expected")
-    bias = getattr(m, "bias", None)
-    if bias is not None and bias.shape != (n,):
-        raise FrugalError(f"{where}: bias has shape {tuple(bias.shape)}, expected ({n},)")
-
-
-def _build_module(entry: dict[str, Any], tensors: dict[str, torch.Tensor], meta_model: nn.Module) -> nn.Module:
-    path, cls_name = entry["path"], entry.get("class")
-    if cls_name not in QUANT_MODULES:
-        raise FrugalError(f"module {path!r}: unknown quantized module type {cls_name!r}")
-    target = _get(meta_model, path)
-    parent_path, _, leaf = path.rpartition(".")
-    if target is None and leaf == "table" and isinstance(_get(meta_model, parent_path), nn.Embedding):
-        target = _get(meta_model, parent_path)  # the table of a QuantEmbedding has the embedding's shape
-    if target is None:
-        raise FrugalError(f"metadata names module {path!r}, which this model does not have")
-    n, k = _expected_shape(target)
-    cls = QUANT_MODULES[cls_name]
-    m = cls.__new__(cls)
-    nn.Module.__init__(m)
-    for key, value in entry.get("attrs", {}).items():
-        if isinstance(value, dict) and "dtype" in value:
-            if value["dtype"] not in _DTYPES:
-                raise FrugalError(f"module {path!r}: unknown dtype {value['dtype']!r}")
-            value = _DTYPES[value["dtype"]]
-        setattr(m, key, value)
-    where = f"module {path!r} ({cls_name})"
-    size = (m.num_embeddings, m.embedding_dim) if cls is QuantEmbedding else (m.out_features, m.in_features)
-    if tuple(size) != (n, k):
-        raise FrugalError(f"{where}: stored shape {tuple(size)} does not match the model's ({n}, {k})")
-    if cls is QuantEmbedding:
-        return m
-    for bname, info in entry.get("buffers", {}).items():
-        if info is None:
-            m.register_buffer(bname, None)
-        elif info.get("derived"):
-            make = _DERIVED_BUFFERS.get((cls_name, bname))
-            if make is None:
-                raise FrugalError(f"{where}: unknown derived buffer {bname!r}")
-            m.register_buffer(bname, make(), persistent=False)
-        else:
-            key = f"{path}.{bname}"
-            t = tensors.pop(key, None)
-            if t is None:
-                raise FrugalError(f"{WEIGHTS_FILE} lacks tensor {key!r} named in the metadata")
-            if list(t.shape) != list(info.get("shape", [])) or str(t.dtype).removeprefix("torch.") != info.get("dtype"):
-                raise FrugalError(
-                    f"tensor {key!r} is {tuple(t.shape)} {t.dtype}; the metadata says "
-                    f"{tuple(info.get('shape', []))} {info.get('dtype')}"
-                )
-            m.register_buffer(bname, t)
-    for required in ("qweight",):
-        if getattr(m, required, None) is None:
-            raise FrugalError(f"{where}: no {required} tensor")
-    if isinstance(m, GroupQuantLinear) and m.layout != "packed":
-        from frugallm.quant import kernels
-
-        if m.layout not in kernels.INT4_LAYOUTS:
-            raise FrugalError(f"{where}: unknown int4 kernel layout {m.layout!r} (saved with another torch?)")
-    _check_sizes(where, m)
-    if hasattr(m, "_init_runtime"):
-        m._init_runtime()  # derived state that __init__ would have made
-    return m
-
-
-def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> Any:
-    """Load a folder written by :func:`save_quantized` -> :class:`frugallm.loading.LoadedModel`.
-
-    ``dtype`` applies to the unquantized floating-point parameters (norms, unquantized embedding/head) and
-    to the embedding output; quantized modules keep their stored formats.
-    """
-    from frugallm.config import ModelConfig
-    from frugallm.loading import LoadedModel
-    from frugallm.model.llama import Transformer
-    from frugallm.quant.spec import parse_quant_spec
-    from frugallm.tokenizer.tokenizer import Tokenizer
-
-    t0 = time.perf_counter()
-    p = Path(path)
-    device = torch.device(device)
-    meta = read_metadata(p)
-    spec = parse_quant_spec(str(meta["spec"]))  # unknown methods / options fail here, by name
-    cfg = _parse_json(p / CONFIG_FILE, "model config", ModelConfig.from_dict)
-    tok = _parse_json(p / TOKENIZER_FILE, "tokenizer", Tokenizer.from_dict)
-    tensors = _load_tensors(p)
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    built: dict[str, nn.Module] = {}
-    entries = meta["modules"]
-    if not isinstance(entries, list):
-        raise FrugalError(f"{p / META_FILE}: 'modules' must be a list")
-    for entry in entries:
-        if not isinstance(entry, dict) or "path" not in entry:
-            raise FrugalError(f"{p / META_FILE}: malformed module entry {entry!r}")
-        if "alias_of" in entry:
-            continue
-        built[entry["path"]] = _build_module(entry, tensors, model)
-    # Install parents first (a QuantEmbedding), then tables inside them, then shared aliases.
-    for path in sorted(built, key=lambda s: s.count(".")):
-        m = built[path]
-        if isinstance(m, QuantEmbedding):
-            m.dtype = dtype
-        _set(model, path, m)
-    for entry in entries:
-        if "alias_of" in entry:
-            src = built.get(entry["alias_of"])
-            if src is None:
-                raise FrugalError(f"module {entry['path']!r} aliases unknown module {entry['alias_of']!r}")
-            _set(model, entry["path"], src)
-    for path, m in built.items():
-        if isinstance(m, QuantEmbedding) and not isinstance(getattr(m, "table", None), nn.Module):
-            raise FrugalError(f"quantized embedding {path!r} has no stored table")
-
-    rope = tensors.pop("rope_factors", None)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:
-        raise FrugalError(f"quantized folder {p}: weights do not match the model config: {e}") from None
-    quant_buffers = {f"{path}.{b}" for path, m in built.items() for b in m._buffers}
-    missing = [k for k in missing if k not in quant_buffers and not k.startswith(tuple(f"{q}." for q in built))]
-    plain_head = isinstance(model.lm_head, nn.Linear) and isinstance(model.embed_tokens, nn.Embedding)
-    if cfg.tie_word_embeddings and plain_head:
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise FrugalError(
-            f"quantized folder {p}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t is not None and t.is_meta]
-    if leftover:
-        raise FrugalError(f"quantized folder {p}: no stored values for {leftover[:5]}")
-    if rope is not None:
-        model.rope_factors = rope.float()
-    model = model.to(device)
-    model.eval().requires_grad_(False)
-    info = {
-        "quant_spec": str(spec),
-        "quant_source": meta.get("source"),
-        "quant_source_sha256": meta.get("source_sha256"),
-        "file_bytes": (p / WEIGHTS_FILE).stat().st_size,
-        "weight_bytes": meta.get("weight_bytes"),
-    }
-    return LoadedModel(model, cfg, tok, p, "quantized", False, time.perf_counter() - t0, info)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -17,8 +18,28 @@ from tokenizers import Tokenizer as HFTokenizer
 from frugallm.errors import ModelLoadError
 from frugallm.tokenizer.chat_template import render_chat
 
-if TYPE_CHECKING:
-    from frugallm.loading.gguf_loader import TokenizerMeta
+
+@dataclass
+class TokenizerMeta:
+    """What GGUF stores about the tokenizer (``tokenizer.ggml.*`` keys); ``loading/gguf.py`` reads it."""
+
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    scores: list[float]
+    bos_id: int | None
+    eos_id: int | None
+    eot_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    add_bos: bool
+    add_eos: bool
+    add_space_prefix: bool
+    chat_template: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
 
 # Pre-tokenizer split patterns by GGUF ``tokenizer.ggml.pre`` (the ones llama.cpp's vocab uses).
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
