@@ -126,7 +126,8 @@ def test_native_off_switch(monkeypatch) -> None:
 @needs_kernel
 def test_native_status_names_every_kernel() -> None:
     st = native.status()
-    assert set(st) == {"bf16_gemm", "int8_linear", "llm_int8_linear", "lowbit_linear", "mix4_linear", "paged_attention"}
+    assert set(st) == {"bf16_gemm", "gguf_linear", "int8_linear", "llm_int8_linear", "lowbit_linear", "mix4_linear",
+                       "paged_attention"}
     assert st["paged_attention"] == "in use"
 
 
@@ -198,7 +199,7 @@ def test_default_model_bf16_engine_agrees_with_generate() -> None:
     assert engine.cache.fused_decode and engine.cache.k[0].dtype == torch.bfloat16
     ids = [llm.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
     rids = [engine.add_request(i, sp) for i in ids]
-    seqs = [engine.requests[r].choices[0].seq for r in rids]
+    seqs = [engine.requests[r].seqs[0] for r in rids]
     engine.run_to_completion()
     got = [s.output().token_ids for s in seqs]
     first_diff = [next((j for j, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))

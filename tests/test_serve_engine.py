@@ -144,7 +144,7 @@ def prompts_for(llm: LLM, n: int = 8, seed: int = 0) -> list[list[int]]:
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list:
     rids = [engine.add_request(p, params, n=n) for p in prompts]
-    seqs = {rid: [c.seq for c in engine.requests[rid].choices] for rid in rids}
+    seqs = {rid: list(engine.requests[rid].seqs) for rid in rids}
     while engine.has_unfinished_requests():
         engine.step()
         engine.block_manager.check()
@@ -192,8 +192,8 @@ def test_prefix_cache_hit_gives_same_tokens(llm: LLM) -> None:
     p = prompts_for(llm)[0]
     first = run_engine(engine, [p], GREEDY)[0][0]
     rid = engine.add_request(p, GREEDY)
-    state = engine.requests[rid].states[0]
-    seq = engine.requests[rid].choices[0].seq
+    state = engine.requests[rid].seqs[0]
+    seq = engine.requests[rid].seqs[0]
     engine.run_to_completion()
     assert state.num_cached_tokens == (len(p) - 1) // 4 * 4 > 0
     assert seq.output_ids == first.token_ids
@@ -203,8 +203,8 @@ def test_identical_prompts_together_share_prefix_blocks(llm: LLM, reference: lis
     engine = LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4))
     p = prompts_for(llm)[0]
     rids = [engine.add_request(p, GREEDY) for _ in range(3)]
-    states = [engine.requests[r].states[0] for r in rids]
-    seqs = [engine.requests[r].choices[0].seq for r in rids]
+    states = [engine.requests[r].seqs[0] for r in rids]
+    seqs = [engine.requests[r].seqs[0] for r in rids]
     engine.run_to_completion()
     assert [s.num_cached_tokens for s in states] == [0] + [(len(p) - 1) // 4 * 4] * 2
     assert all(s.output_ids == reference[0] for s in seqs)
@@ -252,7 +252,7 @@ def test_n_choices_share_the_prompt(llm: LLM) -> None:
 def test_step_outputs_stream_the_final_text(llm: LLM) -> None:
     engine = LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4))
     rid = engine.add_request("hello there", SamplingParams(max_tokens=15, temperature=0, ignore_eos=True), n=2)
-    seqs = [c.seq for c in engine.requests[rid].choices]
+    seqs = list(engine.requests[rid].seqs)
     texts, toks = ["", ""], [[], []]
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from frugallm import LLM, SamplingParams
 from frugallm.engine.async_llm import AsyncLLM
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
-from frugallm.serve.server import create_app
+from frugallm.serve.app import create_app
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+from frugallm.engine.inputs import EngineRequest, InputProcessor
 from frugallm.engine.llm_engine import LLMEngine, StepOutput
 from frugallm.errors import InvalidRequestError
 from frugallm.sampling import SamplingParams
@@ -42,6 +43,18 @@ class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     index_offset: int  # choice index of this prompt's first choice within the caller's request
+
+
+# Messages from callers' threads to the engine thread.
+@dataclass(frozen=True)
+class AddRequest:
+    request: EngineRequest  # validated by the caller (InputProcessor): the engine thread trusts it
+    sink: _Sink
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
 
 
 class AsyncLLM:
@@ -104,37 +117,35 @@ class AsyncLLM:
         return self._thread.is_alive() and not self._stop
 
     # -- requests -----------------------------------------------------------------------------------
-    def encode(self, prompt: str | Seq[int]) -> list[int]:
-        return self.engine.encode(prompt)
+    @property
+    def inputs(self) -> InputProcessor:
+        """The engine's request validator (thread-safe): callers build :class:`EngineRequest` s with it."""
+        return self.engine.inputs
 
     async def generate(
         self, prompt: str | Seq[int], params: SamplingParams, n: int = 1, request_id: str | None = None
     ) -> AsyncIterator[StepOutput]:
         """Stream the outputs of one prompt (``n`` choices) as the engine produces them."""
-        async for out in self.generate_many([prompt], params, n, request_id):
+        async for out in self.generate_many([self.inputs.process(prompt, params, n=n)], request_id):
             yield out
 
     async def generate_many(
-        self, prompts: Seq[str | Seq[int]], params: SamplingParams, n: int = 1, request_id: str | None = None
+        self, requests: Seq[EngineRequest], request_id: str | None = None
     ) -> AsyncIterator[StepOutput]:
-        """Several prompts as one request: choice ``index`` is ``prompt_index * n + i``.
-
-        Raises :class:`InvalidRequestError` before anything is queued if any prompt is invalid.
-        """
+        """Several validated prompts as one request: choice ``index`` is ``prompt_index * n + i`` (each
+        request's ``n`` must be the same). Their own ``request_id`` s are replaced by ``request_id``-based ones."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
-        ids_list = [self.engine.encode(p) for p in prompts]
-        for ids in ids_list:
-            self.engine.check_request(ids, params, n)
         base = request_id or f"async-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        arrival = time.perf_counter()
-        rids = [base if len(ids_list) == 1 else f"{base}-{i}" for i in range(len(ids_list))]
-        for i, (rid, ids) in enumerate(zip(rids, ids_list, strict=True)):
-            self._inbox.put(("add", rid, ids, params, n, arrival, _Sink(loop, q, i * n)))
+        rids = [base if len(requests) == 1 else f"{base}-{i}" for i in range(len(requests))]
+        offset = 0
+        for rid, req in zip(rids, requests, strict=True):
+            self._inbox.put(AddRequest(dataclasses.replace(req, request_id=rid), _Sink(loop, q, offset)))
+            offset += req.n
         self._wake.set()
-        remaining = len(ids_list) * n
+        remaining = offset
         try:
             while remaining:
                 for item in _coalesce(await q.get(), q):
@@ -146,11 +157,11 @@ class AsyncLLM:
         finally:
             if remaining:  # cancelled (client gone) or failed: free the blocks
                 for rid in rids:
-                    self._inbox.put(("abort", rid))
+                    self._inbox.put(AbortRequest(rid))
                 self._wake.set()
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(AbortRequest(request_id))
         self._wake.set()
 
     # -- the engine thread --------------------------------------------------------------------------
@@ -176,16 +187,14 @@ class AsyncLLM:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if msg[0] == "add":
-                _, rid, ids, params, n, arrival, sink = msg
-                try:
-                    self.engine.add_request(ids, params, request_id=rid, n=n, arrival_time=arrival)
-                    self._sinks[rid] = sink
+            if isinstance(msg, AddRequest):
+                try:  # only a request id already in use can fail here
+                    rid = self.engine.add_request(msg.request)
+                    self._sinks[rid] = msg.sink
                 except InvalidRequestError as e:
-                    self._deliver(sink, e)
-            else:
-                if self.engine.abort(msg[1]):
-                    self._sinks.pop(msg[1], None)
+                    self._deliver(msg.sink, e)
+            elif self.engine.abort(msg.request_id):
+                self._sinks.pop(msg.request_id, None)
 
     def _loop(self) -> None:
         try:

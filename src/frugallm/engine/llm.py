@@ -14,6 +14,7 @@ import torch
 
 from frugallm import cpu
 from frugallm.engine.allocator import tune_malloc
+from frugallm.engine.inputs import InputProcessor
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.loading import LoadedModel, load_model
@@ -126,6 +127,7 @@ class LLM:
             max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings
         )
         self._next_id = 0
+        self.inputs = InputProcessor(self.tokenizer, self.config.vocab_size, self.max_model_len)
         stored = loaded.source_info.get("quant_spec") if loaded.source_format == "quantized" else None
         if stored is not None:
             if self.quant_spec is not None:
@@ -216,27 +218,6 @@ class LLM:
             cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim, capacity, self.kv_dtype, self.device, pad_lens
         )
 
-    def _prompt_ids(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            text: str | None = prompt
-        else:
-            ids = [int(i) for i in prompt]
-            text = None
-            bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
-        if not ids:
-            raise InvalidRequestError("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt is {len(ids)} tokens but the context window is {self.max_model_len} tokens "
-                "(the prompt plus at least one generated token must fit)"
-            )
-        return text, ids
-
     def _sequences(
         self, prompts: str | Seq[Any], params: SamplingParams | Seq[SamplingParams] | None
     ) -> list[Sequence]:
@@ -250,9 +231,9 @@ class LLM:
         if len(plist) != len(prompts):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
         seqs = []
-        for p, sp in zip(prompts, plist, strict=True):
-            text, ids = self._prompt_ids(p)
-            seqs.append(Sequence(self._next_id, text, ids, sp, self.tokenizer, self.max_model_len))
+        reqs = [self.inputs.process(p, sp) for p, sp in zip(prompts, plist, strict=True)]  # all valid, then run
+        for r in reqs:
+            seqs.append(Sequence(self._next_id, r.prompt, r.prompt_ids, r.params, self.tokenizer, self.max_model_len))
             self._next_id += 1
         return seqs
 

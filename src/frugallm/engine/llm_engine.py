@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from frugallm.engine.block_manager import BlockManager
+from frugallm.engine.inputs import EngineRequest, InputProcessor
 from frugallm.engine.metrics import EngineMetrics
 from frugallm.engine.model_runner import ModelRunner
 from frugallm.engine.paged_cache import PagedKVCache, pool_dtype
-from frugallm.engine.scheduler import Scheduler, SchedulerConfig, SeqState, SeqStatus
+from frugallm.engine.scheduler import Scheduler, SchedulerConfig, SeqStatus
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.sampling import SamplingParams
@@ -98,22 +99,16 @@ class StepOutput:
 
 
 @dataclass(eq=False)
-class _Choice:
-    request: _Request
-    index: int
-    seq: Sequence
-    emitted_tokens: int = 0
+class Request:
+    """A request in the engine: its ``n`` choices. ``seqs[0]`` computes the prompt; the others are forked
+    from it (sharing its prompt's blocks) once that is done."""
 
-
-@dataclass(eq=False)
-class _Request:
     request_id: str
-    choices: list[_Choice] = field(default_factory=list)
-    states: list[SeqState] = field(default_factory=list)  # one per choice once forked
+    seqs: list[Sequence] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
-        return all(c.seq.finished for c in self.choices)
+        return all(s.finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -135,7 +130,8 @@ class LLMEngine:
         # A sequence alone must always fit in the pool, so preemption can always make progress.
         self.max_model_len = min(config.max_model_len or llm.max_model_len, llm.max_model_len,
                                  num_blocks * config.block_size)
-        self.requests: dict[str, _Request] = {}
+        self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len, config.max_num_seqs)
+        self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.metrics = EngineMetrics()
         self.metrics.gauges = self.gauges
@@ -149,60 +145,37 @@ class LLMEngine:
         return max(1, int(kv_memory_gb * 2**30) // bytes_per_block)
 
     # -- requests -----------------------------------------------------------------------------------
-    def encode(self, prompt: str | Seq[int]) -> list[int]:
-        """Token ids of a prompt (text is tokenized with the model's special tokens); validates ids."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
-        else:
-            ids = [int(i) for i in prompt]
-            vocab = self.llm.config.vocab_size
-            bad = [i for i in ids if not 0 <= i < vocab]
-            if bad:
-                raise InvalidRequestError(f"token ids out of range [0, {vocab}): {bad[:5]}")
-        if not ids:
-            raise InvalidRequestError("prompt is empty")
-        return ids
-
-    def check_request(self, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> None:
-        """Raise :class:`InvalidRequestError` if the request can never run (safe from any thread)."""
-        if len(prompt_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt is {len(prompt_ids)} tokens but the context window is {self.max_model_len} tokens "
-                "(the prompt plus at least one generated token must fit)"
-            )
-        if not 1 <= n <= self.config.max_num_seqs:
-            raise InvalidRequestError(f"n must be in [1, {self.config.max_num_seqs}] (max_num_seqs), got {n}")
-
     def add_request(
         self,
-        prompt: str | Seq[int],
+        prompt: str | Seq[int] | EngineRequest,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         n: int = 1,
         arrival_time: float | None = None,
     ) -> str:
-        """Queue a prompt; ``n`` samples share its prompt's KV blocks. Returns the request id."""
-        params = params or SamplingParams()
-        ids = self.encode(prompt)
-        self.check_request(ids, params, n)
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        """Queue a prompt (validated here unless it is an :class:`EngineRequest` from ``self.inputs``);
+        ``n`` samples share its prompt's KV blocks. Returns the request id."""
+        if isinstance(prompt, EngineRequest):
+            req = prompt
+        else:
+            req = self.inputs.process(prompt, params, request_id or "", n, arrival_time)
+        rid = req.request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
-        text = prompt if isinstance(prompt, str) else None
-        req = _Request(rid)
-        for i in range(n):
-            seq = Sequence(next(self._ids), text, ids, params, self.tokenizer, self.max_model_len)
-            if arrival_time is not None:
-                seq.t_start = arrival_time
-            if params.seed is not None and i:  # distinct but reproducible samples per choice
-                seq.generator = torch.Generator().manual_seed((params.seed + i) % 2**64)
-            req.choices.append(_Choice(req, i, seq))
-        state = SeqState(list(ids), num_forks=n - 1, payload=req.choices[0])
-        req.states.append(state)
-        self.requests[rid] = req
-        self.scheduler.add(state)
+        request = Request(rid)
+        for i in range(req.n):
+            seq = Sequence(next(self._ids), req.prompt, req.prompt_ids, req.params, self.tokenizer,
+                           self.max_model_len, request, i)
+            seq.t_start = req.arrival_time
+            if req.params.seed is not None and i:  # distinct but reproducible samples per choice
+                seq.generator = torch.Generator().manual_seed((req.params.seed + i) % 2**64)
+            request.seqs.append(seq)
+        first = request.seqs[0]
+        first.num_forks = req.n - 1
+        self.requests[rid] = request
+        self.scheduler.add(first)
         with self.metrics.lock:
-            self.metrics.prompt_tokens.inc(len(ids))
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -210,9 +183,10 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
-        for st in req.states:
-            if st.status is not SeqStatus.FINISHED:
-                self.scheduler.finish(st)
+        scheduled = req.seqs[:1] if req.seqs[0].num_forks else req.seqs  # choices not forked yet hold nothing
+        for seq in scheduled:
+            if seq.status is not SeqStatus.FINISHED:
+                self.scheduler.finish(seq)
         with self.metrics.lock:
             self.metrics.aborted.inc()
         return True
@@ -228,45 +202,39 @@ class LLMEngine:
             return []
         rows, logits = self.runner.run(out)
         self.scheduler.postprocess(out)
-        states: list[SeqState] = []
+        seqs: list[Sequence] = []
         logit_rows: list[int] = []
         for r, i in enumerate(rows):
-            st = out.seqs[i]
-            states.append(st)
+            seq: Sequence = out.seqs[i]  # type: ignore[assignment]  # the engine schedules Sequences
+            seqs.append(seq)
             logit_rows.append(r)
-            if st.num_forks:  # n > 1: the prompt is computed; the other samples start from its blocks
-                req = st.payload.request
-                for choice in req.choices[1:]:
-                    child = SeqState(list(st.token_ids), num_prompt_tokens=st.num_prompt_tokens, payload=choice)
-                    self.scheduler.fork(st, child)
-                    req.states.append(child)
-                    states.append(child)
+            if seq.num_forks:  # n > 1: the prompt is computed; the other samples start from its blocks
+                for child in seq.request.seqs[1:]:
+                    self.scheduler.fork(seq, child)
+                    seqs.append(child)
                     logit_rows.append(r)
-                st.num_forks = 0
+                seq.num_forks = 0
         outputs: list[StepOutput] = []
-        if states:
+        if seqs:
             assert logits is not None
             if len(logit_rows) != logits.shape[0]:
                 logits = logits[torch.tensor(logit_rows, device=logits.device)]
-            tokens = sample(logits, [st.payload.seq for st in states])
-            for st, tok in zip(states, tokens, strict=True):
-                outputs.append(self._append(st, tok))
+            tokens = sample(logits, seqs)
+            for seq, tok in zip(seqs, tokens, strict=True):
+                outputs.append(self._append(seq, tok))
         self.cache.num_used_blocks = self.block_manager.num_used_blocks
         with self.metrics.lock:
-            self.metrics.generation_tokens.inc(len(states))
+            self.metrics.generation_tokens.inc(len(seqs))
             self.metrics.preemptions.inc(len(out.preempted))
             self.metrics.prefix_queries.values[""] = self.block_manager.prefix_queries
             self.metrics.prefix_hits.values[""] = self.block_manager.prefix_hits
         return outputs
 
-    def _append(self, st: SeqState, tok: int) -> StepOutput:
-        choice: _Choice = st.payload
-        seq = choice.seq
+    def _append(self, seq: Sequence, tok: int) -> StepOutput:
         seq.append(tok)
-        st.token_ids.append(tok)
-        req = choice.request
+        req = seq.request
         if seq.finished:
-            self.scheduler.finish(st)
+            self.scheduler.finish(seq)
             m = seq.output().metrics
             with self.metrics.lock:
                 self.metrics.requests.inc(label=seq.finish_reason or "")
@@ -278,11 +246,12 @@ class LLMEngine:
                     self.metrics.e2e.observe(m["e2e_s"])
             if req.finished:
                 self.requests.pop(req.request_id, None)
-        new = seq.output_ids[choice.emitted_tokens:]
-        lps = seq.logprobs[choice.emitted_tokens:] if seq.logprobs is not None else None
-        choice.emitted_tokens = len(seq.output_ids)
-        return StepOutput(req.request_id, choice.index, seq.take_delta(), new, lps, seq.finish_reason,
-                          len(seq.prompt_ids), len(seq.output_ids), st.num_cached_tokens)
+        done = seq.num_emitted_tokens
+        new = seq.token_ids[seq.num_prompt_tokens + done:]
+        lps = seq.logprobs[done:] if seq.logprobs is not None else None
+        seq.num_emitted_tokens = seq.num_output_tokens
+        return StepOutput(req.request_id, seq.index, seq.take_delta(), new, lps, seq.finish_reason,
+                          len(seq.prompt_ids), seq.num_output_tokens, seq.num_cached_tokens)
 
     # -- introspection ------------------------------------------------------------------------------
     def gauges(self) -> dict[str, tuple[str, float]]:
@@ -299,7 +268,7 @@ class LLMEngine:
 
     def output(self, request_id: str) -> list[RequestOutput]:
         """Current state of each choice of a request still known to the engine."""
-        return [c.seq.output() for c in self.requests[request_id].choices]
+        return [s.output() for s in self.requests[request_id].seqs]
 
     def run_to_completion(self) -> None:
         while self.has_unfinished_requests():
@@ -330,6 +299,6 @@ def generate_batched(llm: Any, prompts_token_ids: list[list[int]], params: list[
     seqs = []
     for ids, sp in zip(prompts_token_ids, params, strict=True):
         rid = engine.add_request(ids, sp, arrival_time=start)
-        seqs.append(engine.requests[rid].choices[0].seq)
+        seqs.append(engine.requests[rid].seqs[0])
     engine.run_to_completion()
     return [dataclasses.replace(s.output(), request_id=i) for i, s in enumerate(seqs)]

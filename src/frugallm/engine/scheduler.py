@@ -33,7 +33,6 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from frugallm.engine.block_manager import BlockManager
 
@@ -52,14 +51,13 @@ class SeqState:
     """The scheduler's view of one sequence: its tokens, blocks and progress.
 
     ``token_ids`` is the prompt followed by the generated tokens. ``num_forks`` more sequences will be
-    forked from this one (sharing its prompt blocks) when its prompt is computed (``n > 1``).
-    ``payload`` is whatever the engine attaches (its ``Sequence``).
+    forked from this one (sharing its prompt blocks) when its prompt is computed (``n > 1``). The engine
+    schedules its :class:`~frugallm.engine.sequence.Sequence`, a subclass; tests use this class alone.
     """
 
     token_ids: list[int]
     num_prompt_tokens: int = -1
     num_forks: int = 0
-    payload: Any = None
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)

@@ -1,12 +1,18 @@
-"""Per-request state: token ids, incremental detokenization, stop conditions."""
+"""Per-choice state: token ids, incremental detokenization, stop conditions.
+
+A :class:`Sequence` is also the scheduler's :class:`~frugallm.engine.scheduler.SeqState` (blocks, progress):
+one object per choice, each token appended once (to ``token_ids``, prompt first).
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from frugallm.engine.scheduler import SeqState
 from frugallm.sampling import SamplingParams
 from frugallm.tokenizer.tokenizer import Tokenizer
 
@@ -29,8 +35,12 @@ class RequestOutput:
 _CONTEXT_TOKENS = 5
 
 
-class Sequence:
-    """One prompt being generated. Text deltas hold back what could still become a stop string."""
+class Sequence(SeqState):
+    """One choice of a prompt being generated. Text deltas hold back what could still become a stop string.
+
+    ``request`` and ``index`` place it in its engine request (``None`` / 0 outside the serving engine);
+    ``num_emitted_tokens`` counts the tokens already handed out as step outputs.
+    """
 
     def __init__(
         self,
@@ -40,13 +50,18 @@ class Sequence:
         params: SamplingParams,
         tokenizer: Tokenizer,
         max_len: int,
+        request: Any = None,
+        index: int = 0,
     ) -> None:
+        super().__init__(list(prompt_ids))
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = prompt_ids
         self.params = params
         self.tokenizer = tokenizer
-        self.output_ids: list[int] = []
+        self.request = request
+        self.index = index
+        self.num_emitted_tokens = 0
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.text = ""
         self.emitted = 0  # chars of self.text already returned as deltas
@@ -71,16 +86,24 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        """The generated token ids (a copy: ``token_ids`` holds them after the prompt)."""
+        return self.token_ids[self.num_prompt_tokens :]
+
     def append(self, token: int) -> None:
         """Add a sampled token and update text / finish state."""
         now = time.perf_counter()
         if self.t_first is None:
             self.t_first = now
+        self.token_ids.append(token)
         if token in self.stop_ids:
-            self.output_ids.append(token)
             self._finish("stop", now)
             return
-        self.output_ids.append(token)
         text = self._detokenize()
         if text is not None:
             prev = len(self.text)
@@ -91,7 +114,7 @@ class Sequence:
                     self.text = text[:i]
                     self._finish("stop", now)
                     return
-        if len(self.output_ids) >= self.max_new:
+        if self.num_output_tokens >= self.max_new:
             self._finish("length", now)
 
     def _detokenize(self) -> str | None:
@@ -103,7 +126,7 @@ class Sequence:
         for the full sequence.
         """
         skip = self.params.skip_special_tokens
-        window = self.output_ids[self._prefix :]
+        window = self.token_ids[self.num_prompt_tokens + self._prefix :]
         read = self._read - self._prefix
         before = self.tokenizer.decode(window[:read], skip_special_tokens=skip) if read else ""
         after = self.tokenizer.decode(window, skip_special_tokens=skip)
@@ -112,11 +135,12 @@ class Sequence:
         if len(after) <= len(before) or not after.startswith(before):
             # Nothing new (e.g. a skipped special token), or the decoder rewrote earlier text: decode all.
             full = self.tokenizer.decode(self.output_ids, skip_special_tokens=skip)
-            self._prefix, self._read = max(0, len(self.output_ids) - _CONTEXT_TOKENS), len(self.output_ids)
+            n = self.num_output_tokens
+            self._prefix, self._read = max(0, n - _CONTEXT_TOKENS), n
             self._text = full
             return full
         self._text += after[len(before) :]
-        self._prefix, self._read = self._read, len(self.output_ids)
+        self._prefix, self._read = self._read, self.num_output_tokens
         return self._text
 
     def _finish(self, reason: str, now: float) -> None:
@@ -131,21 +155,22 @@ class Sequence:
         return delta
 
     def output(self) -> RequestOutput:
-        m: dict[str, float] = {"prompt_tokens": len(self.prompt_ids), "output_tokens": len(self.output_ids)}
+        n = self.num_output_tokens
+        m: dict[str, float] = {"prompt_tokens": len(self.prompt_ids), "output_tokens": n}
         if self.kv_cache_bytes is not None:
             m["kv_cache_bytes"] = self.kv_cache_bytes
         if self.t_first is not None:
             m["ttft_s"] = self.t_first - self.t_start
         if self.t_end is not None:
             m["e2e_s"] = self.t_end - self.t_start
-            if len(self.output_ids) > 1 and self.t_first is not None:
-                m["tpot_s"] = (self.t_end - self.t_first) / (len(self.output_ids) - 1)
+            if n > 1 and self.t_first is not None:
+                m["tpot_s"] = (self.t_end - self.t_first) / (n - 1)
         return RequestOutput(
             self.request_id,
             self.prompt,
             self.prompt_ids,
             self.text,
-            list(self.output_ids),
+            self.output_ids,
             self.finish_reason,
             m,
             self.logprobs,

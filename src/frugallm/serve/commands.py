@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise FrugalError("serving needs the 'serve' extra: pip install 'frugallm[serve]'") from None
     from frugallm.engine.async_llm import AsyncLLM
     from frugallm.engine.llm_engine import LLMEngine
-    from frugallm.serve.server import create_app
+    from frugallm.serve.app import create_app
 
     if args.model_path is not None:
         args.model = args.model_path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from frugallm.errors import InvalidRequestError
@@ -24,6 +25,15 @@ StopList = Annotated[list[StrictStr], Field(max_length=16)]
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+def json_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    """An OpenAI-style error response: ``{"error": {"message", "type", "param", "code"}}``."""
+    etype = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse(error_body(message, etype, param, code), status_code=status)
 
 
 class _Base(BaseModel):

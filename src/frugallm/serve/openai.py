@@ -1,0 +1,321 @@
+"""``POST /v1/completions`` and ``POST /v1/chat/completions`` on one stream-or-collect path.
+
+Both endpoints validate the request once (tokenize, resolve ``max_tokens``, check the context) into
+:class:`~frugallm.engine.inputs.EngineRequest` s, hand them to :class:`AsyncLLM`, and shape the engine's
+:class:`StepOutput` s with a :class:`_Format`: the completion format (``text``, ``logprobs`` per token list)
+or the chat format (``delta`` / ``message``, ``logprobs.content``). :func:`respond` does the rest for both:
+SSE streaming or one JSON body, usage accounting, and aborting when the client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from frugallm.engine.async_llm import AsyncLLM
+from frugallm.engine.inputs import EngineRequest
+from frugallm.engine.llm_engine import StepOutput
+from frugallm.errors import InvalidRequestError
+from frugallm.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body, json_error
+from frugallm.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass
+class _Usage:
+    """Per-request token accounting across choices (a prompt counted once, however many choices it has)."""
+
+    n: int
+    prompt: dict[int, int] = field(default_factory=dict)
+    cached: dict[int, int] = field(default_factory=dict)
+    completion: int = 0
+
+    def add(self, out: StepOutput) -> None:
+        p = out.index // self.n
+        self.prompt[p] = out.num_prompt_tokens
+        self.cached[p] = max(self.cached.get(p, 0), out.num_cached_tokens)
+        self.completion += len(out.token_ids)
+
+    def body(self) -> dict[str, Any]:
+        prompt = sum(self.prompt.values())
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion,
+                "total_tokens": prompt + self.completion,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())}}
+
+
+class _Format:
+    """How one endpoint shapes choices; ``k`` top logprobs per token, ``None`` when not asked for."""
+
+    object_name: str
+    chunk_name: str
+
+    def __init__(self, tokenizer: Tokenizer, num_choices: int, k: int | None) -> None:
+        self.tokenizer, self.num_choices, self.k = tokenizer, num_choices, k
+
+    def tok_str(self, tid: int) -> str:
+        return self.tokenizer.decode([tid], skip_special_tokens=False)
+
+    def top(self, entry: dict[int, float]) -> list[tuple[int, float]]:
+        return sorted(entry.items(), key=lambda kv: -kv[1])[: self.k or 0]
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        """Choices sent before any token when streaming."""
+        return []
+
+    def chunk_choice(self, out: StepOutput) -> dict[str, Any] | None:
+        """The streamed choice for one step output, or None when it carries nothing to send."""
+        raise NotImplementedError
+
+    def collect(self, out: StepOutput) -> None:
+        raise NotImplementedError
+
+    def final_choices(self, finish: list[str | None]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class _CompletionFormat(_Format):
+    object_name, chunk_name = "text_completion", "text_completion"
+
+    def __init__(self, tokenizer: Tokenizer, num_choices: int, k: int | None, echo: list[str] | None,
+                 n: int) -> None:
+        super().__init__(tokenizer, num_choices, k)
+        self.echo, self.n = echo, n
+        self.texts = [echo[i // n] if echo else "" for i in range(num_choices)]
+        self.offsets = [0] * num_choices  # text offset of each choice's next token (logprobs)
+        self.lps: list[dict[str, list]] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                            "text_offset": []} for _ in range(num_choices)]
+
+    def logprobs(self, out: StepOutput) -> dict[str, Any]:
+        toks, lps, tops, offs = [], [], [], []
+        offset = self.offsets[out.index]
+        for tid, entry in zip(out.token_ids, out.logprobs or [], strict=False):
+            s = self.tok_str(tid)
+            toks.append(s)
+            lps.append(entry.get(tid))
+            top: dict[str, float] = {}
+            for t, lp in self.top(entry):  # best first; distinct ids may decode to the same text
+                top.setdefault(self.tok_str(t), lp)
+            tops.append(top if self.k else None)
+            offs.append(offset)
+            offset += len(s)
+        self.offsets[out.index] = offset
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        if not self.echo:
+            return []
+        return [{"index": i, "text": self.echo[i // self.n], "logprobs": None, "finish_reason": None}
+                for i in range(self.num_choices)]
+
+    def chunk_choice(self, out: StepOutput) -> dict[str, Any] | None:
+        lp = self.logprobs(out) if self.k is not None else None
+        if not (out.text or out.finished or lp):
+            return None
+        return {"index": out.index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+
+    def collect(self, out: StepOutput) -> None:
+        self.texts[out.index] += out.text
+        if self.k is not None:
+            part = self.logprobs(out)
+            for key in part:
+                self.lps[out.index][key] += part[key]
+
+    def final_choices(self, finish: list[str | None]) -> list[dict[str, Any]]:
+        return [{"index": i, "text": self.texts[i], "logprobs": self.lps[i] if self.k is not None else None,
+                 "finish_reason": finish[i]} for i in range(self.num_choices)]
+
+
+class _ChatFormat(_Format):
+    object_name, chunk_name = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, tokenizer: Tokenizer, num_choices: int, k: int | None) -> None:
+        super().__init__(tokenizer, num_choices, k)
+        self.texts = [""] * num_choices
+        self.lps: list[list[dict[str, Any]]] = [[] for _ in range(num_choices)]
+
+    def logprobs(self, out: StepOutput) -> list[dict[str, Any]]:
+        content = []
+        for tid, entry in zip(out.token_ids, out.logprobs or [], strict=False):
+            s = self.tok_str(tid)
+            content.append({"token": s, "logprob": entry.get(tid), "bytes": list(s.encode()),
+                            "top_logprobs": [{"token": (ts := self.tok_str(t)), "logprob": lp,
+                                              "bytes": list(ts.encode())} for t, lp in self.top(entry)]})
+        return content
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(self.num_choices)]
+
+    def chunk_choice(self, out: StepOutput) -> dict[str, Any] | None:
+        lp = {"content": self.logprobs(out)} if self.k is not None else None
+        if not (out.text or out.finished or lp):
+            return None
+        delta = {"content": out.text} if out.text else {}
+        return {"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
+
+    def collect(self, out: StepOutput) -> None:
+        self.texts[out.index] += out.text
+        if self.k is not None:
+            self.lps[out.index] += self.logprobs(out)
+
+    def final_choices(self, finish: list[str | None]) -> list[dict[str, Any]]:
+        return [{"index": i, "message": {"role": "assistant", "content": self.texts[i]},
+                 "logprobs": {"content": self.lps[i]} if self.k is not None else None, "finish_reason": finish[i]}
+                for i in range(self.num_choices)]
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _until_disconnect(request: Request, agen: AsyncIterator[StepOutput],
+                            on_out: Callable[[StepOutput], None]) -> bool:
+    """Consume ``agen``; False (and the request aborted) if the client went away first."""
+
+    async def consume() -> None:
+        async for out in agen:
+            on_out(out)
+
+    task = asyncio.ensure_future(consume())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                task.result()
+                return True
+            if await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return False
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+
+
+class OpenAIRoutes:
+    """The two generation endpoints of one served model."""
+
+    def __init__(self, async_llm: AsyncLLM, served_model_name: str) -> None:
+        self.async_llm = async_llm
+        self.model = served_model_name
+        self.tokenizer = async_llm.engine.tokenizer
+        self.max_len = async_llm.engine.max_model_len
+        self.router = APIRouter()
+        self.router.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        self.router.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+
+    # -- validation (once) --------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> JSONResponse | None:
+        if name is not None and name != self.model:
+            return json_error(404, f"The model {name!r} does not exist; available: {self.model}", "model",
+                              "model_not_found")
+        return None
+
+    def resolve_max_tokens(self, requested: int | None, prompt_lens: list[int], default: int | None) -> int:
+        longest, max_len = max(prompt_lens), self.max_len
+        if longest >= max_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_len} tokens. However, your prompt is {longest} "
+                "tokens (at least one token must be generated).")
+        if requested is None:
+            return min(default, max_len - longest) if default else max_len - longest
+        if longest + requested > max_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{longest + requested} tokens ({longest} in the prompt, {requested} for the completion). "
+                "Please reduce the prompt or max_tokens.")
+        return requested
+
+    def prepare(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[Any], default_max: int | None,
+                logprobs: int | None) -> list[EngineRequest]:
+        """The request's prompts as validated engine requests (raises :class:`InvalidRequestError`)."""
+        req.unsupported()
+        inputs = self.async_llm.inputs
+        ids = [inputs.encode(p) for p in prompts]
+        requested = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        params = req.sampling_params(self.resolve_max_tokens(requested, [len(x) for x in ids], default_max),
+                                     logprobs)
+        arrival = time.perf_counter()
+        out = []
+        for p, x in zip(prompts, ids, strict=True):
+            inputs.check(x, req.n)
+            out.append(EngineRequest("", p if isinstance(p, str) else None, x, params, req.n, arrival))
+        return out
+
+    # -- endpoints ----------------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, request: Request) -> Any:
+        if (bad := self.check_model(req.model)) is not None:
+            return bad
+        prompts = req.prompts()
+        reqs = self.prepare(req, prompts, 16, req.logprobs)
+        echo = [self.tokenizer.decode(r.prompt_ids, skip_special_tokens=False) if not isinstance(p, str) else p
+                for p, r in zip(prompts, reqs, strict=True)] if req.echo else None
+        fmt = _CompletionFormat(self.tokenizer, len(reqs) * req.n, req.logprobs, echo, req.n)
+        return await self.respond(request, req, reqs, fmt, f"cmpl-{uuid.uuid4().hex}")
+
+    async def chat_completions(self, req: ChatCompletionRequest, request: Request) -> Any:
+        if (bad := self.check_model(req.model)) is not None:
+            return bad
+        prompt = self.tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        reqs = self.prepare(req, [prompt], None, k)
+        fmt = _ChatFormat(self.tokenizer, req.n, k)
+        return await self.respond(request, req, reqs, fmt, f"chatcmpl-{uuid.uuid4().hex}")
+
+    async def respond(self, request: Request, req: CompletionRequest | ChatCompletionRequest,
+                      reqs: list[EngineRequest], fmt: _Format, rid: str) -> Any:
+        """Run ``reqs`` and answer as SSE events (``req.stream``) or one JSON body shaped by ``fmt``."""
+        now = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        agen = self.async_llm.generate_many(reqs, rid)
+        acc = _Usage(req.n)
+
+        def body(name: str, choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> dict[str, Any]:
+            out: dict[str, Any] = {"id": rid, "object": name, "created": now, "model": self.model, "choices": choices}
+            if use is not None:
+                out["usage"] = use
+            return out
+
+        if req.stream:
+            def chunk(choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> str:
+                b = body(fmt.chunk_name, choices)
+                if include_usage:
+                    b["usage"] = use
+                return _sse(b)
+
+            async def events() -> AsyncIterator[str]:
+                for choice in fmt.opening_chunks():
+                    yield chunk([choice])
+                try:
+                    async for out in agen:
+                        acc.add(out)
+                        if (choice := fmt.chunk_choice(out)) is not None:
+                            yield chunk([choice])
+                except InvalidRequestError as e:
+                    yield _sse(error_body(str(e)))
+                except Exception as e:  # the engine failed mid-stream: tell the client, then end
+                    yield _sse(error_body(f"internal error: {e}", "server_error"))
+                if include_usage:
+                    yield chunk([], acc.body())
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        finish: list[str | None] = [None] * fmt.num_choices
+
+        def on_out(out: StepOutput) -> None:
+            acc.add(out)
+            fmt.collect(out)
+            finish[out.index] = out.finish_reason
+
+        if not await _until_disconnect(request, agen, on_out):
+            return json_error(499, "client disconnected")
+        return body(fmt.object_name, fmt.final_choices(finish), acc.body())
