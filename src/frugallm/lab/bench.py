@@ -26,7 +26,7 @@ import psutil
 import torch
 
 from frugallm.errors import FrugalError
-from frugallm.lab import results
+from frugallm.lab import hwprobe, results
 from frugallm.lab.hardware import HardwareSpec
 from frugallm.lab.meters import DEFAULT_WATTS_PER_CORE, RssSampler, make_energy_meter, peak_rss_bytes, summarize
 from frugallm.lab.peers import BACKENDS, Runner, load_model_config, load_tokenizer, make_runner
@@ -61,11 +61,9 @@ def synthetic_prompts(tokenizer: Any, corpus_text: str, batch: int, prompt_len: 
     return [ids[i * prompt_len:(i + 1) * prompt_len] for i in range(batch)]
 
 
-def local_probe(device: str) -> Any:
+def local_probe(device: str) -> hwprobe.ProbeResult:
     """The cached full probe of ``device``; measured (~20 s) and cached on first use. Not the quick
     probe: its small buffers and 2 runs make MBU/MFU meaningless."""
-    from frugallm.lab import hwprobe
-
     return hwprobe.probe_result("cuda" if device.startswith("cuda") else "cpu")
 
 
@@ -77,7 +75,7 @@ class BenchSettings:
     """Options that are not part of a point's identity."""
 
     hw: HardwareSpec | None = None  # None: this machine's probe
-    probe: Any | None = None  # a ProbeResult to use instead of probing (tests)
+    probe: hwprobe.ProbeResult | None = None  # used instead of probing (tests)
     watts_per_core: float = DEFAULT_WATTS_PER_CORE
     quality_windows: int = 4
     quality_window_len: int = 256

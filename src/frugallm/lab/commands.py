@@ -91,7 +91,10 @@ def _roofline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--abits", type=int, default=16)
     p.add_argument("--kvbits", type=int, default=16)
     p.add_argument("--compute-dtype", default=None,
-                   help="fp32 | bf16 | fp16 (default: fp32 when abits is 32, else fp16)")
+                   help="fp32 | bf16 | fp16: decode's matmul dtype (default: fp32 when abits is 32, else fp16)")
+    p.add_argument("--prefill-compute-dtype", default=None,
+                   help="prefill's matmul dtype when it differs (default: --compute-dtype); frugallm's fp16 "
+                        "models on CPU prefill in bf16 where the CPU has AVX512-BF16, else in fp32")
     p.add_argument("--unfused-attention", action="store_true", help="count the score matrix's memory traffic")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a roofline chart")
@@ -108,7 +111,8 @@ def cmd_roofline(args: argparse.Namespace) -> int:
     hw = load_hw_spec(args.hw)
     compute = args.compute_dtype or ("fp32" if args.abits == 32 else "fp16")
     report = analyze(cfg, hw, args.batch, args.prompt_len, args.gen_len, args.wbits, args.abits, args.kvbits,
-                     compute, fused_attention=not args.unfused_attention)
+                     compute, fused_attention=not args.unfused_attention,
+                     prefill_compute_dtype=args.prefill_compute_dtype)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:

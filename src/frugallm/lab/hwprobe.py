@@ -4,7 +4,7 @@ Besides the plain-read bandwidth (the hardware ceiling), it measures the *attain
 batch-1 matrix-vector product (``F.linear`` of one token through a weight far larger than the caches)
 per weight dtype: that is what decode actually streams at, and on CPUs it is often several times lower.
 
-``probe(device)`` returns a :class:`~frugallm.lab.hwspecs.HardwareSpec` (``source="probed"``);
+``probe(device)`` returns a :class:`~frugallm.lab.hardware.HardwareSpec` (``source="probed"``);
 ``probe_result`` returns the full :class:`ProbeResult` (CPU model, cores, caches, every sample).
 Results are cached as JSON in ``$FRUGALLM_CACHE_DIR`` (default: the platform user cache dir), keyed
 by device and torch thread count, because both change the numbers; ``refresh=True`` re-measures.
