@@ -101,7 +101,6 @@ class Runner:
     kv_reason: ClassVar[str] = ""  # why kv_cache_bytes is None, when it is
     notes: ClassVar[tuple[str, ...]] = ()  # caveats recorded with every result of this backend
     kv_bits: ClassVar[int | None] = None  # K/V element bits when kv_cache_bytes is unknown (roofline)
-    cpu_fp16_compute: ClassVar[str] = "fp16"  # the peak that bounds fp16 matmuls on a CPU (roofline)
 
     config: ModelConfig
     tokenizer: Tokenizer
@@ -117,6 +116,12 @@ class Runner:
 
     def weight_bytes(self) -> int:
         raise NotImplementedError
+
+    def compute_dtype(self, tokens: int) -> str:
+        """The dtype (a ``dtype`` name) that a forward pass over ``tokens`` tokens of the whole batch
+        multiplies in. The roofline bounds each phase by that dtype's peak, so MFU is only right if this
+        is what really runs; by default the weights' dtype."""
+        return self.dtype
 
     def generate(self, prompts: list[list[int]], gen_len: int) -> BatchResult:
         """Greedy, exactly ``gen_len`` new tokens per prompt (EOS ignored)."""
@@ -140,7 +145,6 @@ class Runner:
 class FrugalRunner(Runner):
     backend = "frugallm"
     can_score = True
-    cpu_fp16_compute = "bf16"  # its CPU Linear runs large fp16 matmuls in bf16 (see engine.llm.resolve_dtype)
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", threads: int | None = None,
                  quant: str | None = None, kv: str | None = None, use_cache: bool = True) -> None:
@@ -166,6 +170,20 @@ class FrugalRunner(Runner):
 
     def weight_bytes(self) -> int:
         return int(self.llm.weight_bytes())
+
+    def compute_dtype(self, tokens: int) -> str:
+        """What ``Transformer.forward`` picks: ``prefill_dtype`` from ``PREFILL_MIN_TOKENS`` tokens on (CPU fp16
+        models: bf16 where the CPU multiplies it natively, else fp32), ``decode_dtype`` below, else the
+        weights' dtype; quantized CPU matmuls then run in ``quant.kernels.compute_dtype`` of that."""
+        from frugallm.model.llama import PREFILL_MIN_TOKENS
+
+        model = self.llm.model
+        act = (model.prefill_dtype if tokens >= PREFILL_MIN_TOKENS else model.decode_dtype) or self.llm.dtype
+        if self.llm.quant_spec is not None:
+            from frugallm.quant.kernels import compute_dtype
+
+            act = compute_dtype(self.llm.device, act)
+        return _DTYPE_NAMES.get(act, str(act))
 
     def generate(self, prompts: list[list[int]], gen_len: int) -> BatchResult:
         from frugallm import SamplingParams
