@@ -98,8 +98,10 @@ def _build(name: str, cxx: str) -> Path:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
            str(source), *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-o", str(tmp)]
-    print(f"frugallm: building native kernel {name} for {cpu.level()} (first use only)...", file=sys.stderr,
-          flush=True)
+    msg = f"frugallm: building native kernel {name} for {cpu.level()} (first use only)..."
+    if sys.stderr.isatty():  # progress for people at a terminal; scripts and CLI errors keep stderr clean
+        print(msg, file=sys.stderr, flush=True)
+    log.info(msg)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
