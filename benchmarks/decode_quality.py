@@ -23,7 +23,7 @@ def score(spec: str, windows: int, window_len: int, threads: int) -> dict[str, f
     import torch
 
     from frugallm import LLM
-    from frugallm.lab.corpus import load_corpus
+    from frugallm.corpus import load_corpus
 
     torch.set_num_threads(threads)
     quant = None if spec in ("bf16", "fp32") else spec

@@ -38,8 +38,8 @@ ENGINES: dict[str, dict[str, str]] = {
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Measure one engine in this process."""
+    from frugallm.corpus import builtin_corpus
     from frugallm.lab.bench import peak_rss_bytes, synthetic_prompts
-    from frugallm.lab.corpus import builtin_corpus
     from frugallm.lab.peers import BACKENDS, make_runner
 
     spec = ENGINES[args.worker]

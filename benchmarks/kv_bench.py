@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from frugallm import LLM
+from frugallm.corpus import load_corpus
 from frugallm.kv import build_kv_cache, parse_kv_spec, select_prompt_tokens
-from frugallm.lab.corpus import load_corpus
 
 DEFAULT_SPECS = [
     "full",

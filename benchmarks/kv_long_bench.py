@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from frugallm import LLM
+from frugallm.corpus import load_corpus
 from frugallm.kv import build_kv_cache, parse_kv_spec, select_prompt_tokens
 from frugallm.kv.gemfilter import ProbeCache, StopForward
 from frugallm.lab import passkey
-from frugallm.lab.corpus import load_corpus
 from frugallm.model.kv_cache import KVCache
 
 DEFAULT_SPECS = [

@@ -80,7 +80,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def quality_corpus() -> str:
-    from frugallm.lab.corpus import builtin_corpus
+    from frugallm.corpus import builtin_corpus
 
     return builtin_corpus()
 

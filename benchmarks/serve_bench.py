@@ -207,7 +207,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from frugallm import LLM
-    from frugallm.lab.corpus import builtin_corpus
+    from frugallm.corpus import builtin_corpus
 
     tok = LLM(args.model, device="cpu").tokenizer
     ids = tok.encode(builtin_corpus())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from frugallm import LLM, SamplingParams
-from frugallm.lab.corpus import builtin_corpus
+from frugallm.corpus import builtin_corpus
 from frugallm.loading import default_model_path
 
 pytestmark = pytest.mark.slow

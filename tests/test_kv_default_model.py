@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from frugallm import LLM
+from frugallm.corpus import builtin_corpus
 from frugallm.kv import build_kv_cache
-from frugallm.lab.corpus import builtin_corpus
 
 pytestmark = pytest.mark.slow
 

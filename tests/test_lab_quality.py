@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from frugallm import LLM
 from frugallm.cli import main
+from frugallm.corpus import builtin_corpus
 from frugallm.errors import FrugalError
 from frugallm.lab import passkey, quality
-from frugallm.lab.corpus import builtin_corpus
 
 
 @pytest.fixture(scope="module")

@@ -258,7 +258,7 @@ def test_default_model_long_context_fused_as_accurate_as_unfused() -> None:
     """1,500 cached tokens (94 scattered blocks) on the default model in bf16, one decode step: the fused
     kernel's logits are as close to the float32 model's as the gather + SDPA path's over the same pool (the
     two differ only in fp32 summation order, but 30 bf16 layers turn that into ~1-ulp logit differences)."""
-    from frugallm.lab.corpus import load_corpus
+    from frugallm.corpus import load_corpus
 
     llm = LLM("default", dtype="bfloat16", device="cpu")
     model, cfg = llm.model, llm.config

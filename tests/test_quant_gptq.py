@@ -227,8 +227,8 @@ def test_llm_calibration_is_disjoint_from_quality_windows(tiny_models, monkeypat
     # Quality evaluation (lab/quality.py, benchmarks/quant_bench.py) scores windows from the start of the
     # built-in corpus; GPTQ must not calibrate on those tokens.
     from frugallm import LLM
+    from frugallm.corpus import builtin_corpus
     from frugallm.lab import quality
-    from frugallm.lab.corpus import builtin_corpus
 
     seen: list[list[int]] = []
     score = LLM.score

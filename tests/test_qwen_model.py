@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from frugallm import LLM, SamplingParams
+from frugallm.corpus import builtin_corpus
 from frugallm.errors import FrugalError
-from frugallm.lab.corpus import builtin_corpus
 from frugallm.loading.catalog import catalog_path
 
 pytestmark = pytest.mark.slow

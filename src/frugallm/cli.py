@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     import importlib.util
 
-    from frugallm import __version__
+    from frugallm.version import __version__
 
     for mod in PLUGIN_MODULES:
         try:

@@ -168,7 +168,7 @@ class LLM:
 
         run_calib = None
         if self.quant_spec.method == "gptq":
-            from frugallm.lab.corpus import load_corpus
+            from frugallm.corpus import load_corpus
             from frugallm.quant.calibrate import StopCalibration
 
             # The corpus tail: quality evaluation (lab/quality.py) scores windows from the start of the same

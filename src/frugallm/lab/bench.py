@@ -85,7 +85,7 @@ class BenchSettings:
 
     def corpus(self, name: str) -> str:
         if name not in self.corpus_texts:
-            from frugallm.lab.corpus import load_corpus
+            from frugallm.corpus import load_corpus
 
             self.corpus_texts[name] = load_corpus(None if name == "builtin" else name)
         return self.corpus_texts[name]

@@ -226,8 +226,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from frugallm.corpus import load_corpus
     from frugallm.lab import passkey, quality
-    from frugallm.lab.corpus import load_corpus
     from frugallm.lab.peers import FrugalRunner
 
     depths = passkey.parse_depths(args.depths) if args.task == "passkey" else []

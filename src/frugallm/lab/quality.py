@@ -160,7 +160,7 @@ def evaluate(score: Scorer, tokenizer: Any, *, model_key: str, make_reference: C
     reference (KL is then exactly 0). ``make_reference`` None skips KL / agreement.
     """
     if corpus_text is None:
-        from frugallm.lab.corpus import builtin_corpus
+        from frugallm.corpus import builtin_corpus
 
         corpus_text = builtin_corpus()
     wins = corpus_windows(tokenizer, corpus_text, windows, window_len)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from frugallm import __version__
 from frugallm.paths import cache_dir
+from frugallm.version import __version__
 
 # Bump when conversion output changes (names, layouts) so stale caches are not reused.
 _FORMAT = 1

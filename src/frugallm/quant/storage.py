@@ -195,7 +195,7 @@ def save_quantized(
     embedding / head) on the way out; None keeps them as they are."""
     from safetensors.torch import save_file
 
-    from frugallm import __version__
+    from frugallm.version import __version__
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
