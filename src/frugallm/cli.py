@@ -212,7 +212,7 @@ def model_info(model: str) -> dict[str, Any]:
 
     desc = describe(model, use_cache=False)  # read the model's own metadata, not the weights cache
     cfg, type_bytes = desc.config, dict(desc.tensor_bytes)
-    return {
+    info = {
         "path": str(desc.path),
         "format": desc.format,
         "name": cfg.name,
@@ -230,6 +230,11 @@ def model_info(model: str) -> dict[str, Any]:
         "total_bytes": sum(type_bytes.values()),
         "chat_template": desc.chat_template,
     }
+    plan = desc.source_info.get("as_stored")
+    if plan is not None:  # a GGUF: what the CPU default (weights as stored) runs on the file's blocks
+        info["run_as_stored"] = plan["stored"]
+        info["dequantized_at_load"] = plan["dequantized"]
+    return info
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -242,8 +247,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     t = Table(title=info["name"] or info["path"], show_header=False)
     for k, v in info.items():
-        if k == "bytes_per_tensor_type":
-            v = ", ".join(f"{n}: {b / 2**20:.1f} MiB" for n, b in sorted(v.items()))
+        if k in ("bytes_per_tensor_type", "run_as_stored"):
+            v = ", ".join(f"{n}: {b / 2**20:.1f} MiB" for n, b in sorted(v.items())) or "none"
+        elif k == "dequantized_at_load":
+            v = ", ".join(f"{n} tensors: {why}" for why, n in sorted(v.items())) or "none"
         elif k == "parameters":
             v = f"{v / 1e6:.1f} M"
         t.add_row(k, str(v))

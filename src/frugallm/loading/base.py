@@ -21,6 +21,8 @@ from frugallm.model.llama import Transformer
 from frugallm.tokenizer.tokenizer import Tokenizer
 
 ModelFormat = Literal["gguf", "hf", "quantized"]
+# How quantized weights load: run as stored in the file (GGUF on CPU), or dequantized to the engine dtype.
+WeightsMode = Literal["stored", "dequantize"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,10 +1,17 @@
 """GGUF v3 files: model config, weights in the Hugging Face layout, tokenizer metadata.
 
-Uses the llama.cpp project's ``gguf`` package; every tensor type ``gguf.quants.dequantize`` knows
-(F32, F16, BF16, Q4_0 ... Q8_0, K-quants, IQ-quants) loads, dequantized to the engine's dtype.
-Tensors are read and converted one at a time (:func:`iter_gguf_state_dict`), so a per-tensor choice
-(keep the stored blocks, or dequantize) has one place to go; the whole fp32 state dict never exists.
-Converted weights go to the weights cache (``weight_cache.py``) so later loads skip conversion.
+Two ways to load the weights (``loading.choose_weights`` picks one):
+
+* ``"stored"`` (the CPU default for ``dtype="auto"``): every 2-D weight of a type ``csrc/gguf_linear.cpp``
+  runs (:data:`NATIVE_TYPES`) becomes a :class:`GGUFLinear` over zero-copy views of the file's memmap (fused
+  qkv / gate_up as row segments, llama Q/K rows un-permuted), the token embedding a :class:`QuantEmbedding`
+  on the same blocks (a tied head is that very table). Only the rest (norms, biases, types the kernel lacks)
+  is dequantized to fp32, one tensor at a time. Pages of the file come in as they are touched; nothing is
+  cached. :func:`tensor_plan` says which tensor goes which way (``frugallm info`` shows it).
+* ``"dequantize"``: every tensor type ``gguf.quants.dequantize`` knows (F32, F16, BF16, Q4_0 ... Q8_0,
+  K-quants, IQ-quants) is converted to the engine's dtype, one at a time (:func:`iter_gguf_state_dict`;
+  the whole fp32 state dict never exists), and the result goes to the weights cache (``weight_cache.py``)
+  so later loads skip conversion.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 
 from frugallm.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
 from frugallm.errors import ModelLoadError
 from frugallm.loading import weight_cache
-from frugallm.loading.base import LoadedModel, ModelDescription, check_vocab, materialize
+from frugallm.loading.base import LoadedModel, ModelDescription, WeightsMode, check_vocab, materialize
+from frugallm.quant.embedding import QuantEmbedding
+from frugallm.quant.gguf_linear import NATIVE_TYPES, GGUFLinear, segment_from_reader
 from frugallm.tokenizer.tokenizer import Tokenizer, TokenizerMeta
 
 _GGUF_MAGIC = b"GGUF"
@@ -39,15 +49,34 @@ def _open_reader(path: Path) -> Any:
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors on corrupt headers
-        raise ModelLoadError(f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
-    for t in reader.tensors:
+        name = _failing_tensor(e)
+        where = f"tensor {name!r}: " if name else "corrupt or truncated GGUF header "
+        raise ModelLoadError(f"{path}: {where}({type(e).__name__}: {e})") from None
+    # Each tensor's bytes (from its type and shape) must fit before the next tensor starts: a header whose
+    # shape or type disagrees with the bytes written would otherwise feed a neighbour's bytes to a kernel.
+    by_offset = sorted(reader.tensors, key=lambda t: int(t.data_offset))
+    for t, nxt in zip(by_offset, [*by_offset[1:], None], strict=True):
         end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
+        limit = size if nxt is None else int(nxt.data_offset)
+        if end > limit:
+            what = "the file has" if nxt is None else f"tensor {nxt.name!r} starts at"
             raise ModelLoadError(
-                f"{path}: tensor {t.name!r} needs bytes up to offset {end} but the file has {size} "
-                "(truncated or wrong tensor offsets)"
+                f"{path}: tensor {t.name!r} ({t.tensor_type.name}, shape {[int(d) for d in t.shape]}) needs bytes "
+                f"up to offset {end} but {what} {limit} (its bytes do not match its type and shape, or the "
+                "file is truncated)"
             )
     return reader
+
+
+def _failing_tensor(e: BaseException) -> str | None:
+    """The tensor ``GGUFReader`` was building when it raised (its row size does not fit its type's blocks):
+    gguf's message does not name it, the reader's frame does."""
+    tb, name = e.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_build_tensors":
+            name = tb.tb_frame.f_locals.get("tensor_name")
+        tb = tb.tb_next
+    return name
 
 
 class GGUFModelFile:
@@ -180,9 +209,67 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_state_dict(gf: GGUFModelFile, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` pairs in frugallm's parameter names, fused and in HF layout."""
-    permute = cfg.arch in ("llama", "mistral")  # qwen2/qwen3 GGUFs keep the HF (NeoX) layout
+def _permutes(cfg: ModelConfig) -> bool:
+    return cfg.arch in ("llama", "mistral")  # qwen2/qwen3 GGUFs keep the HF (NeoX) layout
+
+
+def linear_parts(cfg: ModelConfig) -> list[tuple[str, list[tuple[str, int | None]]]]:
+    """Each linear of the model: ``(module path, [(GGUF tensor stem, heads to un-permute or None), ...])``,
+    parts fused along the output dim in this order (the stem + ``.weight`` / ``.bias`` is the tensor)."""
+    nq, nkv = (cfg.num_heads, cfg.num_kv_heads) if _permutes(cfg) else (None, None)
+    out: list[tuple[str, list[tuple[str, int | None]]]] = []
+    for i in range(cfg.num_layers):
+        p, o = f"blk.{i}.", f"layers.{i}."
+        out += [
+            (o + "attn.qkv_proj", [(p + "attn_q", nq), (p + "attn_k", nkv), (p + "attn_v", None)]),
+            (o + "attn.o_proj", [(p + "attn_output", None)]),
+            (o + "mlp.gate_up_proj", [(p + "ffn_gate", None), (p + "ffn_up", None)]),
+            (o + "mlp.down_proj", [(p + "ffn_down", None)]),
+        ]
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head", [("output", None)]))
+    return out
+
+
+def tensor_plan(gf: GGUFModelFile, cfg: ModelConfig) -> dict[str, str]:
+    """How an as-stored load runs each GGUF tensor: ``"stored"``, or ``"dequantized: <why>"`` (fp32 at load)."""
+    plan: dict[str, str] = {}
+    for name, t in gf.tensors.items():
+        if len(t.shape) != 2 or name == "rope_freqs.weight":
+            plan[name] = "dequantized: 1-D (norm, bias or rope factors)"
+        elif t.tensor_type not in NATIVE_TYPES:
+            plan[name] = f"dequantized: no as-stored kernel for {t.tensor_type.name}"
+        else:
+            plan[name] = "stored"
+    for _, parts in linear_parts(cfg):  # one fused linear is stored whole or dequantized whole
+        names = [stem + ".weight" for stem, _ in parts]
+        odd = [n for n in names if plan.get(n, "stored") != "stored"]
+        for n in names:
+            if odd and plan.get(n) == "stored":
+                plan[n] = f"dequantized: fused with {odd[0]} ({gf.tensors[odd[0]].tensor_type.name})"
+    return plan
+
+
+def plan_summary(gf: GGUFModelFile, plan: dict[str, str]) -> dict[str, dict[str, int]]:
+    """``{"stored": {type: bytes}, "dequantized": {reason: tensors}}`` of a :func:`tensor_plan`."""
+    stored: dict[str, int] = {}
+    dequantized: dict[str, int] = {}
+    for name, how in plan.items():
+        t = gf.tensors[name]
+        if how == "stored":
+            stored[t.tensor_type.name] = stored.get(t.tensor_type.name, 0) + int(t.n_bytes)
+        else:
+            why = how.removeprefix("dequantized: ")
+            dequantized[why] = dequantized.get(why, 0) + 1
+    return {"stored": stored, "dequantized": dequantized}
+
+
+def iter_gguf_state_dict(
+    gf: GGUFModelFile, cfg: ModelConfig, dtype: torch.dtype, skip: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` pairs in frugallm's parameter names, fused and in HF layout; names under a
+    module path in ``skip`` (modules the as-stored load installs) are not read."""
+    permute = _permutes(cfg)
 
     def get(name: str, n_head: int | None = None) -> np.ndarray:
         arr = gf.tensor(name)
@@ -191,36 +278,47 @@ def iter_gguf_state_dict(gf: GGUFModelFile, cfg: ModelConfig, dtype: torch.dtype
     def t(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
 
-    yield "embed_tokens.weight", t(gf.tensor("token_embd.weight"))
+    def wanted(name: str) -> bool:
+        return name.rsplit(".", 1)[0] not in skip
+
+    if wanted("embed_tokens.weight"):
+        yield "embed_tokens.weight", t(gf.tensor("token_embd.weight"))
     for i in range(cfg.num_layers):
         p, o = f"blk.{i}.", f"layers.{i}."
         yield o + "input_norm.weight", t(gf.tensor(p + "attn_norm.weight"))
         yield o + "post_attn_norm.weight", t(gf.tensor(p + "ffn_norm.weight"))
-        qkv = [
-            get(p + "attn_q.weight", cfg.num_heads),
-            get(p + "attn_k.weight", cfg.num_kv_heads),
-            get(p + "attn_v.weight"),
-        ]
-        yield o + "attn.qkv_proj.weight", t(np.concatenate(qkv, axis=0))
-        if cfg.attention_bias:
-            b = [
-                get(p + "attn_q.bias", cfg.num_heads),
-                get(p + "attn_k.bias", cfg.num_kv_heads),
-                get(p + "attn_v.bias"),
+        if wanted(o + "attn.qkv_proj.weight"):
+            qkv = [
+                get(p + "attn_q.weight", cfg.num_heads),
+                get(p + "attn_k.weight", cfg.num_kv_heads),
+                get(p + "attn_v.weight"),
             ]
-            yield o + "attn.qkv_proj.bias", t(np.concatenate(b, axis=0))
+            yield o + "attn.qkv_proj.weight", t(np.concatenate(qkv, axis=0))
+            if cfg.attention_bias:
+                yield o + "attn.qkv_proj.bias", t(qkv_bias(gf, cfg, i))
         if cfg.qk_norm:
             yield o + "attn.q_norm.weight", t(gf.tensor(p + "attn_q_norm.weight"))
             yield o + "attn.k_norm.weight", t(gf.tensor(p + "attn_k_norm.weight"))
-        yield o + "attn.o_proj.weight", t(gf.tensor(p + "attn_output.weight"))
-        gate_up = [gf.tensor(p + "ffn_gate.weight"), gf.tensor(p + "ffn_up.weight")]
-        yield o + "mlp.gate_up_proj.weight", t(np.concatenate(gate_up, axis=0))
-        yield o + "mlp.down_proj.weight", t(gf.tensor(p + "ffn_down.weight"))
+        if wanted(o + "attn.o_proj.weight"):
+            yield o + "attn.o_proj.weight", t(gf.tensor(p + "attn_output.weight"))
+        if wanted(o + "mlp.gate_up_proj.weight"):
+            gate_up = [gf.tensor(p + "ffn_gate.weight"), gf.tensor(p + "ffn_up.weight")]
+            yield o + "mlp.gate_up_proj.weight", t(np.concatenate(gate_up, axis=0))
+        if wanted(o + "mlp.down_proj.weight"):
+            yield o + "mlp.down_proj.weight", t(gf.tensor(p + "ffn_down.weight"))
     yield "norm.weight", t(gf.tensor("output_norm.weight"))
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings and wanted("lm_head.weight"):
         yield "lm_head.weight", t(gf.tensor("output.weight"))
     if "rope_freqs.weight" in gf.tensors:
         yield "rope_factors", torch.from_numpy(gf.tensor("rope_freqs.weight").reshape(-1).copy())
+
+
+def qkv_bias(gf: GGUFModelFile, cfg: ModelConfig, layer: int) -> np.ndarray:
+    """Layer ``layer``'s fused q/k/v bias ``[q + 2 * kv]`` fp32 (Q/K un-permuted like their rows)."""
+    p = f"blk.{layer}."
+    heads = (cfg.num_heads, cfg.num_kv_heads, None) if _permutes(cfg) else (None, None, None)
+    parts = [gf.tensor(p + f"attn_{x}.bias") for x in "qkv"]
+    return np.concatenate([_unpermute(b, h) if h else b for b, h in zip(parts, heads, strict=True)])
 
 
 def gguf_num_tensors(cfg: ModelConfig) -> int:
@@ -249,13 +347,18 @@ def describe(path: Path, *, use_cache: bool = True) -> ModelDescription:
         )
     gf = GGUFModelFile(path)
     type_bytes = gf.tensor_type_bytes()
+    cfg = gf.config()
     return ModelDescription(
         format="gguf",
         path=path,
-        config=gf.config(),
+        config=cfg,
         tensor_bytes=type_bytes,
         chat_template=gf.field("tokenizer.chat_template") is not None,
-        source_info={"tensor_type_bytes": type_bytes, "file_bytes": path.stat().st_size},
+        source_info={
+            "tensor_type_bytes": type_bytes,
+            "file_bytes": path.stat().st_size,
+            "as_stored": plan_summary(gf, tensor_plan(gf, cfg)),
+        },
         make_tokenizer=lambda: Tokenizer.from_gguf_meta(gf.tokenizer_meta()),
         handle=gf,
     )
@@ -273,10 +376,20 @@ def _progress(total: int, description: str, enabled: bool) -> Any:
 
 
 def load(
-    desc: ModelDescription, dtype: torch.dtype, device: torch.device, *, use_cache: bool = True, progress: bool = False
+    desc: ModelDescription,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    weights: WeightsMode = "dequantize",
+    use_cache: bool = True,
+    progress: bool = False,
 ) -> LoadedModel:
-    """Weights from the cache entry for ``dtype`` if there is one, else converted tensor by tensor
-    (and cached)."""
+    """``weights="stored"``: see :func:`load_stored` (``dtype`` must be fp32). ``"dequantize"``: weights from
+    the cache entry for ``dtype`` if there is one, else converted tensor by tensor (and cached)."""
+    if weights == "stored":
+        if dtype != torch.float32:
+            raise ModelLoadError(f"weights run as stored take fp32 activations, not {dtype}")
+        return load_stored(desc, device)
     path, cfg = desc.path, desc.config
     entry = weight_cache.entry_dir(weight_cache.file_hash(path), dtype) if use_cache else None
     cached = weight_cache.load_entry(entry) if entry is not None else None
@@ -298,10 +411,89 @@ def load(
     finally:
         if bar is not None:
             bar.stop()
-    info = {"tensor_type_bytes": gf.tensor_type_bytes(), "file_bytes": path.stat().st_size}
+    info = {"tensor_type_bytes": gf.tensor_type_bytes(), "file_bytes": path.stat().st_size, "weights": "dequantize"}
     if entry is not None:
         weight_cache.save_entry(
             entry, state, {"config": cfg.to_dict(), "tokenizer": tok.to_dict(), "source_info": info}
         )
     m = materialize(cfg, state, device, where=str(path))
     return LoadedModel(m, cfg, tok, path, "gguf", False, 0.0, info)
+
+
+def load_stored(desc: ModelDescription, device: torch.device) -> LoadedModel:
+    """Quantized weights as :class:`GGUFLinear` / :class:`QuantEmbedding` modules over the file's memmap, the
+    rest (:func:`tensor_plan`) dequantized to fp32; nothing is read from or written to the weights cache."""
+    path, cfg = desc.path, desc.config
+    tok = desc.tokenizer()
+    check_vocab(cfg, tok, path)
+    gf = desc.handle if isinstance(desc.handle, GGUFModelFile) else GGUFModelFile(path)
+    plan = tensor_plan(gf, cfg)
+    modules: dict[str, torch.nn.Module] = {}
+    for mod_path, parts in linear_parts(cfg):
+        if plan.get(parts[0][0] + ".weight") != "stored":
+            continue
+        in_features, rows = _linear_shape(cfg, mod_path)
+        segs = [
+            segment_from_reader(_checked(gf, stem + ".weight", in_features, n), heads)
+            for (stem, heads), n in zip(parts, rows, strict=True)
+        ]
+        bias = None
+        if mod_path.endswith("qkv_proj") and cfg.attention_bias:
+            bias = torch.from_numpy(qkv_bias(gf, cfg, int(mod_path.split(".")[1])))
+        modules[mod_path] = GGUFLinear.from_segments(segs, in_features, bias)
+    if plan.get("token_embd.weight") == "stored":
+        t = _checked(gf, "token_embd.weight", cfg.hidden_size, cfg.vocab_size)
+        table = GGUFLinear.from_segments([segment_from_reader(t)], cfg.hidden_size)
+        modules["embed_tokens"] = QuantEmbedding(table, torch.float32)
+        if cfg.tie_word_embeddings:
+            modules["lm_head"] = table  # the head multiplies the same blocks
+
+    def install(model: torch.nn.Module) -> list[str]:
+        for name, mod in modules.items():
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, mod)
+        return list(modules)
+
+    state = dict(iter_gguf_state_dict(gf, cfg, torch.float32, skip=frozenset(modules)))
+    m = materialize(cfg, state, device, where=str(path), install=install)
+    info = {
+        "tensor_type_bytes": gf.tensor_type_bytes(),
+        "file_bytes": path.stat().st_size,
+        "weights": "stored",
+        "as_stored": plan_summary(gf, plan),
+        "tensor_plan": plan,
+    }
+    return LoadedModel(m, cfg, tok, path, "gguf", False, 0.0, info)
+
+
+def _linear_shape(cfg: ModelConfig, mod_path: str) -> tuple[int, list[int]]:
+    """``(in_features, rows of each fused part)`` of the linear at ``mod_path`` (see :func:`linear_parts`)."""
+    h, kind = cfg.hidden_size, mod_path.rsplit(".", 1)[-1]
+    return {
+        "qkv_proj": (h, [cfg.q_size, cfg.kv_size, cfg.kv_size]),
+        "o_proj": (cfg.q_size, [h]),
+        "gate_up_proj": (h, [cfg.intermediate_size, cfg.intermediate_size]),
+        "down_proj": (cfg.intermediate_size, [h]),
+        "lm_head": (h, [cfg.vocab_size]),
+    }[kind]
+
+
+def _checked(gf: GGUFModelFile, name: str, in_features: int, rows: int) -> Any:
+    """The reader tensor ``name``, checked to be ``rows`` rows of ``in_features`` values whose bytes match its
+    type: a mismatch is one error naming the tensor, never a kernel reading past its blocks."""
+    t = gf.tensors.get(name)
+    if t is None:
+        raise ModelLoadError(f"{gf.path}: missing tensor {name!r}")
+    shape = [int(d) for d in t.shape]
+    if shape != [in_features, rows]:
+        raise ModelLoadError(
+            f"{gf.path}: tensor {name!r} has GGUF shape {shape}, the model config needs {[in_features, rows]}"
+        )
+    block, size = GGML_QUANT_SIZES[t.tensor_type]
+    expected = rows * (in_features // block) * size
+    if in_features % block or int(t.data.nbytes) != expected:
+        raise ModelLoadError(
+            f"{gf.path}: tensor {name!r} ({t.tensor_type.name}, shape {shape}) holds "
+            f"{int(t.data.nbytes)} bytes; {rows} rows of {in_features} values take {expected}"
+        )
+    return t

@@ -76,10 +76,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if quant.method == "gptq":
             raise FrugalError("--quant gptq needs calibration data; quantize offline and serve the result")
     api_key = args.api_key if args.api_key is not None else os.environ.get("FRUGALLM_API_KEY") or None
-    if args.dtype == "auto" and args.device in ("auto", "cpu") and not _cuda():
+    if args.dtype == "auto" and args.device in ("auto", "cpu") and not _cuda() and not _runs_as_stored(args):
         # Batched decode is matrix-matrix work: bf16 kernels beat fp16 (the single-stream CPU default) on
         # CPUs that compute bf16 natively, and no per-step weight conversion is needed; elsewhere bf16 is
-        # emulated (~40x slower) and fp32 runs the fastest GEMMs.
+        # emulated (~40x slower) and fp32 runs the fastest GEMMs. A GGUF keeps dtype auto: its weights run
+        # as stored (fp32 activations), a fraction of the memory of any float copy.
         args.dtype = "bfloat16" if cpu.fast_bf16() else "float32"
     def build() -> LLMEngine:
         llm = load_llm(args)
@@ -111,3 +112,12 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _runs_as_stored(args: argparse.Namespace) -> bool:
+    """Whether ``LLM`` would run this model's weights as stored with dtype auto (a GGUF on CPU, no --quant)."""
+    import torch
+
+    from frugallm.loading import choose_weights
+
+    return choose_weights(args.model, "auto", "auto", torch.device("cpu"), quant=bool(args.quant))[0] == "stored"
