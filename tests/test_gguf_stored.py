@@ -220,3 +220,15 @@ def test_default_model_stored_matches_fp32() -> None:
     torch.testing.assert_close(dec_s, dec_r, atol=2e-3, rtol=0)
     p = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     assert stored.generate("Once upon a time", p)[0].token_ids == ref.generate("Once upon a time", p)[0].token_ids
+
+
+def test_serve_keeps_auto_dtype_for_gguf(tiny_models) -> None:
+    """``frugallm serve`` forces a float dtype on CPU for other models, not for a GGUF run as stored."""
+    from argparse import Namespace
+
+    from frugallm.serve.commands import _runs_as_stored
+
+    path = str(tiny_models.gguf("llama", "Q4_0"))
+    assert _runs_as_stored(Namespace(model=path, quant=None))
+    assert not _runs_as_stored(Namespace(model=path, quant="int8"))
+    assert not _runs_as_stored(Namespace(model=str(tiny_models.hf("llama")), quant=None))

@@ -21,7 +21,9 @@ EMBED_INT4_GROUP = 32
 class QuantEmbedding(nn.Module):
     """Drop-in for ``nn.Embedding``: ``forward(ids [...]) -> [..., embedding_dim]`` in the original dtype."""
 
-    def __init__(self, table: Int8Linear | GroupQuantLinear, dtype: torch.dtype) -> None:
+    def __init__(self, table: nn.Module, dtype: torch.dtype) -> None:
+        """``table``: a quantized linear whose rows are the embeddings and that has ``dequantize_rows(ids)``
+        (:class:`Int8Linear`, :class:`GroupQuantLinear`, or a GGUF file's blocks as ``GGUFLinear``)."""
         super().__init__()
         self.table = table
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
