@@ -304,14 +304,15 @@ void dispatch(int64_t qtype, const uint8_t* row, int64_t nblocks, Sink&& sink) {
 
 constexpr int64_t kMaxRows = 4;  // inputs per pass over a weight row (accumulators in registers)
 
-#if defined(FRUGALLM_GGUF_AVX512)
-inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-#elif defined(FRUGALLM_GGUF_VEC)
+#if defined(FRUGALLM_GGUF_VEC)
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
+#endif
+#if defined(FRUGALLM_GGUF_AVX512)
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 #endif
 
 // out[m] = row . x[m] for MC inputs x (fp32, row-major with stride k).
@@ -373,17 +374,250 @@ void dot_row(const uint8_t* row, int64_t nblocks, const float* x, int64_t k, flo
 #endif
 }
 
+#if defined(FRUGALLM_GGUF_VEC)
+// The vector GEMV. Each weight value is s * q - o with q a small integer code, s and o per group of 16 or 32
+// values, so a row's dot with x is sum over groups of s * (sum q x) - o * (sum x): the codes convert exactly
+// to fp32 and meet x in FMAs, each group's scale multiplies its partial sum once, and the offsets meet the
+// per-group sums of x (computed once per call, shared by every weight row). Same products as dequantize-then-
+// matmul, summed in another order: equal up to fp32 rounding.
+#if defined(FRUGALLM_GGUF_AVX512)
+using VF = __m512;
+constexpr int kLanes = 16;
+inline VF vzero() { return _mm512_setzero_ps(); }
+inline VF vset1(float s) { return _mm512_set1_ps(s); }
+inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VF vmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline float vsum(VF v) { return _mm512_reduce_add_ps(v); }
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+// kLanes int8 codes at p as fp32.
+inline VF codes_i8(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(p))); }
+// kLanes bytes at p: their low nibbles and their high nibbles as fp32.
+inline void codes_nib(const uint8_t* p, VF& lo, VF& hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(load16(p));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+#else
+using VF = __m256;
+constexpr int kLanes = 8;
+inline VF vzero() { return _mm256_setzero_ps(); }
+inline VF vset1(float s) { return _mm256_set1_ps(s); }
+inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline float vsum(VF v) { return hsum(v); }
+inline __m128i load8(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+inline VF codes_i8(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(p))); }
+inline void codes_nib(const uint8_t* p, VF& lo, VF& hi) {
+  const __m256i v = _mm256_cvtepu8_epi32(load8(p));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+#endif
+
+// 8 bytes at p as 8 fp32 lanes (unsigned).
+inline __m256 u8x8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256 i8x8(const void* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Per-block scales (and offsets) of a K-quant block as fp32, one per group of G values; returns G.
 template <int64_t T>
-void dot_rows(const uint8_t* row, int64_t nblocks, const float* x, int64_t k, int64_t mc, float* out) {
+inline void k_params(const uint8_t* b, float* sc, __m256& mn_lo, __m256& mn_hi) {
+  if constexpr (T == Q4_K || T == Q5_K) {  // 8 groups of 32: 6-bit (scale, min) packed in 12 bytes
+    uint32_t u[4];
+    std::memcpy(u, b + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3f;
+    _mm256_storeu_ps(sc, _mm256_mul_ps(_mm256_set1_ps(f16(b)), u8x8(reinterpret_cast<const uint8_t*>(u))));
+    mn_lo = _mm256_mul_ps(_mm256_set1_ps(f16(b + 2)), u8x8(reinterpret_cast<const uint8_t*>(u + 2)));
+  } else if constexpr (T == Q6_K) {  // 16 groups of 16: int8 scales
+    const __m256 d = _mm256_set1_ps(f16(b + 208));
+    _mm256_storeu_ps(sc, _mm256_mul_ps(d, i8x8(b + 192)));
+    _mm256_storeu_ps(sc + 8, _mm256_mul_ps(d, i8x8(b + 200)));
+  } else if constexpr (T == Q2_K) {  // 16 groups of 16: scale | min << 4
+    const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+    const __m128i lo = _mm_and_si128(s, _mm_set1_epi8(0xF)), hi = _mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0xF));
+    const __m256 d = _mm256_set1_ps(f16(b + 80)), dmin = _mm256_set1_ps(f16(b + 82));
+    _mm256_storeu_ps(sc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo))));
+    _mm256_storeu_ps(sc + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)))));
+    mn_lo = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)));
+    mn_hi = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))));
+  } else {  // Q3_K: 16 signed 6-bit scales
+    const float d = f16(b + 108);
+    for (int g = 0; g < 16; ++g) sc[g] = d * static_cast<float>(q3k_scale(b + 96, g));
+  }
+}
+
+// out[m] = row . x[m] for MC inputs x (fp32, stride k). xs holds, per input, its sums over each 16 values (k / 16)
+// then over each 32 (k / 32).
+template <int64_t T, int MC>
+void dot_row_vec(const uint8_t* row, int64_t nblocks, const float* x, int64_t k, const float* xs, float* out) {
+  const int64_t xs_stride = k / 16 + k / 32;
+  const float* xs16 = xs;
+  const float* xs32 = xs + k / 16;
+  VF t0[MC], t1[MC];
+  __m256 off[MC];
+  float offs[MC];
+  for (int m = 0; m < MC; ++m) {
+    t0[m] = t1[m] = vzero();
+    off[m] = _mm256_setzero_ps();
+    offs[m] = 0.0f;
+  }
+  if constexpr (T == Q4_0 || T == Q4_1 || T == Q8_0) {
+    constexpr int64_t bytes = T == Q4_0 ? 18 : T == Q4_1 ? 20 : 34;
+    auto block = [&](int64_t blk, VF* t) {
+      const uint8_t* b = row + blk * bytes;
+      const float d = f16(b);
+      // Q4_0: d * (q - 8) = d * q - 8 d; Q4_1: d * q + m.
+      const float o = T == Q4_0 ? 8.0f * d : T == Q4_1 ? -f16(b + 2) : 0.0f;
+      VF acc[MC];
+      for (int m = 0; m < MC; ++m) acc[m] = vzero();
+      if constexpr (T == Q8_0) {
+        for (int j = 0; j < 32; j += kLanes) {
+          const VF q = codes_i8(b + 2 + j);
+          for (int m = 0; m < MC; ++m) acc[m] = vfma(q, vload(x + m * k + 32 * blk + j), acc[m]);
+        }
+      } else {
+        for (int j = 0; j < 16; j += kLanes) {
+          VF lo, hi;
+          codes_nib(b + (T == Q4_0 ? 2 : 4) + j, lo, hi);
+          for (int m = 0; m < MC; ++m) {
+            const float* xm = x + m * k + 32 * blk + j;
+            acc[m] = vfma(hi, vload(xm + 16), vfma(lo, vload(xm), acc[m]));
+          }
+        }
+      }
+      const VF dv = vset1(d);
+      for (int m = 0; m < MC; ++m) {
+        t[m] = vfma(dv, acc[m], t[m]);
+        if constexpr (T != Q8_0) offs[m] += o * xs32[m * xs_stride + blk];
+      }
+    };
+    // Two blocks per step, each into its own accumulators: two FMA chains through the scales.
+    int64_t blk = 0;
+    for (; blk + 1 < nblocks; blk += 2) {
+      block(blk, t0);
+      block(blk + 1, t1);
+    }
+    if (blk < nblocks) block(blk, t0);
+  } else if constexpr (T == Q5_0 || T == Q5_1) {
+    // decode_row's int8 codes of each 32 values through a small buffer.
+    alignas(32) uint8_t buf[32];
+    decode_row<T>(row, nblocks, [&](int64_t c, Codes q, Params p) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(buf), q);
+      VF a0[MC], a1[MC];
+      for (int m = 0; m < MC; ++m) a0[m] = a1[m] = vzero();
+      for (int j = 0; j < 16; j += kLanes) {
+        const VF q0 = codes_i8(buf + j), q1 = codes_i8(buf + 16 + j);
+        for (int m = 0; m < MC; ++m) {
+          const float* xm = x + m * k + 32 * c + j;
+          a0[m] = vfma(q0, vload(xm), a0[m]);
+          a1[m] = vfma(q1, vload(xm + 16), a1[m]);
+        }
+      }
+      const VF s = vset1(p.s0);
+      for (int m = 0; m < MC; ++m) {
+        t0[m] = vfma(s, a0[m], t0[m]);
+        t1[m] = vfma(s, a1[m], t1[m]);
+        if constexpr (T == Q5_1) offs[m] += p.o0 * xs32[m * xs_stride + c];
+      }
+    });
+  } else {  // K-quants: per block, its scales as fp32 and its codes (decoded in registers or through a buffer)
+    constexpr int64_t bytes = T == Q2_K ? 84 : T == Q3_K ? 110 : T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
+    constexpr int G = (T == Q4_K || T == Q5_K) ? 32 : 16;  // values per scale
+    alignas(32) float sc[16];
+    alignas(32) uint8_t buf[256];
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const uint8_t* b = row + blk * bytes;
+      if (blk + 1 < nblocks) _mm_prefetch(reinterpret_cast<const char*>(b + bytes + 128), _MM_HINT_T0);
+      __m256 mn_lo, mn_hi;
+      k_params<T>(b, sc, mn_lo, mn_hi);
+      if constexpr (T == Q4_K) {
+        const uint8_t* qs = b + 16;
+        for (int pair = 0; pair < 4; ++pair) {
+          VF alo[MC], ahi[MC];
+          for (int m = 0; m < MC; ++m) alo[m] = ahi[m] = vzero();
+          for (int j = 0; j < 32; j += kLanes) {
+            VF lo, hi;
+            codes_nib(qs + 32 * pair + j, lo, hi);
+            for (int m = 0; m < MC; ++m) {
+              const float* xm = x + m * k + 256 * blk + 64 * pair + j;
+              alo[m] = vfma(lo, vload(xm), alo[m]);
+              ahi[m] = vfma(hi, vload(xm + 32), ahi[m]);
+            }
+          }
+          const VF s0 = vset1(sc[2 * pair]), s1 = vset1(sc[2 * pair + 1]);
+          for (int m = 0; m < MC; ++m) {
+            t0[m] = vfma(s0, alo[m], t0[m]);
+            t1[m] = vfma(s1, ahi[m], t1[m]);
+          }
+        }
+      } else {
+        decode_row<T>(b, 1, [&](int64_t c, Codes q, Params) {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(buf + 32 * c), q);
+        });
+        for (int g = 0; g < 256 / G; ++g) {
+          VF a[MC];
+          for (int m = 0; m < MC; ++m) a[m] = vzero();
+          for (int j = 0; j < G; j += kLanes) {
+            const VF q = codes_i8(buf + G * g + j);
+            for (int m = 0; m < MC; ++m) a[m] = vfma(q, vload(x + m * k + 256 * blk + G * g + j), a[m]);
+          }
+          const VF s = vset1(sc[g]);
+          for (int m = 0; m < MC; ++m) {
+            if (g & 1)
+              t1[m] = vfma(s, a[m], t1[m]);
+            else
+              t0[m] = vfma(s, a[m], t0[m]);
+          }
+        }
+      }
+      for (int m = 0; m < MC; ++m) {
+        if constexpr (T == Q4_K || T == Q5_K) {
+          off[m] = _mm256_fmadd_ps(mn_lo, _mm256_loadu_ps(xs32 + m * xs_stride + 8 * blk), off[m]);
+        } else if constexpr (T == Q2_K) {
+          off[m] = _mm256_fmadd_ps(mn_lo, _mm256_loadu_ps(xs16 + m * xs_stride + 16 * blk), off[m]);
+          off[m] = _mm256_fmadd_ps(mn_hi, _mm256_loadu_ps(xs16 + m * xs_stride + 16 * blk + 8), off[m]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m) out[m] = vsum(vadd(t0[m], t1[m])) - (hsum(off[m]) + offs[m]);
+}
+#endif
+
+// Rows of x at a time: the vector kernel (which reads xs, x's sums over 16 values) or the scalar reference.
+template <int64_t T>
+void dot_rows(const uint8_t* row, int64_t nblocks, const float* x, int64_t k, const float* xs, int64_t mc,
+              float* out) {
+#if defined(FRUGALLM_GGUF_VEC)
+  switch (mc) {
+    case 1: return dot_row_vec<T, 1>(row, nblocks, x, k, xs, out);
+    case 2: return dot_row_vec<T, 2>(row, nblocks, x, k, xs, out);
+    case 3: return dot_row_vec<T, 3>(row, nblocks, x, k, xs, out);
+    default: return dot_row_vec<T, 4>(row, nblocks, x, k, xs, out);
+  }
+#else
+  (void)xs;
   switch (mc) {
     case 1: return dot_row<T, 1>(row, nblocks, x, k, out);
     case 2: return dot_row<T, 2>(row, nblocks, x, k, out);
     case 3: return dot_row<T, 3>(row, nblocks, x, k, out);
     default: return dot_row<T, 4>(row, nblocks, x, k, out);
   }
+#endif
 }
 
-using DotFn = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, float*);
+using DotFn = void (*)(const uint8_t*, int64_t, const float*, int64_t, const float*, int64_t, float*);
 DotFn dot_fn(int64_t qtype) {
   switch (qtype) {
     case Q4_0: return &dot_rows<Q4_0>;
@@ -435,6 +669,21 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1), nblocks = k / f.block;
   const DotFn dot = dot_fn(qtype);
+  // Per input row, its sums over each run of 16 values then over each run of 32 (the offsets' operands, shared
+  // by every weight row; the scalar path ignores them).
+  const int64_t ng = k / 16 + k / 32;
+  std::vector<float> xs(rows * ng);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xf + r * k;
+    float* s16 = xs.data() + r * ng;
+    float* s32 = s16 + k / 16;
+    for (int64_t g = 0; g < k / 16; ++g) {
+      float s = 0.0f;
+      for (int j = 0; j < 16; ++j) s += xr[16 * g + j];
+      s16[g] = s;
+    }
+    for (int64_t g = 0; g < k / 32; ++g) s32[g] = s16[2 * g] + s16[2 * g + 1];
+  }
   // Each thread a contiguous run of weight rows: one sequential stream through the blocks, read once per
   // kMaxRows inputs (a second pass over a row finds it in cache).
   at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
@@ -442,7 +691,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
         const int64_t mc = std::min(kMaxRows, rows - m0);
-        dot(wp + n * row_bytes, nblocks, xf + m0 * k, k, mc, out);
+        dot(wp + n * row_bytes, nblocks, xf + m0 * k, k, xs.data() + m0 * ng, mc, out);
         for (int64_t m = 0; m < mc; ++m) {
           const float v = b != nullptr ? out[m] + b[n] : out[m];
           if (bf16)

@@ -1,0 +1,136 @@
+"""Micro-benchmark: torch.ops.frugallm.gguf_linear (decode GEMV on raw GGUF blocks) per format.
+
+For each format a random weight [N, K] of raw blocks (random codes, small fp16 scales) is applied to ``--rows``
+input rows; the table gives the median of ``--reps`` calls (after a warm-up), the weight bandwidth that implies
+(stored bytes / time), and the same product as a dense fp32 ``F.linear`` on the dequantized weight and as torch
+dequantize-then-matmul (``gguf_dequantize`` + ``F.linear``, what prefill does). CPU, threads and the ISA level the
+kernel was built for (``frugallm.cpu.level()``, capped by ``FRUGALLM_ISA``) head the table.
+
+``--compare-src FILE`` also builds another version of ``csrc/gguf_linear.cpp`` (say ``git show
+HEAD~1:src/frugallm/csrc/gguf_linear.cpp > /tmp/old.cpp``) under its own op namespace with the same flags and
+times it in the same process, interleaved with the current kernel: a before/after on one noisy machine.
+
+    .venv/bin/python benchmarks/gguf_kernels.py [--shape 1536x1536] [--rows 1] [--threads 1] [--reps 200]
+        [--types Q4_K Q6_K] [--compare-src /tmp/old.cpp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+
+from frugallm import cpu, native
+from frugallm.paths import cache_dir
+
+# Byte offsets of each type's fp16 scale fields (d, and dmin / m where the type has one).
+F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q2_K: (80, 82),
+              T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def random_blocks(qtype: T, n: int, k: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        scale = (rng.standard_normal((n, k // block)) * 0.05).astype(np.float16)
+        raw[..., off : off + 2] = scale.view(np.uint8).reshape(n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
+def build_compare(src: Path) -> object:
+    """Builds ``src`` with its ops under ``torch.ops.gguf_cmp`` (same compiler flags as frugallm.native)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    text = src.read_text().replace("TORCH_LIBRARY_FRAGMENT(frugallm,", "TORCH_LIBRARY_FRAGMENT(gguf_cmp,")
+    text = text.replace("TORCH_LIBRARY_IMPL(frugallm,", "TORCH_LIBRARY_IMPL(gguf_cmp,")
+    text = text.replace('#include "common.h"', f'#include "{native.CSRC / "common.h"}"')
+    key = hashlib.sha256((text + cpu.level()).encode()).hexdigest()[:12]
+    out_dir = cache_dir() / "native-compare"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cpp, so = out_dir / f"gguf_cmp-{key}.cpp", out_dir / f"gguf_cmp-{cpu.level()}-{key}.so"
+    if not so.exists():
+        cpp.write_text(text)
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        cmd = [native._compiler() or "c++", *native.CFLAGS, *cpu.compile_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+               *(f"-I{p}" for p in include_paths()), str(cpp), *(f"-L{p}" for p in library_paths()), "-lc10",
+               "-ltorch_cpu", "-o", str(so)]
+        subprocess.run(cmd, check=True)
+    torch.ops.load_library(str(so))
+    return torch.ops.gguf_cmp
+
+
+def median_us(fns: dict[str, object], reps: int) -> dict[str, float]:
+    """Median µs of each callable, the callables interleaved rep by rep (noise hits them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="1536x1536", help="N x K (out x in features), e.g. 8960x1536")
+    ap.add_argument("--rows", type=int, nargs="*", default=[1], help="input rows (1 = batch-1 decode)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="activation dtype")
+    ap.add_argument("--types", nargs="*", default=[t.name for t in F16_FIELDS])
+    ap.add_argument("--compare-src", type=Path, help="another gguf_linear.cpp to time alongside (before/after)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the F.linear and dequantize+matmul columns")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    assert native.usable("gguf_linear"), "native gguf_linear kernel unavailable on this machine"
+    cmp_ops = build_compare(args.compare_src) if args.compare_src else None
+    n, k = (int(v) for v in args.shape.lower().split("x"))
+    dtype = getattr(torch, args.dtype)
+    fl = cpu.flags()
+    simd = " ".join(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni") if f in fl)
+    print(f"CPU: {cpu.model_name()} ({simd}); ISA level {cpu.level()}; threads {torch.get_num_threads()}; "
+          f"x {args.dtype}; torch {torch.__version__}; reps {args.reps}")
+    head = f"{'type':<6}{'shape':>12}{'rows':>5}{'µs':>9}{'GB/s':>7}"
+    if cmp_ops is not None:
+        head += f"{'cmp µs':>9}{'speedup':>8}"
+    if not args.no_torch:
+        head += f"{'F.linear µs':>12}{'x':>6}{'deq+mm µs':>11}{'x':>6}"
+    print(head)
+    for name in args.types:
+        qtype = T[name]
+        raw = torch.from_numpy(random_blocks(qtype, n, k))
+        w = torch.ops.frugallm.gguf_dequantize(raw, int(qtype), k, torch.float32)
+        for rows in args.rows:
+            x = torch.randn(rows, k).to(dtype)
+            fns = {"gguf": lambda x=x: torch.ops.frugallm.gguf_linear(x, raw, int(qtype), n, None)}
+            if cmp_ops is not None:
+                fns["cmp"] = lambda x=x: cmp_ops.gguf_linear(x, raw, int(qtype), n, None)
+            if not args.no_torch:
+                wx = w.to(dtype)
+                fns["dense"] = lambda x=x, wx=wx: F.linear(x, wx)
+                fns["deq"] = lambda x=x: F.linear(x, torch.ops.frugallm.gguf_dequantize(raw, int(qtype), k, dtype))
+            with torch.no_grad():
+                us = median_us(fns, args.reps)
+            line = f"{name:<6}{f'{n}x{k}':>12}{rows:>5}{us['gguf']:>9.1f}{raw.numel() / us['gguf'] / 1e3:>7.2f}"
+            if cmp_ops is not None:
+                line += f"{us['cmp']:>9.1f}{us['cmp'] / us['gguf']:>8.2f}"
+            if not args.no_torch:
+                line += f"{us['dense']:>12.1f}{us['dense'] / us['gguf']:>6.2f}{us['deq']:>11.1f}"
+                line += f"{us['deq'] / us['gguf']:>6.2f}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
