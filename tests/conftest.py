@@ -10,6 +10,17 @@ import pytest
 
 import tiny_models as tm
 
+# Modules whose tests exercise native kernels or CPU-dependent defaults: marked ``isa``, so that `make test` reruns
+# them with FRUGALLM_ISA=avx2 on AVX-512 machines (each machine tests every kernel variant it can execute).
+ISA_MODULES = {"test_native_build.py", "test_gguf_linear.py", "test_gguf_stored.py", "test_paged_attention.py",
+               "test_packed_linear.py", "test_engine.py", "test_decode_plan.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in ISA_MODULES:
+            item.add_marker(pytest.mark.isa)
+
 
 def _key(*parts: Any) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
