@@ -510,27 +510,37 @@ void dot_row_vec(const uint8_t* row, int64_t nblocks, const float* x, int64_t k,
     }
     if (blk < nblocks) block(blk, t0);
   } else if constexpr (T == Q5_0 || T == Q5_1) {
-    // decode_row's int8 codes of each 32 values through a small buffer.
-    alignas(32) uint8_t buf[32];
-    decode_row<T>(row, nblocks, [&](int64_t c, Codes q, Params p) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(buf), q);
-      VF a0[MC], a1[MC];
-      for (int m = 0; m < MC; ++m) a0[m] = a1[m] = vzero();
-      for (int j = 0; j < 16; j += kLanes) {
-        const VF q0 = codes_i8(buf + j), q1 = codes_i8(buf + 16 + j);
-        for (int m = 0; m < MC; ++m) {
-          const float* xm = x + m * k + 32 * c + j;
-          a0[m] = vfma(q0, vload(xm), a0[m]);
-          a1[m] = vfma(q1, vload(xm + 16), a1[m]);
-        }
+    // decode_row's int8 codes of up to 8 blocks at a time through a buffer (written whole before it is read).
+    constexpr int64_t bytes = T == Q5_0 ? 22 : 24;
+    alignas(32) uint8_t buf[256];
+    alignas(32) float sc[8], oo[8];
+    auto chunk = [&](int64_t b0, int64_t c, VF* t) {
+      VF a[MC];
+      for (int m = 0; m < MC; ++m) a[m] = vzero();
+      for (int j = 0; j < 32; j += kLanes) {
+        const VF q = codes_i8(buf + 32 * c + j);
+        for (int m = 0; m < MC; ++m) a[m] = vfma(q, vload(x + m * k + 32 * (b0 + c) + j), a[m]);
       }
-      const VF s = vset1(p.s0);
+      const VF s = vset1(sc[c]);
       for (int m = 0; m < MC; ++m) {
-        t0[m] = vfma(s, a0[m], t0[m]);
-        t1[m] = vfma(s, a1[m], t1[m]);
-        if constexpr (T == Q5_1) offs[m] += p.o0 * xs32[m * xs_stride + c];
+        t[m] = vfma(s, a[m], t[m]);
+        if constexpr (T == Q5_1) offs[m] += oo[c] * xs32[m * xs_stride + b0 + c];
       }
-    });
+    };
+    for (int64_t b0 = 0; b0 < nblocks; b0 += 8) {
+      const int64_t nb = std::min<int64_t>(8, nblocks - b0);
+      decode_row<T>(row + b0 * bytes, nb, [&](int64_t c, Codes q, Params p) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(buf + 32 * c), q);
+        sc[c] = p.s0;
+        oo[c] = p.o0;
+      });
+      int64_t c = 0;
+      for (; c + 1 < nb; c += 2) {
+        chunk(b0, c, t0);
+        chunk(b0, c + 1, t1);
+      }
+      if (c < nb) chunk(b0, c, t0);
+    }
   } else {  // K-quants: per block, its scales as fp32 and its codes (decoded in registers or through a buffer)
     constexpr int64_t bytes = T == Q2_K ? 84 : T == Q3_K ? 110 : T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
     constexpr int G = (T == Q4_K || T == Q5_K) ? 32 : 16;  // values per scale
