@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-import tiny_models as tm
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))  # tiny_models, quant_models: shared by every folder
+
+import tiny_models as tm  # noqa: E402
 
 # Modules whose tests exercise native kernels or CPU-dependent defaults: marked ``isa``, so that `make test` reruns
 # them with FRUGALLM_ISA=avx2 on AVX-512 machines (each machine tests every kernel variant it can execute).
 ISA_MODULES = {"test_native_build.py", "test_gguf_linear.py", "test_gguf_stored.py", "test_paged_attention.py",
-               "test_packed_linear.py", "test_engine.py", "test_decode_plan.py"}
+               "test_packed_linear.py", "test_llm.py", "test_decode_plan.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -124,3 +128,13 @@ def tiny_ids() -> list[int]:
 @pytest.fixture(scope="session")
 def mixed_text() -> str:
     return tm.MIXED_TEXT
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Any:
+    """Tiny-model steps are microseconds of work: on a shared CPU, intra-op threads only add spinning. Modules
+    opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

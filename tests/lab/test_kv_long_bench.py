@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from kv_inputs import make_model
 
 from frugallm.kv import build_kv_cache, select_prompt_tokens
-from test_kv_policies import make_model
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kv_long_bench.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "kv_long_bench.py"
 _spec = importlib.util.spec_from_file_location("kv_long_bench", _PATH)
 bench = importlib.util.module_from_spec(_spec)
 sys.modules["kv_long_bench"] = bench  # dataclasses look their module up there

@@ -5,23 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from detok import assert_incremental_matches_full
 
-from frugallm.engine.sequence import Sequence
 from frugallm.loading import default_model_path
 from frugallm.loading.gguf import GGUFModelFile
-from frugallm.sampling import SamplingParams
 from frugallm.tokenizer.tokenizer import Tokenizer
-
-
-def assert_incremental_matches_full(tok: Tokenizer, ids: list[int], skip_special_tokens: bool) -> None:
-    params = SamplingParams(max_tokens=len(ids) + 1, skip_special_tokens=skip_special_tokens, ignore_eos=True)
-    seq = Sequence(0, None, [0], params, tok, 10**6)
-    seq.stop_ids = set()  # every id is output text here, eos included
-    for i, t in enumerate(ids, 1):
-        seq.append(t)
-        full = tok.decode(ids[:i], skip_special_tokens=skip_special_tokens)
-        if not full.endswith("\ufffd"):  # a split UTF-8 character is held back, as before
-            assert seq.text == full, (i, seq.text[-40:], full[-40:])
 
 
 @pytest.fixture(scope="module")

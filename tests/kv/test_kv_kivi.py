@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kv_inputs import drive, make_model, synthetic
 
 from frugallm.kv import build_kv_cache, parse_kv_spec
 from frugallm.kv.quantize import FP8, QuantizedSequence, hadamard, quantize
-from test_kv_policies import drive, make_model, synthetic
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kivi_seqs(channels=16, **kw):

@@ -42,7 +42,8 @@ def assert_matmul_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias:
     the output and of the weight (bf16 prefill dequantizes to bf16; F16 segments multiply in bf16)."""
     xd, wd = x.double(), w.double()
     ref = xd @ wd.T + (0 if bias is None else bias.double())
-    bound = (xd.abs() @ wd.abs().T) * 1e-5 + 1e-30
+    # fp32 rounding of the products' sum, and of adding the bias to it (a bias far above a tiny row's sum)
+    bound = (xd.abs() @ wd.abs().T) * 1e-5 + (0 if bias is None else bias.double().abs() * 2.0**-23) + 1e-30
     if y.dtype == torch.bfloat16:
         bound = bound + (ref.abs() + xd.abs() @ wd.abs().T) * 2.0**-8
     assert ((y.double() - ref).abs() <= bound).all(), (y.double() - ref).abs().max()

@@ -8,13 +8,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_runs import prompts_for, run_engine
 
 from frugallm import LLM, SamplingParams, cpu, native
 from frugallm.config import ModelConfig
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.engine.paged_cache import PagedKVCache, pool_dtype
 from frugallm.model.llama import Transformer
-from test_serve_engine import prompts_for, run_engine
 
 needs_kernel = pytest.mark.skipif(not native.load("paged_attention"), reason="native kernel did not build here")
 

@@ -55,17 +55,17 @@ def test_default_model_every_metric(settings) -> None:
     for k in ("ttft_s", "tpot_s", "e2e_s"):
         assert m[k]["p50"] > 0 and m[k]["p99"] >= m[k]["p50"]
     assert m["output_tokens"] == 4 and m["requests"] == 1
-    assert m["weight_bytes"] > 1e8 and m["kv_cache_bytes"] > 0
+    assert m["weight_bytes"] > 5e7 and m["kv_cache_bytes"] > 0  # 135M params as stored in Q4_1: ~97 MB
     assert m["energy_method"] in ("nvml", "rapl", "estimated") and m["energy_per_token_j"] > 0
     assert m["decode_mbu"] > 0 and m["prefill_mfu"] > 0 and m["predicted_tpot_s"] > 0
-    assert 0.9 < m["compression_rate"] < 1.1  # auto dtype on CPU is fp16: the baseline itself
+    assert 0.25 < m["compression_rate"] < 0.5  # the GGUF runs as stored (Q4_1 matrices) against an fp16 baseline
     assert m["perplexity"] > 1 and m["kl_divergence"] >= 0 and 0.5 < m["top1_agreement"] <= 1
     # Only genuinely unavailable metrics are null: CUDA ones, on a CPU-only machine.
     nulls = {k for k, v in m.items() if v is None}
     assert nulls <= {"cuda_max_allocated_bytes", "cuda_max_reserved_bytes"}
     assert rec["energy_method"] == m["energy_method"] and any(m["energy_method"] in n for n in rec["notes"])
     assert rec["machine"]["cpu_model"] and rec["versions"]["torch"] and "git_commit" in rec
-    assert rec["roofline"]["wbits"] == 16 and rec["hardware"]["source"] == "probed"
+    assert rec["roofline"]["wbits"] < 16 and rec["hardware"]["source"] == "probed"  # bits of the stored blocks
 
 
 def test_resume_invalid_points_and_interrupt(tmp_path, settings) -> None:

@@ -10,26 +10,17 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-import torch
 
 from frugallm import LLM, SamplingParams
 from frugallm.engine.async_llm import AsyncLLM
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.serve.app import create_app
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny-model steps are microseconds of work: on a shared CPU, intra-op threads only add spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 openai = pytest.importorskip("openai")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
+from engine_runs import prompts_for, run_engine
 
 from frugallm import LLM, SamplingParams
 from frugallm.config import ModelConfig
@@ -19,14 +19,7 @@ from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.model.kv_cache import ContiguousKVCache
 from frugallm.model.llama import Transformer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny-model steps are microseconds of work: on a shared CPU, intra-op threads only add spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- paged cache == contiguous cache ------------------------------------------------------------------
@@ -131,25 +124,8 @@ def llm(tiny_models) -> LLM:
     return LLM(str(tiny_models.hf("llama")), dtype="float32", device="cpu")
 
 
-def prompts_for(llm: LLM, n: int = 8, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    v = llm.config.vocab_size
-    shared = [rng.randrange(3, v) for _ in range(9)]  # some prompts share a prefix (prefix-cache hits)
-    out = []
-    for i in range(n):
-        tail = [rng.randrange(3, v) for _ in range(rng.randrange(2, 40))]
-        out.append(shared + tail if i % 3 == 0 else tail)
-    return out
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list:
-    rids = [engine.add_request(p, params, n=n) for p in prompts]
-    seqs = {rid: list(engine.requests[rid].seqs) for rid in rids}
-    while engine.has_unfinished_requests():
-        engine.step()
-        engine.block_manager.check()
-    assert engine.block_manager.num_used_blocks == 0
-    return [[s.output() for s in seqs[r]] for r in rids]
 
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

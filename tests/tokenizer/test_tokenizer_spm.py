@@ -22,10 +22,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import tiny_models as tm
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-import tiny_models as tm
 from frugallm.loading.gguf import GGUFModelFile
 from frugallm.tokenizer.tokenizer import Tokenizer
 
@@ -334,7 +334,7 @@ def test_no_space_prefix(tmp_path: Path) -> None:
 def test_incremental_detokenization_keeps_word_boundaries(engine_tok: Tokenizer) -> None:
     # SentencePiece drops the leading space of the first decoded piece: streaming must not drop the
     # space of every new token (Sequence decodes a few already-read tokens in front of new ones).
-    from test_sequence import assert_incremental_matches_full
+    from detok import assert_incremental_matches_full
 
     for text in TEXTS:
         assert_incremental_matches_full(engine_tok, engine_tok.encode(text, add_special_tokens=False), True)

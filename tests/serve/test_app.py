@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from frugallm import LLM, SamplingParams
@@ -23,14 +22,7 @@ from frugallm.engine.async_llm import AsyncLLM
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.serve.app import create_app
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny-model steps are microseconds of work: on a shared CPU, intra-op threads only add spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODEL = "tiny"
 SOAK_REQUESTS = int(os.environ.get("FRUGALLM_SOAK_REQUESTS", "200"))

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
+from kv_inputs import drive, make_model, synthetic
 
-from frugallm.config import ModelConfig
 from frugallm.errors import FrugalError
 from frugallm.kv import (
     KV_POLICIES,
@@ -40,25 +40,9 @@ COMPOSED = [f"{s}+{KIVI}" for s in ALONE if not parse_kv_spec(s).quantizer] + [
 PROMPT, STEPS, PADS = 48, 20, [0, 5]
 
 
-def make_model(std: float = 0.05, **overrides) -> Transformer:
-    """A tiny random llama (config fields overridable), weights ~ N(0, std), seed 0."""
-    torch.manual_seed(0)
-    cfg = dict(arch="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-               num_kv_heads=2, head_dim=16, max_position_embeddings=512)
-    model = Transformer(ModelConfig(**{**cfg, **overrides}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -196,23 +180,8 @@ def test_batch_rows_are_independent(model, spec):
 # -- invariants on synthetic keys -------------------------------------------------------------------------------
 
 
-def drive(cache, layer_inputs, num_layers=2):
-    """Feed ``[(k, v, q, x, pos), ...]`` chunks through every layer of ``cache``; returns the last outputs."""
-    out = None
-    for k, v, q, x, pos in layer_inputs:
-        for layer in range(num_layers):
-            out = cache.update(layer, k, v, q=q, x=x, positions=pos)
-    return out
 
 
-def synthetic(n, *, b=1, hk=2, hq=4, d=16, hidden=64, dtype=torch.float32, seed=0, start=0):
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randn(b, hk, n, d, generator=g).to(dtype)
-    v = torch.randn(b, hk, n, d, generator=g).to(dtype)
-    q = torch.randn(b, hq, n, d, generator=g).to(dtype)
-    x = torch.randn(b, n, hidden, generator=g).to(dtype)
-    pos = (start + torch.arange(n))[None].expand(b, n)
-    return k, v, q, x, pos
 
 
 @pytest.mark.parametrize("spec", ["h2o:budget=0.1", "snapkv:budget=0.1,window=4"])

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-
 import tiny_models as tm
+import torch
 
 ATOL = 1e-4
 FORMATS = ["hf", "hf-sharded", "gguf-F32", "gguf-F16", "gguf-Q8_0", "gguf-Q4_1", "gguf-Q4_0"]

@@ -12,7 +12,7 @@ import pytest
 from frugallm.engine.block_manager import NO_HASH, BlockManager, chain_hash
 from frugallm.engine.scheduler import Scheduler, SchedulerConfig, SeqState, SeqStatus
 
-ENGINE = Path(__file__).resolve().parents[1] / "src" / "frugallm" / "engine"
+ENGINE = Path(__file__).resolve().parents[2] / "src" / "frugallm" / "engine"
 
 
 @pytest.mark.parametrize("module", ["block_manager.py", "scheduler.py"])

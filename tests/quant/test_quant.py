@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from quant_models import TinyLM
 from torch import nn
 
 from frugallm.errors import FrugalError
@@ -28,7 +29,6 @@ from frugallm.quant import (
 from frugallm.quant.groups import GroupQuantState, rtn_group_quantize
 from frugallm.quant.mix4 import mix4_quantize
 from frugallm.quant.packing import SUPPORTED_BITS, chunk_shape, pack, packed_size, unpack
-from quant_models import TinyLM
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
