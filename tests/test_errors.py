@@ -191,3 +191,26 @@ def test_cli_corrupt_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_frugal_error_is_value_error() -> None:
     assert issubclass(FrugalError, ValueError)
+
+
+# -- invalid Unicode (issue 16 #2) ---------------------------------------------------------------------------
+def test_lone_surrogate_prompt_is_invalid_request(llm: LLM) -> None:
+    with pytest.raises(InvalidRequestError, match="surrogate"):
+        llm.generate(["a\ud800b"], SamplingParams(max_tokens=2))
+
+
+def test_cli_invalid_utf8_argv(capsys: pytest.CaptureFixture[str]) -> None:
+    # Python hands undecodable argv bytes to main as lone surrogates (os.fsdecode(b"a\xffb") == "a\udcffb").
+    assert main(["generate", "a\udcffb"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the prompt argument is not valid UTF-8") and err.count("\n") == 1
+
+
+def test_cli_invalid_utf8_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n"), encoding="utf-8"))
+    assert main(["generate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: stdin is not valid UTF-8 (byte 3") and "Traceback" not in err

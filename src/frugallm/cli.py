@@ -113,8 +113,25 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def read_prompt(arg: str | None) -> str:
+    """The prompt argument, or stdin when it is omitted; invalid UTF-8 in either is a user error."""
+    if arg is None:
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FrugalError(f"stdin is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                              "convert it first, e.g. iconv -t UTF-8") from None
+    try:  # argv undecodable bytes arrive as lone surrogates (PEP 383)
+        arg.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FrugalError(f"the prompt argument is not valid UTF-8 (character {e.start}); "
+                          "pass UTF-8 text or pipe it through stdin") from None
+    return arg
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = read_prompt(args.prompt)
     params = sampling_from_args(args)  # validate before the (slow) model load
     if not prompt.strip():
         raise FrugalError("prompt is empty")
@@ -175,6 +192,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             line = input("> " if interactive else "")
         except EOFError:
             return 0
+        except UnicodeDecodeError:
+            raise FrugalError("stdin is not valid UTF-8; convert it first, e.g. iconv -t UTF-8") from None
         cmd = line.strip()
         if cmd in ("/exit", "/quit"):
             return 0

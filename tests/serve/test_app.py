@@ -222,6 +222,13 @@ BAD = [
      400, None),
     ("chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}', 400,
      "max_completion_tokens"),
+    # lone surrogates: valid JSON, not encodable as UTF-8 (was a 500 TypeError from the tokenizer)
+    ("completions", b'{"prompt": "a\\ud800b"}', 400, "prompt"),
+    ("completions", b'{"prompt": ["ok", "a\\udfffb"]}', 400, "prompt"),
+    ("completions", b'{"prompt": "x", "stop": "\\ud800"}', 400, "stop"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages.0.content"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc80"}]}]}',
+     400, None),
 ]
 
 

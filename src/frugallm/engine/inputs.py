@@ -42,6 +42,11 @@ class InputProcessor:
     def encode(self, prompt: str | Seq[int]) -> list[int]:
         """Token ids of a prompt (text is tokenized with the model's special tokens); ids are range-checked."""
         if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                msg = f"prompt is not valid Unicode: lone surrogate at character {e.start}"
+                raise InvalidRequestError(msg) from None
             ids = self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
         else:
             ids = [int(i) for i in prompt]

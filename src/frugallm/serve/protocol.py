@@ -11,15 +11,27 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from frugallm.errors import InvalidRequestError
 from frugallm.sampling import SamplingParams
 
+
+def _utf8(s: str) -> str:
+    """JSON may carry lone surrogates (``"\\ud800"``) that no UTF-8 tokenizer or response can encode."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"invalid Unicode at character {e.start}: lone surrogate {s[e.start]!r}; "
+                         "send valid UTF-8 text") from None
+    return s
+
+
+Text = Annotated[StrictStr, AfterValidator(_utf8)]  # every string a request carries
 Float = StrictFloat | StrictInt
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
-StopList = Annotated[list[StrictStr], Field(max_length=16)]
+StopList = Annotated[list[Text], Field(max_length=16)]
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -45,7 +57,7 @@ class StreamOptions(_Base):
 
 
 class _SamplingFields(_Base):
-    model: StrictStr | None = None
+    model: Text | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
@@ -55,15 +67,15 @@ class _SamplingFields(_Base):
     frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     repetition_penalty: Annotated[Float, Field(gt=0, le=10)] | None = None
     seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    stop: StrictStr | StopList | None = None
+    stop: Text | StopList | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=128)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
-    logit_bias: dict[StrictStr, Float] | None = None
-    user: StrictStr | None = None
+    logit_bias: dict[Text, Float] | None = None
+    user: Text | None = None
 
     def unsupported(self) -> None:
         if self.logit_bias:
@@ -89,7 +101,7 @@ class _SamplingFields(_Base):
         )
 
 
-Prompt = StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[list[TokenId], Field(
+Prompt = Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenId], Field(
     min_length=1)] | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
 
 
@@ -100,7 +112,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: StrictBool = False
     best_of: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
@@ -120,13 +132,13 @@ class CompletionRequest(_SamplingFields):
 
 class TextPart(_Base):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
