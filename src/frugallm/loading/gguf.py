@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
 
-from frugallm.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
+from frugallm.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling, as_int
 from frugallm.errors import ModelLoadError
-from frugallm.loading import weight_cache
+from frugallm.loading import gguf_index, weight_cache
 from frugallm.loading.base import LoadedModel, ModelDescription, WeightsMode, check_vocab, materialize
 from frugallm.quant.embedding import QuantEmbedding
 from frugallm.quant.gguf_linear import NATIVE_TYPES, GGUFLinear, segment_from_reader
@@ -46,6 +46,9 @@ def _open_reader(path: Path) -> Any:
         magic = f.read(4)
     if magic != _GGUF_MAGIC:
         raise ModelLoadError(f"{path} is not a GGUF file (bad magic {magic!r}, expected b'GGUF')")
+    indexed = gguf_index.cached(path)  # parsed and validated before, and unchanged since
+    if indexed is not None:
+        return indexed
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors on corrupt headers
@@ -65,6 +68,7 @@ def _open_reader(path: Path) -> Any:
                 f"up to offset {end} but {what} {limit} (its bytes do not match its type and shape, or the "
                 "file is truncated)"
             )
+    gguf_index.remember(path, reader)
     return reader
 
 
@@ -108,6 +112,14 @@ class GGUFModelFile:
         return arch
 
     def config(self) -> ModelConfig:
+        try:
+            return self._config()
+        except ModelLoadError as e:  # name the file: sizes are checked before anything is built
+            if str(e).startswith(str(self.path)):
+                raise
+            raise ModelLoadError(f"{self.path}: {e}") from None
+
+    def _config(self) -> ModelConfig:
         a = self.arch
 
         def req(key: str) -> Any:
@@ -116,11 +128,15 @@ class GGUFModelFile:
                 raise ModelLoadError(f"{self.path}: missing GGUF metadata {a}.{key}")
             return v
 
-        hidden, heads = int(req("embedding_length")), int(req("attention.head_count"))
+        def num(key: str, default: Any = None) -> int:
+            v = req(key) if default is None else self.field(f"{a}.{key}", default)
+            return as_int(v, f"{a}.{key}")
+
+        hidden, heads = num("embedding_length"), num("attention.head_count")
         kv_heads = self.field(f"{a}.attention.head_count_kv", heads)
-        if isinstance(kv_heads, list):  # per-layer lists exist in some files; all equal here
+        if isinstance(kv_heads, list) and kv_heads:  # per-layer lists exist in some files; all equal here
             kv_heads = kv_heads[0]
-        head_dim = int(self.field(f"{a}.attention.key_length", hidden // heads))
+        head_dim = num("attention.key_length", hidden // heads if heads > 0 else 0)
         vocab = self.field(f"{a}.vocab_size")
         if vocab is None:
             emb = self.tensors.get("token_embd.weight")
@@ -132,14 +148,14 @@ class GGUFModelFile:
             scaling = RopeScaling(rope_type="linear", factor=float(self.field(f"{a}.rope.scaling.factor", 1.0)))
         return ModelConfig(
             arch=a,
-            vocab_size=int(vocab),
+            vocab_size=as_int(vocab, f"{a}.vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(req("feed_forward_length")),
-            num_layers=int(req("block_count")),
+            intermediate_size=num("feed_forward_length"),
+            num_layers=num("block_count"),
             num_heads=heads,
-            num_kv_heads=int(kv_heads),
+            num_kv_heads=as_int(kv_heads, f"{a}.attention.head_count_kv"),
             head_dim=head_dim,
-            max_position_embeddings=int(self.field(f"{a}.context_length", 2048)),
+            max_position_embeddings=num("context_length", 2048),
             rms_norm_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(self.field(f"{a}.rope.freq_base", 10000.0)),
             rope_scaling=scaling,
