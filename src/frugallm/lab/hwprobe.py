@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import Any
 import psutil
 import torch
 
+from frugallm import cpu
 from frugallm.errors import FrugalError
 from frugallm.lab.hardware import HardwareSpec
 
@@ -131,13 +131,7 @@ def _cpu_model() -> str:
             return str(brand)
     except Exception:  # noqa: BLE001 - optional dependency; any failure falls back to /proc
         pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    return cpu.model_name() or "unknown"
 
 
 def _parse_size(text: str) -> int:

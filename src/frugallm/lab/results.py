@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from frugallm import cpu
 from frugallm.errors import FrugalError
 
 SCHEMA_VERSION = 1
@@ -180,14 +181,8 @@ def package_versions(names: Iterable[str] = ("frugallm", "torch", "transformers"
 
 
 def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    """The CPU's marketing name (see :func:`frugallm.cpu.model_name`)."""
+    return cpu.model_name() or "unknown"
 
 
 def machine_info(probe: Any | None) -> dict[str, Any]:
