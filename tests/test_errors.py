@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -214,3 +216,152 @@ def test_cli_invalid_utf8_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     assert main(["generate"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: stdin is not valid UTF-8 (byte 3") and "Traceback" not in err
+
+
+# -- absurd model configs (issue 16 #3, #10): rejected by name before anything is allocated -----------------
+HF_CFG = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16,
+          "num_hidden_layers": 1, "vocab_size": 10}
+
+
+def _write_gguf_header(path: Path, **fields: int) -> Path:
+    """A llama GGUF with the given ``llama.*`` integer fields (defaults: a 1-layer 8-wide model)."""
+    import gguf
+
+    kv = {"embedding_length": 8, "attention.head_count": 2, "feed_forward_length": 16, "block_count": 1, **fields}
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, v in kv.items():
+        w.add_uint32(f"llama.{k}", v) if v >= 0 else w.add_int32(f"llama.{k}", v)
+    w.add_tensor("token_embd.weight", np.zeros((8, 10), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"context_length": 2**32 - 1}, "max_position_embeddings is 4294967295, outside [1, 16777216]"),
+        ({"attention.head_count": 0}, "num_heads is 0"),  # was ZeroDivisionError
+        ({"block_count": 10**9}, "num_layers is 1000000000"),
+    ],
+)
+def test_gguf_absurd_header(tmp_path: Path, fields: dict[str, int], needle: str) -> None:
+    p = _write_gguf_header(tmp_path / "m.gguf", **fields)
+    with pytest.raises(ModelLoadError, match=re.escape(needle)) as e:
+        _load(p)
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (json.dumps({**HF_CFG, "max_position_embeddings": 2**40}), "max_position_embeddings is 1099511627776"),
+        (json.dumps(HF_CFG).replace('"num_hidden_layers": 1', '"num_hidden_layers": 1e999'),
+         "num_hidden_layers must be an integer, got inf"),  # was OverflowError
+        (json.dumps({**HF_CFG, "num_hidden_layers": 1e9}), "num_layers is 1000000000"),
+        (json.dumps({**HF_CFG, "num_attention_heads": 0}), "num_heads is 0"),
+        (json.dumps({**HF_CFG, "hidden_size": "wide"}), "hidden_size must be an integer"),
+        ("[1, 2, 3]", "config.json must be a JSON object, got list"),  # was AttributeError
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # was RecursionError
+    ],
+)
+def test_hf_absurd_config(tmp_path: Path, text: str, needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.json").write_text(text)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=re.escape(needle)):
+        _load(tmp_path)
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
+
+
+def test_rope_table_grows_with_positions_used() -> None:
+    import torch
+
+    from frugallm.config import ModelConfig
+    from frugallm.model.llama import ROPE_MIN_LEN, Transformer
+    from frugallm.model.ops import rope_inv_freq
+
+    cfg = ModelConfig.from_hf({**HF_CFG, "max_position_embeddings": 2**24})  # a full table would be 16 GiB
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    cpu = torch.device("cpu")
+    assert model.rope_tables(cpu)[0].shape == (ROPE_MIN_LEN, cfg.head_dim)
+    cos, sin = model.rope_tables(cpu, ROPE_MIN_LEN + 1)
+    assert cos.shape[0] == 2 * ROPE_MIN_LEN
+    angle = 5000 * rope_inv_freq(cfg)
+    torch.testing.assert_close(cos[5000, : cfg.head_dim // 2], angle.cos())
+    torch.testing.assert_close(sin[5000, cfg.head_dim // 2 :], angle.sin())
+    with torch.device("meta"):
+        small = Transformer(ModelConfig.from_hf({**HF_CFG, "max_position_embeddings": 6000}))
+    assert small.rope_tables(cpu, 2**30)[0].shape[0] == 6000  # never beyond the context
+
+
+# -- model files that are not regular GGUF files (issue 16 #9): checked before the file is hashed ------------
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_device_file_is_rejected_before_hashing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "hi", "--model", "/dev/zero"]) == 2  # was: hashed /dev/zero forever
+    assert capsys.readouterr().err == "error: /dev/zero is not a regular file; pass a .gguf file or a model folder\n"
+
+
+def test_fifo_is_rejected_without_opening(tmp_path: Path) -> None:
+    import os
+
+    from frugallm.loading import describe
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)  # opening it would block until a writer comes
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        describe(fifo)
+
+
+def test_non_gguf_file_is_not_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from frugallm.loading import describe, weight_cache
+
+    def no_hash(path: Path) -> str:
+        raise AssertionError("hashed a file that is not a GGUF")
+
+    monkeypatch.setattr(weight_cache, "file_hash", no_hash)
+    p = tmp_path / "big.bin"
+    p.write_bytes(b"PK\x03\x04" + b"\0" * 4096)  # stands for a multi-GB archive
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        describe(p)
+
+
+# -- CLI options out of range (issue 16 #10) -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "hi", "--seed", str(2**70)], "seed must be an integer in [-2**63, 2**64), got 2**70"),
+        (["generate", "hi", "--threads", "-3"], "threads must be in [1, 4096], got -3"),
+    ],
+)
+def test_cli_option_out_of_range(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2  # were OverflowError / RuntimeError tracebacks
+    assert capsys.readouterr().err == f"error: {message.replace('2**70', str(2**70))}\n"
+
+
+def test_quantize_into_read_only_folder_fails_before_quantizing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    import frugallm.quant.commands as qc
+
+    def no_load(*a: object, **k: object) -> None:
+        raise AssertionError("loaded and quantized before checking the output")
+
+    monkeypatch.setattr(qc, "LLM", no_load)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into 0o555 folders; nobody creates files in /proc
+        ro = Path("/proc")
+    try:
+        assert main(["quantize", "default", "--quant", "int8", "-o", str(ro / "out")]) == 2
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write output {ro / 'out'}: {ro} is not writable") and err.count("\n") == 1

@@ -15,6 +15,32 @@ from frugallm.errors import ModelLoadError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
+# Upper bounds far above any released model (largest: ~126 layers, 256k vocab, 10M context), checked before
+# anything is allocated: a corrupt or hostile header must not build 1e9 layers or a 2^40-position RoPE table.
+LIMITS = {
+    "vocab_size": 2**22,
+    "hidden_size": 2**17,
+    "intermediate_size": 2**20,
+    "num_layers": 1024,
+    "num_heads": 4096,
+    "num_kv_heads": 4096,
+    "head_dim": 4096,
+    "max_position_embeddings": 2**24,
+}
+
+
+def as_int(v: Any, name: str) -> int:
+    """``v`` as an int: ints, integral floats (``1e3``) and numeric strings; anything else names the field."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        f = float(v)
+        if f != f or f in (float("inf"), float("-inf")) or f != int(f):
+            raise ValueError
+        return int(v) if isinstance(v, int) else int(f)
+    except (TypeError, ValueError, OverflowError):
+        raise ModelLoadError(f"model config: {name} must be an integer, got {v!r}"[:200]) from None
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -55,18 +81,20 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
-            if int(getattr(self, name)) <= 0:
-                raise ModelLoadError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        for name, limit in LIMITS.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ModelLoadError(f"model config: {name} must be an integer, got {v!r}")
+            if not 0 < v <= limit:
+                raise ModelLoadError(
+                    f"model config: {name} is {v}, outside [1, {limit}]; the model file or config.json is corrupt"
+                )
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not 0 < v < float("inf"):
+                raise ModelLoadError(f"model config: {name} must be a positive finite number, got {v!r}")
+        if self.head_dim % 2:
+            raise ModelLoadError(f"model config: head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"model config: num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -100,21 +128,28 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"model config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        return cls(**d)
+        try:
+            if d.get("rope_scaling") is not None:
+                d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            return cls(**d)
+        except TypeError as e:  # unknown or missing fields
+            raise ModelLoadError(f"model config: {e}") from None
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face ``config.json`` dict."""
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"config.json must be a JSON object, got {type(cfg).__name__}")
         mt = cfg.get("model_type")
         if mt not in SUPPORTED_ARCHS:
             archs = cfg.get("architectures") or []
             raise ModelLoadError(f"unsupported architecture {mt or archs!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
         try:
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
+            hidden = as_int(cfg["hidden_size"], "hidden_size")
+            heads = as_int(cfg["num_attention_heads"], "num_attention_heads")
             rs = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or None)
             rope_theta = float(cfg.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0)
             scaling = None
@@ -129,14 +164,14 @@ class ModelConfig:
                 )
             return cls(
                 arch=mt,
-                vocab_size=int(cfg["vocab_size"]),
+                vocab_size=as_int(cfg["vocab_size"], "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
+                intermediate_size=as_int(cfg["intermediate_size"], "intermediate_size"),
+                num_layers=as_int(cfg["num_hidden_layers"], "num_hidden_layers"),
                 num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                num_kv_heads=as_int(cfg.get("num_key_value_heads") or heads, "num_key_value_heads"),
+                head_dim=as_int(cfg.get("head_dim") or (hidden // heads if heads > 0 else 0), "head_dim"),
+                max_position_embeddings=as_int(cfg.get("max_position_embeddings", 2048), "max_position_embeddings"),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 rope_scaling=scaling,
@@ -146,7 +181,7 @@ class ModelConfig:
                 sliding_window=cfg.get("sliding_window") if mt == "mistral" else None,
                 name=str(cfg.get("_name_or_path", "")),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             if isinstance(e, ModelLoadError):
                 raise
             raise ModelLoadError(f"config.json is missing or has an invalid field: {e}") from None
@@ -179,10 +214,17 @@ class ModelConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> ModelConfig:
         """A Hugging Face ``config.json`` or a frugallm config dump (``to_dict``)."""
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"cannot read model config {path}: {e}") from None
-        if "arch" in d:
+        d = read_json(path, "model config")
+        if isinstance(d, dict) and "arch" in d:
             return cls.from_dict(d)
         return cls.from_hf(d)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file; unreadable, undecodable, invalid or absurdly nested files are a ModelLoadError."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {what} {path}: {e}") from None
+    except RecursionError:
+        raise ModelLoadError(f"cannot read {what} {path}: JSON nested too deeply") from None

@@ -59,6 +59,10 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (
+                self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
+                f"seed must be an integer in [-2**63, 2**64), got {self.seed}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

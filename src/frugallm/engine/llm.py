@@ -97,7 +97,9 @@ class LLM:
         ``weights``: ``auto`` runs a GGUF's quantized weights as stored on CPU when ``dtype="auto"`` and no
         ``quant=`` (fp32 activations; see ``loading.choose_weights``), ``stored`` forces that, ``dequantize``
         converts them to ``dtype``. ``self.weights`` / ``source_info["weights_reason"]`` say what was done."""
-        if threads:
+        if threads is not None:
+            if not isinstance(threads, int) or not 1 <= threads <= 4096:
+                raise FrugalError(f"threads must be in [1, 4096], got {threads}")
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.weights, weights_reason = choose_weights(model, weights, dtype, self.device, quant=bool(quant))
@@ -208,6 +210,7 @@ class LLM:
 
     def make_cache(self, batch: int, capacity: int, pad_lens: list[int] | None = None) -> KVCache:
         """The KV cache for one batch: the configured KV policy's cache, or the plain contiguous one."""
+        self.model.rope_tables(self.device, capacity)  # cover the positions this cache can hold
         if self.kv_spec is not None:
             from frugallm.kv import build_kv_cache
 

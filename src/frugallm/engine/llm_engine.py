@@ -131,6 +131,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or llm.max_model_len, llm.max_model_len,
                                  num_blocks * config.block_size)
         self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len, config.max_num_seqs)
+        llm.model.rope_tables(llm.device, self.max_model_len)  # every position a request can reach
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.metrics = EngineMetrics()

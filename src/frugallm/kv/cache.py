@@ -85,9 +85,13 @@ class CompressedKVCache(KVCache):
         self.dtype, self.device = store_dtype or dtype, torch.device(device)
         self.attn_dtype = dtype
         self.frame = "raw" if spec.changes_positions else "rotated"
-        self.rope = model.rope_tables(self.device)
         self.pad_lens = torch.tensor(pad_lens or [0] * batch, device=self.device, dtype=torch.long)
         self.layers = [_Layer() for _ in range(self.num_layers)]
+
+    @property
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's RoPE tables, as grown so far (they cover every position the model has run)."""
+        return self.model.rope_tables(self.device)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _rotate(self, k: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -36,16 +36,31 @@ from frugallm.tokenizer.tokenizer import Tokenizer, TokenizerMeta
 _GGUF_MAGIC = b"GGUF"
 
 
+def check_file(path: Path) -> None:
+    """A regular file that starts with the GGUF magic, checked before anything reads (or hashes) the rest:
+    a device (``/dev/zero``) or a FIFO would never end, a large file of another kind would be hashed whole."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise ModelLoadError(f"model file not found: {path}") from None
+    if not stat.S_ISREG(mode):
+        raise ModelLoadError(f"{path} is not a regular file; pass a .gguf file or a model folder")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from None
+    if magic != _GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (bad magic {magic!r}, expected b'GGUF')")
+
+
 def _open_reader(path: Path) -> Any:
     from gguf import GGUFReader
 
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+    check_file(path)
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != _GGUF_MAGIC:
-        raise ModelLoadError(f"{path} is not a GGUF file (bad magic {magic!r}, expected b'GGUF')")
     indexed = gguf_index.cached(path)  # parsed and validated before, and unchanged since
     if indexed is not None:
         return indexed
@@ -348,6 +363,7 @@ def gguf_num_tensors(cfg: ModelConfig) -> int:
 def describe(path: Path, *, use_cache: bool = True) -> ModelDescription:
     """Describe a GGUF file. With ``use_cache``, what a previous conversion stored in the weights cache
     is used instead of parsing the file's metadata (the file is hashed once, then the hash is memoized)."""
+    check_file(path)  # before hashing
     meta = weight_cache.find_meta(weight_cache.file_hash(path)) if use_cache else None
     if meta is not None:
         tok_dict = meta["tokenizer"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from frugallm.config import ModelConfig
+from frugallm.config import ModelConfig, read_json
 from frugallm.errors import ModelLoadError
 from frugallm.loading.base import LoadedModel, ModelDescription, check_vocab, materialize
 from frugallm.tokenizer.tokenizer import Tokenizer
@@ -27,10 +27,7 @@ class HFModelFolder:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise ModelLoadError(f"{self.path} has no config.json (not a Hugging Face model folder)")
-        try:
-            self.raw_config: dict[str, Any] = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"{cfg}: invalid JSON ({e})") from None
+        self.raw_config: dict[str, Any] = read_json(cfg, "model config")
         self._config = ModelConfig.from_hf(self.raw_config)  # reject unknown architectures first
         self.weight_map = self._weight_map()
 
@@ -63,10 +60,10 @@ class HFModelFolder:
         p = self.path / "tokenizer_config.json"
         if not p.is_file():
             return {}
-        try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"{p}: invalid JSON ({e})") from None
+        d = read_json(p, "tokenizer config")
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"{p}: must be a JSON object, got {type(d).__name__}")
+        return d
 
     def dtype_bytes(self) -> dict[str, int]:
         from safetensors import safe_open

@@ -51,6 +51,8 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FrugalError(f"quantized folder {path.parent}: {path.name} is corrupt ({e})") from None
+    except RecursionError:
+        raise FrugalError(f"quantized folder {path.parent}: {path.name} is corrupt (JSON nested too deeply)") from None
 
 
 def _parse_json(path: Path, what: str, parse: Any) -> Any:

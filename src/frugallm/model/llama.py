@@ -25,6 +25,8 @@ from frugallm.model.ops import apply_rope, rms_norm_as_layer_norm, rope_inv_freq
 # reaches a few GFLOP/s). Below it (decode) the weights' own dtype is used: fp16 matrix-vector
 # products stream weights ~2x faster than bf16 on this CPU.
 PREFILL_MIN_TOKENS = 16
+# RoPE tables start this long (1 MiB each at head_dim 64) and double as positions beyond are used.
+ROPE_MIN_LEN = 4096
 class Linear(nn.Linear):
     """``nn.Linear`` that runs activations of another dtype: a few rows (decode) are cast to the weight's
     dtype and back, which is far cheaper than casting the weight; many rows (prefill) cast the weight.
@@ -226,6 +228,7 @@ class Transformer(nn.Module):
         # Optional per-frequency RoPE divisors (llama3 scaling as stored in GGUF ``rope_freqs``).
         self.register_buffer("rope_factors", None, persistent=False)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_len = min(cfg.max_position_embeddings, ROPE_MIN_LEN)  # positions the tables cover
         # Activation dtypes for compute-bound passes (see PREFILL_MIN_TOKENS) and for decode passes;
         # None = the embedding's dtype. Quantized CPU models decode in bf16, their kernels' input dtype.
         self.prefill_dtype: torch.dtype | None = None
@@ -278,16 +281,21 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos, sin: [max_position_embeddings, head_dim]`` fp32, built once per device.
+    def rope_tables(self, device: torch.device, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin: [n, head_dim]`` fp32 covering at least ``length`` positions, cached per device.
 
         ``sin`` is signed for :func:`apply_rope`: ``-sin`` on the first half of the dims, ``sin`` on the
-        second. Built for the whole context up front so a forward pass never syncs to ask for the max
-        position.
+        second. ``n`` grows by doubling with the positions asked for, up to ``max_position_embeddings``: a
+        file declaring a 2^24-token context costs nothing until such positions are used (the full table
+        would be 16 GiB). Callers that allocate a KV cache reserve its capacity here, so accelerator
+        forward passes never sync to ask for the max position.
         """
-        if self._rope_cache is None or self._rope_cache[0].device != device:
+        if length > self._rope_len:
+            self._rope_len = min(1 << (length - 1).bit_length(), self.config.max_position_embeddings)
+        cache = self._rope_cache
+        if cache is None or cache[0].device != device or cache[0].shape[0] < self._rope_len:
             inv = rope_inv_freq(self.config, self.rope_factors).to(device)
-            n = self.config.max_position_embeddings
+            n = self._rope_len
             freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv)
             emb = torch.cat((freqs, freqs), dim=-1)
             sign = torch.ones(emb.shape[-1], device=device)
@@ -312,7 +320,9 @@ class Transformer(nn.Module):
         act = self.prefill_dtype if input_ids.numel() >= PREFILL_MIN_TOKENS else self.decode_dtype
         if act is not None:
             x = x.to(act)
-        cos_t, sin_t = self.rope_tables(x.device)
+        # On the CPU the max position is free to read; elsewhere the cache's reservation covers it.
+        need = int(positions.max()) + 1 if positions.device.type == "cpu" and positions.numel() else 0
+        cos_t, sin_t = self.rope_tables(x.device, need)
         cos = cos_t[positions].unsqueeze(2).to(x.dtype)  # [B, T, 1, D]
         sin = sin_t[positions].unsqueeze(2).to(x.dtype)
         decode = input_ids.shape[1] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,23 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_quantize, dtype="float32", device="cpu")
 
 
+def check_writable(out: Path) -> None:
+    """Raise a FrugalError unless ``out`` (or the folder it would be created in) accepts new files."""
+    import tempfile
+
+    d = out.absolute()
+    while not d.exists() and d != d.parent:  # the nearest existing folder is where mkdir starts
+        d = d.parent
+    if not d.is_dir():
+        raise FrugalError(f"cannot write output {out}: {d} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".frugallm-write-test-")
+    except OSError as e:
+        raise FrugalError(f"cannot write output {out}: {d} is not writable ({e.strerror}); pick another -o") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     if not args.quant:
         raise FrugalError("quantize needs --quant SPEC (e.g. int8, int4:group=32, gptq:bits=4:group=32)")
@@ -42,6 +60,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
         raise FrugalError(f"output {out} exists and is not an empty folder (use --force to overwrite)")
+    check_writable(out)  # before the (slow) quantization, not after it
     model = args.source or args.model
     path = resolve_model_path(model)
     if is_quantized_folder(path):
