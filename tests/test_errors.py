@@ -365,3 +365,19 @@ def test_quantize_into_read_only_folder_fails_before_quantizing(
         (tmp_path / "ro").chmod(0o755)
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write output {ro / 'out'}: {ro} is not writable") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("layers_field", ["num_hidden_layers", "num_layers"])
+def test_quantized_folder_absurd_layers_rejected_before_building(tmp_path: Path, layers_field: str) -> None:
+    # issue 16 #4: a quantized folder's config.json with 1e9 layers built modules (RSS growing) before any check
+    from frugallm.config import ModelConfig
+    from frugallm.quant.storage import CONFIG_FILE, META_FILE
+
+    cfg = ModelConfig.from_hf({**HF_CFG, "max_position_embeddings": 64})
+    d = cfg.to_hf() if layers_field == "num_hidden_layers" else cfg.to_dict()  # today's form and the older dump
+    d[layers_field] = 1e9
+    meta = {"format": "frugallm-quant", "format_version": 1, "spec": "int8", "modules": {}}
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(d))
+    with pytest.raises(FrugalError, match="num_layers is 1000000000, outside|num_layers must be an integer"):
+        _load(tmp_path)
