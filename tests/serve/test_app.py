@@ -281,6 +281,23 @@ def test_api_key(llm: LLM) -> None:
         assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
 
 
+def test_server_errors_are_counted(llm: LLM) -> None:
+    # issue 16 #1: 500s are sent by Starlette's ServerErrorMiddleware, outside the status-counting guard
+    app, _ = make_app(llm)
+
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    app.add_api_route("/boom", boom)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for _ in range(3):
+            r = c.get("/boom")
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert c.get("/health").status_code == 200
+        text = c.get("/metrics").text
+    assert 'frugallm_http_responses_total{status="500"} 3' in text, text[-600:]
+
+
 # -- a real server: disconnects, concurrency, soak ---------------------------------------------------------
 def kv_used(base: str) -> float:
     text = httpx.get(f"{base}/metrics").text

@@ -69,12 +69,22 @@ class _Guard:
                     raise HTTPException(413, f"request body exceeds {self.max_body} bytes")
             return msg
 
+        started = False
+
         async def counting_send(msg: dict) -> None:
+            nonlocal started
             if msg["type"] == "http.response.start":
+                started = True
                 self.statuses.inc(label=str(msg["status"]))
             await send(msg)
 
-        await self.app(scope, limited_receive, counting_send)
+        try:
+            await self.app(scope, limited_receive, counting_send)
+        except Exception:
+            # Unhandled errors are answered (500) by Starlette's ServerErrorMiddleware, outside this guard.
+            if not started:
+                self.statuses.inc(label="500")
+            raise
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
