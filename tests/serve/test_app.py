@@ -33,10 +33,12 @@ def llm(tiny_models) -> LLM:
     return LLM(str(tiny_models.hf("llama")), dtype="float32", device="cpu")
 
 
-def make_app(llm: LLM, api_key: str | None = None, max_body_bytes: int = 2**20, **cfg: Any):
+def make_app(llm: LLM, api_key: str | None = None, max_body_bytes: int = 2**20,
+             allowed_hosts: list[str] | None = None, **cfg: Any):
     cfg = {"num_blocks": 128, "block_size": 4, "max_num_seqs": 8, **cfg}
     engine = LLMEngine(llm, EngineConfig(**cfg))
-    return create_app(AsyncLLM(engine).start(), MODEL, api_key=api_key, max_body_bytes=max_body_bytes), engine
+    return create_app(AsyncLLM(engine).start(), MODEL, api_key=api_key, max_body_bytes=max_body_bytes,
+                      allowed_hosts=allowed_hosts), engine
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +280,33 @@ def test_api_key(llm: LLM) -> None:
         assert c.post("/v1/completions", content=b"{", headers={"content-type": "application/json"}).status_code == 401
         assert c.get("/v1/models").status_code == 401
         assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer sesame"}).status_code == 200
-        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+        assert c.get("/health").status_code == 200
+        # issue 16 #12: everything but /health needs the key (/metrics leaked request and token counts)
+        for path in ("/metrics", "/docs", "/openapi.json", "/redoc", "/nothing"):
+            assert c.get(path).status_code == 401, path
+        ok = {"Authorization": "Bearer sesame"}
+        assert 'frugallm_http_responses_total{status="401"}' in c.get("/metrics", headers=ok).text
+        assert c.get("/openapi.json", headers=ok).json()["info"]["title"] == "frugallm"
+
+
+def test_host_header_guard(llm: LLM) -> None:
+    # issue 16 #12: a page whose DNS name is rebound to 127.0.0.1 must not reach a loopback server
+    from frugallm.serve.app import default_allowed_hosts
+
+    assert default_allowed_hosts("0.0.0.0") is None and default_allowed_hosts("10.1.2.3") is None
+    hosts = default_allowed_hosts("127.0.0.2")
+    assert hosts is not None and {"localhost", "127.0.0.1", "[::1]", "127.0.0.2"} <= set(hosts)
+    assert "[::1]" in (default_allowed_hosts("::1") or [])
+    app, _ = make_app(llm, allowed_hosts=[*hosts, "my.box"])
+    with TestClient(app) as c:
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "127.0.0.2:80", "My.Box"):
+            assert c.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io"):
+            r = c.get("/v1/models", headers={"Host": host})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", host
+    app, _ = make_app(llm, allowed_hosts=["*"])
+    with TestClient(app) as c:
+        assert c.get("/health", headers={"Host": "anything.example"}).status_code == 200
 
 
 def test_server_errors_are_counted(llm: LLM) -> None:
@@ -299,14 +327,14 @@ def test_server_errors_are_counted(llm: LLM) -> None:
 
 
 # -- a real server: disconnects, concurrency, soak ---------------------------------------------------------
-def kv_used(base: str) -> float:
-    text = httpx.get(f"{base}/metrics").text
+def kv_used(base: str, headers: dict[str, str] | None = None) -> float:
+    text = httpx.get(f"{base}/metrics", headers=headers).text
     return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("frugallm_kv_blocks_used ")))
 
 
-def wait_idle(base: str, engine: LLMEngine, timeout: float = 20) -> None:
+def wait_idle(base: str, engine: LLMEngine, timeout: float = 20, headers: dict[str, str] | None = None) -> None:
     deadline = time.time() + timeout
-    while (engine.requests or kv_used(base)) and time.time() < deadline:
+    while (engine.requests or kv_used(base, headers)) and time.time() < deadline:
         time.sleep(0.05)
 
 
@@ -383,10 +411,11 @@ def test_soak_mixed_requests(llm: LLM) -> None:
     with LiveServer(app) as srv:
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda i: soak_request(srv.url, i, random.Random(seeds[i])), range(SOAK_REQUESTS)))
-        wait_idle(srv.url, engine)
+        key = {"Authorization": "Bearer k"}
+        wait_idle(srv.url, engine, headers=key)
         assert httpx.get(f"{srv.url}/health").status_code == 200
-        assert kv_used(srv.url) == 0 and not engine.requests
-        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert kv_used(srv.url, key) == 0 and not engine.requests
+        metrics = httpx.get(f"{srv.url}/metrics", headers=key).text
     bad = [r for r in results if not r[2] or r[1] >= 500]
     assert not bad, bad[:10]
     valid = {"complete", "stream", "chat", "chat-stream", "n2", "hangup"}

@@ -2,8 +2,9 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``openai.py``; SSE when
 ``stream``), ``GET /health``, ``GET /metrics`` (Prometheus text). Bad input of any kind is a 4xx with an
-OpenAI-style ``{"error": {...}}`` body; a missing or wrong API key on ``/v1/*`` is 401 (checked before the
-body is read). A client that disconnects cancels its request, which frees its KV blocks.
+OpenAI-style ``{"error": {...}}`` body; a missing or wrong API key is 401 on every path but ``/health``
+(checked before the body is read); a ``Host`` outside ``allowed_hosts`` is 400. A client that disconnects cancels
+its request, which frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -31,11 +32,43 @@ log = logging.getLogger("frugallm.serve")
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 
 
-class _Guard:
-    """ASGI middleware: API key on ``/v1/*`` (before the body is read), body size limit, status counts."""
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+OPEN_PATHS = ("/health",)  # answered without the API key (liveness probes)
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, statuses: Counter) -> None:
+
+def default_allowed_hosts(bind_host: str) -> list[str] | None:
+    """Host names a server bound to ``bind_host`` accepts: on loopback, the loopback names and the bind
+    address (a page on another site whose DNS name is rebound to 127.0.0.1 then gets 400); None (any)
+    when bound elsewhere, where clients reach it under names the server cannot know."""
+    import ipaddress
+
+    name = bind_host.strip("[]").lower()
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        loopback = name == "localhost"
+    if not loopback:
+        return None
+    return [*LOOPBACK_HOSTS, f"[{name}]" if ":" in name else name]
+
+
+def _host_name(host: str) -> str:
+    """``Host`` header without its port, lower-cased: ``[::1]:8000`` -> ``[::1]``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class _Guard:
+    """ASGI middleware: Host check, API key on every path but ``/health`` (before the body is read), body
+    size limit, status counts."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, statuses: Counter,
+                 allowed_hosts: list[str] | None = None) -> None:
         self.app, self.api_key, self.max_body, self.statuses = app, api_key, max_body_bytes, statuses
+        self.allowed_hosts = None if allowed_hosts is None or "*" in allowed_hosts else {
+            _host_name(h) for h in allowed_hosts}
 
     async def _reply(self, send: Callable[..., Awaitable[None]], resp: JSONResponse) -> None:
         self.statuses.inc(label=str(resp.status_code))
@@ -46,7 +79,12 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith("/v1"):
+        host = headers.get("host")
+        if self.allowed_hosts is not None and host is not None and _host_name(host) not in self.allowed_hosts:
+            return await self._reply(send, json_error(
+                400, f"Host {host!r} is not served here (DNS rebinding guard); allowed: "
+                f"{', '.join(sorted(self.allowed_hosts))} (serve --allowed-hosts adds names)", code="host_not_allowed"))
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
             auth = headers.get("authorization", "")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
@@ -109,8 +147,12 @@ def create_app(
     served_model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
-    """Build the FastAPI app. The caller starts ``async_llm``; the app shuts it down on exit."""
+    """Build the FastAPI app. The caller starts ``async_llm``; the app shuts it down on exit.
+
+    ``api_key``: required on every path but ``/health`` (``/metrics``, ``/docs`` and ``/openapi.json`` too).
+    ``allowed_hosts``: ``Host`` names accepted (see :func:`default_allowed_hosts`); None or ``"*"``: any."""
     engine = async_llm.engine
     max_len = engine.max_model_len
     created = int(time.time())
@@ -123,7 +165,8 @@ def create_app(
 
     app = FastAPI(title="frugallm", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions and chat completions.")
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, statuses=statuses)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, statuses=statuses,
+                       allowed_hosts=allowed_hosts)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -19,7 +19,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $FRUGALLM_API_KEY if set)")
+                   help="require 'Authorization: Bearer KEY' on every path but /health "
+                        "(default: $FRUGALLM_API_KEY if set)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host names accepted, '*' for any (default: on a loopback --host, "
+                        "localhost, 127.0.0.1, [::1] and --host, against DNS rebinding; elsewhere any)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: MODEL as given)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step at most")
@@ -56,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise FrugalError("serving needs the 'serve' extra: pip install 'frugallm[serve]'") from None
     from frugallm.engine.async_llm import AsyncLLM
     from frugallm.engine.llm_engine import LLMEngine
-    from frugallm.serve.app import create_app
+    from frugallm.serve.app import create_app, default_allowed_hosts
 
     if args.model_path is not None:
         args.model = args.model_path
@@ -67,6 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"--kv {args.kv}: KV-cache compression policies are not supported with batching yet (the paged cache "
             "keeps full keys/values per block); serve without --kv, or use them through LLM.generate"
         )
+    if args.allowed_hosts is not None:
+        allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+        if not allowed_hosts:
+            raise FrugalError("--allowed-hosts is empty; list host names, or '*' for any")
+    else:
+        allowed_hosts = default_allowed_hosts(args.host)
     config = build_engine_config(args)  # validate before the (slow) model load
     quant = None
     if args.quant:
@@ -104,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{bm.block_size} tokens ({gib:.2f} GiB) | max_model_len {engine.max_model_len} | "
           f"max_num_seqs {config.max_num_seqs} | chunked prefill {config.enable_chunked_prefill} | "
           f"prefix caching {config.enable_prefix_caching} | api key {'on' if api_key else 'off'}", file=sys.stderr)
-    app = create_app(async_llm, name, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(async_llm, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                     allowed_hosts=allowed_hosts)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
