@@ -1,5 +1,6 @@
-"""GGUF weights run as stored (the CPU default for ``dtype="auto"``): same logits as the dequantized fp32 model,
-no float copy of a quantized matrix, no weights-cache entry, and one error line for a malformed tensor."""
+"""GGUF weights run as stored (the CPU default for ``dtype="auto"``): with fp32 activations the same logits as the
+dequantized fp32 model (bf16 decode, the default on AVX512-BF16 CPUs: close, same predictions), no float copy of a
+quantized matrix, no weights-cache entry, and one error line for a malformed tensor."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from frugallm import LLM, SamplingParams, native
+from frugallm import LLM, SamplingParams, cpu, native
 from frugallm.cli import main
 from frugallm.errors import FrugalError, ModelLoadError
 from frugallm.loading import choose_weights
@@ -39,6 +40,9 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
 ]
 PARAMS = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 ATOL = 1e-4  # logits are O(1-10): fp32 rounding of differently ordered sums
+# bf16 decode vs the fp32 model: a bf16 residual stream and bf16 logits over 2 layers (measured <= 1.7% of the
+# largest logit on CASES), so relative to the largest |logit|.
+BF16_RTOL = 0.04
 
 
 def _pair(tiny_models, arch: str, typ: str, hf_kw: dict[str, Any], gguf_kw: dict[str, Any]) -> tuple[LLM, LLM]:
@@ -60,6 +64,7 @@ def _decode_logits(llm: LLM, prompt: list[int], steps: list[int]) -> torch.Tenso
 @pytest.mark.parametrize(("arch", "typ", "hf_kw", "gguf_kw"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_stored_matches_dequantized_fp32(tiny_models, tiny_ids, arch, typ, hf_kw, gguf_kw) -> None:
     stored, ref = _pair(tiny_models, arch, typ, hf_kw, gguf_kw)
+    stored.model.decode_dtype = torch.float32  # the fp32-activation path (the default below AVX512-BF16)
     plan = stored.loaded.source_info["tensor_plan"]
     assert all(how == "stored" for name, how in plan.items() if name.endswith(".weight") and "norm" not in name)
     linears = [m for m in stored.model.modules() if isinstance(m, GGUFLinear)]  # a tied head is listed once
@@ -79,10 +84,33 @@ def test_stored_matches_dequantized_fp32(tiny_models, tiny_ids, arch, typ, hf_kw
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
 
 
+@pytest.mark.parametrize(("arch", "typ", "hf_kw", "gguf_kw"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_default_decode_dtype_close(tiny_models, tiny_ids, arch, typ, hf_kw, gguf_kw) -> None:
+    """The default decode dtype: bf16 on AVX512-BF16 CPUs (codes meet bf16 activations in vdpbf16ps), else fp32
+    (exact, as above). bf16 decode keeps the fp32 model's logits to bf16 precision and its predictions."""
+    stored, ref = _pair(tiny_models, arch, typ, hf_kw, gguf_kw)
+    assert stored.model.decode_dtype == (torch.bfloat16 if cpu.fast_bf16() else None)
+    dec_s = _decode_logits(stored, tiny_ids[:8], tiny_ids[8:24])
+    dec_r = _decode_logits(ref, tiny_ids[:8], tiny_ids[8:24])
+    if stored.model.decode_dtype is None:
+        torch.testing.assert_close(dec_s, dec_r, atol=ATOL, rtol=0)
+        return
+    assert stored.model._plan is not None and stored.model._plan.key[0] == torch.bfloat16  # DecodePlan ran in bf16
+    assert ((dec_s - dec_r).abs().max() <= BF16_RTOL * dec_r.abs().max()), (dec_s - dec_r).abs().max()
+    # Greedy agreement: teacher-forced next-token choices where the fp32 model's top two are not a near tie.
+    top2 = dec_r.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * BF16_RTOL * dec_r.abs().max()
+    assert torch.equal(dec_s.argmax(-1)[clear], dec_r.argmax(-1)[clear])
+    assert (dec_s.argmax(-1) == dec_r.argmax(-1)).float().mean() >= 0.9
+    # The batched engine decodes several rows per kernel call (the multi-row kernel on bf16 rows).
+    outs = stored.generate(["hello world", "the cat sat on", "1 2 3"], PARAMS)
+    assert [len(o.token_ids) for o in outs] == [PARAMS.max_tokens] * 3
+
+
 def test_default_prefill_dtype_close(tiny_models, tiny_ids) -> None:
     """The default prefill dtype (bf16 on AVX512-BF16 CPUs, else fp32) keeps the fp32 model's predictions."""
     stored, ref = _pair(tiny_models, "qwen2", "Q8_0", {}, {})
-    assert stored.model.prefill_dtype in (torch.float32, torch.bfloat16) and stored.model.decode_dtype is None
+    assert stored.model.prefill_dtype == (torch.bfloat16 if cpu.fast_bf16() else torch.float32)
     out, want = stored.score(tiny_ids), ref.score(tiny_ids)
     assert (out.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
@@ -157,7 +185,7 @@ def test_mixed_file_dequantizes_what_the_kernel_lacks(tiny_models, tiny_ids) -> 
     assert plan["blk.0.ffn_up.weight"] == "stored"
     assert not isinstance(stored.model.layers[0].attn.qkv_proj, GGUFLinear)
     assert isinstance(stored.model.layers[0].mlp.gate_up_proj, GGUFLinear)
-    stored.model.prefill_dtype = torch.float32
+    stored.model.prefill_dtype = stored.model.decode_dtype = torch.float32
     torch.testing.assert_close(stored.score(tiny_ids), ref.score(tiny_ids), atol=ATOL, rtol=0)
 
 
@@ -214,7 +242,7 @@ def test_default_model_stored_matches_fp32() -> None:
     assert stored.weights == "stored"
     assert stored.weight_bytes() < ref.weight_bytes() / 4
     ids = stored.tokenizer.encode("The history of the printing press begins in the fifteenth century. " * 20)[:300]
-    stored.model.prefill_dtype = torch.float32
+    stored.model.prefill_dtype = stored.model.decode_dtype = torch.float32
     torch.testing.assert_close(stored.score(ids), ref.score(ids), atol=2e-3, rtol=0)
     dec_s, dec_r = _decode_logits(stored, ids[:100], ids[100:140]), _decode_logits(ref, ids[:100], ids[100:140])
     torch.testing.assert_close(dec_s, dec_r, atol=2e-3, rtol=0)

@@ -37,15 +37,20 @@ def reference(raw: np.ndarray, qtype: T) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(raw, qtype))
 
 
-def assert_matmul_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """y == x @ w^T (+ bias) up to fp32 rounding (relative to sum |x||w|); for bf16 y, plus one bf16 step of
-    the output and of the weight (bf16 prefill dequantizes to bf16; F16 segments multiply in bf16)."""
+def assert_matmul_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                        bf16_weight: bool = True) -> None:
+    """y == x @ w^T (+ bias) up to fp32 rounding (relative to sum |x||w|); for bf16 y, plus its one rounding to
+    bf16 (half a step: 2^-8 relative) and, with ``bf16_weight``, one bf16 step of the weight (bf16 prefill
+    dequantizes to bf16; F16 segments multiply in bf16). The raw op on bf16 x multiplies the exact weight in fp32
+    and rounds its output once: ``bf16_weight=False``."""
     xd, wd = x.double(), w.double()
     ref = xd @ wd.T + (0 if bias is None else bias.double())
     # fp32 rounding of the products' sum, and of adding the bias to it (a bias far above a tiny row's sum)
     bound = (xd.abs() @ wd.abs().T) * 1e-5 + (0 if bias is None else bias.double().abs() * 2.0**-23) + 1e-30
     if y.dtype == torch.bfloat16:
-        bound = bound + (ref.abs() + xd.abs() @ wd.abs().T) * 2.0**-8
+        bound = bound + (ref.abs() + bound) * 2.0**-8
+        if bf16_weight:
+            bound = bound + (xd.abs() @ wd.abs().T) * 2.0**-8
     assert ((y.double() - ref).abs() <= bound).all(), (y.double() - ref).abs().max()
 
 
@@ -75,7 +80,26 @@ def test_linear_matches_dequantize_then_matmul(qtype: T, shape: tuple[int, int],
         for b in (None, bias):
             y = torch.ops.frugallm.gguf_linear(x, torch.from_numpy(raw), int(qtype), n, b)
             assert y.shape == (rows, n) and y.dtype == x_dtype
-            assert_matmul_close(y, x.float(), w, b)
+            assert_matmul_close(y, x.float(), w, b, bf16_weight=False)
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_bf16_x_rounds_the_exact_product(qtype: T) -> None:
+    """bf16 x (vdpbf16ps on AVX512-BF16): the output is the exact x @ w^T rounded to bf16, but where fp32 rounding
+    of the sums lands across a rounding boundary (then one bf16 step away): fp32-level error, not bf16's."""
+    k = gguf.GGML_QUANT_SIZES[qtype][0] * 8
+    raw = random_blocks(qtype, 96, k, seed=7)
+    w = reference(raw, qtype).double()
+    for rows in (1, 3, 4, 6):
+        x = torch.randn(rows, k).bfloat16()
+        y = torch.ops.frugallm.gguf_linear(x, torch.from_numpy(raw), int(qtype), 96, None)
+        ref = x.double() @ w.T
+        exact = ref.bfloat16()
+        same = y == exact
+        assert same.float().mean() >= 0.97, same.float().mean()
+        step = (ref.abs().float() * 2.0**-7).double()  # one bf16 step (at most) at |ref|
+        assert ((y.double() - exact.double()).abs() <= step * 1.01).all()
 
 
 def mixed_module(bias: bool = True) -> tuple[GGUFLinear, torch.Tensor, torch.Tensor | None]:

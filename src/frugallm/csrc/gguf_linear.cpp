@@ -605,6 +605,187 @@ void dot_row_vec(const uint8_t* row, int64_t nblocks, const float* x, int64_t k,
 }
 #endif
 
+#if defined(FRUGALLM_GGUF_AVX512) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define FRUGALLM_GGUF_BF16 1
+// The bf16 GEMV (x already bf16). Every code is a small integer, exact in bf16, so vdpbf16ps multiplies 32 codes
+// with 32 bf16 inputs exactly (products of two 8-bit significands are exact in fp32) and sums them in fp32:
+// the same products as the fp32 path, summed in another order. Codes become bf16 through a table lookup
+// (vpermw / vpermt2w on the code's low 5 / 6 bits: entry i holds the value of code i in two's complement), so no
+// bias is added to them and subtracted again (no cancellation beyond the fp32 path's). Q8_0's 8-bit codes do not
+// fit the 64-entry table: Q8_0 keeps the fp32 path (on x widened once per call). A chunk's
+// dpbf16 lane j holds values 2j and 2j + 1: lanes 0-7 the first 16 values, 8-15 the second, so the two 16-value
+// scales of a chunk multiply it as one vector. Offsets meet the per-group sums of x, as in the fp32 path.
+struct Bf16Tables {
+  __m512i lo, hi;  // value of 6-bit two's complement code i: entries 0-31 (lo) and 32-63 (hi)
+  __m512i nib;     // nibble codes: entry i holds i & 15 (vpermw reads an index's low 5 bits: no mask needed)
+};
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>(u >> 16);  // exact for the small integers stored here
+}
+inline Bf16Tables bf16_tables() {
+  alignas(64) uint16_t t[96];
+  for (int i = 0; i < 64; ++i) t[i] = bf16_bits(static_cast<float>(i < 32 ? i : i - 64));
+  for (int i = 0; i < 32; ++i) t[64 + i] = bf16_bits(static_cast<float>(i & 15));
+  return {_mm512_load_si512(t), _mm512_load_si512(t + 32), _mm512_load_si512(t + 64)};
+}
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+inline __m512bh load_bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// out[m] = row . x[m] for MC bf16 inputs x (stride k); xs as in dot_row_vec (fp32 sums of the bf16 values).
+template <int64_t T, int MC>
+void dot_row_bf16(const uint8_t* row, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs, float* out) {
+  const int64_t xs_stride = k / 16 + k / 32;
+  const float* xs16 = xs;
+  const float* xs32 = xs + k / 16;
+  const Bf16Tables tb = bf16_tables();
+  __m512 t0[MC], t1[MC];
+  __m256 off[MC];
+  float offs[MC];
+  for (int m = 0; m < MC; ++m) {
+    t0[m] = t1[m] = _mm512_setzero_ps();
+    off[m] = _mm256_setzero_ps();
+    offs[m] = 0.0f;
+  }
+  if constexpr (T == Q4_K) {
+    // Nibbles straight to bf16: 32 bytes widen to 16-bit lanes, the byte (low nibble) and the byte shifted by
+    // 4 (high nibble) index the nibble table.
+    alignas(32) float sc[16];
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const uint8_t* b = row + blk * 144;
+      if (blk + 1 < nblocks) _mm_prefetch(reinterpret_cast<const char*>(b + 144 + 128), _MM_HINT_T0);
+      __m256 mn_lo, mn_hi;
+      k_params<T>(b, sc, mn_lo, mn_hi);
+      const uint8_t* qs = b + 16;
+      for (int pair = 0; pair < 4; ++pair) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * pair)));
+        const __m512bh lo = as_bh(_mm512_permutexvar_epi16(v, tb.nib));
+        const __m512bh hi = as_bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tb.nib));
+        const __m512 s0 = _mm512_set1_ps(sc[2 * pair]), s1 = _mm512_set1_ps(sc[2 * pair + 1]);
+        for (int m = 0; m < MC; ++m) {
+          const uint16_t* xm = x + m * k + 256 * blk + 64 * pair;
+          t0[m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), lo, load_bh(xm)), s0, t0[m]);
+          t1[m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), hi, load_bh(xm + 32)), s1, t1[m]);
+        }
+      }
+      for (int m = 0; m < MC; ++m)
+        off[m] = _mm256_fmadd_ps(mn_lo, _mm256_loadu_ps(xs32 + m * xs_stride + 8 * blk), off[m]);
+    }
+  } else if constexpr (T == Q4_0 || T == Q4_1) {
+    // A block's 16 bytes in both halves of 32 16-bit lanes, shifted by 0 (values 0-15) and 4 (16-31): one
+    // lookup in the nibble table gives the chunk (Q4_0 adds -8 to its scale's multiplier: d * (q - 8) =
+    // d * q - 8 d, the offset meeting the block's sum of x).
+    constexpr int64_t bytes = T == Q4_0 ? 18 : 20;
+    const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    float offs1[MC];
+    for (int m = 0; m < MC; ++m) offs1[m] = 0.0f;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const uint8_t* b = row + blk * bytes;
+      const float d = f16(b);
+      const float o = T == Q4_0 ? 8.0f * d : -f16(b + 2);
+      const __m512i v = _mm512_srlv_epi16(
+          _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(load16(b + (T == Q4_0 ? 2 : 4)))), shifts);
+      const __m512bh w = as_bh(_mm512_permutexvar_epi16(v, tb.nib));
+      const __m512 s = _mm512_set1_ps(d);
+      for (int m = 0; m < MC; ++m) {
+        t0[m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w, load_bh(x + m * k + 32 * blk)), s, t0[m]);
+        offs1[m] += o * xs32[m * xs_stride + blk];
+        std::swap(t0[m], t1[m]);
+        std::swap(offs[m], offs1[m]);
+      }
+    }
+    for (int m = 0; m < MC; ++m) offs[m] += offs1[m];
+  } else if constexpr (T == Q6_K) {
+    // 6-bit codes assembled in 16-bit lanes (low nibble | 2 high bits << 4, 0-63) index the table as q - 32;
+    // a chunk's two 16-value scales come from the block's 16 with one permute.
+    const __m512i nib = _mm512_set1_epi16(0xF), top2 = _mm512_set1_epi16(0x30);
+    const __m512i pair_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    alignas(64) float sc[16];
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const uint8_t* b = row + blk * 210;
+      if (blk + 1 < nblocks) _mm_prefetch(reinterpret_cast<const char*>(b + 210 + 128), _MM_HINT_T0);
+      __m256 unused_lo, unused_hi;
+      k_params<T>(b, sc, unused_lo, unused_hi);
+      const __m512 scz = _mm512_load_ps(sc);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m512i l0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h)));
+        const __m512i l1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32)));
+        const __m512i hb = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          const __m512i src = (c & 1) ? l1 : l0;
+          const __m512i lo = c < 2 ? _mm512_and_si512(src, nib) : _mm512_srli_epi16(src, 4);
+          const __m512i hs = c == 0 ? _mm512_slli_epi16(hb, 4) : c == 1 ? _mm512_slli_epi16(hb, 2)
+                           : c == 2 ? hb : _mm512_srli_epi16(hb, 2);
+          const __m512i code = _mm512_ternarylogic_epi32(lo, hs, top2, 0xF8);  // lo | (hs & 0x30)
+          const __m512bh w = as_bh(_mm512_permutex2var_epi16(tb.hi, code, tb.lo));  // code - 32
+          const __m512 s = _mm512_permutexvar_ps(_mm512_add_epi32(pair_idx, _mm512_set1_epi32(8 * h + 2 * c)), scz);
+          for (int m = 0; m < MC; ++m) {
+            const __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, load_bh(x + m * k + 256 * blk + 128 * h + 32 * c));
+            if (c & 1)
+              t1[m] = _mm512_fmadd_ps(d, s, t1[m]);
+            else
+              t0[m] = _mm512_fmadd_ps(d, s, t0[m]);
+          }
+        }
+      }
+    }
+  } else {
+    // Every other type through decode_row's int8 codes (all within [-32, 31]).
+    const __m512i half_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    decode_row<T>(row, nblocks, [&](int64_t c, Codes q, Params p) {
+      const __m512bh w = as_bh(_mm512_permutex2var_epi16(tb.lo, _mm512_cvtepi8_epi16(q), tb.hi));
+      constexpr bool one_scale = !(T == Q6_K || T == Q3_K || T == Q2_K);
+      __m512 s;
+      if constexpr (one_scale)
+        s = _mm512_set1_ps(p.s0);
+      else
+        s = _mm512_permutexvar_ps(half_idx, _mm512_castps128_ps512(_mm_unpacklo_ps(_mm_set_ss(p.s0), _mm_set_ss(p.s1))));
+      for (int m = 0; m < MC; ++m) {
+        const uint16_t* xm = x + m * k + 32 * c;
+        const __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, load_bh(xm));
+        t0[m] = _mm512_fmadd_ps(d, s, t0[m]);
+        if constexpr (T == Q4_1 || T == Q5_1 || T == Q5_K) offs[m] += p.o0 * xs32[m * xs_stride + c];
+        if constexpr (T == Q2_K)
+          offs[m] += p.o0 * xs16[m * xs_stride + 2 * c] + p.o1 * xs16[m * xs_stride + 2 * c + 1];
+      }
+      for (int m = 0; m < MC; ++m) std::swap(t0[m], t1[m]);  // two FMA chains, alternating chunk by chunk
+    });
+  }
+  for (int m = 0; m < MC; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(t0[m], t1[m])) - (hsum(off[m]) + offs[m]);
+}
+
+using DotBf16Fn = void (*)(const uint8_t*, int64_t, const uint16_t*, int64_t, const float*, int64_t, float*);
+template <int64_t T>
+void dot_rows_bf16(const uint8_t* row, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs, int64_t mc,
+                   float* out) {
+  switch (mc) {
+    case 1: return dot_row_bf16<T, 1>(row, nblocks, x, k, xs, out);
+    case 2: return dot_row_bf16<T, 2>(row, nblocks, x, k, xs, out);
+    case 3: return dot_row_bf16<T, 3>(row, nblocks, x, k, xs, out);
+    default: return dot_row_bf16<T, 4>(row, nblocks, x, k, xs, out);
+  }
+}
+DotBf16Fn dot_bf16_fn(int64_t qtype) {
+  switch (qtype) {
+    case Q4_0: return &dot_rows_bf16<Q4_0>;
+    case Q4_1: return &dot_rows_bf16<Q4_1>;
+    case Q5_0: return &dot_rows_bf16<Q5_0>;
+    case Q5_1: return &dot_rows_bf16<Q5_1>;
+    // Q8_0 (8-bit codes: two lookups and two vdpbf16ps per chunk measured slower than the fp32 path): nullptr.
+    case Q2_K: return &dot_rows_bf16<Q2_K>;
+    case Q3_K: return &dot_rows_bf16<Q3_K>;
+    case Q4_K: return &dot_rows_bf16<Q4_K>;
+    case Q5_K: return &dot_rows_bf16<Q5_K>;
+    case Q6_K: return &dot_rows_bf16<Q6_K>;
+    default: return nullptr;
+  }
+}
+#endif
+
 // Rows of x at a time: the vector kernel (which reads xs, x's sums over 16 values) or the scalar reference.
 template <int64_t T>
 void dot_rows(const uint8_t* row, int64_t nblocks, const float* x, int64_t k, const float* xs, int64_t mc,
@@ -696,12 +877,22 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   }
   // Each thread a contiguous run of weight rows: one sequential stream through the blocks, read once per
   // kMaxRows inputs (a second pass over a row finds it in cache).
+#if defined(FRUGALLM_GGUF_BF16)
+  // bf16 x: codes meet it as it is in vdpbf16ps (exact products, fp32 sums).
+  const DotBf16Fn dot_bf16 = bf16 ? dot_bf16_fn(qtype) : nullptr;
+  const auto* xb = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+#endif
   at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
     float out[kMaxRows];
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
         const int64_t mc = std::min(kMaxRows, rows - m0);
-        dot(wp + n * row_bytes, nblocks, xf + m0 * k, k, xs.data() + m0 * ng, mc, out);
+#if defined(FRUGALLM_GGUF_BF16)
+        if (dot_bf16 != nullptr)
+          dot_bf16(wp + n * row_bytes, nblocks, xb + m0 * k, k, xs.data() + m0 * ng, mc, out);
+        else
+#endif
+          dot(wp + n * row_bytes, nblocks, xf + m0 * k, k, xs.data() + m0 * ng, mc, out);
         for (int64_t m = 0; m < mc; ++m) {
           const float v = b != nullptr ? out[m] + b[n] : out[m];
           if (bf16)
