@@ -129,10 +129,10 @@ class GGUFModelFile:
     def config(self) -> ModelConfig:
         try:
             return self._config()
-        except ModelLoadError as e:  # name the file: sizes are checked before anything is built
-            if str(e).startswith(str(self.path)):
+        except (TypeError, ValueError) as e:  # ModelLoadError too: name the file; sizes are checked before any build
+            if isinstance(e, ModelLoadError) and str(e).startswith(str(self.path)):
                 raise
-            raise ModelLoadError(f"{self.path}: {e}") from None
+            raise ModelLoadError(f"{self.path}: invalid metadata: {e}") from None
 
     def _config(self) -> ModelConfig:
         a = self.arch
