@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
 DEV = os.environ.get("GPU_CHECK_DEVICE", "cuda")  # "cpu" dry-runs the script logic
 
 
