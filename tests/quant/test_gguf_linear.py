@@ -91,15 +91,17 @@ def test_bf16_x_rounds_the_exact_product(qtype: T) -> None:
     k = gguf.GGML_QUANT_SIZES[qtype][0] * 8
     raw = random_blocks(qtype, 96, k, seed=7)
     w = reference(raw, qtype).double()
+    gen = torch.Generator().manual_seed(int(qtype))
     for rows in (1, 3, 4, 6):
-        x = torch.randn(rows, k).bfloat16()
+        x = torch.randn(rows, k, generator=gen).bfloat16()
         y = torch.ops.frugallm.gguf_linear(x, torch.from_numpy(raw), int(qtype), 96, None)
         ref = x.double() @ w.T
         exact = ref.bfloat16()
         same = y == exact
         assert same.float().mean() >= 0.97, same.float().mean()
-        step = (ref.abs().float() * 2.0**-7).double()  # one bf16 step (at most) at |ref|
-        assert ((y.double() - exact.double()).abs() <= step * 1.01).all()
+        # elsewhere one bf16 step at |ref| (2^-7 relative), or fp32 rounding where the sum nearly cancels
+        bound = ref.abs() * 2.0**-7 * 1.01 + (x.double().abs() @ w.abs().T) * 1e-5
+        assert ((y.double() - exact.double()).abs() <= bound).all()
 
 
 def mixed_module(bias: bool = True) -> tuple[GGUFLinear, torch.Tensor, torch.Tensor | None]:

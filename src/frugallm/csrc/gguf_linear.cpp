@@ -633,6 +633,18 @@ inline Bf16Tables bf16_tables() {
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 inline __m512bh load_bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
+// Q4_K's order of x (see dot_row_bf16): per 128 values at v0, entry 32 r + 2 i + s is value v0 + 64 (t / 32) +
+// 32 (r % 2) + t % 32 with t = 4 i + 2 s + r / 2 (the byte of dword i, half s, field r).
+inline void q4k_permute_x(const uint16_t* x, int64_t k, uint16_t* out) {
+  for (int64_t v0 = 0; v0 < k; v0 += 128)
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < 16; ++i)
+        for (int s = 0; s < 2; ++s) {
+          const int t = 4 * i + 2 * s + r / 2;
+          out[v0 + 32 * r + 2 * i + s] = x[v0 + 64 * (t / 32) + 32 * (r % 2) + t % 32];
+        }
+}
+
 // out[m] = row . x[m] for MC bf16 inputs x (stride k); xs as in dot_row_vec (fp32 sums of the bf16 values).
 template <int64_t T, int MC>
 void dot_row_bf16(const uint8_t* row, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs, float* out) {
@@ -649,28 +661,43 @@ void dot_row_bf16(const uint8_t* row, int64_t nblocks, const uint16_t* x, int64_
     offs[m] = 0.0f;
   }
   if constexpr (T == Q4_K) {
-    // Nibbles straight to bf16: 32 bytes widen to 16-bit lanes, the byte (low nibble) and the byte shifted by
-    // 4 (high nibble) index the nibble table.
+    // No shuffles: 64 bytes of nibbles (two pairs of sub-blocks) are read as 16 dwords and each 4-bit field of
+    // their two 16-bit halves becomes bf16 128 + q with one shift and one vpternlogd (0x4300 | q is exact), so
+    // x comes pre-permuted to that order (q4k_permute_x: per 128 values [field r][dword i][half]). Fields 0 and
+    // 2 hold sub-blocks 4H (dwords 0-7) and 4H + 2 (8-15), fields 1 and 3 sub-blocks 4H + 1 and 4H + 3: two
+    // chained vdpbf16ps per pair of fields, then one FMA with the two sub-blocks' scales. The bias (128 * scale
+    // * sum of the sub-block's x) joins the offsets: (min + 128 * scale) * sum x.
+    const __m512i nib = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
+    const __m512i idx_a = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256 bias = _mm256_set1_ps(128.0f);
     alignas(32) float sc[16];
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const uint8_t* b = row + blk * 144;
       if (blk + 1 < nblocks) _mm_prefetch(reinterpret_cast<const char*>(b + 144 + 128), _MM_HINT_T0);
       __m256 mn_lo, mn_hi;
       k_params<T>(b, sc, mn_lo, mn_hi);
-      const uint8_t* qs = b + 16;
-      for (int pair = 0; pair < 4; ++pair) {
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * pair)));
-        const __m512bh lo = as_bh(_mm512_permutexvar_epi16(v, tb.nib));
-        const __m512bh hi = as_bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tb.nib));
-        const __m512 s0 = _mm512_set1_ps(sc[2 * pair]), s1 = _mm512_set1_ps(sc[2 * pair + 1]);
+      const __m256 scv = _mm256_load_ps(sc);
+      const __m512 scz = _mm512_castps256_ps512(scv);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m512i d = _mm512_loadu_si512(b + 16 + 64 * h);
+        const __m512bh p0 = as_bh(_mm512_ternarylogic_epi32(d, nib, magic, 0xEA));
+        const __m512bh p1 = as_bh(_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 4), nib, magic, 0xEA));
+        const __m512bh p2 = as_bh(_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 8), nib, magic, 0xEA));
+        const __m512bh p3 = as_bh(_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 12), nib, magic, 0xEA));
+        const __m512 sa = _mm512_permutexvar_ps(_mm512_add_epi32(idx_a, _mm512_set1_epi32(4 * h)), scz);
+        const __m512 sb = _mm512_permutexvar_ps(_mm512_add_epi32(idx_a, _mm512_set1_epi32(4 * h + 1)), scz);
         for (int m = 0; m < MC; ++m) {
-          const uint16_t* xm = x + m * k + 256 * blk + 64 * pair;
-          t0[m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), lo, load_bh(xm)), s0, t0[m]);
-          t1[m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), hi, load_bh(xm + 32)), s1, t1[m]);
+          const uint16_t* xm = x + m * k + 256 * blk + 128 * h;
+          const __m512 a = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), p0, load_bh(xm)), p2, load_bh(xm + 64));
+          const __m512 c = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), p1, load_bh(xm + 32)), p3, load_bh(xm + 96));
+          t0[m] = _mm512_fmadd_ps(a, sa, t0[m]);
+          t1[m] = _mm512_fmadd_ps(c, sb, t1[m]);
         }
       }
+      const __m256 mn = _mm256_fmadd_ps(bias, scv, mn_lo);
       for (int m = 0; m < MC; ++m)
-        off[m] = _mm256_fmadd_ps(mn_lo, _mm256_loadu_ps(xs32 + m * xs_stride + 8 * blk), off[m]);
+        off[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xs32 + m * xs_stride + 8 * blk), off[m]);
     }
   } else if constexpr (T == Q4_0 || T == Q4_1) {
     // A block's 16 bytes in both halves of 32 16-bit lanes, shifted by 0 (values 0-15) and 4 (16-31): one
@@ -881,6 +908,12 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   // bf16 x: codes meet it as it is in vdpbf16ps (exact products, fp32 sums).
   const DotBf16Fn dot_bf16 = bf16 ? dot_bf16_fn(qtype) : nullptr;
   const auto* xb = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  std::vector<uint16_t> xperm;
+  if (dot_bf16 != nullptr && qtype == Q4_K) {  // the order its shuffle-free decode produces
+    xperm.resize(rows * k);
+    for (int64_t r = 0; r < rows; ++r) q4k_permute_x(xb + r * k, k, xperm.data() + r * k);
+    xb = xperm.data();
+  }
 #endif
   at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
     float out[kMaxRows];
