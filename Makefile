@@ -22,13 +22,13 @@ run: setup
 # On a CPU above AVX2, the kernel and CPU-dispatch tests run once more at the AVX2 level first (the variant most
 # users' CPUs run), then the whole suite at the CPU's own level.
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check --no-cache src tests benchmarks
 	@if $(BIN)/python -c "import sys; from frugallm import cpu; sys.exit(cpu.hardware_level() in ('generic', 'avx2'))"; \
 	then echo "== kernel tests at FRUGALLM_ISA=avx2 =="; FRUGALLM_ISA=avx2 $(BIN)/python -m pytest -q -m isa; fi
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check --no-cache src tests benchmarks
 
 bench: setup
 	$(BIN)/python benchmarks/engine_bench.py

@@ -114,13 +114,14 @@ def main() -> None:
         w = torch.ops.frugallm.gguf_dequantize(raw, int(qtype), k, torch.float32)
         for rows in args.rows:
             x = torch.randn(rows, k).to(dtype)
-            fns = {"gguf": lambda x=x: torch.ops.frugallm.gguf_linear(x, raw, int(qtype), n, None)}
+            q = int(qtype)
+            fns = {"gguf": lambda x=x, raw=raw, q=q: torch.ops.frugallm.gguf_linear(x, raw, q, n, None)}
             if cmp_ops is not None:
-                fns["cmp"] = lambda x=x: cmp_ops.gguf_linear(x, raw, int(qtype), n, None)
+                fns["cmp"] = lambda x=x, raw=raw, q=q: cmp_ops.gguf_linear(x, raw, q, n, None)
             if not args.no_torch:
                 wx = w.to(dtype)
                 fns["dense"] = lambda x=x, wx=wx: F.linear(x, wx)
-                fns["deq"] = lambda x=x: F.linear(x, torch.ops.frugallm.gguf_dequantize(raw, int(qtype), k, dtype))
+                fns["deq"] = lambda x=x, raw=raw, q=q: F.linear(x, torch.ops.frugallm.gguf_dequantize(raw, q, k, dtype))
             with torch.no_grad():
                 us = median_us(fns, args.reps)
             line = f"{name:<6}{f'{n}x{k}':>12}{rows:>5}{us['gguf']:>9.1f}{raw.numel() / us['gguf'] / 1e3:>7.2f}"

@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-from engine_runs import prompts_for, run_engine
 
+from engine_runs import prompts_for, run_engine
 from frugallm import LLM, SamplingParams
 from frugallm.config import ModelConfig
 from frugallm.engine.async_llm import AsyncLLM

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_runs import prompts_for, run_engine
 
+from engine_runs import prompts_for, run_engine
 from frugallm import LLM, SamplingParams, cpu, native
 from frugallm.config import ModelConfig
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine

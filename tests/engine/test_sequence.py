@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from detok import assert_incremental_matches_full
 
+from detok import assert_incremental_matches_full
 from frugallm.loading import default_model_path
 from frugallm.loading.gguf import GGUFModelFile
 from frugallm.tokenizer.tokenizer import Tokenizer

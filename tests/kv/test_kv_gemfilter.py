@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from kv_inputs import make_model
 
 from frugallm.kv import select_prompt_tokens
 from frugallm.model.kv_cache import ContiguousKVCache
 from frugallm.model.llama import Transformer
+from kv_inputs import make_model
 
 
 @pytest.fixture(scope="module")

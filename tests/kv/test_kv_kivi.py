@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_inputs import drive, make_model, synthetic
 
 from frugallm.kv import build_kv_cache, parse_kv_spec
 from frugallm.kv.quantize import FP8, QuantizedSequence, hadamard, quantize
+from kv_inputs import drive, make_model, synthetic
 
 CPU = torch.device("cpu")
 

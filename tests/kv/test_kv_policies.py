@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from kv_inputs import drive, make_model, synthetic
 
 from frugallm.errors import FrugalError
 from frugallm.kv import (
@@ -20,6 +19,7 @@ from frugallm.kv import (
 from frugallm.model.kv_cache import ContiguousKVCache
 from frugallm.model.llama import Transformer
 from frugallm.model.ops import apply_rope
+from kv_inputs import drive, make_model, synthetic
 
 KIVI = "kivi:bits=2,residual=8,group=8"
 ALONE = [

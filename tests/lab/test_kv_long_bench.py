@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kv_inputs import make_model
 
 from frugallm.kv import build_kv_cache, select_prompt_tokens
+from kv_inputs import make_model
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "kv_long_bench.py"
 _spec = importlib.util.spec_from_file_location("kv_long_bench", _PATH)

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tiny_models as tm
 import torch
+
+import tiny_models as tm
 
 ATOL = 1e-4
 FORMATS = ["hf", "hf-sharded", "gguf-F32", "gguf-F16", "gguf-Q8_0", "gguf-Q4_1", "gguf-Q4_0"]

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from quant_models import BOUNDS, IDS, INPUTS, SPEC_SHAPES, TinyLM, build, gaussian_linear, rel_err, tiny_lm_pair
 
 from frugallm.quant import kernels, quantize_model
+from quant_models import BOUNDS, IDS, INPUTS, SPEC_SHAPES, TinyLM, build, gaussian_linear, rel_err, tiny_lm_pair
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from quant_models import TinyLM
 from torch import nn
 
 from frugallm.errors import FrugalError
@@ -15,6 +14,7 @@ from frugallm.quant import GroupQuantLinear, gptq_quantize_model, parse_quant_sp
 from frugallm.quant.calibrate import collect_hessians
 from frugallm.quant.gptq import gptq_quantize_weight
 from frugallm.quant.groups import rtn_group_quantize
+from quant_models import TinyLM
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

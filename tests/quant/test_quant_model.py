@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from quant_models import IDS, TinyLM, rel_err, tiny_lm_pair
 from torch import nn
 
 from frugallm.errors import FrugalError
@@ -20,6 +19,7 @@ from frugallm.quant import (
     quantize_model,
     quantized_weight_bytes,
 )
+from quant_models import IDS, TinyLM, rel_err, tiny_lm_pair
 
 
 @pytest.fixture(scope="module")

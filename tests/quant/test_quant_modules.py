@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_models import BOUNDS, INPUTS, SHAPES, SPEC_SHAPES, build, gaussian_linear, rel_err
 
 from frugallm.errors import FrugalError
 from frugallm.quant import GroupQuantLinear, Int8Linear, LLMInt8Linear, Mix4Linear, kernels, parse_quant_spec
 from frugallm.quant.groups import GroupQuantState, rtn_group_quantize
 from frugallm.quant.mix4 import mix4_quantize
+from quant_models import BOUNDS, INPUTS, SHAPES, SPEC_SHAPES, build, gaussian_linear, rel_err
 
 # ------------------------------------------------------------------------------ modules vs fp32 reference
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import tiny_models as tm
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
+import tiny_models as tm
 from frugallm.loading.gguf import GGUFModelFile
 from frugallm.tokenizer.tokenizer import Tokenizer
 
