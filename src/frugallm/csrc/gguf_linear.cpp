@@ -27,7 +27,9 @@
 //
 // Code paths: AVX-512F (16-lane FMAs), AVX2 + FMA + F16C (8-lane; the baseline of every x86-64 CPU since 2013),
 // scalar reference otherwise (then gguf_linear_vectorized() is false and callers use their torch path). The chunk
-// decoders are AVX2 in both vector builds; only the FMA side widens with AVX-512.
+// decoders are AVX2 in both vector builds; only the FMA side widens with AVX-512. With AVX512-BF16, bf16 x meets
+// the codes as bf16 in vdpbf16ps (dot_row_bf16: exact products, fp32 sums, so still dequantize-then-matmul up
+// to fp32 rounding; Q8_0 and fp32 x take the FMA path).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -2,7 +2,8 @@
 
 Memory is the file's bytes (the blocks may be a zero-copy view of the GGUF memmap). Decode passes (up to
 ``kernels.NATIVE_QUANT_MAX_ROWS`` rows) run ``torch.ops.frugallm.gguf_linear`` (``csrc/gguf_linear.cpp``): blocks
-decoded in registers against fp32 activations, equal to dequantize-then-matmul up to fp32 rounding. Larger
+decoded in registers against fp32 activations (FMAs) or bf16 ones (``vdpbf16ps`` on AVX512-BF16 CPUs, where
+``LLM`` decodes stored GGUFs in bf16), equal to dequantize-then-matmul up to fp32 rounding. Larger
 passes (prefill) dequantize once per call (``gguf_dequantize``, one native pass) and run ``F.linear``.
 
 Native types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; F32 / F16 / BF16 rows are also
