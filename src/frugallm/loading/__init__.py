@@ -159,9 +159,13 @@ def load_model(
         from frugallm.loading import hf
 
         loaded = hf.load(desc, dtype, device)
+    elif weights == "stored":
+        from frugallm.loading import gguf_stored
+
+        loaded = gguf_stored.load_stored(desc, dtype, device)
     else:
         from frugallm.loading import gguf
 
-        loaded = gguf.load(desc, dtype, device, weights=weights, use_cache=use_cache, progress=progress)
+        loaded = gguf.load(desc, dtype, device, use_cache=use_cache, progress=progress)
     loaded.load_seconds = time.perf_counter() - t0
     return loaded

@@ -23,14 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES
 
 from frugallm.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling, as_int
 from frugallm.errors import ModelLoadError
 from frugallm.loading import gguf_index, weight_cache
-from frugallm.loading.base import LoadedModel, ModelDescription, WeightsMode, check_vocab, materialize
-from frugallm.quant.embedding import QuantEmbedding
-from frugallm.quant.gguf_linear import NATIVE_TYPES, GGUFLinear, segment_from_reader
+from frugallm.loading.base import LoadedModel, ModelDescription, check_vocab, materialize
+from frugallm.quant.gguf_linear import NATIVE_TYPES
 from frugallm.tokenizer.tokenizer import Tokenizer, TokenizerMeta
 
 _GGUF_MAGIC = b"GGUF"
@@ -240,14 +238,14 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _permutes(cfg: ModelConfig) -> bool:
+def permutes(cfg: ModelConfig) -> bool:
     return cfg.arch in ("llama", "mistral")  # qwen2/qwen3 GGUFs keep the HF (NeoX) layout
 
 
 def linear_parts(cfg: ModelConfig) -> list[tuple[str, list[tuple[str, int | None]]]]:
     """Each linear of the model: ``(module path, [(GGUF tensor stem, heads to un-permute or None), ...])``,
     parts fused along the output dim in this order (the stem + ``.weight`` / ``.bias`` is the tensor)."""
-    nq, nkv = (cfg.num_heads, cfg.num_kv_heads) if _permutes(cfg) else (None, None)
+    nq, nkv = (cfg.num_heads, cfg.num_kv_heads) if permutes(cfg) else (None, None)
     out: list[tuple[str, list[tuple[str, int | None]]]] = []
     for i in range(cfg.num_layers):
         p, o = f"blk.{i}.", f"layers.{i}."
@@ -300,7 +298,7 @@ def iter_gguf_state_dict(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` pairs in frugallm's parameter names, fused and in HF layout; names under a
     module path in ``skip`` (modules the as-stored load installs) are not read."""
-    permute = _permutes(cfg)
+    permute = permutes(cfg)
 
     def get(name: str, n_head: int | None = None) -> np.ndarray:
         arr = gf.tensor(name)
@@ -347,7 +345,7 @@ def iter_gguf_state_dict(
 def qkv_bias(gf: GGUFModelFile, cfg: ModelConfig, layer: int) -> np.ndarray:
     """Layer ``layer``'s fused q/k/v bias ``[q + 2 * kv]`` fp32 (Q/K un-permuted like their rows)."""
     p = f"blk.{layer}."
-    heads = (cfg.num_heads, cfg.num_kv_heads, None) if _permutes(cfg) else (None, None, None)
+    heads = (cfg.num_heads, cfg.num_kv_heads, None) if permutes(cfg) else (None, None, None)
     parts = [gf.tensor(p + f"attn_{x}.bias") for x in "qkv"]
     return np.concatenate([_unpermute(b, h) if h else b for b, h in zip(parts, heads, strict=True)])
 
@@ -412,16 +410,11 @@ def load(
     dtype: torch.dtype,
     device: torch.device,
     *,
-    weights: WeightsMode = "dequantize",
     use_cache: bool = True,
     progress: bool = False,
 ) -> LoadedModel:
-    """``weights="stored"``: see :func:`load_stored` (``dtype`` must be fp32). ``"dequantize"``: weights from
-    the cache entry for ``dtype`` if there is one, else converted tensor by tensor (and cached)."""
-    if weights == "stored":
-        if dtype != torch.float32:
-            raise ModelLoadError(f"weights run as stored take fp32 activations, not {dtype}")
-        return load_stored(desc, device)
+    """Weights from the cache entry for ``dtype`` if there is one, else converted tensor by tensor (and cached).
+    (Weights run as stored load through :func:`frugallm.loading.gguf_stored.load_stored`.)"""
     path, cfg = desc.path, desc.config
     entry = weight_cache.entry_dir(weight_cache.file_hash(path), dtype) if use_cache else None
     cached = weight_cache.load_entry(entry) if entry is not None else None
@@ -450,82 +443,3 @@ def load(
         )
     m = materialize(cfg, state, device, where=str(path))
     return LoadedModel(m, cfg, tok, path, "gguf", False, 0.0, info)
-
-
-def load_stored(desc: ModelDescription, device: torch.device) -> LoadedModel:
-    """Quantized weights as :class:`GGUFLinear` / :class:`QuantEmbedding` modules over the file's memmap, the
-    rest (:func:`tensor_plan`) dequantized to fp32; nothing is read from or written to the weights cache."""
-    path, cfg = desc.path, desc.config
-    tok = desc.tokenizer()
-    check_vocab(cfg, tok, path)
-    gf = desc.handle if isinstance(desc.handle, GGUFModelFile) else GGUFModelFile(path)
-    plan = tensor_plan(gf, cfg)
-    modules: dict[str, torch.nn.Module] = {}
-    for mod_path, parts in linear_parts(cfg):
-        if plan.get(parts[0][0] + ".weight") != "stored":
-            continue
-        in_features, rows = _linear_shape(cfg, mod_path)
-        segs = [
-            segment_from_reader(_checked(gf, stem + ".weight", in_features, n), heads)
-            for (stem, heads), n in zip(parts, rows, strict=True)
-        ]
-        bias = None
-        if mod_path.endswith("qkv_proj") and cfg.attention_bias:
-            bias = torch.from_numpy(qkv_bias(gf, cfg, int(mod_path.split(".")[1])))
-        modules[mod_path] = GGUFLinear.from_segments(segs, in_features, bias)
-    if plan.get("token_embd.weight") == "stored":
-        t = _checked(gf, "token_embd.weight", cfg.hidden_size, cfg.vocab_size)
-        table = GGUFLinear.from_segments([segment_from_reader(t)], cfg.hidden_size)
-        modules["embed_tokens"] = QuantEmbedding(table, torch.float32)
-        if cfg.tie_word_embeddings:
-            modules["lm_head"] = table  # the head multiplies the same blocks
-
-    def install(model: torch.nn.Module) -> list[str]:
-        for name, mod in modules.items():
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, mod)
-        return list(modules)
-
-    state = dict(iter_gguf_state_dict(gf, cfg, torch.float32, skip=frozenset(modules)))
-    m = materialize(cfg, state, device, where=str(path), install=install)
-    info = {
-        "tensor_type_bytes": gf.tensor_type_bytes(),
-        "file_bytes": path.stat().st_size,
-        "weights": "stored",
-        "as_stored": plan_summary(gf, plan),
-        "tensor_plan": plan,
-    }
-    return LoadedModel(m, cfg, tok, path, "gguf", False, 0.0, info)
-
-
-def _linear_shape(cfg: ModelConfig, mod_path: str) -> tuple[int, list[int]]:
-    """``(in_features, rows of each fused part)`` of the linear at ``mod_path`` (see :func:`linear_parts`)."""
-    h, kind = cfg.hidden_size, mod_path.rsplit(".", 1)[-1]
-    return {
-        "qkv_proj": (h, [cfg.q_size, cfg.kv_size, cfg.kv_size]),
-        "o_proj": (cfg.q_size, [h]),
-        "gate_up_proj": (h, [cfg.intermediate_size, cfg.intermediate_size]),
-        "down_proj": (cfg.intermediate_size, [h]),
-        "lm_head": (h, [cfg.vocab_size]),
-    }[kind]
-
-
-def _checked(gf: GGUFModelFile, name: str, in_features: int, rows: int) -> Any:
-    """The reader tensor ``name``, checked to be ``rows`` rows of ``in_features`` values whose bytes match its
-    type: a mismatch is one error naming the tensor, never a kernel reading past its blocks."""
-    t = gf.tensors.get(name)
-    if t is None:
-        raise ModelLoadError(f"{gf.path}: missing tensor {name!r}")
-    shape = [int(d) for d in t.shape]
-    if shape != [in_features, rows]:
-        raise ModelLoadError(
-            f"{gf.path}: tensor {name!r} has GGUF shape {shape}, the model config needs {[in_features, rows]}"
-        )
-    block, size = GGML_QUANT_SIZES[t.tensor_type]
-    expected = rows * (in_features // block) * size
-    if in_features % block or int(t.data.nbytes) != expected:
-        raise ModelLoadError(
-            f"{gf.path}: tensor {name!r} ({t.tensor_type.name}, shape {shape}) holds "
-            f"{int(t.data.nbytes)} bytes; {rows} rows of {in_features} values take {expected}"
-        )
-    return t
