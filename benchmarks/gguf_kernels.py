@@ -20,11 +20,10 @@ import argparse
 import hashlib
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import gguf
-import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
@@ -32,19 +31,8 @@ from gguf import GGMLQuantizationType as T
 from frugallm import cpu, native
 from frugallm.paths import cache_dir
 
-# Byte offsets of each type's fp16 scale fields (d, and dmin / m where the type has one).
-F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q2_K: (80, 82),
-              T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
-
-
-def random_blocks(qtype: T, n: int, k: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        scale = (rng.standard_normal((n, k // block)) * 0.05).astype(np.float16)
-        raw[..., off : off + 2] = scale.view(np.uint8).reshape(n, k // block, 2)
-    return raw.reshape(n, -1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
+from gguf_blocks import F16_FIELDS, random_blocks  # noqa: E402  (shared with the kernel tests)
 
 
 def build_compare(src: Path) -> object:

@@ -18,6 +18,7 @@ callers keep their pure-torch path. ``FRUGALLM_NATIVE=0`` turns native kernels o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -62,6 +63,7 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.cache  # load() asks on every call; the sources do not change in a process
 def required_level(name: str) -> str:
     """The ISA level ``csrc/<name>.cpp`` needs to be worth building (its ``// requires: LEVEL`` line)."""
     head = (CSRC / f"{name}.cpp").read_text()[:4000]

@@ -13,24 +13,11 @@ from gguf import GGMLQuantizationType as T
 from frugallm import native
 from frugallm.errors import FrugalError
 from frugallm.quant.gguf_linear import GGUFLinear, as_uint8, row_bytes, segment_from_reader, unpermute_rows
+from gguf_blocks import F16_FIELDS, random_blocks
 
 needs_native = pytest.mark.skipif(not native.usable("gguf_linear"), reason="native gguf kernel unavailable here")
 
-# Byte offsets of each type's fp16 scale fields (d, and dmin / m where the type has one).
-F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q2_K: (80, 82),
-              T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
 TYPES = list(F16_FIELDS)
-
-
-def random_blocks(qtype: T, n: int, k: int, seed: int = 0) -> np.ndarray:
-    """``[n, row_bytes]`` uint8: random codes (every bit pattern is valid) with small finite fp16 scales."""
-    rng = np.random.default_rng(seed)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        scale = (rng.standard_normal((n, k // block)) * 0.05).astype(np.float16)
-        raw[..., off : off + 2] = scale.view(np.uint8).reshape(n, k // block, 2)
-    return raw.reshape(n, -1)
 
 
 def reference(raw: np.ndarray, qtype: T) -> torch.Tensor:
