@@ -167,10 +167,19 @@ def _quality(m: Metrics, rec: dict[str, Any], p: BenchPoint, runner: Runner, set
         return
     is_ref = p.backend == "frugallm" and runner.dtype == "float32" and not p.quant and not p.kv
     model_key = f"{runner.path.resolve()}|{runner.device}"
-    q = quality.evaluate(runner.score, runner.tokenizer, model_key=model_key, is_reference=is_ref,
-                         make_reference=quality.frugal_reference_scorer(p.model, runner.device, p.threads),
-                         corpus_text=settings.corpus(p.corpus), corpus_name=p.corpus,
-                         windows=settings.quality_windows, window_len=settings.quality_window_len)
+    kw: dict[str, Any] = dict(model_key=model_key, is_reference=is_ref,
+                              make_reference=quality.frugal_reference_scorer(p.model, runner.device, p.threads),
+                              corpus_text=settings.corpus(p.corpus), corpus_name=p.corpus,
+                              windows=settings.quality_windows, window_len=settings.quality_window_len)
+    if p.kv:
+        # A KV policy runs on the generation path only: score it there (prefill, then decode steps).
+        llm = getattr(runner, "llm", None)
+        if getattr(llm, "kv_spec", None) is None:
+            m.none(keys, f"--kv quality needs frugallm's decode path; backend {p.backend} has none")
+            return
+        q = quality.evaluate_llm(llm, **kw)
+    else:
+        q = quality.evaluate(runner.score, runner.tokenizer, **kw)
     for k in keys:
         m.put(k, getattr(q, k), "no reference model")
     rec["quality"] = q.to_dict()

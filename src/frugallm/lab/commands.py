@@ -235,13 +235,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"model": str(runner.path), "dtype": runner.dtype, "quant": args.quant, "kv": args.kv}
     if args.task == "ppl":
         is_ref = runner.dtype == "float32" and not args.quant and not args.kv
-        q = quality.evaluate(runner.score, runner.tokenizer, model_key=f"{runner.path.resolve()}|{runner.device}",
-                             make_reference=quality.frugal_reference_scorer(args.model, runner.device, args.threads),
-                             is_reference=is_ref, corpus_text=load_corpus(args.corpus),
-                             corpus_name=args.corpus or "builtin", windows=args.windows, window_len=args.window_len)
+        # With --kv the windows run through the generation path, where the policy acts (quality.evaluate_llm).
+        ref = quality.frugal_reference_scorer(args.model, runner.device, args.threads)
+        q = quality.evaluate_llm(runner.llm, model_key=f"{runner.path.resolve()}|{runner.device}", make_reference=ref,
+                                 is_reference=is_ref, corpus_text=load_corpus(args.corpus),
+                                 corpus_name=args.corpus or "builtin", windows=args.windows,
+                                 window_len=args.window_len)
         out.update(task="ppl", **q.to_dict())
         text = (f"perplexity {q.perplexity:.4f} (NLL {q.nll:.4f}, {q.predictions} predictions) | "
                 f"KL vs float32 {q.kl_divergence:.3g} nats | top-1 agreement {q.top1_agreement:.2%}")
+        if q.decode_kl_divergence is not None:
+            text += (f" | over the {q.windows * (q.window_len - q.decode_from - 1)} decode steps: "
+                     f"KL {q.decode_kl_divergence:.3g} nats, top-1 {q.decode_top1_agreement:.2%} ({q.path})")
     else:
         from frugallm import SamplingParams
 

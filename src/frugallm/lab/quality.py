@@ -4,6 +4,11 @@ Windows are non-overlapping slices of the tokenized corpus, scored independently
 empty context, so its first token has no prediction): a window of ``n`` tokens contributes ``n - 1``
 next-token predictions. Perplexity = exp(mean NLL over all predictions).
 
+A KV policy only acts on the generation path (it compresses the cache after prefill and during decode), so a
+one-pass teacher-forced score never runs it. With a policy, :func:`decode_scorer` makes each window's logits
+the way generation would: the first ``decode_from`` share of the window is prefilled through the policy's
+cache, and every later token is one teacher-forced decode step on that cache (``path`` records which).
+
 The reference is the same model in float32 with no quantization or KV policy (frugallm backend). Its
 log-probabilities are computed once per (model, device, tokens) and kept in a small in-process cache,
 so a sweep over many configurations of one model pays for it once.
@@ -24,6 +29,8 @@ from frugallm.errors import FrugalError
 
 DEFAULT_WINDOWS = 4
 DEFAULT_WINDOW_LEN = 256
+DEFAULT_DECODE_FROM = 0.5  # share of a window prefilled before teacher-forced decode steps (KV policies)
+PREFILL_PATH = "prefill"  # QualityResult.path: one teacher-forced pass over each window
 
 Scorer = Callable[[list[int]], torch.Tensor]  # token ids [n] -> logits [n, vocab]
 
@@ -87,12 +94,13 @@ def perplexity(logprobs: Sequence[torch.Tensor], windows: Sequence[Sequence[int]
     return math.exp(nll), nll, count
 
 
-def compare(logprobs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> tuple[float, float]:
-    """``(KL(reference || model) mean over positions in nats, top-1 agreement)``."""
+def compare(logprobs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], start: int = 0) -> tuple[float, float]:
+    """``(KL(reference || model) mean over positions in nats, top-1 agreement)`` over predictions ``start:``."""
     kl_sum, agree, n = 0.0, 0, 0
     for lp, ref in zip(logprobs, reference, strict=True):
         if lp.shape != ref.shape:
             raise FrugalError(f"quality: logits shape {tuple(lp.shape)} differs from the reference {tuple(ref.shape)}")
+        lp, ref = lp[start:], ref[start:]
         kl = (ref.exp() * (ref - lp)).sum(-1)
         kl_sum += float(kl.clamp_min(0).sum())  # rounding can make a position's KL a hair below 0
         agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
@@ -135,6 +143,53 @@ def frugal_reference_scorer(model: str, device: str = "auto", threads: int | Non
     return make
 
 
+def decode_split(window_len: int, decode_from: float = DEFAULT_DECODE_FROM) -> int:
+    """Tokens of a window prefilled before the teacher-forced decode steps (at least 1, at most ``n - 1``)."""
+    if not 0.0 < decode_from < 1.0:
+        raise FrugalError(f"quality: decode_from must be in (0, 1), got {decode_from}")
+    return min(max(1, round(window_len * decode_from)), window_len - 1)
+
+
+def decode_scorer(llm: Any, decode_from: float = DEFAULT_DECODE_FROM) -> Scorer:
+    """Teacher-forced logits ``[n, vocab]`` (fp32) of a window through ``llm``'s generation path.
+
+    The first ``s = decode_split(n)`` tokens are prefilled through ``llm.make_cache`` (the KV policy's cache,
+    which compresses after prefill); tokens ``s .. n-2`` are then fed one decode step each, so prediction
+    ``i >= s`` (of token ``i + 1``) is made from the policy's cache, as in generation. Rows ``< s`` are the
+    prefill's own logits (exact attention over the prompt, as every policy's prefill is). A prompt selector (GemFilter)
+    prefills only its selected tokens, positions renumbered from 0 as ``LLM.generate`` does; the prompt rows
+    then come from a separate exact pass over the whole prefix.
+    """
+    spec = llm.kv_spec
+
+    @torch.inference_mode()
+    def score(ids: list[int]) -> torch.Tensor:
+        n = len(ids)
+        s = decode_split(n, decode_from)
+        dev, model = llm.device, llm.model
+        prefix = list(ids[:s])
+        if spec is not None and spec.selector is not None:
+            from frugallm.kv import select_prompt_tokens
+
+            prompt_rows = llm.score(prefix)[:-1].float()
+            prefix = select_prompt_tokens(spec, model, prefix) or prefix
+        else:
+            prompt_rows = None
+        cache = llm.make_cache(1, len(prefix) + n - s)
+        x = torch.tensor([prefix], device=dev)
+        pre = model(x, torch.arange(len(prefix), device=dev)[None], cache, "all")[0].float()
+        rows = [pre if prompt_rows is None else torch.cat([prompt_rows, pre[-1:]])]
+        pos = len(prefix)
+        for t in ids[s:-1]:  # the last token predicts nothing inside the window
+            step = model(torch.tensor([[t]], device=dev), torch.tensor([[pos]], device=dev), cache, "last")
+            rows.append(step.float())
+            pos += 1
+        rows.append(torch.zeros(1, pre.shape[-1], device=dev))  # the last token's row (dropped by the caller)
+        return torch.cat(rows)
+
+    return score
+
+
 @dataclass(frozen=True)
 class QualityResult:
     perplexity: float
@@ -146,6 +201,10 @@ class QualityResult:
     window_len: int
     corpus: str
     reference: str  # what the KL / agreement compare against
+    path: str = PREFILL_PATH  # how the logits were made ("prefill", or the decode path with a KV policy)
+    decode_from: int | None = None  # decode path: tokens prefilled per window before the decode steps
+    decode_kl_divergence: float | None = None  # decode path: KL over the predictions made by decode steps only
+    decode_top1_agreement: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,11 +212,14 @@ class QualityResult:
 
 def evaluate(score: Scorer, tokenizer: Any, *, model_key: str, make_reference: Callable[[], Scorer] | None,
              is_reference: bool = False, corpus_text: str | None = None, corpus_name: str = "builtin",
-             windows: int = DEFAULT_WINDOWS, window_len: int = DEFAULT_WINDOW_LEN) -> QualityResult:
+             windows: int = DEFAULT_WINDOWS, window_len: int = DEFAULT_WINDOW_LEN,
+             decode_from: int | None = None, path: str = PREFILL_PATH) -> QualityResult:
     """Perplexity of ``score`` on the corpus and its KL / agreement against the reference model.
 
     ``is_reference``: this scorer *is* the unmodified float32 model, so its log-probs become the cached
-    reference (KL is then exactly 0). ``make_reference`` None skips KL / agreement.
+    reference (KL is then exactly 0). ``make_reference`` None skips KL / agreement. ``decode_from``: the
+    scorer's predictions from this token on came from decode steps (:func:`decode_scorer`); KL / agreement
+    are then also reported over those alone.
     """
     if corpus_text is None:
         from frugallm.corpus import builtin_corpus
@@ -166,11 +228,31 @@ def evaluate(score: Scorer, tokenizer: Any, *, model_key: str, make_reference: C
     wins = corpus_windows(tokenizer, corpus_text, windows, window_len)
     lp = window_logprobs(score, wins)
     ppl, nll, count = perplexity(lp, wins)
-    kl = agree = None
+    kl = agree = dkl = dagree = None
     if is_reference:
         remember_reference(model_key, wins, lp)
     if is_reference or make_reference is not None:
         ref = reference_logprobs(model_key, wins, make_reference or (lambda: score))
         kl, agree = compare(lp, ref)
+        if decode_from is not None:
+            dkl, dagree = compare(lp, ref, start=decode_from)
     return QualityResult(ppl, nll, kl, agree, count, windows, window_len, corpus_name,
-                         f"{model_key} (frugallm, float32, no quant/kv)")
+                         f"{model_key} (frugallm, float32, no quant/kv)", path, decode_from, dkl, dagree)
+
+
+def evaluate_llm(llm: Any, *, model_key: str, make_reference: Callable[[], Scorer] | None,
+                 is_reference: bool = False, corpus_text: str | None = None, corpus_name: str = "builtin",
+                 windows: int = DEFAULT_WINDOWS, window_len: int = DEFAULT_WINDOW_LEN,
+                 decode_from: float = DEFAULT_DECODE_FROM) -> QualityResult:
+    """:func:`evaluate` for a frugallm ``LLM``: one teacher-forced pass (``score``) without a KV policy; with
+    one, the generation path (:func:`decode_scorer`), where the policy runs."""
+    if llm.kv_spec is None:
+        return evaluate(lambda ids: llm.score(ids).float(), llm.tokenizer, model_key=model_key,
+                        make_reference=make_reference, is_reference=is_reference, corpus_text=corpus_text,
+                        corpus_name=corpus_name, windows=windows, window_len=window_len)
+    s = decode_split(window_len, decode_from)
+    path = (f"decode: each window's first {s} tokens prefilled with the KV policy, then {window_len - s - 1} "
+            "teacher-forced decode steps through its cache")
+    return evaluate(decode_scorer(llm, decode_from), llm.tokenizer, model_key=model_key,
+                    make_reference=make_reference, is_reference=False, corpus_text=corpus_text,
+                    corpus_name=corpus_name, windows=windows, window_len=window_len, decode_from=s, path=path)
