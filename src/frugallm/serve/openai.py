@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from frugallm.engine.async_llm import AsyncLLM
 from frugallm.engine.inputs import EngineRequest
@@ -263,7 +264,9 @@ class OpenAIRoutes:
     async def chat_completions(self, req: ChatCompletionRequest, request: Request) -> Any:
         if (bad := self.check_model(req.model)) is not None:
             return bad
-        prompt = self.tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True)
+        # A model's template is untrusted and may run up to its time limit: render it off the event loop.
+        prompt = await run_in_threadpool(self.tokenizer.apply_chat_template, req.conversation(),
+                                         add_generation_prompt=True)
         k = (req.top_logprobs or 0) if req.logprobs else None
         reqs = self.prepare(req, [prompt], None, k)
         fmt = _ChatFormat(self.tokenizer, req.n, k)
