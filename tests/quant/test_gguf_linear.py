@@ -223,3 +223,17 @@ def test_from_reader_tensors(tmp_path) -> None:
     q_rows = dq.reshape(2, 4, 2, 64).swapaxes(1, 2).reshape(16, 64)
     v_rows = gguf.quants.dequantize(gguf.quants.quantize(wv, T.Q8_0), T.Q8_0)
     assert torch.equal(mod.dequantize(), torch.from_numpy(np.concatenate([q_rows, v_rows])))
+
+
+@needs_native
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_rows_do_not_depend_on_the_pass(qtype: T, x_dtype: torch.dtype) -> None:
+    """Each output row is bit-identical whether its input runs alone or among up to 16 rows (any split into
+    passes): a speculative verify pass or a batch computes each row exactly as one-row decode does."""
+    k = gguf.GGML_QUANT_SIZES[qtype][0] * 3
+    raw = torch.from_numpy(random_blocks(qtype, 21, k, seed=11))
+    x = torch.randn(16, k, generator=torch.Generator().manual_seed(3)).to(x_dtype)
+    alone = torch.cat([torch.ops.frugallm.gguf_linear(x[i : i + 1], raw, int(qtype), 21, None) for i in range(16)])
+    for rows in (2, 5, 8, 9, 16):
+        assert torch.equal(torch.ops.frugallm.gguf_linear(x[:rows], raw, int(qtype), 21, None), alone[:rows]), rows
