@@ -9,7 +9,9 @@ Plain Python (no torch) so it can be unit-tested alone; the tensors live in :mod
   *partial* last block is copied before the next write (copy-on-write): :meth:`BlockManager.append_slots`
   returns the ``(src, dst)`` pairs the model runner must copy before the forward pass.
 * Prefix caching: once a block is full and computed its hash, chained with the previous block's hash
-  (``hash((prev_hash, *tokens))``), is registered. A new sequence whose leading full blocks hash the same
+  (``hash((prev_hash, *tokens))``), is registered; the first block chains from the sequence's LoRA adapter
+  (:func:`first_hash`), so a prefix computed under one adapter is never reused by another.
+  A new sequence whose leading full blocks hash the same
   (and hold the same tokens: hashes are verified) reuses them instead of recomputing. Freed blocks keep
   their contents and hash, sit in an LRU free list and are only forgotten when reallocated, so a request
   arriving after an identical one finished still hits.
@@ -35,6 +37,7 @@ class BlockSeq(Protocol):
     block_table: list[int]
     block_hashes: list[int]  # chained hashes of the leading full, computed blocks
     num_computed_tokens: int
+    lora_id: int  # the LoRA adapter it runs with (0: none); prefixes are cached per adapter
 
 
 @dataclass(eq=False)
@@ -49,6 +52,12 @@ class Block:
 def chain_hash(prev_hash: int, tokens: tuple[int, ...] | list[int]) -> int:
     """Hash of a full block given the hash of the block before it (``NO_HASH`` for the first)."""
     return hash((prev_hash, *tokens))
+
+
+def first_hash(lora_id: int) -> int:
+    """The hash chained in front of a sequence's first block: prefixes computed under one LoRA adapter (or under
+    none, ``lora_id == 0``) never match another's."""
+    return NO_HASH if not lora_id else hash(("lora", lora_id))
 
 
 class BlockManager:
@@ -119,7 +128,7 @@ class BlockManager:
             return
         bs = self.block_size
         full = min(len(seq.token_ids) // bs, len(seq.block_table))
-        h = seq.block_hashes[-1] if seq.block_hashes else NO_HASH
+        h = seq.block_hashes[-1] if seq.block_hashes else first_hash(seq.lora_id)
         for i in range(len(seq.block_hashes), full):
             h = chain_hash(h, seq.token_ids[i * bs:(i + 1) * bs])
             b = self.blocks[seq.block_table[i]]
@@ -127,17 +136,17 @@ class BlockManager:
                 b.pending_hash = h
                 self.in_flight.setdefault(h, b.block_id)
 
-    def prefix_in_flight(self, token_ids: list[int], cached: list[int]) -> bool:
+    def prefix_in_flight(self, token_ids: list[int], cached: list[int], lora_id: int = 0) -> bool:
         """Is the block after the ``cached`` prefix blocks (see :meth:`match_prefix`) being computed now?"""
         bs = self.block_size
         i = len(cached)
         if not self.in_flight or i >= (len(token_ids) - 1) // bs:
             return False
-        prev = self.blocks[cached[-1]].hash if cached else NO_HASH
+        prev = self.blocks[cached[-1]].hash if cached else first_hash(lora_id)
         return chain_hash(prev, token_ids[i * bs:(i + 1) * bs]) in self.in_flight
 
-    def match_prefix(self, token_ids: list[int]) -> list[int]:
-        """Cached blocks holding a prefix of ``token_ids`` (no side effects).
+    def match_prefix(self, token_ids: list[int], lora_id: int = 0) -> list[int]:
+        """Cached blocks holding a prefix of ``token_ids`` computed under LoRA adapter ``lora_id`` (no side effects).
 
         At most ``(len - 1) // block_size`` blocks: the last token is always recomputed because its
         logits are needed to sample the next one.
@@ -146,7 +155,7 @@ class BlockManager:
             return []
         bs = self.block_size
         hits: list[int] = []
-        h = NO_HASH
+        h = first_hash(lora_id)
         for i in range((len(token_ids) - 1) // bs):
             toks = tuple(token_ids[i * bs:(i + 1) * bs])
             h = chain_hash(h, toks)
@@ -227,7 +236,7 @@ class BlockManager:
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
             toks = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else NO_HASH, toks)
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else first_hash(seq.lora_id), toks)
             seq.block_hashes.append(h)
             if self.enable_prefix_caching:
                 b = self.blocks[seq.block_table[i]]

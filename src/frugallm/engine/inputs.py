@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 from frugallm.errors import InvalidRequestError
 from frugallm.sampling import SamplingParams
@@ -28,6 +29,7 @@ class EngineRequest:
     params: SamplingParams
     n: int = 1
     arrival_time: float = field(default_factory=time.perf_counter)
+    lora: Any = None  # the LoRA adapter (lora.LoraRequest) it runs with, resolved by LLMEngine.resolve_lora
 
 
 class InputProcessor:

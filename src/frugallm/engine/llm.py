@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -86,6 +86,9 @@ class LLM:
         compile: bool = False,
         pack_weights: bool | None = None,
         weights: str = "auto",
+        lora: Mapping[str, str | os.PathLike[str]] | None = None,
+        max_loras: int | None = None,
+        max_lora_rank: int = 16,
     ) -> None:
         """``quant``: weight quantization spec (``int4:group=32``, ``gptq:bits=4``, see ``frugallm.quant``);
         ``kv``: KV-cache policy spec (``snapkv:budget=0.25+kivi:bits=2``, see ``frugallm.kv``);
@@ -97,7 +100,10 @@ class LLM:
         ``weights``: ``auto`` runs a GGUF's quantized weights as stored on CPU when ``dtype="auto"`` and no
         ``quant=`` (bf16 activations where the CPU has AVX512-BF16, else fp32; see ``loading.choose_weights``;
         ``llm.model.decode_dtype = torch.float32`` decodes in fp32), ``stored`` forces that, ``dequantize``
-        converts them to ``dtype``. ``self.weights`` / ``source_info["weights_reason"]`` say what was done."""
+        converts them to ``dtype``. ``self.weights`` / ``source_info["weights_reason"]`` say what was done;
+        ``lora``: PEFT adapters ``{name: folder}`` (LoRA / rsLoRA / DoRA) run beside the weights, chosen per prompt
+        by ``generate(..., lora=name)``; ``max_loras`` of them stay loaded (LRU, default 4), ranks <= ``max_lora_rank``
+        (default 16)."""
         if threads is not None:
             if not isinstance(threads, int) or not 1 <= threads <= 4096:
                 raise FrugalError(f"threads must be in [1, 4096], got {threads}")
@@ -166,6 +172,9 @@ class LLM:
             pack = self.model.set_packing(pack_weights is not False)
             if pack and pack_weights is None and pack > psutil.virtual_memory().available // 4:
                 self.model.set_packing(False)
+        self.lora = None  # LoraManager: adapter slots beside every projection
+        if lora or max_loras:
+            self._add_lora_slots(lora or {}, max_loras or 4, max_lora_rank)
         self.compile_seconds: float | None = None
         if compile:
             self._compile()
@@ -181,6 +190,39 @@ class LLM:
             one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             self.model(one, one, self.make_cache(1, 2))
         self.compile_seconds = time.perf_counter() - t0
+
+    def _add_lora_slots(self, adapters: Mapping[str, Any], max_loras: int, max_lora_rank: int) -> None:
+        from frugallm.lora import LoraManager
+
+        if not isinstance(adapters, Mapping):
+            raise FrugalError(f"lora must be a mapping {{name: adapter folder}}, got {type(adapters).__name__}")
+        # Adapters compute in the decode activations' dtype (bf16 for half and as-stored CPU models).
+        dtype = self.model.decode_dtype or self.dtype
+        self.lora = LoraManager(self.model, self.config, max_loras, max_lora_rank,
+                                torch.bfloat16 if dtype == torch.float16 else dtype)
+        for name, path in adapters.items():
+            self.lora.add(name, path)
+
+    def _lora_request(self, name: str | None) -> Any:
+        if name is None:
+            return None
+        if self.lora is None:
+            raise InvalidRequestError(f"LoRA adapter {name!r} requested, but this LLM has none (LLM(lora=...))")
+        return self.lora.get(name)
+
+    def _set_lora(self, seqs: list[Sequence], lora: str | Seq[str | None] | None) -> None:
+        """Give each sequence its LoRA adapter: one name for all, or one (or None) per prompt."""
+        if lora is None:
+            return
+        names = [lora] * len(seqs) if isinstance(lora, str) else list(lora)
+        if len(names) != len(seqs):
+            raise InvalidRequestError(f"{len(seqs)} prompts but {len(names)} LoRA adapter names")
+        for s, name in zip(seqs, names, strict=True):
+            s.lora = self._lora_request(name)
+
+    def _bind_lora(self, seqs: list[Sequence], tokens: int) -> None:
+        if self.lora is not None:
+            self.lora.bind([s.lora for s in seqs], tokens)
 
     def _quantize(self, calib: str | None) -> None:
         from frugallm.quant import quantize_model
@@ -278,6 +320,7 @@ class LLM:
         capacity = t + max(s.max_new for s in seqs)
         cache = self.make_cache(b, capacity, pads if any(pads) else None)
         dev = self.device
+        self._bind_lora(seqs, t)
         logits = self.model(ids.to(dev), pos.to(dev), cache, "last")  # [B, vocab]
         next_pos = pos[:, -1:].to(dev) + 1
         while True:
@@ -293,20 +336,25 @@ class LLM:
                 return
             yield seqs
             inp = torch.tensor(tokens, device=dev).view(b, 1)
+            self._bind_lora(seqs, 1)
             logits = self.model(inp, next_pos, cache, "last")
             next_pos += 1
 
     # -- public API -----------------------------------------------------------------------------
     def generate(
-        self, prompts: str | Seq[Any], params: SamplingParams | Seq[SamplingParams] | None = None
+        self, prompts: str | Seq[Any], params: SamplingParams | Seq[SamplingParams] | None = None,
+        lora: str | Seq[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for one or many prompts (strings or token-id lists); one output per prompt."""
+        """Generate for one or many prompts (strings or token-id lists); one output per prompt. ``lora``: the
+        adapter name for every prompt, or one name (or None) per prompt."""
         seqs = self._sequences(prompts, params)
+        self._set_lora(seqs, lora)
         if len(seqs) > 1 and self.batching and self.kv_spec is None:
             # Continuous batching over a paged KV cache (KV policies still use the static batch).
             from frugallm.engine.llm_engine import generate_batched
 
-            outs = generate_batched(self, [s.prompt_ids for s in seqs], [s.params for s in seqs])
+            outs = generate_batched(self, [s.prompt_ids for s in seqs], [s.params for s in seqs],
+                                    loras=[s.lora for s in seqs])
             for s, o in zip(seqs, outs, strict=True):
                 o.prompt, o.request_id = s.prompt, s.request_id
             return outs
@@ -314,9 +362,11 @@ class LLM:
             pass
         return [s.output() for s in seqs]
 
-    def stream(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+               lora: str | None = None) -> Iterator[str]:
         """Yield text deltas for one prompt as tokens are generated."""
         (seq,) = self._sequences([prompt] if isinstance(prompt, str) else [list(prompt)], params)
+        self._set_lora([seq], lora)
         for _ in self._run([seq]):
             delta = seq.take_delta()
             if delta:
@@ -334,7 +384,7 @@ class LLM:
         return self.generate([self.chat_prompt(c) for c in convs], params)
 
     @torch.inference_mode()
-    def score(self, token_ids: Seq[int]) -> torch.Tensor:
+    def score(self, token_ids: Seq[int], lora: str | None = None) -> torch.Tensor:
         """Teacher-forced next-token logits ``[len(token_ids), vocab]`` (fp32) for one sequence."""
         ids = [int(i) for i in token_ids]
         if not ids:
@@ -344,4 +394,8 @@ class LLM:
         x = torch.tensor([ids], device=self.device)
         pos = torch.arange(len(ids), device=self.device)[None]
         cache = self.make_cache(1, len(ids))
+        if self.lora is not None:
+            self.lora.bind([self._lora_request(lora)], len(ids))
+        elif lora is not None:
+            self._lora_request(lora)  # raises: no adapters
         return self.model(x, pos, cache, "all")[0]

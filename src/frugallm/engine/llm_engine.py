@@ -123,10 +123,15 @@ class LLMEngine:
         kv_dtype = pool_dtype(llm.dtype, llm.kv_dtype, llm.device)
         num_blocks = config.num_blocks or self.blocks_in(llm, config.kv_memory_gb, config.block_size, kv_dtype)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config, self.block_manager)
+        self.lora = getattr(llm, "lora", None)  # the LLM's LoraManager, when it has adapter slots
+        sched = config.scheduler_config
+        if self.lora is not None:
+            sched = dataclasses.replace(sched, max_loras=self.lora.max_loras)
+        self.scheduler = Scheduler(sched, self.block_manager)
         self.cache = PagedKVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
                                   kv_dtype, llm.device)
         self.runner = ModelRunner(llm.model, self.cache, llm.device)
+        self.runner.lora = self.lora
         # A sequence alone must always fit in the pool, so preemption can always make progress.
         self.max_model_len = min(config.max_model_len or llm.max_model_len, llm.max_model_len,
                                  num_blocks * config.block_size)
@@ -153,13 +158,16 @@ class LLMEngine:
         request_id: str | None = None,
         n: int = 1,
         arrival_time: float | None = None,
+        lora: Any = None,
     ) -> str:
         """Queue a prompt (validated here unless it is an :class:`EngineRequest` from ``self.inputs``);
-        ``n`` samples share its prompt's KV blocks. Returns the request id."""
+        ``n`` samples share its prompt's KV blocks; ``lora``: a LoRA adapter name. Returns the request id."""
         if isinstance(prompt, EngineRequest):
             req = prompt
         else:
             req = self.inputs.process(prompt, params, request_id or "", n, arrival_time)
+        if lora is not None:
+            req = dataclasses.replace(req, lora=self.resolve_lora(lora))
         rid = req.request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
@@ -168,6 +176,7 @@ class LLMEngine:
             seq = Sequence(next(self._ids), req.prompt, req.prompt_ids, req.params, self.tokenizer,
                            self.max_model_len, request, i)
             seq.t_start = req.arrival_time
+            seq.lora = req.lora
             if req.params.seed is not None and i:  # distinct but reproducible samples per choice
                 seq.generator = torch.Generator().manual_seed((req.params.seed + i) % 2**64)
             request.seqs.append(seq)
@@ -178,6 +187,12 @@ class LLMEngine:
         with self.metrics.lock:
             self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         return rid
+
+    def resolve_lora(self, lora: Any) -> Any:
+        """A LoRA adapter name -> its ``LoraRequest`` (an unknown name is an ``InvalidRequestError`` naming it)."""
+        if self.lora is None:
+            raise InvalidRequestError(f"LoRA adapter {lora!r} requested, but no adapters are loaded")
+        return self.lora.get(lora) if isinstance(lora, str) else lora
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its blocks; False if it is unknown or already finished."""
@@ -277,7 +292,7 @@ class LLMEngine:
 
 
 def generate_batched(llm: Any, prompts_token_ids: list[list[int]], params: list[SamplingParams],
-                     config: EngineConfig | None = None) -> list[RequestOutput]:
+                     config: EngineConfig | None = None, loras: Seq[Any] | None = None) -> list[RequestOutput]:
     """Generate for many prompts with continuous batching; one output per prompt, in order.
 
     The KV pool is sized to the batch (every sequence at full length, capped at ``kv_memory_gb``; past the
@@ -298,8 +313,8 @@ def generate_batched(llm: Any, prompts_token_ids: list[list[int]], params: list[
     engine = LLMEngine(llm, config)
     start = time.perf_counter()
     seqs = []
-    for ids, sp in zip(prompts_token_ids, params, strict=True):
-        rid = engine.add_request(ids, sp, arrival_time=start)
+    for i, (ids, sp) in enumerate(zip(prompts_token_ids, params, strict=True)):
+        rid = engine.add_request(ids, sp, arrival_time=start, lora=loras[i] if loras else None)
         seqs.append(engine.requests[rid].seqs[0])
     engine.run_to_completion()
     return [dataclasses.replace(s.output(), request_id=i) for i, s in enumerate(seqs)]

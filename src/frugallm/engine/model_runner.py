@@ -13,10 +13,13 @@ multiply its cost by that length.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from frugallm.engine.paged_cache import PagedKVCache
 from frugallm.engine.scheduler import SchedulerOutput
+from frugallm.lora.manager import LoraManager
 from frugallm.model.llama import Transformer
 
 _MAX_PAD_FRACTION = 0.25
@@ -45,6 +48,7 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.device = device
+        self.lora: LoraManager | None = None  # binds each pass's rows to their LoRA adapters
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor | None]:
@@ -79,4 +83,6 @@ class ModelRunner:
             pos[r, n:] = st + n - 1  # padding: any valid position
         self.cache.bind([s.block_table for s in seqs], starts, num_new)
         last = "last" if t == 1 or len(set(num_new)) == 1 else torch.tensor(num_new, device=self.device) - 1
-        return self.model(ids.to(self.device), pos.to(self.device), self.cache, last)
+        bound = contextlib.nullcontext() if self.lora is None else self.lora.bound([s.lora for s in seqs], t)
+        with bound:
+            return self.model(ids.to(self.device), pos.to(self.device), self.cache, last)

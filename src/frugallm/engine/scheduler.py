@@ -33,6 +33,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from frugallm.engine.block_manager import BlockManager
 
@@ -65,6 +66,7 @@ class SeqState:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
     num_preemptions: int = 0
+    lora: Any = None  # the LoRA adapter it runs with (a lora.LoraRequest); None: the base model
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -73,6 +75,10 @@ class SeqState:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def lora_id(self) -> int:
+        return 0 if self.lora is None else self.lora.lora_id
 
     @property
     def num_remaining(self) -> int:
@@ -85,6 +91,7 @@ class SchedulerConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
     enable_chunked_prefill: bool = True
+    max_loras: int = 0  # distinct LoRA adapters among running sequences (0: no limit)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -163,6 +170,13 @@ class Scheduler:
     def _num_seqs_after(self, seq: SeqState) -> int:
         return len(self.running) + 1 + seq.num_forks
 
+    def _lora_fits(self, seq: SeqState) -> bool:
+        """May ``seq`` join the running sequences without their LoRA adapters exceeding ``max_loras``?"""
+        if not seq.lora_id or not self.config.max_loras:
+            return True
+        running = {s.lora_id for s in self.running} - {0}
+        return seq.lora_id in running or len(running) < self.config.max_loras
+
     # -- the step -----------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -205,8 +219,11 @@ class Scheduler:
             seq = self.waiting[i]
             if self._num_seqs_after(seq) > self.config.max_num_seqs:
                 break
-            cached = self.bm.match_prefix(seq.token_ids)
-            if self.bm.prefix_in_flight(seq.token_ids, cached):
+            if not self._lora_fits(seq):
+                i += 1  # a new adapter would exceed max_loras in the batch: wait for a slot, keep scanning
+                continue
+            cached = self.bm.match_prefix(seq.token_ids, seq.lora_id)
+            if self.bm.prefix_in_flight(seq.token_ids, cached, seq.lora_id):
                 i += 1  # a running sequence is computing its next prefix block: share it from the next step
                 continue
             remaining = seq.num_tokens - len(cached) * self.bm.block_size
