@@ -27,7 +27,7 @@ def make_adapter(base_model, out: Path, seed: int, **lora_kw) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
             elif "lora_magnitude_vector" in name:  # else m == ||W + sBA|| and DoRA is plain LoRA
                 p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
     model.save_pretrained(str(out))
