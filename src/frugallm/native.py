@@ -14,18 +14,28 @@ both stop spin-waiting (see ``AsyncLLM.launch``).
 
 Where no compiler is found or the build fails, :func:`load` logs one warning and returns False, and
 callers keep their pure-torch path. ``FRUGALLM_NATIVE=0`` turns native kernels off.
+
+Loading a library runs its code, so a library is only loaded from a folder no one else can write: the
+``native`` folder (created ``0700``) and the cache folder holding it must be owned by this user and not
+group/world writable (a sticky, root-owned parent such as ``/tmp`` is fine), and so must the ``.so``. Where
+they are not (a shared ``FRUGALLM_CACHE_DIR`` or ``XDG_CACHE_HOME``), kernels are built in a private
+temporary folder for this process instead (one warning; each process then rebuilds them). Old builds are
+removed only when they are this user's own.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -76,6 +86,50 @@ def runnable(name: str) -> bool:
     return cpu.at_least(required_level(name))
 
 
+def _not_private(path: Path, *, parent: bool = False) -> str | None:
+    """Why someone other than this user could write ``path`` (None: no one can). ``parent``: a root-owned
+    sticky folder (``/tmp``) is accepted, since no one else can rename or replace what we own in it."""
+    if not hasattr(os, "getuid"):  # no POSIX owners (Windows): the profile's ACLs apply
+        return None
+    st = path.stat() if parent else path.lstat()
+    uid = os.getuid()
+    if not parent and stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if parent and st.st_uid == 0 and st.st_mode & stat.S_ISVTX:
+        return None
+    if st.st_uid != uid:
+        return f"{path} is owned by uid {st.st_uid}, not by you (uid {uid})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+_private_dirs: dict[Path, Path] = {}  # unsafe cache folder -> this process's private build folder
+
+
+def native_dir() -> Path:
+    """Where builds are written and loaded from: ``<cache>/native`` when only this user can write it and its
+    parent, else a private temporary folder for this process (warned once per cache folder)."""
+    d = cache_dir() / "native"
+    if d in _private_dirs:
+        return _private_dirs[d]
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, exist_ok=True)
+        reason = _not_private(d.parent, parent=True) or _not_private(d)
+    except OSError as e:
+        reason = f"{d} cannot be created ({e.strerror})"
+    if reason is None:
+        return d
+    tmp = Path(tempfile.mkdtemp(prefix="frugallm-native-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    log.warning("native kernels: not using the cache folder %s: %s. Building in the private folder %s for this "
+                "process instead (slower start); use a FRUGALLM_CACHE_DIR only you can write (chmod 700)", d, reason,
+                tmp)
+    _private_dirs[d] = tmp
+    return tmp
+
+
 def _build_path(name: str, cxx: str) -> tuple[Path, list[str]]:
     """Where the build of ``name`` for this compiler, torch, CPU and ISA level lives, and its flags."""
     source = CSRC / f"{name}.cpp"
@@ -85,7 +139,7 @@ def _build_path(name: str, cxx: str) -> tuple[Path, list[str]]:
         "\0".join([source.read_text(), *(h.read_text() for h in sorted(CSRC.glob("*.h"))), torch.__version__,
                    version, cpu.model_name(), " ".join(sorted(cpu.flags())), cpu.level(), " ".join(flags)]).encode()
     ).hexdigest()[:16]
-    return cache_dir() / "native" / f"{name}-{cpu.level()}-{key}.so", flags
+    return native_dir() / f"{name}-{cpu.level()}-{key}.so", flags
 
 
 def _build(name: str, cxx: str) -> Path:
@@ -93,9 +147,8 @@ def _build(name: str, cxx: str) -> Path:
 
     source = CSRC / f"{name}.cpp"
     out, flags = _build_path(name, cxx)
-    if out.exists():
+    if out.exists() and _not_private(out) is None:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")  # concurrent builders each write their own, then rename
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
@@ -109,12 +162,21 @@ def _build(name: str, cxx: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
     os.replace(tmp, out)
-    # Builds of older sources at this level (other levels stay: FRUGALLM_ISA switches between them); a process
-    # using one keeps it mapped.
-    for stale in out.parent.glob(f"{name}-{cpu.level()}-*.so"):
-        if stale != out:
-            stale.unlink(missing_ok=True)
+    _remove_stale(out, name)
     return out
+
+
+def _remove_stale(out: Path, name: str) -> None:
+    """Remove this user's builds of older sources at this level (other levels stay: FRUGALLM_ISA switches between
+    them; a process using one keeps it mapped). Files of other users are never touched."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for stale in out.parent.glob(f"{name}-{cpu.level()}-*.so"):
+        try:
+            st = stale.lstat()
+            if stale != out and stat.S_ISREG(st.st_mode) and (uid is None or st.st_uid == uid):
+                stale.unlink()
+        except OSError:
+            continue
 
 
 def built(name: str) -> bool:
@@ -144,7 +206,10 @@ def load(name: str) -> bool:
         try:
             if cxx is None:
                 raise RuntimeError("no C++ compiler found (set CXX)")
-            torch.ops.load_library(str(_build(name, cxx)))
+            path = _build(name, cxx)
+            if (reason := _not_private(path.parent, parent=True) or _not_private(path)) is not None:
+                raise RuntimeError(f"not loading {path}: {reason}")
+            torch.ops.load_library(str(path))
         except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path
             log.warning("native kernel %s unavailable (torch fallback in use): %s", name, e)
             _failed.add(name)
