@@ -8,7 +8,7 @@ import pytest
 
 from detok import assert_incremental_matches_full
 from frugallm.loading import default_model_path
-from frugallm.loading.gguf import GGUFModelFile
+from frugallm.loading.gguf_file import GGUFModelFile
 from frugallm.tokenizer.tokenizer import Tokenizer
 
 

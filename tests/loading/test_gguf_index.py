@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from frugallm.loading import gguf_index
-from frugallm.loading.gguf import GGUFModelFile
+from frugallm.loading.gguf_file import GGUFModelFile
 
 
 @pytest.fixture()

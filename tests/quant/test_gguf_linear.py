@@ -195,7 +195,7 @@ def test_unpermute_rows_matches_dense_unpermute() -> None:
     n_head, n, k = 4, 32, 256
     raw = random_blocks(T.Q5_K, n, k)
     dense = reference(raw, T.Q5_K).numpy()
-    # loading/gguf_loader._unpermute on the dequantized weight
+    # loading/gguf._unpermute on the dequantized weight
     expected = dense.reshape(n_head, n // n_head // 2, 2, k).swapaxes(1, 2).reshape(n, k)
     got = gguf.quants.dequantize(unpermute_rows(torch.from_numpy(raw), n_head).numpy(), T.Q5_K)
     assert np.array_equal(got, expected)

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
 import tiny_models as tm
-from frugallm.loading.gguf import GGUFModelFile
+from frugallm.loading.gguf_file import GGUFModelFile
 from frugallm.tokenizer.tokenizer import Tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6

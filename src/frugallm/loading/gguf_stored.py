@@ -12,7 +12,8 @@ from gguf import GGML_QUANT_SIZES
 from frugallm.config import ModelConfig
 from frugallm.errors import ModelLoadError
 from frugallm.loading.base import LoadedModel, ModelDescription, check_vocab, materialize
-from frugallm.loading.gguf import GGUFModelFile, iter_gguf_state_dict, linear_parts, plan_summary, qkv_bias, tensor_plan
+from frugallm.loading.gguf import iter_gguf_state_dict, linear_parts, plan_summary, qkv_bias, tensor_plan
+from frugallm.loading.gguf_file import GGUFModelFile
 from frugallm.quant.embedding import QuantEmbedding
 from frugallm.quant.gguf_linear import GGUFLinear, segment_from_reader
 

@@ -83,7 +83,7 @@ def as_uint8(data: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def unpermute_rows(raw: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row interleave (see ``loading/gguf_loader._unpermute``) on raw rows ``[N, bytes]``.
+    """Undo llama.cpp's Q/K row interleave (see ``loading/gguf._unpermute``) on raw rows ``[N, bytes]``.
 
     Each row is an independent run of blocks, so permuting rows of the bytes is exact. The result is a new
     tensor (``N * bytes`` bytes): the permuted rows cannot be a view of the file.
