@@ -17,7 +17,11 @@ class ModelLoadError(FrugalError):
 
 
 class InvalidRequestError(FrugalError):
-    """A request (prompt, sampling parameters) is invalid."""
+    """A request (prompt, sampling parameters) is invalid; ``param`` names the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class TemplateError(FrugalError):

@@ -19,6 +19,11 @@ class SamplingParams:
     divided, negative multiplied); ``presence_penalty`` and ``frequency_penalty`` (OpenAI style, over
     output tokens). ``stop`` strings are cut from the returned text; ``stop_token_ids`` end generation
     like EOS. ``seed`` makes sampling reproducible per request.
+
+    ``logit_bias`` (token id -> value added to its logit, clamped to [-100, 100] as OpenAI does) and
+    ``min_tokens`` (EOS and ``stop_token_ids`` are masked until this many tokens were generated) shape the
+    logits before sampling. ``prompt_logprobs``: this many top log-probabilities for every prompt token
+    (the first has none), plus the token's own.
     """
 
     max_tokens: int = 16
@@ -35,6 +40,9 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # return this many top log-probabilities per output token
+    prompt_logprobs: int | None = None
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); a dict is accepted
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -42,6 +50,12 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias or ()
+        try:
+            bias = tuple(sorted((int(t), max(-100.0, min(100.0, float(b)))) for t, b in bias))
+        except (TypeError, ValueError):
+            raise InvalidRequestError("logit_bias must map token ids to numbers") from None
+        object.__setattr__(self, "logit_bias", bias)
         checks = [
             (
                 isinstance(self.max_tokens, int) and self.max_tokens >= 1,
@@ -60,6 +74,15 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
+            ),
+            (
+                isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
+            ),
+            (all(t >= 0 for t, _ in self.logit_bias), "logit_bias token ids must be >= 0"),
+            (
                 self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
                 f"seed must be an integer in [-2**63, 2**64), got {self.seed}",
             ),
@@ -76,6 +99,18 @@ class SamplingParams:
     @property
     def needs_history(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Does anything change a row's logits before the pick (penalties, bias, ``min_tokens``)?"""
+        return self.needs_history or bool(self.logit_bias) or self.min_tokens > 0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise :class:`InvalidRequestError` for token ids outside ``[0, vocab_size)``."""
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]), ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise InvalidRequestError(f"{name}: token ids out of range [0, {vocab_size}): {bad[:5]}", name)
 
 
 _GREEDY_BELOW = 1e-5
@@ -139,27 +174,58 @@ def sample_token(
     return pick_token(logits, params, generator)
 
 
+def shape_logits(row: torch.Tensor, seq: Any) -> torch.Tensor:
+    """Penalties, ``logit_bias`` and ``min_tokens`` applied in place to ``row: [vocab]`` (fp32) of ``seq``.
+
+    ``seq`` has ``params``, ``prompt_ids``, ``output_ids`` and ``stop_ids`` (the ids that end it: EOS and
+    ``stop_token_ids``), as :class:`frugallm.engine.sequence.Sequence`.
+    """
+    p = seq.params
+    if p.needs_history:
+        dev = row.device
+        row = apply_penalties(row, p, torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev),
+                              torch.tensor(seq.output_ids, dtype=torch.long, device=dev))
+    if p.logit_bias:
+        ids, vals = zip(*p.logit_bias, strict=True)
+        row[torch.tensor(ids, device=row.device)] += torch.tensor(vals, dtype=row.dtype, device=row.device)
+    if p.min_tokens and len(seq.output_ids) < p.min_tokens and seq.stop_ids:
+        row[torch.tensor(sorted(seq.stop_ids), device=row.device)] = float("-inf")
+    return row
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[dict[int, float]]:
+    """Log-probabilities of ``targets: [T]`` under ``logits: [T, vocab]`` (fp32; row ``t`` predicts
+    ``targets[t]``): per position the ``k`` most likely ids and the target's own."""
+    lp = logits.float().log_softmax(-1)
+    own = lp.gather(1, targets[:, None])[:, 0].tolist()
+    out = []
+    if k:
+        top = lp.topk(k, dim=-1)
+        for t, (idx, val) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True)):
+            entry = dict(zip(idx, val, strict=True))
+            entry[int(targets[t])] = own[t]
+            out.append(entry)
+    else:
+        out = [{int(tid): v} for tid, v in zip(targets.tolist(), own, strict=True)]
+    return out
+
+
 def sample_batch(logits: torch.Tensor, seqs: Sequence[Any]) -> list[int]:
     """One token per row of ``logits [S, vocab]`` (fp32) for ``seqs`` (penalties, filters, logprobs).
 
     ``seqs`` are :class:`frugallm.engine.sequence.Sequence` objects (``params``, ``prompt_ids``,
-    ``output_ids``, ``generator``, ``logprobs``, ``finished``); ``LLM`` and the serving engine share this.
-    Penalties apply over the prompt/output history, then greedy or temperature / top-k / top-p / min-p
+    ``output_ids``, ``stop_ids``, ``generator``, ``logprobs``, ``finished``); ``LLM`` and the serving engine
+    share this. Penalties apply over the prompt/output history, then ``logit_bias`` and ``min_tokens``
+    (:func:`shape_logits`), then greedy or temperature / top-k / top-p / min-p
     sampling with the sequence's own generator; log-probabilities are those of the penalised
     distribution before temperature.
     """
-    if all(s.params.greedy and not s.params.needs_history and s.logprobs is None for s in seqs):
+    if all(s.params.greedy and not s.params.shapes_logits and s.logprobs is None for s in seqs):
         return logits.argmax(-1).tolist()
     out = []
     for row, s in zip(logits, seqs, strict=True):
-        if s.params.needs_history:
-            dev = row.device
-            row = apply_penalties(
-                row.clone(),
-                s.params,
-                torch.tensor(s.prompt_ids, dtype=torch.long, device=dev),
-                torch.tensor(s.output_ids, dtype=torch.long, device=dev),
-            )
+        if s.params.shapes_logits:
+            row = shape_logits(row.clone(), s)
         tok = pick_token(row, s.params, s.generator)
         if s.logprobs is not None and not s.finished:  # static batches keep finished rows
             lp = row.log_softmax(-1)

@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from frugallm.errors import InvalidRequestError
-from frugallm.sampling import SamplingParams, apply_penalties, filter_logits, sample_token
+from frugallm.sampling import (
+    SamplingParams,
+    apply_penalties,
+    filter_logits,
+    prompt_logprobs,
+    sample_batch,
+    sample_token,
+    shape_logits,
+)
 
 VOCAB = 50
 
@@ -133,3 +141,62 @@ def test_extreme_but_valid_params_still_sample(kwargs: dict) -> None:
     assert 0 <= tok < 50
     if params.temperature < 1e-5:
         assert params.greedy and tok == int(logits.argmax())
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+    ],
+)
+def test_invalid_new_params_name_the_problem(kwargs: dict, needle: str) -> None:
+    with pytest.raises(InvalidRequestError, match=needle):
+        SamplingParams(**kwargs)
+
+
+def test_logit_bias_clamped_and_vocab_checked() -> None:
+    p = SamplingParams(logit_bias={3: 500, 1: -2})
+    assert p.logit_bias == ((1, -2.0), (3, 100.0)) and hash(p)
+    p.check_vocab(4)
+    with pytest.raises(InvalidRequestError, match="logit_bias.*out of range"):
+        p.check_vocab(3)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=(9,)).check_vocab(5)
+
+
+class _Seq:
+    """The fields of a Sequence that sampling reads."""
+
+    def __init__(self, params: SamplingParams, output_ids: list[int], stop_ids: set[int]) -> None:
+        self.params, self.prompt_ids, self.output_ids, self.stop_ids = params, [0], output_ids, stop_ids
+        self.generator, self.logprobs, self.finished = None, None, False
+
+
+def test_logit_bias_and_min_tokens_shape_the_pick() -> None:
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 7] = 5.0  # the greedy pick, and a stop id
+    seqs = [_Seq(SamplingParams(temperature=0, logit_bias={11: 10}), [], {7}),
+            _Seq(SamplingParams(temperature=0, min_tokens=2), [3], {7})]
+    assert sample_batch(logits.clone(), seqs) == [11, int(logits[1, :7].argmax())]
+    seqs[1].output_ids = [3, 4]  # min_tokens reached: the stop id may come
+    assert sample_batch(logits.clone(), seqs) == [11, 7]
+    row = shape_logits(logits[0].clone(), seqs[0])
+    assert row[11] == 10 and row[7] == 5  # the bias adds to the logit
+
+
+def test_prompt_logprobs_match_log_softmax() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, VOCAB, generator=g)
+    targets = torch.randint(0, VOCAB, (6,), generator=g)
+    lp = logits.log_softmax(-1)
+    out = prompt_logprobs(logits, targets, 3)
+    for t, entry in enumerate(out):
+        top = lp[t].topk(3)
+        want = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        want[int(targets[t])] = float(lp[t, targets[t]])
+        assert entry.keys() == want.keys() and all(abs(entry[k] - want[k]) < 1e-6 for k in want)
+    assert [list(e) for e in prompt_logprobs(logits, targets, 0)] == [[int(x)] for x in targets]

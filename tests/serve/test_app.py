@@ -214,7 +214,17 @@ BAD = [
     ("completions", b'{"prompt": [-1]}', 400, None),
     ("completions", b'{"prompt": "x", "model": "gpt-4"}', 404, "model"),
     ("completions", json.dumps({"prompt": list(range(3, 300))}).encode(), 400, None),  # longer than the context
-    ("completions", b'{"prompt": "x", "logit_bias": {"5": 1}}', 400, None),
+    ("completions", b'{"prompt": "x", "logit_bias": {"99999": 1}}', 400, "logit_bias"),
+    ("completions", b'{"prompt": "x", "logit_bias": {"five": 1}}', 400, "logit_bias"),
+    ("completions", b'{"prompt": "x", "logit_bias": {"5": 101}}', 400, None),
+    ("completions", b'{"prompt": "x", "stop_token_ids": [99999]}', 400, "stop_token_ids"),
+    ("completions", b'{"prompt": "x", "min_tokens": 20}', 400, None),  # more than max_tokens (16)
+    ("completions", b'{"prompt": "x", "min_tokens": -1}', 400, "min_tokens"),
+    ("completions", b'{"prompt": "x", "echo": true, "logprobs": 1, "n": 2}', 400, "n"),
+    ("completions", b'{"prompt": "x", "echo": true, "logprobs": 1, "stream": true}', 400, "stream"),
+    ("completions", b'{"prompt": "x", "echo": true, "max_tokens": 0, "stream": true}', 400, "stream"),
+    ("completions", b'{"prompt": "x", "frobnicate": 1}', 400, None),
+    ("completions", b'{"prompt": "x", "use_beam_search": true}', 400, None),
     ("chat/completions", b'{"messages": []}', 400, "messages"),
     ("chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, None),
     ("chat/completions", b'{"messages": [{"role": "user", "content": 7}]}', 400, None),

@@ -59,8 +59,11 @@ class InputProcessor:
             raise InvalidRequestError("prompt is empty")
         return ids
 
-    def check(self, prompt_ids: Seq[int], n: int = 1) -> None:
-        """Raise :class:`InvalidRequestError` if a prompt of these ids with ``n`` choices can never run."""
+    def check(self, prompt_ids: Seq[int], n: int = 1, params: SamplingParams | None = None) -> None:
+        """Raise :class:`InvalidRequestError` if a prompt of these ids with ``n`` choices (and ``params``'
+        token ids) can never run."""
+        if params is not None:
+            params.check_vocab(self.vocab_size)
         if len(prompt_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt is {len(prompt_ids)} tokens but the context window is {self.max_model_len} tokens "
@@ -79,7 +82,7 @@ class InputProcessor:
     ) -> EngineRequest:
         """The validated request for ``prompt`` (text or token ids)."""
         ids = self.encode(prompt)
-        self.check(ids, n)
+        self.check(ids, n, params)
         return EngineRequest(
             request_id,
             prompt if isinstance(prompt, str) else None,

@@ -349,7 +349,8 @@ class LLM:
         adapter name for every prompt, or one name (or None) per prompt."""
         seqs = self._sequences(prompts, params)
         self._set_lora(seqs, lora)
-        if len(seqs) > 1 and self.batching and self.kv_spec is None:
+        wants_prompt = any(s.params.prompt_logprobs is not None for s in seqs)  # computed by the paged engine
+        if (len(seqs) > 1 or wants_prompt) and self.batching and self.kv_spec is None:
             # Continuous batching over a paged KV cache (KV policies still use the static batch).
             from frugallm.engine.llm_engine import generate_batched
 

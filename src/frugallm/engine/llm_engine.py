@@ -30,7 +30,7 @@ from frugallm.engine.paged_cache import PagedKVCache, pool_dtype
 from frugallm.engine.scheduler import Scheduler, SchedulerConfig, SeqStatus
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
-from frugallm.sampling import SamplingParams
+from frugallm.sampling import SamplingParams, prompt_logprobs
 from frugallm.sampling import sample_batch as sample
 
 
@@ -85,6 +85,7 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # on a choice's first output, when asked for
 
     @property
     def finished(self) -> bool:
@@ -95,7 +96,7 @@ class StepOutput:
         assert (later.request_id, later.index) == (self.request_id, self.index)
         lps = None if self.logprobs is None or later.logprobs is None else self.logprobs + later.logprobs
         return dataclasses.replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
-                                   logprobs=lps)
+                                   logprobs=lps, prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs)
 
 
 @dataclass(eq=False)
@@ -217,6 +218,8 @@ class LLMEngine:
         if not out:
             return []
         rows, logits = self.runner.run(out)
+        for i, lg in self.runner.all_logits.items():
+            self._record_prompt_logprobs(out.seqs[i], lg)  # type: ignore[arg-type]
         self.scheduler.postprocess(out)
         seqs: list[Sequence] = []
         logit_rows: list[int] = []
@@ -227,6 +230,7 @@ class LLMEngine:
             if seq.num_forks:  # n > 1: the prompt is computed; the other samples start from its blocks
                 for child in seq.request.seqs[1:]:
                     self.scheduler.fork(seq, child)
+                    child.prompt_logprobs = seq.prompt_logprobs
                     seqs.append(child)
                     logit_rows.append(r)
                 seq.num_forks = 0
@@ -245,6 +249,21 @@ class LLMEngine:
             self.metrics.prefix_queries.values[""] = self.block_manager.prefix_queries
             self.metrics.prefix_hits.values[""] = self.block_manager.prefix_hits
         return outputs
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
+        """Prompt log-probabilities from this step's logits ``[num_new, vocab]`` of ``seq`` (row ``j`` is
+        position ``num_computed_tokens + j`` and predicts the token after it); positions already recorded
+        (a preempted sequence computes its prompt again) are skipped."""
+        lps = seq.prompt_logprobs
+        assert lps is not None
+        first = len(lps)  # the prompt token whose log-probability comes next
+        start = seq.num_computed_tokens
+        lo, hi = first - 1 - start, min(seq.num_prompt_tokens - 1 - start, logits.shape[0])
+        if hi <= lo or lo < 0:
+            return
+        targets = torch.tensor(seq.token_ids[first:first + hi - lo], device=logits.device)
+        lps += prompt_logprobs(logits[lo:hi], targets, seq.params.prompt_logprobs or 0)
 
     def _append(self, seq: Sequence, tok: int) -> StepOutput:
         seq.append(tok)
@@ -267,7 +286,8 @@ class LLMEngine:
         lps = seq.logprobs[done:] if seq.logprobs is not None else None
         seq.num_emitted_tokens = seq.num_output_tokens
         return StepOutput(req.request_id, seq.index, seq.take_delta(), new, lps, seq.finish_reason,
-                          len(seq.prompt_ids), seq.num_output_tokens, seq.num_cached_tokens)
+                          len(seq.prompt_ids), seq.num_output_tokens, seq.num_cached_tokens,
+                          seq.prompt_logprobs if done == 0 else None)
 
     # -- introspection ------------------------------------------------------------------------------
     def gauges(self) -> dict[str, tuple[str, float]]:

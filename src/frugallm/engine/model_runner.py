@@ -49,6 +49,9 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.lora: LoraManager | None = None  # binds each pass's rows to their LoRA adapters
+        # Set by each run: {index into out.seqs: fp32 logits [num_new, vocab]} of every computed position, for
+        # sequences that asked for prompt log-probabilities (``needs_prompt_logits``).
+        self.all_logits: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor | None]:
@@ -61,16 +64,23 @@ class ModelRunner:
         ]
         rows: list[int] = []
         logits: list[torch.Tensor] = []
+        self.all_logits = {}
         for g in groups:
             sampled = [i for i in g if out.samples(i)]
-            lg = self._forward(out, g)
+            want_all = [i for i in g if out.seqs[i].needs_prompt_logits]
+            lg = self._forward(out, g, bool(want_all))
+            if want_all:  # [P, T, vocab]: keep the wanted rows' positions, then each row's last token
+                for i in want_all:
+                    self.all_logits[i] = lg[g.index(i), : out.num_new[i]]
+                last = torch.tensor([out.num_new[i] - 1 for i in g], device=lg.device)
+                lg = lg[torch.arange(len(g), device=lg.device), last]
             if sampled:
                 keep = [g.index(i) for i in sampled]
                 logits.append(lg if len(keep) == len(g) else lg[torch.tensor(keep, device=lg.device)])
                 rows += sampled
         return rows, (torch.cat(logits) if len(logits) > 1 else logits[0]) if logits else None
 
-    def _forward(self, out: SchedulerOutput, idx: list[int]) -> torch.Tensor:
+    def _forward(self, out: SchedulerOutput, idx: list[int], all_positions: bool = False) -> torch.Tensor:
         seqs = [out.seqs[i] for i in idx]
         num_new = [out.num_new[i] for i in idx]
         starts = [s.num_computed_tokens for s in seqs]
@@ -83,6 +93,8 @@ class ModelRunner:
             pos[r, n:] = st + n - 1  # padding: any valid position
         self.cache.bind([s.block_table for s in seqs], starts, num_new)
         last = "last" if t == 1 or len(set(num_new)) == 1 else torch.tensor(num_new, device=self.device) - 1
+        if all_positions:
+            last = "all"
         bound = contextlib.nullcontext() if self.lora is None else self.lora.bound([s.lora for s in seqs], t)
         with bound:
             return self.model(ids.to(self.device), pos.to(self.device), self.cache, last)

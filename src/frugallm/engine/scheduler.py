@@ -81,6 +81,11 @@ class SeqState:
         return 0 if self.lora is None else self.lora.lora_id
 
     @property
+    def needs_prompt_logits(self) -> bool:
+        """True while every prompt position's logits are wanted: its prefix is then computed, not cached."""
+        return False
+
+    @property
     def num_remaining(self) -> int:
         """Tokens still to compute before the next token can be sampled."""
         return len(self.token_ids) - self.num_computed_tokens
@@ -222,7 +227,7 @@ class Scheduler:
             if not self._lora_fits(seq):
                 i += 1  # a new adapter would exceed max_loras in the batch: wait for a slot, keep scanning
                 continue
-            cached = self.bm.match_prefix(seq.token_ids, seq.lora_id)
+            cached = [] if seq.needs_prompt_logits else self.bm.match_prefix(seq.token_ids, seq.lora_id)
             if self.bm.prefix_in_flight(seq.token_ids, cached, seq.lora_id):
                 i += 1  # a running sequence is computing its next prefix block: share it from the next step
                 continue

@@ -29,6 +29,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | None while running
     metrics: dict[str, float] = field(default_factory=dict)
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 # Already-read tokens decoded in front of new ones after a full re-decode (vLLM uses 5 as well).
@@ -63,6 +64,9 @@ class Sequence(SeqState):
         self.index = index
         self.num_emitted_tokens = 0
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # One entry per prompt token (the first has nothing to condition on), filled as the prompt is computed.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
         self.text = ""
         self.emitted = 0  # chars of self.text already returned as deltas
         self.finish_reason: str | None = None
@@ -85,6 +89,11 @@ class Sequence(SeqState):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Are prompt log-probabilities still to compute (every prompt position's logits, no cached prefix)?"""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def num_output_tokens(self) -> int:
@@ -174,4 +183,5 @@ class Sequence(SeqState):
             self.finish_reason,
             m,
             self.logprobs,
+            self.prompt_logprobs,
         )

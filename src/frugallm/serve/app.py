@@ -1,10 +1,10 @@
 """The OpenAI-compatible HTTP app (FastAPI) over an :class:`AsyncLLM`: middleware, errors, plain routes.
 
 Routes: ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``openai.py``; SSE when
-``stream``), ``GET /health``, ``GET /metrics`` (Prometheus text). Bad input of any kind is a 4xx with an
-OpenAI-style ``{"error": {...}}`` body; a missing or wrong API key is 401 on every path but ``/health``
-(checked before the body is read); a ``Host`` outside ``allowed_hosts`` is 400. A client that disconnects cancels
-its request, which frees its KV blocks.
+``stream``), ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (``tokenize.py``), ``GET /health``,
+``GET /metrics`` (Prometheus text). Bad input of any kind is a 4xx with an OpenAI-style ``{"error": {...}}`` body;
+a missing or wrong API key is 401 on every path but ``/health`` (checked before the body is read); a ``Host``
+outside ``allowed_hosts`` is 400. A client that disconnects cancels its request, which frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from frugallm.engine.metrics import Counter
 from frugallm.errors import FrugalError
 from frugallm.serve.openai import OpenAIRoutes
 from frugallm.serve.protocol import json_error
+from frugallm.serve.tokenize import TokenizeRoutes
 
 log = logging.getLogger("frugallm.serve")
 
@@ -179,7 +180,7 @@ def create_app(
 
     @app.exception_handler(FrugalError)
     async def _on_frugal(request: Request, exc: FrugalError) -> JSONResponse:
-        return json_error(400, str(exc))
+        return json_error(400, str(exc), getattr(exc, "param", None))
 
     @app.exception_handler(EngineDeadError)
     async def _on_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
@@ -218,5 +219,6 @@ def create_app(
         return model_card()
 
     app.include_router(OpenAIRoutes(async_llm, served_model_name).router)
+    app.include_router(TokenizeRoutes(engine.tokenizer, engine.inputs.vocab_size, max_len, served_model_name).router)
     return app
 

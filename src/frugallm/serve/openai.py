@@ -38,11 +38,12 @@ class _Usage:
     cached: dict[int, int] = field(default_factory=dict)
     completion: int = 0
 
-    def add(self, out: StepOutput) -> None:
+    def add(self, out: StepOutput, returned: bool = True) -> None:
+        """Count ``out``; its tokens only when ``returned`` (an echo-only request samples one it drops)."""
         p = out.index // self.n
         self.prompt[p] = out.num_prompt_tokens
         self.cached[p] = max(self.cached.get(p, 0), out.num_cached_tokens)
-        self.completion += len(out.token_ids)
+        self.completion += len(out.token_ids) if returned else 0
 
     def body(self) -> dict[str, Any]:
         prompt = sum(self.prompt.values())
@@ -56,6 +57,7 @@ class _Format:
 
     object_name: str
     chunk_name: str
+    returns_tokens = True  # False: generated tokens are not part of the answer (echo only)
 
     def __init__(self, tokenizer: Tokenizer, num_choices: int, k: int | None) -> None:
         self.tokenizer, self.num_choices, self.k = tokenizer, num_choices, k
@@ -85,9 +87,10 @@ class _CompletionFormat(_Format):
     object_name, chunk_name = "text_completion", "text_completion"
 
     def __init__(self, tokenizer: Tokenizer, num_choices: int, k: int | None, echo: list[str] | None,
-                 n: int) -> None:
+                 n: int, echo_only: bool = False, prompt_ids: list[list[int]] | None = None) -> None:
         super().__init__(tokenizer, num_choices, k)
-        self.echo, self.n = echo, n
+        self.echo, self.n, self.echo_only, self.prompt_ids = echo, n, echo_only, prompt_ids or []
+        self.returns_tokens = not echo_only
         self.texts = [echo[i // n] if echo else "" for i in range(num_choices)]
         self.offsets = [0] * num_choices  # text offset of each choice's next token (logprobs)
         self.lps: list[dict[str, list]] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [],
@@ -109,6 +112,23 @@ class _CompletionFormat(_Format):
         self.offsets[out.index] = offset
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
 
+    def prompt_logprobs(self, index: int, entries: list[dict[int, float] | None]) -> dict[str, Any]:
+        """The echoed prompt's logprobs (vLLM's shape: the first token has none; text offsets run on)."""
+        toks, lps, tops, offs = [], [], [], []
+        offset = self.offsets[index]
+        for tid, entry in zip(self.prompt_ids[index // self.n], entries, strict=True):
+            s = self.tok_str(tid)
+            toks.append(s)
+            lps.append(None if entry is None else max(entry[tid], -9999.0))
+            top: dict[str, float] = {}
+            for t, lp in self.top(entry or {}):
+                top.setdefault(self.tok_str(t), max(lp, -9999.0))
+            tops.append(None if entry is None else top)
+            offs.append(offset)
+            offset += len(s)
+        self.offsets[index] = offset
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
     def opening_chunks(self) -> list[dict[str, Any]]:
         if not self.echo:
             return []
@@ -122,6 +142,10 @@ class _CompletionFormat(_Format):
         return {"index": out.index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
 
     def collect(self, out: StepOutput) -> None:
+        if self.k is not None and out.prompt_logprobs is not None:
+            self.lps[out.index] = self.prompt_logprobs(out.index, out.prompt_logprobs)
+        if self.echo_only:
+            return
         self.texts[out.index] += out.text
         if self.k is not None:
             part = self.logprobs(out)
@@ -235,18 +259,20 @@ class OpenAIRoutes:
         return requested
 
     def prepare(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[Any], default_max: int | None,
-                logprobs: int | None) -> list[EngineRequest]:
+                logprobs: int | None, prompt_logprobs: int | None = None) -> list[EngineRequest]:
         """The request's prompts as validated engine requests (raises :class:`InvalidRequestError`)."""
         req.unsupported()
         inputs = self.async_llm.inputs
         ids = [inputs.encode(p) for p in prompts]
         requested = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        if requested == 0:
+            requested = 1  # echo only: one token is sampled (its logits come with the prompt's) and not returned
         params = req.sampling_params(self.resolve_max_tokens(requested, [len(x) for x in ids], default_max),
-                                     logprobs)
+                                     logprobs, prompt_logprobs)
         arrival = time.perf_counter()
         out = []
         for p, x in zip(prompts, ids, strict=True):
-            inputs.check(x, req.n)
+            inputs.check(x, req.n, params)
             out.append(EngineRequest("", p if isinstance(p, str) else None, x, params, req.n, arrival))
         return out
 
@@ -255,10 +281,11 @@ class OpenAIRoutes:
         if (bad := self.check_model(req.model)) is not None:
             return bad
         prompts = req.prompts()
-        reqs = self.prepare(req, prompts, 16, req.logprobs)
+        reqs = self.prepare(req, prompts, 16, req.logprobs, req.logprobs if req.echo else None)
         echo = [self.tokenizer.decode(r.prompt_ids, skip_special_tokens=False) if not isinstance(p, str) else p
                 for p, r in zip(prompts, reqs, strict=True)] if req.echo else None
-        fmt = _CompletionFormat(self.tokenizer, len(reqs) * req.n, req.logprobs, echo, req.n)
+        fmt = _CompletionFormat(self.tokenizer, len(reqs) * req.n, req.logprobs, echo, req.n, req.echo_only,
+                                [r.prompt_ids for r in reqs])
         return await self.respond(request, req, reqs, fmt, f"cmpl-{uuid.uuid4().hex}")
 
     async def chat_completions(self, req: ChatCompletionRequest, request: Request) -> Any:
@@ -315,7 +342,7 @@ class OpenAIRoutes:
         finish: list[str | None] = [None] * fmt.num_choices
 
         def on_out(out: StepOutput) -> None:
-            acc.add(out)
+            acc.add(out, fmt.returns_tokens)
             fmt.collect(out)
             finish[out.index] = out.finish_reason
 

@@ -1,9 +1,10 @@
 """OpenAI-compatible request models (pydantic) and the error body.
 
-Types are strict (``"max_tokens": "5"`` is an error, as with OpenAI), unknown fields are ignored (clients
-send many), and ranges are part of the schema so the OpenAPI document describes what is accepted.
-Non-OpenAI extensions follow vLLM's names: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
-``stop_token_ids``, ``skip_special_tokens``.
+Types are strict (``"max_tokens": "5"`` is an error, as with OpenAI), and ranges are part of the schema so the
+OpenAPI document describes what is accepted. A field this server does not implement is a 400 naming it, never
+silently ignored (one sent as ``null`` asks for nothing and passes). Non-OpenAI extensions follow vLLM's names:
+``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``,
+``skip_special_tokens``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from frugallm.errors import InvalidRequestError
 from frugallm.sampling import SamplingParams
@@ -51,6 +63,18 @@ def json_error(status: int, message: str, param: str | None = None, code: str | 
 class _Base(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(str(k) for k, v in data.items() if k not in cls.model_fields and v is not None)
+            if unknown:
+                names = ", ".join(repr(k) for k in unknown)
+                raise PydanticCustomError(
+                    "unsupported_field", f"unsupported field{'s' if len(unknown) > 1 else ''} {names} (this server "
+                    f"does not implement {'them' if len(unknown) > 1 else 'it'}; remove or set to null)")
+        return data
+
 
 class StreamOptions(_Base):
     include_usage: StrictBool = False
@@ -58,7 +82,8 @@ class StreamOptions(_Base):
 
 class _SamplingFields(_Base):
     model: Text | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # 0 only with echo (prompt logprobs alone)
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
@@ -74,14 +99,24 @@ class _SamplingFields(_Base):
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
-    logit_bias: dict[Text, Float] | None = None
+    logit_bias: Annotated[dict[Text, Annotated[Float, Field(ge=-100, le=100)]], Field(max_length=1024)] | None = None
     user: Text | None = None
 
     def unsupported(self) -> None:
-        if self.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported")
+        """Raise :class:`InvalidRequestError` for combinations this server does not implement."""
+        if self.max_tokens == 0 and not getattr(self, "echo", False):
+            raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def token_bias(self) -> dict[int, float]:
+        out = {}
+        for k, v in (self.logit_bias or {}).items():
+            if not k.strip().isdigit():
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {k!r}", "logit_bias")
+            out[int(k)] = float(v)
+        return out
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+                        ) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens,
@@ -98,6 +133,9 @@ class _SamplingFields(_Base):
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=self.min_tokens,
+            logit_bias=self.token_bias(),
         )
 
 
@@ -120,8 +158,17 @@ class CompletionRequest(_SamplingFields):
             raise InvalidRequestError("best_of other than n is not supported")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequestError("echo with logprobs is not supported (prompt log-probabilities)")
+        if self.echo and self.logprobs is not None and self.n > 1:
+            raise InvalidRequestError("echo with logprobs needs n == 1 (prompt log-probabilities are per prompt)", "n")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise InvalidRequestError("echo with logprobs cannot stream; send stream=false", "stream")
+        if self.max_tokens == 0 and self.stream:
+            raise InvalidRequestError("max_tokens=0 (echo only) cannot stream; send stream=false", "stream")
+
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens=0``: the prompt (and its logprobs) only, as vLLM answers it."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -168,3 +215,25 @@ class ChatCompletionRequest(_SamplingFields):
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class TokenizeRequest(_Base):
+    """``POST /tokenize`` (vLLM): a ``prompt``, or chat ``messages`` rendered with the model's template."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: StrictBool | None = None  # default: True for a prompt, False for messages (vLLM's)
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.messages or []]
+
+
+class DetokenizeRequest(_Base):
+    """``POST /detokenize`` (vLLM)."""
+
+    model: Text | None = None
+    tokens: list[TokenId]
