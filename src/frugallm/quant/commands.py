@@ -29,17 +29,19 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--store-dtype", default="float16",
                    help="dtype of the parameters left unquantized (norms, unquantized embedding/head)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing quantized output folder (swapped in once the new one is complete)")
     p.add_argument("--json", action="store_true", help="print the written metadata (without the manifest)")
     # Quantize from full precision; the stored formats do not depend on the load dtype.
     p.set_defaults(func=cmd_quantize, dtype="float32", device="cpu")
 
 
 def check_writable(out: Path) -> None:
-    """Raise a FrugalError unless ``out`` (or the folder it would be created in) accepts new files."""
+    """Raise a FrugalError unless the folder ``out`` is written in (its parent, where the new folder is
+    assembled and renamed into place, or the nearest existing ancestor) accepts new files."""
     import tempfile
 
-    d = out.absolute()
+    d = out.absolute().parent
     while not d.exists() and d != d.parent:  # the nearest existing folder is where mkdir starts
         d = d.parent
     if not d.is_dir():
@@ -58,8 +60,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     parse_quant_spec(args.quant)  # fail fast on a typo
     store_dtype = resolve_dtype(args.store_dtype, torch.device("cpu"))
     out = Path(args.output)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
-        raise FrugalError(f"output {out} exists and is not an empty folder (use --force to overwrite)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not args.force:
+            raise FrugalError(f"output {out} exists and is not an empty folder (use --force to overwrite)")
+        if not is_quantized_folder(out):  # --force swaps the whole folder: never someone's other files
+            raise FrugalError(f"output {out} exists and is not a quantized folder: --force only replaces the output "
+                              "of a previous 'frugallm quantize'; pick a new or empty -o")
     check_writable(out)  # before the (slow) quantization, not after it
     model = args.source or args.model
     path = resolve_model_path(model)

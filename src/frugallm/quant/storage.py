@@ -23,6 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -192,7 +195,8 @@ def save_quantized(
     """Write ``model`` (already quantized with ``spec``) to ``out_dir``; returns the metadata written.
 
     ``store_dtype`` (e.g. fp16) casts the unquantized floating-point parameters (norms, an unquantized
-    embedding / head) on the way out; None keeps them as they are."""
+    embedding / head) on the way out; None keeps them as they are. The folder is written whole beside the
+    target and renamed into place (:func:`_publish`): an interrupted write leaves ``out_dir`` as it was."""
     from safetensors.torch import save_file
 
     from frugallm.version import __version__
@@ -200,7 +204,6 @@ def save_quantized(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FrugalError(f"output {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     tensors, manifest = collect_tensors(model)
     if store_dtype is not None:
         quant_keys = {f"{e['path']}.{b}" for e in manifest if "class" in e for b in e["buffers"]}
@@ -233,8 +236,38 @@ def save_quantized(
         "theoretical_bytes": theoretical_weight_bytes(model, store_dtype),
         "modules": manifest,
     }
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "frugallm-quant", "spec": str(spec)})
-    (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
-    (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "partial")
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "frugallm-quant", "spec": str(spec)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+        (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        _publish(tmp, out)
+    except BaseException:  # Ctrl-C included: the partial folder goes, the previous output stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return meta
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A new, empty folder beside ``out`` (hidden, unique: concurrent or crashed runs never collide)."""
+    d = out.absolute().parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    d.mkdir()
+    return d
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Put the complete folder ``tmp`` at ``out`` (same parent folder, so renames are atomic). A previous ``out``
+    is moved aside first and removed only once the new one is in place (moved back if that fails)."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = _sibling(out, "old")
+    os.rename(out, old / "previous")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / "previous", out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
