@@ -240,6 +240,9 @@ class Transformer(nn.Module):
         self.fast_decode = True
         self._plan: DecodePlan | None = None
         self._graphs = False
+        # Logits in fp32 on every path (see ``logits``); False restores the head in the activation dtype, whose
+        # half-precision rounding ties near-equal logits (greedy then takes the lower id). For benchmarks.
+        self.fp32_logits = True
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._plan = None  # moves and casts replace the tensors a plan holds
@@ -347,4 +350,34 @@ class Transformer(nn.Module):
                 x = x[:, -1]
         else:
             x = x[torch.arange(x.shape[0], device=x.device), logits_for]
-        return self.lm_head(self.norm(x)).float()
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[..., vocab]`` of hidden states ``x [..., hidden]`` (any activation dtype).
+
+        The final norm and the head's sums and output are fp32, so greedy decoding ranks tokens as an fp32
+        ``score`` does: a half-precision output ties logits closer than its rounding step (bf16: 1/128 of
+        the value) and the lower id wins. GGUF blocks take fp32 activations in their own kernel (fp32 sums, fp32
+        out); a half weight multiplies in half for a few rows (decode: no weight cast), then the logits within
+        two rounding steps of each row's max, the only ones that can be the fp32 argmax, are recomputed
+        in fp32; for many rows (prefill, ``score``) the weight is cast once.
+        """
+        if not self.fp32_logits:
+            return self.lm_head(self.norm(x)).float()
+        h = self.norm(x.float())
+        head = self.lm_head
+        w = head.weight if isinstance(head, Linear) else None
+        if w is None or w.dtype == torch.float32:
+            return head(h).float()
+        h2 = h.reshape(-1, h.shape[-1])
+        if h2.shape[0] >= PREFILL_MIN_TOKENS:
+            b = None if head.bias is None else head.bias.float()
+            return F.linear(h, w.float(), b)
+        y = head(h2.to(w.dtype)).float()
+        step = 2 * torch.finfo(w.dtype).eps * y.abs().amax(-1, keepdim=True)
+        rows, cols = (y >= y.amax(-1, keepdim=True) - step).nonzero(as_tuple=True)
+        exact = (w[cols].float() * h2[rows]).sum(-1)
+        if head.bias is not None:
+            exact = exact + head.bias[cols].float()
+        y[rows, cols] = exact
+        return y.view(*h.shape[:-1], y.shape[-1])
