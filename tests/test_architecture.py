@@ -5,7 +5,8 @@ Layers, bottom first (a module may import its own layer and those below it):
 0. ``errors``, ``paths``, ``registry``, ``version``: plain Python, no frugallm imports above them
 1. ``cpu``, ``native``, ``config``, ``sampling``, ``corpus``, ``tokenizer``
 2. ``model``
-3. ``quant``, ``kv``, ``lora``: techniques that wrap or replace model parts
+3. ``quant``, ``kv``, ``lora``, ``spec``: techniques that wrap or replace model parts (``spec``: proposers
+   and verification over a loaded model; the engine loads draft models)
 4. ``loading``
 5. ``engine``
 6. ``serve``, ``lab``, ``cli``, every subsystem's ``commands`` module (CLI plugins), and the package root
@@ -24,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"frugallm.cpu", "frugallm.native", "frugallm.config", "frugallm.sampling", "frugallm.corpus",
      "frugallm.tokenizer"},
     {"frugallm.model"},
-    {"frugallm.quant", "frugallm.kv", "frugallm.lora"},
+    {"frugallm.quant", "frugallm.kv", "frugallm.lora", "frugallm.spec"},
     {"frugallm.loading"},
     {"frugallm.engine"},
     {"frugallm.serve", "frugallm.lab", "frugallm.cli", "frugallm"},

@@ -48,6 +48,8 @@ def add_technique_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv", default=None, help="KV-cache policy spec, e.g. snapkv:budget=0.25+kivi:bits=2")
     p.add_argument("--calib", default=None, help="calibration text file for gptq (default: built-in corpus)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (cached on disk)")
+    p.add_argument("--spec", default=None,
+                   help="speculative decoding, e.g. ngram:k=8, draft:model=qwen2.5-coder-0.5b:k=4, self:layers=8")
     p.set_defaults(_techniques=True)
 
 
@@ -69,7 +71,7 @@ def load_llm(args: argparse.Namespace) -> Any:
     from frugallm import LLM
 
     # Only commands that registered add_technique_args hand them to LLM (serve applies its own).
-    names = ("quant", "kv", "calib", "compile") if getattr(args, "_techniques", False) else ()
+    names = ("quant", "kv", "calib", "compile", "spec") if getattr(args, "_techniques", False) else ()
     techniques = {k: getattr(args, k) for k in names}
 
     return LLM(

@@ -89,6 +89,7 @@ class LLM:
         lora: Mapping[str, str | os.PathLike[str]] | None = None,
         max_loras: int | None = None,
         max_lora_rank: int = 16,
+        spec: str | None = None,
     ) -> None:
         """``quant``: weight quantization spec (``int4:group=32``, ``gptq:bits=4``, see ``frugallm.quant``);
         ``kv``: KV-cache policy spec (``snapkv:budget=0.25+kivi:bits=2``, see ``frugallm.kv``);
@@ -103,7 +104,9 @@ class LLM:
         converts them to ``dtype``. ``self.weights`` / ``source_info["weights_reason"]`` say what was done;
         ``lora``: PEFT adapters ``{name: folder}`` (LoRA / rsLoRA / DoRA) run beside the weights, chosen per prompt
         by ``generate(..., lora=name)``; ``max_loras`` of them stay loaded (LRU, default 4), ranks <= ``max_lora_rank``
-        (default 16)."""
+        (default 16); ``spec``: speculative decoding (``ngram:k=8``, ``draft:model=qwen2.5-coder-0.5b:k=4``,
+        ``self:layers=8``, see ``frugallm.spec``) for single-sequence generation: greedy output is the target's,
+        sampled output follows the target's distribution; ``spec_stats`` accumulates acceptance and timing."""
         if threads is not None:
             if not isinstance(threads, int) or not 1 <= threads <= 4096:
                 raise FrugalError(f"threads must be in [1, 4096], got {threads}")
@@ -126,6 +129,14 @@ class LLM:
             from frugallm.kv import parse_kv_spec
 
             self.kv_spec = parse_kv_spec(kv)
+        from frugallm.spec import SpecStats, parse_spec
+
+        self.spec_cfg = parse_spec(spec)
+        if self.spec_cfg is not None and self.kv_spec is not None and self.kv_spec.compresses_cache:
+            raise FrugalError(f"spec={self.spec_cfg} with kv={self.kv_spec}: a compressed KV cache cannot drop the "
+                              "keys/values of rejected drafts yet; use one of them")
+        self.spec_stats = SpecStats()  # every speculative run so far
+        self.last_spec_stats: SpecStats | None = None
         loaded: LoadedModel = load_model(
             model, self.dtype, self.device, weights=self.weights, use_cache=use_cache, progress=progress
         )
@@ -178,6 +189,14 @@ class LLM:
         self.compile_seconds: float | None = None
         if compile:
             self._compile()
+        self.draft: LLM | None = None
+        if self.spec_cfg is not None and self.spec_cfg.method == "draft":
+            from frugallm.spec import check_same_vocab
+
+            # Same dtype and weight handling as the target (a GGUF draft runs as stored too), no techniques.
+            self.draft = LLM(self.spec_cfg.model, dtype=dtype, device=device, use_cache=use_cache,
+                             weights=weights, pack_weights=pack_weights)
+            check_same_vocab(self.tokenizer, self.draft.tokenizer, str(model), self.spec_cfg.model)
 
     def _compile(self) -> None:
         """Compile the decode step now (one dummy step), timing it; inductor caches the result on disk."""
@@ -300,9 +319,26 @@ class LLM:
         return seqs
 
     # -- the generation loop --------------------------------------------------------------------
+    def _speculates(self, seqs: list[Sequence]) -> bool:
+        """Whether ``_run`` decodes ``seqs`` speculatively: one sequence, no adapters, a request it serves exactly."""
+        from frugallm.spec import supports
+
+        return self.spec_cfg is not None and len(seqs) == 1 and self.lora is None and supports(seqs[0].params)
+
+    def _proposer(self):  # noqa: ANN202 - frugallm.spec.Proposer
+        from frugallm.spec import build_proposer
+
+        draft = self.draft
+        return build_proposer(
+            self.spec_cfg, self.model, kv_dtype=self.kv_dtype,
+            draft_model=None if draft is None else draft.model,
+            draft_weight_bytes=0 if draft is None else draft.weight_bytes(),
+        )
+
     @torch.inference_mode()
     def _run(self, seqs: list[Sequence]) -> Iterator[list[Sequence]]:
-        """Static batch: left-padded prefill, then one decode step per token; yields after each step."""
+        """Static batch: left-padded prefill, then one decode step per token; yields after each step.
+        One sequence with ``spec=`` decodes speculatively (``frugallm.spec.SpecDecoder``)."""
         b = len(seqs)
         prompts = [s.prompt_ids for s in seqs]
         if self.kv_spec is not None and self.kv_spec.selector is not None:
@@ -318,10 +354,16 @@ class LLM:
             ids[i, pads[i] :] = torch.tensor(p)
         pos = (torch.arange(t)[None, :] - torch.tensor(pads)[:, None]).clamp(min=0)
         capacity = t + max(s.max_new for s in seqs)
+        spec = self._speculates(seqs)
+        if spec:
+            capacity += self.spec_cfg.k + 1  # room for the candidates of the last round
         cache = self.make_cache(b, capacity, pads if any(pads) else None)
         dev = self.device
         self._bind_lora(seqs, t)
         logits = self.model(ids.to(dev), pos.to(dev), cache, "last")  # [B, vocab]
+        if spec:
+            yield from self._run_spec(seqs[0], cache, logits, capacity)
+            return
         next_pos = pos[:, -1:].to(dev) + 1
         while True:
             tokens = sample_batch(logits, seqs)
@@ -340,6 +382,34 @@ class LLM:
             logits = self.model(inp, next_pos, cache, "last")
             next_pos += 1
 
+    def _run_spec(self, seq: Sequence, cache: KVCache, logits: torch.Tensor, capacity: int) -> Iterator[list[Sequence]]:
+        from frugallm.spec import SpecDecoder, SpecStats
+
+        proposer = self._proposer()
+        proposer.begin(seq.prompt_ids, capacity)
+        stats = SpecStats()
+        self.last_spec_stats = stats
+
+        def sample_first() -> None:
+            seq.append(sample_batch(logits, [seq])[0])
+
+        for _ in SpecDecoder(self.spec_cfg, proposer, stats).run(self.model, cache, seq, self.device, sample_first):
+            if seq.finished:
+                seq.kv_cache_bytes = cache.nbytes()
+                # SpecMemo: what speculation adds to the plain run's memory: the proposer's weights and cache,
+                # the target's slots reserved for one round's candidates, the verify pass's logits.
+                per_slot = cache.reserved_bytes() // max(capacity, 1)
+                stats.memory_bytes = (proposer.memory_bytes() + (self.spec_cfg.k + 1) * per_slot
+                                      + (self.spec_cfg.k + 1) * self.config.vocab_size * 4)
+                self.spec_stats.merge(stats)
+            yield [seq]
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        out = seq.output()
+        if self.last_spec_stats is not None and self._speculates([seq]):
+            out.metrics.update(self.last_spec_stats.as_dict())  # type: ignore[arg-type]
+        return out
+
     # -- public API -----------------------------------------------------------------------------
     def generate(
         self, prompts: str | Seq[Any], params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -351,7 +421,8 @@ class LLM:
         self._set_lora(seqs, lora)
         wants_prompt = any(s.params.prompt_logprobs is not None for s in seqs)  # computed by the paged engine
         if (len(seqs) > 1 or wants_prompt) and self.batching and self.kv_spec is None:
-            # Continuous batching over a paged KV cache (KV policies still use the static batch).
+            # Continuous batching over a paged KV cache (KV policies still use the static batch; spec= batches
+            # decode without speculation: it pays at batch 1, see frugallm.spec).
             from frugallm.engine.llm_engine import generate_batched
 
             outs = generate_batched(self, [s.prompt_ids for s in seqs], [s.params for s in seqs],
@@ -359,9 +430,16 @@ class LLM:
             for s, o in zip(seqs, outs, strict=True):
                 o.prompt, o.request_id = s.prompt, s.request_id
             return outs
+        if self._speculates(seqs[:1]) and len(seqs) > 1:  # a static batch: one sequence at a time, speculatively
+            outs = []
+            for s in seqs:
+                for _ in self._run([s]):
+                    pass
+                outs.append(self._output(s))
+            return outs
         for _ in self._run(seqs):
             pass
-        return [s.output() for s in seqs]
+        return [self._output(s) for s in seqs]
 
     def stream(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                lora: str | None = None) -> Iterator[str]:
@@ -372,7 +450,7 @@ class LLM:
             delta = seq.take_delta()
             if delta:
                 yield delta
-        self.last_output = seq.output()
+        self.last_output = self._output(seq)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

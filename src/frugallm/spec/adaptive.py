@@ -1,0 +1,106 @@
+"""The adaptive controller: how many tokens to draft next round, or none (a plain decode step).
+
+It measures, as the sequence runs: ``alpha``, the chance that a draft token is kept given the ones before it
+were (decayed counts; a round keeping ``n`` of ``k`` is ``n`` successes and one failure if ``n < k``); the time
+of a plain one-row step; the verify pass's time as a line in its row count (the rows after the first are
+nearly free while decode is bound by weight reads); the draft's time per token. The expected tokens of a
+round of ``k`` are ``1 + alpha + ... + alpha^k``, its cost ``verify(k + 1) + k * draft``; the controller picks
+the ``k`` with the best rate and switches speculation off when no ``k`` beats plain decoding by
+``MARGIN``. While off it probes again after a back-off of plain steps that doubles on each failed probe.
+"""
+
+from __future__ import annotations
+
+DECAY = 0.8  # per-round decay of the acceptance counts: about the last 5 rounds matter
+MARGIN = 1.03  # speculate only when the model predicts at least this speedup
+PROBE_START, PROBE_MAX = 8, 256  # plain steps before re-trying speculation, doubling up to the max
+PROBE_K = 4  # drafts in a probe round
+REMEASURE_EVERY = 64  # rounds between plain steps that refresh the plain-step time
+
+
+class _Ema:
+    def __init__(self, w: float = 0.2) -> None:
+        self.w, self.value = w, None  # type: ignore[assignment]
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.w) * self.value + self.w * x
+
+
+class AdaptiveK:
+    """``next_k()`` before a round; ``observe_round`` / ``observe_plain`` after it. ``adaptive=False``: always
+    ``k_max`` (still measured, for the stats)."""
+
+    def __init__(self, k_max: int, adaptive: bool = True) -> None:
+        self.k_max, self.adaptive = k_max, adaptive
+        self.kept, self.failed = 1.0, 1.0  # prior alpha = 0.5
+        self.t_plain = _Ema()
+        self.t_verify: dict[int, _Ema] = {}  # rows -> time
+        self.t_draft = _Ema()  # per drafted token
+        self.off_for = 0  # plain steps left before the next probe
+        self.backoff = PROBE_START
+        self.since_plain = 0
+        self.probe = False
+
+    @property
+    def alpha(self) -> float:
+        return self.kept / (self.kept + self.failed)
+
+    def verify_time(self, rows: int) -> float:
+        """A line anchored at the plain step (one row): ``t1 + slope * (rows - 1)``, the slope averaged over the
+        measured verify sizes and never negative (a verify pass never costs less than a plain step)."""
+        t1 = self.t_plain.value
+        pts = [(r, e.value) for r, e in self.t_verify.items() if e.value is not None]
+        if t1 is None:
+            return 1.0 if not pts else min(t for _, t in pts)
+        if not pts:
+            return t1 * (1 + 0.05 * (rows - 1))  # before any verify pass: a guess (extra rows ~5% each)
+        slope = max(0.0, sum((t - t1) / (r - 1) for r, t in pts) / len(pts))
+        return t1 + slope * (rows - 1)
+
+    def expected_speedup(self, k: int) -> float:
+        """Tokens per second of rounds of ``k`` over those of plain steps, under the current measurements."""
+        a = self.alpha
+        tokens = sum(a**i for i in range(k + 1))
+        cost = self.verify_time(k + 1) + k * (self.t_draft.value or 0.0)
+        plain = self.t_plain.value if self.t_plain.value is not None else self.verify_time(1)
+        return tokens * plain / cost
+
+    def best_k(self) -> tuple[int, float]:
+        return max(((k, self.expected_speedup(k)) for k in range(1, self.k_max + 1)), key=lambda t: t[1])
+
+    def next_k(self) -> int:
+        if not self.adaptive:
+            return self.k_max
+        if self.t_plain.value is None or self.since_plain >= REMEASURE_EVERY:
+            return 0  # measure (or refresh) the plain step this round
+        if self.off_for > 0:
+            self.off_for -= 1
+            self.probe = self.off_for == 0
+            return 0
+        if self.probe:  # a probe after the back-off: forget the old acceptance (a weak pessimistic prior), so
+            self.probe = False  # this round alone decides whether speculation is back on
+            self.kept, self.failed = 0.0, 0.5
+            return min(self.k_max, PROBE_K)
+        k, gain = self.best_k()
+        if gain < MARGIN and self.t_verify:
+            self.off_for = self.backoff  # off for a while; a probe afterwards uses the best k then
+            self.backoff = min(2 * self.backoff, PROBE_MAX)
+            return 0
+        return k
+
+    def observe_round(self, k: int, kept: int, t_draft: float, t_verify: float) -> None:
+        """A round drafted ``k`` tokens in ``t_draft`` s, verified them in ``t_verify`` s, and kept ``kept``."""
+        self.kept = DECAY * self.kept + kept
+        self.failed = DECAY * self.failed + (1 if kept < k else 0)
+        self.t_verify.setdefault(k + 1, _Ema()).add(t_verify)
+        self.t_draft.add(t_draft / k)
+        self.since_plain += 1
+        if self.adaptive and self.best_k()[1] >= MARGIN:
+            self.backoff = PROBE_START  # paying again: the next switch-off starts from a short back-off
+
+    def observe_plain(self, t: float) -> None:
+        self.t_plain.add(t)
+        self.since_plain = 0
+
+    def observe_empty(self) -> None:
+        """The proposer had nothing to offer (no n-gram match): a plain step follows, nothing learned."""

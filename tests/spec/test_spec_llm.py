@@ -1,0 +1,149 @@
+"""Speculative decoding through ``LLM`` on tiny random models (fp32): greedy output identical to plain decoding
+for every proposer, the multi-row verify pass against the one-row path, KV rollback, the draft-vocabulary check,
+sampling, adaptive switching off, and the stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from frugallm import LLM, SamplingParams
+from frugallm.errors import FrugalError
+from frugallm.spec import Draft, Proposer, SpecConfig, SpecDecoder, SpecError, SpecStats, build_proposer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["hello world, hello world, hello", "the cat sat on the mat", "x y z x y z x", "abc def abc"]
+GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def target_path(tiny_models) -> str:
+    return str(tiny_models.gguf("llama", "F32"))
+
+
+@pytest.fixture(scope="module")
+def plain(target_path: str) -> LLM:
+    return LLM(target_path, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(plain: LLM) -> list[list[int]]:
+    return [plain.generate(p, GREEDY)[0].token_ids for p in PROMPTS]
+
+
+@pytest.mark.parametrize("spec", ["ngram:k=4", "ngram:k=8:adaptive=off", "self:layers=1:k=3:adaptive=off"])
+def test_greedy_output_identical_to_plain_decoding(target_path: str, reference: list[list[int]], spec: str) -> None:
+    llm = LLM(target_path, dtype="float32", device="cpu", spec=spec)
+    outs = [llm.generate(p, GREEDY)[0] for p in PROMPTS]
+    assert [o.token_ids for o in outs] == reference
+    streamed = "".join(llm.stream(PROMPTS[0], GREEDY))
+    assert streamed == outs[0].text and llm.last_output.token_ids == reference[0]
+    assert llm.spec_stats.rounds > 0 and llm.spec_stats.drafted > 0
+
+
+def test_draft_model_greedy_identical_and_accepted(tiny_models, target_path: str, reference: list[list[int]]) -> None:
+    # The target as its own draft: the one-row draft steps and the multi-row verify agree on (nearly) every token.
+    llm = LLM(target_path, dtype="float32", device="cpu", spec=f"draft:model={target_path}:k=4:adaptive=off")
+    outs = [llm.generate(p, GREEDY)[0] for p in PROMPTS]
+    assert [o.token_ids for o in outs] == reference
+    st = llm.spec_stats
+    assert st.acceptance_rate > 0.95
+    assert st.mean_accepted_length > 4.5
+    assert outs[0].metrics["spec_memory_bytes"] >= llm.draft.weight_bytes()
+    # Another architecture with the same tokenizer drafts too (its guesses are mostly wrong; output unchanged).
+    other = LLM(target_path, dtype="float32", device="cpu",
+                spec=f"draft:model={tiny_models.gguf('qwen2', 'F32')}:k=2:adaptive=off")
+    assert [other.generate(p, GREEDY)[0].token_ids for p in PROMPTS] == reference
+    # Several prompts in one call: a static batch (batching=False) decodes them one at a time, speculatively.
+    static = LLM(target_path, dtype="float32", device="cpu", batching=False, spec="ngram:k=4")
+    assert [o.token_ids for o in static.generate(PROMPTS, GREEDY)] == reference
+    assert static.spec_stats.rounds > 0
+
+
+def test_draft_with_another_vocabulary_is_one_clear_error(target_path: str) -> None:
+    with pytest.raises(SpecError) as e:
+        LLM(target_path, dtype="float32", device="cpu", spec="draft:model=default")
+    msg = str(e.value)
+    assert "different vocabulary" in msg and "49152 tokens" in msg and "384 tokens" in msg
+
+
+def test_spec_with_a_compressed_kv_cache_is_refused(target_path: str) -> None:
+    with pytest.raises(FrugalError, match="cannot drop the keys/values of rejected drafts"):
+        LLM(target_path, dtype="float32", device="cpu", spec="ngram", kv="snapkv:budget=0.5")
+
+
+@torch.inference_mode()
+def test_multi_row_verify_pass_matches_the_one_row_path(plain: LLM) -> None:
+    """Rows of one (k + 1)-row pass against k + 1 one-row steps on the same cache contents. fp32 torch linears
+    sum in a different order at 1 row (MKL gemv) and at several (gemm): equal to rounding, same argmax."""
+    m, ids = plain.model, plain.tokenizer.encode(PROMPTS[1])
+    n = len(ids)
+    toks = plain.generate(PROMPTS[1], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].token_ids
+    one = plain.make_cache(1, 64)
+    m(torch.tensor([ids]), torch.arange(n)[None], one, "last")
+    rows = [m(torch.tensor([[t]]), torch.tensor([[n + i]]), one, "last")[0] for i, t in enumerate(toks)]
+    multi = plain.make_cache(1, 64)
+    m(torch.tensor([ids]), torch.arange(n)[None], multi, "last")
+    verify = m(torch.tensor([toks]), torch.arange(n, n + 6)[None], multi, "all")[0]
+    for i in range(6):
+        assert torch.allclose(verify[i], rows[i], rtol=0, atol=1e-4), i
+        assert int(verify[i].argmax()) == int(rows[i].argmax())
+    assert multi.num_slots == one.num_slots == n + 6
+
+
+@torch.inference_mode()
+def test_rollback_drops_rejected_keys_and_values(plain: LLM) -> None:
+    """A verify pass with wrong drafts, truncated to the kept tokens, leaves the cache as if they never ran."""
+    m, ids = plain.model, plain.tokenizer.encode(PROMPTS[0])
+    n = len(ids)
+    a, b = plain.make_cache(1, 64), plain.make_cache(1, 64)
+    for c in (a, b):
+        m(torch.tensor([ids]), torch.arange(n)[None], c, "last")
+    good = plain.generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0].token_ids
+    wrong = (good[1] + 1) % plain.config.vocab_size
+    m(torch.tensor([[good[0], wrong, 7, 9]]), torch.arange(n, n + 4)[None], a, "all")
+    a.truncate(n + 1)  # keep only good[0]
+    m(torch.tensor([[good[0]]]), torch.tensor([[n]]), b, "last")
+    assert a.num_slots == b.num_slots == n + 1
+    la = m(torch.tensor([[good[1]]]), torch.tensor([[n + 1]]), a, "last")
+    lb = m(torch.tensor([[good[1]]]), torch.tensor([[n + 1]]), b, "last")
+    assert torch.allclose(la, lb, rtol=0, atol=1e-5)
+    assert int(la.argmax()) == good[2]
+
+
+def test_sampling_is_seeded_and_runs_rounds(target_path: str) -> None:
+    llm = LLM(target_path, dtype="float32", device="cpu", spec=f"draft:model={target_path}:k=3:adaptive=off")
+    p = SamplingParams(max_tokens=30, temperature=0.8, top_k=50, seed=5, ignore_eos=True)
+    a, b = llm.generate(PROMPTS[2], p)[0], llm.generate(PROMPTS[2], p)[0]
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 30
+    assert a.metrics["spec_rounds"] > 0 and a.metrics["spec_acceptance_rate"] > 0.5  # draft == target: q == p
+
+
+class WrongProposer(Proposer):
+    """Always proposes tokens the target will not pick (a low-acceptance workload)."""
+
+    name = "wrong"
+
+    def propose(self, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator | None) -> Draft:
+        return Draft([(tokens[-1] * 7 + i + 1) % 384 for i in range(k)])
+
+
+def test_adaptive_switches_itself_off_on_a_low_acceptance_workload(plain: LLM, reference: list[list[int]]) -> None:
+    seq = plain._sequences([PROMPTS[0]], SamplingParams(max_tokens=120, temperature=0, ignore_eos=True))[0]
+    ids = torch.tensor([seq.prompt_ids])
+    cache = plain.make_cache(1, len(seq.prompt_ids) + 140)
+    with torch.inference_mode():
+        logits = plain.model(ids, torch.arange(ids.shape[1])[None], cache, "last")
+        stats = SpecStats()
+        dec = SpecDecoder(SpecConfig("ngram", k=6), WrongProposer(), stats)
+        for _ in dec.run(plain.model, cache, seq, plain.device, lambda: seq.append(int(logits[0].argmax()))):
+            pass
+    ref = plain.generate(PROMPTS[0], SamplingParams(max_tokens=120, temperature=0, ignore_eos=True))[0].token_ids
+    assert seq.output_ids == ref
+    assert stats.acceptance_rate < 0.2
+    assert stats.plain_steps > 3 * stats.rounds  # mostly plain decoding once acceptance was measured
+
+
+def test_build_proposer_layers_bound(plain: LLM) -> None:
+    with pytest.raises(SpecError, match=r"layers must be in \[1, 1\]"):
+        build_proposer(SpecConfig("self", k=2, layers=2), plain.model, kv_dtype=torch.float32)
