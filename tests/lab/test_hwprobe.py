@@ -19,6 +19,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_quick_probe_measures_and_caches(cache, monkeypatch) -> None:
+    monkeypatch.setattr(hwprobe, "loadavg_1m", lambda: 0.0)  # a quiet machine: the cache is served as is
     spec = hwprobe.probe("cpu", quick=True)
     assert spec.source == "probed"
     assert spec.mem_bandwidth_gbs > 0
@@ -46,6 +47,7 @@ def test_quick_probe_measures_and_caches(cache, monkeypatch) -> None:
     assert again == first  # reloaded from JSON, identical
     monkeypatch.undo()
     monkeypatch.setenv("FRUGALLM_CACHE_DIR", str(cache))
+    monkeypatch.setattr(hwprobe, "loadavg_1m", lambda: 0.0)
     fresh = hwprobe.probe_result("cpu", refresh=True, quick=True)
     assert fresh.timestamp > first.timestamp
 
@@ -116,3 +118,23 @@ def test_quick_probe_command_never_compiles_native_kernels(cache, monkeypatch, c
     out = json.loads(capsys.readouterr().out)
     assert out["quick"] and out["native_kernels"]
     assert set(loads) <= already
+
+
+def test_probe_records_its_load_and_a_busy_probe_is_flagged_then_refreshed(cache, monkeypatch) -> None:
+    import psutil
+
+    cores = psutil.cpu_count(logical=True) or 1
+    monkeypatch.setattr(hwprobe, "loadavg_1m", lambda: float(cores))  # busy: load = the core count
+    busy = hwprobe.probe_result("cpu", quick=True)
+    assert busy.loadavg_1m == cores and busy.busy and busy.age_s < 60
+    assert any("busy machine" in n and "--refresh" in n for n in busy.notes())
+    assert hwprobe.probe_result("cpu", quick=True) == busy  # still busy: the cached probe, flagged
+    monkeypatch.setattr(hwprobe, "loadavg_1m", lambda: 0.0)  # quiet now: measured again
+    quiet = hwprobe.probe_result("cpu", quick=True)
+    assert quiet.timestamp > busy.timestamp and quiet.busy is False
+    assert not any("busy" in n for n in quiet.notes())
+    assert hwprobe.probe_result("cpu", quick=True) == quiet  # and kept
+    old = hwprobe.ProbeResult.from_dict({**quiet.to_dict(), "timestamp": quiet.timestamp - 40 * 86400,
+                                         "loadavg_1m": None})
+    assert old.busy is None and any("days old" in n for n in old.notes())
+    assert any("no recorded load average" in n for n in old.notes())

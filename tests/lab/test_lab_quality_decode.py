@@ -84,3 +84,4 @@ def test_bench_kv_row_measures_the_decode_path(path) -> None:
     assert plain["quality"]["path"] == "prefill" and kv["quality"]["path"].startswith("decode:")
     assert kv["metrics"]["perplexity"] != plain["metrics"]["perplexity"]
     assert kv["quality"]["decode_kl_divergence"] > 0
+    assert any("quick one" in f for f in plain["flags"])  # the probe's caveats travel with the record

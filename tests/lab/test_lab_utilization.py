@@ -81,3 +81,15 @@ def test_frugal_runner_reports_the_engine_phase_dtypes(monkeypatch, fast_bf16: b
     # Quantized CPU matmuls run in quant.kernels.compute_dtype: bf16 where it is native, else fp32.
     quant = _frugal(torch.float32, None, None, quantized=True)
     assert quant.compute_dtype(1) == ("bfloat16" if fast_bf16 else "float32")
+
+
+def test_figures_past_a_ceiling_are_flagged() -> None:
+    args = (TINY, HW, _PhaseRunner(), 1, 32, 4, TINY.num_params * 2, None)
+    metrics, roofline = point_utilization(*args, ttft_s=1e-2, tpot_s=1e-3)
+    assert roofline["flags"] == [] and metrics["decode_mbu"] < 1
+    # 1,000x faster than that: decode streams more bytes per second than the memory can deliver.
+    fast, roof = point_utilization(*args, ttft_s=1e-8, tpot_s=1e-9)
+    assert fast["decode_mbu"] > 1 and fast["tpot_over_predicted"] < 1 and fast["prefill_mfu"] > 1
+    decode, prefill = roof["flags"]
+    assert decode.startswith("decode: ") and "MBU" in decode and "TPOT" in decode and "roofline" in decode
+    assert prefill.startswith("prefill: ") and "MFU (vs the bf16 peak)" in prefill

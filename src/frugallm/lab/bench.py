@@ -262,7 +262,9 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
                        "reused_loaded_model": cache.reused},
                system_load={"loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg(),
                             "logical_cores": psutil.cpu_count(logical=True)},
-               notes=[*NOTES, meter.note, *runner.notes, *_load_note(load_before)])
+               notes=[*NOTES, meter.note, *runner.notes, *_load_note(load_before)],
+               # figures past a ceiling, and what makes the probe they are measured against doubtful
+               flags=[*rec.get("roofline", {}).get("flags", []), *(probe.notes() if settings.hw is None else [])])
     return rec
 
 

@@ -33,6 +33,7 @@ from frugallm.errors import FrugalError
 from frugallm.lab.hardware import HardwareSpec
 
 CACHE_VERSION = 2  # 2: gemv_* measurements and HardwareSpec.gemv_bandwidth_gbs
+PROBE_MAX_AGE_S = 30 * 86400  # older probes are flagged (drivers, BIOS and torch builds change)
 MiB = 1 << 20
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,6 +87,38 @@ class ProbeResult:
     elapsed_s: float
     timestamp: float
     version: int = CACHE_VERSION
+    # 1-min load average when the probe started and ended (None: unknown, e.g. a cache from before it was kept).
+    # Other processes on the cores lower every peak, and MFU / MBU against low peaks read high.
+    loadavg_1m: float | None = None
+
+    @property
+    def age_s(self) -> float:
+        """Seconds since the probe was measured."""
+        return max(0.0, time.time() - self.timestamp)
+
+    @property
+    def busy(self) -> bool | None:
+        """Whether the machine was busy while probing (load average above half the logical cores)."""
+        if self.loadavg_1m is None:
+            return None
+        return False if self.device.startswith("cuda") else is_busy(self.loadavg_1m)
+
+    def notes(self) -> list[str]:
+        """What a reader should know before trusting figures against this probe (empty when nothing)."""
+        out = []
+        cores = psutil.cpu_count(logical=True) or 1
+        if self.busy:
+            out.append(f"hardware probe measured on a busy machine (load average {self.loadavg_1m:.1f} on {cores} "
+                       "logical cores): its peaks are low, so MFU / MBU against them read high; rerun "
+                       "`frugallm hw probe --refresh` on a quiet machine")
+        elif self.loadavg_1m is None and not self.device.startswith("cuda"):
+            out.append("hardware probe has no recorded load average (an old cache): it may have been measured on a "
+                       "busy machine; `frugallm hw probe --refresh` records it")
+        if self.age_s > PROBE_MAX_AGE_S:
+            out.append(f"hardware probe is {self.age_s / 86400:.0f} days old")
+        if self.quick:
+            out.append("hardware probe is a quick one (small buffers, 2 runs): its peaks are rough")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -281,6 +314,18 @@ def _load_cached(path: Path) -> ProbeResult | None:
         return None  # missing or corrupt cache is not an error, just a reason to measure
 
 
+def loadavg_1m() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on this platform
+        return None
+
+
+def is_busy(load: float | None) -> bool:
+    """A 1-min load average above half the logical cores: other work competes for the cores."""
+    return load is not None and load > 0.5 * (psutil.cpu_count(logical=True) or 1)
+
+
 def _save(path: Path, result: ProbeResult) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -295,6 +340,7 @@ def measure(device: str = "cpu", quick: bool = False) -> ProbeResult:
     """Run the measurements now (no cache). Use :func:`probe_result` to go through the cache."""
     dev = _resolve_device(device)
     s = ProbeSettings.quick() if quick else ProbeSettings()
+    load_before = loadavg_1m()
     start = time.perf_counter()
     measurements = _bandwidth(dev, s)
     skipped: dict[str, str] = {}
@@ -340,15 +386,27 @@ def measure(device: str = "cpu", quick: bool = False) -> ProbeResult:
         skipped=skipped,
         elapsed_s=time.perf_counter() - start,
         timestamp=time.time(),
+        loadavg_1m=_max_load(load_before, loadavg_1m()),
     )
 
 
+def _max_load(*loads: float | None) -> float | None:
+    known = [x for x in loads if x is not None]
+    return max(known) if known else None
+
+
 def probe_result(device: str = "cpu", refresh: bool = False, quick: bool = False) -> ProbeResult:
-    """The cached probe of ``device`` (measured and cached first if absent or ``refresh``)."""
+    """The cached probe of ``device`` (measured and cached first if absent or ``refresh``).
+
+    A cached CPU probe that was taken on a busy machine (or whose load is unknown) is measured again when the
+    machine is quiet now; while it stays busy the cached one is returned and its :meth:`ProbeResult.notes`
+    say so.
+    """
     path = cache_path(device, quick)
     if not refresh:
         cached = _load_cached(path)
-        if cached is not None:
+        stale = cached is not None and cached.busy is not False and not cached.device.startswith("cuda")
+        if cached is not None and not (stale and not is_busy(loadavg_1m())):
             return cached
     result = measure(device, quick)
     _save(path, result)

@@ -193,7 +193,8 @@ def machine_info(probe: Any | None) -> dict[str, Any]:
         info.update(cpu_model=probe.cpu_model, logical_cores=probe.logical_cores,
                     physical_cores=probe.physical_cores, cache_bytes=probe.cache_bytes,
                     num_threads=probe.num_threads, gpu_name=probe.gpu_name, device=probe.device,
-                    probe_quick=probe.quick, probe_timestamp=probe.timestamp)
+                    probe_quick=probe.quick, probe_timestamp=probe.timestamp,
+                    probe_loadavg_1m=probe.loadavg_1m, probe_age_s=probe.age_s, probe_busy=probe.busy)
     return info
 
 
@@ -233,13 +234,15 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, str]]:
             continue
         m = r["metrics"]
         energy = m.get("energy_per_token_j")
+        tpot_roof, mbu = m.get("tpot_over_predicted"), m.get("decode_mbu")
         rows.append({
             "config": label, "status": "ok",
             "TTFT p50 ms": _fmt((m.get("ttft_s") or {}).get("p50"), 1e3),
             "TPOT p50 ms": _fmt((m.get("tpot_s") or {}).get("p50"), 1e3),
             "tok/s": _fmt(m.get("output_tokens_per_s"), 1, ".4g"),
-            "TPOT / roofline": _fmt(m.get("tpot_over_predicted")),
-            "MBU": _fmt(m.get("decode_mbu"), 1, ".2%") if m.get("decode_mbu") is not None else "-",
+            # "!": past a ceiling (see the record's flags), never a result to read as is
+            "TPOT / roofline": _fmt(tpot_roof) + (" !" if tpot_roof is not None and tpot_roof < 1 else ""),
+            "MBU": "-" if mbu is None else _fmt(mbu, 1, ".2%") + (" !" if mbu > 1 else ""),
             "weights MB": _fmt(m.get("weight_bytes"), 1e-6, ".4g"),
             "KV MB": _fmt(m.get("kv_cache_bytes"), 1e-6, ".3g"),
             "compr.": _fmt(m.get("compression_rate")),
@@ -262,4 +265,23 @@ def print_table(records: list[dict[str, Any]], file: Any = None) -> None:
         table.add_column(c, justify="left" if c in ("config", "status") else "right", overflow="fold")
     for row in rows:
         table.add_row(*(row.get(c, "") for c in cols))
-    Console(file=file or sys.stdout, width=200).print(table)
+    console = Console(file=file or sys.stdout, width=200)
+    console.print(table)
+    for line in record_warnings(records, ("flags",)):
+        console.print(f"! {line}", markup=False)
+
+
+def record_warnings(records: list[dict[str, Any]], keys: tuple[str, ...] = ("flags", "notes")) -> list[str]:
+    """The records' ``flags`` (figures past a ceiling, a doubtful probe) and ``notes``, each line once, prefixed
+    by the configs it concerns when not all of them."""
+    seen: dict[str, list[str]] = {}
+    ok = [r for r in records if r.get("status") == "ok"]
+    for r in ok:
+        label = r.get("label") or config_label(r.get("point", {}))
+        for line in (x for k in keys for x in r.get(k, [])):
+            seen.setdefault(line, []).append(label)
+    out = []
+    for line, labels in seen.items():
+        who = "" if len(labels) == len(ok) else f"[{', '.join(labels)}] "
+        out.append(who + line)
+    return out

@@ -124,7 +124,9 @@ def point_utilization(cfg: ModelConfig, hw: HardwareSpec, runner: Runner, batch:
         for suffix in ("", "_peak"):
             predicted = u[f"predicted_{name}{suffix}_s"]
             metrics[f"{name}_over_predicted{suffix}"] = measured / predicted if measured and predicted else None
-    roofline = {**bits, "wbits_effective": w_eff, "kvbits_effective": kv_eff, "compute_dtype": decode_compute,
+    flags = implausible(metrics, {"decode": report.matmul_dtype, "prefill": report.prefill_matmul_dtype})
+    roofline = {"flags": flags, **bits, "wbits_effective": w_eff, "kvbits_effective": kv_eff,
+                "compute_dtype": decode_compute,
                 "matmul_dtype": report.matmul_dtype, "prefill_compute_dtype": prefill_compute,
                 "prefill_matmul_dtype": report.prefill_matmul_dtype, "decode_intensity": report.decode.intensity,
                 "prefill_intensity": report.prefill.intensity, "decode_flops": report.decode.flops,
@@ -133,3 +135,27 @@ def point_utilization(cfg: ModelConfig, hw: HardwareSpec, runner: Runner, batch:
                 "prefill_peak_flops": u["prefill_peak_flops"], "mem_bandwidth_gbs": u["mem_bandwidth_gbs"],
                 "weight_dtype": report.weight_dtype, "weight_bandwidth_gbs": u["weight_bandwidth_gbs"]}
     return metrics, roofline
+
+
+def implausible(metrics: dict[str, float | None], dtypes: dict[str, str]) -> list[str]:
+    """One line per phase whose figures pass a ceiling: MFU or MBU above 100 %, or a measured time below
+    the roofline's prediction. Such a figure means the model of the run is wrong (a peak of another dtype, a
+    probe taken on a busy machine, bytes the run did not move), not that the run beat physics, so it is
+    flagged in the record and the report rather than shown as a result. ``dtypes``: phase -> matmul dtype."""
+    out = []
+    for phase, time_key in (("decode", "tpot"), ("prefill", "ttft")):
+        over = []
+        for key, what in ((f"{phase}_mfu", f"MFU (vs the {dtypes[phase]} peak)"), (f"{phase}_mbu", "MBU")):
+            v = metrics.get(key)
+            if v is not None and v > 1.0:
+                over.append(f"{what} {v:.0%}")
+        if phase == "decode" and (v := metrics.get("decode_gemv_efficiency")) is not None and v > 1.0:
+            over.append(f"GEMV efficiency {v:.0%}")
+        for suffix, what in (("", "attainable-bandwidth"), ("_peak", "peak")):
+            v = metrics.get(f"{time_key}_over_predicted{suffix}")
+            if v is not None and v < 1.0:
+                over.append(f"{time_key.upper()} {v:.2f}x the {what} roofline")
+        if over:
+            out.append(f"{phase}: {', '.join(over)}: above a ceiling, so the roofline's inputs do not describe "
+                       "this run (check the peak's dtype and the probe's load)")
+    return out
