@@ -80,6 +80,35 @@ def test_passkey_prompt_length_and_depth(llm) -> None:
     assert len(p.ids) == 512
 
 
+def test_haystacks_are_digit_free_and_of_their_kind(llm) -> None:
+    tok = llm.tokenizer
+    for name in passkey.HAYSTACKS:
+        h = passkey.haystack(name)
+        assert len(h.units) >= 5 and not any(c.isdigit() for u in h.units for c in u)
+        p = passkey.make_prompt(tok, 400, 0.5, "31415", sentences=h.units, sep=h.sep, chat=False)
+        assert len(p.ids) == 400 and "The pass key is 31415." in tok.decode(p.ids)
+    assert "def " in "\n".join(passkey.haystack("code").units)
+    assert all(u.startswith("- ") for u in passkey.haystack("list").units)
+    with pytest.raises(FrugalError, match="unknown haystack"):
+        passkey.haystack("poems")
+
+
+def test_passkey_counts_every_needle(llm) -> None:
+    tok = llm.tokenizer
+
+    def oracle(prompts, n):  # right everywhere but in code (the needle on its own line, no "- " list items)
+        texts = [tok.decode(p) for p in prompts]
+        code = [t.count("\nThe pass key is") == 2 and "\n- " not in t for t in texts]  # the needle + the answer
+        return ["?" if c else t.split("The pass key is ")[1][:5] for t, c in zip(texts, code, strict=True)]
+
+    res = passkey.evaluate(oracle, tok, context_len=200, depths=[0, 0.5, 1], trials=3,
+                           haystacks=["prose", "code", "list"], chat=False)
+    assert res["needles"] == 27 and res["correct"] == 18
+    assert res["counts"]["all"] == "18/27 (67%)" and res["counts"]["code"] == "0/9 (0%)"
+    assert res["counts"]["prose"] == "9/9 (100%)" and res["counts"]["depth 0.5"] == "6/9 (67%)"
+    assert res["per_haystack"] == {"prose": 1.0, "code": 0.0, "list": 1.0}
+
+
 def test_passkey_scoring(llm) -> None:
     tok = llm.tokenizer
 
@@ -103,9 +132,12 @@ def test_eval_cli(capsys) -> None:
     assert main(["eval", "default", "--dtype", "float32", "--threads", "1", "--task", "passkey", "--context", "160",
                  "--depths", "0.5", "--trials", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert 0.0 <= out["accuracy"] <= 1.0 and len(out["samples"]) == 1
+    assert 0.0 <= out["accuracy"] <= 1.0 and len(out["samples"]) == out["needles"] == 3  # one per haystack
+    assert out["counts"]["all"].startswith(f"{out['correct']}/3 ")
     assert main(["eval", "--task", "passkey", "--depths", "2"]) == 2
     assert "--depths" in capsys.readouterr().err
+    assert main(["eval", "--task", "passkey", "--haystacks", "prose,poems"]) == 2
+    assert "--haystacks" in capsys.readouterr().err
 
 
 @pytest.mark.slow

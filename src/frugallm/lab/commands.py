@@ -62,6 +62,10 @@ def cmd_hw_probe(args: argparse.Namespace) -> int:
                   f"{r.num_threads}); caches: {caches or 'unknown'}; GPU: {r.gpu_name or 'none'}")
     if kernels:
         console.print("native CPU kernels: " + "; ".join(f"{k} {v}" for k, v in kernels.items()))
+    load = "unknown" if r.loadavg_1m is None else f"{r.loadavg_1m:.2f}"
+    console.print(f"measured {r.age_s / 3600:.1f} h ago at load average {load}", markup=False)
+    for note in r.notes():
+        console.print(f"! {note}", markup=False)
     return 0
 
 
@@ -218,7 +222,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-len", type=int, default=256, help="ppl: tokens per window")
     p.add_argument("--context", type=int, default=1024, help="passkey: prompt length in tokens")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: needle depths in [0, 1]")
-    p.add_argument("--trials", type=int, default=3, help="passkey: keys per depth")
+    p.add_argument("--trials", type=int, default=2, help="passkey: keys per depth and haystack")
+    p.add_argument("--haystacks", default="prose,code,list",
+                   help="passkey: filler kinds, any of repeat, prose (pydoc topics or --corpus), code (stdlib "
+                        "sources), list")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="passkey: plain prompt even if the model has a template")
     p.add_argument("--json", action="store_true")
@@ -231,6 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from frugallm.lab.peers import FrugalRunner
 
     depths = passkey.parse_depths(args.depths) if args.task == "passkey" else []
+    stacks = passkey.parse_haystacks(args.haystacks) if args.task == "passkey" else []
     runner = FrugalRunner(args.model, args.dtype, args.device, args.threads, args.quant, args.kv)
     out: dict[str, Any] = {"model": str(runner.path), "dtype": runner.dtype, "quant": args.quant, "kv": args.kv}
     if args.task == "ppl":
@@ -258,10 +266,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         res = passkey.evaluate(gen, runner.tokenizer, context_len=args.context, depths=depths, trials=args.trials,
                                seed=args.seed, chat=not args.no_chat,
                                corpus_text=load_corpus(args.corpus) if args.corpus else None,
-                               max_model_len=llm.max_model_len)
+                               max_model_len=llm.max_model_len, haystacks=stacks)
         out.update(res)
-        per = ", ".join(f"{d}: {a:.0%}" for d, a in res["per_depth"].items())
-        text = f"passkey @ {args.context} tokens: accuracy {res['accuracy']:.0%} ({per})"
+        counts = res["counts"]
+        text = (f"passkey @ {args.context} tokens, kv {args.kv or 'full'}: {counts['all']} needles found | "
+                + ", ".join(f"{k}: {v}" for k, v in counts.items() if k != "all"))
     print(json.dumps(out, indent=2) if args.json else text)
     return 0
 
