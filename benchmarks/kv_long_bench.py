@@ -7,8 +7,10 @@ interrupted run keeps what it did and a rerun with the same arguments only does 
   GemFilter first shortens them), the last ``tail`` tokens are teacher-forced through the compressed cache
   ``chunk`` tokens per step. Records perplexity, argmax ids (top-1 agreement with the full cache is computed in
   the report) and ``cache.nbytes()`` after prefill and at the end, against an fp16 cache of the same tokens.
-* ``passkey``: one prompt of exactly ``context`` tokens per depth and trial (``frugallm.lab.passkey``), answered
-  greedily through each policy's cache. Records the answer, time to first token and every decode step's time.
+* ``passkey``: one prompt of exactly ``context`` tokens per haystack kind, depth and trial (``frugallm.lab.passkey``:
+  prose, stdlib code, lists, or the classic repeated sentences), answered greedily through each policy's cache.
+  Records the answer, time to first token and every decode step's time; the report counts needles (``19/24``)
+  per policy, haystack and depth, since a retrieval claim on a handful of needles in one kind of text misleads.
 * ``layers`` (GemFilter's filter layer): on the same prompts, the share of the key's tokens that the top 25%
   selection by the last window's attention keeps, at every layer up to ``--max-layer``.
 
@@ -18,6 +20,8 @@ which times each cache's own work; a policy's time to first token is the shared 
 caches' time. GemFilter runs its own path (filter pass, then the shorter prefill). Decode steps run
 round-robin over the policies, so load changes on a shared machine hit all of them alike; speeds are medians.
 
+    python benchmarks/kv_long_bench.py --plan 2048:4x2 --haystacks prose,code,list --tasks passkey \
+        --specs "streamingllm:budget=0.25;h2o:budget=0.25;snapkv:budget=0.25" --out /tmp/kv_needles.jsonl
     python benchmarks/kv_long_bench.py --plan 2048:5x1,4096:5x1,8192:3x1 --out /tmp/kv_long.jsonl
     python benchmarks/kv_long_bench.py --report /tmp/kv_long.jsonl          # markdown tables only
     python benchmarks/kv_long_bench.py --specs "kivi:bits=2" --force ...    # redo these rows
@@ -227,7 +231,7 @@ def load_records(path: Path) -> list[dict[str, Any]]:
 
 
 def record_key(r: dict[str, Any]) -> tuple:
-    return (r["kind"], r["context"], r["spec"], r.get("depth"), r.get("trial"))
+    return (r["kind"], r["context"], r["spec"], r.get("depth"), r.get("trial"), r.get("haystack", "repeat"))
 
 
 def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -252,7 +256,7 @@ def report(records: list[dict[str, Any]]) -> str:
     lines = ["| context | policy | KV x fp16 | KV x full | tail PPL | dPPL | top-1 | passkey | vs full | TTFT s "
              "| TTFT x full | decode tok/s | x full | load |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    depth_lines = ["| context | policy | " + "accuracy per depth (correct/trials) |", "|---|---|---|"]
+    depth_lines = ["| context | policy | needles found per haystack | per depth |", "|---|---|---|---|"]
 
     def fmt(x: float | None, f: str) -> str:
         return "-" if x is None else format(x, f)
@@ -287,9 +291,12 @@ def report(records: list[dict[str, Any]]) -> str:
                 step_s = _median([x for r in p for x in r["decode_s"]])
                 dec = 1 / step_s if step_s else None
                 by_depth: dict[float, list[bool]] = defaultdict(list)
+                by_stack: dict[str, list[bool]] = defaultdict(list)
                 for r in p:
                     by_depth[r["depth"]].append(r["correct"])
-                depth_lines.append(f"| {c} | {s} | " + " ".join(
+                    by_stack[r.get("haystack", "repeat")].append(r["correct"])
+                depth_lines.append(f"| {c} | {s} | " + ", ".join(
+                    f"{h}: {sum(v)}/{len(v)}" for h, v in by_stack.items()) + " | " + " ".join(
                     f"{d:g}: {sum(v)}/{len(v)}" for d, v in sorted(by_depth.items())) + " |")
             lines.append(
                 f"| {c} | {s} | {kv:.3f} | {fmt(kv / ref if ref else None, '.3f')} | {fmt(ppl, '.3f')} "
@@ -335,6 +342,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8, help="tail tokens per step (1 = one decode step per token)")
     ap.add_argument("--kv-dtype", default="float32", choices=["float32", "float16"],
                     help="full-precision cache storage (float32: what the engine uses on CPU)")
+    ap.add_argument("--haystacks", default="prose,code,list",
+                    help="passkey filler kinds (frugallm.lab.passkey.HAYSTACKS): repeat, prose, code, list")
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--offset", type=int, default=20_000)
     ap.add_argument("--out", default="kv_long.jsonl")
@@ -358,6 +367,8 @@ def main() -> None:
     kv_dtype = getattr(torch, args.kv_dtype)
     text = load_corpus(args.corpus)[args.offset:]
     tasks = args.tasks.split(",")
+    stacks = [passkey.haystack(h, None if args.corpus is None else load_corpus(args.corpus))
+              for h in passkey.parse_haystacks(args.haystacks)]
 
     def save(recs: list[dict[str, Any]]) -> None:
         with out.open("a") as f:
@@ -366,8 +377,9 @@ def main() -> None:
         if md is not None:
             md.write_text(report(load_records(out)))
 
-    def todo(kind: str, ctx: int, depth: float | None = None, trial: int | None = None) -> list[str]:
-        missing = [s for s in specs if (kind, ctx, s, depth, trial) not in done]
+    def todo(kind: str, ctx: int, depth: float | None = None, trial: int | None = None,
+             stack: str = "repeat") -> list[str]:
+        missing = [s for s in specs if (kind, ctx, s, depth, trial, stack) not in done]
         return ["full", *[s for s in missing if s != "full"]] if missing else []
 
     for ctx, n_depths, trials in parse_plan(args.plan):
@@ -383,29 +395,36 @@ def main() -> None:
             print(f"{ctx} tail: {len(run)} specs in {time.perf_counter() - t0:.0f}s, load {load:.1f}", flush=True)
         if "passkey" not in tasks and "layers" not in tasks:
             continue
-        for di in range(n_depths):
-            depth = round((di + 0.5) / n_depths, 3)
-            for trial in range(trials):
-                rng_seed = ctx * 1000 + di * 10 + trial  # the same prompt on every rerun
-                key = str(10000 + (rng_seed * 7919) % 90000)
-                prompt = passkey.make_prompt(llm.tokenizer, ctx, depth, key, start=rng_seed % 5)
-                if "layers" in tasks and (args.force or ("layers", ctx, "gemfilter", depth, trial) not in done):
-                    recall = needle_recall(llm, prompt, args.max_layer)
-                    save([{"kind": "layers", **meta, "spec": "gemfilter", "depth": depth, "trial": trial,
-                           "recall": recall, "load": os.getloadavg()[0]}])
-                    print(f"{ctx} depth {depth} trial {trial}: recall by layer {recall}", flush=True)
-                run = todo("passkey", ctx, depth, trial) if "passkey" in tasks else []
-                if not run:
-                    continue
-                t0 = time.perf_counter()
-                res = run_passkey(llm, run, prompt, kv_dtype)
-                load = os.getloadavg()[0]
-                save([{"kind": "passkey", **meta, "spec": s, "depth": depth, "trial": trial, "key": key,
-                       "actual_depth": round(prompt.actual_depth, 4), "load": load, **r}
-                      for s, r in zip(run, res, strict=True)])
-                got = " ".join(f"{s}{'+' if r['correct'] else '-'}" for s, r in zip(run, res, strict=True))
-                print(f"{ctx} depth {depth} trial {trial}: {got} ({time.perf_counter() - t0:.0f}s, load {load:.1f})",
-                      flush=True)
+        for stack in stacks:
+            # "repeat" keeps the prompts (keys, filler offsets) of runs made before haystacks had kinds.
+            salt = 0 if stack.name == "repeat" else 1 + passkey.HAYSTACKS.index(stack.name)
+            tag = {} if stack.name == "repeat" else {"haystack": stack.name}
+            for di in range(n_depths):
+                depth = round((di + 0.5) / n_depths, 3)
+                for trial in range(trials):
+                    rng_seed = ctx * 1000 + di * 10 + trial  # the same prompt on every rerun
+                    key = str(10000 + ((rng_seed + 7 * salt) * 7919) % 90000)
+                    start = rng_seed % 5 if not salt else (rng_seed * 7919) % len(stack.units)
+                    prompt = passkey.make_prompt(llm.tokenizer, ctx, depth, key, sentences=stack.units, start=start,
+                                                 sep=stack.sep)
+                    what = f"{ctx} {stack.name} depth {depth} trial {trial}"
+                    if "layers" in tasks and (args.force or ("layers", ctx, "gemfilter", depth, trial, stack.name)
+                                              not in done):
+                        recall = needle_recall(llm, prompt, args.max_layer)
+                        save([{"kind": "layers", **meta, **tag, "spec": "gemfilter", "depth": depth,
+                               "trial": trial, "recall": recall, "load": os.getloadavg()[0]}])
+                        print(f"{what}: recall by layer {recall}", flush=True)
+                    run = todo("passkey", ctx, depth, trial, stack.name) if "passkey" in tasks else []
+                    if not run:
+                        continue
+                    t0 = time.perf_counter()
+                    res = run_passkey(llm, run, prompt, kv_dtype)
+                    load = os.getloadavg()[0]
+                    save([{"kind": "passkey", **meta, **tag, "spec": s, "depth": depth, "trial": trial, "key": key,
+                           "actual_depth": round(prompt.actual_depth, 4), "load": load, **r}
+                          for s, r in zip(run, res, strict=True)])
+                    got = " ".join(f"{s}{'+' if r['correct'] else '-'}" for s, r in zip(run, res, strict=True))
+                    print(f"{what}: {got} ({time.perf_counter() - t0:.0f}s, load {load:.1f})", flush=True)
     print(report(load_records(out)), end="")
 
 

@@ -75,3 +75,20 @@ def test_needle_recall_is_one_share_per_layer(llm):
     prompt = bench.passkey.PasskeyPrompt(ids, "123", 0.5, 0.5, 29, 5)
     recall = bench.needle_recall(SimpleNamespace(**vars(llm), tokenizer=tok), prompt, last=1)
     assert len(recall) == 2 and all(r in (0.0, 1 / 3, 2 / 3, 1.0) for r in recall)
+
+
+def test_report_counts_needles_per_haystack_and_depth(tmp_path):
+    def rec(spec: str, stack: str, depth: float, trial: int, correct: bool) -> dict:
+        return {"kind": "passkey", "context": 64, "spec": spec, "haystack": stack, "depth": depth, "trial": trial,
+                "correct": correct, "ttft_s": 1.0, "decode_s": [0.1], "kv_prefill": 10, "fp16_prefill": 20,
+                "load": 1.0}
+
+    lines = [rec(spec, stack, d, t, not (spec != "full" and stack == "code" and d == 0.75))
+             for spec in ("full", "snapkv:budget=0.25") for stack in ("prose", "code") for d in (0.25, 0.75)
+             for t in range(5)]
+    recs = [*lines, {**lines[0], "haystack": "repeat"}]  # another haystack is another needle, not a rerun
+    assert len(bench.latest(recs)) == len(lines) + 1
+    table = bench.report(lines)
+    assert "| 64 | full | 0.500 | 1.000 | - | - | - | 20/20 |" in table
+    assert "| 64 | snapkv:budget=0.25 | 0.500 | 1.000 | - | - | - | 15/20 | 0.75 |" in table
+    assert "| 64 | snapkv:budget=0.25 | prose: 10/10, code: 5/10 | 0.25: 10/10 0.75: 5/10 |" in table
