@@ -1,0 +1,158 @@
+"""Multi-LoRA decode on the default model: 8 distinct adapters batched vs no adapters vs one after another.
+
+Adapters are random rank-``--rank`` PEFT folders (``adapter_config.json`` + ``adapter_model.safetensors``) on
+``--targets`` projections, written under a temp dir. In one run, on one loaded model:
+
+* ``base c8``: 8 requests, no adapter, decoded together (continuous batching);
+* ``8 adapters c8``: the same 8 requests, each with its own adapter, decoded together (one BGMV per projection);
+* ``8 adapters serial``: the same 8 requests one after another (batch 1 each, how engines that do not batch
+  across adapters run them).
+
+Decode tok/s counts the tokens of engine steps after every request has its first token (prefill excluded);
+medians of ``--runs``. Then ``--registered`` adapters (rank 4) are registered with ``max_loras=8`` and requested
+in batches of 8 distinct ones, cycling so most requests evict: every request's greedy tokens must equal its
+adapter's tokens computed alone (its prompt, a fresh single-slot run), and the slots stay at 8.
+
+    .venv/bin/python benchmarks/lora_bench.py [--runs 3] [--gen-len 64] [--rank 16] [--targets all|attn|qv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TARGETS = {
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qv": ["q_proj", "v_proj"],
+}
+
+
+def write_adapter(folder: Path, cfg, rank: int, targets: list[str], seed: int) -> Path:
+    """A random PEFT LoRA folder for a model of ``cfg`` (A ~ N(0, 1/in), B ~ N(0, 0.02^2))."""
+    from safetensors.torch import save_file
+
+    from frugallm.lora.adapter import PROJECTIONS, fused_layout
+
+    g = torch.Generator().manual_seed(seed)
+    layout = fused_layout(cfg)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for proj in targets:
+            module, part = PROJECTIONS[proj]
+            fan_in, outs = layout[module]
+            where = "self_attn" if module.startswith("attn") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{where}.{proj}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
+            tensors[f"{key}.lora_B.weight"] = 0.02 * torch.randn(outs[part], rank, generator=g)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets, "bias": "none"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def decode_rate(llm, prompts: list[list[int]], loras: list[str | None], gen_len: int) -> float:
+    """Decode tok/s of ``prompts`` run together in one engine (prefill steps excluded)."""
+    from frugallm import SamplingParams
+    from frugallm.engine.llm_engine import EngineConfig, LLMEngine
+
+    params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
+    engine = LLMEngine(llm, EngineConfig(max_num_seqs=len(prompts), num_blocks=64 * len(prompts)))
+    for p, lora in zip(prompts, loras, strict=True):
+        engine.add_request(p, params, lora=lora)
+    started: set[str] = set()
+    tokens, t0 = 0, None
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        if t0 is not None:
+            tokens += len(outs)
+        started |= {o.request_id for o in outs}
+        if t0 is None and len(started) == len(prompts):
+            t0 = time.perf_counter()
+    return tokens / (time.perf_counter() - t0)
+
+
+def serial_rate(llm, prompts: list[list[int]], loras: list[str | None], gen_len: int) -> float:
+    rates = [decode_rate(llm, [p], [lora], gen_len) for p, lora in zip(prompts, loras, strict=True)]
+    return len(rates) / sum(1 / r for r in rates)  # tokens over the summed decode times (equal token counts)
+
+
+def check_lru(model: str, cfg, root: Path, n: int, prompt: list[int]) -> dict:
+    """``n`` registered adapters, 8 slots, batches of 8 distinct ones: every request equals its adapter alone."""
+    from frugallm import LLM, SamplingParams
+
+    paths = {f"r{i}": write_adapter(root / f"r{i}", cfg, 4, TARGETS["qv"], 1000 + i) for i in range(n)}
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    llm = LLM(model, lora=paths, max_loras=8, max_lora_rank=4)
+    names = list(paths)
+    order = [names[(7 * i) % n] for i in range(2 * n)]  # strides through the pool: most batches evict
+    got = {}
+    for i in range(0, len(order), 8):
+        batch = order[i:i + 8]
+        for name, out in zip(batch, llm.generate([prompt] * len(batch), params, lora=batch), strict=True):
+            got.setdefault(name, set()).add(tuple(out.token_ids))
+    alone = LLM(model, max_loras=1, max_lora_rank=4)
+    wrong = 0
+    for name, outs in got.items():
+        alone.lora.add(name, paths[name])
+        want = tuple(alone.generate(prompt, params, lora=name)[0].token_ids)
+        alone.lora.remove(name)
+        wrong += outs != {want}
+    base = tuple(llm.generate(prompt, params)[0].token_ids)
+    return {"registered": n, "requests": len(order), "wrong": wrong, "loads": llm.lora.loads,
+            "slots": len(llm.lora.slots), "distinct_from_base": sum(o != {base} for o in got.values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", choices=sorted(TARGETS), default="all")
+    ap.add_argument("--registered", type=int, default=100)
+    args = ap.parse_args()
+
+    from frugallm import LLM, cpu
+
+    llm = LLM(args.model, max_loras=8, max_lora_rank=args.rank)
+    cfg = llm.config
+    root = Path(tempfile.mkdtemp(prefix="lora_bench_"))
+    names = [f"a{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        llm.lora.add(name, write_adapter(root / name, cfg, args.rank, TARGETS[args.targets], i))
+    ids = llm.tokenizer.encode("The history of the printing press begins with", add_special_tokens=True)
+    prompts = [ids + [i + 100] for i in range(8)]  # distinct prompts: no shared prefix blocks
+    decode_rate(llm, prompts, names, 8)  # warm-up: loads the 8 adapters, builds plans
+    rows = {"base c8": [], "8 adapters c8": [], "8 adapters serial": []}
+    for _ in range(args.runs):
+        rows["base c8"].append(decode_rate(llm, prompts, [None] * 8, args.gen_len))
+        rows["8 adapters c8"].append(decode_rate(llm, prompts, names, args.gen_len))
+        rows["8 adapters serial"].append(serial_rate(llm, prompts, names, args.gen_len))
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    print(f"cpu: {cpu.model_name()}  threads: {torch.get_num_threads()}  loadavg: {os.getloadavg()}")
+    print(f"model: {args.model} ({llm.weights}, decode {llm.model.decode_dtype or llm.dtype}); adapters: rank "
+          f"{args.rank} on {args.targets} ({','.join(TARGETS[args.targets])}); gen_len {args.gen_len}; "
+          f"runs {args.runs}")
+    print("| run | decode tok/s (median) | runs |\n|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |")
+    print(f"8 adapters c8 / base c8: {med['8 adapters c8'] / med['base c8']:.2f}x (target >= 0.8x)")
+    print(f"8 adapters c8 / serial:  {med['8 adapters c8'] / med['8 adapters serial']:.2f}x (target >= 3x)")
+    if args.registered:
+        lru = check_lru(args.model, cfg, root, args.registered, ids)
+        print(f"LRU: {lru['registered']} adapters, max_loras 8: {lru['requests']} requests, {lru['wrong']} wrong, "
+              f"{lru['loads']} loads, {lru['slots']} slots held, {lru['distinct_from_base']} differ from the base")
+    print(f"loadavg after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
