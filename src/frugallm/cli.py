@@ -53,6 +53,36 @@ def add_technique_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(_techniques=True)
 
 
+def add_lora_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    """PEFT LoRA adapters (LoRA, rsLoRA, DoRA): one for generate; named ones (and slots) for serve."""
+    if not serve:
+        p.add_argument("--lora", default=None, metavar="PATH", help="run with this PEFT LoRA adapter folder")
+        return
+    p.add_argument("--lora", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                   help="PEFT LoRA adapters to serve; a request selects one by its 'model' field")
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="adapters held in memory at once, least recently used evicted (default 4 with --lora)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted (default 16)")
+
+
+def lora_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``LLM`` keyword arguments for the ``--lora`` options (checked: ``NAME=PATH``, names unique)."""
+    lora = getattr(args, "lora", None)
+    if isinstance(lora, str):  # generate: one adapter, any rank
+        return {"lora": {"lora": lora}, "max_loras": 1, "max_lora_rank": 64}
+    if not lora and getattr(args, "max_loras", None) is None:
+        return {}
+    adapters: dict[str, str] = {}
+    for spec in lora:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise FrugalError(f"--lora {spec!r}: expected NAME=PATH")
+        if name in adapters:
+            raise FrugalError(f"--lora: the adapter name {name!r} is given twice")
+        adapters[name] = path
+    return {"lora": adapters, "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank}
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=128)
     p.add_argument("--temperature", "-t", type=float, default=0.0)
@@ -82,6 +112,7 @@ def load_llm(args: argparse.Namespace) -> Any:
         use_cache=not args.no_cache,
         progress=sys.stderr.isatty(),
         **techniques,
+        **lora_kwargs(args),
     )
 
 
@@ -110,6 +141,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_technique_args(p)
     add_sampling_args(p)
+    add_lora_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
     p.set_defaults(func=cmd_generate)
@@ -142,8 +174,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     if args.chat:
         prompt = llm.chat_prompt([{"role": "user", "content": prompt}])
+    adapter = "lora" if args.lora else None
     if args.json:
-        out = llm.generate([prompt], params)[0]
+        out = llm.generate([prompt], params, lora=adapter)[0]
         print(
             json.dumps(
                 {
@@ -156,7 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    for delta in llm.stream(prompt, params):
+    for delta in llm.stream(prompt, params, lora=adapter):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from frugallm.engine.async_llm import AsyncLLM, EngineDeadError
 from frugallm.engine.metrics import Counter
 from frugallm.errors import FrugalError
+from frugallm.serve.lora_routes import LoraRoutes
 from frugallm.serve.openai import OpenAIRoutes
 from frugallm.serve.protocol import json_error
 from frugallm.serve.tokenize import TokenizeRoutes
@@ -158,6 +159,7 @@ def create_app(
     max_len = engine.max_model_len
     created = int(time.time())
     statuses = Counter("http_responses", "HTTP responses by status code.", label="status")
+    adapters = LoraRoutes(engine, served_model_name, created)  # LoRA adapters: cards, load / unload
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -209,16 +211,19 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(), *adapters.cards()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> Any:
+        if model_id != served_model_name and (card := adapters.card(model_id)) is not None:
+            return card
         if model_id != served_model_name:
             return json_error(404, f"model {model_id!r} not found; available: {served_model_name}", "model",
                                "model_not_found")
         return model_card()
 
     app.include_router(OpenAIRoutes(async_llm, served_model_name).router)
+    app.include_router(adapters.router)
     app.include_router(TokenizeRoutes(engine.tokenizer, engine.inputs.vocab_size, max_len, served_model_name).router)
     return app
 

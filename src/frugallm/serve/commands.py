@@ -7,7 +7,7 @@ import os
 import sys
 
 from frugallm import cpu
-from frugallm.cli import add_model_args, command, load_llm
+from frugallm.cli import add_lora_args, add_model_args, command, load_llm, lora_kwargs
 from frugallm.errors import FrugalError
 
 
@@ -16,6 +16,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_path", nargs="?", metavar="MODEL", default=None,
                    help="'default', a .gguf file or a HF folder (same as --model)")
     add_model_args(p)
+    add_lora_args(p, serve=True)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
@@ -78,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         allowed_hosts = default_allowed_hosts(args.host)
     config = build_engine_config(args)  # validate before the (slow) model load
+    lora_kwargs(args)  # --lora NAME=PATH specs too
     quant = None
     if args.quant:
         from frugallm.quant import parse_quant_spec

@@ -10,6 +10,7 @@ SSE streaming or one JSON body, usage accounting, and aborting when the client d
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -238,8 +239,11 @@ class OpenAIRoutes:
 
     # -- validation (once) --------------------------------------------------------------------------
     def check_model(self, name: str | None) -> JSONResponse | None:
-        if name is not None and name != self.model:
-            return json_error(404, f"The model {name!r} does not exist; available: {self.model}", "model",
+        lora = self.async_llm.engine.lora
+        adapters = [] if lora is None else lora.names()
+        if name is not None and name != self.model and name not in adapters:
+            available = ", ".join([self.model, *adapters])
+            return json_error(404, f"The model {name!r} does not exist; available: {available}", "model",
                               "model_not_found")
         return None
 
@@ -304,11 +308,15 @@ class OpenAIRoutes:
         """Run ``reqs`` and answer as SSE events (``req.stream``) or one JSON body shaped by ``fmt``."""
         now = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.model is not None and req.model != self.model:  # a LoRA adapter (unknown names: a 400 naming it)
+            lora = self.async_llm.engine.resolve_lora(req.model)
+            reqs = [dataclasses.replace(r, lora=lora) for r in reqs]
         agen = self.async_llm.generate_many(reqs, rid)
         acc = _Usage(req.n)
 
         def body(name: str, choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> dict[str, Any]:
-            out: dict[str, Any] = {"id": rid, "object": name, "created": now, "model": self.model, "choices": choices}
+            out: dict[str, Any] = {"id": rid, "object": name, "created": now, "model": req.model or self.model,
+                                   "choices": choices}
             if use is not None:
                 out["usage"] = use
             return out
