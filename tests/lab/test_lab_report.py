@@ -104,3 +104,28 @@ def test_renders_in_headless_chromium(jsonl, tmp_path) -> None:
     subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     "--window-size=1280,2000", page.resolve().as_uri()], check=True, timeout=60, capture_output=True)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_flags_notes_and_grouped_unavailable_rows(jsonl) -> None:
+    recs = results.read_records(jsonl)
+    ok = [r for r in recs if r["status"] == "ok"]
+    busy = copy.deepcopy(ok[0])
+    busy["label"] = "busy run"
+    busy["notes"] = [*busy["notes"], "the machine was busy (1-min load average 7.9 on 2 logical cores)"]
+    busy["flags"] = ["decode: MBU 393%: above a ceiling"]
+    text = report.build_html([*recs, busy])
+    head = text.split("<h2>Summary</h2>")[0]
+    assert "Flags and machine notes" in head and "[busy run] decode: MBU 393%" in head
+    assert "[busy run] the machine was busy (1-min load average 7.9" in head
+    # One line for "not on a CUDA device" across every config and both CUDA metrics (was one row per pair).
+    groups = report.unavailable_groups([*ok, busy])
+    cuda = [g for g in groups if g[0] == "not on a CUDA device"]
+    assert cuda == [("not on a CUDA device", ["cuda_max_allocated_bytes", "cuda_max_reserved_bytes"], "all 4")]
+    assert text.count("not on a CUDA device") == 1
+
+
+def test_quality_axis_spans_at_least_five_percent() -> None:
+    lo, hi = report.quality_limits([10.00, 10.01, 10.02])  # a 0.2 % spread
+    assert hi - lo >= 0.05 * 10.0 and lo < 10.0 and hi > 10.02
+    lo, hi = report.quality_limits([10.0, 20.0])  # a real spread keeps its own scale
+    assert lo < 10.0 and 20.0 < hi < 21.0

@@ -247,6 +247,7 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
     m.put("energy_per_token_j", energy / n_out)
     m.put("energy_per_request_j", energy / len(timings))
     m.put("avg_power_w", energy / wall)
+    src_quant = _source_quant_flags(p, runner)
     probe = settings.probe if settings.probe is not None else local_probe(runner.device)
     hw = settings.hw or probe.spec
     try:
@@ -259,13 +260,27 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
                machine=results.machine_info(probe), model_config=cfg.to_dict(),
                engine={"backend": runner.backend, "dtype": runner.dtype, "device": runner.device,
                        "threads": torch.get_num_threads(), "quant": p.quant, "kv": p.kv, "model_path": str(runner.path),
-                       "reused_loaded_model": cache.reused},
+                       "reused_loaded_model": cache.reused, "source_quantization": runner.source_quantization},
                system_load={"loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg(),
                             "logical_cores": psutil.cpu_count(logical=True)},
                notes=[*NOTES, meter.note, *runner.notes, *_load_note(load_before)],
                # figures past a ceiling, and what makes the probe they are measured against doubtful
-               flags=[*rec.get("roofline", {}).get("flags", []), *(probe.notes() if settings.hw is None else [])])
+               flags=[*src_quant, *rec.get("roofline", {}).get("flags", []),
+                      *(probe.notes() if settings.hw is None else [])])
     return rec
+
+
+def _source_quant_flags(p: BenchPoint, runner: Runner) -> list[str]:
+    """A model file that is already quantized makes ``--quant`` look nearly lossless: say so."""
+    src = runner.source_quantization
+    if src is None:
+        return []
+    if p.quant:
+        return [f"the source model is already quantized ({src}): --quant {p.quant} re-quantizes quantized "
+                "weights, and quality is measured against this file dequantized to fp32, not against the original "
+                "model, so the loss reads smaller than quantizing the original would give"]
+    return [f"the source model is already quantized ({src}): the fp32 reference for quality is this file "
+            "dequantized, not the original model"]
 
 
 def _loadavg() -> float | None:

@@ -95,6 +95,8 @@ class BatchResult:
 class Runner:
     """A loaded model of one backend. Subclasses set the attributes below in ``__init__``."""
 
+    source_quantization: str | None = None  # the file's own quantization (see :func:`source_quantization`)
+
     backend: ClassVar[str] = ""
     can_score: ClassVar[bool] = False  # score(ids) gives teacher-forced logits (for quality)
     score_reason: ClassVar[str] = ""  # why not, when can_score is False
@@ -142,6 +144,24 @@ class Runner:
                 setattr(self, attr, None)
 
 
+_FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+
+
+def source_quantization(loaded: Any) -> str | None:
+    """How the model file's weights were already quantized, e.g. ``"GGUF Q4_1 67% + Q8_0 31%"`` (shares of the
+    tensor bytes), or None for float weights. ``--quant`` on such a file re-quantizes quantized weights, and the
+    fp32 reference is that file dequantized, not the original model."""
+    if loaded.source_format == "quantized":
+        return f"frugallm quantized folder ({loaded.source_info.get('quant_spec')})"
+    types = loaded.source_info.get("tensor_type_bytes") or {}
+    quant = {k: v for k, v in types.items() if k.upper() not in _FLOAT_TYPES}
+    if not quant:
+        return None
+    total = sum(types.values())
+    parts = sorted(quant.items(), key=lambda kv: -kv[1])
+    return f"{loaded.source_format.upper()} " + " + ".join(f"{k} {v / total:.0%}" for k, v in parts)
+
+
 class FrugalRunner(Runner):
     backend = "frugallm"
     can_score = True
@@ -165,6 +185,7 @@ class FrugalRunner(Runner):
         self.load_s = time.perf_counter() - t0
         self.config, self.tokenizer = self.llm.config, self.llm.tokenizer
         self.path = Path(self.llm.loaded.path)
+        self.source_quantization = source_quantization(self.llm.loaded)
         self.dtype = _DTYPE_NAMES.get(self.llm.dtype, str(self.llm.dtype))
         self.device = str(self.llm.device)
 

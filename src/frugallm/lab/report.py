@@ -4,6 +4,12 @@ The page embeds every chart as a base64 PNG data URI and its CSS inline: no scri
 Charts: the roofline with measured points, quality-vs-memory and quality-vs-throughput Pareto charts,
 latency distributions per configuration; then one table per metric group. Energy values carry their
 method (``nvml`` / ``rapl`` / ``estimated``) wherever they are shown.
+
+Honesty rules: the records' flags (figures past a ceiling, a doubtful probe, an already-quantized source) and
+notes (a busy machine, how a figure was measured) are shown at the top, never dropped; a metric unavailable for
+the same reason in many configurations is one line; chart points are numbered and named in a legend (labels
+never overlap or get cut); a perplexity axis spans at least :data:`MIN_QUALITY_SPAN` of its lowest value, so
+run-to-run noise does not look like a trend.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from frugallm.errors import FrugalError
-from frugallm.lab.results import config_label, summary_rows
+from frugallm.lab.results import config_label, record_warnings, summary_rows
+
+MIN_QUALITY_SPAN = 0.05  # a perplexity axis covers at least 5 % of its lowest value
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -147,23 +155,39 @@ def _pareto(points: list[tuple[str, float, float]], lower_x_better: bool) -> lis
     return sorted(set(front))
 
 
+def quality_limits(values: list[float], min_span: float = MIN_QUALITY_SPAN) -> tuple[float, float]:
+    """y-axis limits for perplexities: the data with 8 % margins, widened to at least ``min_span`` of the
+    lowest value (from just below it), so a 0.2 % spread does not fill the axis like a trend."""
+    lo, hi = min(values), max(values)
+    span = max(hi - lo, min_span * abs(lo)) or 1.0
+    return lo - 0.08 * span, lo + 1.08 * span
+
+
+def _wrap(label: str, width: int = 48) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label, width)) or label
+
+
 def _scatter_chart(points: list[tuple[str, float, float]], xlabel: str, title: str, lower_x_better: bool,
                    logx: bool) -> str:
-    fig = _figure()
+    fig = _figure(8.5, 5.0 + 0.22 * len(points))
     ax = fig.add_subplot()
-    for label, x, y in points:
-        ax.scatter([x], [y], s=40, zorder=3)
-        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for i, (label, x, y) in enumerate(points, 1):
+        # numbered points and the names in the legend: annotations of nearby points overlap
+        ax.scatter([x], [y], s=40, zorder=3, label=f"{i}: {_wrap(label)}")
+        ax.annotate(str(i), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     front = _pareto(points, lower_x_better)
     if len(front) > 1:
         ax.plot([f[0] for f in front], [f[1] for f in front], "--", color="gray", label="Pareto front", zorder=2)
-        ax.legend(fontsize=8)
     if logx and all(p[1] > 0 for p in points):
         ax.set_xscale("log")
+    ax.set_ylim(*quality_limits([p[2] for p in points]))
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel(f"perplexity (lower is better; axis >= {MIN_QUALITY_SPAN:.0%} of the best)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.12), ncol=1, frameon=False)
     return _png(fig)
 
 
@@ -179,7 +203,7 @@ def _latency_chart(ok: list[dict[str, Any]]) -> str | None:
         data = [[v * 1e3 for v in s.get(key) or []] or [math.nan] for _, s in series]
         ax.boxplot(data, showfliers=True, **_horizontal())
         ax.set_yticks(range(1, len(series) + 1))
-        ax.set_yticklabels([_label(r) for r, _ in series] if i == 0 else [], fontsize=7)
+        ax.set_yticklabels([_wrap(_label(r), 40) for r, _ in series] if i == 0 else [], fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
     return _png(fig)
@@ -220,6 +244,10 @@ def build_html(records: list[dict[str, Any]]) -> str:
     if "estimated" in methods:
         parts.append("<p class=note>Energy marked <b>estimated</b> is process CPU time x a per-core power figure, "
                      "not a measurement.</p>")
+    warnings = record_warnings(ok)
+    if warnings:
+        items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+        parts.append(f"<h2>Flags and machine notes</h2><ul class=note>{items}</ul>")
     parts.append("<h2>Summary</h2>" + _rows_table(summary_rows(records)))
     parts.append("<h2>Charts</h2>")
     for title, data in _roofline_charts(ok):
@@ -243,12 +271,12 @@ def build_html(records: list[dict[str, Any]]) -> str:
     parts.append("<h2>Metrics</h2>")
     for title, cols in _TABLES:
         parts.append(_table(title, cols, ok))
-    unavailable = [(r, k, why) for r in ok for k, why in (r.get("unavailable") or {}).items()]
+    unavailable = unavailable_groups(ok)
     if unavailable:
-        rows = "".join(f"<tr><td>{html.escape(_label(r))}</td><td>{html.escape(k)}</td><td>{html.escape(why)}</td></tr>"
-                       for r, k, why in unavailable)
-        parts.append(f"<h3>Unavailable metrics</h3><table><tr><th>config</th><th>metric</th><th>why</th></tr>{rows}"
-                     "</table>")
+        rows = "".join(f"<tr><td>{html.escape(who)}</td><td>{html.escape(', '.join(keys))}</td>"
+                       f"<td>{html.escape(why)}</td></tr>" for why, keys, who in unavailable)
+        parts.append(f"<h3>Unavailable metrics</h3><table><tr><th>configs</th><th>metrics</th><th>why</th></tr>"
+                     f"{rows}</table>")
     if errors:
         rows = "".join(f"<tr><td>{html.escape(_label(r))}</td><td class=err>{html.escape(str(r.get('error')))}"
                        "</td></tr>" for r in errors)
@@ -256,6 +284,21 @@ def build_html(records: list[dict[str, Any]]) -> str:
     parts.append(_environment(ok))
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>frugallm report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def unavailable_groups(ok: list[dict[str, Any]]) -> list[tuple[str, list[str], str]]:
+    """``(why, metrics, configs)`` per reason: one line where a reason (e.g. "not on a CUDA device") holds for
+    several metrics and configurations; ``configs`` is ``"all N"`` when it holds for every record."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for r in ok:
+        for key, why in (r.get("unavailable") or {}).items():
+            keys, labels = groups.setdefault(why, ([], []))
+            if key not in keys:
+                keys.append(key)
+            if _label(r) not in labels:
+                labels.append(_label(r))
+    return [(why, keys, f"all {len(ok)}" if len(labels) == len(ok) and len(ok) > 1 else "; ".join(labels))
+            for why, (keys, labels) in groups.items()]
 
 
 def _rows_table(rows: list[dict[str, str]]) -> str:

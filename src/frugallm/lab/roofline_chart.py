@@ -106,17 +106,25 @@ def plot_roofline(report: RooflineReport, hw: HardwareSpec, path: str | Path,
         for r in rows:
             ax.annotate(r.name, (r.intensity, r.achieved_flops), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
-    for label, x, y in measured_points or []:
-        ax.scatter([x], [y], marker="*", s=120, zorder=4)
-        ax.annotate(label, (x, y), fontsize=7, xytext=(4, -8), textcoords="offset points")
+    roof = max(hw.peak_flops.values())
+    for i, (label, x, y) in enumerate(measured_points or [], 1):
+        # Numbered stars named in the legend (labels of nearby points overlap); a star above every ceiling is
+        # drawn with a red edge: the run's model (peak dtype, probe, bytes) is wrong, not the hardware beaten.
+        above = y > min(roof, x * hw.mem_bandwidth) * 1.0001
+        ax.scatter([x], [y], marker="*", s=140, zorder=4, edgecolors="red" if above else "none", linewidths=1.2,
+                   label=f"{i}: {label}" + (" (ABOVE THE ROOF: see the record's flags)" if above else ""))
+        ax.annotate(str(i), (x, y), fontsize=8, xytext=(5, -9), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP/byte)")
     ax.set_ylabel("FLOP/s")
     ax.set_title(f"{report.model} on {hw.name} ({hw.mem_bandwidth_gbs:.4g} GB/s), batch {report.batch}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    if measured_points:  # many entries: below the axes, so the legend never hides points
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.1), frameon=False)
+    else:
+        ax.legend(fontsize=7, loc="lower right")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")
     return out
