@@ -3,7 +3,7 @@
 Layers, bottom first (a module may import its own layer and those below it):
 
 0. ``errors``, ``paths``, ``registry``, ``version``: plain Python, no frugallm imports above them
-1. ``cpu``, ``native``, ``config``, ``sampling``, ``corpus``, ``tokenizer``
+1. ``cpu``, ``native``, ``config``, ``sampling``, ``corpus``, ``tokenizer``, ``structured`` (grammar masks)
 2. ``model``
 3. ``quant``, ``kv``, ``lora``, ``spec``: techniques that wrap or replace model parts (``spec``: proposers
    and verification over a loaded model; the engine loads draft models)
@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[set[str]] = [
     {"frugallm.errors", "frugallm.paths", "frugallm.registry", "frugallm.version"},
     {"frugallm.cpu", "frugallm.native", "frugallm.config", "frugallm.sampling", "frugallm.corpus",
-     "frugallm.tokenizer"},
+     "frugallm.tokenizer", "frugallm.structured"},
     {"frugallm.model"},
     {"frugallm.quant", "frugallm.kv", "frugallm.lora", "frugallm.spec"},
     {"frugallm.loading"},

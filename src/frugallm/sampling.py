@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,8 @@ class SamplingParams:
     ``logit_bias`` (token id -> value added to its logit, clamped to [-100, 100] as OpenAI does) and
     ``min_tokens`` (EOS and ``stop_token_ids`` are masked until this many tokens were generated) shape the
     logits before sampling. ``prompt_logprobs``: this many top log-probabilities for every prompt token
-    (the first has none), plus the token's own.
+    (the first has none), plus the token's own. ``json_schema`` / ``grammar``: structured output, the output
+    is constrained token by token (``frugallm.structured``); ``{"type": "object"}`` is any JSON object.
     """
 
     max_tokens: int = 16
@@ -43,6 +45,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); a dict is accepted
+    json_schema: str | None = None  # JSON text of a schema the output must match (a dict is accepted)
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect) the output must match
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,17 @@ class SamplingParams:
         except (TypeError, ValueError):
             raise InvalidRequestError("logit_bias must map token ids to numbers") from None
         object.__setattr__(self, "logit_bias", bias)
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except ValueError as e:
+                raise InvalidRequestError(f"json_schema is not valid JSON: {e}") from None
+            if not isinstance(schema, dict | bool):
+                raise InvalidRequestError("json_schema must be a JSON object (a schema)")
+        if self.json_schema is not None and self.grammar is not None:
+            raise InvalidRequestError("json_schema and grammar are exclusive: give one")
         checks = [
             (
                 isinstance(self.max_tokens, int) and self.max_tokens >= 1,

@@ -55,3 +55,20 @@ def test_greedy_takes_the_fp32_argmax_of_a_half_tie(tiny_models, dtype) -> None:
     assert int(llm.score(PROMPT)[-1].argmax()) == b  # what quality measures agrees
     # Logits outside the refined candidates keep the half head's values (at most one half rounding step off).
     torch.testing.assert_close(new, old.float(), atol=float(old.abs().max()) * torch.finfo(llm.dtype).eps, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 70])  # decode, a batching engine's rows, a scored window (weight cast)
+def test_logits_match_an_fp32_head(tiny_models, rows) -> None:
+    llm = LLM(str(tiny_models.hf("llama")), dtype="bfloat16", device="cpu")
+    model = llm.model
+    x = torch.randn(rows, llm.config.hidden_size, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    with torch.inference_mode():
+        got = model.logits(x)
+        h = model.norm(x.float())
+        want = h @ model.lm_head.weight.float().T
+    assert got.dtype == torch.float32
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    top = want.argmax(-1, keepdim=True)
+    torch.testing.assert_close(got.gather(1, top), want.gather(1, top), rtol=1e-5, atol=1e-5)  # the max is exact
+    step = float(want.abs().max()) * torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(got, want, rtol=0, atol=step)  # the rest within one bf16 step (exact at 70 rows)

@@ -101,3 +101,110 @@ def test_hostile_chat_template_is_400_and_off_the_event_loop(llm: LLM, hostile_t
         assert latencies and max(latencies) < 0.5, latencies
         assert httpx.get(f"{srv.url}/health").status_code == 200
     assert engine.block_manager.num_used_blocks == 0
+
+
+# -- queue cap (issue 16 #13) -------------------------------------------------------------------------------
+def test_huge_request_is_rejected_up_front(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    app, engine, async_llm = make_app(llm)  # the default cap
+    calls = []
+    monkeypatch.setattr(type(async_llm.inputs), "encode", lambda self, p: calls.append(p) or [1])
+    with TestClient(app) as c:
+        t0 = time.perf_counter()
+        r = c.post("/v1/completions", json={"prompt": ["hello"] * 20_000, "max_tokens": 4})
+        elapsed = time.perf_counter() - t0
+    assert r.status_code == 400, r.text
+    assert "20000 sequences" in r.json()["error"]["message"] and "--max-queue" in r.json()["error"]["message"]
+    assert not calls and elapsed < 2  # nothing was tokenized
+    assert async_llm.num_admitted == 0 and engine.block_manager.num_used_blocks == 0
+
+
+def test_full_queue_is_429_with_retry_after(llm: LLM) -> None:
+    app, engine, async_llm = make_app(llm, max_queue=4)
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.01), step())[1]  # slow the tiny model down: ~0.5 s per request
+    slow = {"prompt": "x", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    with LiveServer(app) as srv, ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(httpx.post, f"{srv.url}/v1/completions", json={**slow, "n": 2}, timeout=60)
+                   for _ in range(2)]  # 2 x n=2: the cap of 4 sequences
+        deadline = time.time() + 10
+        while async_llm.num_admitted < 4:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        for body in ({"prompt": "y", "max_tokens": 2}, {"prompt": "y", "max_tokens": 2, "stream": True}):
+            r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=10)
+            assert r.status_code == 429, r.text
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+        chat = httpx.post(f"{srv.url}/v1/chat/completions", timeout=10,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 429
+        assert all(f.result().status_code == 200 for f in running)  # the admitted work was not disturbed
+        assert async_llm.num_admitted == 0
+        assert httpx.post(f"{srv.url}/v1/completions", json={"prompt": "y", "max_tokens": 2}).status_code == 200
+        metrics = httpx.get(f"{srv.url}/metrics").text
+    assert 'status="429"} 3' in metrics
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_admission_is_released_however_a_stream_ends(llm: LLM) -> None:
+    import asyncio
+
+    from frugallm import SamplingParams
+
+    engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4, max_num_seqs=8))
+    async_llm = AsyncLLM(engine, max_queue=3).start()
+    req = async_llm.inputs.process("x", SamplingParams(max_tokens=30, ignore_eos=True), n=3)
+
+    async def scenario() -> None:
+        unread = async_llm.generate_many([req])  # admitted now, dropped unread
+        assert async_llm.num_admitted == 3
+        del unread
+        assert async_llm.num_admitted == 0
+        stream = async_llm.generate_many([req])
+        await stream.__anext__()
+        await stream.aclose()  # a client gone mid-stream
+        assert async_llm.num_admitted == 0
+        async for _ in async_llm.generate_many([req]):
+            pass
+        assert async_llm.num_admitted == 0
+
+    try:
+        asyncio.run(scenario())
+        deadline = time.time() + 10
+        while engine.requests and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.block_manager.num_used_blocks == 0
+    finally:
+        async_llm.shutdown()
+
+
+def test_chat_default_max_tokens_is_bounded(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from frugallm.serve import openai
+
+    monkeypatch.setattr(openai, "CHAT_DEFAULT_MAX_TOKENS", 5)  # the tiny model's context is shorter than 4096
+    app, _, _ = make_app(llm)
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+def test_large_prompt_is_tokenized_off_the_event_loop(llm: LLM) -> None:
+    app, engine, _ = make_app(llm)
+    prompt = ("The quick brown fox jumps over the lazy dog. " * 45_000)[:2_000_000]  # 2 MB
+    with LiveServer(app) as srv:
+        done = threading.Event()
+        with ThreadPoolExecutor(2) as pool:
+            probe = pool.submit(health_latencies, srv.url, done)
+            time.sleep(0.1)
+            t0 = time.perf_counter()
+            r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=60)
+            elapsed = time.perf_counter() - t0
+            done.set()
+            latencies = probe.result()
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"], r.text[:300]
+    assert elapsed > 0.2 and len(latencies) >= 3  # /health was asked while the prompt was being tokenized
+    assert max(latencies) < 0.5, latencies
+    assert engine.block_manager.num_used_blocks == 0

@@ -5,6 +5,11 @@ thread-safe inbox; each request gets an ``asyncio.Queue`` on the caller's event 
 thread feeds with :class:`StepOutput` objects. Leaving the ``async for`` early (a client disconnect
 cancels the task) aborts the request, which frees its KV blocks at the start of the next step.
 
+Queued work is capped: at most ``max_queue`` sequences (a prompt's ``n`` choices count ``n``) are admitted,
+waiting or running, at once. A request that would pass the cap raises :class:`QueueFullError` (HTTP 429 with
+``Retry-After``) before anything is tokenized or queued; one larger than the cap by itself can never run and is
+an :class:`InvalidRequestError` (400).
+
 Per-token costs are kept off the engine's path: a step's outputs reach each event loop in one
 ``call_soon_threadsafe`` (one wake-up per step, not per token), and a consumer that fell behind gets
 the tokens queued for a choice merged into one output (one SSE event) instead of one per token.
@@ -38,6 +43,20 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped; no request can be served."""
 
 
+# Sequences admitted (waiting or running) at most, by default. vLLM queues without bound (a 20,000-prompt request
+# is accepted and runs for minutes); TGI refuses past 128 concurrent requests with 429. Counting sequences, 512
+# is 32 full batches at the default max_num_seqs (16) and fits one request of the largest n (128) x 4 prompts.
+DEFAULT_MAX_QUEUE = 512
+
+
+class QueueFullError(RuntimeError):
+    """More work is queued than ``max_queue`` allows; retry after ``retry_after`` seconds (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass
 class _Sink:
     loop: asyncio.AbstractEventLoop
@@ -60,8 +79,13 @@ class AbortRequest:
 class AsyncLLM:
     """Serve many concurrent requests from one engine. Start with :meth:`start`, stop with :meth:`shutdown`."""
 
-    def __init__(self, engine: LLMEngine | None = None) -> None:
+    def __init__(self, engine: LLMEngine | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+        if max_queue < 1:
+            raise InvalidRequestError(f"max_queue must be >= 1, got {max_queue}")
         self.engine = engine  # type: ignore[assignment]  # None only inside launch(), until built
+        self.max_queue = max_queue
+        self._admitted = 0  # sequences of requests between admission and their last output (or abort)
+        self._admit_lock = threading.Lock()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
@@ -76,7 +100,7 @@ class AsyncLLM:
         return self
 
     @classmethod
-    def launch(cls, build: Callable[[], LLMEngine]) -> AsyncLLM:
+    def launch(cls, build: Callable[[], LLMEngine], max_queue: int = DEFAULT_MAX_QUEUE) -> AsyncLLM:
         """Build the engine (model loading included) *in* the engine thread, then serve from it.
 
         Why: torch's OpenMP runtime keeps a pool of worker threads per thread that runs parallel ops. A
@@ -85,7 +109,7 @@ class AsyncLLM:
         parallel op then pays a wake-up (~50 us; a 16-sequence decode step ran 1.35x slower). Errors from
         ``build`` are raised here.
         """
-        self = cls()
+        self = cls(max_queue=max_queue)
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -122,6 +146,40 @@ class AsyncLLM:
         """The engine's request validator (thread-safe): callers build :class:`EngineRequest` s with it."""
         return self.engine.inputs
 
+    @property
+    def num_admitted(self) -> int:
+        """Sequences admitted and not finished yet (what ``max_queue`` caps)."""
+        return self._admitted
+
+    def check_capacity(self, num_seqs: int) -> None:
+        """Raise unless ``num_seqs`` more sequences fit under ``max_queue`` now: :class:`InvalidRequestError` if
+        they never could, :class:`QueueFullError` if other work has to finish first. Cheap: call it before
+        tokenizing a request."""
+        if num_seqs > self.max_queue:
+            raise InvalidRequestError(
+                f"this request asks for {num_seqs} sequences (prompts x n); this server queues at most "
+                f"{self.max_queue} (serve --max-queue); split it into smaller requests")
+        if self._admitted + num_seqs > self.max_queue:
+            raise QueueFullError(
+                f"server busy: {self._admitted} sequences queued or running, {num_seqs} more would pass the cap of "
+                f"{self.max_queue} (serve --max-queue); retry shortly")
+
+    def _admit(self, num_seqs: int) -> Callable[[], None]:
+        """Count ``num_seqs`` in (or raise); returns the function that counts them out, once."""
+        with self._admit_lock:
+            self.check_capacity(num_seqs)
+            self._admitted += num_seqs
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._admit_lock:
+                if not released:
+                    released = True
+                    self._admitted -= num_seqs
+
+        return release
+
     async def generate(
         self, prompt: str | Seq[int], params: SamplingParams, n: int = 1, request_id: str | None = None
     ) -> AsyncIterator[StepOutput]:
@@ -129,13 +187,24 @@ class AsyncLLM:
         async for out in self.generate_many([self.inputs.process(prompt, params, n=n)], request_id):
             yield out
 
-    async def generate_many(
+    def generate_many(
         self, requests: Seq[EngineRequest], request_id: str | None = None
     ) -> AsyncIterator[StepOutput]:
         """Several validated prompts as one request: choice ``index`` is ``prompt_index * n + i`` (each
-        request's ``n`` must be the same). Their own ``request_id`` s are replaced by ``request_id``-based ones."""
+        request's ``n`` must be the same). Their own ``request_id`` s are replaced by ``request_id``-based ones.
+
+        Admission happens here, not at the first iteration: :class:`QueueFullError` (or, for a request larger
+        than ``max_queue``, :class:`InvalidRequestError`) is raised by this call, before anything is queued, so
+        a server can still answer 429. The sequences are counted out when the stream ends, fails, is closed,
+        or is dropped without being read."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
+        release = self._admit(sum(r.n for r in requests))
+        return _Admitted(self._generate_admitted(requests, request_id), release)
+
+    async def _generate_admitted(
+        self, requests: Seq[EngineRequest], request_id: str | None
+    ) -> AsyncIterator[StepOutput]:
         base = request_id or f"async-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -222,6 +291,32 @@ class AsyncLLM:
             for sink in self._sinks.values():
                 self._deliver(sink, EngineDeadError(f"engine thread died: {e}"))
             raise
+
+
+class _Admitted:
+    """An output stream holding admitted sequences; ``release`` runs once, however the stream ends."""
+
+    def __init__(self, agen: AsyncIterator[StepOutput], release: Callable[[], None]) -> None:
+        self._agen, self._release = agen, release
+
+    def __aiter__(self) -> _Admitted:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        try:
+            return await self._agen.__anext__()
+        except BaseException:  # finished (StopAsyncIteration), failed or cancelled
+            self._release()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            await self._agen.aclose()  # type: ignore[attr-defined]
+        finally:
+            self._release()
+
+    def __del__(self) -> None:  # dropped unread (a response never started); a started stream aborts itself
+        self._release()
 
 
 def _put_all(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from frugallm.errors import InvalidRequestError
 from frugallm.sampling import SamplingParams
+from frugallm.structured import Matcher, backend_for, constraint_of
 from frugallm.tokenizer.tokenizer import Tokenizer
 
 
@@ -29,6 +30,7 @@ class EngineRequest:
     params: SamplingParams
     n: int = 1
     arrival_time: float = field(default_factory=time.perf_counter)
+    matcher: Matcher | None = None  # structured output: the compiled constraint at its start (one per prompt)
     lora: Any = None  # the LoRA adapter (lora.LoraRequest) it runs with, resolved by LLMEngine.resolve_lora
 
 
@@ -72,6 +74,14 @@ class InputProcessor:
         if self.max_n is not None and not 1 <= n <= self.max_n:
             raise InvalidRequestError(f"n must be in [1, {self.max_n}] (max_num_seqs), got {n}")
 
+    def compile(self, params: SamplingParams) -> Matcher | None:
+        """The constraint ``params`` ask for (``json_schema`` / ``grammar``) compiled, or None; a constraint the
+        library rejects raises :class:`InvalidRequestError` naming why."""
+        constraint = constraint_of(params)
+        if constraint is None:
+            return None
+        return backend_for(self.tokenizer, self.vocab_size).compile(*constraint)
+
     def process(
         self,
         prompt: str | Seq[int],
@@ -90,4 +100,5 @@ class InputProcessor:
             params or SamplingParams(),
             n,
             time.perf_counter() if arrival_time is None else arrival_time,
+            self.compile(params) if params is not None else None,
         )

@@ -20,6 +20,7 @@ from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.loading import LoadedModel, choose_weights, load_model
 from frugallm.model.kv_cache import ContiguousKVCache, KVCache
 from frugallm.sampling import SamplingParams, sample_batch
+from frugallm.structured import constraint_of
 
 _DTYPES = {
     "float32": torch.float32,
@@ -419,8 +420,9 @@ class LLM:
         adapter name for every prompt, or one name (or None) per prompt."""
         seqs = self._sequences(prompts, params)
         self._set_lora(seqs, lora)
-        wants_prompt = any(s.params.prompt_logprobs is not None for s in seqs)  # computed by the paged engine
-        if (len(seqs) > 1 or wants_prompt) and self.batching and self.kv_spec is None:
+        # Prompt logprobs and structured output are computed by the paged engine.
+        wants_engine = any(s.params.prompt_logprobs is not None or constraint_of(s.params) for s in seqs)
+        if (len(seqs) > 1 or wants_engine) and self.batching and self.kv_spec is None:
             # Continuous batching over a paged KV cache (KV policies still use the static batch; spec= batches
             # decode without speculation: it pays at batch 1, see frugallm.spec).
             from frugallm.engine.llm_engine import generate_batched

@@ -32,6 +32,7 @@ from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.sampling import SamplingParams, prompt_logprobs
 from frugallm.sampling import sample_batch as sample
+from frugallm.structured import apply_bitmask
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,8 @@ class LLMEngine:
             seq = Sequence(next(self._ids), req.prompt, req.prompt_ids, req.params, self.tokenizer,
                            self.max_model_len, request, i)
             seq.t_start = req.arrival_time
+            if req.matcher is not None:
+                seq.matcher = req.matcher if i == 0 else req.matcher.copy()
             seq.lora = req.lora
             if req.params.seed is not None and i:  # distinct but reproducible samples per choice
                 seq.generator = torch.Generator().manual_seed((req.params.seed + i) % 2**64)
@@ -239,8 +242,11 @@ class LLMEngine:
             assert logits is not None
             if len(logit_rows) != logits.shape[0]:
                 logits = logits[torch.tensor(logit_rows, device=logits.device)]
+            self._constrain(logits, seqs)
             tokens = sample(logits, seqs)
             for seq, tok in zip(seqs, tokens, strict=True):
+                if seq.matcher is not None:
+                    seq.matcher.accept(tok)
                 outputs.append(self._append(seq, tok))
         self.cache.num_used_blocks = self.block_manager.num_used_blocks
         with self.metrics.lock:
@@ -249,6 +255,18 @@ class LLMEngine:
             self.metrics.prefix_queries.values[""] = self.block_manager.prefix_queries
             self.metrics.prefix_hits.values[""] = self.block_manager.prefix_hits
         return outputs
+
+    @staticmethod
+    @torch.inference_mode()  # the logits are inference tensors
+    def _constrain(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Structured output: mask ``logits [S, vocab]`` rows of constrained sequences to their grammar's tokens."""
+        rows = [r for r, s in enumerate(seqs) if s.matcher is not None]
+        if not rows:
+            return
+        bitmask = torch.full((len(rows), (logits.shape[-1] + 31) // 32), -1, dtype=torch.int32)
+        for j, r in enumerate(rows):
+            seqs[r].matcher.fill(bitmask, j)  # type: ignore[union-attr]
+        apply_bitmask(logits, bitmask, rows)
 
     @staticmethod
     def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:

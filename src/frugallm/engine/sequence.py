@@ -14,6 +14,7 @@ import torch
 
 from frugallm.engine.scheduler import SeqState
 from frugallm.sampling import SamplingParams
+from frugallm.structured import Matcher
 from frugallm.tokenizer.tokenizer import Tokenizer
 
 
@@ -73,6 +74,7 @@ class Sequence(SeqState):
         self.max_new = min(params.max_tokens, max_len - len(prompt_ids))
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_ids))
         self.generator: torch.Generator | None = None
+        self.matcher: Matcher | None = None  # structured output: this choice's grammar state
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
         self.t_start = time.perf_counter()

@@ -25,6 +25,9 @@ from frugallm.model.ops import apply_rope, rms_norm_as_layer_norm, rope_inv_freq
 # reaches a few GFLOP/s). Below it (decode) the weights' own dtype is used: fp16 matrix-vector
 # products stream weights ~2x faster than bf16 on this CPU.
 PREFILL_MIN_TOKENS = 16
+# From this many rows on, a half-precision head is cast to fp32 for the logits (one cast per pass, small next to a
+# prefill); below it (decode steps, a batching engine's rows) only the near-max candidates are recomputed.
+HEAD_CAST_ROWS = 64
 # RoPE tables start this long (1 MiB each at head_dim 64) and double as positions beyond are used.
 ROPE_MIN_LEN = 4096
 class Linear(nn.Linear):
@@ -360,7 +363,7 @@ class Transformer(nn.Module):
         the value) and the lower id wins. GGUF blocks take fp32 activations in their own kernel (fp32 sums, fp32
         out); a half weight multiplies in half for a few rows (decode: no weight cast), then the logits within
         two rounding steps of each row's max, the only ones that can be the fp32 argmax, are recomputed
-        in fp32; for many rows (prefill, ``score``) the weight is cast once.
+        in fp32; for ``HEAD_CAST_ROWS`` rows and more (``score`` over a window) the weight is cast once.
         """
         if not self.fp32_logits:
             return self.lm_head(self.norm(x)).float()
@@ -370,7 +373,7 @@ class Transformer(nn.Module):
         if w is None or w.dtype == torch.float32:
             return head(h).float()
         h2 = h.reshape(-1, h.shape[-1])
-        if h2.shape[0] >= PREFILL_MIN_TOKENS:
+        if h2.shape[0] >= HEAD_CAST_ROWS:
             b = None if head.bias is None else head.bias.float()
             return F.linear(h, w.float(), b)
         y = head(h2.to(w.dtype)).float()

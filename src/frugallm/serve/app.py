@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
-from frugallm.engine.async_llm import AsyncLLM, EngineDeadError
+from frugallm.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
 from frugallm.engine.metrics import Counter
 from frugallm.errors import FrugalError
 from frugallm.serve.lora_routes import LoraRoutes
@@ -183,6 +183,12 @@ def create_app(
     @app.exception_handler(FrugalError)
     async def _on_frugal(request: Request, exc: FrugalError) -> JSONResponse:
         return json_error(400, str(exc), getattr(exc, "param", None))
+
+    @app.exception_handler(QueueFullError)
+    async def _on_full(request: Request, exc: QueueFullError) -> JSONResponse:
+        resp = json_error(429, str(exc), code="queue_full")
+        resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
 
     @app.exception_handler(EngineDeadError)
     async def _on_dead(request: Request, exc: EngineDeadError) -> JSONResponse:

@@ -39,6 +39,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, help="weight quantization spec applied after loading, e.g. int8, int4")
     p.add_argument("--kv", default=None, help="KV-cache compression policy (not supported with batching yet)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="largest accepted request body")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="sequences (prompts x n) queued or running at most; past it requests get 429 with "
+                        "Retry-After (default 512)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -80,6 +83,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts = default_allowed_hosts(args.host)
     config = build_engine_config(args)  # validate before the (slow) model load
     lora_kwargs(args)  # --lora NAME=PATH specs too
+    from frugallm.engine.async_llm import DEFAULT_MAX_QUEUE
+
+    max_queue = DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue
+    if max_queue < 1:
+        raise FrugalError(f"--max-queue must be >= 1, got {max_queue}")
     quant = None
     if args.quant:
         from frugallm.quant import parse_quant_spec
@@ -107,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return LLMEngine(llm, config)
 
     # Loaded in the thread that serves it: one OpenMP pool (see AsyncLLM.launch).
-    async_llm = AsyncLLM.launch(build)
+    async_llm = AsyncLLM.launch(build, max_queue=max_queue)
     engine = async_llm.engine
     bm = engine.block_manager
     gib = bm.num_blocks * engine.cache.bytes_per_block / 2**30

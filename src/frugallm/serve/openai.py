@@ -53,6 +53,12 @@ class _Usage:
                 "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())}}
 
 
+# Chat without max_tokens: OpenAI caps the completion at the model's output limit (4,096 tokens for the GPT-4 Turbo
+# generation), vLLM and llama.cpp generate to the end of the context (hundreds of thousands of tokens on long-context
+# models, minutes of one sequence's decode). We follow OpenAI: 4,096 at most (less when the context ends sooner).
+CHAT_DEFAULT_MAX_TOKENS = 4096
+
+
 class _Format:
     """How one endpoint shapes choices; ``k`` top logprobs per token, ``None`` when not asked for."""
 
@@ -275,9 +281,11 @@ class OpenAIRoutes:
                                      logprobs, prompt_logprobs)
         arrival = time.perf_counter()
         out = []
-        for p, x in zip(prompts, ids, strict=True):
+        matcher = inputs.compile(params)  # a schema the library rejects is a 400 here, before the engine sees it
+        for i, (p, x) in enumerate(zip(prompts, ids, strict=True)):
             inputs.check(x, req.n, params)
-            out.append(EngineRequest("", p if isinstance(p, str) else None, x, params, req.n, arrival))
+            m = matcher.copy() if matcher is not None and i else matcher
+            out.append(EngineRequest("", p if isinstance(p, str) else None, x, params, req.n, arrival, m))
         return out
 
     # -- endpoints ----------------------------------------------------------------------------------
@@ -285,7 +293,10 @@ class OpenAIRoutes:
         if (bad := self.check_model(req.model)) is not None:
             return bad
         prompts = req.prompts()
-        reqs = self.prepare(req, prompts, 16, req.logprobs, req.logprobs if req.echo else None)
+        self.async_llm.check_capacity(len(prompts) * req.n)  # 429 / 400 before tokenizing 20,000 prompts
+        # Tokenizing megabytes takes a while: off the event loop, which keeps answering /health meanwhile.
+        reqs = await run_in_threadpool(self.prepare, req, prompts, 16, req.logprobs,
+                                       req.logprobs if req.echo else None)
         echo = [self.tokenizer.decode(r.prompt_ids, skip_special_tokens=False) if not isinstance(p, str) else p
                 for p, r in zip(prompts, reqs, strict=True)] if req.echo else None
         fmt = _CompletionFormat(self.tokenizer, len(reqs) * req.n, req.logprobs, echo, req.n, req.echo_only,
@@ -295,11 +306,12 @@ class OpenAIRoutes:
     async def chat_completions(self, req: ChatCompletionRequest, request: Request) -> Any:
         if (bad := self.check_model(req.model)) is not None:
             return bad
+        self.async_llm.check_capacity(req.n)
         # A model's template is untrusted and may run up to its time limit: render it off the event loop.
         prompt = await run_in_threadpool(self.tokenizer.apply_chat_template, req.conversation(),
                                          add_generation_prompt=True)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        reqs = self.prepare(req, [prompt], None, k)
+        reqs = await run_in_threadpool(self.prepare, req, [prompt], CHAT_DEFAULT_MAX_TOKENS, k)
         fmt = _ChatFormat(self.tokenizer, req.n, k)
         return await self.respond(request, req, reqs, fmt, f"chatcmpl-{uuid.uuid4().hex}")
 

@@ -9,6 +9,7 @@ silently ignored (one sent as ``null`` asks for nothing and passes). Non-OpenAI 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -67,7 +68,8 @@ class _Base(BaseModel):
     @classmethod
     def _known_fields(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = sorted(str(k) for k, v in data.items() if k not in cls.model_fields and v is not None)
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = sorted(str(k) for k, v in data.items() if k not in known and v is not None)
             if unknown:
                 names = ", ".join(repr(k) for k in unknown)
                 raise PydanticCustomError(
@@ -78,6 +80,31 @@ class _Base(BaseModel):
 
 class StreamOptions(_Base):
     include_usage: StrictBool = False
+
+
+class JsonSchemaFormat(_Base):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: Text | None = None
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Base):
+    """``{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the output must match, or None for plain text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise InvalidRequestError("response_format json_schema needs json_schema.schema", "response_format")
+        return json.dumps(self.json_schema.schema_)
 
 
 class _SamplingFields(_Base):
@@ -100,6 +127,7 @@ class _SamplingFields(_Base):
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
     logit_bias: Annotated[dict[Text, Annotated[Float, Field(ge=-100, le=100)]], Field(max_length=1024)] | None = None
+    response_format: ResponseFormat | None = None
     user: Text | None = None
 
     def unsupported(self) -> None:
@@ -136,6 +164,7 @@ class _SamplingFields(_Base):
             prompt_logprobs=prompt_logprobs,
             min_tokens=self.min_tokens,
             logit_bias=self.token_bias(),
+            json_schema=self.response_format.schema_text() if self.response_format else None,
         )
 
 
@@ -202,14 +231,11 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
         if self.tools:
             raise InvalidRequestError("tools are not supported")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise InvalidRequestError("response_format other than text is not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true")
 

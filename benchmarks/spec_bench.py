@@ -1,0 +1,164 @@
+"""Speculative decoding on Qwen2.5-Coder-1.5B (issue 14's targets), each against the same model without it.
+
+Sections (``--sections``, default all): ``verify``: one target pass of r rows vs one decode step (the cost of
+verifying r - 1 drafts, which bounds the speedup); ``edit``: "add type hints and return the function whole"
+with ``ngram`` vs plain, and llama-cpp-python with ``LlamaPromptLookupDecoding`` (skipped without llama_cpp);
+``codegen``: a short instruction with ``draft`` (Qwen2.5-Coder-0.5B) vs plain; ``chat``: open-ended chat with
+adaptive ``ngram`` and ``draft`` vs plain. Greedy, batch 1; decode tok/s = 1 / time per output token after the
+first; runs alternate plain and speculative, medians reported with the acceptance stats.
+
+    .venv/bin/python benchmarks/spec_bench.py --threads 2 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from frugallm import LLM, SamplingParams
+from frugallm.cpu import model_name
+from frugallm.spec import parse_spec
+
+TARGET, DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
+EDIT_CODE = '''def summarize_orders(orders, tax_rate, currency="EUR", skip_cancelled=True):
+    totals = {}
+    count = 0
+    for order in orders:
+        if skip_cancelled and order.get("status") == "cancelled":
+            continue
+        customer = order["customer"]
+        amount = sum(item["price"] * item["quantity"] for item in order["items"])
+        amount = amount * (1 + tax_rate)
+        totals[customer] = totals.get(customer, 0.0) + amount
+        count += 1
+    best = max(totals, key=totals.get) if totals else None
+    lines = [f"{name}: {value:.2f} {currency}" for name, value in sorted(totals.items())]
+    return {"count": count, "best_customer": best, "report": "\\n".join(lines), "totals": totals}
+'''
+EDIT = f"Add type hints to this Python function and return the whole function, unchanged otherwise:\n\n{EDIT_CODE}"
+CODEGEN = "Write a Python function that parses an ISO 8601 date string and returns the weekday name."
+CHAT = "What are some good habits for staying focused while working from home? Answer in a few paragraphs."
+
+
+def decode_rate(out: Any) -> float:
+    return 1.0 / out.metrics["tpot_s"]
+
+
+def run_pair(llm: LLM, prompt: str, spec: str, runs: int, max_tokens: int) -> dict[str, Any]:
+    """Alternate plain and ``spec`` runs of the same greedy request; medians and the spec stats."""
+    p = SamplingParams(max_tokens=max_tokens, temperature=0)
+    cfg = parse_spec(spec)
+    plain, fast, stats, same = [], [], [], True
+    for _ in range(runs):
+        llm.spec_cfg = None  # the same loaded model without speculation
+        a = llm.generate(prompt, p)[0]
+        llm.spec_cfg = cfg
+        b = llm.generate(prompt, p)[0]
+        plain.append(decode_rate(a))
+        fast.append(decode_rate(b))
+        stats.append(b.metrics)
+        same = same and a.token_ids == b.token_ids
+    m = stats[len(stats) // 2]
+    return {"spec": spec, "plain_tok_s": statistics.median(plain), "spec_tok_s": statistics.median(fast),
+            "ratio": statistics.median(fast) / statistics.median(plain), "tokens": m["output_tokens"],
+            "identical_tokens": same, **{k: v for k, v in m.items() if k.startswith("spec_")}}
+
+
+def show(name: str, r: dict[str, Any]) -> None:
+    print(f"{name:8s} {r['spec']:32s} plain {r['plain_tok_s']:6.2f} tok/s  spec {r['spec_tok_s']:6.2f} tok/s  "
+          f"x{r['ratio']:.2f}  tokens {r['tokens']}  identical {r['identical_tokens']}  "
+          f"accept {r['spec_acceptance_rate']:.2f}  mean len {r['spec_mean_accepted_length']:.2f}  "
+          f"rounds {r['spec_rounds']} plain steps {r['spec_plain_steps']}  draft share {r['spec_draft_share']:.2f}  "
+          f"by pos {r['spec_acceptance_by_position'][:8]}  +mem {r['spec_memory_bytes'] / 2**20:.1f} MiB")
+
+
+@torch.inference_mode()
+def verify_cost(llm: LLM, prompt: str, rows: list[int], reps: int) -> None:
+    """Median time of one target pass of r rows after a prefill, over one decode step (r = 1)."""
+    ids = llm.tokenizer.encode(prompt)
+    n = len(ids)
+    cache = llm.make_cache(1, n + 64)
+    llm.model(torch.tensor([ids]), torch.arange(n)[None], cache, "last")
+    base = None
+    for r in rows:
+        times = []
+        for _ in range(reps):
+            cache.truncate(n)
+            x = torch.tensor([ids[-r:]])  # any tokens: the cost does not depend on them
+            # A one-row step after a multi-row pass rebuilds the decode plan: warm it, as steady decoding does.
+            if r == 1:
+                llm.model(x, torch.tensor([[n]]), cache, "last")
+                cache.truncate(n)
+            t0 = time.perf_counter()
+            llm.model(x, torch.arange(n, n + r)[None], cache, "all" if r > 1 else "last")
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        base = base or t
+        print(f"verify  rows {r:2d}: {t * 1e3:7.1f} ms  x{t / base:.2f} of one decode step")
+
+
+def llama_cpp_peer(prompt: str, max_tokens: int, threads: int, runs: int) -> None:
+    try:
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    except ImportError:
+        print("llama.cpp  skipped: llama_cpp (llama-cpp-python) is not installed")
+        return
+    from frugallm.loading import resolve_model_path
+
+    path = str(resolve_model_path(TARGET))
+    for name, draft in (("plain", None), ("prompt-lookup", LlamaPromptLookupDecoding(num_pred_tokens=10))):
+        llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, draft_model=draft,
+                    verbose=False)
+        rates = []
+        for _ in range(runs):
+            llm.reset()
+            first = last = None
+            n = 0
+            for chunk in llm.create_completion(prompt=prompt, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                               stream=True):
+                if not chunk["choices"][0].get("text"):
+                    continue
+                last = time.perf_counter()
+                first = first or last
+                n += 1
+            rates.append((n - 1) / (last - first) if n > 1 and last > first else float("nan"))
+        print(f"llama.cpp {name:14s} {statistics.median(rates):6.2f} tok/s (decode, {n} chunks)")
+        del llm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", nargs="+", default=["verify", "edit", "codegen", "chat"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"CPU: {model_name()}  threads {args.threads}  load average {os.getloadavg()}  torch {torch.__version__}")
+    want_draft = {"codegen", "chat"} & set(args.sections)
+    llm = LLM(TARGET, spec=f"draft:model={DRAFT}" if want_draft else None)
+    chat = llm.chat_prompt
+    if "verify" in args.sections:
+        verify_cost(llm, chat([{"role": "user", "content": EDIT}]), [1, 2, 3, 4, 5, 6, 9, 15], reps=7)
+    if "edit" in args.sections:
+        prompt = chat([{"role": "user", "content": EDIT}])
+        show("edit", run_pair(llm, prompt, "ngram:k=8", args.runs, args.max_tokens))
+        llama_cpp_peer(prompt, args.max_tokens, args.threads, args.runs)
+    if "codegen" in args.sections:
+        show("codegen", run_pair(llm, chat([{"role": "user", "content": CODEGEN}]), f"draft:model={DRAFT}:k=4",
+                                 args.runs, args.max_tokens))
+    if "chat" in args.sections:
+        prompt = chat([{"role": "user", "content": CHAT}])
+        for spec in ("ngram:k=8", f"draft:model={DRAFT}:k=4"):
+            show("chat", run_pair(llm, prompt, spec, args.runs, args.max_tokens))
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
