@@ -216,6 +216,7 @@ BAD = [
     ("completions", json.dumps({"prompt": list(range(3, 300))}).encode(), 400, None),  # longer than the context
     ("completions", b'{"prompt": "x", "logit_bias": {"99999": 1}}', 400, "logit_bias"),
     ("completions", b'{"prompt": "x", "logit_bias": {"five": 1}}', 400, "logit_bias"),
+    ("completions", '{"prompt": "x", "logit_bias": {"\u00b2": 1}}'.encode(), 400, "logit_bias"),  # was a 500
     ("completions", b'{"prompt": "x", "logit_bias": {"5": 101}}', 400, None),
     ("completions", b'{"prompt": "x", "stop_token_ids": [99999]}', 400, "stop_token_ids"),
     ("completions", b'{"prompt": "x", "min_tokens": 20}', 400, None),  # more than max_tokens (16)

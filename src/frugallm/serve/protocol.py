@@ -138,7 +138,7 @@ class _SamplingFields(_Base):
     def token_bias(self) -> dict[int, float]:
         out = {}
         for k, v in (self.logit_bias or {}).items():
-            if not k.strip().isdigit():
+            if not (k.strip().isascii() and k.strip().isdigit()):  # "²".isdigit(), but int("²") fails
                 raise InvalidRequestError(f"logit_bias keys must be token ids, got {k!r}", "logit_bias")
             out[int(k)] = float(v)
         return out
