@@ -101,7 +101,7 @@ class RunnerCache:
 
     @staticmethod
     def _key(p: BenchPoint) -> tuple[Any, ...]:
-        return (p.backend, p.model, p.dtype, p.quant, p.kv, p.device, p.threads)
+        return (p.backend, p.model, p.dtype, p.quant, p.kv, p.spec, p.device, p.threads)
 
     def holds(self, p: BenchPoint) -> bool:
         return self.runner is not None and self.key == self._key(p)
@@ -114,7 +114,8 @@ class RunnerCache:
         self.close()
         self.reused = False
         self.runner = make_runner(p.backend, p.model, dtype=p.dtype, device=p.device, threads=p.threads,
-                                  quant=p.quant, kv=p.kv, use_cache=settings.use_cache, n_ctx=n_ctx)
+                                  quant=p.quant, kv=p.kv, use_cache=settings.use_cache, n_ctx=n_ctx,
+                                  spec=p.spec)
         self.key = key
         return self.runner
 
@@ -209,6 +210,7 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
     load_before = _loadavg()
     rss_hwm_before = peak_rss_bytes()
     timings, walls, kv_bytes = [], [], None
+    runner.take_spec_stats()  # --spec: count the timed runs only
     with RssSampler() as rss:
         e0 = meter.read()
         for _ in range(p.repeat):
@@ -247,6 +249,7 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
     m.put("energy_per_token_j", energy / n_out)
     m.put("energy_per_request_j", energy / len(timings))
     m.put("avg_power_w", energy / wall)
+    spec_notes = _spec(m, rec, p, runner, prompts, n_out / wall, timings)
     src_quant = _source_quant_flags(p, runner)
     probe = settings.probe if settings.probe is not None else local_probe(runner.device)
     hw = settings.hw or probe.spec
@@ -263,11 +266,55 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
                        "reused_loaded_model": cache.reused, "source_quantization": runner.source_quantization},
                system_load={"loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg(),
                             "logical_cores": psutil.cpu_count(logical=True)},
-               notes=[*NOTES, meter.note, *runner.notes, *_load_note(load_before)],
+               notes=[*NOTES, meter.note, *runner.notes, *_load_note(load_before), *spec_notes],
                # figures past a ceiling, and what makes the probe they are measured against doubtful
                flags=[*src_quant, *rec.get("roofline", {}).get("flags", []),
                       *(probe.notes() if settings.hw is None else [])])
     return rec
+
+
+def _spec(m: Metrics, rec: dict[str, Any], p: BenchPoint, runner: Runner, prompts: list[list[int]],
+          tok_s: float, timings: list[Any]) -> list[str]:
+    """``--spec``: what speculation did in the timed runs, then the same point without it (same loaded model,
+    same prompts, its own warm-up and ``repeat`` runs) for the speedups. Returns the record's notes."""
+    from frugallm.lab.results import SPEC_KEYS
+
+    stats = runner.take_spec_stats()
+    if stats is None:
+        m.none(SPEC_KEYS, "no --spec")
+        return []
+    base, walls = [], []
+    with runner.speculation_off():
+        for _ in range(p.warmup):
+            runner.generate(prompts, p.gen_len)
+        for _ in range(p.repeat):
+            res = runner.generate(prompts, p.gen_len)
+            base += res.requests
+            walls.append(res.wall_s)
+    base_tok_s = sum(t.output_tokens for t in base) / sum(walls)
+    base_tpot = [t.tpot_s for t in base if t.tpot_s is not None]
+    spec_tpot = [t.tpot_s for t in timings if t.tpot_s is not None]
+    no_decode = "gen_len 1 has no decode step"
+    nothing = "no draft token was verified (every step decoded plainly)"
+    drafted = stats.drafted > 0
+    m.put("spec_acceptance_rate", stats.acceptance_rate if drafted else None, nothing)
+    m.put("spec_mean_accepted_length", stats.mean_accepted_length if stats.rounds else None, nothing)
+    m.put("spec_acceptance_by_position", [round(x, 4) for x in stats.acceptance_by_position] if drafted else None,
+          nothing)
+    m.put("spec_draft_share", stats.draft_share)
+    m.put("spec_memory_bytes", stats.memory_bytes)
+    m.put("nospec_output_tokens_per_s", base_tok_s)
+    m.put("nospec_tpot_s", summarize(base_tpot) if base_tpot else None, no_decode)
+    m.put("spec_speedup", tok_s / base_tok_s)
+    ratio = sum(base_tpot) / len(base_tpot) / (sum(spec_tpot) / len(spec_tpot)) if base_tpot and spec_tpot else None
+    m.put("spec_decode_speedup", ratio, no_decode)
+    rec["spec"] = {"config": p.spec, **stats.as_dict(), "proposed_at": stats.proposed_at,
+                   "accepted_at": stats.accepted_at, "draft_s": stats.draft_s, "verify_s": stats.verify_s,
+                   "plain_s": stats.plain_s}
+    return ["--spec: nospec_* metrics and the speedups come from the same loaded model decoding the same prompts "
+            "without speculation, right after the timed runs; the other metrics are the speculative runs'",
+            "--spec: a verify pass emits several tokens per read of the weights, so TPOT below the one-token "
+            "roofline (MBU > 100 %) is expected, not a measuring error"]
 
 
 def _source_quant_flags(p: BenchPoint, runner: Runner) -> list[str]:

@@ -137,6 +137,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="frugallm (default) | transformers | llama.cpp")
     p.add_argument("--quant", default=None, help="frugallm weight quantization spec, e.g. int4:group=32")
     p.add_argument("--kv", default=None, help="frugallm KV-cache policy spec, e.g. snapkv:budget=0.25")
+    p.add_argument("--spec", default=None,
+                   help="frugallm speculative decoding, e.g. ngram:k=8 or draft:model=qwen2.5-coder-0.5b:k=4; "
+                        "the record adds acceptance, the draft's time share and the speedup over the same point "
+                        "without it")
     p.add_argument("--batch", type=int, default=None, help="static batch size (default 1)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128)")
     p.add_argument("--gen-len", type=int, default=None, help="generated tokens (default 32)")
@@ -162,8 +166,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-_POINT_ARGS = ("model", "backend", "dtype", "quant", "kv", "device", "threads", "batch", "prompt_len", "gen_len",
-               "repeat", "warmup", "quality", "corpus", "endpoint", "concurrency", "requests")
+_POINT_ARGS = ("model", "backend", "dtype", "quant", "kv", "spec", "device", "threads", "batch", "prompt_len",
+               "gen_len", "repeat", "warmup", "quality", "corpus", "endpoint", "concurrency", "requests")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ static batch greedily for exactly ``gen_len`` tokens and returns per-request tim
 (``can_score``, ``kv_reason``) say what a backend cannot report, so the bench never special-cases
 backend types.
 
-* ``frugallm``: :class:`frugallm.LLM` (``quant=`` / ``kv=`` passed through only when given).
+* ``frugallm``: :class:`frugallm.LLM` (``quant=`` / ``kv=`` / ``spec=`` passed through only when given).
 * ``transformers``: Hugging Face ``AutoModelForCausalLM`` (a GGUF is dequantized to fp32 by
   transformers). TTFT is a separate ``generate(max_new_tokens=1)``; TPOT = (e2e - ttft) / (G - 1).
 * ``llama.cpp``: ``llama-cpp-python`` (optional extra ``frugallm[llamacpp]``), GGUF only, one sequence
@@ -14,9 +14,11 @@ backend types.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -119,6 +121,14 @@ class Runner:
     def weight_bytes(self) -> int:
         raise NotImplementedError
 
+    def take_spec_stats(self) -> Any:
+        """Speculative-decoding counters of the runs since the last call; None: this runner does not speculate."""
+        return None
+
+    def speculation_off(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which ``generate`` decodes without speculation (a no-op where there is none)."""
+        return contextlib.nullcontext()
+
     def compute_dtype(self, tokens: int) -> str:
         """The dtype (a ``dtype`` name) that a forward pass over ``tokens`` tokens of the whole batch
         multiplies in. The roofline bounds each phase by that dtype's peak, so MFU is only right if this
@@ -167,7 +177,8 @@ class FrugalRunner(Runner):
     can_score = True
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", threads: int | None = None,
-                 quant: str | None = None, kv: str | None = None, use_cache: bool = True) -> None:
+                 quant: str | None = None, kv: str | None = None, use_cache: bool = True,
+                 spec: str | None = None) -> None:
         from frugallm import LLM
 
         extra: dict[str, Any] = {}
@@ -175,6 +186,8 @@ class FrugalRunner(Runner):
             extra["quant"] = quant
         if kv:
             extra["kv"] = kv
+        if spec:
+            extra["spec"] = spec
         t0 = time.perf_counter()
         try:
             self.llm = LLM(model, dtype=dtype, device=device, threads=threads, use_cache=use_cache, **extra)
@@ -191,6 +204,24 @@ class FrugalRunner(Runner):
 
     def weight_bytes(self) -> int:
         return int(self.llm.weight_bytes())
+
+    def take_spec_stats(self) -> Any:
+        """The ``frugallm.spec.SpecStats`` of the runs since the last call (None without ``spec=``)."""
+        from frugallm.spec import SpecStats
+
+        if self.llm.spec_cfg is None:
+            return None
+        stats, self.llm.spec_stats = self.llm.spec_stats, SpecStats()
+        return stats
+
+    @contextlib.contextmanager
+    def speculation_off(self) -> Iterator[None]:
+        """Decode without ``spec=`` for a while: the same loaded model (and draft) as the speculative runs."""
+        cfg, self.llm.spec_cfg = self.llm.spec_cfg, None
+        try:
+            yield
+        finally:
+            self.llm.spec_cfg = cfg
 
     def compute_dtype(self, tokens: int) -> str:
         """What ``Transformer.forward`` picks: ``prefill_dtype`` from ``PREFILL_MIN_TOKENS`` tokens on (CPU fp16
@@ -381,17 +412,17 @@ BACKENDS: dict[str, type[Runner]] = {r.backend: r for r in (FrugalRunner, Transf
 
 def make_runner(backend: str, model: str, *, dtype: str = "auto", device: str = "auto", threads: int | None = None,
                 quant: str | None = None, kv: str | None = None, use_cache: bool = True,
-                n_ctx: int = 2048) -> Runner:
+                n_ctx: int = 2048, spec: str | None = None) -> Runner:
     """Load ``model`` with ``backend``; FrugalError for an unknown backend or a missing optional peer."""
     if backend not in BACKENDS:
         raise FrugalError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     why = BACKENDS[backend].missing()
     if why:
         raise FrugalError(why)
-    if backend != "frugallm" and (quant or kv):
-        raise FrugalError(f"--quant/--kv are frugallm engine options; backend {backend} does not take them")
+    if backend != "frugallm" and (quant or kv or spec):
+        raise FrugalError(f"--quant/--kv/--spec are frugallm engine options; backend {backend} does not take them")
     if backend == "frugallm":
-        return FrugalRunner(model, dtype, device, threads, quant, kv, use_cache)
+        return FrugalRunner(model, dtype, device, threads, quant, kv, use_cache, spec)
     if backend == "transformers":
         return TransformersRunner(model, dtype, device, threads)
     if dtype not in ("auto", "gguf"):

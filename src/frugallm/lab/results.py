@@ -30,6 +30,10 @@ from frugallm.errors import FrugalError
 
 SCHEMA_VERSION = 1
 LATENCY_KEYS = ("ttft_s", "tpot_s", "e2e_s")
+# --spec points: what speculation did, and the same point decoded without it in the same run (lab/bench.py).
+SPEC_KEYS = ("spec_acceptance_rate", "spec_mean_accepted_length", "spec_acceptance_by_position", "spec_draft_share",
+             "spec_memory_bytes", "nospec_output_tokens_per_s", "nospec_tpot_s", "spec_speedup",
+             "spec_decode_speedup")
 METRIC_KEYS = (
     *LATENCY_KEYS, "output_tokens", "requests", "failed_requests", "output_tokens_per_s", "requests_per_s",
     "load_s", "peak_rss_bytes", "peak_rss_delta_bytes", "rss_sampled_peak_bytes", "cuda_max_allocated_bytes",
@@ -40,7 +44,10 @@ METRIC_KEYS = (
     "ttft_over_predicted_peak", "tpot_over_predicted_peak", "decode_gemv_efficiency",
     "energy_method", "energy_j", "energy_per_token_j",
     "energy_per_request_j", "avg_power_w", "perplexity", "nll", "kl_divergence", "top1_agreement",
+    *SPEC_KEYS,
 )
+# Point fields added after records were written: left out of the key while unset, so old records still resume.
+_LATE_FIELDS = ("spec",)
 
 
 class Metrics:
@@ -67,6 +74,7 @@ class Metrics:
 
 def point_key(params: dict[str, Any]) -> str:
     """Canonical identity of a benchmark point (sorted JSON of its parameters)."""
+    params = {k: v for k, v in params.items() if not (k in _LATE_FIELDS and v is None)}
     return json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
 
 
@@ -210,6 +218,8 @@ def config_label(point: dict[str, Any], shape: bool = True) -> str:
         parts.append(f"q={point['quant']}")
     if point.get("kv"):
         parts.append(f"kv={point['kv']}")
+    if point.get("spec"):
+        parts.append(f"spec={point['spec']}")
     if shape:
         parts.append(f"b{point.get('batch')} p{point.get('prompt_len')} g{point.get('gen_len')}")
         if point.get("backend") == "endpoint":
@@ -250,6 +260,10 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, str]]:
             "KL": _fmt(m.get("kl_divergence")),
             "J/tok": "-" if energy is None else f"{energy:.3g} ({m.get('energy_method')})",
         })
+        if m.get("spec_acceptance_rate") is not None:  # --spec: acceptance and the gain over no speculation
+            rows[-1].update({"accept": _fmt(m["spec_acceptance_rate"], 1, ".0%"),
+                             "tok/round": _fmt(m.get("spec_mean_accepted_length")),
+                             "spec x": _fmt(m.get("spec_speedup"), 1, ".3g")})
     return rows
 
 

@@ -28,6 +28,7 @@ class BenchPoint:
     dtype: str = "auto"
     quant: str | None = None
     kv: str | None = None
+    spec: str | None = None  # frugallm speculative decoding (--spec); measured beside the same point without it
     device: str = "auto"
     threads: int | None = None
     batch: int = 1
@@ -53,6 +54,12 @@ class BenchPoint:
             raise FrugalError(f"requests must be >= 1, got {self.requests}")
         if (self.backend == "endpoint") != bool(self.endpoint):
             raise FrugalError("the endpoint backend needs an endpoint URL (and an endpoint URL needs it)")
+        if self.spec:
+            if self.backend != "frugallm":
+                raise FrugalError(f"--spec is a frugallm engine option; backend {self.backend} does not take it")
+            from frugallm.spec import parse_spec
+
+            parse_spec(self.spec)  # a typo is this point's error record, before any model is loaded
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,8 +80,8 @@ POINT_FIELDS = tuple(f.name for f in fields(BenchPoint))
 
 _SWEEP_AXES = {"models": "model", "backends": "backend", "batches": "batch", "batch_sizes": "batch",
                "prompt_lens": "prompt_len", "gen_lens": "gen_len", "dtypes": "dtype", "quants": "quant",
-               "kvs": "kv"}
-_ENGINE_KEYS = ("dtype", "quant", "kv", "device", "threads")
+               "kvs": "kv", "specs": "spec"}
+_ENGINE_KEYS = ("dtype", "quant", "kv", "spec", "device", "threads")
 
 
 def read_sweep_file(path: str | Path) -> dict[str, Any]:
@@ -112,8 +119,9 @@ def expand_sweep(spec: dict[str, Any], defaults: dict[str, Any] | None = None) -
     """The cartesian product models x backends x engine options x batch x prompt_len x gen_len.
 
     Each axis is a scalar or a list, under its singular or plural name (``model``/``models``,
-    ``batch``/``batches``, ...). ``engine`` is a list of tables of ``dtype``/``quant``/``kv``/``device``/
-    ``threads``; without it, the ``dtype`` x ``quant`` x ``kv`` lists are crossed. Other keys (repeat,
+    ``batch``/``batches``, ...). ``engine`` is a list of tables of ``dtype``/``quant``/``kv``/``spec``/
+    ``device``/``threads``; without it, the ``dtype`` x ``quant`` x ``kv`` x ``spec`` lists are crossed. Other
+    keys (repeat,
     warmup, quality, corpus, endpoint, concurrency, requests) apply to every point. Points are returned
     as parameter dicts, not validated: an invalid one becomes an error record when run.
     """
@@ -138,9 +146,9 @@ def expand_sweep(spec: dict[str, Any], defaults: dict[str, Any] | None = None) -
                 raise FrugalError(f"sweep file: each engine entry must be a table with keys among "
                                   f"{', '.join(_ENGINE_KEYS)}; got {e!r}")
     else:
-        engines = [{"dtype": d, "quant": q, "kv": k}
-                   for d, q, k in itertools.product(axis("dtype", (defaults or {}).get("dtype", "auto")),
-                                                    axis("quant", None), axis("kv", None))]
+        engines = [{"dtype": d, "quant": q, "kv": k, "spec": sp}
+                   for d, q, k, sp in itertools.product(axis("dtype", (defaults or {}).get("dtype", "auto")),
+                                                        axis("quant", None), axis("kv", None), axis("spec", None))]
     d = defaults or {}
     # Top-level (or command-line) device / threads apply to every engine entry that does not set them.
     engines = [{**{k: spec.get(k, d.get(k)) for k in ("device", "threads") if spec.get(k, d.get(k)) is not None},
