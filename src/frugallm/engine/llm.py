@@ -422,9 +422,10 @@ class LLM:
         self._set_lora(seqs, lora)
         # Prompt logprobs and structured output are computed by the paged engine.
         wants_engine = any(s.params.prompt_logprobs is not None or constraint_of(s.params) for s in seqs)
-        if (len(seqs) > 1 or wants_engine) and self.batching and self.kv_spec is None:
-            # Continuous batching over a paged KV cache (KV policies still use the static batch; spec= batches
-            # decode without speculation: it pays at batch 1, see frugallm.spec).
+        self._check_constrainable(seqs)
+        if (len(seqs) > 1 or wants_engine) and self.batching and self._kv_pages():
+            # Continuous batching over a paged KV cache (KV policies other than kv.paged_names() still use the
+            # static batch; spec= batches decode without speculation: it pays at batch 1, see frugallm.spec).
             from frugallm.engine.llm_engine import generate_batched
 
             outs = generate_batched(self, [s.prompt_ids for s in seqs], [s.params for s in seqs],
@@ -443,16 +444,49 @@ class LLM:
             pass
         return [self._output(s) for s in seqs]
 
+    def _kv_pages(self) -> bool:
+        """Whether the paged engine runs this LLM's KV policy (none, or one of ``kv.paged_names()``)."""
+        if self.kv_spec is None:
+            return True
+        from frugallm.kv import KVSpecError, paged_policy
+
+        try:
+            paged_policy(self.kv_spec)
+        except KVSpecError:
+            return False
+        return True
+
     def stream(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                lora: str | None = None) -> Iterator[str]:
         """Yield text deltas for one prompt as tokens are generated."""
         (seq,) = self._sequences([prompt] if isinstance(prompt, str) else [list(prompt)], params)
         self._set_lora([seq], lora)
+        if constraint_of(seq.params):  # structured output: token masks live in the paged engine's step
+            self._check_constrainable([seq])
+            from frugallm.engine.llm_engine import LLMEngine, batch_config
+
+            engine = LLMEngine(self, batch_config(self, [seq.prompt_ids], [seq.params]))
+            rid = engine.add_request(seq.prompt_ids, seq.params, lora=seq.lora)
+            seq = engine.requests[rid].seqs[0]
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.text:
+                        yield out.text
+            self.last_output = seq.output()
+            return
         for _ in self._run([seq]):
             delta = seq.take_delta()
             if delta:
                 yield delta
         self.last_output = self._output(seq)
+
+    def _check_constrainable(self, seqs: list[Sequence]) -> None:
+        """Structured output runs in the paged engine only: refuse it where the static loop would run (and
+        silently drop the constraint)."""
+        if any(constraint_of(s.params) for s in seqs) and not (self.batching and self.kv_spec is None):
+            why = f"kv={self.kv_spec}" if self.kv_spec is not None else "batching=False"
+            raise InvalidRequestError(f"json_schema / grammar need the batching engine, which {why} turns off",
+                                      "json_schema")
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

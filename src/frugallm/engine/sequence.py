@@ -125,7 +125,9 @@ class Sequence(SeqState):
                     self.text = text[:i]
                     self._finish("stop", now)
                     return
-        if self.num_output_tokens >= self.max_new:
+        if self.matcher is not None and self.matcher.done:  # structured output complete: nothing may follow
+            self._finish("stop", now)
+        elif self.num_output_tokens >= self.max_new:
             self._finish("length", now)
 
     def _detokenize(self) -> str | None:
