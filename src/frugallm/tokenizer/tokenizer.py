@@ -281,7 +281,10 @@ class Tokenizer:
     def token_to_id(self, s: str) -> int | None:
         return self._tok.token_to_id(s)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """``messages`` rendered with the model's template; ``tools`` (OpenAI tool definitions) are passed to it
+        as ``tools``, as transformers does (templates test ``{% if tools %}``)."""
         bos = self.id_to_token(self.bos_id) if self.bos_id is not None else ""
         eos_id = min(self.eos_ids) if self.eos_ids else None
         eos = self.id_to_token(eos_id) if eos_id is not None else ""
@@ -291,4 +294,5 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=bos or "",
             eos_token=eos or "",
+            tools=tools,
         )
