@@ -164,6 +164,7 @@ class LLM:
             max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings
         )
         self._next_id = 0
+        self.lora = None  # LoraManager: adapter slots beside every projection (GPTQ calibration already decodes)
         self.inputs = InputProcessor(self.tokenizer, self.config.vocab_size, self.max_model_len)
         stored = loaded.source_info.get("quant_spec") if loaded.source_format == "quantized" else None
         if stored is not None:
@@ -184,7 +185,6 @@ class LLM:
             pack = self.model.set_packing(pack_weights is not False)
             if pack and pack_weights is None and pack > psutil.virtual_memory().available // 4:
                 self.model.set_packing(False)
-        self.lora = None  # LoraManager: adapter slots beside every projection
         if lora or max_loras:
             self._add_lora_slots(lora or {}, max_loras or 4, max_lora_rank)
         self.compile_seconds: float | None = None
