@@ -323,7 +323,7 @@ def test_gemfilter_selects_in_order_and_keeps_the_tail(model):
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("magic", "valid choices: gemfilter, h2o, kivi, lacache, snapkv, streamingllm, think, xquant"),
+    ("magic", "valid choices: gemfilter, h2o, kivi, lacache, snapkv, speckv, specpc, streamingllm, think, xquant"),
     ("kivi:bits=3", "bits must be 2 or 4"),
     ("kivi+xquant:bits=4", "both quantizers"),
     ("h2o+snapkv", "both eviction policies"),
@@ -354,8 +354,8 @@ def test_spec_round_trip_and_registry():
     assert str(spec) == "snapkv:budget=0.1+kivi:bits=4,residual=64"
     assert parse_kv_spec(str(spec)) == spec
     assert str(parse_kv_spec("full")) == "full" and parse_kv_spec("") == parse_kv_spec("none")
-    assert set(KV_POLICIES.names()) == {"gemfilter", "h2o", "kivi", "lacache", "snapkv", "streamingllm", "think",
-                                        "xquant"}
+    assert set(KV_POLICIES.names()) == {"gemfilter", "h2o", "kivi", "lacache", "snapkv", "specpc", "speckv",
+                                        "streamingllm", "think", "xquant"}
     flags = {n: KV_POLICIES.get(n)() for n in KV_POLICIES.names()}
     assert [n for n, p in flags.items() if p.quantizes] == ["kivi", "xquant"]
     assert flags["streamingllm"].changes_positions and flags["h2o"].needs_scores

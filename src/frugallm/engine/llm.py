@@ -198,6 +198,19 @@ class LLM:
             self.draft = LLM(self.spec_cfg.model, dtype=dtype, device=device, use_cache=use_cache,
                              weights=weights, pack_weights=pack_weights)
             check_same_vocab(self.tokenizer, self.draft.tokenizer, str(model), self.spec_cfg.model)
+        self.kv_draft: LLM | None = None  # the draft model of SpecKV / SpecPC (kv=speckv:draft=...)
+        if self.kv_spec is not None:
+            from frugallm.kv.speckv import attach_draft, draft_name
+            from frugallm.spec import check_same_vocab
+
+            name = draft_name(self.kv_spec, self.spec_cfg.model if self.spec_cfg is not None else None)
+            if name is not None:
+                own = self.draft is not None and name == self.spec_cfg.model
+                self.kv_draft = self.draft if own else LLM(name, dtype=dtype, device=device, use_cache=use_cache,
+                                                           weights=weights, pack_weights=pack_weights)
+                check_same_vocab(self.tokenizer, self.kv_draft.tokenizer, str(model), name)
+                attach_draft(self.model, self.kv_draft.model, name, self.kv_draft.kv_dtype)
+                attach_draft(self.model, self.kv_draft.model, None, self.kv_draft.kv_dtype)
 
     def _compile(self) -> None:
         """Compile the decode step now (one dummy step), timing it; inductor caches the result on disk."""
@@ -361,7 +374,12 @@ class LLM:
         cache = self.make_cache(b, capacity, pads if any(pads) else None)
         dev = self.device
         self._bind_lora(seqs, t)
-        logits = self.model(ids.to(dev), pos.to(dev), cache, "last")  # [B, vocab]
+        if self.kv_draft is not None:  # SpecKV: the draft's lookahead tokens follow the prompt and vote
+            from frugallm.kv.speckv import prefill_with_lookahead
+
+            logits = prefill_with_lookahead(self.kv_spec, self.model, ids.to(dev), pos.to(dev), cache, pads)
+        else:
+            logits = self.model(ids.to(dev), pos.to(dev), cache, "last")  # [B, vocab]
         if spec:
             yield from self._run_spec(seqs[0], cache, logits, capacity)
             return

@@ -3,10 +3,11 @@
 ``build_kv_cache(spec, model, ...)`` returns the cache a spec such as ``snapkv:budget=0.25+kivi:bits=2``
 describes; ``select_prompt_tokens(spec, model, ids)`` runs a prompt selector (GemFilter) before prefill.
 Policies (one file each, registered in ``KV_POLICIES``): kivi, xquant (quantizers), streamingllm, h2o,
-snapkv, lacache (evictors), think (key-channel pruner), gemfilter (prompt selector).
+snapkv, lacache, speckv (evictors), think (key-channel pruner), gemfilter, specpc (prompt selectors); speckv
+and specpc rank with a draft model (``speckv.py``).
 """
 
-from frugallm.kv import gemfilter, h2o, kivi, lacache, snapkv, streaming, think, xquant  # noqa: F401 (register)
+from frugallm.kv import gemfilter, h2o, kivi, lacache, snapkv, speckv, streaming, think, xquant  # noqa: F401
 from frugallm.kv.cache import CompressedKVCache, build_kv_cache, select_prompt_tokens
 from frugallm.kv.policy import (
     KV_POLICIES,
