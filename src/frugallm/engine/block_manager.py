@@ -19,6 +19,14 @@ Plain Python (no torch) so it can be unit-tested alone; the tensors live in :mod
   is *in flight* under the hash it will have. :meth:`BlockManager.prefix_in_flight` tells the scheduler
   that a new sequence's next prefix block is being computed right now, so it can wait a step and then
   share it rather than compute the same tokens again (identical prompts arriving together).
+* KV eviction (:meth:`BlockManager.compact`): a sequence whose KV policy dropped slots at prefill keeps
+  ``num_computed_tokens - num_evicted`` slots, compacted into the leading blocks of a new table; the rest
+  of its blocks go back to the pool. Its blocks then no longer hold token ranges, so it neither registers
+  nor registers prefixes afterwards. Blocks it shares (ref count > 1: a prefix-cache hit) are never
+  written: the compacted slots go to fresh blocks there (copy-on-write). So do blocks holding a cached
+  prefix while free blocks remain: released, they keep their full-prompt contents and hashes and serve the
+  next request with the same prefix (a system prompt) as before. Only when the pool is exhausted is an own
+  block written in place, and it leaves the prefix cache first.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ class BlockSeq(Protocol):
     block_table: list[int]
     block_hashes: list[int]  # chained hashes of the leading full, computed blocks
     num_computed_tokens: int
+    num_evicted: int  # slots a KV policy dropped: the sequence holds num_computed_tokens - num_evicted
     lora_id: int  # the LoRA adapter it runs with (0: none); prefixes are cached per adapter
 
 
@@ -95,15 +104,17 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @staticmethod
+    def num_slots(seq: BlockSeq) -> int:
+        """Slots the sequence's keys/values fill (its computed tokens less the evicted ones)."""
+        return seq.num_computed_tokens - seq.num_evicted
+
     # -- allocation ---------------------------------------------------------------------------------
     def _take_free(self) -> int:
         block_id, _ = self.free.popitem(last=False)  # least recently freed first
         b = self.blocks[block_id]
         assert b.ref_count == 0
-        if b.hash != NO_HASH:  # its cached contents are about to be overwritten
-            if self.hash_to_block.get(b.hash) == block_id:
-                del self.hash_to_block[b.hash]
-            b.hash, b.token_ids = NO_HASH, ()
+        self._forget(b)  # its cached contents are about to be overwritten
         b.ref_count = 1
         return block_id
 
@@ -124,7 +135,7 @@ class BlockManager:
 
     def _mark_in_flight(self, seq: BlockSeq) -> None:
         """Register the sequence's allocated, full, not yet computed blocks as in flight."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.num_evicted:
             return
         bs = self.block_size
         full = min(len(seq.token_ids) // bs, len(seq.block_table))
@@ -193,12 +204,12 @@ class BlockManager:
         # The next write goes into the last block if it is partially filled; copy it first if shared.
         return bool(
             seq.block_table
-            and seq.num_computed_tokens % self.block_size
+            and self.num_slots(seq) % self.block_size
             and self.blocks[seq.block_table[-1]].ref_count > 1
         )
 
     def num_new_blocks(self, seq: BlockSeq, num_new_tokens: int) -> int:
-        total = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        total = self.blocks_for(self.num_slots(seq) + num_new_tokens)
         return max(0, total - len(seq.block_table)) + self._needs_cow(seq)
 
     def can_append(self, seq: BlockSeq, num_new_tokens: int) -> bool:
@@ -214,7 +225,7 @@ class BlockManager:
             self._release(src)
             seq.block_table[-1] = dst
             copies.append((src, dst))
-        total = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        total = self.blocks_for(self.num_slots(seq) + num_new_tokens)
         while len(seq.block_table) < total:
             seq.block_table.append(self._take_free())
         self._mark_in_flight(seq)
@@ -228,9 +239,59 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.num_evicted = parent.num_evicted
+
+    def compact(self, seq: BlockSeq, num_slots: int) -> list[int]:
+        """After a KV policy kept ``num_slots`` of the sequence's slots: its new block table (``blocks_for(num_slots)``
+        blocks) and ``num_evicted`` set; the caller copies the kept slots from the old table into it before the
+        next forward pass. Shared leading blocks are replaced by fresh ones, own ones reused (and forgotten
+        by the prefix cache: they are about to hold other contents), trailing ones released first (their
+        contents stay intact until reallocated, so a released block may serve as a fresh one: the caller
+        reads every kept slot before writing any).
+        """
+        old = seq.block_table
+        n = self.blocks_for(num_slots)
+        assert 0 < num_slots <= self.num_slots(seq) and n <= len(old)
+        for block_id in reversed(old[n:]):
+            self._release(block_id)
+        table, replaced = [], []
+        spare = len(self.free) - sum(1 for b in old[:n] if self.blocks[b].ref_count > 1)
+        assert spare >= 0, "can_compact() was not checked"
+        for block_id in old[:n]:
+            b = self.blocks[block_id]
+            keep_cached = b.hash != NO_HASH and spare > 0
+            if b.ref_count > 1 or keep_cached:
+                replaced.append(block_id)  # shared, or a cached prefix worth keeping: never written
+                spare -= b.ref_count == 1
+                block_id = self._take_free()
+            else:
+                self._forget(b)
+            table.append(block_id)
+        for block_id in reversed(replaced):  # after taking the fresh blocks, so none of them is taken back
+            self._release(block_id)
+        seq.block_table = table
+        seq.block_hashes = []
+        seq.num_evicted = seq.num_computed_tokens - num_slots
+        return table
+
+    def can_compact(self, seq: BlockSeq, num_slots: int) -> bool:
+        """Are there free blocks for the shared leading blocks that :meth:`compact` must replace?"""
+        n = self.blocks_for(num_slots)
+        shared = sum(1 for b in seq.block_table[:n] if self.blocks[b].ref_count > 1)
+        released = sum(1 for b in seq.block_table[n:] if self.blocks[b].ref_count == 1)
+        return shared <= len(self.free) + released
+
+    def _forget(self, b: Block) -> None:
+        """Drop a block from the prefix cache (its contents are about to change)."""
+        if b.hash != NO_HASH and self.hash_to_block.get(b.hash) == b.block_id:
+            del self.hash_to_block[b.hash]
+        b.hash, b.token_ids = NO_HASH, ()
+        self._land(b)
 
     def commit(self, seq: BlockSeq) -> None:
         """Register the hashes of blocks that became full and computed (call after each forward)."""
+        if seq.num_evicted:  # compacted: its blocks no longer hold the token ranges hashes describe
+            return
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         while len(seq.block_hashes) < full:
@@ -252,6 +313,7 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        seq.num_evicted = 0
 
     def check(self) -> None:
         """Assert internal invariants (tests)."""

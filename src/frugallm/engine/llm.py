@@ -441,9 +441,9 @@ class LLM:
         # Prompt logprobs and structured output are computed by the paged engine.
         wants_engine = any(s.params.prompt_logprobs is not None or constraint_of(s.params) for s in seqs)
         self._check_constrainable(seqs)
-        if (len(seqs) > 1 or wants_engine) and self.batching and self.kv_spec is None:
-            # Continuous batching over a paged KV cache (KV policies still use the static batch; spec= batches
-            # decode without speculation: it pays at batch 1, see frugallm.spec).
+        if (len(seqs) > 1 or wants_engine) and self.batching and self._kv_pages():
+            # Continuous batching over a paged KV cache (KV policies other than kv.paged_names() still use the
+            # static batch; spec= batches decode without speculation: it pays at batch 1, see frugallm.spec).
             from frugallm.engine.llm_engine import generate_batched
 
             outs = generate_batched(self, [s.prompt_ids for s in seqs], [s.params for s in seqs],
@@ -461,6 +461,18 @@ class LLM:
         for _ in self._run(seqs):
             pass
         return [self._output(s) for s in seqs]
+
+    def _kv_pages(self) -> bool:
+        """Whether the paged engine runs this LLM's KV policy (none, or one of ``kv.paged_names()``)."""
+        if self.kv_spec is None:
+            return True
+        from frugallm.kv import KVSpecError, paged_policy
+
+        try:
+            paged_policy(self.kv_spec)
+        except KVSpecError:
+            return False
+        return True
 
     def stream(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                lora: str | None = None) -> Iterator[str]:

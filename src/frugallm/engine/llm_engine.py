@@ -1,8 +1,14 @@
 """``LLMEngine``: continuous batching over a paged KV cache.
 
 The loop reads like nano-vllm's: ``step()`` = ``Scheduler.schedule()`` -> ``ModelRunner.run()`` ->
-``Scheduler.postprocess()`` -> sample -> append tokens (detokenize, stop checks) -> free finished
-sequences. Requests may be added or aborted between steps.
+``Scheduler.postprocess()`` -> compact evicted KV -> sample -> append tokens (detokenize, stop checks) ->
+free finished sequences. Requests may be added or aborted between steps.
+
+KV policies (``EngineConfig.kv``, or ``kv=`` per request): an evictor that ``pages`` (SnapKV) picks each
+sequence's kept slots in the pass that ends its prompt; the engine then compacts them into the sequence's
+leading blocks and returns the others to the pool (``BlockManager.compact``), so a compressed sequence
+holds ``budget`` of its prompt's blocks for the rest of its life. Its RoPE positions go on from the true
+length (``num_computed_tokens``), attention reads its ``num_computed_tokens - num_evicted`` slots.
 
 >>> engine = LLMEngine(llm, EngineConfig(max_num_seqs=8))
 >>> rid = engine.add_request("Hello", SamplingParams(max_tokens=8, temperature=0))
@@ -30,6 +36,7 @@ from frugallm.engine.paged_cache import PagedKVCache, pool_dtype
 from frugallm.engine.scheduler import Scheduler, SchedulerConfig, SeqStatus
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
+from frugallm.kv import KVSpecError, paged_policy
 from frugallm.sampling import SamplingParams, prompt_logprobs
 from frugallm.sampling import sample_batch as sample
 from frugallm.structured import apply_bitmask
@@ -47,8 +54,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None  # default: the model's, capped to what the KV pool can hold
+    kv: str | None = None  # KV policy of every request (see kv.paged_names()); default: the LLM's kv=
 
     def __post_init__(self) -> None:
+        paged_policy(self.kv)  # a KVSpecError naming the policies that run under batching
         checks = [
             (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
             (self.max_num_batched_tokens >= self.max_num_seqs,
@@ -139,6 +148,7 @@ class LLMEngine:
                                  num_blocks * config.block_size)
         self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len, config.max_num_seqs)
         llm.model.rope_tables(llm.device, self.max_model_len)  # every position a request can reach
+        self.kv_policy = paged_policy(config.kv if config.kv is not None else getattr(llm, "kv_spec", None))
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.metrics = EngineMetrics()
@@ -161,13 +171,23 @@ class LLMEngine:
         n: int = 1,
         arrival_time: float | None = None,
         lora: Any = None,
+        kv: str | None = None,
     ) -> str:
         """Queue a prompt (validated here unless it is an :class:`EngineRequest` from ``self.inputs``);
-        ``n`` samples share its prompt's KV blocks; ``lora``: a LoRA adapter name. Returns the request id."""
+        ``n`` samples share its prompt's KV blocks; ``lora``: a LoRA adapter name; ``kv``: this request's KV
+        policy (``"full"``: none; default: the engine's). Returns the request id."""
+        try:
+            policy = self.kv_policy if kv is None else paged_policy(kv)
+        except KVSpecError as e:
+            raise InvalidRequestError(str(e)) from None
         if isinstance(prompt, EngineRequest):
             req = prompt
         else:
             req = self.inputs.process(prompt, params, request_id or "", n, arrival_time)
+        if policy is not None and policy.prefill_queries(len(req.prompt_ids)) > self.config.max_num_batched_tokens:
+            raise InvalidRequestError(
+                f"kv {policy.describe()} reads the prompt's last {policy.prefill_queries(len(req.prompt_ids))} "
+                f"queries, more than max_num_batched_tokens ({self.config.max_num_batched_tokens}) computes at once")
         if lora is not None:
             req = dataclasses.replace(req, lora=self.resolve_lora(lora))
         rid = req.request_id or f"req-{next(self._ids)}"
@@ -181,6 +201,7 @@ class LLMEngine:
             if req.matcher is not None:
                 seq.matcher = req.matcher if i == 0 else req.matcher.copy()
             seq.lora = req.lora
+            seq.kv_policy = policy
             if req.params.seed is not None and i:  # distinct but reproducible samples per choice
                 seq.generator = torch.Generator().manual_seed((req.params.seed + i) % 2**64)
             request.seqs.append(seq)
@@ -224,6 +245,8 @@ class LLMEngine:
         for i, lg in self.runner.all_logits.items():
             self._record_prompt_logprobs(out.seqs[i], lg)  # type: ignore[arg-type]
         self.scheduler.postprocess(out)
+        for i, kept in self.runner.kept.items():
+            self._compact(out.seqs[i], kept)  # type: ignore[arg-type]
         seqs: list[Sequence] = []
         logit_rows: list[int] = []
         for r, i in enumerate(rows):
@@ -256,6 +279,18 @@ class LLMEngine:
             self.metrics.prefix_hits.values[""] = self.block_manager.prefix_hits
         return outputs
 
+    def _compact(self, seq: Sequence, kept: list[torch.Tensor]) -> None:
+        """Keep only ``kept[layer] [kv_heads, keep]`` of a sequence's slots: move them into its leading blocks and
+        free the rest (before it forks or takes its next token)."""
+        keep = kept[0].shape[1]
+        assert all(k.shape[1] == keep for k in kept), "a paging policy keeps the same slot count in every layer"
+        if keep >= self.block_manager.num_slots(seq):
+            return
+        if not self.block_manager.can_compact(seq, keep):
+            return  # no block free for the shared ones it must not write: it keeps its full cache (still correct)
+        old = list(seq.block_table)
+        self.cache.compact(old, self.block_manager.compact(seq, keep), kept)
+
     @staticmethod
     @torch.inference_mode()  # the logits are inference tensors
     def _constrain(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -287,6 +322,7 @@ class LLMEngine:
         seq.append(tok)
         req = seq.request
         if seq.finished:
+            seq.kv_cache_bytes = len(seq.block_table) * self.cache.bytes_per_block  # blocks it holds (shared too)
             self.scheduler.finish(seq)
             m = seq.output().metrics
             with self.metrics.lock:

@@ -52,6 +52,9 @@ class ModelRunner:
         # Set by each run: {index into out.seqs: fp32 logits [num_new, vocab]} of every computed position, for
         # sequences that asked for prompt log-probabilities (``needs_prompt_logits``).
         self.all_logits: dict[int, torch.Tensor] = {}
+        # Set by each run: {index into out.seqs: per layer, the slots its KV policy keeps [kv_heads, keep]} of
+        # sequences whose prompt ended this step (the engine compacts their blocks).
+        self.kept: dict[int, list[torch.Tensor]] = {}
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor | None]:
@@ -65,6 +68,7 @@ class ModelRunner:
         rows: list[int] = []
         logits: list[torch.Tensor] = []
         self.all_logits = {}
+        self.kept = {}
         for g in groups:
             sampled = [i for i in g if out.samples(i)]
             want_all = [i for i in g if out.seqs[i].needs_prompt_logits]
@@ -83,7 +87,7 @@ class ModelRunner:
     def _forward(self, out: SchedulerOutput, idx: list[int], all_positions: bool = False) -> torch.Tensor:
         seqs = [out.seqs[i] for i in idx]
         num_new = [out.num_new[i] for i in idx]
-        starts = [s.num_computed_tokens for s in seqs]
+        starts = [s.num_computed_tokens for s in seqs]  # RoPE positions; slots are these less the evicted
         t = max(num_new)
         ids = torch.zeros(len(seqs), t, dtype=torch.long)
         pos = torch.zeros(len(seqs), t, dtype=torch.long)
@@ -91,10 +95,16 @@ class ModelRunner:
             ids[r, :n] = torch.tensor(s.token_ids[st:st + n])
             pos[r, :n] = torch.arange(st, st + n)
             pos[r, n:] = st + n - 1  # padding: any valid position
-        self.cache.bind([s.block_table for s in seqs], starts, num_new)
+        # Rows whose pass ends the prompt run their KV policy (the scheduler stops such a pass there).
+        evict = {r: s.kv_policy for r, (s, st, n) in enumerate(zip(seqs, starts, num_new, strict=True))
+                 if s.kv_policy is not None and st < s.num_prompt_tokens <= st + n}
+        self.cache.bind([s.block_table for s in seqs], [st - s.num_evicted for s, st in zip(seqs, starts, strict=True)],
+                        num_new, evict)
         last = "last" if t == 1 or len(set(num_new)) == 1 else torch.tensor(num_new, device=self.device) - 1
         if all_positions:
             last = "all"
         bound = contextlib.nullcontext() if self.lora is None else self.lora.bound([s.lora for s in seqs], t)
         with bound:
-            return self.model(ids.to(self.device), pos.to(self.device), self.cache, last)
+            logits = self.model(ids.to(self.device), pos.to(self.device), self.cache, last)
+        self.kept.update({idx[r]: kept for r, kept in self.cache.kept.items()})
+        return logits

@@ -22,13 +22,22 @@ Prompts computed from their first token (``starts`` all 0, the usual prefill) sk
 attends only to its own new keys, which are returned as they are, with a causal mask. (Keeping decode
 batches gathered across steps and appending one token was tried: it saves the gather but the attention
 then reads the keys from DRAM instead of from cache, which costs as much.)
+
+KV eviction (``kv.Evictor`` with ``pages``): a pass that ends a prompt may name rows whose policy picks,
+per layer and KV head, the slots to keep (:attr:`PagedKVCache.kept`), from the same keys the pass attends
+over and the queries it computed. The engine then moves the kept slots into the sequence's new, shorter
+block table (:meth:`PagedKVCache.compact`). Keys carry their RoPE rotation, so moving them changes
+nothing; a row's slots keep arrival order per head, and decode attends over every slot of its row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from frugallm import native
+from frugallm.kv import Evictor, PrefillContext, select_slots
 from frugallm.model.kv_cache import KVCache
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -69,18 +78,24 @@ class PagedKVCache(KVCache):
         self.fused_decode = fused_decode_available(dtype, device)
         self._bound = False
         self._fused = False
+        self._evict: dict[int, Evictor] = {}
+        # Set by a pass with evicting rows: {row: per layer, the kept slots [kv_heads, keep] (int64, ascending)}.
+        self.kept: dict[int, list[torch.Tensor]] = {}
 
     @property
     def bytes_per_block(self) -> int:
         t = self.k[0]
         return 2 * len(self.k) * t[0].numel() * t.element_size()
 
-    def bind(self, block_tables: list[list[int]], starts: list[int], num_new: list[int]) -> None:
+    def bind(self, block_tables: list[list[int]], starts: list[int], num_new: list[int],
+             evict: Mapping[int, Evictor] | None = None) -> None:
         """Prepare one forward pass over a right-padded ``[batch, max(num_new)]`` input.
 
-        Row ``b`` has ``starts[b]`` tokens cached already (slots ``0..starts[b]-1`` of its block table) and
-        adds ``num_new[b]`` tokens at positions ``starts[b]..``; its input is right-padded to
-        ``max(num_new)``. Block tables must already cover ``starts[b] + num_new[b]`` slots.
+        Row ``b`` has ``starts[b]`` slots cached already (slots ``0..starts[b]-1`` of its block table; fewer
+        than its RoPE position after an eviction) and adds ``num_new[b]`` tokens in the next slots; its input
+        is right-padded to ``max(num_new)``. Block tables must already cover ``starts[b] + num_new[b]`` slots.
+        ``evict``: rows whose pass ends their prompt, and the policy that picks their kept slots
+        (:attr:`kept`, after the pass).
         """
         bs, dev = self.block_size, self.device
         b = len(block_tables)
@@ -99,7 +114,10 @@ class PagedKVCache(KVCache):
         write = torch.where(valid, blk * bs + pos % bs, self.scratch_block * bs)
         self._write_idx = write.reshape(-1).to(dev)
         self._tables = tables.view(-1).to(dev)
-        self._fused = self.fused_decode and t == 1
+        self._evict = dict(evict or {})
+        self._ends, self._num_new = ends, list(num_new)
+        self.kept = {r: [] for r in self._evict}
+        self._fused = self.fused_decode and t == 1 and not self._evict  # the policy reads update()'s keys
         if self._fused:
             self._tables_2d = tables
             self._lens = torch.tensor(ends, dtype=torch.long)
@@ -143,11 +161,48 @@ class PagedKVCache(KVCache):
         b, h, _, d = k.shape
         kp, vp = self.k[layer], self.v[layer]
         if self._fresh:
-            return k, v, None
-        n = self._visible
-        keys = kp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
-        values = vp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
-        return keys, values, self._mask
+            keys, values, mask = k, v, None
+        else:
+            n = self._visible
+            keys = kp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
+            values = vp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
+            mask = self._mask
+        if self._evict:
+            self._pick(layer, keys, values, q)
+        return keys, values, mask
+
+    def _pick(self, layer: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor | None) -> None:
+        """Each evicting row's kept slots in ``layer``: its policy scores its ``end`` slots (the whole prompt)
+        with this pass's queries, as the static cache's prefill does."""
+        num_layers = len(self.k)
+        for r, ev in self._evict.items():
+            end, n = self._ends[r], self._num_new[r]
+            if ev.needs_queries and q is None:
+                raise RuntimeError(f"{ev.name} needs the prompt's queries, but the attention passed none")
+            qr = q[r:r + 1, :, :n] if ev.needs_queries else None
+            valid = torch.ones(1, end, dtype=torch.bool, device=keys.device)
+            ctx = PrefillContext(layer, num_layers, keys[r:r + 1, :, :end], values[r:r + 1, :, :end], qr, valid)
+            keep = ev.prefill_keep(end, layer, num_layers)
+            self.kept[r].append(select_slots(ev.on_prefill(ctx), keep, valid)[0])
+
+    @torch.inference_mode()
+    def compact(self, old_table: list[int], new_table: list[int], kept: list[torch.Tensor]) -> None:
+        """Move one sequence's kept slots ``kept[layer] [kv_heads, keep]`` (indices into ``old_table``'s slots)
+        to slots ``0..keep-1`` of ``new_table``, every layer; all are read before any is written, so the two
+        tables may share blocks."""
+        bs, dev = self.block_size, self.device
+        old = torch.tensor(old_table, dtype=torch.long, device=dev)
+        new = torch.tensor(new_table, dtype=torch.long, device=dev)
+        for layer, idx in enumerate(kept):
+            idx = idx.to(dev)
+            h, keep = idx.shape
+            src = old[idx // bs] * bs + idx % bs  # [h, keep] flat slots
+            j = torch.arange(keep, device=dev)
+            dst = (new[j // bs] * bs + j % bs)[None].expand(h, keep)
+            head = torch.arange(h, device=dev)[:, None].expand(h, keep)
+            for pool in (self.k[layer], self.v[layer]):
+                flat = pool.view(-1, h, pool.shape[-1])
+                flat[dst, head] = flat[src, head]  # advanced indexing reads a copy first
 
     def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         """One-token decode with the fused kernel: ``q [B, heads, 1, D]``, ``k, v [B, kv_heads, 1, D]`` ->

@@ -22,6 +22,11 @@ Policies:
 * **Shared prompts in flight**: a waiting sequence whose next prefix block is being computed by a
   running one (two identical prompts arriving together) is passed over for this step; in the next one
   that block is cached and it reuses it instead of computing the same tokens twice.
+* **KV eviction at prefill**: a sequence with a KV policy (``kv_policy``, an evictor that ``pages``) stops
+  a step at the end of its prompt, where the engine compacts its cache (see ``BlockManager.compact``), and
+  the step that ends the prompt computes at least the prompt queries the policy reads
+  (``prefill_queries``): chunks are cut so, and prefix-cache hits are capped so. After a preemption it
+  recomputes its prompt, is compacted again, then computes its generated tokens (the same cache as before).
 * **Preemption by recompute**: when a running sequence needs a block and none is free, the most recently
   admitted sequence loses its blocks and returns to the front of the queue; it later prefills its prompt
   plus what it generated so far (prefix caching usually makes that cheap).
@@ -66,6 +71,8 @@ class SeqState:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
     num_preemptions: int = 0
+    num_evicted: int = 0  # slots its KV policy dropped: its cache holds num_computed_tokens - num_evicted
+    kv_policy: Any = None  # a kv.Evictor the paged engine runs at the end of the prompt; None: the full cache
     lora: Any = None  # the LoRA adapter it runs with (a lora.LoraRequest); None: the base model
 
     def __post_init__(self) -> None:
@@ -172,6 +179,24 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
+    def _limit(self, seq: SeqState, num_new: int, computed: int) -> int:
+        """``num_new`` tokens after ``computed`` ones, cut so that a sequence with a KV policy stops at the end of
+        its prompt, whose pass computes at least the queries the policy reads; 0: not this step."""
+        end = seq.num_prompt_tokens
+        if seq.kv_policy is None or computed >= end:
+            return num_new
+        left = end - computed
+        if num_new >= left:
+            return left
+        return max(0, min(num_new, left - seq.kv_policy.prefill_queries(end)))
+
+    def _max_cached(self, seq: SeqState) -> int:
+        """Prefix-cache blocks a sequence may reuse: with a KV policy, those before the queries it reads."""
+        if seq.kv_policy is None:
+            return len(seq.token_ids)
+        end = seq.num_prompt_tokens
+        return (end - seq.kv_policy.prefill_queries(end)) // self.bm.block_size
+
     def _num_seqs_after(self, seq: SeqState) -> int:
         return len(self.running) + 1 + seq.num_forks
 
@@ -201,6 +226,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_remaining, budget) if chunked else seq.num_remaining
+            num_new = self._limit(seq, num_new, seq.num_computed_tokens)
+            if not num_new:  # the pass that ends its prompt needs more of this step's budget
+                i += 1
+                continue
             if not chunked and out.seqs and num_new > budget:
                 i += 1
                 continue
@@ -228,16 +257,20 @@ class Scheduler:
                 i += 1  # a new adapter would exceed max_loras in the batch: wait for a slot, keep scanning
                 continue
             cached = [] if seq.needs_prompt_logits else self.bm.match_prefix(seq.token_ids, seq.lora_id)
+            cached = cached[:self._max_cached(seq)]
             if self.bm.prefix_in_flight(seq.token_ids, cached, seq.lora_id):
                 i += 1  # a running sequence is computing its next prefix block: share it from the next step
                 continue
-            remaining = seq.num_tokens - len(cached) * self.bm.block_size
+            computed = len(cached) * self.bm.block_size
+            remaining = self._limit(seq, seq.num_tokens - computed, computed)
             if chunked:
                 if out.seqs and budget < remaining <= self.config.max_num_batched_tokens:
                     # It fits a whole step: splitting it would only add a pass (and a gather) for its tail
                     # without bounding any step's time; admit it whole next step (arrival order kept).
                     break
-                num_new = min(remaining, budget)
+                num_new = self._limit(seq, min(remaining, budget), computed)
+                if not num_new:
+                    break
             elif remaining <= budget or not out.seqs:
                 num_new = remaining  # a prompt over the budget runs alone
             else:

@@ -8,7 +8,7 @@ and specpc rank with a draft model (``speckv.py``).
 """
 
 from frugallm.kv import gemfilter, h2o, kivi, lacache, snapkv, speckv, streaming, think, xquant  # noqa: F401
-from frugallm.kv.cache import CompressedKVCache, build_kv_cache, select_prompt_tokens
+from frugallm.kv.cache import CompressedKVCache, build_kv_cache, select_prompt_tokens, select_slots
 from frugallm.kv.policy import (
     KV_POLICIES,
     ChannelPruner,
@@ -20,7 +20,7 @@ from frugallm.kv.policy import (
     PromptSelector,
     Quantizer,
 )
-from frugallm.kv.spec import KVSpec, parse_kv_spec
+from frugallm.kv.spec import KVSpec, paged_names, paged_policy, parse_kv_spec
 
 __all__ = [
     "KV_POLICIES",
@@ -35,6 +35,9 @@ __all__ = [
     "PromptSelector",
     "Quantizer",
     "build_kv_cache",
+    "paged_names",
+    "paged_policy",
     "parse_kv_spec",
     "select_prompt_tokens",
+    "select_slots",
 ]

@@ -37,6 +37,22 @@ from frugallm.model.kv_cache import ContiguousKVCache, KVCache
 from frugallm.model.ops import apply_rope
 
 
+def select_slots(scores: torch.Tensor, keep: int, valid: torch.Tensor, protected: int = 0, per_head: bool = True,
+                 pinned: int = 0) -> torch.Tensor:
+    """Top-``keep`` slots ``[b, h or 1, keep]`` (int64, ascending slot order) of ``scores [b, h, N]``; ``valid:
+    bool [b, N]``. The static cache and the paged engine both pick kept slots here."""
+    # Priority: the store's protected window and pinned sinks, then the policy's +inf slots, then
+    # scores; padding last.
+    s = scores.float().nan_to_num(posinf=torch.finfo(torch.float32).max)
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    if protected:
+        s[..., s.shape[2] - protected:] = float("inf")
+    s[..., :pinned] = float("inf")
+    if not per_head:
+        s = s.mean(1, keepdim=True)
+    return s.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
 @dataclass
 class _Layer:
     store: Store | None = None
@@ -119,21 +135,6 @@ class CompressedKVCache(KVCache):
         return q is None or not q.needs_layer_input
 
     @staticmethod
-    def _select(scores: torch.Tensor, keep: int, valid: torch.Tensor, protected: int, per_head: bool,
-                pinned: int = 0) -> torch.Tensor:
-        """Top-``keep`` slots ``[b, h or 1, keep]`` in ascending slot order."""
-        # Priority: the store's protected window and pinned sinks, then the policy's +inf slots, then
-        # scores; padding last.
-        s = scores.float().nan_to_num(posinf=torch.finfo(torch.float32).max)
-        s = s.masked_fill(~valid[:, None, :], float("-inf"))
-        if protected:
-            s[..., s.shape[2] - protected:] = float("inf")
-        s[..., :pinned] = float("inf")
-        if not per_head:
-            s = s.mean(1, keepdim=True)
-        return s.topk(keep, dim=-1).indices.sort(dim=-1).values
-
-    @staticmethod
     def _mask(valid: torch.Tensor, start: int, t: int) -> torch.Tensor:
         """bool ``[b, 1, t, n]``: causal for queries at slots ``start..start+t-1``, never padding."""
         n = valid.shape[1]
@@ -182,7 +183,7 @@ class CompressedKVCache(KVCache):
             keep = ev.prefill_keep(t, layer, self.num_layers)
             st.stats = ctx.stats
             if keep < t:
-                idx = self._select(scores, keep, valid, 0, self._store_per_head())
+                idx = select_slots(scores, keep, valid, 0, self._store_per_head())
                 ks, vs, pos = gather_slots(k, idx), gather_slots(v, idx), torch.gather(pos, 2, idx.expand(b, h, keep))
                 if xs is not None:
                     xs = torch.gather(x, 1, idx[:, 0, :, None].expand(b, keep, x.shape[2]))
@@ -242,7 +243,7 @@ class CompressedKVCache(KVCache):
             if scores is not None and n > st.capacity:
                 keep = max(ev.decode_keep(n, st.capacity), store.protected + store.pinned)
                 if keep < n:
-                    idx = self._select(scores, keep, valid, store.protected, self._store_per_head(), store.pinned)
+                    idx = select_slots(scores, keep, valid, store.protected, self._store_per_head(), store.pinned)
                     store.gather(idx)
                     self._gather_stats(st, idx)
                     st.pad = (idx[:, 0] < st.pad[:, None]).sum(1)

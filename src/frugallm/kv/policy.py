@@ -19,7 +19,10 @@ the cache what a policy needs, so the cache never asks ``isinstance``: ``needs_q
 prompt's queries for the hook), ``needs_scores`` (attention probabilities, computed by the policy
 with :func:`attention_scores`), ``changes_positions`` (keys are re-rotated by slot index, so the
 cache stores them unrotated), ``needs_layer_input`` (the store keeps X, not K/V) and
-``evicts_during_decode`` (call :meth:`Evictor.on_decode` after every step).
+``evicts_during_decode`` (call :meth:`Evictor.on_decode` after every step). ``pages``: the policy also
+runs on the continuous-batching engine (``engine/paged_cache.py``): it evicts once, at prefill, the same
+number of slots in every layer, so a sequence's kept keys/values compact into its first blocks and the
+rest of its blocks go back to the pool.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class KVPolicy:
     needs_scores: ClassVar[bool] = False
     needs_layer_input: ClassVar[bool] = False
     evicts_during_decode: ClassVar[bool] = False
+    pages: ClassVar[bool] = False
 
     @property
     def changes_positions(self) -> bool:
@@ -91,8 +95,10 @@ class KVPolicy:
 class PrefillContext:
     """What a prefill hook sees for one layer, right after the prompt's keys/values exist.
 
-    ``keys, values: [batch, kv_heads, T, head_dim]`` (keys RoPE-rotated), ``queries: [batch, heads, T,
-    head_dim]`` rotated prompt queries (None unless a policy ``needs_queries``), ``valid: bool [batch, T]``
+    ``keys, values: [batch, kv_heads, T, head_dim]`` (keys RoPE-rotated), ``queries: [batch, heads, Q,
+    head_dim]`` rotated queries of the prompt's last ``Q`` positions, ``Q >= prefill_queries(T)`` (None unless
+    a policy ``needs_queries``; the static cache passes all ``T``, the paged engine its last chunk's),
+    ``valid: bool [batch, T]``
     (False on left padding). ``stats`` holds per-slot tensors ``[batch, kv_heads, T]`` a policy wants
     kept in step with the slots (the cache gathers them on eviction).
     """
@@ -144,6 +150,11 @@ class Evictor(KVPolicy):
     def prefill_keep(self, n_tokens: int, layer: int, num_layers: int) -> int:
         """Slots a layer keeps after a prompt of ``n_tokens`` (at least one)."""
         return max(1, min(n_tokens, math.ceil(self.budget * n_tokens)))
+
+    def prefill_queries(self, n_tokens: int) -> int:
+        """How many of the prompt's last queries :meth:`on_prefill` reads (all of them by default when it
+        ``needs_queries``). The paged engine computes at least these in the pass that ends the prompt."""
+        return n_tokens if self.needs_queries else 1
 
     def decode_capacity(self, kept: int) -> int:
         """Slots a layer may hold after each decode step (only used if ``evicts_during_decode``)."""

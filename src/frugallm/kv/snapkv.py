@@ -26,6 +26,7 @@ class SnapKV(Evictor):
     name: ClassVar[str] = "snapkv"
     needs_queries: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = True
+    pages: ClassVar[bool] = True
     budget: float = 0.25
     window: int = 32
     kernel: int = 5
@@ -43,10 +44,14 @@ class SnapKV(Evictor):
     def prefill_keep(self, n_tokens: int, layer: int, num_layers: int) -> int:
         return min(n_tokens, max(math.ceil(self.budget * n_tokens), self.window))
 
+    def prefill_queries(self, n_tokens: int) -> int:
+        return min(self.window, n_tokens)
+
     def on_prefill(self, ctx: PrefillContext) -> torch.Tensor:
         t = ctx.keys.shape[2]
         w = min(self.window, t)
-        votes = attention_scores(ctx.queries[:, :, t - w:], ctx.keys, ctx.valid, q_offset=t - w)  # [b, h, T]
+        # The queries of the last w prompt positions (ctx.queries ends at the prompt's last token).
+        votes = attention_scores(ctx.queries[:, :, -w:], ctx.keys, ctx.valid, q_offset=t - w)  # [b, h, T]
         b, h, _ = votes.shape
         prefix = votes[:, :, : t - w].reshape(b * h, 1, t - w)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d

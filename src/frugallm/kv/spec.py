@@ -134,3 +134,23 @@ def parse_kv_spec(spec: str | KVSpec | None) -> KVSpec:
     if any(not p.strip() for p in parts):
         raise KVSpecError(f"empty policy in KV spec {text!r}; write e.g. snapkv:budget=0.25+kivi:bits=2")
     return KVSpec(tuple(parse_policy(p) for p in parts))
+
+
+def paged_names() -> list[str]:
+    """Policies the continuous-batching engine runs (their ``pages`` flag)."""
+    return [n for n in KV_POLICIES.names() if KV_POLICIES.get(n).pages]
+
+
+def paged_policy(spec: str | KVSpec | None):  # noqa: ANN201 - Evictor | None
+    """The evictor the paged engine runs for ``spec``, None for the plain cache; a spec it cannot run is a
+    :class:`KVSpecError` naming the policies that do run under batching."""
+    spec = parse_kv_spec(spec)
+    if not spec.policies:
+        return None
+    ev = spec.evictor
+    if len(spec.policies) == 1 and ev is not None and ev.pages:
+        return ev
+    others = [p.name for p in spec.policies if not p.pages]
+    why = f"{', '.join(others)} cannot" if others else "policies cannot be composed there"
+    raise KVSpecError(f"kv={spec}: {why} run under continuous batching yet; policies that do (alone): "
+                      f"{', '.join(paged_names())}; the others run single-stream through LLM(kv=...)")

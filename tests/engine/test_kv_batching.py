@@ -1,0 +1,219 @@
+"""KV policies on the paged engine (issue 17 item 5): SnapKV evicts at prefill, compacts, frees blocks.
+
+The key check: the paged engine with a policy gives the static-cache ``LLM`` with the same spec the same greedy
+tokens (the same kept slots, so the same logits within fp32 rounding), under chunked prefill, preemption,
+forks, mixed batches and prefix-cache sharing.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine_runs import run_engine
+from frugallm import LLM, SamplingParams
+from frugallm.engine import llm_engine
+from frugallm.engine.llm_engine import EngineConfig, LLMEngine
+from frugallm.errors import InvalidRequestError
+from frugallm.kv import KVSpecError, parse_kv_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KV = "snapkv:budget=0.25,window=8"
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+CONFIGS = {
+    "whole-prompts": EngineConfig(num_blocks=128, block_size=4),
+    "chunked": EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=24, max_num_seqs=4),
+    "block-16": EngineConfig(num_blocks=32, block_size=16, max_num_batched_tokens=40),
+    "preempting": EngineConfig(num_blocks=40, block_size=4, max_num_batched_tokens=64, max_num_seqs=4),
+    "no-chunking": EngineConfig(num_blocks=128, block_size=8, enable_chunked_prefill=False),
+    "no-prefix-cache": EngineConfig(num_blocks=64, block_size=8, enable_prefix_caching=False),
+}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models) -> LLM:
+    return LLM(str(tiny_models.hf("llama")), dtype="float32", device="cpu", kv=KV)
+
+
+@pytest.fixture(scope="module")
+def full(tiny_models) -> LLM:
+    return LLM(str(tiny_models.hf("llama")), dtype="float32", device="cpu")
+
+
+def prompts(llm: LLM, n: int = 5, seed: int = 1) -> list[list[int]]:
+    rng = random.Random(seed)
+    v = llm.config.vocab_size
+    shared = [rng.randrange(3, v) for _ in range(24)]
+    return [(shared if i % 2 else []) + [rng.randrange(3, v) for _ in range(rng.randrange(40, 90))]
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def static(llm: LLM) -> list[list[int]]:
+    """Each prompt alone through the static contiguous cache with the same spec."""
+    return [llm.generate([p], GREEDY)[0].token_ids for p in prompts(llm)]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_paged_snapkv_equals_static(llm: LLM, full: LLM, static: list[list[int]], name: str) -> None:
+    outs = run_engine(LLMEngine(llm, CONFIGS[name]), prompts(llm), GREEDY)
+    assert [o[0].token_ids for o in outs] == static
+    # Not vacuous: the policy changes what the model generates on these prompts.
+    assert static != [full.generate([p], GREEDY)[0].token_ids for p in prompts(llm)]
+
+
+def test_blocks_return_to_the_pool_after_prefill(llm: LLM) -> None:
+    engine = LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4))
+    p = prompts(llm, 1)[0]
+    rid = engine.add_request(p, GREEDY)
+    seq = engine.requests[rid].seqs[0]
+    engine.step()  # the whole prompt, then compaction, then its first token
+    keep = parse_kv_spec(KV).evictor.prefill_keep(len(p), 0, llm.config.num_layers)
+    bm = engine.block_manager
+    assert keep < len(p)
+    assert seq.num_evicted == len(p) - keep and bm.num_slots(seq) == keep
+    assert bm.num_used_blocks == bm.blocks_for(keep)  # blocks_for(len(p)) - blocks_for(keep) went back
+    engine.step()  # the first decode writes after the kept slots; positions go on from the true length
+    assert bm.num_slots(seq) == keep + 1 and seq.num_computed_tokens == len(p) + 1
+    engine.run_to_completion()
+    bm.check()
+    assert bm.num_used_blocks == 0
+
+
+def test_mixed_batch_policy_and_full(llm: LLM, full: LLM, static: list[list[int]]) -> None:
+    engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=48))
+    ps = prompts(llm)
+    kvs = [None if i % 2 else "full" for i in range(len(ps))]  # None: the engine's (the LLM's) policy
+    rids = [engine.add_request(p, GREEDY, kv=kv) for p, kv in zip(ps, kvs, strict=True)]
+    seqs = [engine.requests[r].seqs[0] for r in rids]
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.block_manager.check()
+    assert engine.block_manager.num_used_blocks == 0
+    for i, (p, s) in enumerate(zip(ps, seqs, strict=True)):
+        want = static[i] if kvs[i] is None else full.generate([p], GREEDY)[0].token_ids
+        assert s.output().token_ids == want, i
+
+
+def test_full_engine_mixes_in_policy_requests(llm: LLM, full: LLM, static: list[list[int]]) -> None:
+    engine = LLMEngine(full, EngineConfig(num_blocks=128, block_size=4))  # no default policy
+    ps = prompts(llm)
+    rids = [engine.add_request(p, GREEDY, kv=KV if i < 2 else None) for i, p in enumerate(ps)]
+    seqs = [engine.requests[r].seqs[0] for r in rids]
+    engine.run_to_completion()
+    assert [s.output().token_ids for s in seqs[:2]] == static[:2]
+    assert seqs[2].output().token_ids == full.generate([ps[2]], GREEDY)[0].token_ids
+
+
+@pytest.mark.parametrize("first", ["full", "policy"])
+def test_shared_prefix_blocks_stay_intact(llm: LLM, full: LLM, first: str) -> None:
+    """A sequence compacting under eviction never writes the prefix blocks it shares with another."""
+    rng = random.Random(5)
+    v = llm.config.vocab_size
+    prefix = [rng.randrange(3, v) for _ in range(48)]
+    a = prefix + [rng.randrange(3, v) for _ in range(20)]
+    b = prefix + [rng.randrange(3, v) for _ in range(30)]
+    kv_a, kv_b = ("full", KV) if first == "full" else (KV, "full")
+    engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4))
+    bm = engine.block_manager
+    ra = engine.add_request(a, GREEDY, kv=kv_a)
+    sa = engine.requests[ra].seqs[0]
+    engine.step()  # a's prompt is computed (and its full blocks registered), a is decoding
+    rb = engine.add_request(b, GREEDY, kv=kv_b)
+    sb = engine.requests[rb].seqs[0]
+    while engine.has_unfinished_requests():
+        engine.step()
+        bm.check()
+    assert bm.num_used_blocks == 0
+    want = {"full": full.generate, KV: llm.generate}
+    assert sa.output().token_ids == want[kv_a]([a], GREEDY)[0].token_ids
+    assert sb.output().token_ids == want[kv_b]([b], GREEDY)[0].token_ids
+    if first == "full":  # the compressed sequence reused a's cached prefix (copy-on-write at compaction)
+        assert sb.num_cached_tokens > 0
+
+
+def test_compacted_blocks_leave_the_prefix_cache(llm: LLM, full: LLM) -> None:
+    """A later request with the same prompt must not reuse blocks a compacted sequence overwrote."""
+    p = prompts(llm, 1, seed=3)[0]
+    engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4))
+    engine.add_request(p, GREEDY)
+    engine.run_to_completion()
+    rid = engine.add_request(p, GREEDY, kv="full")
+    seq = engine.requests[rid].seqs[0]
+    engine.run_to_completion()
+    engine.block_manager.check()
+    assert seq.output().token_ids == full.generate([p], GREEDY)[0].token_ids
+
+
+def test_forked_samples_share_compacted_blocks(llm: LLM, static: list[list[int]]) -> None:
+    engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4))
+    outs = run_engine(engine, prompts(llm)[:2], GREEDY, n=3)
+    for o, want in zip(outs, static[:2], strict=True):
+        assert [c.token_ids for c in o] == [want] * 3
+
+
+def test_llm_generate_batches_paged_policies(llm: LLM, static: list[list[int]], monkeypatch) -> None:
+    calls = []
+    real = llm_engine.generate_batched
+    monkeypatch.setattr(llm_engine, "generate_batched", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    outs = llm.generate(prompts(llm), GREEDY)
+    assert calls, "several prompts with a paged policy go through the engine"
+    assert [o.token_ids for o in outs] == static
+    assert all(o.metrics["kv_cache_bytes"] > 0 for o in outs)
+
+
+def test_policies_that_do_not_page_are_refused(llm: LLM, full: LLM) -> None:
+    with pytest.raises(KVSpecError, match="snapkv"):
+        EngineConfig(kv="kivi:bits=2")
+    with pytest.raises(KVSpecError, match="cannot be composed|kivi"):
+        EngineConfig(kv="snapkv:budget=0.25+kivi:bits=2")
+    engine = LLMEngine(full, EngineConfig(num_blocks=32, block_size=4, max_num_batched_tokens=16))
+    with pytest.raises(InvalidRequestError, match="h2o"):
+        engine.add_request([5, 6, 7], GREEDY, kv="h2o:budget=0.5")
+    with pytest.raises(InvalidRequestError, match="max_num_batched_tokens"):
+        engine.add_request(list(range(3, 60)), GREEDY, kv="snapkv:window=32")
+    kivi = LLM(str(full.loaded.path), dtype="float32", device="cpu", kv="kivi:bits=4")
+    with pytest.raises(KVSpecError, match="snapkv"):
+        LLMEngine(kivi, EngineConfig(num_blocks=32, block_size=4))
+    # LLM.generate still runs such policies, on the static batch.
+    assert len(kivi.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=2, temperature=0))) == 2
+
+
+def test_compressed_requests_share_a_cached_prompt(llm: LLM, static: list[list[int]]) -> None:
+    """Compaction copies out of cached prompt blocks while blocks are free: the next request with the same
+    prompt still reuses them."""
+    p = prompts(llm)[0]
+    engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4))
+    first = run_engine(engine, [p], GREEDY)[0][0]
+    rid = engine.add_request(p, GREEDY)
+    seq = engine.requests[rid].seqs[0]
+    engine.run_to_completion()
+    engine.block_manager.check()
+    assert seq.num_cached_tokens > 0
+    assert first.token_ids == seq.output().token_ids == static[0]
+
+
+def test_preempted_after_compaction_recomputes_the_same_cache(llm: LLM, monkeypatch) -> None:
+    """A compressed sequence that is preempted recomputes its prompt, is compacted again, then computes its
+    generated tokens: it ends as if never preempted."""
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ps = prompts(llm)
+    want = [llm.generate([p], params)[0].token_ids for p in ps]
+    calls = []
+    real = LLMEngine._compact
+    monkeypatch.setattr(LLMEngine, "_compact", lambda self, seq, kept: calls.append(seq) or real(self, seq, kept))
+    engine = LLMEngine(llm, EngineConfig(num_blocks=34, block_size=4, max_num_batched_tokens=64, max_num_seqs=4))
+    outs = run_engine(engine, ps, params)
+    assert len(calls) > len(ps), "a sequence was preempted after its compaction"
+    for p, o, w in zip(ps, outs, want, strict=True):  # the pool caps the context: a few stop early
+        assert o[0].token_ids == w[:min(len(w), engine.max_model_len - len(p))]
+
+
+def test_engine_config_kv_applies_to_every_request(full: LLM, static: list[list[int]]) -> None:
+    """``serve --kv snapkv:...`` builds this config: every request compresses, ``kv="full"`` opts out."""
+    engine = LLMEngine(full, EngineConfig(num_blocks=128, block_size=4, kv=KV))
+    ps = prompts(full)
+    outs = run_engine(engine, ps, GREEDY)
+    assert [o[0].token_ids for o in outs] == static
