@@ -506,7 +506,7 @@ def test_serve_command_end_to_end(tiny_models) -> None:
 def test_serve_command_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     from frugallm.cli import main
 
-    assert main(["serve", "--kv", "snapkv:budget=0.5"]) == 2
-    assert "not supported with batching" in capsys.readouterr().err
+    assert main(["serve", "--kv", "kivi:bits=2"]) == 2  # under batching only the paging policies (issue 17 #5)
+    assert "policies that do (alone): snapkv" in capsys.readouterr().err
     assert main(["serve", "--block-size", "0"]) == 2
     assert "block_size" in capsys.readouterr().err

@@ -37,7 +37,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-prefill", action="store_true",
                    help="prefill whole prompts in dedicated steps (running decodes pause meanwhile)")
     p.add_argument("--quant", default=None, help="weight quantization spec applied after loading, e.g. int8, int4")
-    p.add_argument("--kv", default=None, help="KV-cache compression policy (not supported with batching yet)")
+    p.add_argument("--kv", default=None,
+                   help="KV-cache policy of every request, e.g. snapkv:budget=0.25 (under batching: the policies of "
+                        "frugallm.kv.paged_names(); evicted blocks return to the pool)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="largest accepted request body")
     p.add_argument("--max-queue", type=int, default=None,
                    help="sequences (prompts x n) queued or running at most; past it requests get 429 with "
@@ -53,7 +55,7 @@ def build_engine_config(args: argparse.Namespace):  # -> EngineConfig
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_blocks=args.num_blocks, kv_memory_gb=args.kv_memory_gb,
         enable_prefix_caching=not args.no_prefix_caching, enable_chunked_prefill=not args.no_chunked_prefill,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, kv=args.kv,
     )
 
 
@@ -70,11 +72,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = args.model_path
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port must be in [0, 65535], got {args.port}")
-    if args.kv and args.kv.lower() not in ("none", "full"):
-        raise FrugalError(
-            f"--kv {args.kv}: KV-cache compression policies are not supported with batching yet (the paged cache "
-            "keeps full keys/values per block); serve without --kv, or use them through LLM.generate"
-        )
     if args.allowed_hosts is not None:
         allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
         if not allowed_hosts:
