@@ -25,6 +25,12 @@ round-robin over the policies, so load changes on a shared machine hit all of th
     python benchmarks/kv_long_bench.py --plan 2048:5x1,4096:5x1,8192:3x1 --out /tmp/kv_long.jsonl
     python benchmarks/kv_long_bench.py --report /tmp/kv_long.jsonl          # markdown tables only
     python benchmarks/kv_long_bench.py --specs "kivi:bits=2" --force ...    # redo these rows
+    python benchmarks/kv_long_bench.py --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --plan 4096:4x2 \
+        --tasks passkey --specs "snapkv:budget=0.25;speckv:budget=0.25;specpc:budget=0.25" --out /tmp/kv_spec.jsonl
+
+SpecKV / SpecPC (``frugallm.kv.speckv``) rank with a draft model: ``--draft`` (or their ``draft=``) loads it.
+SpecKV's prefill runs the draft's lookahead after the prompt, so it has its own pass (and its own TTFT, draft
+included), like a prompt selector.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from frugallm import LLM
 from frugallm.corpus import load_corpus
 from frugallm.kv import build_kv_cache, parse_kv_spec, select_prompt_tokens
 from frugallm.kv.gemfilter import ProbeCache, StopForward
+from frugallm.kv.speckv import attach_draft, draft_name, draft_policies, prefill_with_lookahead
 from frugallm.lab import passkey
 from frugallm.model.kv_cache import KVCache
 
@@ -123,7 +130,8 @@ def prefill(llm: LLM, specs: list[str], ids: list[int], extra: int, kv_dtype: to
         return model(torch.tensor([prompt], device=dev), torch.arange(len(prompt), device=dev)[None], cache,
                      "last")[0]
 
-    shared = [s for s in specs if parse_kv_spec(s).selector is None]
+    # Prompt selectors and draft-ranked policies (SpecKV's lookahead joins the prefill) run their own pass.
+    shared = [s for s in specs if parse_kv_spec(s).selector is None and not draft_policies(parse_kv_spec(s))]
     fan = FanOutCache([new_cache(s, len(ids)) for s in shared])
     t0 = time.perf_counter()
     logits = forward(ids, fan)
@@ -136,7 +144,9 @@ def prefill(llm: LLM, specs: list[str], ids: list[int], extra: int, kv_dtype: to
         t0 = time.perf_counter()
         prompt = select_prompt_tokens(spec, model, ids) or ids
         cache = new_cache(spec, len(prompt))
-        logits = forward(prompt, cache)
+        x = torch.tensor([prompt], device=dev)
+        logits = prefill_with_lookahead(parse_kv_spec(spec), model, x, torch.arange(len(prompt), device=dev)[None],
+                                        cache)[0]
         states[spec] = State(cache, len(prompt), logits, time.perf_counter() - t0, cache.nbytes())
     return states
 
@@ -351,6 +361,8 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="rerun the given specs even where records exist")
     ap.add_argument("--report", default=None, help="only print the tables of this JSONL file")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--draft", default=None,
+                    help="draft model of speckv / specpc specs without draft= (e.g. qwen2.5-coder-0.5b)")
     args = ap.parse_args()
     if args.report:
         print(report(load_records(Path(args.report))), end="")
@@ -364,6 +376,15 @@ def main() -> None:
     out, md = Path(args.out), Path(args.md) if args.md else None
     done = set() if args.force else {record_key(r) for r in load_records(out)}
     llm = LLM(args.model, device="cpu")
+    drafts = [draft_name(parse_kv_spec(s), args.draft) for s in specs]
+    for name in dict.fromkeys(d for d in drafts if d is not None):
+        from frugallm.spec import check_same_vocab
+
+        draft = LLM(name, device="cpu")
+        check_same_vocab(llm.tokenizer, draft.tokenizer, args.model, name)
+        attach_draft(llm.model, draft.model, name, draft.kv_dtype)
+        if name == args.draft:
+            attach_draft(llm.model, draft.model, None, draft.kv_dtype)
     kv_dtype = getattr(torch, args.kv_dtype)
     text = load_corpus(args.corpus)[args.offset:]
     tasks = args.tasks.split(",")

@@ -175,3 +175,18 @@ def test_missing_or_foreign_draft_is_one_clear_error(tiny_models) -> None:
         parse_kv_spec("speckv:lookahead=0")
     with pytest.raises(KVSpecError, match="name different drafts"):
         LLM(path, dtype="float32", device="cpu", kv="speckv:draft=a+specpc:draft=b")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [0.2, 0.5, 0.8])
+def test_specpc_keeps_the_passkey_needle_on_the_default_model(depth: float) -> None:
+    """SmolLM2-135M as its own draft, a 1k-token prose haystack: the top quarter of the prompt by the draft's
+    attention holds the whole needle sentence (the tokens a passkey answer needs)."""
+    from frugallm.lab import passkey
+
+    llm = LLM("default", dtype="float32", device="cpu", kv="specpc:budget=0.25,draft=default")
+    stack = passkey.haystack("prose", None)
+    p = passkey.make_prompt(llm.tokenizer, 1024, depth, "48213", sentences=stack.units, start=3, sep=stack.sep)
+    kept = select_prompt_tokens(llm.kv_spec, llm.model, p.ids)
+    assert len(kept) == math.ceil(0.25 * len(p.ids))
+    assert "The pass key is 48213. Remember it." in llm.tokenizer.decode(kept)

@@ -43,6 +43,7 @@ from frugallm.kv.policy import (
 )
 from frugallm.kv.spec import KVSpec
 from frugallm.model.kv_cache import ContiguousKVCache, KVCache
+from frugallm.spec.draft import model_device
 
 # target model -> {draft name (None: the LLM's spec= draft): (draft model, KV dtype of its lookahead cache)}
 _DRAFTS: weakref.WeakKeyDictionary[nn.Module, dict[str | None, tuple[nn.Module, torch.dtype]]] = (
@@ -143,7 +144,7 @@ def draft_lookahead(
     """
     b, t = ids.shape
     cfg = draft.config
-    dev = draft.embed_tokens.weight.device
+    dev = model_device(draft)
     ids, positions = ids.to(dev), positions.to(dev)
     draft.rope_tables(dev, int(positions.max()) + n + 1)
     inner = ContiguousKVCache(len(draft.layers), b, cfg.num_kv_heads, cfg.head_dim, t + n, kv_dtype, dev,
@@ -307,7 +308,7 @@ class SpecPC(PromptSelector):
     def scores(self, target: Any, prompt_ids: list[int]) -> torch.Tensor:
         """``[T]`` fp32: the draft's attention on each prompt token (higher = keep)."""
         draft, kv_dtype = draft_for(target, self)
-        dev = draft.embed_tokens.weight.device
+        dev = model_device(draft)
         ids = torch.tensor([prompt_ids], device=dev)
         pos = torch.arange(len(prompt_ids), device=dev)[None]
         _, s = draft_lookahead(draft, kv_dtype, ids, pos, None, self.lookahead, target.config.vocab_size,

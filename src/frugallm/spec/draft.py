@@ -40,7 +40,7 @@ class ModelProposer(Proposer):
 
     def begin(self, prompt_ids: list[int], capacity: int) -> None:
         cfg = self.model.config
-        dev = self.model.embed_tokens.weight.device
+        dev = model_device(self.model)
         self.model.rope_tables(dev, capacity)
         self.cache = ContiguousKVCache(
             len(self.model.layers), 1, cfg.num_kv_heads, cfg.head_dim, capacity, self.kv_dtype, dev
@@ -49,7 +49,7 @@ class ModelProposer(Proposer):
 
     def _logits(self, ids: list[int]) -> torch.Tensor:
         """Feed ``ids`` (the tokens after ``self.fed``) and return the next-token logits ``[vocab]`` (fp32)."""
-        dev = self.model.embed_tokens.weight.device
+        dev = model_device(self.model)
         x = torch.tensor([ids], device=dev)
         pos = torch.arange(self.fed, self.fed + len(ids), device=dev)[None]
         out = self.model(x, pos, self.cache, "last")[0]
@@ -88,6 +88,16 @@ class ModelProposer(Proposer):
 
     def memory_bytes(self) -> int:
         return self.weight_bytes + (self.cache.reserved_bytes() if self.cache is not None else 0)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: its first parameter's or buffer's device (a GGUF run as stored keeps its embedding
+    as quantized blocks, with no ``weight``)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 @PROPOSERS.register("draft")
