@@ -147,3 +147,30 @@ def test_adaptive_switches_itself_off_on_a_low_acceptance_workload(plain: LLM, r
 def test_build_proposer_layers_bound(plain: LLM) -> None:
     with pytest.raises(SpecError, match=r"layers must be in \[1, 1\]"):
         build_proposer(SpecConfig("self", k=2, layers=2), plain.model, kv_dtype=torch.float32)
+
+
+def test_several_prompts_decode_speculatively_one_by_one_when_that_pays(target_path: str,
+                                                                        reference: list[list[int]]) -> None:
+    """generate() with several prompts: two prompts (nothing measured yet) go one by one through SpecDecoder; a
+    larger batch is batched without speculation unless the measured speedup beats batching. Greedy output is the
+    plain decoding's either way."""
+    llm = LLM(target_path, dtype="float32", device="cpu", spec="ngram:k=4:adaptive=off")
+    assert [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY)] == reference[:2]
+    assert llm.spec_stats.rounds > 0  # the first call had nothing measured: one by one, speculatively
+    gain = llm.spec_stats.measured_speedup
+    assert gain is not None and llm._spec_one_by_one(llm._sequences(PROMPTS[:2], GREEDY)) == (gain > 2 / 1.05)
+    before = llm.spec_stats.rounds
+    fresh = LLM(target_path, dtype="float32", device="cpu", spec="ngram:k=4")
+    assert [o.token_ids for o in fresh.generate(PROMPTS, GREEDY)] == reference  # 4 prompts: batched
+    assert fresh.spec_stats.rounds == 0
+    # The measured speedup decides: 3 prompts go one by one only when speculation ran > 3 / 1.1 times faster.
+    seqs = llm._sequences(PROMPTS[:3], GREEDY)
+    llm.spec_stats = SpecStats(rounds=10, emitted=40, verify_s=1.0, plain_steps=10, plain_s=1.0)  # 2.5x
+    assert llm.spec_stats.measured_speedup == pytest.approx(2.5)
+    assert not llm._spec_one_by_one(seqs) and llm._spec_one_by_one(seqs[:2])
+    llm.spec_stats = SpecStats(rounds=10, emitted=60, verify_s=1.0, plain_steps=10, plain_s=1.0)  # 3.5x
+    assert llm._spec_one_by_one(seqs)
+    assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == reference[:3]
+    assert llm.spec_stats.rounds > 10 and before > 0
+    # Requests speculation does not serve exactly (logprobs) keep the batched path.
+    assert not llm._spec_one_by_one(llm._sequences(PROMPTS[:2], SamplingParams(max_tokens=4, logprobs=2)))

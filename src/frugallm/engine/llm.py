@@ -22,6 +22,10 @@ from frugallm.model.kv_cache import ContiguousKVCache, KVCache
 from frugallm.sampling import SamplingParams, sample_batch
 from frugallm.structured import constraint_of
 
+# Several prompts with spec=: at most this many decode one by one speculatively (above, batching wins); the cost of
+# each extra row of a decode step relative to the step (weight reads dominate; CPU kernels measured 3-10 %).
+SPEC_ONE_BY_ONE_MAX, BATCH_ROW_COST = 4, 0.05
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -339,6 +343,26 @@ class LLM:
 
         return self.spec_cfg is not None and len(seqs) == 1 and self.lora is None and supports(seqs[0].params)
 
+    def _spec_one_by_one(self, seqs: list[Sequence]) -> bool:
+        """Whether several prompts decode one after another, each speculatively, rather than batched without
+        speculation (the paged engine does not speculate).
+
+        Decode is bound by reading the weights: a batched step of ``B`` rows costs about one step plus
+        ``BATCH_ROW_COST`` of it per extra row, and emits ``B`` tokens; a speculative sequence emits
+        ``SpecStats.measured_speedup`` tokens per plain step's time (draft time and switched-off stretches
+        included). One after another wins when that speedup beats the batch's. Before anything is measured, only
+        two prompts go one by one (at worst about 1.9x the batched time, once; the measurement decides after).
+        Without batching the static batch would not speculate at all, so then always."""
+        if self.spec_cfg is None or not all(self._speculates([s]) for s in seqs):
+            return False
+        if not self.batching:
+            return True
+        b = len(seqs)
+        if b > SPEC_ONE_BY_ONE_MAX:
+            return False
+        gain = self.spec_stats.measured_speedup
+        return b <= 2 if gain is None else gain > b / (1 + BATCH_ROW_COST * (b - 1))
+
     def _proposer(self):  # noqa: ANN202 - frugallm.spec.Proposer
         from frugallm.spec import build_proposer
 
@@ -441,6 +465,13 @@ class LLM:
         # Prompt logprobs and structured output are computed by the paged engine.
         wants_engine = any(s.params.prompt_logprobs is not None or constraint_of(s.params) for s in seqs)
         self._check_constrainable(seqs)
+        if len(seqs) > 1 and not wants_engine and self._spec_one_by_one(seqs):
+            outs = []
+            for s in seqs:  # each prompt alone, speculatively
+                for _ in self._run([s]):
+                    pass
+                outs.append(self._output(s))
+            return outs
         if (len(seqs) > 1 or wants_engine) and self.batching and self._kv_pages():
             # Continuous batching over a paged KV cache (KV policies other than kv.paged_names() still use the
             # static batch; spec= batches decode without speculation: it pays at batch 1, see frugallm.spec).
@@ -450,13 +481,6 @@ class LLM:
                                     loras=[s.lora for s in seqs])
             for s, o in zip(seqs, outs, strict=True):
                 o.prompt, o.request_id = s.prompt, s.request_id
-            return outs
-        if self._speculates(seqs[:1]) and len(seqs) > 1:  # a static batch: one sequence at a time, speculatively
-            outs = []
-            for s in seqs:
-                for _ in self._run([s]):
-                    pass
-                outs.append(self._output(s))
             return outs
         for _ in self._run(seqs):
             pass

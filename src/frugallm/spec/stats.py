@@ -59,6 +59,17 @@ class SpecStats:
         return [a / p if p else 0.0 for a, p in zip(self.accepted_at, self.proposed_at, strict=True)]
 
     @property
+    def measured_speedup(self) -> float | None:
+        """The whole decode's tokens per second (verify rounds, plain steps and the draft's time) over the plain
+        steps' own rate; 1.0 when speculation never ran a round; None before a plain step was timed."""
+        if not self.plain_steps or self.plain_s <= 0:
+            return None
+        if not self.rounds:
+            return 1.0
+        rate = (self.emitted + self.plain_steps) / (self.draft_s + self.verify_s + self.plain_s)
+        return rate / (self.plain_steps / self.plain_s)
+
+    @property
     def draft_share(self) -> float:
         """The draft's share of decode time."""
         total = self.draft_s + self.verify_s + self.plain_s
