@@ -217,3 +217,19 @@ def test_engine_config_kv_applies_to_every_request(full: LLM, static: list[list[
     ps = prompts(full)
     outs = run_engine(engine, ps, GREEDY)
     assert [o[0].token_ids for o in outs] == static
+
+
+@pytest.mark.slow
+def test_default_model_bf16_pool_matches_static() -> None:
+    """The default model in bf16: the paged pool is bf16 and decode runs the fused kernel over compacted blocks;
+    the static cache stores bf16 and attends in fp32. Same greedy tokens on passkey prompts."""
+    from frugallm.lab import passkey
+
+    llm = LLM("default", dtype="bfloat16", kv="snapkv:budget=0.25")
+    hay = passkey.haystack("prose")
+    ps = [passkey.make_prompt(llm.tokenizer, 512, d, k, sentences=hay.units, sep=hay.sep)
+          for d, k in ((0.25, "10512"), (0.75, "18431"))]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = [llm.generate([p.ids], params)[0].token_ids for p in ps]
+    engine = LLMEngine(llm, EngineConfig(num_blocks=80, block_size=16))
+    assert [o[0].token_ids for o in run_engine(engine, [p.ids for p in ps], params)] == want
