@@ -190,3 +190,21 @@ def test_specpc_keeps_the_passkey_needle_on_the_default_model(depth: float) -> N
     kept = select_prompt_tokens(llm.kv_spec, llm.model, p.ids)
     assert len(kept) == math.ceil(0.25 * len(p.ids))
     assert "The pass key is 48213. Remember it." in llm.tokenizer.decode(kept)
+
+
+def test_quality_decode_path_runs_the_lookahead(tiny_models, monkeypatch) -> None:
+    """``eval --kv speckv`` / ``bench --kv speckv`` score through ``lab.quality.decode_scorer``: its prefill must be
+    SpecKV's (with the draft's lookahead), and at budget 1 it reproduces the plain model's rows."""
+    from frugallm.kv import speckv
+    from frugallm.lab import quality
+
+    path, draft = str(tiny_models.gguf("llama", "F32")), str(tiny_models.gguf("qwen2", "F32"))
+    plain = LLM(path, dtype="float32", device="cpu")
+    llm = LLM(path, dtype="float32", device="cpu", kv=f"speckv:budget=1.0,window=4,draft={draft}")
+    calls = []
+    real = speckv.draft_lookahead
+    monkeypatch.setattr(speckv, "draft_lookahead", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    ids = plain.tokenizer.encode("the cat sat on the mat and the dog sat on the log " * 4)[:40]
+    got = quality.decode_scorer(llm)(ids)
+    assert calls == [16]  # one lookahead of the default 16 tokens, in the prefill
+    torch.testing.assert_close(got[:-1], quality.decode_scorer(plain)(ids)[:-1], rtol=1e-4, atol=1e-4)

@@ -158,7 +158,8 @@ def decode_scorer(llm: Any, decode_from: float = DEFAULT_DECODE_FROM) -> Scorer:
     ``i >= s`` (of token ``i + 1``) is made from the policy's cache, as in generation. Rows ``< s`` are the
     prefill's own logits (exact attention over the prompt, as every policy's prefill is). A prompt selector (GemFilter)
     prefills only its selected tokens, positions renumbered from 0 as ``LLM.generate`` does; the prompt rows
-    then come from a separate exact pass over the whole prefix.
+    then come from a separate exact pass over the whole prefix; so do SpecKV's, whose prefill appends the draft's
+    lookahead (``kv.speckv.prefill_with_lookahead``).
     """
     spec = llm.kv_spec
 
@@ -168,7 +169,8 @@ def decode_scorer(llm: Any, decode_from: float = DEFAULT_DECODE_FROM) -> Scorer:
         s = decode_split(n, decode_from)
         dev, model = llm.device, llm.model
         prefix = list(ids[:s])
-        if spec is not None and spec.selector is not None:
+        # A prompt selector, and SpecKV (the draft's lookahead joins its prefill): prompt rows from an exact pass.
+        if spec is not None and (spec.selector is not None or getattr(llm, "kv_draft", None) is not None):
             from frugallm.kv import select_prompt_tokens
 
             prompt_rows = llm.score(prefix)[:-1].float()
@@ -177,7 +179,13 @@ def decode_scorer(llm: Any, decode_from: float = DEFAULT_DECODE_FROM) -> Scorer:
             prompt_rows = None
         cache = llm.make_cache(1, len(prefix) + n - s)
         x = torch.tensor([prefix], device=dev)
-        pre = model(x, torch.arange(len(prefix), device=dev)[None], cache, "all")[0].float()
+        positions = torch.arange(len(prefix), device=dev)[None]
+        if prompt_rows is None:
+            pre = model(x, positions, cache, "all")[0].float()
+        else:  # only the prompt's last row is used
+            from frugallm.kv.speckv import prefill_with_lookahead
+
+            pre = prefill_with_lookahead(spec, model, x, positions, cache).float()
         rows = [pre if prompt_rows is None else torch.cat([prompt_rows, pre[-1:]])]
         pos = len(prefix)
         for t in ids[s:-1]:  # the last token predicts nothing inside the window
