@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from frugallm import cpu
 from frugallm.cli import add_lora_args, add_model_args, command, load_llm, lora_kwargs
@@ -45,6 +47,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="sequences (prompts x n) queued or running at most; past it requests get 429 with "
                         "Retry-After (default 512)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ray = p.add_argument_group("Ray Serve (pip install 'frugallm[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="run --replicas engine replicas behind Ray Serve's HTTP proxy on --host/--port")
+    ray.add_argument("--replicas", type=int, default=None, help="engine replicas with --ray (default 1)")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster to join with --ray: 'auto' (started by `ray start` on this machine), "
+                          "HOST:6379 or ray://HOST:10001 (default: a new local cluster)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -72,6 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = args.model_path
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.ray and (args.replicas is not None or args.address is not None):
+        raise FrugalError("--replicas and --address need --ray")
     if args.allowed_hosts is not None:
         allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
         if not allowed_hosts:
@@ -111,6 +122,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             quantize_model(llm.model, quant)
         return LLMEngine(llm, config)
 
+    if args.ray:
+        return _serve_ray(args, build, api_key, allowed_hosts, max_queue)
     # Loaded in the thread that serves it: one OpenMP pool (see AsyncLLM.launch).
     async_llm = AsyncLLM.launch(build, max_queue=max_queue)
     engine = async_llm.engine
@@ -128,6 +141,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         async_llm.shutdown()
     return 0
+
+
+def _serve_ray(args: argparse.Namespace, build: Callable[[], Any], api_key: str | None,
+               allowed_hosts: list[str] | None, max_queue: int) -> int:
+    """``serve --ray``: the same app in ``--replicas`` Ray Serve replicas, each built by ``build`` (pickled to them)."""
+    try:
+        from frugallm.serve.ray_app import RayServeOptions, serve_forever
+    except ImportError:
+        raise FrugalError("--ray needs the 'ray' extra: pip install 'frugallm[ray]'") from None
+    gpu = args.device.startswith("cuda") or (args.device == "auto" and _cuda())
+    options = RayServeOptions(
+        args.served_model_name or args.model, replicas=1 if args.replicas is None else args.replicas,
+        api_key=api_key, max_body_bytes=args.max_body_bytes, max_queue=max_queue,
+        allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
+        replica_cpus=float(args.threads or 1), replica_gpus=1.0 if gpu else 0.0)
+    return serve_forever(build, options, address=args.address, host=args.host, port=args.port)
 
 
 def _cuda() -> bool:

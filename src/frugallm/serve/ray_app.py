@@ -30,6 +30,7 @@ import contextlib
 import functools
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -337,3 +338,37 @@ def build_app(build: Callable[[], LLMEngine], options: RayServeOptions) -> Any:
     ingress = serve.deployment(FrugalIngress, name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=max(options.ongoing * options.replicas, 100))
     return ingress.bind(engine.bind(build, options), options)
+
+
+def serve_forever(build: Callable[[], LLMEngine], options: RayServeOptions, *, address: str | None, host: str,
+                  port: int) -> int:
+    """``frugallm serve --ray``: join the Ray cluster at ``address`` (None: a new local one, unless ``RAY_ADDRESS``
+    names one; ``auto``: the one ``ray start`` runs on this machine; ``ray://host:10001``: Ray Client), start Serve's
+    HTTP proxy on ``host:port``, deploy, and serve until interrupted; then remove the application (and stop Ray
+    when it was started here)."""
+    own_cluster = address is None and not ray.is_initialized()
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise FrugalError(f"cannot join the Ray cluster at {address!r}: {e}") from None
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(build_app(build, options), name=options.app_name, route_prefix="/")
+        except RuntimeError as e:  # a replica failed to start: its error is the last lines
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            raise FrugalError(f"the Ray deployment did not start: {' | '.join(lines[-3:])}") from None
+        cluster = ray.get_runtime_context().gcs_address
+        print(f"frugallm: serving {options.served_model_name!r} on http://{host}:{port}/v1 through Ray Serve | "
+              f"{options.replicas} replica(s) | router {options.router} | cluster {cluster} | "
+              f"api key {'on' if options.api_key else 'off'}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        with contextlib.suppress(Exception):
+            serve.delete(options.app_name)
+        if own_cluster:
+            serve.shutdown()
+            ray.shutdown()
