@@ -7,12 +7,16 @@ with ``ngram`` vs plain, and llama-cpp-python with ``LlamaPromptLookupDecoding``
 adaptive ``ngram`` and ``draft`` vs plain. Greedy, batch 1; decode tok/s = 1 / time per output token after the
 first; runs alternate plain and speculative, medians reported with the acceptance stats.
 
-    .venv/bin/python benchmarks/spec_bench.py --threads 2 --runs 3
+    .venv/bin/python benchmarks/spec_bench.py --threads 2 --runs 3 --out /tmp/spec_bench.jsonl
+    .venv/bin/python benchmarks/spec_bench.py --target default --draft default --runs 1 --max-tokens 16  # smoke
+
+``--out`` appends one JSON line per measured pair (with the acceptance stats, machine and load).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -69,6 +73,16 @@ def run_pair(llm: LLM, prompt: str, spec: str, runs: int, max_tokens: int) -> di
             "identical_tokens": same, **{k: v for k, v in m.items() if k.startswith("spec_")}}
 
 
+def save(path: str | None, section: str, r: dict[str, Any], args: argparse.Namespace) -> None:
+    if path is None:
+        return
+    rec = {"section": section, **r, "target": args.target, "draft": args.draft, "threads": args.threads,
+           "max_tokens": args.max_tokens, "runs": args.runs, "cpu": model_name(), "load": os.getloadavg()[0],
+           "time": time.time()}
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def show(name: str, r: dict[str, Any]) -> None:
     print(f"{name:8s} {r['spec']:32s} plain {r['plain_tok_s']:6.2f} tok/s  spec {r['spec_tok_s']:6.2f} tok/s  "
           f"x{r['ratio']:.2f}  tokens {r['tokens']}  identical {r['identical_tokens']}  "
@@ -102,7 +116,7 @@ def verify_cost(llm: LLM, prompt: str, rows: list[int], reps: int) -> None:
         print(f"verify  rows {r:2d}: {t * 1e3:7.1f} ms  x{t / base:.2f} of one decode step")
 
 
-def llama_cpp_peer(prompt: str, max_tokens: int, threads: int, runs: int) -> None:
+def llama_cpp_peer(target: str, prompt: str, max_tokens: int, threads: int, runs: int) -> None:
     try:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -111,7 +125,7 @@ def llama_cpp_peer(prompt: str, max_tokens: int, threads: int, runs: int) -> Non
         return
     from frugallm.loading import resolve_model_path
 
-    path = str(resolve_model_path(TARGET))
+    path = str(resolve_model_path(target))
     for name, draft in (("plain", None), ("prompt-lookup", LlamaPromptLookupDecoding(num_pred_tokens=10))):
         llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, draft_model=draft,
                     verbose=False)
@@ -138,25 +152,35 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--target", default=TARGET)
+    ap.add_argument("--draft", default=DRAFT, help="draft model of the codegen and chat sections")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
     args = ap.parse_args()
+    target, draft = args.target, args.draft
     torch.set_num_threads(args.threads)
     print(f"CPU: {model_name()}  threads {args.threads}  load average {os.getloadavg()}  torch {torch.__version__}")
     want_draft = {"codegen", "chat"} & set(args.sections)
-    llm = LLM(TARGET, spec=f"draft:model={DRAFT}" if want_draft else None)
+    llm = LLM(target, spec=f"draft:model={draft}" if want_draft else None)
     chat = llm.chat_prompt
     if "verify" in args.sections:
         verify_cost(llm, chat([{"role": "user", "content": EDIT}]), [1, 2, 3, 4, 5, 6, 9, 15], reps=7)
     if "edit" in args.sections:
         prompt = chat([{"role": "user", "content": EDIT}])
-        show("edit", run_pair(llm, prompt, "ngram:k=8", args.runs, args.max_tokens))
-        llama_cpp_peer(prompt, args.max_tokens, args.threads, args.runs)
+        r = run_pair(llm, prompt, "ngram:k=8", args.runs, args.max_tokens)
+        show("edit", r)
+        save(args.out, "edit", r, args)
+        llama_cpp_peer(target, prompt, args.max_tokens, args.threads, args.runs)
     if "codegen" in args.sections:
-        show("codegen", run_pair(llm, chat([{"role": "user", "content": CODEGEN}]), f"draft:model={DRAFT}:k=4",
-                                 args.runs, args.max_tokens))
+        r = run_pair(llm, chat([{"role": "user", "content": CODEGEN}]), f"draft:model={draft}:k=4", args.runs,
+                     args.max_tokens)
+        show("codegen", r)
+        save(args.out, "codegen", r, args)
     if "chat" in args.sections:
         prompt = chat([{"role": "user", "content": CHAT}])
-        for spec in ("ngram:k=8", f"draft:model={DRAFT}:k=4"):
-            show("chat", run_pair(llm, prompt, spec, args.runs, args.max_tokens))
+        for spec in ("ngram:k=8", f"draft:model={draft}:k=4"):
+            r = run_pair(llm, prompt, spec, args.runs, args.max_tokens)
+            show("chat", r)
+            save(args.out, "chat", r, args)
     print(f"load average after: {os.getloadavg()}")
 
 
