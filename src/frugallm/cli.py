@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from frugallm.errors import FrugalError
@@ -144,7 +146,34 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     add_lora_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None, metavar="FILE",
+                            help="constrain the output to this JSON schema (structured output)")
+    constraint.add_argument("--grammar", default=None, metavar="FILE",
+                            help="constrain the output to this Lark grammar (llguidance's dialect)")
     p.set_defaults(func=cmd_generate)
+
+
+def constraint_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """``json_schema`` / ``grammar`` read from ``--json-schema`` / ``--grammar`` files; a file that cannot be
+    read or is not a JSON object schema is an error naming it."""
+    for flag, key in (("--json-schema", "json_schema"), ("--grammar", "grammar")):
+        path = getattr(args, key, None)
+        if path is None:
+            continue
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise FrugalError(f"{flag} {path}: cannot read it ({e})") from None
+        if key == "json_schema":
+            try:
+                schema = json.loads(text)
+            except ValueError as e:
+                raise FrugalError(f"{flag} {path}: not valid JSON ({e})") from None
+            if not isinstance(schema, dict):
+                raise FrugalError(f"{flag} {path}: a JSON schema must be an object, got {type(schema).__name__}")
+        return {key: text, "flag": f"{flag} {path}"}
+    return {}
 
 
 def read_prompt(arg: str | None) -> str:
@@ -167,11 +196,20 @@ def read_prompt(arg: str | None) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = read_prompt(args.prompt)
     params = sampling_from_args(args)  # validate before the (slow) model load
+    constraint = constraint_from_args(args)
+    where = constraint.pop("flag", None)
+    if constraint:
+        params = dataclasses.replace(params, **constraint)
     if not prompt.strip():
         raise FrugalError("prompt is empty")
     t0 = time.perf_counter()
     llm = load_llm(args)
     load_s = time.perf_counter() - t0
+    if where is not None:
+        try:  # compiled once here so that a schema or grammar the library rejects names its file
+            llm.inputs.compile(params)
+        except FrugalError as e:
+            raise FrugalError(f"{where}: {e}") from None
     if args.chat:
         prompt = llm.chat_prompt([{"role": "user", "content": prompt}])
     adapter = "lora" if args.lora else None

@@ -25,8 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from frugallm.engine.async_llm import AsyncLLM
 from frugallm.engine.inputs import EngineRequest
 from frugallm.engine.llm_engine import StepOutput
-from frugallm.errors import InvalidRequestError
+from frugallm.errors import InvalidRequestError, TemplateError
 from frugallm.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body, json_error
+from frugallm.serve.tool_calls import ToolFormat, ToolStream, format_for, tool_specs
 from frugallm.tokenizer.tokenizer import Tokenizer
 
 
@@ -165,12 +166,17 @@ class _CompletionFormat(_Format):
 
 
 class _ChatFormat(_Format):
+    """Chat choices; with ``tools`` (the model's tool-call format) the text is parsed into ``tool_calls``."""
+
     object_name, chunk_name = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, tokenizer: Tokenizer, num_choices: int, k: int | None) -> None:
+    def __init__(self, tokenizer: Tokenizer, num_choices: int, k: int | None, tools: ToolFormat | None = None
+                 ) -> None:
         super().__init__(tokenizer, num_choices, k)
         self.texts = [""] * num_choices
         self.lps: list[list[dict[str, Any]]] = [[] for _ in range(num_choices)]
+        self.tools = tools
+        self.streams = [ToolStream(tools) for _ in range(num_choices)] if tools is not None else []
 
     def logprobs(self, out: StepOutput) -> list[dict[str, Any]]:
         content = []
@@ -187,20 +193,44 @@ class _ChatFormat(_Format):
 
     def chunk_choice(self, out: StepOutput) -> dict[str, Any] | None:
         lp = {"content": self.logprobs(out)} if self.k is not None else None
-        if not (out.text or out.finished or lp):
+        finish = out.finish_reason
+        if self.tools is None:
+            delta = {"content": out.text} if out.text else {}
+        else:  # content as it comes, each tool call once it is complete (vLLM's delta shape)
+            stream = self.streams[out.index]
+            delta = stream.feed(out.text)
+            if out.finished:
+                last = stream.finish()
+                delta["content"] = delta.get("content", "") + last.get("content", "")
+                delta["tool_calls"] = delta.get("tool_calls", []) + last.get("tool_calls", [])
+                delta = {k: v for k, v in delta.items() if v}
+                finish = "tool_calls" if stream.calls and finish == "stop" else finish
+        if not (delta or out.finished or lp):
             return None
-        delta = {"content": out.text} if out.text else {}
-        return {"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
+        return {"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
     def collect(self, out: StepOutput) -> None:
         self.texts[out.index] += out.text
         if self.k is not None:
             self.lps[out.index] += self.logprobs(out)
 
+    def message(self, i: int, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        if self.tools is None:
+            return {"role": "assistant", "content": self.texts[i]}, finish
+        content, calls = self.tools.parse(self.texts[i])
+        if not calls:
+            return {"role": "assistant", "content": content}, finish
+        return ({"role": "assistant", "content": content or None, "tool_calls": [c.body() for c in calls]},
+                "tool_calls" if finish == "stop" else finish)
+
     def final_choices(self, finish: list[str | None]) -> list[dict[str, Any]]:
-        return [{"index": i, "message": {"role": "assistant", "content": self.texts[i]},
-                 "logprobs": {"content": self.lps[i]} if self.k is not None else None, "finish_reason": finish[i]}
-                for i in range(self.num_choices)]
+        out = []
+        for i in range(self.num_choices):
+            message, reason = self.message(i, finish[i])
+            out.append({"index": i, "message": message,
+                        "logprobs": {"content": self.lps[i]} if self.k is not None else None,
+                        "finish_reason": reason})
+        return out
 
 
 def _sse(obj: dict[str, Any]) -> str:
@@ -269,8 +299,10 @@ class OpenAIRoutes:
         return requested
 
     def prepare(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[Any], default_max: int | None,
-                logprobs: int | None, prompt_logprobs: int | None = None) -> list[EngineRequest]:
-        """The request's prompts as validated engine requests (raises :class:`InvalidRequestError`)."""
+                logprobs: int | None, prompt_logprobs: int | None = None,
+                overrides: dict[str, Any] | None = None) -> list[EngineRequest]:
+        """The request's prompts as validated engine requests (raises :class:`InvalidRequestError`);
+        ``overrides``: sampling fields set by the endpoint (a tool-call grammar)."""
         req.unsupported()
         inputs = self.async_llm.inputs
         ids = [inputs.encode(p) for p in prompts]
@@ -279,9 +311,15 @@ class OpenAIRoutes:
             requested = 1  # echo only: one token is sampled (its logits come with the prompt's) and not returned
         params = req.sampling_params(self.resolve_max_tokens(requested, [len(x) for x in ids], default_max),
                                      logprobs, prompt_logprobs)
+        if overrides:
+            params = dataclasses.replace(params, **overrides)
         arrival = time.perf_counter()
         out = []
-        matcher = inputs.compile(params)  # a schema the library rejects is a 400 here, before the engine sees it
+        try:  # a schema the library rejects is a 400 here, before the engine sees it
+            matcher = inputs.compile(params)
+        except InvalidRequestError as e:
+            field = "tools" if overrides and "grammar" in overrides else "response_format"
+            raise InvalidRequestError(str(e), field) from None
         for i, (p, x) in enumerate(zip(prompts, ids, strict=True)):
             inputs.check(x, req.n, params)
             m = matcher.copy() if matcher is not None and i else matcher
@@ -308,12 +346,38 @@ class OpenAIRoutes:
             return bad
         self.async_llm.check_capacity(req.n)
         # A model's template is untrusted and may run up to its time limit: render it off the event loop.
-        prompt = await run_in_threadpool(self.tokenizer.apply_chat_template, req.conversation(),
-                                         add_generation_prompt=True)
+        prompt, tools, overrides = await run_in_threadpool(self.render_chat, req)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        reqs = await run_in_threadpool(self.prepare, req, [prompt], CHAT_DEFAULT_MAX_TOKENS, k)
-        fmt = _ChatFormat(self.tokenizer, req.n, k)
+        reqs = await run_in_threadpool(self.prepare, req, [prompt], CHAT_DEFAULT_MAX_TOKENS, k, None, overrides)
+        fmt = _ChatFormat(self.tokenizer, req.n, k, tools)
         return await self.respond(request, req, reqs, fmt, f"chatcmpl-{uuid.uuid4().hex}")
+
+    def render_chat(self, req: ChatCompletionRequest) -> tuple[str, ToolFormat | None, dict[str, Any]]:
+        """The prompt, the tool-call format its answer is parsed with (None without tools) and the sampling
+        fields tools set: ``tool_choice`` ``required`` / a named function constrain the answer to calls in the
+        model's own format; a format that drops special tokens keeps them."""
+        conv = req.conversation()
+        tools = req.active_tools()
+        if tools is None:
+            return self.tokenizer.apply_chat_template(conv, add_generation_prompt=True), None, {}
+        template = self.tokenizer.chat_template
+        fmt = format_for(template, self.tokenizer)
+        specs = tool_specs(tools)
+        try:
+            prompt = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tools=tools)
+        except TemplateError as e:
+            raise InvalidRequestError(f"tools: the model's chat template cannot render them: {e}", "tools") from None
+        if prompt == self.tokenizer.apply_chat_template(conv, add_generation_prompt=True):
+            raise InvalidRequestError("tools: the model's chat template does not render tool definitions", "tools")
+        overrides: dict[str, Any] = {}
+        if fmt.needs_special_tokens:
+            overrides["skip_special_tokens"] = False
+        forced = req.forced_tools()
+        if forced is not None:
+            chosen = [s for s in specs if s.name in forced]
+            parallel = req.parallel_tool_calls is not False and req.tool_choice == "required"
+            overrides["grammar"] = fmt.grammar(chosen, parallel)
+        return prompt, fmt, overrides
 
     async def respond(self, request: Request, req: CompletionRequest | ChatCompletionRequest,
                       reqs: list[EngineRequest], fmt: _Format, rid: str) -> Any:

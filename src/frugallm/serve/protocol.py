@@ -211,15 +211,75 @@ class TextPart(_Base):
     text: Text
 
 
+class FunctionCall(_Base):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(_Base):
+    """An assistant message's earlier call (``messages[i].tool_calls[j]``)."""
+
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # assistant messages
+    tool_call_id: Text | None = None  # tool messages
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' convention): ``content`` a string, a call's
+        ``arguments`` a dict when it is a JSON object (templates write it with ``tojson``)."""
+        m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            m["name"] = self.name
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args: Any = json.loads(c.function.arguments)
+                except ValueError:
+                    args = c.function.arguments
+                calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                                             "arguments": args}})
+            m["tool_calls"] = calls
+        return m
+
+
+class FunctionDef(_Base):
+    name: Annotated[Text, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolDef(_Base):
+    """``tools[i]``: ``{"type": "function", "function": {"name", "description", "parameters"}}``."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Base):
+    name: Text
+
+
+class NamedToolChoice(_Base):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -229,18 +289,44 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.tools:
-            raise InvalidRequestError("tools are not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise InvalidRequestError("tool_choice needs tools", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools and self.tool_choice.function.name not in [
+                t.function.name for t in self.tools]:
+            raise InvalidRequestError(f"tool_choice names the function {self.tool_choice.function.name!r}, which is "
+                                      f"not in tools ({', '.join(t.function.name for t in self.tools)})",
+                                      "tool_choice")
+        if self.forced_tools() is not None and self.response_format is not None and \
+                self.response_format.type != "text":
+            raise InvalidRequestError("response_format cannot be combined with tool_choice 'required' or a named "
+                                      "function (both constrain the output)", "response_format")
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def active_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the template renders and the answer may call (none with ``tool_choice="none"``)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def forced_tools(self) -> list[str] | None:
+        """Names of the tools the answer must call (``required``: any; a named function: that one), or None."""
+        if not self.tools:
+            return None
+        if self.tool_choice == "required":
+            return [t.function.name for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [self.tool_choice.function.name]
+        return None
+
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]
 
 
 class TokenizeRequest(_Base):
@@ -253,9 +339,8 @@ class TokenizeRequest(_Base):
     add_generation_prompt: StrictBool = True
     return_token_strs: StrictBool = False
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages or []]
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages or []]
 
 
 class DetokenizeRequest(_Base):

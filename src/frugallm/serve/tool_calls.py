@@ -1,0 +1,329 @@
+"""Tool calls: the model's own format, chosen from its chat template, parsed into OpenAI ``tool_calls``.
+
+A :class:`ToolFormat` (registered by name, :data:`TOOL_FORMATS`) knows one model family's way of writing calls:
+
+* ``hermes`` (Qwen2.5, Hermes): ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, one block per call;
+* ``llama3_json`` (Llama 3.1 / 3.2 / 3.3): the whole answer is ``{"name": ..., "parameters": {...}}`` (calls
+  separated by ``; ``), optionally after ``<|python_tag|>``;
+* ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``.
+
+Each has three hooks: :meth:`ToolFormat.parse` (finished text -> content and calls), :meth:`ToolFormat.start`
+(where calls begin in a partial text, for streaming) and :meth:`ToolFormat.grammar` (a Lark grammar, llguidance's
+dialect with ``%json`` schemas, that admits only calls of the given tools in this format: ``tool_choice`` =
+``required`` or a named function is enforced with the structured-output machinery, in the model's own tags).
+:class:`ToolStream` turns a choice's text deltas into OpenAI deltas: content as it comes (holding back what may
+be the start of a call), then one ``tool_calls`` delta per call once it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from frugallm.errors import InvalidRequestError
+from frugallm.registry import Registry
+from frugallm.tokenizer.tokenizer import Tokenizer
+
+# Compact JSON inside the grammar: the model cannot loop on blanks, and arguments stay one-line.
+_JSON_OPTIONS = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One parsed call; ``arguments`` is JSON text (an object), as OpenAI returns it."""
+
+    name: str
+    arguments: str
+    id: str = field(default_factory=lambda: f"chatcmpl-tool-{uuid.uuid4().hex}")
+
+    def body(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A request's tool: its name and its parameters' JSON schema (an object schema)."""
+
+    name: str
+    parameters: dict[str, Any]
+
+
+def _call(obj: Any, args_key: str) -> ToolCall | None:
+    """A call from a decoded ``{"name": ..., args_key: {...}}`` (``arguments`` also accepted), else None."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+    if isinstance(args, str):  # some models write the arguments as a JSON string already
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _json_at(text: str, pos: int) -> tuple[Any, int] | None:
+    """The JSON value starting at ``text[pos:]`` (after blanks) and the index after it, or None."""
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    try:
+        return json.JSONDecoder().raw_decode(text, pos)
+    except ValueError:
+        return None
+
+
+class ToolFormat:
+    """One family's tool-call syntax. ``args_key``: the arguments' key in a call object; ``tag``: what opens the
+    calls in the output (None: a format with no tag); ``needs_special_tokens``: the tag is a control token that
+    detokenizing would drop, so the output must keep special tokens."""
+
+    name: ClassVar[str]
+    args_key: ClassVar[str] = "arguments"
+    tag: ClassVar[str | None] = None
+    needs_special_tokens: ClassVar[bool] = False
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def matches(cls, template: str) -> bool:
+        """Whether a chat template writes tool calls this way."""
+        raise NotImplementedError
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """``(content, calls)`` of a finished output; text that does not parse stays content."""
+        raise NotImplementedError
+
+    def start(self, text: str) -> int | None:
+        """Index where calls begin in ``text`` (a partial output), or None if they have not (yet)."""
+        i = text.find(self.tag) if self.tag else -1
+        return None if i < 0 else i
+
+    def held(self, text: str) -> int:
+        """How many trailing characters of ``text`` to hold back from content: they may begin the tag."""
+        tag = self.tag or ""
+        for n in range(min(len(tag) - 1, len(text)), 0, -1):
+            if tag.startswith(text[-n:]):
+                return n
+        return 0
+
+    def grammar(self, tools: list[ToolSpec], parallel: bool = True) -> str:
+        """A Lark grammar (llguidance) admitting one call (``parallel``: one or more) of ``tools`` in this
+        format, and nothing else."""
+        raise NotImplementedError
+
+    # -- grammar pieces -----------------------------------------------------------------------------
+    def literal(self, s: str) -> str:
+        """``s`` in a grammar: the token id when ``s`` is one token of the vocabulary (a model writes its tags
+        as one token, and a control token matches only by id), else a quoted string."""
+        tid = self.tokenizer.token_to_id(s)
+        return f"<[{tid}]>" if tid is not None else json.dumps(s, ensure_ascii=False)
+
+    def call_schema(self, tools: list[ToolSpec]) -> dict[str, Any]:
+        """The JSON schema of one call object of any of ``tools``."""
+        return {"anyOf": [{"type": "object", "properties": {"name": {"const": t.name}, self.args_key: t.parameters},
+                           "required": ["name", self.args_key], "additionalProperties": False} for t in tools]}
+
+    @staticmethod
+    def json_rule(schema: dict[str, Any]) -> str:
+        return "%json " + json.dumps({"x-guidance": _JSON_OPTIONS, **schema}, ensure_ascii=False)
+
+
+TOOL_FORMATS: Registry[type[ToolFormat]] = Registry("tool-call format")
+
+
+@TOOL_FORMATS.register("hermes")
+class HermesFormat(ToolFormat):
+    """Qwen2.5 / Hermes: ``<tool_call>\\n{json}\\n</tool_call>`` per call; text before the first is content."""
+
+    name, tag = "hermes", "<tool_call>"
+    _block = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+    @classmethod
+    def matches(cls, template: str) -> bool:
+        return "<tool_call>" in template
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        start = text.find(self.tag)
+        if start < 0:
+            return text, []
+        calls = []
+        for m in self._block.finditer(text, start):
+            got = _json_at(m.group(1), 0)
+            call = _call(got[0], self.args_key) if got else None
+            if call is None:
+                return text, []  # a malformed block: the whole answer is content (as vLLM's hermes parser)
+            calls.append(call)
+        return text[:start].rstrip("\n"), calls
+
+    def grammar(self, tools: list[ToolSpec], parallel: bool = True) -> str:
+        call = f'{self.literal("<tool_call>")} "\\n" obj "\\n" {self.literal("</tool_call>")}'
+        more = ' ("\\n" call)*' if parallel else ""
+        return f"start: call{more}\ncall: {call}\nobj: {self.json_rule(self.call_schema(tools))}\n"
+
+
+@TOOL_FORMATS.register("mistral")
+class MistralFormat(ToolFormat):
+    """Mistral: ``[TOOL_CALLS]`` then a JSON array of call objects (a control token: kept in the text)."""
+
+    name, tag, needs_special_tokens = "mistral", "[TOOL_CALLS]", True
+
+    @classmethod
+    def matches(cls, template: str) -> bool:
+        return "[TOOL_CALLS]" in template
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        start = text.find(self.tag)
+        if start < 0:
+            return text, []
+        got = _json_at(text, start + len(self.tag))
+        items = got[0] if got else None
+        items = [items] if isinstance(items, dict) else items
+        calls = [_call(x, self.args_key) for x in items] if isinstance(items, list) else [None]
+        if not calls or None in calls:
+            return text, []
+        return text[:start].rstrip(), calls  # type: ignore[return-value]
+
+    def grammar(self, tools: list[ToolSpec], parallel: bool = True) -> str:
+        arr = {"type": "array", "items": self.call_schema(tools), "minItems": 1}
+        if not parallel:
+            arr["maxItems"] = 1
+        return f"start: {self.literal('[TOOL_CALLS]')} arr\narr: {self.json_rule(arr)}\n"
+
+
+@TOOL_FORMATS.register("llama3_json")
+class Llama3JsonFormat(ToolFormat):
+    """Llama 3.x: the answer is ``{"name": ..., "parameters": {...}}`` (several joined by ``; ``), optionally
+    after ``<|python_tag|>``; an answer that is not such JSON is content."""
+
+    name, args_key = "llama3_json", "parameters"
+    _python_tag = "<|python_tag|>"
+
+    @classmethod
+    def matches(cls, template: str) -> bool:
+        return "<|python_tag|>" in template or '"parameters": dictionary of argument name' in template
+
+    def _body(self, text: str) -> tuple[int, str]:
+        s = text.lstrip()
+        if s.startswith(self._python_tag):
+            s = s[len(self._python_tag):].lstrip()
+        return len(text) - len(s), s
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        _, s = self._body(text)
+        calls: list[ToolCall] = []
+        pos = 0
+        while pos < len(s):
+            got = _json_at(s, pos)
+            call = _call(got[0], self.args_key) if got else None
+            if call is None:
+                return text, []
+            calls.append(call)
+            pos = got[1]  # type: ignore[index]
+            rest = s[pos:].lstrip()
+            if not rest:
+                break
+            if not rest.startswith(";"):
+                return text, []
+            pos = len(s) - len(rest) + 1
+        return ("", calls) if calls else (text, [])
+
+    def start(self, text: str) -> int | None:
+        off, s = self._body(text)
+        return off if s.startswith("{") else None
+
+    def held(self, text: str) -> int:
+        s = text.lstrip()
+        # Until the first character after blanks (and the python tag) shows, the answer may be a call.
+        if not s or self._python_tag.startswith(s) or s == self._python_tag:
+            return len(text)
+        if s.startswith(self._python_tag) and not s[len(self._python_tag):].strip():
+            return len(text)
+        return 0
+
+    def grammar(self, tools: list[ToolSpec], parallel: bool = True) -> str:
+        more = ' ("; " obj)*' if parallel else ""
+        return f"start: obj{more}\nobj: {self.json_rule(self.call_schema(tools))}\n"
+
+
+def format_for(template: str | None, tokenizer: Tokenizer) -> ToolFormat:
+    """The tool-call format a chat template uses; a template that writes none is a 400 naming it."""
+    for name in TOOL_FORMATS.names():
+        cls = TOOL_FORMATS.get(name)
+        if template and cls.matches(template):
+            return cls(tokenizer)
+    raise InvalidRequestError(
+        "tools: this model's chat template has no tool-call format this server parses (known: "
+        f"{', '.join(TOOL_FORMATS.names())}; the template must mention <tool_call>, [TOOL_CALLS] or <|python_tag|>)",
+        "tools")
+
+
+def tool_specs(tools: list[dict[str, Any]]) -> list[ToolSpec]:
+    """The request's ``tools`` (``[{"type": "function", "function": {"name", "parameters"}}]``, already
+    shape-checked) as specs; a parameters schema that is not an object schema is a 400 naming the tool."""
+    specs, seen = [], set()
+    for i, t in enumerate(tools):
+        fn = t["function"]
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise InvalidRequestError(
+                f"tools[{i}] ({fn['name']!r}): function.parameters must be a JSON schema of type 'object', "
+                f"got {json.dumps(params)[:80]}", "tools")
+        if fn["name"] in seen:
+            raise InvalidRequestError(f"tools[{i}]: the function name {fn['name']!r} is given twice", "tools")
+        seen.add(fn["name"])
+        specs.append(ToolSpec(fn["name"], params))
+    return specs
+
+
+class ToolStream:
+    """One choice's text deltas -> OpenAI chat deltas (``content`` / ``tool_calls``) in the model's format."""
+
+    def __init__(self, fmt: ToolFormat) -> None:
+        self.fmt = fmt
+        self.text = ""
+        self.sent = 0  # characters of ``text`` sent as content
+        self.calls: list[ToolCall] = []  # calls sent so far
+        self.in_calls = False
+
+    def _call_deltas(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        new = calls[len(self.calls):]
+        out = [{"index": len(self.calls) + j, **c.body()} for j, c in enumerate(new)]
+        self.calls += new
+        return out
+
+    def feed(self, delta: str) -> dict[str, Any]:
+        """The delta to send for ``delta`` (``{}`` when nothing is ready)."""
+        self.text += delta
+        out: dict[str, Any] = {}
+        if not self.in_calls:
+            start = self.fmt.start(self.text)
+            end = start if start is not None else len(self.text) - self.fmt.held(self.text)
+            if end > self.sent:
+                out["content"] = self.text[self.sent:end]
+                self.sent = end
+            self.in_calls = start is not None
+        if self.in_calls:
+            # A call is sent once the text holding it parses whole, i.e. once the next one begins or at the end;
+            # the last parsed call may still be growing (its JSON can parse before it is finished).
+            _, calls = self.fmt.parse(self.text)
+            if len(calls) > 1 and (tc := self._call_deltas(calls[:-1])):
+                out["tool_calls"] = tc
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        """The last delta once the choice has ended: the remaining calls, or (text that never parsed as
+        calls) the rest as content."""
+        content, calls = self.fmt.parse(self.text)
+        if calls:
+            tc = self._call_deltas(calls)
+            return {"tool_calls": tc} if tc else {}
+        rest = self.text[self.sent:]
+        self.sent = len(self.text)
+        return {"content": rest} if rest else {}
