@@ -145,6 +145,16 @@ def test_adapters_and_prefixes_stay_on_one_replica(cluster) -> None:
     assert len(set.union(*seen.values())) == 2, seen
 
 
+def test_bench_endpoint_load_generator_through_ray(cluster) -> None:
+    from frugallm.lab.endpoint import run_load
+
+    results, wall = run_load(cluster["url"], ["one two", "three four five"], max_tokens=6, concurrency=3, requests=6,
+                             api_key=KEY)
+    assert [r.error for r in results] == [None] * 6 and all(r.output_tokens == 6 and r.ttft_s for r in results)
+    denied, _ = run_load(cluster["url"], ["x"], max_tokens=2, concurrency=1, requests=1, model="tiny", api_key="")
+    assert "HTTP 401" in denied[0].error
+
+
 def test_health_and_metrics_per_replica(cluster) -> None:
     deadline = time.time() + 20
     while True:

@@ -4,13 +4,15 @@
 and times each from its server-sent events: TTFT = first chunk with text, TPOT = (last token time -
 first token time) / (tokens - 1). Output tokens come from the final ``usage`` chunk when the server
 sends one (``stream_options.include_usage``), else one per text chunk. A refused connection, an HTTP
-error or an error event makes that request's result an error, never an exception.
+error or an error event makes that request's result an error, never an exception. A server started with an API
+key (``frugallm serve --api-key``, plain or ``--ray``) gets ``api_key``, by default ``$FRUGALLM_API_KEY``.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -50,12 +52,17 @@ def _connect(scheme: str, host: str, port: int, timeout: float) -> http.client.H
     return cls(host, port, timeout=timeout)
 
 
-def served_model(url: str, timeout: float = 5.0) -> str | None:
+def _auth(api_key: str | None) -> dict[str, str]:
+    key = api_key if api_key is not None else os.environ.get("FRUGALLM_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def served_model(url: str, timeout: float = 5.0, api_key: str | None = None) -> str | None:
     """The first model id from ``GET /v1/models``, or None when the server does not say."""
     scheme, host, port, base = _split(url)
     try:
         conn = _connect(scheme, host, port, timeout)
-        conn.request("GET", f"{base}/v1/models")
+        conn.request("GET", f"{base}/v1/models", headers=_auth(api_key))
         resp = conn.getresponse()
         body = resp.read()
         conn.close()
@@ -68,7 +75,7 @@ def served_model(url: str, timeout: float = 5.0) -> str | None:
 
 
 def _one(url: str, prompt: str, max_tokens: int, model: str, timeout: float,
-         extra: dict[str, Any]) -> EndpointRequest:
+         extra: dict[str, Any], api_key: str | None = None) -> EndpointRequest:
     scheme, host, port, base = _split(url)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}, **extra}
@@ -78,7 +85,7 @@ def _one(url: str, prompt: str, max_tokens: int, model: str, timeout: float,
     try:
         conn = _connect(scheme, host, port, timeout)
         conn.request("POST", f"{base}/v1/completions", body=json.dumps(body),
-                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+                     headers={"Content-Type": "application/json", "Accept": "text/event-stream", **_auth(api_key)})
         resp = conn.getresponse()
         if resp.status != 200:
             detail = resp.read(500).decode("utf-8", "replace").strip()
@@ -116,19 +123,19 @@ def _one(url: str, prompt: str, max_tokens: int, model: str, timeout: float,
 
 
 def run_load(url: str, prompts: list[str], *, max_tokens: int, concurrency: int, requests: int,
-             model: str | None = None, timeout: float = 120.0, ignore_eos: bool = True
-             ) -> tuple[list[EndpointRequest], float]:
+             model: str | None = None, timeout: float = 120.0, ignore_eos: bool = True,
+             api_key: str | None = None) -> tuple[list[EndpointRequest], float]:
     """Send ``requests`` requests (prompts cycled) with ``concurrency`` in flight; ``(results, wall_s)``."""
     if concurrency < 1 or requests < 1:
         raise FrugalError(f"endpoint: concurrency and requests must be >= 1, got {concurrency} and {requests}")
     if not prompts:
         raise FrugalError("endpoint: no prompts")
     _split(url)  # validate before starting threads
-    model = model or served_model(url) or "default"
+    model = model or served_model(url, api_key=api_key) or "default"
     extra = {"ignore_eos": True} if ignore_eos else {}  # vLLM/SGLang extension: exactly max_tokens tokens
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        futures = [pool.submit(_one, url, prompts[i % len(prompts)], max_tokens, model, timeout, extra)
+        futures = [pool.submit(_one, url, prompts[i % len(prompts)], max_tokens, model, timeout, extra, api_key)
                    for i in range(requests)]
         results = [f.result() for f in futures]
     return results, time.perf_counter() - t0
