@@ -184,13 +184,22 @@ def test_killed_replica_errors_its_request_and_is_replaced(cluster) -> None:
         before = engine_replicas()
         lines = r.iter_lines()
         events.append(next(line for line in lines if line.startswith("data:")))
+        # A second request with the same prompt, not streamed: prefix affinity sends it to the same replica.
+        whole: list[Any] = []
+        waiter = threading.Thread(target=lambda: whole.append(httpx.post(
+            f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 150}, timeout=60,
+            headers={"Authorization": f"Bearer {KEY}"})))
+        waiter.start()
+        time.sleep(0.5)  # both in flight on the victim
         killer = threading.Thread(target=lambda: ray.kill(
             ray.get_actor(f"SERVE_REPLICA::{APP}#{ENGINE}#{victim}", namespace="serve"), no_restart=True))
         killer.start()
         events += [line for line in lines if line.startswith("data:")]
         killer.join()
-    assert '"error"' in events[-1] and "replica" in events[-1], events[-3:]
+        waiter.join()
+    assert '"error"' in events[-1] and "replica" in events[-1], events[-3:]  # streaming: an error event
     assert "data: [DONE]" not in events
+    assert whole[0].status_code == 503 and whole[0].json()["error"]["code"] == "replica_failed", whole[0].text
     # Ray starts a replacement (a new replica id); then every request succeeds, on the survivor or the new one.
     deadline = time.time() + 60
     while True:
