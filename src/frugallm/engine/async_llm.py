@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from frugallm.engine.inputs import EngineRequest, InputProcessor
 from frugallm.engine.llm_engine import LLMEngine, StepOutput
+from frugallm.engine.spec_solo import solo_for
 from frugallm.errors import InvalidRequestError
 from frugallm.sampling import SamplingParams
 
@@ -93,6 +94,7 @@ class AsyncLLM:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="frugallm-engine", daemon=True)
         self.error: BaseException | None = None
+        self.solo = solo_for(engine)  # speculative decoding while the server is nearly idle (LLM spec=)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> AsyncLLM:
@@ -116,6 +118,7 @@ class AsyncLLM:
         def run() -> None:
             try:
                 self.engine = build()
+                self.solo = solo_for(self.engine)
             except BaseException as e:
                 failure.append(e)
                 return
@@ -258,25 +261,50 @@ class AsyncLLM:
                 return
             if isinstance(msg, AddRequest):
                 try:  # only a request id already in use can fail here
-                    rid = self.engine.add_request(msg.request)
+                    if self.solo is not None and self.solo.accepts(msg.request):
+                        self.solo.start(msg.request)
+                        rid = msg.request.request_id
+                    else:
+                        rid = self.engine.add_request(msg.request)
                     self._sinks[rid] = msg.sink
                 except InvalidRequestError as e:
                     self._deliver(msg.sink, e)
-            elif self.engine.abort(msg.request_id):
+            elif (self.solo is not None and self.solo.abort(msg.request_id)) or self.engine.abort(msg.request_id):
                 self._sinks.pop(msg.request_id, None)
+
+    def _solo_round(self) -> None:
+        """One round of the request decoded speculatively beside the engine (``engine/spec_solo.py``)."""
+        try:
+            out = self.solo.step()
+        except Exception as e:  # as for an engine step: fail that request, keep serving
+            rid = self.solo.fail()
+            log.exception("speculative round failed; aborting request %s", rid)
+            sink = self._sinks.pop(rid, None) if rid is not None else None
+            if sink is not None:
+                self._deliver(sink, e)
+            return
+        self._deliver_step([out])
+        if out.finished:
+            self._sinks.pop(out.request_id, None)
 
     def _loop(self) -> None:
         try:
             while not self._stop:
                 self._drain_inbox()
+                solo = self.solo is not None and self.solo.running
+                if solo:
+                    self._solo_round()
                 if not self.engine.has_unfinished_requests():
-                    self._wake.wait(0.5)
-                    self._wake.clear()
+                    if not solo:
+                        self._wake.wait(0.5)
+                        self._wake.clear()
                     continue
                 try:
                     outputs = self.engine.step()
                 except Exception as e:  # a bug or out-of-memory: fail the running requests, keep serving
                     log.exception("engine step failed; aborting %d requests", len(self._sinks))
+                    if self.solo is not None:
+                        self.solo.fail()
                     for rid, sink in list(self._sinks.items()):
                         self.engine.abort(rid)
                         self._deliver(sink, e)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -141,6 +141,7 @@ class LLM:
             raise FrugalError(f"spec={self.spec_cfg} with kv={self.kv_spec}: a compressed KV cache cannot drop the "
                               "keys/values of rejected drafts yet; use one of them")
         self.spec_stats = SpecStats()  # every speculative run so far
+        self.spec_gate: Callable[[], bool] | None = None  # False: plain steps for now (a busy server)
         self.last_spec_stats: SpecStats | None = None
         loaded: LoadedModel = load_model(
             model, self.dtype, self.device, weights=self.weights, use_cache=use_cache, progress=progress
@@ -215,6 +216,22 @@ class LLM:
                 check_same_vocab(self.tokenizer, self.kv_draft.tokenizer, str(model), name)
                 attach_draft(self.model, self.kv_draft.model, name, self.kv_draft.kv_dtype)
                 attach_draft(self.model, self.kv_draft.model, None, self.kv_draft.kv_dtype)
+
+    def set_spec(self, spec: str | None) -> None:
+        """Turn speculative decoding on (or off with None) after loading, as ``LLM(spec=...)`` would (``serve``
+        loads its model without techniques, then calls this)."""
+        from frugallm.spec import check_same_vocab, parse_spec
+
+        cfg = parse_spec(spec)
+        if cfg is not None and self.kv_spec is not None and self.kv_spec.compresses_cache:
+            raise FrugalError(f"spec={cfg} with kv={self.kv_spec}: a compressed KV cache cannot drop the "
+                              "keys/values of rejected drafts yet; use one of them")
+        self.draft = None
+        if cfg is not None and cfg.method == "draft":
+            # A target run as stored takes a GGUF draft as stored too; otherwise the target's dtype.
+            self.draft = LLM(cfg.model, dtype="auto" if self.weights == "stored" else self.dtype, device=self.device)
+            check_same_vocab(self.tokenizer, self.draft.tokenizer, str(self.loaded.path), cfg.model)
+        self.spec_cfg = cfg
 
     def _compile(self) -> None:
         """Compile the decode step now (one dummy step), timing it; inductor caches the result on disk."""
@@ -436,7 +453,8 @@ class LLM:
         def sample_first() -> None:
             seq.append(sample_batch(logits, [seq])[0])
 
-        for _ in SpecDecoder(self.spec_cfg, proposer, stats).run(self.model, cache, seq, self.device, sample_first):
+        decoder = SpecDecoder(self.spec_cfg, proposer, stats, gate=self.spec_gate)
+        for _ in decoder.run(self.model, cache, seq, self.device, sample_first):
             if seq.finished:
                 seq.kv_cache_bytes = cache.nbytes()
                 # SpecMemo: what speculation adds to the plain run's memory: the proposer's weights and cache,

@@ -42,6 +42,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv", default=None,
                    help="KV-cache policy of every request, e.g. snapkv:budget=0.25 (under batching: the policies of "
                         "frugallm.kv.paged_names(); evicted blocks return to the pool)")
+    p.add_argument("--spec", default=None,
+                   help="speculative decoding while the server holds at most 2 sequences (e.g. ngram:k=8, "
+                        "draft:model=qwen2.5-coder-0.5b:k=4); busier, the engine decodes as without it")
     p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="largest accepted request body")
     p.add_argument("--max-queue", type=int, default=None,
                    help="sequences (prompts x n) queued or running at most; past it requests get 429 with "
@@ -90,6 +93,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         allowed_hosts = default_allowed_hosts(args.host)
     config = build_engine_config(args)  # validate before the (slow) model load
+    from frugallm.spec import parse_spec
+
+    parse_spec(args.spec)
     lora_kwargs(args)  # --lora NAME=PATH specs too
     from frugallm.engine.async_llm import DEFAULT_MAX_QUEUE
 
@@ -116,6 +122,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.dtype = "float32"
     def build() -> LLMEngine:
         llm = load_llm(args)
+        if args.spec:
+            llm.set_spec(args.spec)  # engine/spec_solo.py: a request alone in the server decodes speculatively
         if quant is not None:
             from frugallm.quant import quantize_model
 

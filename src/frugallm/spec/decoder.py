@@ -34,10 +34,14 @@ class SpecDecoder:
     """Drives ``model`` (``model(ids [1, T], positions [1, T], cache, "last" | "all") -> fp32 logits``) for one
     ``seq`` (an ``engine.Sequence``: ``token_ids``, ``params``, ``generator``, ``append``, ``finished``)."""
 
-    def __init__(self, cfg: SpecConfig, proposer: Proposer, stats: SpecStats | None = None) -> None:
+    def __init__(self, cfg: SpecConfig, proposer: Proposer, stats: SpecStats | None = None,
+                 gate: Callable[[], bool] | None = None) -> None:
+        """``gate``: asked before every round; False makes it a plain step (a server above its speculation
+        threshold, see ``engine/spec_solo.py``) without touching the adaptive controller's probes."""
         self.cfg = cfg
         self.proposer = proposer
         self.stats = stats if stats is not None else SpecStats()
+        self.gate = gate
 
     def run(
         self,
@@ -56,7 +60,8 @@ class SpecDecoder:
         while not seq.finished:
             n_done = len(seq.token_ids) - 1  # tokens whose keys/values the target's cache holds
             last = seq.token_ids[-1]
-            k = min(ctrl.next_k(), seq.max_new - seq.num_output_tokens - 1)  # drafts + the target's token
+            gated = self.gate is not None and not self.gate()
+            k = 0 if gated else min(ctrl.next_k(), seq.max_new - seq.num_output_tokens - 1)  # drafts + target's
             t0 = time.perf_counter()
             draft = self.proposer.propose(seq.token_ids, k, params, gen) if k > 0 else None
             t1 = time.perf_counter()
