@@ -233,3 +233,57 @@ def test_default_model_bf16_pool_matches_static() -> None:
     want = [llm.generate([p.ids], params)[0].token_ids for p in ps]
     engine = LLMEngine(llm, EngineConfig(num_blocks=80, block_size=16))
     assert [o[0].token_ids for o in run_engine(engine, [p.ids for p in ps], params)] == want
+
+
+# -- StreamingLLM (positions=original): its window slides in place over the sequence's blocks -----------------
+SLIDING = ["streamingllm:budget=0.25,positions=original", "streamingllm:sinks=2,window=20,positions=original",
+           "streamingllm:sinks=4,window=120,positions=original"]  # the last: prompts under the window grow into it
+LONG = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def sliding(tiny_models) -> dict[str, tuple[LLM, list[list[int]]]]:
+    """Each sliding spec's LLM and its static-cache greedy outputs for ``prompts()``."""
+    out = {}
+    for kv in SLIDING:
+        llm = LLM(str(tiny_models.hf("llama")), dtype="float32", device="cpu", kv=kv)
+        out[kv] = llm, [llm.generate([p], LONG)[0].token_ids for p in prompts(llm)]
+    return out
+
+
+@pytest.mark.parametrize("name", ["whole-prompts", "chunked", "preempting", "no-prefix-cache"])
+@pytest.mark.parametrize("kv", SLIDING)
+def test_paged_sliding_window_equals_static(sliding, kv: str, name: str) -> None:
+    llm, want = sliding[kv]
+    engine = LLMEngine(llm, CONFIGS[name])
+    ps = prompts(llm)
+    outs = run_engine(engine, ps, LONG)
+    for p, o, w in zip(ps, outs, want, strict=True):  # a small pool caps the context: a few stop early
+        assert o[0].token_ids == w[:min(len(w), engine.max_model_len - len(p))]
+
+
+def test_sliding_window_holds_its_blocks(sliding) -> None:
+    llm, want = sliding[SLIDING[1]]  # sinks 2 + window 20: 22 slots, then one more for the step's new token
+    engine = LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4))
+    p = prompts(llm)[0]
+    rid = engine.add_request(p, LONG)
+    seq = engine.requests[rid].seqs[0]
+    held = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        held.append(engine.block_manager.num_used_blocks)
+        if not seq.finished:
+            assert engine.block_manager.num_slots(seq) <= 23
+    assert max(held[1:-1]) == engine.block_manager.blocks_for(23) and held[-1] == 0
+    assert seq.output().token_ids == want[0] and seq.num_slid == 0  # freed: its counters reset
+
+
+def test_sliding_forks_copy_the_block_they_overwrite(sliding) -> None:
+    llm, want = sliding[SLIDING[1]]
+    outs = run_engine(LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4)), prompts(llm)[:2], LONG, n=2)
+    assert [[c.token_ids for c in o] for o in outs] == [[w, w] for w in want[:2]]
+
+
+def test_sliding_positions_cache_is_refused() -> None:
+    with pytest.raises(KVSpecError, match="positions=original"):
+        EngineConfig(kv="streamingllm:budget=0.25")

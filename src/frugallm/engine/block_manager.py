@@ -21,12 +21,15 @@ Plain Python (no torch) so it can be unit-tested alone; the tensors live in :mod
   share it rather than compute the same tokens again (identical prompts arriving together).
 * KV eviction (:meth:`BlockManager.compact`): a sequence whose KV policy dropped slots at prefill keeps
   ``num_computed_tokens - num_evicted`` slots, compacted into the leading blocks of a new table; the rest
-  of its blocks go back to the pool. Its blocks then no longer hold token ranges, so it neither registers
-  nor registers prefixes afterwards. Blocks it shares (ref count > 1: a prefix-cache hit) are never
+  of its blocks go back to the pool. Its blocks then no longer hold token ranges, so it registers no
+  prefixes afterwards. Blocks it shares (ref count > 1: a prefix-cache hit) are never
   written: the compacted slots go to fresh blocks there (copy-on-write). So do blocks holding a cached
   prefix while free blocks remain: released, they keep their full-prompt contents and hashes and serve the
   next request with the same prefix (a system prompt) as before. Only when the pool is exhausted is an own
   block written in place, and it leaves the prefix cache first.
+* Sliding windows (StreamingLLM): a sequence capped at ``max_slots`` slots writes each new token over its
+  oldest slot after the first ``ring_start`` ones (:func:`ring_slot`), so it takes no new block; a shared
+  block is copied before that write, an own one leaves the prefix cache.
 """
 
 from __future__ import annotations
@@ -42,10 +45,14 @@ class BlockSeq(Protocol):
     """What the block manager needs to know about a sequence (see ``scheduler.SeqState``)."""
 
     token_ids: list[int]
+    num_prompt_tokens: int
     block_table: list[int]
     block_hashes: list[int]  # chained hashes of the leading full, computed blocks
     num_computed_tokens: int
     num_evicted: int  # slots a KV policy dropped: the sequence holds num_computed_tokens - num_evicted
+    max_slots: int  # a sliding window's slot cap (0: none); see ring_slot
+    ring_start: int  # the leading slots a sliding window never overwrites (attention sinks)
+    num_slid: int  # tokens written over older ones so far
     lora_id: int  # the LoRA adapter it runs with (0: none); prefixes are cached per adapter
 
 
@@ -67,6 +74,15 @@ def first_hash(lora_id: int) -> int:
     """The hash chained in front of a sequence's first block: prefixes computed under one LoRA adapter (or under
     none, ``lora_id == 0``) never match another's."""
     return NO_HASH if not lora_id else hash(("lora", lora_id))
+
+
+def ring_slot(seq: BlockSeq) -> int | None:
+    """The slot a sliding sequence's next generated token overwrites (the least recently written after its
+    first ``ring_start``), once it holds ``max_slots``; None while it appends (its prompt is compacted)."""
+    if (not seq.max_slots or seq.num_computed_tokens < seq.num_prompt_tokens
+            or seq.num_computed_tokens - seq.num_evicted < seq.max_slots):
+        return None
+    return seq.ring_start + seq.num_slid % (seq.max_slots - seq.ring_start)
 
 
 class BlockManager:
@@ -200,17 +216,25 @@ class BlockManager:
             seq.block_table.append(self._take_free())
         self._mark_in_flight(seq)
 
-    def _needs_cow(self, seq: BlockSeq) -> bool:
-        # The next write goes into the last block if it is partially filled; copy it first if shared.
-        return bool(
-            seq.block_table
-            and self.num_slots(seq) % self.block_size
-            and self.blocks[seq.block_table[-1]].ref_count > 1
-        )
+    def _cow_index(self, seq: BlockSeq) -> int | None:
+        """The table index of a shared block the next write changes (copy it first), if any: the last block
+        when it is partially filled, or the block of a sliding sequence's ring slot."""
+        slot = ring_slot(seq)
+        if slot is not None:
+            i = slot // self.block_size
+        elif seq.block_table and self.num_slots(seq) % self.block_size:
+            i = len(seq.block_table) - 1
+        else:
+            return None
+        return i if self.blocks[seq.block_table[i]].ref_count > 1 else None
+
+    def _slots_after(self, seq: BlockSeq, num_new_tokens: int) -> int:
+        n = self.num_slots(seq) + num_new_tokens
+        return min(n, seq.max_slots) if seq.max_slots and seq.num_computed_tokens >= seq.num_prompt_tokens else n
 
     def num_new_blocks(self, seq: BlockSeq, num_new_tokens: int) -> int:
-        total = self.blocks_for(self.num_slots(seq) + num_new_tokens)
-        return max(0, total - len(seq.block_table)) + self._needs_cow(seq)
+        total = self.blocks_for(self._slots_after(seq, num_new_tokens))
+        return max(0, total - len(seq.block_table)) + (self._cow_index(seq) is not None)
 
     def can_append(self, seq: BlockSeq, num_new_tokens: int) -> bool:
         return self.num_new_blocks(seq, num_new_tokens) <= len(self.free)
@@ -219,13 +243,17 @@ class BlockManager:
         """Make room for ``num_new_tokens`` more tokens; returns ``(src, dst)`` block copies to perform."""
         assert self.can_append(seq, num_new_tokens)
         copies = []
-        if self._needs_cow(seq):
-            src = seq.block_table[-1]
+        i = self._cow_index(seq)
+        if i is not None:
+            src = seq.block_table[i]
             dst = self._take_free()
             self._release(src)
-            seq.block_table[-1] = dst
+            seq.block_table[i] = dst
             copies.append((src, dst))
-        total = self.blocks_for(self.num_slots(seq) + num_new_tokens)
+        slot = ring_slot(seq)
+        if slot is not None:  # its block's contents change: it no longer holds the tokens its hash names
+            self._forget(self.blocks[seq.block_table[slot // self.block_size]])
+        total = self.blocks_for(self._slots_after(seq, num_new_tokens))
         while len(seq.block_table) < total:
             seq.block_table.append(self._take_free())
         self._mark_in_flight(seq)
@@ -240,6 +268,7 @@ class BlockManager:
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_evicted = parent.num_evicted
+        child.num_slid = parent.num_slid
 
     def compact(self, seq: BlockSeq, num_slots: int) -> list[int]:
         """After a KV policy kept ``num_slots`` of the sequence's slots: its new block table (``blocks_for(num_slots)``
@@ -314,6 +343,7 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
         seq.num_evicted = 0
+        seq.num_slid = 0
 
     def check(self) -> None:
         """Assert internal invariants (tests)."""

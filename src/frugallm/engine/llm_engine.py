@@ -202,6 +202,9 @@ class LLMEngine:
                 seq.matcher = req.matcher if i == 0 else req.matcher.copy()
             seq.lora = req.lora
             seq.kv_policy = policy
+            if policy is not None and policy.evicts_during_decode:  # a sliding window (kv.paged_policy checks)
+                cap = policy.decode_capacity(policy.prefill_keep(len(req.prompt_ids), 0, self.llm.config.num_layers))
+                seq.max_slots, seq.ring_start = cap + 1, min(policy.sliding_sinks, cap)
             if req.params.seed is not None and i:  # distinct but reproducible samples per choice
                 seq.generator = torch.Generator().manual_seed((req.params.seed + i) % 2**64)
             request.seqs.append(seq)

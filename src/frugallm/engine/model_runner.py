@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 
+from frugallm.engine.block_manager import ring_slot
 from frugallm.engine.paged_cache import PagedKVCache
 from frugallm.engine.scheduler import SchedulerOutput
 from frugallm.lora.manager import LoraManager
@@ -98,8 +99,9 @@ class ModelRunner:
         # Rows whose pass ends the prompt run their KV policy (the scheduler stops such a pass there).
         evict = {r: s.kv_policy for r, (s, st, n) in enumerate(zip(seqs, starts, num_new, strict=True))
                  if s.kv_policy is not None and st < s.num_prompt_tokens <= st + n}
+        overwrite = {r: slot for r, s in enumerate(seqs) if (slot := ring_slot(s)) is not None}
         self.cache.bind([s.block_table for s in seqs], [st - s.num_evicted for s, st in zip(seqs, starts, strict=True)],
-                        num_new, evict)
+                        num_new, evict, overwrite)
         last = "last" if t == 1 or len(set(num_new)) == 1 else torch.tensor(num_new, device=self.device) - 1
         if all_positions:
             last = "all"

@@ -27,7 +27,9 @@ KV eviction (``kv.Evictor`` with ``pages``): a pass that ends a prompt may name 
 per layer and KV head, the slots to keep (:attr:`PagedKVCache.kept`), from the same keys the pass attends
 over and the queries it computed. The engine then moves the kept slots into the sequence's new, shorter
 block table (:meth:`PagedKVCache.compact`). Keys carry their RoPE rotation, so moving them changes
-nothing; a row's slots keep arrival order per head, and decode attends over every slot of its row.
+nothing; a row's slots keep arrival order per head, and decode attends over every slot of its row. A
+sliding window (StreamingLLM) at its cap writes its one new token over a given slot (``overwrite``) and
+attends over the same number of slots.
 """
 
 from __future__ import annotations
@@ -88,19 +90,21 @@ class PagedKVCache(KVCache):
         return 2 * len(self.k) * t[0].numel() * t.element_size()
 
     def bind(self, block_tables: list[list[int]], starts: list[int], num_new: list[int],
-             evict: Mapping[int, Evictor] | None = None) -> None:
+             evict: Mapping[int, Evictor] | None = None, overwrite: Mapping[int, int] | None = None) -> None:
         """Prepare one forward pass over a right-padded ``[batch, max(num_new)]`` input.
 
         Row ``b`` has ``starts[b]`` slots cached already (slots ``0..starts[b]-1`` of its block table; fewer
         than its RoPE position after an eviction) and adds ``num_new[b]`` tokens in the next slots; its input
         is right-padded to ``max(num_new)``. Block tables must already cover ``starts[b] + num_new[b]`` slots.
         ``evict``: rows whose pass ends their prompt, and the policy that picks their kept slots
-        (:attr:`kept`, after the pass).
+        (:attr:`kept`, after the pass). ``overwrite``: rows whose one new token goes over slot ``overwrite[b]`` of
+        their ``starts[b]`` slots instead of after them (a sliding window at its cap).
         """
         bs, dev = self.block_size, self.device
         b = len(block_tables)
         t = max(num_new)
-        ends = [s + n for s, n in zip(starts, num_new, strict=True)]
+        overwrite = overwrite or {}
+        ends = [s if i in overwrite else s + n for i, (s, n) in enumerate(zip(starts, num_new, strict=True))]
         nb = max(-(-e // bs) for e in ends)
         tables = torch.full((b, nb), self.scratch_block, dtype=torch.long)
         for i, bt in enumerate(block_tables):
@@ -110,8 +114,11 @@ class PagedKVCache(KVCache):
         n_t = torch.tensor(num_new, dtype=torch.long)
         pos = starts_t[:, None] + torch.arange(t)[None, :]  # [b, t] position (= slot) of each new token
         valid = torch.arange(t)[None, :] < n_t[:, None]
-        blk = torch.gather(tables, 1, (pos // bs).clamp(max=nb - 1))
-        write = torch.where(valid, blk * bs + pos % bs, self.scratch_block * bs)
+        wpos = pos.clone()
+        for i, slot in overwrite.items():
+            wpos[i, 0], pos[i, 0] = slot, starts[i] - 1  # written over `slot`; it sees the row's starts[i] slots
+        blk = torch.gather(tables, 1, (wpos // bs).clamp(max=nb - 1))
+        write = torch.where(valid, blk * bs + wpos % bs, self.scratch_block * bs)
         self._write_idx = write.reshape(-1).to(dev)
         self._tables = tables.view(-1).to(dev)
         self._evict = dict(evict or {})

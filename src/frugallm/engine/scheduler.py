@@ -26,7 +26,8 @@ Policies:
   a step at the end of its prompt, where the engine compacts its cache (see ``BlockManager.compact``), and
   the step that ends the prompt computes at least the prompt queries the policy reads
   (``prefill_queries``): chunks are cut so, and prefix-cache hits are capped so. After a preemption it
-  recomputes its prompt, is compacted again, then computes its generated tokens (the same cache as before).
+  recomputes its prompt, is compacted again, then computes its generated tokens (the same cache as before;
+  one per step with a sliding window, each overwriting the slot it overwrote the first time).
 * **Preemption by recompute**: when a running sequence needs a block and none is free, the most recently
   admitted sequence loses its blocks and returns to the front of the queue; it later prefills its prompt
   plus what it generated so far (prefix caching usually makes that cheap).
@@ -73,6 +74,9 @@ class SeqState:
     num_preemptions: int = 0
     num_evicted: int = 0  # slots its KV policy dropped: its cache holds num_computed_tokens - num_evicted
     kv_policy: Any = None  # a kv.Evictor the paged engine runs at the end of the prompt; None: the full cache
+    max_slots: int = 0  # sliding window (kv_policy slides): slots it holds at most, then writes over its oldest
+    ring_start: int = 0  # its leading slots never written over (attention sinks)
+    num_slid: int = 0  # tokens written over older ones
     lora: Any = None  # the LoRA adapter it runs with (a lora.LoraRequest); None: the base model
 
     def __post_init__(self) -> None:
@@ -183,8 +187,10 @@ class Scheduler:
         """``num_new`` tokens after ``computed`` ones, cut so that a sequence with a KV policy stops at the end of
         its prompt, whose pass computes at least the queries the policy reads; 0: not this step."""
         end = seq.num_prompt_tokens
-        if seq.kv_policy is None or computed >= end:
+        if seq.kv_policy is None:
             return num_new
+        if computed >= end:  # a sliding window overwrites a slot per token: one per pass
+            return min(num_new, 1) if seq.max_slots else num_new
         left = end - computed
         if num_new >= left:
             return left
@@ -291,4 +297,8 @@ class Scheduler:
         """Record the step's progress (call after the forward pass, before appending sampled tokens)."""
         for seq, n in zip(out.seqs, out.num_new, strict=True):
             seq.num_computed_tokens += n
+            over = self.bm.num_slots(seq) - seq.max_slots
+            if seq.max_slots and over > 0 and seq.num_computed_tokens > seq.num_prompt_tokens:
+                seq.num_evicted += over  # the new token went over its oldest slot (the prompt's excess is compacted)
+                seq.num_slid += over
             self.bm.commit(seq)

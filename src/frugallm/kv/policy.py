@@ -22,7 +22,9 @@ cache stores them unrotated), ``needs_layer_input`` (the store keeps X, not K/V)
 ``evicts_during_decode`` (call :meth:`Evictor.on_decode` after every step). ``pages``: the policy also
 runs on the continuous-batching engine (``engine/paged_cache.py``): it evicts once, at prefill, the same
 number of slots in every layer, so a sequence's kept keys/values compact into its first blocks and the
-rest of its blocks go back to the pool.
+rest of its blocks go back to the pool. A paging policy that ``evicts_during_decode`` must slide
+(:attr:`Evictor.sliding_sinks`): keep its first slots and drop the oldest other one per step, which the
+paged pool does in place (a ring over the sequence's last block slots).
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class KVPolicy:
     def changes_positions(self) -> bool:
         """True when attention sees keys at positions other than the ones they were computed at."""
         return False
+
+    def paging_error(self) -> str | None:
+        """Why this configuration of a policy that ``pages`` cannot run on the paged engine (None: it can)."""
+        return None
 
     def describe(self) -> str:
         """``name:param=value,...`` with the non-default parameters (round-trips through the parser)."""
@@ -150,6 +156,12 @@ class Evictor(KVPolicy):
     def prefill_keep(self, n_tokens: int, layer: int, num_layers: int) -> int:
         """Slots a layer keeps after a prompt of ``n_tokens`` (at least one)."""
         return max(1, min(n_tokens, math.ceil(self.budget * n_tokens)))
+
+    @property
+    def sliding_sinks(self) -> int | None:
+        """For an evictor whose decode eviction drops the oldest slot after its first ``sliding_sinks`` ones (a
+        sliding window with attention sinks): that count; None for any other decode eviction."""
+        return None
 
     def prefill_queries(self, n_tokens: int) -> int:
         """How many of the prompt's last queries :meth:`on_prefill` reads (all of them by default when it

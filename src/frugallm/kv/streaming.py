@@ -7,7 +7,8 @@ Positions: with ``positions=cache`` (default, the paper's way) the cache stores 
 re-rotates them at every step by their index in the cache, so the query always sees distances
 ``0 .. cache_size - 1`` even after thousands of evictions; this is what keeps generation past the
 window fluent. ``positions=original`` keeps keys rotated at their original positions (the naive
-variant: relative distances to the sinks grow without bound).
+variant: relative distances to the sinks grow without bound); only it runs on the paged engine, whose
+pool keeps keys rotated (its window slides in place there).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class StreamingLLM(Evictor):
 
     name: ClassVar[str] = "streamingllm"
     evicts_during_decode: ClassVar[bool] = True
+    pages: ClassVar[bool] = True
     budget: float | None = None
     sinks: int = 4
     window: int | None = None
@@ -47,6 +49,16 @@ class StreamingLLM(Evictor):
     @property
     def changes_positions(self) -> bool:
         return self.positions == "cache"
+
+    def paging_error(self) -> str | None:
+        if self.positions == "cache":
+            return ("positions=cache re-rotates every key by its cache slot at each step, but the paged pool keeps "
+                    "keys rotated; use positions=original under batching")
+        return None
+
+    @property
+    def sliding_sinks(self) -> int:
+        return self.sinks
 
     @property
     def size(self) -> int | None:
