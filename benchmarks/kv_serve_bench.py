@@ -15,7 +15,7 @@ then each of ``--kv``), on the same prompts:
 Needle accuracy is the share of answers containing the key. Each record names the machine's load average.
 
     python benchmarks/kv_serve_bench.py --model qwen2.5-coder-0.5b --context 2048 --requests 32 \
-        --kv "snapkv:budget=0.25" --threads 2 --out /tmp/kv_serve.json
+        --kv "snapkv:budget=0.25;streamingllm:budget=0.25,positions=original" --threads 2 --out /tmp/kv_serve.json
     python benchmarks/kv_serve_bench.py --context 512 --requests 4 --output-len 8 --tasks capacity  # sanity run
 """
 
@@ -104,7 +104,8 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--haystack", default="prose", choices=passkey.HAYSTACKS)
-    ap.add_argument("--kv", default="snapkv:budget=0.25", help="';'-separated specs compared with the full cache")
+    ap.add_argument("--kv", default="snapkv:budget=0.25;streamingllm:budget=0.25,positions=original",
+                    help="';'-separated specs compared with the full cache (kv.paged_names() run under batching)")
     ap.add_argument("--tasks", default="capacity,c16")
     ap.add_argument("--full-seqs", type=int, default=4, help="capacity: the pool holds this many full sequences")
     ap.add_argument("--block-size", type=int, default=16)

@@ -287,3 +287,21 @@ def test_sliding_forks_copy_the_block_they_overwrite(sliding) -> None:
 def test_sliding_positions_cache_is_refused() -> None:
     with pytest.raises(KVSpecError, match="positions=original"):
         EngineConfig(kv="streamingllm:budget=0.25")
+
+
+def test_server_with_kv_policy(llm: LLM, full: LLM) -> None:
+    """``serve --kv snapkv:...``: the OpenAI server on an engine whose config names the policy."""
+    from fastapi.testclient import TestClient
+
+    from frugallm.engine.async_llm import AsyncLLM
+    from frugallm.serve.app import create_app
+
+    engine = LLMEngine(full, EngineConfig(num_blocks=128, block_size=4, kv=KV))
+    ps = prompts(llm)[:3]
+    with TestClient(create_app(AsyncLLM(engine).start(), "tiny")) as client:
+        for p in ps:
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 12,
+                                                     "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == llm.generate([p], GREEDY)[0].text
+    assert engine.block_manager.num_used_blocks == 0
