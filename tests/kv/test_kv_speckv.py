@@ -208,3 +208,20 @@ def test_quality_decode_path_runs_the_lookahead(tiny_models, monkeypatch) -> Non
     got = quality.decode_scorer(llm)(ids)
     assert calls == [16]  # one lookahead of the default 16 tokens, in the prefill
     torch.testing.assert_close(got[:-1], quality.decode_scorer(plain)(ids)[:-1], rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_lookahead_fits_the_context(target: Transformer) -> None:
+    """A prompt at the end of the context window gets a shorter lookahead (none at the very end); a draft whose
+    context is shorter than the prompt is a clear error."""
+    spec = parse_kv_spec("speckv:budget=0.5,window=4,lookahead=16")
+    n = 510  # max_position_embeddings 512: room for one lookahead token
+    ids, pos = prompt(n, 6), torch.arange(n)[None]
+    full = cache_for("full", target, n)
+    ref = target(ids, pos, full, "last")
+    cache = cache_for(str(spec), target, n)
+    torch.testing.assert_close(prefill_with_lookahead(spec, target, ids, pos, cache), ref, rtol=1e-4, atol=1e-4)
+    assert cache.slots(0) == n // 2
+    short = make_model(num_layers=1, max_position_embeddings=64)
+    with pytest.raises(KVSpecError, match="draft model's context"):
+        draft_lookahead(short, torch.float32, prompt(80), torch.arange(80)[None], None, 4, 97)

@@ -144,6 +144,10 @@ def draft_lookahead(
     """
     b, t = ids.shape
     cfg = draft.config
+    if int(positions.max()) + n + 1 > cfg.max_position_embeddings:
+        raise KVSpecError(f"the draft model's context ({cfg.max_position_embeddings} tokens) is shorter than this "
+                          f"prompt ({int(positions.max()) + 1} tokens) and its {n}-token lookahead; use a draft with "
+                          "the target's context")
     dev = model_device(draft)
     ids, positions = ids.to(dev), positions.to(dev)
     draft.rope_tables(dev, int(positions.max()) + n + 1)
@@ -217,6 +221,8 @@ def prefill_with_lookahead(
     queries vote, their keys/values are not kept); otherwise a plain prefill."""
     ev = spec.evictor
     look = getattr(ev, "lookahead", 0) if getattr(ev, "needs_draft", False) else 0
+    # The lookahead must fit the target's positions (a prompt at the context's end gets a shorter one).
+    look = max(0, min(look, target.config.max_position_embeddings - int(positions.max()) - 1))
     if not look:
         return target(ids, positions, cache, "last")
     draft, kv_dtype = draft_for(target, ev)
