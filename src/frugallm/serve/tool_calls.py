@@ -163,7 +163,8 @@ class HermesFormat(ToolFormat):
     def grammar(self, tools: list[ToolSpec], parallel: bool = True) -> str:
         call = f'{self.literal("<tool_call>")} "\\n" obj "\\n" {self.literal("</tool_call>")}'
         more = ' ("\\n" call)*' if parallel else ""
-        return f"start: call{more}\ncall: {call}\nobj: {self.json_rule(self.call_schema(tools))}\n"
+        # A newline may end the answer too: Qwen writes one after </tool_call> before <|im_end|> or the next call.
+        return f'start: call{more} "\\n"?\ncall: {call}\nobj: {self.json_rule(self.call_schema(tools))}\n'
 
 
 @TOOL_FORMATS.register("mistral")
