@@ -305,3 +305,22 @@ def test_server_with_kv_policy(llm: LLM, full: LLM) -> None:
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == llm.generate([p], GREEDY)[0].text
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_no_block_to_copy_shared_prefix_falls_back_to_full_cache(llm: LLM, full: LLM) -> None:
+    """Compaction must not write blocks it shares; with no free block to copy them into, the sequence keeps its
+    full cache (and runs as kv="full") instead."""
+    rng = random.Random(7)
+    a = [rng.randrange(3, llm.config.vocab_size) for _ in range(64)]
+    b = a + [rng.randrange(3, llm.config.vocab_size) for _ in range(8)]
+    engine = LLMEngine(llm, EngineConfig(num_blocks=21, block_size=4))
+    ra = engine.add_request(a, GREEDY, kv="full")
+    engine.step()  # a's 16 prompt blocks are computed and cached; b will share all of them
+    rb = engine.add_request(b, GREEDY)
+    sa, sb = engine.requests[ra].seqs[0], engine.requests[rb].seqs[0]
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.block_manager.check()
+    assert engine.num_uncompacted == 1 and sb.num_cached_tokens >= 64
+    assert sa.output().token_ids == full.generate([a], GREEDY)[0].token_ids
+    assert sb.output().token_ids == full.generate([b], GREEDY)[0].token_ids

@@ -149,6 +149,7 @@ class LLMEngine:
         self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len, config.max_num_seqs)
         llm.model.rope_tables(llm.device, self.max_model_len)  # every position a request can reach
         self.kv_policy = paged_policy(config.kv if config.kv is not None else getattr(llm, "kv_spec", None))
+        self.num_uncompacted = 0  # sequences that fell back to the full cache (see _compact)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.metrics = EngineMetrics()
@@ -290,7 +291,11 @@ class LLMEngine:
         if keep >= self.block_manager.num_slots(seq):
             return
         if not self.block_manager.can_compact(seq, keep):
-            return  # no block free for the shared ones it must not write: it keeps its full cache (still correct)
+            # No free block to copy the shared prefix blocks it must not write: it runs without its policy (the
+            # full cache, as a request with kv="full"), for the rest of its life.
+            seq.kv_policy, seq.max_slots = None, 0
+            self.num_uncompacted += 1
+            return
         old = list(seq.block_table)
         self.cache.compact(old, self.block_manager.compact(seq, keep), kept)
 
