@@ -64,14 +64,15 @@ def test_portable_scope_keeps_plain_values_only() -> None:
 
 
 def test_route_key_reads_model_and_prompt() -> None:
-    key = route_key("/v1/completions", json.dumps({"model": "base", "prompt": "hello there"}).encode(), "base")
+    key = route_key(json.dumps({"model": "base", "prompt": "hello there"}).encode(), "base")
     assert (key.model, key.prompt) == ("base", "hello there")
-    key = route_key("/v1/completions", json.dumps({"model": "sql", "prompt": [5, 17, 30]}).encode(), "base")
+    key = route_key(json.dumps({"model": "sql", "prompt": [5, 17, 30]}).encode(), "base")
     assert (key.model, key.prompt) == ("sql", "sql\n5 17 30")  # an adapter's prefixes are its own
     chat = {"model": "base", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
-    assert route_key("/v1/chat/completions", json.dumps(chat).encode(), "base").prompt == "user: hi\n"
-    assert route_key("/v1/completions", b"{not json", "base") == route_key("/v1/completions", b"", "base")
-    assert route_key("/v1/models", b"", "base").prompt == "/v1/models"  # never empty: the router divides by it
+    assert route_key(json.dumps(chat).encode(), "base").prompt == "user: hi\n"
+    assert route_key(json.dumps({"prompt": ["first", "second"]}).encode(), "base").prompt == "first"
+    assert route_key(b"{not json", "base") == route_key(b"", "base") == route_key(b"[1]", "base")
+    assert route_key(json.dumps({"model": "sql"}).encode(), "base").prompt == ""  # no prompt: routed by load
 
 
 def test_merge_metrics_labels_each_replica_and_keeps_families_together() -> None:

@@ -155,6 +155,38 @@ def test_bench_endpoint_load_generator_through_ray(cluster) -> None:
     assert "HTTP 401" in denied[0].error
 
 
+def test_adapters_loaded_over_http_reach_every_replica(cluster, tiny_models, tmp_path) -> None:
+    url, auth = cluster["url"], {"Authorization": f"Bearer {KEY}"}
+    path = make_adapter(tiny_models.hf_reference("llama"), tmp_path / "dora", seed=32, **VARIANTS["dora"])
+
+    def model_ids() -> list[set[str]]:
+        """``/v1/models`` of each replica (the router sends it to the less loaded of two: ask until both answered)."""
+        seen: dict[str, set[str]] = {}
+        for _ in range(30):
+            r = httpx.get(f"{url}/v1/models", headers=auth)
+            seen[r.headers[REPLICA_HEADER]] = {m["id"] for m in r.json()["data"]}
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, seen
+        return list(seen.values())
+
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "dora", "lora_path": str(path)}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert all(ids == {"tiny", "sql", "dora"} for ids in model_ids())
+    bad = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path)}, headers=auth)
+    assert bad.status_code == 400 and str(tmp_path) in bad.json()["error"]["message"]
+    c = client(cluster)
+    text = c.completions.create(model="dora", prompt=[5, 17, 30], max_tokens=4, temperature=0,
+                                extra_body={"ignore_eos": True}).choices[0].text
+    cluster["llm"].lora.add("dora", path)  # the reference LLM has not got it
+    assert text == greedy(cluster["llm"], [5, 17, 30], 4, lora="dora")
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "dora"}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert all(ids == {"tiny", "sql"} for ids in model_ids())
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="dora", prompt=[5, 17, 30], max_tokens=4)
+
+
 def test_health_and_metrics_per_replica(cluster) -> None:
     deadline = time.time() + 20
     while True:

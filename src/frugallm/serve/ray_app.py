@@ -13,6 +13,8 @@ Two deployments, as Ray Serve LLM arranges them (an ingress that reads the reque
 * ``FrugalIngress`` (one replica, no CPU): the Host / API key / body-size guard of the plain server, then the relay.
   ``/health`` and ``/metrics`` answer for all replicas (``replica`` label). A replica that dies under a request
   gives that request an error: 503 before the answer started, an SSE ``error`` event after (never a silent loss).
+  ``/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` go to one replica (which checks the adapter); once it
+  succeeded the change is recorded on the board and every other replica applies it before its next request.
 
 Python users build the application themselves::
 
@@ -57,6 +59,7 @@ log = logging.getLogger("frugallm.serve")
 ENGINE = "FrugalEngine"
 INGRESS = "FrugalIngress"
 REPORT_PERIOD_S = 2.0  # how often a replica reports its metrics and health to the board
+ADAPTER_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 STALE_AFTER_S = 3 * REPORT_PERIOD_S + 5.0  # a replica silent this long is gone (Ray is replacing it)
 ROUTERS = {
     "prefix": "frugallm.serve.ray_router:AdapterPrefixRouter",  # adapters, then Ray's prefix-cache affinity
@@ -131,10 +134,22 @@ def _board_name(app_name: str) -> str:
 
 @ray.remote(num_cpus=0)
 class ReplicaBoard:
-    """Latest health and ``/metrics`` text of every engine replica (pushed by the replicas, read by the ingress)."""
+    """Latest health and ``/metrics`` text of every engine replica (pushed by the replicas, read by the ingress), and
+    the adapters loaded or unloaded over HTTP since the start (``name -> path``, None: unloaded), which every
+    replica applies before its next request."""
 
     def __init__(self) -> None:
         self.reports: dict[str, tuple[float, bool, str]] = {}
+        self.adapters: dict[str, str | None] = {}
+        self.version = 0
+
+    def set_adapter(self, name: str, path: str | None) -> int:
+        self.adapters[name] = path
+        self.version += 1
+        return self.version
+
+    def adapter_changes(self) -> tuple[int, dict[str, str | None]]:
+        return self.version, dict(self.adapters)
 
     def report(self, replica: str, alive: bool, metrics: str) -> None:
         self.reports[replica] = (time.time(), alive, metrics)
@@ -168,10 +183,17 @@ class FrugalEngine:
                 return lora.get(name)
 
             self._adapter = serve.multiplexed(max_num_models_per_replica=lora.max_loras)(adapter)
-        self._reporter = asyncio.get_running_loop().create_task(self._report_loop(_board_name(context.app_name)))
+        self._board_name = _board_name(context.app_name)
+        self._board: Any = None
+        self._adapters_version = 0  # of the board's adapter changes applied here
+        self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
-    async def http(self, key: RouteKey, scope: dict[str, Any], body: bytes) -> AsyncIterator[dict[str, Any]]:
-        """Answer one HTTP request (``scope`` from :func:`portable_scope`): its ASGI messages, streamed."""
+    async def http(self, key: RouteKey, scope: dict[str, Any], body: bytes, adapters_version: int = 0
+                   ) -> AsyncIterator[dict[str, Any]]:
+        """Answer one HTTP request (``scope`` from :func:`portable_scope`): its ASGI messages, streamed. First apply
+        the adapters loaded or unloaded through the ingress up to ``adapters_version``."""
+        if adapters_version > self._adapters_version:
+            await self._apply_adapter_changes()
         model = serve.get_multiplexed_model_id()
         if model and self._adapter is not None:
             with contextlib.suppress(InvalidRequestError):  # not an adapter: the app answers (404 if unknown)
@@ -201,12 +223,32 @@ class FrugalEngine:
                 chunks.append(m.get("body", b""))
         return status, b"".join(chunks).decode()
 
-    async def _report_loop(self, board_name: str) -> None:
-        board = None
+    async def _board_handle(self) -> Any:
+        if self._board is None:
+            self._board = await asyncio.to_thread(ray.get_actor, self._board_name)
+        return self._board
+
+    async def _apply_adapter_changes(self) -> None:
+        """Load and unload here what was loaded and unloaded through the ingress (on another replica)."""
+        version, changes = await (await self._board_handle()).adapter_changes.remote()
+        lora = self.async_llm.engine.lora
+        if lora is not None:
+            present = set(lora.names())
+            for name, path in changes.items():
+                if path is None and name in present:
+                    lora.remove(name)
+                elif path is not None and name not in present:
+                    try:
+                        await asyncio.to_thread(lora.add, name, path)
+                    except FrugalError as e:  # it loaded on the replica that took the request; not here
+                        log.error("replica %s: LoRA adapter %r from %s does not load here: %s", self.replica, name,
+                                  path, e)
+        self._adapters_version = max(self._adapters_version, version)
+
+    async def _report_loop(self) -> None:
         while True:
             try:
-                if board is None:
-                    board = await asyncio.to_thread(ray.get_actor, board_name)
+                board = await self._board_handle()
                 _, text = await self._scrape("/metrics")
                 health, _ = await self._scrape("/health")
                 await board.report.remote(self.replica, health == 200, text)
@@ -214,7 +256,7 @@ class FrugalEngine:
                 raise
             except Exception as e:  # the ingress (which owns the board) is starting or was replaced
                 log.debug("replica %s: board not reachable (%s)", self.replica, e)
-                board = None
+                self._board = None
             await asyncio.sleep(REPORT_PERIOD_S)
 
     def __del__(self) -> None:
@@ -247,6 +289,7 @@ class FrugalIngress:
                            allowed_hosts=None if options.allowed_hosts is None else list(options.allowed_hosts))
         self.board = ReplicaBoard.options(name=_board_name(serve.get_replica_context().app_name),
                                           get_if_exists=True).remote()
+        self.adapters_version = 0  # of the board's adapter changes (this one ingress replica writes them)
 
     async def __call__(self, request: Request) -> Response:
         return _Asgi(self.asgi)
@@ -263,10 +306,6 @@ class FrugalIngress:
             return await self._reply(send, await self._health())
         if path == "/metrics":
             return await self._reply(send, await self._metrics())
-        if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
-            return await self._reply(send, json_error(
-                400, f"{path} is not available with --ray: it would reach one replica only; register adapters on "
-                "every replica at start (serve --lora NAME=PATH)", code="not_supported"))
         chunks = []
         while True:
             message = await receive()
@@ -276,15 +315,15 @@ class FrugalIngress:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        key = route_key(path, body, self.options.served_model_name)
+        key = route_key(body, self.options.served_model_name)
         adapter = key.model if key.model and key.model != self.options.served_model_name else ""
         stream = self.engine.options(stream=True, multiplexed_model_id=adapter).http.remote(
-            key, portable_scope(scope), body)
-        started, sse = False, False
+            key, portable_scope(scope), body, self.adapters_version)
+        started, sse, status = False, False, 0
         try:
             async for message in stream:
                 if message["type"] == "http.response.start":
-                    started = True
+                    started, status = True, message["status"]
                     sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
                               for k, v in message.get("headers", []))
                 await send(message)
@@ -300,6 +339,12 @@ class FrugalIngress:
                 event = json.dumps({"error": {"message": detail, "type": "server_error", "code": "replica_failed"}})
                 await send({"type": "http.response.body", "body": f"data: {event}\n\n".encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if status == 200 and path in ADAPTER_ROUTES:
+            # One replica loaded (checked) or unloaded it; the others follow before their next request.
+            name = json.loads(body)["lora_name"]
+            lora_path = json.loads(body)["lora_path"] if path == ADAPTER_ROUTES[0] else None
+            self.adapters_version = await self.board.set_adapter.remote(name, lora_path)
 
     async def _snapshot(self) -> dict[str, tuple[float, bool, str]]:
         return await self.board.snapshot.remote(STALE_AFTER_S)
@@ -323,10 +368,11 @@ class FrugalIngress:
 def build_app(build: Callable[[], LLMEngine], options: RayServeOptions) -> Any:
     """The Ray Serve application (``serve.run(app, route_prefix="/")`` serves it): ``options.replicas`` engine
     replicas, each built by ``build`` (picklable: :func:`engine_builder`), behind one ingress."""
+    # Prefix tree bounded: Ray's default keeps every prompt's text for the life of the application.
+    prefix_kwargs = {"imbalanced_threshold": options.imbalanced_threshold, "do_eviction": True}
     router = RequestRouterConfig(
         request_router_class=router_class(options.router),
-        request_router_kwargs={"imbalanced_threshold": options.imbalanced_threshold, **options.extra_router_kwargs}
-        if options.router == "prefix" else dict(options.extra_router_kwargs),
+        request_router_kwargs={**(prefix_kwargs if options.router == "prefix" else {}), **options.extra_router_kwargs},
     )
     resources: dict[str, Any] = {"num_cpus": options.replica_cpus}
     if options.replica_gpus:

@@ -23,11 +23,19 @@ except ImportError:  # the module that defines it, importable with ray[serve] al
     from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import PrefixCacheAffinityRouter
 
 
+def _has_prompt(pending_request: Any) -> bool:
+    """Whether the request carries prompt text (a ``RouteKey`` with a non-empty ``prompt``)."""
+    return pending_request is not None and any(getattr(a, "prompt", None) for a in pending_request.args or ())
+
+
 class AdapterPrefixRouter(PrefixCacheAffinityRouter):
-    """``PrefixCacheAffinityRouter`` that keeps multiplexed (adapter) requests on the replicas holding the adapter."""
+    """``PrefixCacheAffinityRouter`` that keeps multiplexed (adapter) requests on the replicas holding the adapter;
+    requests without a prompt (``/v1/models``, ...) take the less loaded of two replicas."""
 
     async def choose_replicas(self, candidate_replicas: list[Any], pending_request: Any = None) -> list[list[Any]]:
-        if pending_request is None or not pending_request.metadata.multiplexed_model_id:
+        if not _has_prompt(pending_request):
+            return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
+        if not pending_request.metadata.multiplexed_model_id:
             return await super().choose_replicas(candidate_replicas, pending_request)
         ranked = await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
         if ranked and len(ranked[0]) > 1:
@@ -37,3 +45,7 @@ class AdapterPrefixRouter(PrefixCacheAffinityRouter):
             if best:
                 return [best]
         return ranked
+
+    def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
+        if _has_prompt(pending_request):  # the prefix tree records prompts only
+            super().on_request_routed(pending_request, replica_id, result)

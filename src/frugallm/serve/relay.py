@@ -73,17 +73,17 @@ async def call_asgi(app: Any, scope: dict[str, Any], body: bytes) -> AsyncIterat
 class RouteKey:
     """What the request router sees of a request. ``prompt`` is the text prefix-affinity routing matches
     (Ray's ``PrefixCacheAffinityRouter`` reads a ``prompt`` attribute): the prompt or the chat messages, after the
-    adapter's name for a request to an adapter (a prefix under one adapter is no use to another). ``model`` is the
-    request's ``model`` field ('' when absent)."""
+    adapter's name for a request to an adapter (a prefix under one adapter is no use to another); '' for requests
+    without one (``/v1/models``, ``/tokenize`` of nothing, ...), which go to the less loaded of two replicas.
+    ``model`` is the request's ``model`` field ('' when absent)."""
 
     model: str
     prompt: str
 
 
-def route_key(path: str, body: bytes, base_model: str) -> RouteKey:
-    """The :class:`RouteKey` of a request to ``path`` with JSON ``body`` on a server whose base model is named
-    ``base_model`` (a body that does not parse routes by its path: the replica answers it with the plain server's
-    400)."""
+def route_key(body: bytes, base_model: str) -> RouteKey:
+    """The :class:`RouteKey` of a request with JSON ``body`` on a server whose base model is named ``base_model``
+    (a body that does not parse has no prompt: the replica answers it with the plain server's 400)."""
     try:
         data = json.loads(body) if body else {}
     except (ValueError, UnicodeDecodeError):
@@ -92,8 +92,7 @@ def route_key(path: str, body: bytes, base_model: str) -> RouteKey:
         data = {}
     model = data.get("model") if isinstance(data.get("model"), str) else ""
     text = _text(data.get("messages")) if "messages" in data else _text(data.get("prompt"))
-    text = text or path
-    return RouteKey(model, f"{model}\n{text}" if model and model != base_model else text)
+    return RouteKey(model, f"{model}\n{text}" if text and model and model != base_model else text)
 
 
 def _text(value: Any) -> str:
