@@ -186,6 +186,7 @@ class FrugalEngine:
         self._board_name = _board_name(context.app_name)
         self._board: Any = None
         self._adapters_version = 0  # of the board's adapter changes applied here
+        self._adapters_lock = asyncio.Lock()
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
     async def http(self, key: RouteKey, scope: dict[str, Any], body: bytes, adapters_version: int = 0
@@ -230,7 +231,13 @@ class FrugalEngine:
 
     async def _apply_adapter_changes(self) -> None:
         """Load and unload here what was loaded and unloaded through the ingress (on another replica)."""
-        version, changes = await (await self._board_handle()).adapter_changes.remote()
+        async with self._adapters_lock:  # concurrent requests apply the changes once
+            version, changes = await (await self._board_handle()).adapter_changes.remote()
+            if version > self._adapters_version:
+                await self._apply(changes)
+                self._adapters_version = version
+
+    async def _apply(self, changes: dict[str, str | None]) -> None:
         lora = self.async_llm.engine.lora
         if lora is not None:
             present = set(lora.names())
@@ -243,7 +250,6 @@ class FrugalEngine:
                     except FrugalError as e:  # it loaded on the replica that took the request; not here
                         log.error("replica %s: LoRA adapter %r from %s does not load here: %s", self.replica, name,
                                   path, e)
-        self._adapters_version = max(self._adapters_version, version)
 
     async def _report_loop(self) -> None:
         while True:
