@@ -10,6 +10,7 @@ TPOT, output tok/s, and Ray minus plain for the medians (the added latency per r
 the routing and relay cost alone, the TPOT difference is the per-token cost of streaming through two more hops).
 
     python benchmarks/ray_overhead.py --threads 2 --out ray_overhead.jsonl
+    python benchmarks/ray_overhead.py --threads 2 --router pow2 --out ray_overhead.jsonl  # Ray's default router
     python benchmarks/ray_overhead.py --model qwen2.5-coder-0.5b --max-tokens 1,64 --concurrency 1,8 --rounds 5
 """
 
@@ -101,6 +102,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="engine threads of each server")
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--replicas", type=int, default=1, help="Ray engine replicas (1: same hardware as the plain one)")
+    ap.add_argument("--router", default="prefix", choices=["prefix", "pow2"], help="serve --ray-router")
     ap.add_argument("--max-tokens", default="1,32", help="comma-separated output lengths")
     ap.add_argument("--concurrency", default="1,8", help="comma-separated requests in flight")
     ap.add_argument("--requests", type=int, default=24, help="requests per server per round")
@@ -111,7 +113,8 @@ def main() -> int:
     lengths = [int(x) for x in args.max_tokens.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
     ps = prompts(args.requests, args.prompt_words)
-    with Server("plain", args) as plain, Server("ray", args, "--ray", "--replicas", str(args.replicas)) as ray:
+    ray_args = ("--ray", "--replicas", str(args.replicas), "--ray-router", args.router)
+    with Server("plain", args) as plain, Server("ray", args, *ray_args) as ray:
         for srv in (plain, ray):  # warm-up: first-request costs (kernels, Ray's routing state) are not measured
             run_load(srv.url, ps[:2], max_tokens=4, concurrency=1, requests=4)
         print(f"{'max_tokens':>10} {'conc':>4} {'server':>6} {'ttft_ms':>8} {'e2e_ms':>8} {'tpot_ms':>8} "
@@ -129,7 +132,8 @@ def main() -> int:
                         a["tokens"] += r["tokens"]
                         a["wall"] += r["wall"]
                 record: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "threads": args.threads,
-                                          "replicas": args.replicas, "max_tokens": max_tokens, "concurrency": conc,
+                                          "replicas": args.replicas, "router": args.router, "max_tokens": max_tokens,
+                                          "concurrency": conc,
                                           "requests": args.requests * args.rounds}
                 for name, a in acc.items():
                     med = {k: median(a[k]) for k in ("ttft", "e2e", "tpot")}

@@ -22,20 +22,20 @@ def test_serve_ray_flags_reach_the_deployment(tiny_models, monkeypatch) -> None:
     model = str(tiny_models.hf("llama"))
     assert main(["serve", model, "--ray", "--replicas", "3", "--address", "auto", "--port", "8123", "--threads", "2",
                  "--api-key", "k", "--served-model-name", "tiny", "--max-queue", "64", "--dtype", "float32",
-                 "--num-blocks", "32", "--block-size", "4"]) == 0
+                 "--num-blocks", "32", "--block-size", "4", "--ray-router", "pow2"]) == 0
     (call,) = calls
     opts = call["options"]
     assert (call["address"], call["host"], call["port"]) == ("auto", "127.0.0.1", 8123)
     assert (opts.served_model_name, opts.replicas, opts.api_key, opts.max_queue, opts.replica_cpus) == (
         "tiny", 3, "k", 64, 2.0)
-    assert "127.0.0.1" in opts.allowed_hosts and opts.replica_gpus == 0
+    assert "127.0.0.1" in opts.allowed_hosts and opts.replica_gpus == 0 and opts.router == "pow2"
     engine = call["build"]()  # what each replica runs: the plain server's engine build
     assert isinstance(engine, LLMEngine) and engine.block_manager.num_blocks == 32
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--replicas", "2"], "--replicas and --address need --ray"),
-    (["--address", "auto"], "--replicas and --address need --ray"),
+    (["--replicas", "2"], "--replicas, --address and --ray-router need --ray"),
+    (["--address", "auto"], "--replicas, --address and --ray-router need --ray"),
     (["--ray", "--replicas", "0"], "--replicas must be an integer >= 1"),
 ])
 def test_bad_ray_flags_are_one_error(tiny_models, capsys, argv: list[str], message: str) -> None:

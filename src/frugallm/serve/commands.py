@@ -57,6 +57,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     ray.add_argument("--address", default=None,
                      help="Ray cluster to join with --ray: 'auto' (started by `ray start` on this machine), "
                           "HOST:6379 or ray://HOST:10001 (default: a new local cluster)")
+    ray.add_argument("--ray-router", default=None, choices=["prefix", "pow2"],
+                     help="with --ray: 'prefix' (default: an adapter's replicas, then the replica that has the "
+                          "prompt's prefix, then the less loaded) or 'pow2' (Ray's default: adapters, then load)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -84,8 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = args.model_path
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port must be in [0, 65535], got {args.port}")
-    if not args.ray and (args.replicas is not None or args.address is not None):
-        raise FrugalError("--replicas and --address need --ray")
+    if not args.ray and (args.replicas is not None or args.address is not None or args.ray_router is not None):
+        raise FrugalError("--replicas, --address and --ray-router need --ray")
     if args.allowed_hosts is not None:
         allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
         if not allowed_hosts:
@@ -163,7 +166,7 @@ def _serve_ray(args: argparse.Namespace, build: Callable[[], Any], api_key: str 
         args.served_model_name or args.model, replicas=1 if args.replicas is None else args.replicas,
         api_key=api_key, max_body_bytes=args.max_body_bytes, max_queue=max_queue,
         allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
-        replica_cpus=float(args.threads or 1), replica_gpus=1.0 if gpu else 0.0)
+        replica_cpus=float(args.threads or 1), replica_gpus=1.0 if gpu else 0.0, router=args.ray_router or "prefix")
     return serve_forever(build, options, address=args.address, host=args.host, port=args.port)
 
 
