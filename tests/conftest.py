@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))  # tiny_models, quant_models: shared by every folder
 
 import tiny_models as tm  # noqa: E402
+
+# Fixed thread counts: tests compare outputs bit for bit, and a thread count changed mid-run by the governor (on a
+# crowded machine) may change a GEMM's summation order. tests/engine/test_threads.py turns it on where it tests it.
+os.environ.setdefault("FRUGALLM_ADAPTIVE_THREADS", "0")
 
 # Modules whose tests exercise native kernels or CPU-dependent defaults: marked ``isa``, so that `make test` reruns
 # them with FRUGALLM_ISA=avx2 on AVX-512 machines (each machine tests every kernel variant it can execute).

@@ -16,6 +16,7 @@ from frugallm import cpu
 from frugallm.engine.allocator import tune_malloc
 from frugallm.engine.inputs import InputProcessor
 from frugallm.engine.sequence import RequestOutput, Sequence
+from frugallm.engine.threads import ThreadGovernor, adaptive_threads_enabled
 from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.loading import LoadedModel, choose_weights, load_model
 from frugallm.model.kv_cache import ContiguousKVCache, KVCache
@@ -117,6 +118,10 @@ class LLM:
                 raise FrugalError(f"threads must be in [1, 4096], got {threads}")
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
+        # torch's default thread count drops while other processes crowd the cores (engine/threads.py: 10x and
+        # more at 2 cores); an explicit ``threads`` is kept as given.
+        self.governor = (ThreadGovernor(torch.get_num_threads())
+                         if threads is None and self.device.type == "cpu" and adaptive_threads_enabled() else None)
         self.weights, weights_reason = choose_weights(model, weights, dtype, self.device, quant=bool(quant))
         # As stored, weights and norms stay fp32 and the GGUF kernel accumulates in fp32; decode activations are
         # bf16 where the CPU has AVX512-BF16 (exact code x bf16 products, see below), else fp32.
@@ -439,7 +444,11 @@ class LLM:
             yield seqs
             inp = torch.tensor(tokens, device=dev).view(b, 1)
             self._bind_lora(seqs, 1)
+            if self.governor is not None:
+                self.governor.pause()  # time the step itself, not the consumer between steps
             logits = self.model(inp, next_pos, cache, "last")
+            if self.governor is not None:
+                self.governor.step(b)
             next_pos += 1
 
     def _run_spec(self, seq: Sequence, cache: KVCache, logits: torch.Tensor, capacity: int) -> Iterator[list[Sequence]]:
