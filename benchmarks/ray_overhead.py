@@ -67,7 +67,7 @@ class Server:
             time.sleep(1)
 
     def __exit__(self, *exc: object) -> None:
-        self.proc.send_signal(signal.SIGINT)  # --ray removes its application and stops its local Ray cluster
+        self.proc.send_signal(signal.SIGTERM)  # --ray removes its application and stops its local Ray cluster
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:

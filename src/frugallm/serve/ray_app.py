@@ -32,6 +32,7 @@ import contextlib
 import functools
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -392,6 +393,10 @@ def build_app(build: Callable[[], LLMEngine], options: RayServeOptions) -> Any:
     return ingress.bind(engine.bind(build, options), options)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_forever(build: Callable[[], LLMEngine], options: RayServeOptions, *, address: str | None, host: str,
                   port: int) -> int:
     """``frugallm serve --ray``: join the Ray cluster at ``address`` (None: a new local one, unless ``RAY_ADDRESS``
@@ -399,6 +404,10 @@ def serve_forever(build: Callable[[], LLMEngine], options: RayServeOptions, *, a
     HTTP proxy on ``host:port``, deploy, and serve until interrupted; then remove the application (and stop Ray
     when it was started here)."""
     own_cluster = address is None and not ray.is_initialized()
+    # SIGTERM (a service manager, `kill`) cleans up like Ctrl-C; so does SIGINT where the shell started this process
+    # with SIGINT ignored (a background job of a script).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
     try:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
