@@ -42,24 +42,32 @@ def test_a_quiet_machine_keeps_its_thread_count() -> None:
     i = iter(range(10**6))
     m = Machine(lambda t, busy: 0.014 * jitter[next(i) % len(jitter)])
     m.run(2000)
-    assert m.calls == [] and m.gov.threads == 2 and m.gov.switches == 0
+    # One window at 1 thread after the first (calibration), lost; then nothing.
+    assert m.calls == [1, 2] and m.gov.threads == 2 and m.gov.switches == 0
+
+
+def test_a_machine_crowded_from_the_start() -> None:
+    m = Machine(contended)
+    m.busy = True
+    m.run(100)
+    assert m.calls == [1] and m.gov.threads == 1 and m.gov.switches == 1
 
 
 def test_fewer_threads_under_contention_and_all_again_after() -> None:
     m = Machine(contended)
     m.run(100)
-    assert m.calls == []
+    assert m.calls == [1, 2]  # the calibration window, lost
     m.busy = True
     m.run(200)
-    assert m.gov.threads == 1 and m.calls[0] == 1  # one slow window, then the try of 1 thread kept
-    assert m.calls == [1]  # the cores are not idle while crowded: 2 threads are not tried again
+    assert m.gov.threads == 1  # one slow window, then the try of 1 thread kept
+    assert m.calls == [1, 2, 1]  # the cores are not idle while crowded: 2 threads are not tried again
     t0 = m.now
     m.run(200)
     assert m.now - t0 < 200 * 0.031  # it stayed at the fast count
     m.busy = False
     m.run(400)
     assert m.gov.threads == 2 and m.calls[-1] == 2  # the idle core was noticed and taken back
-    assert m.gov.switches == 2
+    assert m.calls == [1, 2, 1, 2] and m.gov.switches == 2
 
 
 def test_a_slowdown_that_fewer_threads_do_not_fix_keeps_the_count() -> None:
@@ -72,20 +80,21 @@ def test_a_slowdown_that_fewer_threads_do_not_fix_keeps_the_count() -> None:
     m.run(80)
     slow[0] = True
     m.run(400)
-    assert m.calls == [1, 2]  # one try of 1 thread, lost, back to 2; the slower pace is the new baseline
+    assert m.calls == [1, 2, 1, 2]  # calibration, then one try of 1 thread, lost; the slower pace is the new baseline
     assert m.gov.threads == 2 and m.gov.switches == 0
 
 
 def test_steps_of_other_shapes_and_pauses_are_not_mixed() -> None:
     m = Machine(lambda t, busy: 0.01)
     m.run(40, key=1)
+    assert m.calls == [1, 2]  # calibration (1 thread is no faster here)
     m.step_time = lambda t, busy: 0.08  # batch 8: 8x the time per step, not a slowdown
     m.run(40, key=8)
-    assert m.calls == []
+    assert m.calls == [1, 2]
     m.now += 5.0  # a prefill between decode steps
     m.gov.pause()
     m.run(40, key=8)
-    assert m.calls == []
+    assert m.calls == [1, 2]
 
 
 @pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("0", False), ("off", False)])

@@ -5,8 +5,9 @@ keeps a core busy, one of our threads is often descheduled and the others wait f
 (a 135M decode step has ~200). Measured on 2 cores beside 4 busy processes (load average 6): 2 threads decoded
 the default model at 2-3 tok/s, 1 thread at 23-48 tok/s (quiet machine, 2 threads: ~70 tok/s).
 
-:class:`ThreadGovernor` watches the wall time of decode steps. It does nothing while steps run as fast as they
-did before (a quiet machine never changes its thread count, so its results are those of a fixed count). When
+:class:`ThreadGovernor` watches the wall time of decode steps. After its first window it tries half the threads
+for one window (a machine crowded from the start shows no change to react to); then it does nothing while steps
+run as fast as they did before (a quiet machine: 8 steps at half the threads, once). When
 a window of steps is ``slow_factor`` times slower than the best window seen at this thread count and batch
 size, it tries half the threads for one window and keeps them if that window is faster; while below the
 maximum it tries twice the threads now and then, when the cores it would add sat idle during the last window
@@ -64,6 +65,7 @@ class ThreadGovernor:
         self._last: float | None = None
         self._trial: tuple[int, float] | None = None  # (previous count, its window median) while trying one
         self._idle_at: tuple[float, float] | None = None  # (clock, idle seconds) at the window's start
+        self._calibrated = False
         self._up_wait = self._up_in = self.retry_windows
 
     def pause(self) -> None:
@@ -107,6 +109,11 @@ class ThreadGovernor:
             return
         best = self._best.get(here)
         self._best[here] = median if best is None else min(best, median)
+        if not self._calibrated:  # crowded from the start looks like no change: try half the threads once
+            self._calibrated = True
+            if self.threads > 1:
+                self._try(max(1, self.threads // 2), median)
+            return
         if best is not None and median > self.slow_factor * best and self.threads > 1:
             self._try(max(1, self.threads // 2), median)
         elif self.threads < self.max_threads:
