@@ -170,8 +170,8 @@ def test_policies_that_do_not_page_are_refused(llm: LLM, full: LLM) -> None:
     with pytest.raises(KVSpecError, match="cannot be composed|kivi"):
         EngineConfig(kv="snapkv:budget=0.25+kivi:bits=2")
     engine = LLMEngine(full, EngineConfig(num_blocks=32, block_size=4, max_num_batched_tokens=16))
-    with pytest.raises(InvalidRequestError, match="h2o"):
-        engine.add_request([5, 6, 7], GREEDY, kv="h2o:budget=0.5")
+    with pytest.raises(InvalidRequestError, match="lacache"):
+        engine.add_request([5, 6, 7], GREEDY, kv="lacache:budget=0.5")
     with pytest.raises(InvalidRequestError, match="max_num_batched_tokens"):
         engine.add_request(list(range(3, 60)), GREEDY, kv="snapkv:window=32")
     kivi = LLM(str(full.loaded.path), dtype="float32", device="cpu", kv="kivi:bits=4")
@@ -203,7 +203,7 @@ def test_preempted_after_compaction_recomputes_the_same_cache(llm: LLM, monkeypa
     want = [llm.generate([p], params)[0].token_ids for p in ps]
     calls = []
     real = LLMEngine._compact
-    monkeypatch.setattr(LLMEngine, "_compact", lambda self, seq, kept: calls.append(seq) or real(self, seq, kept))
+    monkeypatch.setattr(LLMEngine, "_compact", lambda self, seq, *a: calls.append(seq) or real(self, seq, *a))
     engine = LLMEngine(llm, EngineConfig(num_blocks=34, block_size=4, max_num_batched_tokens=64, max_num_seqs=4))
     outs = run_engine(engine, ps, params)
     assert len(calls) > len(ps), "a sequence was preempted after its compaction"
@@ -324,3 +324,49 @@ def test_no_block_to_copy_shared_prefix_falls_back_to_full_cache(llm: LLM, full:
     assert engine.num_uncompacted == 1 and sb.num_cached_tokens >= 64
     assert sa.output().token_ids == full.generate([a], GREEDY)[0].token_ids
     assert sb.output().token_ids == full.generate([b], GREEDY)[0].token_ids
+
+
+
+# -- H2O: heavy hitters scored at every step, the kept slots compacted in place ----------------------------------
+H2O = ["h2o:budget=0.25", "h2o:budget=0.5,recent=0.25"]
+
+
+@pytest.fixture(scope="module")
+def heavy(tiny_models) -> dict[str, tuple[LLM, list[list[int]]]]:
+    out = {}
+    for kv in H2O:
+        llm = LLM(str(tiny_models.hf("llama")), dtype="float32", device="cpu", kv=kv)
+        out[kv] = llm, [llm.generate([p], LONG)[0].token_ids for p in prompts(llm)]
+    return out
+
+
+@pytest.mark.parametrize("name", ["whole-prompts", "preempting", "no-chunking", "no-prefix-cache"])
+@pytest.mark.parametrize("kv", H2O)
+def test_paged_h2o_equals_static(heavy, kv: str, name: str) -> None:
+    llm, want = heavy[kv]
+    cfg = CONFIGS[name]
+    if cfg.max_num_batched_tokens < 128:  # H2O reads every prompt query: a prompt is one pass
+        cfg = EngineConfig(**{**cfg.__dict__, "max_num_batched_tokens": 128})
+    engine = LLMEngine(llm, cfg)
+    ps = prompts(llm)
+    outs = run_engine(engine, ps, LONG)
+    for p, o, w in zip(ps, outs, want, strict=True):
+        assert o[0].token_ids == w[:min(len(w), engine.max_model_len - len(p))]
+
+
+def test_h2o_holds_its_capacity_and_refuses_shared_samples(heavy) -> None:
+    llm, want = heavy[H2O[0]]
+    engine = LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4))
+    p = prompts(llm)[0]
+    rid = engine.add_request(p, LONG)
+    seq = engine.requests[rid].seqs[0]
+    cap = parse_kv_spec(H2O[0]).evictor.prefill_keep(len(p), 0, 2)
+    while engine.has_unfinished_requests():
+        engine.step()
+        if not seq.finished:
+            assert engine.block_manager.num_slots(seq) <= cap + 1
+    assert seq.output().token_ids == want[0]
+    with pytest.raises(InvalidRequestError, match="n=1"):
+        engine.add_request(p, LONG, n=2)
+    with pytest.raises(InvalidRequestError, match="max_num_batched_tokens"):
+        LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=32)).add_request(p, LONG)

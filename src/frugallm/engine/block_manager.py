@@ -319,8 +319,8 @@ class BlockManager:
 
     def commit(self, seq: BlockSeq) -> None:
         """Register the hashes of blocks that became full and computed (call after each forward)."""
-        if seq.num_evicted:  # compacted: its blocks no longer hold the token ranges hashes describe
-            return
+        if seq.num_evicted or (seq.max_slots and seq.num_computed_tokens > seq.num_prompt_tokens):
+            return  # compacted, or evicting while it decodes: its blocks no longer hold the token ranges hashes name
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         while len(seq.block_hashes) < full:

@@ -181,6 +181,9 @@ class LLMEngine:
             policy = self.kv_policy if kv is None else paged_policy(kv)
         except KVSpecError as e:
             raise InvalidRequestError(str(e)) from None
+        if policy is not None and policy.evicts_during_decode and policy.sliding_sinks is None and n > 1:
+            raise InvalidRequestError(f"kv {policy.describe()} evicts each sample's own slots while it decodes; "
+                                      "its samples cannot share blocks: use n=1")
         if isinstance(prompt, EngineRequest):
             req = prompt
         else:
@@ -203,9 +206,13 @@ class LLMEngine:
                 seq.matcher = req.matcher if i == 0 else req.matcher.copy()
             seq.lora = req.lora
             seq.kv_policy = policy
-            if policy is not None and policy.evicts_during_decode:  # a sliding window (kv.paged_policy checks)
+            if policy is not None and policy.evicts_during_decode:
+                # It holds its capacity plus the step's new token. A sliding window writes that over its oldest
+                # slot after the sinks; a scoring policy (H2O) compacts its kept slots first, so the new token
+                # always goes to the last slot.
                 cap = policy.decode_capacity(policy.prefill_keep(len(req.prompt_ids), 0, self.llm.config.num_layers))
-                seq.max_slots, seq.ring_start = cap + 1, min(policy.sliding_sinks, cap)
+                sinks = policy.sliding_sinks
+                seq.max_slots, seq.ring_start = cap + 1, cap if sinks is None else min(sinks, cap)
             if req.params.seed is not None and i:  # distinct but reproducible samples per choice
                 seq.generator = torch.Generator().manual_seed((req.params.seed + i) % 2**64)
             request.seqs.append(seq)
@@ -250,7 +257,7 @@ class LLMEngine:
             self._record_prompt_logprobs(out.seqs[i], lg)  # type: ignore[arg-type]
         self.scheduler.postprocess(out)
         for i, kept in self.runner.kept.items():
-            self._compact(out.seqs[i], kept)  # type: ignore[arg-type]
+            self._compact(out.seqs[i], kept, self.runner.kept_stats[i])  # type: ignore[arg-type]
         seqs: list[Sequence] = []
         logit_rows: list[int] = []
         for r, i in enumerate(rows):
@@ -283,17 +290,24 @@ class LLMEngine:
             self.metrics.prefix_hits.values[""] = self.block_manager.prefix_hits
         return outputs
 
-    def _compact(self, seq: Sequence, kept: list[torch.Tensor]) -> None:
+    def _compact(self, seq: Sequence, kept: list[torch.Tensor], stats: list[dict[str, torch.Tensor]]) -> None:
         """Keep only ``kept[layer] [kv_heads, keep]`` of a sequence's slots: move them into its leading blocks and
-        free the rest (before it forks or takes its next token)."""
+        free the rest (before it forks or takes its next token). ``stats``: the policy's per-slot statistics of
+        the kept slots, per layer."""
         keep = kept[0].shape[1]
         assert all(k.shape[1] == keep for k in kept), "a paging policy keeps the same slot count in every layer"
-        if keep >= self.block_manager.num_slots(seq):
+        policy = seq.kv_policy
+        scores_decode = policy is not None and policy.evicts_during_decode and policy.sliding_sinks is None
+        if scores_decode:
+            seq.kv_stats = stats
+        # A scoring policy compacts its slots in place at every step: it needs blocks of its own even when it keeps
+        # every prompt slot (compaction copies shared or cached ones).
+        if keep >= self.block_manager.num_slots(seq) and not scores_decode:
             return
         if not self.block_manager.can_compact(seq, keep):
             # No free block to copy the shared prefix blocks it must not write: it runs without its policy (the
             # full cache, as a request with kv="full"), for the rest of its life.
-            seq.kv_policy, seq.max_slots = None, 0
+            seq.kv_policy, seq.max_slots, seq.kv_stats = None, 0, None
             self.num_uncompacted += 1
             return
         old = list(seq.block_table)

@@ -56,6 +56,7 @@ class ModelRunner:
         # Set by each run: {index into out.seqs: per layer, the slots its KV policy keeps [kv_heads, keep]} of
         # sequences whose prompt ended this step (the engine compacts their blocks).
         self.kept: dict[int, list[torch.Tensor]] = {}
+        self.kept_stats: dict[int, list[dict[str, torch.Tensor]]] = {}  # their policies' per-slot statistics
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor | None]:
@@ -69,7 +70,7 @@ class ModelRunner:
         rows: list[int] = []
         logits: list[torch.Tensor] = []
         self.all_logits = {}
-        self.kept = {}
+        self.kept, self.kept_stats = {}, {}
         for g in groups:
             sampled = [i for i in g if out.samples(i)]
             want_all = [i for i in g if out.seqs[i].needs_prompt_logits]
@@ -100,8 +101,12 @@ class ModelRunner:
         evict = {r: s.kv_policy for r, (s, st, n) in enumerate(zip(seqs, starts, num_new, strict=True))
                  if s.kv_policy is not None and st < s.num_prompt_tokens <= st + n}
         overwrite = {r: slot for r, s in enumerate(seqs) if (slot := ring_slot(s)) is not None}
+        # Generated tokens of sequences whose policy scores its slots at every step (H2O; compacted at prefill).
+        scored = {r: (s.kv_policy, s.max_slots - 1, s.kv_stats)
+                  for r, (s, st) in enumerate(zip(seqs, starts, strict=True))
+                  if s.kv_stats is not None and s.kv_policy is not None and st >= s.num_prompt_tokens}
         self.cache.bind([s.block_table for s in seqs], [st - s.num_evicted for s, st in zip(seqs, starts, strict=True)],
-                        num_new, evict, overwrite)
+                        num_new, evict, overwrite, scored)
         last = "last" if t == 1 or len(set(num_new)) == 1 else torch.tensor(num_new, device=self.device) - 1
         if all_positions:
             last = "all"
@@ -109,4 +114,5 @@ class ModelRunner:
         with bound:
             logits = self.model(ids.to(self.device), pos.to(self.device), self.cache, last)
         self.kept.update({idx[r]: kept for r, kept in self.cache.kept.items()})
+        self.kept_stats.update({idx[r]: stats for r, stats in self.cache.kept_stats.items()})
         return logits

@@ -29,7 +29,9 @@ over and the queries it computed. The engine then moves the kept slots into the 
 block table (:meth:`PagedKVCache.compact`). Keys carry their RoPE rotation, so moving them changes
 nothing; a row's slots keep arrival order per head, and decode attends over every slot of its row. A
 sliding window (StreamingLLM) at its cap writes its one new token over a given slot (``overwrite``) and
-attends over the same number of slots.
+attends over the same number of slots. A policy that scores slots at every decode step (H2O) gets its
+row's slots and per-slot statistics after the step's attention (``scored``), picks the slots to keep per
+KV head and the row's slots are compacted in place, layer by layer, as the static cache's store gathers.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from collections.abc import Mapping
 import torch
 
 from frugallm import native
-from frugallm.kv import Evictor, PrefillContext, select_slots
+from frugallm.kv import DecodeContext, Evictor, PrefillContext, select_slots
 from frugallm.model.kv_cache import KVCache
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -81,8 +83,11 @@ class PagedKVCache(KVCache):
         self._bound = False
         self._fused = False
         self._evict: dict[int, Evictor] = {}
-        # Set by a pass with evicting rows: {row: per layer, the kept slots [kv_heads, keep] (int64, ascending)}.
+        # Set by a pass with evicting rows: {row: per layer, the kept slots [kv_heads, keep] (int64, ascending)}
+        # and the policy's per-slot statistics for them ({name: [1, kv_heads, keep]}).
         self.kept: dict[int, list[torch.Tensor]] = {}
+        self.kept_stats: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self._scored: dict[int, tuple[Evictor, int, list[dict[str, torch.Tensor]]]] = {}
 
     @property
     def bytes_per_block(self) -> int:
@@ -90,7 +95,8 @@ class PagedKVCache(KVCache):
         return 2 * len(self.k) * t[0].numel() * t.element_size()
 
     def bind(self, block_tables: list[list[int]], starts: list[int], num_new: list[int],
-             evict: Mapping[int, Evictor] | None = None, overwrite: Mapping[int, int] | None = None) -> None:
+             evict: Mapping[int, Evictor] | None = None, overwrite: Mapping[int, int] | None = None,
+             scored: Mapping[int, tuple[Evictor, int, list[dict[str, torch.Tensor]]]] | None = None) -> None:
         """Prepare one forward pass over a right-padded ``[batch, max(num_new)]`` input.
 
         Row ``b`` has ``starts[b]`` slots cached already (slots ``0..starts[b]-1`` of its block table; fewer
@@ -98,7 +104,9 @@ class PagedKVCache(KVCache):
         is right-padded to ``max(num_new)``. Block tables must already cover ``starts[b] + num_new[b]`` slots.
         ``evict``: rows whose pass ends their prompt, and the policy that picks their kept slots
         (:attr:`kept`, after the pass). ``overwrite``: rows whose one new token goes over slot ``overwrite[b]`` of
-        their ``starts[b]`` slots instead of after them (a sliding window at its cap).
+        their ``starts[b]`` slots instead of after them (a sliding window at its cap). ``scored``: decode rows
+        whose policy scores their slots after this step: ``(policy, capacity, per-layer statistics)``; the
+        statistics are updated in place and the row's slots compacted to ``capacity`` when it holds more.
         """
         bs, dev = self.block_size, self.device
         b = len(block_tables)
@@ -124,7 +132,11 @@ class PagedKVCache(KVCache):
         self._evict = dict(evict or {})
         self._ends, self._num_new = ends, list(num_new)
         self.kept = {r: [] for r in self._evict}
-        self._fused = self.fused_decode and t == 1 and not self._evict  # the policy reads update()'s keys
+        self.kept_stats = {r: [] for r in self._evict}
+        self._scored = dict(scored or {})
+        self._row_tables = tables
+        # The policies read update()'s keys: no fused pass for their rows' steps.
+        self._fused = self.fused_decode and t == 1 and not self._evict and not self._scored
         if self._fused:
             self._tables_2d = tables
             self._lens = torch.tensor(ends, dtype=torch.long)
@@ -176,6 +188,8 @@ class PagedKVCache(KVCache):
             mask = self._mask
         if self._evict:
             self._pick(layer, keys, values, q)
+        if self._scored:
+            self._score(layer, keys, values, q)
         return keys, values, mask
 
     def _pick(self, layer: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor | None) -> None:
@@ -190,7 +204,35 @@ class PagedKVCache(KVCache):
             valid = torch.ones(1, end, dtype=torch.bool, device=keys.device)
             ctx = PrefillContext(layer, num_layers, keys[r:r + 1, :, :end], values[r:r + 1, :, :end], qr, valid)
             keep = ev.prefill_keep(end, layer, num_layers)
-            self.kept[r].append(select_slots(ev.on_prefill(ctx), keep, valid)[0])
+            idx = select_slots(ev.on_prefill(ctx), keep, valid)
+            self.kept[r].append(idx[0])
+            self.kept_stats[r].append({k: torch.gather(s, 2, idx) for k, s in ctx.stats.items()})
+
+    def _score(self, layer: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor | None) -> None:
+        """Decode eviction by scores (H2O), per scored row: update its statistics with this step's attention, and
+        when it holds more than its capacity keep the top slots per KV head, compacted to its first slots."""
+        assert q is not None, "a scoring policy needs the step's queries"
+        bs = self.block_size
+        for r, (ev, capacity, stats) in self._scored.items():
+            n = self._ends[r]
+            valid = torch.ones(1, n, dtype=torch.bool, device=keys.device)
+            ctx = DecodeContext(layer, len(self.k), keys[r:r + 1, :, :n], values[r:r + 1, :, :n], q[r:r + 1, :, :1],
+                                valid, capacity, stats[layer])
+            scores = ev.on_decode(ctx)
+            stats[layer] = ctx.stats
+            if scores is None or n <= capacity:
+                continue
+            idx = select_slots(scores, ev.decode_keep(n, capacity), valid)  # [1, h, keep]
+            stats[layer] = {k: torch.gather(s, 2, idx) for k, s in ctx.stats.items()}
+            h, keep = idx.shape[1:]
+            table = self._row_tables[r].to(self.device)
+            src = table[idx[0] // bs] * bs + idx[0] % bs  # [h, keep] flat slots
+            j = torch.arange(keep, device=self.device)
+            dst = (table[j // bs] * bs + j % bs)[None].expand(h, keep)
+            head = torch.arange(h, device=self.device)[:, None].expand(h, keep)
+            for pool in (self.k[layer], self.v[layer]):
+                flat = pool.view(-1, h, pool.shape[-1])
+                flat[dst, head] = flat[src, head]
 
     @torch.inference_mode()
     def compact(self, old_table: list[int], new_table: list[int], kept: list[torch.Tensor]) -> None:

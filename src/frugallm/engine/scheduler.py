@@ -77,6 +77,7 @@ class SeqState:
     max_slots: int = 0  # sliding window (kv_policy slides): slots it holds at most, then writes over its oldest
     ring_start: int = 0  # its leading slots never written over (attention sinks)
     num_slid: int = 0  # tokens written over older ones
+    kv_stats: Any = None  # a scoring decode policy's per-layer slot statistics (H2O), set when its prompt is compacted
     lora: Any = None  # the LoRA adapter it runs with (a lora.LoraRequest); None: the base model
 
     def __post_init__(self) -> None:

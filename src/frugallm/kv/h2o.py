@@ -25,6 +25,7 @@ class H2O(Evictor):
     needs_queries: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = True
     evicts_during_decode: ClassVar[bool] = True
+    pages: ClassVar[bool] = True
     budget: float = 0.25
     recent: float = 0.5
 

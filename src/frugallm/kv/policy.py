@@ -20,11 +20,11 @@ prompt's queries for the hook), ``needs_scores`` (attention probabilities, compu
 with :func:`attention_scores`), ``changes_positions`` (keys are re-rotated by slot index, so the
 cache stores them unrotated), ``needs_layer_input`` (the store keeps X, not K/V) and
 ``evicts_during_decode`` (call :meth:`Evictor.on_decode` after every step). ``pages``: the policy also
-runs on the continuous-batching engine (``engine/paged_cache.py``): it evicts once, at prefill, the same
-number of slots in every layer, so a sequence's kept keys/values compact into its first blocks and the
-rest of its blocks go back to the pool. A paging policy that ``evicts_during_decode`` must slide
-(:attr:`Evictor.sliding_sinks`): keep its first slots and drop the oldest other one per step, which the
-paged pool does in place (a ring over the sequence's last block slots).
+runs on the continuous-batching engine (``engine/paged_cache.py``): at prefill it keeps the same number of
+slots in every layer, so a sequence's kept keys/values compact into its first blocks and the rest of its
+blocks go back to the pool. If it ``evicts_during_decode`` the sequence then holds its capacity plus one
+slot: a sliding window (:attr:`Evictor.sliding_sinks`) writes each new token over its oldest slot after
+the sinks; any other policy scores the slots after each step and the kept ones are compacted in place.
 """
 
 from __future__ import annotations

@@ -150,8 +150,6 @@ def paged_policy(spec: str | KVSpec | None):  # noqa: ANN201 - Evictor | None
     ev = spec.evictor
     if len(spec.policies) == 1 and ev is not None and ev.pages:
         why = ev.paging_error()
-        if why is None and ev.evicts_during_decode and ev.sliding_sinks is None:
-            why = "it evicts during decoding other than by sliding its window"
         if why is not None:
             raise KVSpecError(f"kv={spec}: {why}")
         return ev
