@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "lora"))
 from peft_adapters import VARIANTS, make_adapter  # noqa: E402
 
 KEY = "ray-key"
+MAX_BODY = 64 * 1024
 APP = "frugallm"
 STEP_DELAY_S = 0.01  # each engine step sleeps this long: a 200-token request is in flight for seconds
 
@@ -70,7 +71,7 @@ def cluster(tiny_models, tmp_path_factory) -> Any:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         build = functools.partial(slow_engine, engine_builder(str(model), config, **llm_kwargs), STEP_DELAY_S)
-        options = RayServeOptions("tiny", replicas=2, api_key=KEY, replica_cpus=0.5)
+        options = RayServeOptions("tiny", replicas=2, api_key=KEY, replica_cpus=0.5, max_body_bytes=MAX_BODY)
         serve.run(build_app(build, options), name=APP, route_prefix="/")
         llm = LLM(str(model), **llm_kwargs)
         yield {"url": f"http://127.0.0.1:{port}", "llm": llm}
@@ -117,6 +118,11 @@ def test_openai_client_through_the_ray_proxy(cluster) -> None:
         c.completions.create(model="nope", prompt="x", max_tokens=2)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{cluster['url']}/v1", api_key="wrong", max_retries=0).models.list()
+    big = b'{"model": "tiny", "prompt": "' + b"x" * MAX_BODY + b'"}'
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body in (big, iter([big[:1000], big[1000:]])):  # with Content-Length, and chunked without it
+        r = httpx.post(f"{cluster['url']}/v1/completions", content=body, headers=auth)
+        assert r.status_code == 413 and str(MAX_BODY) in r.json()["error"]["message"]
 
 
 def test_adapters_and_prefixes_stay_on_one_replica(cluster) -> None:

@@ -43,6 +43,7 @@ import ray
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -315,7 +316,10 @@ class FrugalIngress:
             return await self._reply(send, await self._metrics())
         chunks = []
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except HTTPException as e:  # the guard's body limit, for a body sent without Content-Length
+                return await self._reply(send, json_error(e.status_code, str(e.detail)))
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
