@@ -60,3 +60,18 @@ def test_nothing_allowed_masks_the_whole_row() -> None:
     logits = torch.randn(1, 70)
     apply_bitmask(logits, torch.zeros(1, 3, dtype=torch.int32), [0])
     assert torch.isneginf(logits).all()
+
+
+def test_torch_unpacking_path_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shift-based unpacking (CUDA logits, big-endian hosts) gives the numpy path's result."""
+    from frugallm.structured import masks
+
+    g = torch.Generator().manual_seed(3)
+    vocab = 1000
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 32), dtype=torch.int32, generator=g)
+    logits = torch.randn(5, vocab, generator=g)
+    a, b = logits.clone(), logits.clone()
+    apply_bitmask(a, bitmask, [0, 2, 4])
+    monkeypatch.setattr(masks.sys, "byteorder", "big")
+    apply_bitmask(b, bitmask, [0, 2, 4])
+    assert torch.equal(a, b) and torch.isneginf(a).any() and torch.equal(a[1], logits[1])
