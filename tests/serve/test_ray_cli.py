@@ -37,7 +37,8 @@ def test_serve_ray_flags_reach_the_deployment(tiny_models, monkeypatch) -> None:
     (["--replicas", "2"], "--replicas, --address and --ray-router need --ray"),
     (["--address", "auto"], "--replicas, --address and --ray-router need --ray"),
     (["--ray", "--replicas", "0"], "--replicas must be an integer >= 1"),
+    (["--ray", "--model", "/nonexistent/model"], "model path not found: /nonexistent/model"),  # before Ray starts
 ])
 def test_bad_ray_flags_are_one_error(tiny_models, capsys, argv: list[str], message: str) -> None:
-    assert main(["serve", str(tiny_models.hf("llama")), "--dtype", "float32", *argv]) == 2
+    assert main(["serve", "--model", str(tiny_models.hf("llama")), "--dtype", "float32", *argv]) == 2
     assert message in capsys.readouterr().err

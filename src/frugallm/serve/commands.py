@@ -161,6 +161,10 @@ def _serve_ray(args: argparse.Namespace, build: Callable[[], Any], api_key: str 
         from frugallm.serve.ray_app import RayServeOptions, serve_forever
     except ImportError:
         raise FrugalError("--ray needs the 'ray' extra: pip install 'frugallm[ray]'") from None
+    if args.address is None:  # the replicas run on this machine: a missing model is an error now, not after Ray's
+        from frugallm.loading import resolve_model_path  # retries of every replica
+
+        resolve_model_path(args.model)
     gpu = args.device.startswith("cuda") or (args.device == "auto" and _cuda())
     options = RayServeOptions(
         args.served_model_name or args.model, replicas=1 if args.replicas is None else args.replicas,

@@ -391,10 +391,21 @@ def build_app(build: Callable[[], LLMEngine], options: RayServeOptions) -> Any:
     engine = serve.deployment(FrugalEngine, name=ENGINE, num_replicas=options.replicas,
                               max_ongoing_requests=options.ongoing, ray_actor_options=resources,
                               request_router_config=router, health_check_period_s=5.0,
-                              graceful_shutdown_timeout_s=10.0)
+                              graceful_shutdown_timeout_s=10.0, max_constructor_retry_count=3)
     ingress = serve.deployment(FrugalIngress, name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=max(options.ongoing * options.replicas, 100))
     return ingress.bind(engine.bind(build, options), options)
+
+
+def _cause(text: str) -> str:
+    """The replica's own error in Ray's deployment-failure text (its last ``SomethingError: message`` line)."""
+    import re
+
+    found = re.findall(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", text, flags=re.MULTILINE)
+    ours = [f"{kind}: {msg}" for kind, msg in found if kind not in ("RuntimeError", "RayTaskError", "RayActorError",
+                                                                    "DeploymentUnavailableError")]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return ours[-1] if ours else " | ".join(lines[-3:])
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -420,9 +431,12 @@ def serve_forever(build: Callable[[], LLMEngine], options: RayServeOptions, *, a
         serve.start(http_options={"host": host, "port": port})
         try:
             serve.run(build_app(build, options), name=options.app_name, route_prefix="/")
-        except RuntimeError as e:  # a replica failed to start: its error is the last lines
-            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-            raise FrugalError(f"the Ray deployment did not start: {' | '.join(lines[-3:])}") from None
+        except RuntimeError as e:  # a replica failed to start: Ray's status has its traceback
+            detail = str(e)
+            with contextlib.suppress(Exception):
+                app = serve.status().applications[options.app_name]
+                detail = app.deployments[ENGINE].message or app.message or detail
+            raise FrugalError(f"the Ray deployment did not start: {_cause(detail)}") from None
         cluster = ray.get_runtime_context().gcs_address
         print(f"frugallm: serving {options.served_model_name!r} on http://{host}:{port}/v1 through Ray Serve | "
               f"{options.replicas} replica(s) | router {options.router} | cluster {cluster} | "
