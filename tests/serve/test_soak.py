@@ -411,6 +411,8 @@ BAD: dict[str, tuple[float, str, str, Any, dict[str, str] | None, int, str]] = {
     "unknown-chat-field": (1, "POST", "/v1/chat/completions", {"messages": [USER], "frobnicate_chat": 1},
                            None, 400, "unsupported field 'frobnicate_chat'"),
     "bad-json": (3, "POST", "/v1/completions", b'{"prompt": "x", ', None, 400, "invalid JSON"),
+    "deep-json": (1, "POST", "/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, 400,
+                  "nested too deeply"),
     "bad-type": (2, "POST", "/v1/completions", {"prompt": "x", "max_tokens": "many"}, None, 400, "param=max_tokens"),
     "zero-tokens": (1, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 0}, None, 400, "param=max_tokens"),
     "bad-role": (1, "POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, None, 400,

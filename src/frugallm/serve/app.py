@@ -178,6 +178,9 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parser says only "error parsing the body"
+            return json_error(400, "invalid JSON body: nested too deeply (Python's JSON parser stops at ~1,000 "
+                              "levels)")
         return json_error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(FrugalError)
