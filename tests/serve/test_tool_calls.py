@@ -73,30 +73,58 @@ def test_variants(tiny: LLM) -> None:
     assert calls_of(MistralFormat(tok).parse('[TOOL_CALLS]{"name": "f", "arguments": {}}')[1]) == [("f", {})]
 
 
-def stream(fmt, text: str, cuts: list[int]) -> tuple[str, list[tuple[str, dict]], list[str]]:
-    """Feed ``text`` cut at ``cuts``; the content, the calls and the ids sent."""
+def stream(fmt, text: str, cuts: list[int]) -> tuple[str, list[tuple[str, str]], int]:
+    """Feed ``text`` cut at ``cuts``, the last piece with the end; the content, the calls assembled from their
+    deltas as OpenAI's client does (``(name, arguments)``), and how many argument pieces came."""
     s = ToolStream(fmt)
     deltas = []
-    prev = 0
-    for c in [*cuts, len(text)]:
-        deltas.append(s.feed(text[prev:c]))
-        prev = c
-    deltas.append(s.finish())
+    bounds = [0, *cuts, len(text)]
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        deltas.append(s.step(text[a:b], i == len(bounds) - 2))
     content = "".join(d.get("content", "") for d in deltas)
-    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
-    assert [tc["index"] for tc in calls] == list(range(len(calls)))
-    return content, [(tc["function"]["name"], json.loads(tc["function"]["arguments"])) for tc in calls], \
-        [tc["id"] for tc in calls]
+    calls: dict[int, dict[str, str]] = {}
+    pieces = 0
+    for d in deltas:
+        indices = [tc["index"] for tc in d.get("tool_calls", [])]
+        assert len(indices) == len(set(indices))  # one entry per call in a delta
+        for tc in d.get("tool_calls", []):
+            if tc["index"] not in calls:  # the first delta of a call names it
+                assert tc["id"].startswith("chatcmpl-tool-") and tc["type"] == "function" and tc["function"]["name"]
+                calls[tc["index"]] = {"id": tc["id"], "name": tc["function"]["name"], "arguments": ""}
+            else:
+                assert "id" not in tc and "name" not in tc["function"]
+            pieces += bool(tc["function"].get("arguments"))
+            calls[tc["index"]]["arguments"] += tc["function"].get("arguments", "")
+    assert sorted(calls) == list(range(len(calls)))
+    return content, [(calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)], pieces
 
 
 @pytest.mark.parametrize(("cls", "text", "content"), CASES)
 def test_stream_every_boundary(tiny: LLM, cls, text: str, content: str) -> None:
     fmt = cls(tiny.tokenizer)
+    whole = [(c.name, c.arguments) for c in fmt.parse(text)[1]]  # the unstreamed answer's calls, exactly
+    assert [(n, json.loads(a)) for n, a in whole] == EXPECTED
     for cut in range(len(text) + 1):  # one boundary anywhere, tags split included
         got = stream(fmt, text, [cut])
-        assert got[0].rstrip("\n") == content and got[1] == EXPECTED, cut
+        assert got[0].rstrip("\n") == content and got[1] == whole, cut
     got = stream(fmt, text, list(range(1, len(text))))  # one character at a time
-    assert got[0].rstrip("\n") == content and got[1] == EXPECTED and len(set(got[2])) == 2
+    assert got[0].rstrip("\n") == content and got[1] == whole
+    if cls is not MistralFormat:  # arguments arrive in pieces as they are written (Mistral's array: also)
+        assert got[2] > len(whole)
+
+
+def test_stream_arguments_piece_by_piece(tiny: LLM) -> None:
+    s = ToolStream(HermesFormat(tiny.tokenizer))
+    assert s.feed("<tool_call>\n") == {}
+    assert s.feed('{"name": "get_weather", "arg') == {}
+    first = s.feed('uments": {"ci')
+    (tc,) = first["tool_calls"]
+    assert tc["function"] == {"name": "get_weather", "arguments": '{"ci'} and tc["index"] == 0
+    assert s.feed('ty": "Par') == {"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Par'}}]}
+    assert s.feed('is"}') == {"tool_calls": [{"index": 0, "function": {"arguments": 'is"}'}}]}
+    assert s.feed("  ") == {}  # blanks after the arguments are not theirs
+    assert s.feed("}\n</tool_call>") == {} and s.finish() == {}
+    assert s.calls == [tc["id"]]
 
 
 def test_stream_holds_back_only_possible_tags(tiny: LLM) -> None:

@@ -198,13 +198,9 @@ class _ChatFormat(_Format):
             delta = {"content": out.text} if out.text else {}
         else:  # content as it comes, each tool call once it is complete (vLLM's delta shape)
             stream = self.streams[out.index]
-            delta = stream.feed(out.text)
-            if out.finished:
-                last = stream.finish()
-                delta["content"] = delta.get("content", "") + last.get("content", "")
-                delta["tool_calls"] = delta.get("tool_calls", []) + last.get("tool_calls", [])
-                delta = {k: v for k, v in delta.items() if v}
-                finish = "tool_calls" if stream.calls and finish == "stop" else finish
+            delta = stream.step(out.text, out.finished)
+            if out.finished and stream.calls and finish == "stop":
+                finish = "tool_calls"
         if not (delta or out.finished or lp):
             return None
         return {"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": finish}

@@ -51,19 +51,46 @@ class ToolSpec:
     parameters: dict[str, Any]
 
 
-def _call(obj: Any, args_key: str) -> ToolCall | None:
-    """A call from a decoded ``{"name": ..., args_key: {...}}`` (``arguments`` also accepted), else None."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+# A call object's head: its name, then its arguments' key (the order every family's template writes).
+_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+def _call_at(text: str, pos: int) -> tuple[ToolCall | None, int]:
+    """The call whose JSON object starts at ``text[pos:]`` (after blanks) and the index after it; ``(None, -1)``
+    when no complete call object is there. ``arguments`` is the model's own text of the arguments object (what
+    streaming sends piece by piece), re-serialized only when it was written as a string or before the name."""
+    got = _json_at(text, pos)
+    if got is None or not isinstance(got[0], dict) or not isinstance(got[0].get("name"), str):
+        return None, -1
+    obj, end = got
+    args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models write the arguments as a JSON string already
         try:
             args = json.loads(args)
         except ValueError:
-            return None
+            return None, -1
     if not isinstance(args, dict):
-        return None
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+        return None, -1
+    m = _HEAD.match(text, text.index("{", pos))
+    raw = _json_at(text, m.end()) if m else None
+    if raw is not None and raw[0] == args and text[m.end()] == "{":  # type: ignore[union-attr]
+        arguments = text[m.end():raw[1]]  # type: ignore[union-attr]
+    else:
+        arguments = json.dumps(args, ensure_ascii=False)
+    return ToolCall(obj["name"], arguments), end
+
+
+def _scan(text: str, pos: int) -> tuple[list[ToolCall], int | None]:
+    """The complete call objects from ``pos`` on (each begins at the next ``{`` after the previous one: tags,
+    ``,`` / ``;`` separators between them are skipped) and where an unfinished one begins (None if none)."""
+    calls = []
+    while (pos := text.find("{", pos)) >= 0:
+        call, end = _call_at(text, pos)
+        if call is None:
+            return calls, pos
+        calls.append(call)
+        pos = end
+    return calls, None
 
 
 def _json_at(text: str, pos: int) -> tuple[Any, int] | None:
@@ -153,9 +180,8 @@ class HermesFormat(ToolFormat):
             return text, []
         calls = []
         for m in self._block.finditer(text, start):
-            got = _json_at(m.group(1), 0)
-            call = _call(got[0], self.args_key) if got else None
-            if call is None:
+            call, end = _call_at(text, m.start(1))
+            if call is None or end > m.end(1):
                 return text, []  # a malformed block: the whole answer is content (as vLLM's hermes parser)
             calls.append(call)
         return text[:start].rstrip("\n"), calls
@@ -184,10 +210,10 @@ class MistralFormat(ToolFormat):
         got = _json_at(text, start + len(self.tag))
         items = got[0] if got else None
         items = [items] if isinstance(items, dict) else items
-        calls = [_call(x, self.args_key) for x in items] if isinstance(items, list) else [None]
-        if not calls or None in calls:
+        calls, rest = _scan(text[:got[1]], start + len(self.tag)) if got else ([], None)
+        if not isinstance(items, list) or not items or rest is not None or len(calls) != len(items):
             return text, []
-        return text[:start].rstrip(), calls  # type: ignore[return-value]
+        return text[:start].rstrip(), calls
 
     def grammar(self, tools: list[ToolSpec], parallel: bool = True) -> str:
         arr = {"type": "array", "items": self.call_schema(tools), "minItems": 1}
@@ -219,12 +245,10 @@ class Llama3JsonFormat(ToolFormat):
         calls: list[ToolCall] = []
         pos = 0
         while pos < len(s):
-            got = _json_at(s, pos)
-            call = _call(got[0], self.args_key) if got else None
+            call, pos = _call_at(s, pos)
             if call is None:
                 return text, []
             calls.append(call)
-            pos = got[1]  # type: ignore[index]
             rest = s[pos:].lstrip()
             if not rest:
                 break
@@ -284,47 +308,104 @@ def tool_specs(tools: list[dict[str, Any]]) -> list[ToolSpec]:
 
 
 class ToolStream:
-    """One choice's text deltas -> OpenAI chat deltas (``content`` / ``tool_calls``) in the model's format."""
+    """One choice's text deltas -> OpenAI chat deltas in the model's format, as vLLM streams them: content as it
+    comes (holding back what may begin a call), then per call a first delta with its ``id``, ``type`` and
+    ``function.name``, then ``function.arguments`` pieces as the model writes them. Concatenated, the pieces are
+    the ``arguments`` of the same answer unstreamed."""
 
     def __init__(self, fmt: ToolFormat) -> None:
         self.fmt = fmt
         self.text = ""
         self.sent = 0  # characters of ``text`` sent as content
-        self.calls: list[ToolCall] = []  # calls sent so far
-        self.in_calls = False
+        self.start: int | None = None  # where calls begin
+        self.ids: list[str] = []  # one per call whose first delta went out
+        self.args: list[str] = []  # arguments text sent per call
+        self.done = 0  # calls sent whole
 
-    def _call_deltas(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
-        new = calls[len(self.calls):]
-        out = [{"index": len(self.calls) + j, **c.body()} for j, c in enumerate(new)]
-        self.calls += new
-        return out
+    @property
+    def calls(self) -> list[str]:
+        """Ids of the calls sent so far."""
+        return self.ids
+
+    def _send(self, out: dict[int, dict[str, Any]], i: int, name: str, args: str) -> None:
+        """Bring call ``i`` up to ``name`` and ``args`` (a longer prefix of its arguments) in ``out``."""
+        entry = out.setdefault(i, {"index": i})
+        if i == len(self.ids):
+            self.ids.append(f"chatcmpl-tool-{uuid.uuid4().hex}")
+            self.args.append("")
+            entry.update(id=self.ids[i], type="function", function={"name": name, "arguments": ""})
+        if args.startswith(self.args[i]) and len(args) > len(self.args[i]):
+            fn = entry.setdefault("function", {})
+            fn["arguments"] = fn.get("arguments", "") + args[len(self.args[i]):]
+            self.args[i] = args
+
+    def _calls_delta(self, final: list[ToolCall] | None = None) -> list[dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        assert self.start is not None
+        calls, partial = _scan(self.text, self.start)
+        if final is not None:
+            calls, partial = final, None
+        for i in range(self.done, len(calls)):
+            self._send(out, i, calls[i].name, calls[i].arguments)
+        self.done = max(self.done, len(calls))
+        if partial is not None and (m := _HEAD.match(self.text, partial)) is not None:
+            try:
+                name = json.loads(f'"{m.group(1)}"')
+            except ValueError:
+                name = None
+            if name is not None:
+                # The unfinished call's arguments so far: the text after its key while they are an object still
+                # open (nothing follows an open object), the object itself once it closed.
+                args = ""
+                if self.text[m.end():m.end() + 1] == "{":
+                    got = _json_at(self.text, m.end())
+                    args = self.text[m.end():got[1]] if got else self.text[m.end():]
+                self._send(out, len(calls), name, args)
+        return [out[i] for i in sorted(out) if len(out[i]) > 1]  # entries with more than their index
 
     def feed(self, delta: str) -> dict[str, Any]:
         """The delta to send for ``delta`` (``{}`` when nothing is ready)."""
         self.text += delta
         out: dict[str, Any] = {}
-        if not self.in_calls:
+        if self.start is None:
             start = self.fmt.start(self.text)
             end = start if start is not None else len(self.text) - self.fmt.held(self.text)
             if end > self.sent:
                 out["content"] = self.text[self.sent:end]
                 self.sent = end
-            self.in_calls = start is not None
-        if self.in_calls:
-            # A call is sent once the text holding it parses whole, i.e. once the next one begins or at the end;
-            # the last parsed call may still be growing (its JSON can parse before it is finished).
-            _, calls = self.fmt.parse(self.text)
-            if len(calls) > 1 and (tc := self._call_deltas(calls[:-1])):
-                out["tool_calls"] = tc
+            self.start = start
+        if self.start is not None and (tc := self._calls_delta()):
+            out["tool_calls"] = tc
+        return out
+
+    def step(self, delta: str, finished: bool) -> dict[str, Any]:
+        """:meth:`feed`, then :meth:`finish` when the choice ended, as one delta (one entry per call)."""
+        out = self.feed(delta)
+        if not finished:
+            return out
+        last = self.finish()
+        if "content" in last:
+            out["content"] = out.get("content", "") + last["content"]
+        merged: dict[int, dict[str, Any]] = {}
+        for tc in out.get("tool_calls", []) + last.get("tool_calls", []):
+            cur = merged.setdefault(tc["index"], {})
+            fn = {**cur.get("function", {})}
+            for k, v in tc.get("function", {}).items():
+                fn[k] = fn.get(k, "") + v if k == "arguments" else v
+            cur.update({k: v for k, v in tc.items() if k != "function"}, function=fn)
+        if merged:
+            out["tool_calls"] = [merged[i] for i in sorted(merged)]
         return out
 
     def finish(self) -> dict[str, Any]:
-        """The last delta once the choice has ended: the remaining calls, or (text that never parsed as
+        """The last delta once the choice has ended: what remains of the calls, or (text that never parsed as
         calls) the rest as content."""
-        content, calls = self.fmt.parse(self.text)
-        if calls:
-            tc = self._call_deltas(calls)
+        _, calls = self.fmt.parse(self.text)
+        if calls and self.start is not None:
+            tc = self._calls_delta(calls)
             return {"tool_calls": tc} if tc else {}
+        if self.ids:
+            return {}  # calls went out but the whole does not parse (cut at max_tokens): nothing to add
         rest = self.text[self.sent:]
         self.sent = len(self.text)
         return {"content": rest} if rest else {}
