@@ -12,7 +12,7 @@ Each has three hooks: :meth:`ToolFormat.parse` (finished text -> content and cal
 dialect with ``%json`` schemas, that admits only calls of the given tools in this format: ``tool_choice`` =
 ``required`` or a named function is enforced with the structured-output machinery, in the model's own tags).
 :class:`ToolStream` turns a choice's text deltas into OpenAI deltas: content as it comes (holding back what may
-be the start of a call), then one ``tool_calls`` delta per call once it is complete.
+be the start of a call), then per call its id and name, then its arguments piece by piece (vLLM's shape).
 """
 
 from __future__ import annotations
