@@ -116,5 +116,6 @@ def test_llm_times_each_decode_step(tiny_models, monkeypatch: pytest.MonkeyPatch
     keys = []
     step = llm.governor.step
     monkeypatch.setattr(llm.governor, "step", lambda key=None: (keys.append(key), step(key))[1])
-    llm.generate("a b", SamplingParams(max_tokens=12, ignore_eos=True, temperature=0))
-    assert keys == [1] * 11  # one per decode step (the first token comes from the prefill), keyed by batch size
+    llm.generate("a b", SamplingParams(max_tokens=26, ignore_eos=True, temperature=0))
+    assert keys == [1] * 25  # one per decode step (the first token comes from the prefill), keyed by batch size
+    assert llm.governor.windows == 3  # every step timed (25 // 8 windows)

@@ -55,6 +55,7 @@ class ThreadGovernor:
     idle_seconds: Callable[[], float] | None = _idle_seconds  # more threads are tried only when cores sit idle
     threads: int = field(init=False)
     switches: int = field(default=0, init=False)  # thread-count changes kept (for metrics and tests)
+    windows: int = field(default=0, init=False)  # windows measured
 
     def __post_init__(self) -> None:
         self.max_threads = max(1, self.max_threads)
@@ -69,8 +70,9 @@ class ThreadGovernor:
         self._up_wait = self._up_in = self.retry_windows
 
     def pause(self) -> None:
-        """The next :meth:`step` starts a new interval (time since now, not since the last step)."""
-        self._last = None
+        """The next :meth:`step` times the interval from now (not from the last step): call it before a step
+        when other work (a prefill, the consumer of the outputs) ran since the last one."""
+        self._last = self.clock()
 
     def step(self, key: object = None) -> None:
         now = self.clock()
@@ -86,6 +88,7 @@ class ThreadGovernor:
             return
         median = statistics.median(self._times)
         self._times = []
+        self.windows += 1
         self._decide(median)
 
     def _decide(self, median: float) -> None:
