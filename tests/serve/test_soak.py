@@ -345,6 +345,28 @@ def v_tokenize(s: Soaker, refs: Refs) -> str:
     return "" if r.status_code == 200 and r.json()["prompt"] == p else f"round trip of {p!r}: {r.text[:200]}"
 
 
+def v_json(s: Soaker, refs: Refs) -> str:
+    """Structured output batched beside unconstrained requests: the answer is one of the schema's values."""
+    values = ["yes", "no", "maybe"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"enum": values}}}
+    n = s.rng.choice([1, 2])
+    chat = s.rng.random() < 0.5
+    body: dict[str, Any] = {"max_tokens": 16, "n": n, "temperature": 1.0, "response_format": fmt}
+    body.update({"messages": [{"role": "user", "content": s.rng.choice(PROMPTS)}]} if chat else
+                {"prompt": s.rng.choice(PROMPTS)})
+    r = s.call("POST", "/v1/chat/completions" if chat else "/v1/completions", body)
+    s.out.status, s.out.seqs = r.status_code, n
+    if r.status_code != 200:
+        return r.text[:200]
+    ch = r.json()["choices"]
+    texts = [c["message"]["content"] if chat else c["text"] for c in ch]
+    if len(ch) != n or any(t not in [json.dumps(v) for v in values] for t in texts):
+        return f"not one of {values}: {ch}"
+    if any(c["finish_reason"] != "stop" for c in ch):
+        return f"constrained answer did not stop: {ch}"
+    return _usage_ok(s.out, r.json()["usage"], None)
+
+
 def v_models(s: Soaker, refs: Refs) -> str:
     r = s.call("GET", "/v1/models")
     s.out.status = r.status_code
@@ -374,6 +396,7 @@ VALID: dict[str, tuple[float, Callable[[Soaker, Refs], str]]] = {
     "greedy": (8, v_greedy), "greedy-stream": (6, v_greedy_stream), "stop": (4, v_stop), "chat": (6, v_chat),
     "chat-stream": (5, v_chat_stream), "n": (5, v_n), "seed": (3, v_seed), "logprobs": (4, v_logprobs),
     "token-prompts": (4, v_token_prompts), "tokenize": (2, v_tokenize), "models": (1, v_models),
+    "json": (3, v_json),
 }
 
 
@@ -443,6 +466,9 @@ BAD: dict[str, tuple[float, str, str, Any, dict[str, str] | None, int, str]] = {
     "detok-range": (1, "POST", "/detokenize", {"tokens": [5, 99999]}, None, 400, "out of range"),
     "tools": (1, "POST", "/v1/chat/completions", {"messages": [USER], "tools": [{"type": "function"}]}, None, 400,
               "tools"),
+    "bad-schema": (1, "POST", "/v1/completions", {"prompt": "x", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": []}}}}, None, 400,
+        "param=response_format"),
     "echo-stream": (1, "POST", "/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True},
                     None, 400, "param=stream"),
 }
