@@ -434,6 +434,7 @@ BAD: dict[str, tuple[float, str, str, Any, dict[str, str] | None, int, str]] = {
     "unknown-chat-field": (1, "POST", "/v1/chat/completions", {"messages": [USER], "frobnicate_chat": 1},
                            None, 400, "unsupported field 'frobnicate_chat'"),
     "bad-json": (3, "POST", "/v1/completions", b'{"prompt": "x", ', None, 400, "invalid JSON"),
+    "bad-utf8": (1, "POST", "/v1/completions", b'{"prompt": "caf\xe9"}', None, 400, "not UTF-8 (byte 0xe9"),
     "deep-json": (1, "POST", "/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, 400,
                   "nested too deeply"),
     "bad-type": (2, "POST", "/v1/completions", {"prompt": "x", "max_tokens": "many"}, None, 400, "param=max_tokens"),

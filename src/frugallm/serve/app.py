@@ -178,9 +178,15 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:
-        if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parser says only "error parsing the body"
+        # FastAPI's body parser says only "There was an error parsing the body" for what json.loads raises
+        # besides JSONDecodeError: name the cause.
+        cause = exc.__cause__
+        if isinstance(cause, RecursionError):
             return json_error(400, "invalid JSON body: nested too deeply (Python's JSON parser stops at ~1,000 "
                               "levels)")
+        if isinstance(cause, UnicodeDecodeError):
+            return json_error(400, f"invalid JSON body: not UTF-8 (byte 0x{cause.object[cause.start]:02x} at "
+                              f"position {cause.start}); send UTF-8 text")
         return json_error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(FrugalError)
