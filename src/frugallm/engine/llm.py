@@ -552,8 +552,8 @@ class LLM:
     def _check_constrainable(self, seqs: list[Sequence]) -> None:
         """Structured output runs in the paged engine only: refuse it where the static loop would run (and
         silently drop the constraint)."""
-        if any(constraint_of(s.params) for s in seqs) and not (self.batching and self.kv_spec is None):
-            why = f"kv={self.kv_spec}" if self.kv_spec is not None else "batching=False"
+        if any(constraint_of(s.params) for s in seqs) and not (self.batching and self._kv_pages()):
+            why = f"kv={self.kv_spec} (a policy the paged engine does not run)" if self.batching else "batching=False"
             raise InvalidRequestError(f"json_schema / grammar need the batching engine, which {why} turns off",
                                       "json_schema")
 
