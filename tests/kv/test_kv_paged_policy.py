@@ -1,0 +1,45 @@
+"""Which KV specs run under continuous batching (kv.paged_policy), and the errors for those that do not."""
+
+from __future__ import annotations
+
+import pytest
+
+from frugallm.kv import KV_POLICIES, KVSpecError, paged_names, paged_policy
+
+
+def test_paged_names_are_the_flagged_policies() -> None:
+    assert paged_names() == ["h2o", "snapkv", "streamingllm"]
+    assert all(KV_POLICIES.get(n).pages for n in paged_names())
+
+
+@pytest.mark.parametrize("spec", ["snapkv:budget=0.25", "h2o:budget=0.5,recent=0.25",
+                                  "streamingllm:budget=0.25,positions=original",
+                                  "streamingllm:sinks=4,window=64,positions=original"])
+def test_paging_specs(spec: str) -> None:
+    ev = paged_policy(spec)
+    assert ev is not None and ev.pages and paged_policy(ev.describe()) == ev
+
+
+@pytest.mark.parametrize("spec", [None, "", "full", "none"])
+def test_plain_cache_is_no_policy(spec: str | None) -> None:
+    assert paged_policy(spec) is None
+
+
+@pytest.mark.parametrize(("spec", "why"), [
+    ("kivi:bits=2", "kivi cannot run under continuous batching"),
+    ("snapkv:budget=0.25+kivi:bits=2", "kivi cannot"),
+    ("think:ratio=0.5", "think cannot"),
+    ("streamingllm:budget=0.25", "positions=original"),  # positions=cache re-rotates keys by slot
+])
+def test_other_specs_name_the_paging_policies(spec: str, why: str) -> None:
+    with pytest.raises(KVSpecError, match=why) as e:
+        paged_policy(spec)
+    if "positions" not in why:
+        assert "h2o, snapkv, streamingllm" in str(e.value)
+
+
+def test_prefill_queries() -> None:
+    assert paged_policy("snapkv:window=16").prefill_queries(100) == 16
+    assert paged_policy("snapkv:window=16").prefill_queries(10) == 10
+    assert paged_policy("h2o").prefill_queries(100) == 100  # every prompt query
+    assert paged_policy("streamingllm:budget=0.5,positions=original").prefill_queries(100) == 1
