@@ -13,9 +13,15 @@ then each of ``--kv``), on the same prompts:
   prompts: output tok/s, total tok/s (prompt + output), TTFT p50 and TPOT mean, needles found.
 
 Needle accuracy is the share of answers containing the key. Each record names the machine's load average.
+The capacity gain is bounded by the prefill: a prompt holds all its blocks until the pass that ends it, so a pool
+of B blocks runs about (B - prompt blocks) / kept blocks compressed sequences. H2O reads every prompt query, so
+its prompts are one pass: give it ``--max-num-batched-tokens`` >= ``--context`` (and the same to the others, for
+a fair comparison).
 
     python benchmarks/kv_serve_bench.py --model qwen2.5-coder-0.5b --context 2048 --requests 32 \
         --kv "snapkv:budget=0.25;streamingllm:budget=0.25,positions=original" --threads 2 --out /tmp/kv_serve.json
+    python benchmarks/kv_serve_bench.py --model qwen2.5-coder-0.5b --context 2048 --requests 32 --threads 2 \
+        --kv "h2o:budget=0.25" --max-num-batched-tokens 2304 --out /tmp/kv_serve_h2o.json
     python benchmarks/kv_serve_bench.py --context 512 --requests 4 --output-len 8 --tasks capacity  # sanity run
 """
 
@@ -73,6 +79,7 @@ def run(llm: LLM, prompts: list[passkey.PasskeyPrompt], kv: str, *, num_blocks: 
         "requests": len(prompts), "context": len(prompts[0].ids), "output_len": output_len,
         "peak_running": max(running), "mean_running": statistics.fmean(busy) if busy else 0.0,
         "peak_blocks": max(used), "preemptions": engine.scheduler.num_preemptions,
+        "uncompacted": engine.num_uncompacted,
         "kv_bytes_per_seq": statistics.fmean(o.metrics.get("kv_cache_bytes", 0) for o in outs),
         "wall_s": wall, "output_tok_s": n_out / wall,
         "total_tok_s": (n_out + sum(len(p.ids) for p in prompts)) / wall,
