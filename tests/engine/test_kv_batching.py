@@ -368,5 +368,7 @@ def test_h2o_holds_its_capacity_and_refuses_shared_samples(heavy) -> None:
     assert seq.output().token_ids == want[0]
     with pytest.raises(InvalidRequestError, match="n=1"):
         engine.add_request(p, LONG, n=2)
+    with pytest.raises(InvalidRequestError, match="n=1"):  # as the server hands it over
+        engine.add_request(engine.inputs.process(p, LONG, n=2))
     with pytest.raises(InvalidRequestError, match="max_num_batched_tokens"):
         LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=32)).add_request(p, LONG)

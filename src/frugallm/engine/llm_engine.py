@@ -181,13 +181,13 @@ class LLMEngine:
             policy = self.kv_policy if kv is None else paged_policy(kv)
         except KVSpecError as e:
             raise InvalidRequestError(str(e)) from None
-        if policy is not None and policy.evicts_during_decode and policy.sliding_sinks is None and n > 1:
-            raise InvalidRequestError(f"kv {policy.describe()} evicts each sample's own slots while it decodes; "
-                                      "its samples cannot share blocks: use n=1")
         if isinstance(prompt, EngineRequest):
             req = prompt
         else:
             req = self.inputs.process(prompt, params, request_id or "", n, arrival_time)
+        if policy is not None and policy.evicts_during_decode and policy.sliding_sinks is None and req.n > 1:
+            raise InvalidRequestError(f"kv {policy.describe()} evicts each sample's own slots while it decodes; "
+                                      "its samples cannot share blocks: use n=1")
         if policy is not None and policy.prefill_queries(len(req.prompt_ids)) > self.config.max_num_batched_tokens:
             raise InvalidRequestError(
                 f"kv {policy.describe()} reads the prompt's last {policy.prefill_queries(len(req.prompt_ids))} "
