@@ -175,34 +175,40 @@ def test_template_without_tools_is_a_400(server) -> None:
 QWEN = Path.home() / ".cache" / "frugallm" / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 
+@pytest.fixture(scope="module")
+def qwen_server():
+    if not QWEN.is_file():
+        pytest.skip(f"{QWEN} is absent (frugallm fetch qwen2.5-coder-0.5b)")
+    with LiveServer(LLM(str(QWEN), device="cpu"), "qwen", kv_memory_gb=0.2, max_num_seqs=2) as srv:
+        yield srv
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not QWEN.is_file(), reason=f"{QWEN} is absent (frugallm fetch qwen2.5-coder-0.5b)")
 @pytest.mark.parametrize("stream", [False, True])
-def test_qwen_round_trip(stream: bool) -> None:
-    llm = LLM(str(QWEN), device="cpu")
-    with LiveServer(llm, "qwen", kv_memory_gb=0.2, max_num_seqs=2) as srv:
-        client = srv.client()
-        kw = {"model": "qwen", "tools": TOOLS, "temperature": 0, "max_tokens": 60}
-        # tool_choice="required": under "auto" the 0.5B coder model answers with the call as a ```json block
-        # instead of its <tool_call> tags (greedy, this prompt); the grammar keeps it to its own format.
-        first = {**kw, "tool_choice": "required"}
-        if stream:
-            content, calls, finish = collect_stream(client.chat.completions.create(messages=ASK, stream=True,
-                                                                                   **first))
-        else:
-            r = client.chat.completions.create(messages=ASK, **first)
-            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
-            calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
-                     for c in r.choices[0].message.tool_calls or []]
-        assert finish == "tool_calls", content
-        (call,) = calls
-        assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] == "Paris"
-        fn = {"name": call["name"], "arguments": call["arguments"]}
-        msgs = [*ASK, {"role": "assistant", "content": content or None, "tool_calls": [
-            {"id": call["id"], "type": "function", "function": fn}]},
-            {"role": "tool", "tool_call_id": call["id"], "content": '{"temperature_celsius": 23, "sky": "sunny"}'}]
-        answer = client.chat.completions.create(messages=msgs, **kw)
-        text = answer.choices[0].message.content
-        assert answer.choices[0].finish_reason == "stop" and answer.choices[0].message.tool_calls is None
-        assert "23" in text, text
-        assert srv.engine.block_manager.num_used_blocks == 0
+def test_qwen_round_trip(qwen_server, stream: bool) -> None:
+    srv = qwen_server
+    client = srv.client()
+    kw = {"model": "qwen", "tools": TOOLS, "temperature": 0, "max_tokens": 60}
+    # tool_choice="required": under "auto" the 0.5B coder model answers with the call as a ```json block
+    # instead of its <tool_call> tags (greedy, this prompt); the grammar keeps it to its own format.
+    first = {**kw, "tool_choice": "required"}
+    if stream:
+        content, calls, finish = collect_stream(client.chat.completions.create(messages=ASK, stream=True,
+                                                                               **first))
+    else:
+        r = client.chat.completions.create(messages=ASK, **first)
+        content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                 for c in r.choices[0].message.tool_calls or []]
+    assert finish == "tool_calls", content
+    (call,) = calls
+    assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] == "Paris"
+    fn = {"name": call["name"], "arguments": call["arguments"]}
+    msgs = [*ASK, {"role": "assistant", "content": content or None, "tool_calls": [
+        {"id": call["id"], "type": "function", "function": fn}]},
+        {"role": "tool", "tool_call_id": call["id"], "content": '{"temperature_celsius": 23, "sky": "sunny"}'}]
+    answer = client.chat.completions.create(messages=msgs, **kw)
+    text = answer.choices[0].message.content
+    assert answer.choices[0].finish_reason == "stop" and answer.choices[0].message.tool_calls is None
+    assert "23" in text, text
+    assert srv.engine.block_manager.num_used_blocks == 0
