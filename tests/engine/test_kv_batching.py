@@ -372,3 +372,24 @@ def test_h2o_holds_its_capacity_and_refuses_shared_samples(heavy) -> None:
         engine.add_request(engine.inputs.process(p, LONG, n=2))
     with pytest.raises(InvalidRequestError, match="max_num_batched_tokens"):
         LLMEngine(llm, EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=32)).add_request(p, LONG)
+
+
+@pytest.mark.parametrize("kv", [KV, "h2o:budget=0.25", "streamingllm:budget=0.25,positions=original"])
+def test_more_sequences_fit_the_same_pool(llm: LLM, kv: str) -> None:
+    """The point of evicting under batching: in a pool that holds two full sequences, compressed ones run 2x+
+    as many at once (each keeps a quarter of its prompt; one prompt at a time needs all its blocks)."""
+    rng = random.Random(11)
+    ps = [[rng.randrange(3, llm.config.vocab_size) for _ in range(100)] for _ in range(8)]
+    peak = {}
+    for spec in ("full", kv):
+        engine = LLMEngine(llm, EngineConfig(num_blocks=2 * 28, block_size=4, max_num_batched_tokens=128,
+                                             max_num_seqs=8, kv=spec))
+        for p in ps:
+            engine.add_request(p, GREEDY)
+        peak[spec] = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            peak[spec] = max(peak[spec], sum(s.num_computed_tokens >= s.num_prompt_tokens
+                                             for s in engine.scheduler.running))
+        assert engine.block_manager.num_used_blocks == 0
+    assert peak["full"] == 2 and peak[kv] >= 2 * peak["full"], peak
