@@ -212,7 +212,6 @@ class PagedKVCache(KVCache):
         """Decode eviction by scores (H2O), per scored row: update its statistics with this step's attention, and
         when it holds more than its capacity keep the top slots per KV head, compacted to its first slots."""
         assert q is not None, "a scoring policy needs the step's queries"
-        bs = self.block_size
         for r, (ev, capacity, stats) in self._scored.items():
             n = self._ends[r]
             valid = torch.ones(1, n, dtype=torch.bool, device=keys.device)
@@ -224,34 +223,30 @@ class PagedKVCache(KVCache):
                 continue
             idx = select_slots(scores, ev.decode_keep(n, capacity), valid)  # [1, h, keep]
             stats[layer] = {k: torch.gather(s, 2, idx) for k, s in ctx.stats.items()}
-            h, keep = idx.shape[1:]
             table = self._row_tables[r].to(self.device)
-            src = table[idx[0] // bs] * bs + idx[0] % bs  # [h, keep] flat slots
-            j = torch.arange(keep, device=self.device)
-            dst = (table[j // bs] * bs + j % bs)[None].expand(h, keep)
-            head = torch.arange(h, device=self.device)[:, None].expand(h, keep)
-            for pool in (self.k[layer], self.v[layer]):
-                flat = pool.view(-1, h, pool.shape[-1])
-                flat[dst, head] = flat[src, head]
+            self._move(layer, table, table, idx[0])
 
     @torch.inference_mode()
     def compact(self, old_table: list[int], new_table: list[int], kept: list[torch.Tensor]) -> None:
         """Move one sequence's kept slots ``kept[layer] [kv_heads, keep]`` (indices into ``old_table``'s slots)
         to slots ``0..keep-1`` of ``new_table``, every layer; all are read before any is written, so the two
         tables may share blocks."""
-        bs, dev = self.block_size, self.device
-        old = torch.tensor(old_table, dtype=torch.long, device=dev)
-        new = torch.tensor(new_table, dtype=torch.long, device=dev)
+        old = torch.tensor(old_table, dtype=torch.long, device=self.device)
+        new = torch.tensor(new_table, dtype=torch.long, device=self.device)
         for layer, idx in enumerate(kept):
-            idx = idx.to(dev)
-            h, keep = idx.shape
-            src = old[idx // bs] * bs + idx % bs  # [h, keep] flat slots
-            j = torch.arange(keep, device=dev)
-            dst = (new[j // bs] * bs + j % bs)[None].expand(h, keep)
-            head = torch.arange(h, device=dev)[:, None].expand(h, keep)
-            for pool in (self.k[layer], self.v[layer]):
-                flat = pool.view(-1, h, pool.shape[-1])
-                flat[dst, head] = flat[src, head]  # advanced indexing reads a copy first
+            self._move(layer, old, new, idx.to(self.device))
+
+    def _move(self, layer: int, old: torch.Tensor, new: torch.Tensor, idx: torch.Tensor) -> None:
+        """Slots ``idx [kv_heads, keep]`` of block table ``old`` -> slots ``0..keep-1`` of ``new``, per KV head."""
+        bs, dev = self.block_size, self.device
+        h, keep = idx.shape
+        src = old[idx // bs] * bs + idx % bs  # [h, keep] flat slots
+        j = torch.arange(keep, device=dev)
+        dst = (new[j // bs] * bs + j % bs)[None].expand(h, keep)
+        head = torch.arange(h, device=dev)[:, None].expand(h, keep)
+        for pool in (self.k[layer], self.v[layer]):
+            flat = pool.view(-1, h, pool.shape[-1])
+            flat[dst, head] = flat[src, head]  # advanced indexing reads every source before writing
 
     def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         """One-token decode with the fused kernel: ``q [B, heads, 1, D]``, ``k, v [B, kv_heads, 1, D]`` ->
