@@ -393,3 +393,13 @@ def test_more_sequences_fit_the_same_pool(llm: LLM, kv: str) -> None:
                                              for s in engine.scheduler.running))
         assert engine.block_manager.num_used_blocks == 0
     assert peak["full"] == 2 and peak[kv] >= 2 * peak["full"], peak
+
+
+def test_llm_generate_sizes_one_pass_prompts_for_h2o(tiny_models) -> None:
+    """LLM.generate batches H2O: prompts longer than the default step budget still run (one pass each)."""
+    llm = LLM(str(tiny_models.hf("llama", max_position_embeddings=1024)), dtype="float32", device="cpu",
+              kv="h2o:budget=0.25")
+    rng = random.Random(3)
+    ps = [[rng.randrange(3, llm.config.vocab_size) for _ in range(n)] for n in (600, 540)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(ps, params)] == [llm.generate([p], params)[0].token_ids for p in ps]

@@ -395,7 +395,10 @@ def batch_config(llm: Any, prompts_token_ids: list[list[int]], params: list[Samp
             for p, sp in zip(prompts_token_ids, params, strict=True)]
     cap = LLMEngine.blocks_in(llm, EngineConfig.kv_memory_gb, bs, pool_dtype(llm.dtype, llm.kv_dtype, llm.device))
     seqs_cap = min(len(need), 256)
-    return EngineConfig(max_num_seqs=seqs_cap, max_num_batched_tokens=max(512, seqs_cap),
+    # A KV policy that reads every prompt query (H2O) computes each prompt in one pass.
+    policy = paged_policy(getattr(llm, "kv_spec", None))
+    queries = max((policy.prefill_queries(len(p)) for p in prompts_token_ids), default=0) if policy else 0
+    return EngineConfig(max_num_seqs=seqs_cap, max_num_batched_tokens=max(512, seqs_cap, queries),
                         num_blocks=max(min(sum(need), cap), max(need)))
 
 
