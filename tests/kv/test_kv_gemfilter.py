@@ -60,3 +60,12 @@ def test_selection_is_the_top_attention_of_the_last_window_queries(model, window
     expected = [ids[i] for i in scores.topk(keep).indices.sort().values.tolist()]
     got = select_prompt_tokens(f"gemfilter:budget=0.25,layer={layer},window={window}", model, ids)
     assert got == expected and got[-window:] == ids[-window:]
+
+
+def test_runs_on_a_gguf_run_as_stored(tiny_models):
+    from frugallm import LLM, SamplingParams
+
+    llm = LLM(str(tiny_models.gguf("llama", "Q8_0")), kv="gemfilter:budget=0.5")
+    assert llm.weights == "stored"  # its embedding is quantized blocks, without a .weight
+    out = llm.generate(list(range(3, 40)), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4

@@ -26,6 +26,7 @@ import torch
 
 from frugallm.kv.policy import KV_POLICIES, PromptSelector, attention_scores
 from frugallm.model.kv_cache import KVCache
+from frugallm.model.ops import model_device
 
 
 class StopForward(Exception):
@@ -94,7 +95,7 @@ class GemFilter(PromptSelector):
         if k >= n:
             return list(prompt_ids)
         probe = ProbeCache(self.filter_layer(len(model.layers)), self.window)
-        dev = model.embed_tokens.weight.device
+        dev = model_device(model)  # a GGUF run as stored has no embed_tokens.weight
         ids = torch.tensor([prompt_ids], device=dev)
         with contextlib.suppress(StopForward):  # the probe stops the forward pass at the filter layer
             model(ids, torch.arange(n, device=dev)[None], probe, "last")

@@ -43,7 +43,7 @@ from frugallm.kv.policy import (
 )
 from frugallm.kv.spec import KVSpec
 from frugallm.model.kv_cache import ContiguousKVCache, KVCache
-from frugallm.spec.draft import model_device
+from frugallm.model.ops import model_device
 
 # target model -> {draft name (None: the LLM's spec= draft): (draft model, KV dtype of its lookahead cache)}
 _DRAFTS: weakref.WeakKeyDictionary[nn.Module, dict[str | None, tuple[nn.Module, torch.dtype]]] = (

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from frugallm.config import ModelConfig
 
@@ -47,3 +48,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     ``[batch, tokens, heads, head_dim]`` with ``cos, sin: [batch, tokens, 1, head_dim]``.
     """
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: its first parameter's or buffer's device (a GGUF run as stored keeps its embedding
+    as quantized blocks, with no ``weight``)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

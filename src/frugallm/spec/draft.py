@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from frugallm.model.kv_cache import ContiguousKVCache
+from frugallm.model.ops import model_device
 from frugallm.sampling import SamplingParams, filter_logits
 from frugallm.spec.config import SpecError
 from frugallm.spec.proposer import PROPOSERS, Draft, Proposer
@@ -88,16 +89,6 @@ class ModelProposer(Proposer):
 
     def memory_bytes(self) -> int:
         return self.weight_bytes + (self.cache.reserved_bytes() if self.cache is not None else 0)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where ``model`` runs: its first parameter's or buffer's device (a GGUF run as stored keeps its embedding
-    as quantized blocks, with no ``weight``)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 @PROPOSERS.register("draft")
