@@ -119,3 +119,15 @@ def test_llm_times_each_decode_step(tiny_models, monkeypatch: pytest.MonkeyPatch
     llm.generate("a b", SamplingParams(max_tokens=26, ignore_eos=True, temperature=0))
     assert keys == [1] * 25  # one per decode step (the first token comes from the prefill), keyed by batch size
     assert llm.governor.windows == 3  # every step timed (25 // 8 windows)
+
+
+def test_engine_times_its_decode_steps(tiny_models, monkeypatch: pytest.MonkeyPatch) -> None:
+    from frugallm import LLM, SamplingParams
+
+    monkeypatch.setenv("FRUGALLM_ADAPTIVE_THREADS", "1")
+    llm = LLM(str(tiny_models.hf("llama")))
+    keys = []
+    step = llm.governor.step
+    monkeypatch.setattr(llm.governor, "step", lambda key=None: (keys.append(key), step(key))[1])
+    llm.generate(["a b", "c d e", "f"], SamplingParams(max_tokens=10, ignore_eos=True, temperature=0))
+    assert keys and set(keys) == {4}  # pure decode steps of 3 sequences (prefill steps are not timed)

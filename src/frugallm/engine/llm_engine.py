@@ -252,7 +252,14 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out:
             return []
+        # Pure decode steps are timed for the thread governor (fewer threads while the cores are crowded), keyed by
+        # the batch size's power of two: steps of one bucket cost about the same.
+        gov = self.llm.governor if out.num_tokens == len(out.seqs) else None
+        if gov is not None:
+            gov.pause()
         rows, logits = self.runner.run(out)
+        if gov is not None:
+            gov.step(1 << (len(out.seqs) - 1).bit_length())
         for i, lg in self.runner.all_logits.items():
             self._record_prompt_logprobs(out.seqs[i], lg)  # type: ignore[arg-type]
         self.scheduler.postprocess(out)
