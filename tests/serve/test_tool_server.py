@@ -207,8 +207,10 @@ def test_qwen_round_trip(qwen_server, stream: bool) -> None:
     msgs = [*ASK, {"role": "assistant", "content": content or None, "tool_calls": [
         {"id": call["id"], "type": "function", "function": fn}]},
         {"role": "tool", "tool_call_id": call["id"], "content": '{"temperature_celsius": 23, "sky": "sunny"}'}]
-    answer = client.chat.completions.create(messages=msgs, **kw)
+    # The answer with tool_choice="none" (tools not rendered): under "auto" greedy decoding of this 0.5B model
+    # flips between answering and writing its calls again as bare JSON with the last bits of the CPU's sums.
+    answer = client.chat.completions.create(messages=msgs, **{**kw, "tool_choice": "none"})
     text = answer.choices[0].message.content
-    assert answer.choices[0].finish_reason == "stop" and answer.choices[0].message.tool_calls is None
-    assert "23" in text, text
+    assert answer.choices[0].message.tool_calls is None, text
+    assert "23" in text and answer.choices[0].finish_reason == "stop", text
     assert srv.engine.block_manager.num_used_blocks == 0
