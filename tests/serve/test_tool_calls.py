@@ -174,3 +174,25 @@ def test_format_for_and_specs(tiny: LLM) -> None:
         tool_specs([{"function": {"name": "f"}}, {"function": {"name": "g", "parameters": {"type": "string"}}}])
     with pytest.raises(InvalidRequestError, match="twice"):
         tool_specs([{"function": {"name": "f"}}, {"function": {"name": "f"}}])
+
+
+# What Qwen2.5-Coder-0.5B wrote under tool_choice="auto" (greedy): its calls without the <tool_call> tags.
+FENCED = '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```'
+BARE = '{"name": "get_weather", "arguments": {"city": "Paris"}}\n{"name": "get_time", "arguments": {}}'
+
+
+@pytest.mark.parametrize(("text", "names"), [(FENCED, ["get_weather"]), (BARE, ["get_weather", "get_time"])])
+def test_hermes_untagged_calls_of_known_tools(tiny: LLM, text: str, names: list[str]) -> None:
+    fmt = HermesFormat(tiny.tokenizer, frozenset({"get_weather", "get_time"}))
+    content, calls = fmt.parse(text)
+    assert content == "" and [c.name for c in calls] == names
+    assert json.loads(calls[0].arguments) == {"city": "Paris"}
+    for cut in range(0, len(text) + 1, 3):
+        got = stream(fmt, text, [cut])
+        assert got[0] == "" and got[1] == [(c.name, c.arguments) for c in calls], cut
+    # Not calls: no tools given, an unknown name, other text around them, another fence language.
+    assert HermesFormat(tiny.tokenizer).parse(text) == (text, [])
+    assert HermesFormat(tiny.tokenizer, frozenset({"get_time"})).parse(FENCED) == (FENCED, [])
+    for other in (f"Here: {BARE}", f"{BARE}\nDone.", FENCED.replace("```json", "```python"), '{"a": 1}'):
+        assert fmt.parse(other) == (other, [])
+        assert stream(fmt, other, [5])[:2] == (other, [])  # held back, then sent whole as content

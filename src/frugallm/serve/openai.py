@@ -356,9 +356,8 @@ class OpenAIRoutes:
         tools = req.active_tools()
         if tools is None:
             return self.tokenizer.apply_chat_template(conv, add_generation_prompt=True), None, {}
-        template = self.tokenizer.chat_template
-        fmt = format_for(template, self.tokenizer)
         specs = tool_specs(tools)
+        fmt = format_for(self.tokenizer.chat_template, self.tokenizer, frozenset(s.name for s in specs))
         try:
             prompt = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tools=tools)
         except TemplateError as e:

@@ -113,8 +113,9 @@ class ToolFormat:
     tag: ClassVar[str | None] = None
     needs_special_tokens: ClassVar[bool] = False
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, tool_names: frozenset[str] = frozenset()) -> None:
         self.tokenizer = tokenizer
+        self.tool_names = tool_names  # the request's tools (a format may recognize untagged calls of them)
 
     @classmethod
     def matches(cls, template: str) -> bool:
@@ -165,19 +166,47 @@ TOOL_FORMATS: Registry[type[ToolFormat]] = Registry("tool-call format")
 
 @TOOL_FORMATS.register("hermes")
 class HermesFormat(ToolFormat):
-    """Qwen2.5 / Hermes: ``<tool_call>\\n{json}\\n</tool_call>`` per call; text before the first is content."""
+    """Qwen2.5 / Hermes: ``<tool_call>\\n{json}\\n</tool_call>`` per call; text before the first is content.
+
+    Small Qwen2.5 models (the 0.5B coder) often write the same call objects untagged: a ```json fence or bare
+    lines. An answer that is nothing but such objects, each naming one of the request's tools, is read as calls
+    too (as llama.cpp's Hermes parser does); while an answer may still turn out to be one (it starts with ``{``
+    or a ```json fence), streaming holds it back.
+    """
 
     name, tag = "hermes", "<tool_call>"
     _block = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+    _fence = re.compile(r"\A\s*```(?:json)?\s*\n(.*?)\n?\s*```\s*\Z", re.DOTALL)
 
     @classmethod
     def matches(cls, template: str) -> bool:
         return "<tool_call>" in template
 
+    def _untagged(self, text: str) -> list[ToolCall]:
+        """Calls of the request's tools written without tags (the whole answer), else []."""
+        m = self._fence.match(text)
+        body = m.group(1) if m else text
+        calls, pos = [], 0
+        while body[pos:].strip():
+            call, pos = _call_at(body, pos)
+            if call is None or call.name not in self.tool_names:
+                return []
+            calls.append(call)
+            while pos < len(body) and body[pos] in " \t\r\n,;":
+                pos += 1
+        return calls
+
+    def held(self, text: str) -> int:
+        s = text.lstrip()
+        if self.tool_names and (s.startswith("{") or s.startswith("```json") or "```json".startswith(s)):
+            return len(text)  # maybe untagged calls: wait for the whole answer
+        return super().held(text)
+
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         start = text.find(self.tag)
         if start < 0:
-            return text, []
+            calls = self._untagged(text) if self.tool_names else []
+            return ("", calls) if calls else (text, [])
         calls = []
         for m in self._block.finditer(text, start):
             call, end = _call_at(text, m.start(1))
@@ -275,12 +304,13 @@ class Llama3JsonFormat(ToolFormat):
         return f"start: obj{more}\nobj: {self.json_rule(self.call_schema(tools))}\n"
 
 
-def format_for(template: str | None, tokenizer: Tokenizer) -> ToolFormat:
-    """The tool-call format a chat template uses; a template that writes none is a 400 naming it."""
+def format_for(template: str | None, tokenizer: Tokenizer, tool_names: frozenset[str] = frozenset()) -> ToolFormat:
+    """The tool-call format a chat template uses (for a request with these tools); a template that writes none
+    is a 400 naming it."""
     for name in TOOL_FORMATS.names():
         cls = TOOL_FORMATS.get(name)
         if template and cls.matches(template):
-            return cls(tokenizer)
+            return cls(tokenizer, tool_names)
     raise InvalidRequestError(
         "tools: this model's chat template has no tool-call format this server parses (known: "
         f"{', '.join(TOOL_FORMATS.names())}; the template must mention <tool_call>, [TOOL_CALLS] or <|python_tag|>)",
@@ -341,10 +371,11 @@ class ToolStream:
 
     def _calls_delta(self, final: list[ToolCall] | None = None) -> list[dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
-        assert self.start is not None
-        calls, partial = _scan(self.text, self.start)
         if final is not None:
             calls, partial = final, None
+        else:
+            assert self.start is not None
+            calls, partial = _scan(self.text, self.start)
         for i in range(self.done, len(calls)):
             self._send(out, i, calls[i].name, calls[i].arguments)
         self.done = max(self.done, len(calls))
@@ -401,7 +432,7 @@ class ToolStream:
         """The last delta once the choice has ended: what remains of the calls, or (text that never parsed as
         calls) the rest as content."""
         _, calls = self.fmt.parse(self.text)
-        if calls and self.start is not None:
+        if calls:
             tc = self._calls_delta(calls)
             return {"tool_calls": tc} if tc else {}
         if self.ids:
