@@ -42,6 +42,8 @@ MODEL = "tiny"
 MT = 6  # completion tokens of the checked greedy answers
 HANGUP_TOKENS = 200  # long enough to be running when its client leaves
 MAX_RETRIES = 1000
+# The whole soak's time: past it every client gives up (a stuck server fails fast, not at CI's time limit).
+BUDGET_S = float(os.environ.get("FRUGALLM_SOAK_BUDGET_S", "240"))
 
 PROMPTS = ["The cat sat on", "Once upon a time", "def add(a, b):", "1, 2, 3,", "Hello world", "Paris is",
            "Numbers: 7 8", "The quick brown fox"]
@@ -106,11 +108,12 @@ class ClientPool:
 
     def __init__(self, base: str) -> None:
         self.base, self.local, self.clients, self.lock = base, threading.local(), [], threading.Lock()
+        self.deadline = time.time() + BUDGET_S
 
     def get(self) -> httpx.Client:
         c = getattr(self.local, "client", None)
         if c is None:
-            c = self.local.client = httpx.Client(base_url=self.base, timeout=60,
+            c = self.local.client = httpx.Client(base_url=self.base, timeout=30,
                                                  headers={"Authorization": f"Bearer {KEY}"})
             with self.lock:
                 self.clients.append(c)
@@ -124,10 +127,12 @@ class ClientPool:
 class Soaker:
     """One request's client; everything it sends goes through :meth:`call` / :meth:`stream` (429s retried)."""
 
-    def __init__(self, c: httpx.Client, rng: random.Random, out: Outcome) -> None:
-        self.c, self.rng, self.out = c, rng, out
+    def __init__(self, c: httpx.Client, rng: random.Random, out: Outcome, deadline: float) -> None:
+        self.c, self.rng, self.out, self.deadline = c, rng, out, deadline
 
     def _retry_wait(self, r: httpx.Response) -> None:
+        if time.time() > self.deadline:
+            raise AssertionError(f"still 429 when the soak's {BUDGET_S} s were up (admissions never released?)")
         body = r.json()
         assert r.headers.get("retry-after", "").isdigit() and int(r.headers["retry-after"]) >= 1, r.headers
         assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "queue_full", body
@@ -503,7 +508,10 @@ def bad(s: Soaker, kind: str) -> str:
 def one_request(clients: ClientPool, refs: Refs, i: int, kind: str) -> Outcome:
     rng = random.Random(i)
     out = Outcome(kind, kind in VALID)
-    s = Soaker(clients.get(), rng, out)
+    if time.time() > clients.deadline:
+        out.problem = f"not sent: the soak's {BUDGET_S} s were up"
+        return out
+    s = Soaker(clients.get(), rng, out, clients.deadline)
     try:
         if kind == "hangup":
             out.problem = hangup(s, refs)
@@ -575,7 +583,7 @@ def test_soak_1000_mixed_requests(llm: LLM) -> None:
         key = {"Authorization": f"Bearer {KEY}"}
         deadline = time.time() + 20
         while engine.requests or async_llm.num_admitted:  # hung-up streams are aborted within the 0.5 s poll
-            assert time.time() < deadline, f"still running: {list(engine.requests)}"
+            assert time.time() < deadline, f"still running: {list(engine.requests)}, {async_llm.num_admitted} admitted"
             time.sleep(0.05)
         health = httpx.get(f"{base}/health")
         text = httpx.get(f"{base}/metrics", headers=key).text
