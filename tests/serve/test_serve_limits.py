@@ -208,3 +208,44 @@ def test_large_prompt_is_tokenized_off_the_event_loop(llm: LLM) -> None:
     assert elapsed > 0.2 and len(latencies) >= 3  # /health was asked while the prompt was being tokenized
     assert max(latencies) < 0.5, latencies
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_tokenizer_never_runs_on_the_event_loop(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16 #13 without timing: the latency test above cannot tell a fast tokenizer blocking the loop from one
+    off it (it passed on the code that tokenized completions on the loop), and /tokenize still encoded there. Every
+    route's encode, decode and template render is recorded with whether it ran on the event loop's thread."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from frugallm.tokenizer.tokenizer import Tokenizer
+
+    on_loop: list[str] = []
+
+    def spy(name: str) -> Any:
+        real = getattr(Tokenizer, name)
+
+        def wrapped(self: Tokenizer, *a: Any, **k: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(name)
+            except RuntimeError:  # a worker thread: no loop runs here
+                pass
+            return real(self, *a, **k)
+
+        return wrapped
+
+    for name in ("encode", "decode", "apply_chat_template"):
+        monkeypatch.setattr(Tokenizer, name, spy(name))
+    app, engine, _ = make_app(llm)
+    chat = [{"role": "user", "content": "hi"}]
+    with TestClient(app) as c:
+        for path, body in [("/v1/completions", {"prompt": "hello", "max_tokens": 2}),
+                           ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2, "stream": True}),
+                           ("/v1/chat/completions", {"messages": chat, "max_tokens": 2}),
+                           ("/tokenize", {"prompt": "hello", "return_token_strs": True}),
+                           ("/tokenize", {"messages": chat}), ("/detokenize", {"tokens": [5, 6, 7]})]:
+            r = c.post(path, json=body)
+            assert r.status_code == 200, (path, r.text)
+            assert not on_loop, (path, on_loop)
+    assert engine.block_manager.num_used_blocks == 0

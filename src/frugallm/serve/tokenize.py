@@ -48,9 +48,13 @@ class TokenizeRoutes:
         else:
             text = req.prompt or ""
             special = req.add_special_tokens is not False
-        ids = self.tokenizer.encode(text, add_special_tokens=special) if text else []
-        strs = [self.tokenizer.id_to_token(i) or "" for i in ids] if req.return_token_strs else None
+        # A 2 MB prompt takes a while to encode: off the event loop, which keeps answering meanwhile.
+        ids, strs = await run_in_threadpool(self._encode, text, special, req.return_token_strs)
         return {"count": len(ids), "max_model_len": self.max_len, "tokens": ids, "token_strs": strs}
+
+    def _encode(self, text: str, special: bool, with_strs: bool) -> tuple[list[int], list[str] | None]:
+        ids = self.tokenizer.encode(text, add_special_tokens=special) if text else []
+        return ids, [self.tokenizer.id_to_token(i) or "" for i in ids] if with_strs else None
 
     async def detokenize(self, req: DetokenizeRequest) -> Any:
         if (bad := self._wrong_model(req.model)) is not None:
@@ -58,7 +62,7 @@ class TokenizeRoutes:
         bad_ids = [i for i in req.tokens if i >= self.vocab_size]
         if bad_ids:
             raise InvalidRequestError(f"token ids out of range [0, {self.vocab_size}): {bad_ids[:5]}", "tokens")
-        return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+        return {"prompt": await run_in_threadpool(self.tokenizer.decode, req.tokens, skip_special_tokens=False)}
 
     async def tokenizer_info(self) -> dict[str, Any]:
         tok = self.tokenizer
