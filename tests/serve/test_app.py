@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from frugallm import LLM, SamplingParams
 from frugallm.engine.async_llm import AsyncLLM
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.serve.app import create_app
+from live_server import UvicornThread, free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,36 +43,6 @@ def client(llm: LLM) -> Iterator[TestClient]:
     app, _ = make_app(llm)
     with TestClient(app) as c:
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
 
 
 def greedy(llm: LLM, prompt: Any, max_tokens: int) -> Any:
@@ -351,7 +320,7 @@ def test_client_disconnect_frees_blocks(llm: LLM) -> None:
     app, engine = make_app(llm)
     step = engine.step
     engine.step = lambda: (time.sleep(0.01), step())[1]  # slow the tiny model down: >= 2 s for 200 tokens
-    with LiveServer(app) as srv:
+    with UvicornThread(app) as srv:
         body = {"prompt": "x", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:

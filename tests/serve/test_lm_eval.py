@@ -69,7 +69,8 @@ def in_process(llm: LLM) -> tuple[float, list[list[float]]]:
 def test_lm_eval_local_completions_matches_in_process(tiny_models: Any, tmp_path: Path, monkeypatch: Any) -> None:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-    from test_app import LiveServer
+
+    from live_server import UvicornThread
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -78,7 +79,7 @@ def test_lm_eval_local_completions_matches_in_process(tiny_models: Any, tmp_path
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tmp_path / "task.yaml").write_text(TASK_YAML.format(data=data))
     app = create_app(AsyncLLM(LLMEngine(llm, EngineConfig(num_blocks=256, block_size=4))).start(), "tiny")
-    with LiveServer(app) as server:
+    with UvicornThread(app) as server:
         res = simple_evaluate(
             model="local-completions",
             model_args={"model": "tiny", "base_url": f"{server.url}/v1/completions", "tokenizer_backend": "remote",

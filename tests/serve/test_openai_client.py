@@ -7,55 +7,18 @@ model (fp32, few tokens) checks parity on real weights.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from frugallm import LLM, SamplingParams
-from frugallm.engine.async_llm import AsyncLLM
-from frugallm.engine.llm_engine import EngineConfig, LLMEngine
-from frugallm.serve.app import create_app
+from live_server import LiveServer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 openai = pytest.importorskip("openai")
-KEY = "test-key"
-
-
-class Server:
-    def __init__(self, llm: LLM, name: str, **cfg: Any) -> None:
-        import uvicorn
-
-        self.engine = LLMEngine(llm, EngineConfig(**cfg))
-        self.async_llm = AsyncLLM(self.engine).start()
-        app = create_app(self.async_llm, name, api_key=KEY)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.async_llm.shutdown()
-
-    def client(self, **kw: Any) -> Any:
-        return openai.OpenAI(base_url=self.url, api_key=KEY, max_retries=0, timeout=300, **kw)
 
 
 def alone(llm: LLM, prompt: str | list[int], n: int) -> Any:
@@ -84,7 +47,7 @@ def test_openai_client_tiny(tiny: LLM) -> None:
     refs = [alone(tiny, p, 12) for p in prompts]
     chat = [{"role": "user", "content": "Say hi"}]
     chat_ref = alone(tiny, tiny.chat_prompt(chat), 9)
-    with Server(tiny, "tiny", num_blocks=128, block_size=4, max_num_seqs=4) as srv:
+    with LiveServer(tiny, "tiny", num_blocks=128, block_size=4, max_num_seqs=4) as srv:
         client = srv.client()
         assert [m.id for m in client.models.list().data] == ["tiny"]
 
@@ -134,7 +97,7 @@ def test_openai_client_default_model_parity() -> None:
     refs = [alone(llm, p, n_tok).text for p in prompts]
     chat = [{"role": "user", "content": "What is 2 + 2?"}]
     chat_ref = alone(llm, llm.chat_prompt(chat), n_tok).text
-    with Server(llm, "default", kv_memory_gb=0.1, max_num_seqs=8) as srv:
+    with LiveServer(llm, "default", kv_memory_gb=0.1, max_num_seqs=8) as srv:
         client = srv.client()
 
         def complete(i: int) -> str:

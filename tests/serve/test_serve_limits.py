@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from frugallm import LLM
 from frugallm.engine.async_llm import AsyncLLM
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.serve.app import create_app
+from live_server import UvicornThread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,32 +31,6 @@ def make_app(llm: LLM, **kw: Any) -> tuple[Any, LLMEngine, AsyncLLM]:
     engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4, max_num_seqs=8))
     async_llm = AsyncLLM(engine, **kw).start()
     return create_app(async_llm, "tiny", max_body_bytes=4 * 2**20), engine, async_llm
-
-
-class LiveServer:
-    """uvicorn on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
 
 
 @pytest.fixture
@@ -83,7 +57,7 @@ def test_hostile_chat_template_is_400_and_off_the_event_loop(llm: LLM, hostile_t
                                                             template: str) -> None:
     llm.tokenizer.chat_template = template
     app, engine, _ = make_app(llm)
-    with LiveServer(app) as srv:
+    with UvicornThread(app) as srv:
         done = threading.Event()
         with ThreadPoolExecutor(2) as pool:
             probe = pool.submit(health_latencies, srv.url, done)
@@ -125,7 +99,7 @@ def test_full_queue_is_429_with_retry_after(llm: LLM) -> None:
     step = engine.step
     engine.step = lambda: (time.sleep(0.01), step())[1]  # slow the tiny model down: ~0.5 s per request
     slow = {"prompt": "x", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
-    with LiveServer(app) as srv, ThreadPoolExecutor(4) as pool:
+    with UvicornThread(app) as srv, ThreadPoolExecutor(4) as pool:
         running = [pool.submit(httpx.post, f"{srv.url}/v1/completions", json={**slow, "n": 2}, timeout=60)
                    for _ in range(2)]  # 2 x n=2: the cap of 4 sequences
         deadline = time.time() + 10
@@ -194,7 +168,7 @@ def test_chat_default_max_tokens_is_bounded(llm: LLM, monkeypatch: pytest.Monkey
 def test_large_prompt_is_tokenized_off_the_event_loop(llm: LLM) -> None:
     app, engine, _ = make_app(llm)
     prompt = ("The quick brown fox jumps over the lazy dog. " * 45_000)[:2_000_000]  # 2 MB
-    with LiveServer(app) as srv:
+    with UvicornThread(app) as srv:
         done = threading.Event()
         with ThreadPoolExecutor(2) as pool:
             probe = pool.submit(health_latencies, srv.url, done)
