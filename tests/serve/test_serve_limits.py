@@ -223,3 +223,30 @@ def test_tokenizer_never_runs_on_the_event_loop(llm: LLM, monkeypatch: pytest.Mo
             assert r.status_code == 200, (path, r.text)
             assert not on_loop, (path, on_loop)
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_admission_is_released_when_the_engine_is_done_not_when_the_stream_is_collected(llm: LLM) -> None:
+    import asyncio
+
+    from frugallm import SamplingParams
+
+    engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4, max_num_seqs=8))
+    async_llm = AsyncLLM(engine, max_queue=3).start()
+    req = async_llm.inputs.process("x", SamplingParams(max_tokens=6, ignore_eos=True), n=3)
+
+    async def scenario() -> None:
+        # A client that hung up between two reads: the stream stays suspended, never closed, still referenced
+        # (as a response object in a reference cycle is until the garbage collector runs).
+        stream = async_llm.generate_many([req])
+        await stream.__anext__()
+        deadline = time.time() + 10
+        while async_llm.num_admitted:
+            assert time.time() < deadline, f"{async_llm.num_admitted} still admitted after the engine finished"
+            await asyncio.sleep(0.02)
+        assert not engine.requests
+        del stream
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        async_llm.shutdown()

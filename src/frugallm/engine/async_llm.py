@@ -63,6 +63,7 @@ class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     index_offset: int  # choice index of this prompt's first choice within the caller's request
+    retire: Callable[[], None] | None = None  # engine thread: called once when the engine is done with it
 
 
 # Messages from callers' threads to the engine thread.
@@ -203,18 +204,29 @@ class AsyncLLM:
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
         release = self._admit(sum(r.n for r in requests))
-        return _Admitted(self._generate_admitted(requests, request_id), release)
+        return _Admitted(self._generate_admitted(requests, request_id, release), release)
 
     async def _generate_admitted(
-        self, requests: Seq[EngineRequest], request_id: str | None
+        self, requests: Seq[EngineRequest], request_id: str | None, release: Callable[[], None]
     ) -> AsyncIterator[StepOutput]:
         base = request_id or f"async-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         rids = [base if len(requests) == 1 else f"{base}-{i}" for i in range(len(requests))]
+        # The admission is released when the engine is done with every prompt (finished, aborted, refused), not
+        # only when this stream is closed: a client that hangs up between two reads leaves the stream suspended
+        # until the garbage collector finds it, and its sequences would hold the queue cap meanwhile.
+        left = [len(requests)]
+
+        def retire() -> None:  # engine thread only
+            left[0] -= 1
+            if left[0] == 0:
+                release()
+
         offset = 0
         for rid, req in zip(rids, requests, strict=True):
-            self._inbox.put(AddRequest(dataclasses.replace(req, request_id=rid), _Sink(loop, q, offset)))
+            sink = _Sink(loop, q, offset, retire)
+            self._inbox.put(AddRequest(dataclasses.replace(req, request_id=rid), sink))
             offset += req.n
         self._wake.set()
         remaining = offset
@@ -237,6 +249,13 @@ class AsyncLLM:
         self._wake.set()
 
     # -- the engine thread --------------------------------------------------------------------------
+    def _retire(self, rid: str) -> _Sink | None:
+        """The engine is done with request ``rid``: forget its sink and count its sequences out."""
+        sink = self._sinks.pop(rid, None)
+        if sink is not None and sink.retire is not None:
+            sink.retire()
+        return sink
+
     def _deliver(self, sink: _Sink, item: StepOutput | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # RuntimeError: the caller's loop is closed, nobody listens
             sink.loop.call_soon_threadsafe(sink.queue.put_nowait, item)
@@ -269,8 +288,10 @@ class AsyncLLM:
                     self._sinks[rid] = msg.sink
                 except InvalidRequestError as e:
                     self._deliver(msg.sink, e)
+                    if msg.sink.retire is not None:
+                        msg.sink.retire()
             elif (self.solo is not None and self.solo.abort(msg.request_id)) or self.engine.abort(msg.request_id):
-                self._sinks.pop(msg.request_id, None)
+                self._retire(msg.request_id)
 
     def _solo_round(self) -> None:
         """One round of the request decoded speculatively beside the engine (``engine/spec_solo.py``)."""
@@ -279,13 +300,13 @@ class AsyncLLM:
         except Exception as e:  # as for an engine step: fail that request, keep serving
             rid = self.solo.fail()
             log.exception("speculative round failed; aborting request %s", rid)
-            sink = self._sinks.pop(rid, None) if rid is not None else None
+            sink = self._retire(rid) if rid is not None else None
             if sink is not None:
                 self._deliver(sink, e)
             return
         self._deliver_step([out])
         if out.finished:
-            self._sinks.pop(out.request_id, None)
+            self._retire(out.request_id)
 
     def _loop(self) -> None:
         try:
@@ -308,11 +329,11 @@ class AsyncLLM:
                     for rid, sink in list(self._sinks.items()):
                         self.engine.abort(rid)
                         self._deliver(sink, e)
-                    self._sinks.clear()
+                        self._retire(rid)
                     continue
                 self._deliver_step(outputs)
                 for rid in {out.request_id for out in outputs} - self.engine.requests.keys():
-                    self._sinks.pop(rid, None)  # finished
+                    self._retire(rid)  # finished
         except BaseException as e:  # pragma: no cover - fatal
             self.error = e
             log.exception("engine thread died")
