@@ -54,3 +54,27 @@ def test_probe_backoff_doubles() -> None:
     ctrl = AdaptiveK(4)
     run_rounds(ctrl, 200, accept=0.0, t_row=1.0)
     assert ctrl.backoff > PROBE_START
+
+
+def test_rounds_that_measurably_lose_switch_off_whatever_the_model_predicts() -> None:
+    # Verify looks cheap (the cost model predicts a gain) but each round's drafting takes 3 plain steps (a draft
+    # model catching up): measured, rounds lose, so speculation goes off and the back-off grows.
+    ctrl = AdaptiveK(4)
+    ks = []
+    for _ in range(300):
+        k = ctrl.next_k()
+        ks.append(k)
+        if k == 0:
+            ctrl.observe_plain(1.0)
+        else:
+            ctrl.observe_round(k, k - 1, 3.0, 1.0 + 0.05 * k)
+    assert ks[-100:].count(0) >= 95
+    assert ctrl.backoff > PROBE_START
+
+
+def test_hopeless_costs_probe_only_at_the_longest_backoff() -> None:
+    from frugallm.spec.adaptive import PROBE_MAX
+
+    ctrl = AdaptiveK(4)
+    run_rounds(ctrl, 40, accept=0.9, t_row=1.2)  # each extra verify row costs more than a plain step
+    assert ctrl.ceiling() < 1.0 and ctrl.backoff == PROBE_MAX

@@ -6,7 +6,10 @@ of a plain one-row step; the verify pass's time as a line in its row count (the 
 nearly free while decode is bound by weight reads); the draft's time per token. The expected tokens of a
 round of ``k`` are ``1 + alpha + ... + alpha^k``, its cost ``verify(k + 1) + k * draft``; the controller picks
 the ``k`` with the best rate and switches speculation off when no ``k`` beats plain decoding by
-``MARGIN``. While off it probes again after a back-off of plain steps that doubles on each failed probe.
+``MARGIN``, or when the rounds themselves, as measured, did not beat it (``measured``: tokens emitted per round
+over its draft + verify time, in plain steps; it sees what the model of the costs misses, e.g. a draft model
+catching up on the tokens decoded while speculation was off). While off it probes again after a back-off of plain
+steps that doubles on each failed probe, and starts short again only once rounds measurably pay.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class AdaptiveK:
         self.backoff = PROBE_START
         self.since_plain = 0
         self.probe = False
+        self.measured = _Ema(0.3)  # measured speedup of recent rounds (tokens x plain step time / round time)
 
     @property
     def alpha(self) -> float:
@@ -65,6 +69,14 @@ class AdaptiveK:
         plain = self.t_plain.value if self.t_plain.value is not None else self.verify_time(1)
         return tokens * plain / cost
 
+    def ceiling(self) -> float:
+        """The best speedup any ``k`` could give if every draft were kept, under the measured costs."""
+        a, self.kept, self.failed = (self.kept, self.failed), 1.0, 0.0
+        try:
+            return self.best_k()[1]
+        finally:
+            self.kept, self.failed = a
+
     def best_k(self) -> tuple[int, float]:
         return max(((k, self.expected_speedup(k)) for k in range(1, self.k_max + 1)), key=lambda t: t[1])
 
@@ -77,14 +89,19 @@ class AdaptiveK:
             self.off_for -= 1
             self.probe = self.off_for == 0
             return 0
-        if self.probe:  # a probe after the back-off: forget the old acceptance (a weak pessimistic prior), so
-            self.probe = False  # this round alone decides whether speculation is back on
+        if self.probe:  # a probe after the back-off: forget the old acceptance (a weak pessimistic prior) and the
+            self.probe = False  # measured gain, so this round alone decides whether speculation is back on
             self.kept, self.failed = 0.0, 0.5
+            self.measured.value = None
+            return min(self.k_max, PROBE_K)
+        if not self.t_verify:  # the verify pass's cost is a guess until measured: a moderate first round
             return min(self.k_max, PROBE_K)
         k, gain = self.best_k()
-        if gain < MARGIN and self.t_verify:
+        slow = self.measured.value is not None and self.measured.value < MARGIN
+        if (gain < MARGIN or slow) and self.t_verify:
             self.off_for = self.backoff  # off for a while; a probe afterwards uses the best k then
-            self.backoff = min(2 * self.backoff, PROBE_MAX)
+            # Not even all drafts kept would pay at these costs: probe only at the longest back-off.
+            self.backoff = PROBE_MAX if self.ceiling() < MARGIN else min(2 * self.backoff, PROBE_MAX)
             return 0
         return k
 
@@ -95,7 +112,9 @@ class AdaptiveK:
         self.t_verify.setdefault(k + 1, _Ema()).add(t_verify)
         self.t_draft.add(t_draft / k)
         self.since_plain += 1
-        if self.adaptive and self.best_k()[1] >= MARGIN:
+        if self.t_plain.value is not None and t_draft + t_verify > 0:
+            self.measured.add((kept + 1) * self.t_plain.value / (t_draft + t_verify))
+        if self.adaptive and self.best_k()[1] >= MARGIN and (self.measured.value or 0.0) >= MARGIN:
             self.backoff = PROBE_START  # paying again: the next switch-off starts from a short back-off
 
     def observe_plain(self, t: float) -> None:
