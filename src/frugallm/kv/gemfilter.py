@@ -18,13 +18,12 @@ few of them at layers 0-3 (``benchmarks/kv_long_bench.py --tasks layers``, 2k an
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from frugallm.kv.policy import KV_POLICIES, PromptSelector, attention_scores
+from frugallm.kv.policy import KV_POLICIES, PromptSelector, attention_scores, windowed_keep
 from frugallm.model.kv_cache import KVCache
 from frugallm.model.ops import model_device
 
@@ -91,7 +90,7 @@ class GemFilter(PromptSelector):
     @torch.inference_mode()
     def select(self, model: Any, prompt_ids: list[int]) -> list[int]:
         n = len(prompt_ids)
-        k = min(n, max(math.ceil(self.budget * n), self.window))
+        k = windowed_keep(n, self.budget, self.window)
         if k >= n:
             return list(prompt_ids)
         probe = ProbeCache(self.filter_layer(len(model.layers)), self.window)

@@ -219,6 +219,12 @@ class PromptSelector(KVPolicy):
 # -- shared scoring helpers ----------------------------------------------------------------------------------
 
 
+def windowed_keep(n_tokens: int, budget: float, window: int) -> int:
+    """Tokens kept of ``n_tokens`` by a policy that always keeps its last ``window``: ``budget`` of them, at least
+    the window, at most all (SnapKV, SpecKV, GemFilter, SpecPC)."""
+    return min(n_tokens, max(math.ceil(budget * n_tokens), window))
+
+
 def attention_scores(
     q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None, q_offset: int, *, chunk: int = 256
 ) -> torch.Tensor:

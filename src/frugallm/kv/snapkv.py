@@ -8,14 +8,13 @@ Compression happens once, at prefill; generated tokens are appended without evic
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from frugallm.kv.policy import KV_POLICIES, Evictor, PrefillContext, attention_scores
+from frugallm.kv.policy import KV_POLICIES, Evictor, PrefillContext, attention_scores, windowed_keep
 
 
 @KV_POLICIES.register("snapkv")
@@ -42,7 +41,7 @@ class SnapKV(Evictor):
             self._fail(f"pooling must be max or avg, got {self.pooling!r}")
 
     def prefill_keep(self, n_tokens: int, layer: int, num_layers: int) -> int:
-        return min(n_tokens, max(math.ceil(self.budget * n_tokens), self.window))
+        return windowed_keep(n_tokens, self.budget, self.window)
 
     def prefill_queries(self, n_tokens: int) -> int:
         return min(self.window, n_tokens)

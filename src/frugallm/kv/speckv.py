@@ -23,7 +23,6 @@ The draft comes from the ``draft=`` parameter (a catalog name or a path) or, wit
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -40,6 +39,7 @@ from frugallm.kv.policy import (
     PrefillContext,
     PromptSelector,
     attention_scores,
+    windowed_keep,
 )
 from frugallm.kv.spec import KVSpec
 from frugallm.model.kv_cache import ContiguousKVCache, KVCache
@@ -240,6 +240,16 @@ def prefill_with_lookahead(
 # -- the policies ------------------------------------------------------------------------------------------------
 
 
+def _check_params(p: Any, min_lookahead: int, unit: str) -> None:
+    """The parameters SpecKV and SpecPC share (``p``: either policy)."""
+    p._check_fraction("budget", p.budget)
+    p._check_int("lookahead", p.lookahead, min_lookahead)
+    p._check_int("window", p.window, 1)
+    p._check_int("kernel", p.kernel, 1)
+    if p.kernel % 2 == 0:
+        p._fail(f"kernel must be odd (pooling keeps {unit} alignment), got {p.kernel}")
+
+
 @KV_POLICIES.register("speckv")
 @dataclass(frozen=True)
 class SpecKV(Evictor):
@@ -260,15 +270,10 @@ class SpecKV(Evictor):
     draft: str | None = None
 
     def __post_init__(self) -> None:
-        self._check_fraction("budget", self.budget)
-        self._check_int("lookahead", self.lookahead, 1)
-        self._check_int("window", self.window, 1)
-        self._check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            self._fail(f"kernel must be odd (pooling keeps slot alignment), got {self.kernel}")
+        _check_params(self, min_lookahead=1, unit="slot")
 
     def prefill_keep(self, n_tokens: int, layer: int, num_layers: int) -> int:
-        return min(n_tokens, max(math.ceil(self.budget * n_tokens), self.window))
+        return windowed_keep(n_tokens, self.budget, self.window)
 
     def on_prefill(self, ctx: PrefillContext) -> torch.Tensor:
         """``ctx.queries [b, heads, T + L, d]``: the prompt's and then the ``L`` lookahead tokens' queries (the
@@ -304,12 +309,7 @@ class SpecPC(PromptSelector):
     draft: str | None = None
 
     def __post_init__(self) -> None:
-        self._check_fraction("budget", self.budget)
-        self._check_int("lookahead", self.lookahead, 0)
-        self._check_int("window", self.window, 1)
-        self._check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            self._fail(f"kernel must be odd (pooling keeps token alignment), got {self.kernel}")
+        _check_params(self, min_lookahead=0, unit="token")
 
     def scores(self, target: Any, prompt_ids: list[int]) -> torch.Tensor:
         """``[T]`` fp32: the draft's attention on each prompt token (higher = keep)."""
@@ -325,7 +325,7 @@ class SpecPC(PromptSelector):
     @torch.inference_mode()
     def select(self, model: Any, prompt_ids: list[int]) -> list[int]:
         n = len(prompt_ids)
-        k = min(n, max(math.ceil(self.budget * n), self.window))
+        k = windowed_keep(n, self.budget, self.window)
         if k >= n:
             return list(prompt_ids)
         s = _pooled(self.scores(model, prompt_ids), self.kernel)
