@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +155,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self.metrics = EngineMetrics()
         self.metrics.gauges = self.gauges
+        # Gauges of what runs beside the engine on its pool (spec_solo.SoloSpec: speculation's reserved blocks).
+        self.extra_gauges: Callable[[], dict[str, tuple[str, float]]] = dict
 
     @staticmethod
     def blocks_in(llm: Any, kv_memory_gb: float, block_size: int, kv_dtype: torch.dtype) -> int:
@@ -383,6 +386,7 @@ class LLMEngine:
             "kv_blocks_total": ("KV-cache blocks in the pool.", bm.num_blocks),
             "kv_block_size_tokens": ("Tokens per KV-cache block.", bm.block_size),
             "kv_cache_usage_ratio": ("Fraction of KV-cache blocks in use.", bm.num_used_blocks / bm.num_blocks),
+            **self.extra_gauges(),
         }
 
     def output(self, request_id: str) -> list[RequestOutput]:
