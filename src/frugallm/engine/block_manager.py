@@ -30,6 +30,9 @@ Plain Python (no torch) so it can be unit-tested alone; the tensors live in :mod
 * Sliding windows (StreamingLLM): a sequence capped at ``max_slots`` slots writes each new token over its
   oldest slot after the first ``ring_start`` ones (:func:`ring_slot`), so it takes no new block; a shared
   block is copied before that write, an own one leaves the prefix cache.
+* Reservations (:meth:`BlockManager.reserve`): blocks taken out of the pool for memory held elsewhere under the
+  same budget (SpecMemo: a speculative request's contiguous caches, see ``spec_solo.py``); they hold no tokens
+  and return to the free list with :meth:`BlockManager.unreserve`.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
         self.in_flight: dict[int, int] = {}  # hash -> block being computed that will hold it
+        self.num_reserved = 0  # blocks lent out by reserve() (held, holding no tokens)
         # Counters for metrics.
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
@@ -215,6 +219,29 @@ class BlockManager:
         for _ in range(self.blocks_for(num_tokens) - len(cached)):
             seq.block_table.append(self._take_free())
         self._mark_in_flight(seq)
+
+    def reserve(self, num: int) -> list[int] | None:
+        """Take ``num`` free blocks out of the pool for memory held outside it (their contents unused), blocks
+        holding no cached prefix first; None, taking nothing, when fewer than ``num`` are free."""
+        if num > len(self.free):
+            return None
+        plain = [b for b in self.free if self.blocks[b].hash == NO_HASH][:num]
+        cached = [b for b in self.free if self.blocks[b].hash != NO_HASH][:num - len(plain)]
+        ids = []
+        for block_id in (*plain, *cached):
+            del self.free[block_id]
+            b = self.blocks[block_id]
+            self._forget(b)
+            b.ref_count = 1
+            ids.append(block_id)
+        self.num_reserved += num
+        return ids
+
+    def unreserve(self, block_ids: list[int]) -> None:
+        """Give blocks from :meth:`reserve` back to the pool."""
+        for block_id in block_ids:
+            self._release(block_id)
+        self.num_reserved -= len(block_ids)
 
     def _cow_index(self, seq: BlockSeq) -> int | None:
         """The table index of a shared block the next write changes (copy it first), if any: the last block

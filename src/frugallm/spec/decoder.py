@@ -37,7 +37,8 @@ class SpecDecoder:
     def __init__(self, cfg: SpecConfig, proposer: Proposer, stats: SpecStats | None = None,
                  gate: Callable[[], bool] | None = None) -> None:
         """``gate``: asked before every round; False makes it a plain step (a server above its speculation
-        threshold, see ``engine/spec_solo.py``) without touching the adaptive controller's probes."""
+        threshold, see ``engine/spec_solo.py``) without touching the adaptive controller's probes; the proposer is
+        suspended (its draft cache freed) when the gate turns speculation off, rebuilt when it turns it on."""
         self.cfg = cfg
         self.proposer = proposer
         self.stats = stats if stats is not None else SpecStats()
@@ -57,10 +58,15 @@ class SpecDecoder:
         params, gen = seq.params, seq.generator
         sample_first()
         yield
+        suspended = False
         while not seq.finished:
             n_done = len(seq.token_ids) - 1  # tokens whose keys/values the target's cache holds
             last = seq.token_ids[-1]
             gated = self.gate is not None and not self.gate()
+            if gated != suspended:
+                suspended = gated
+                if gated:
+                    self.proposer.suspend()
             k = 0 if gated else min(ctrl.next_k(), seq.max_new - seq.num_output_tokens - 1)  # drafts + target's
             t0 = time.perf_counter()
             draft = self.proposer.propose(seq.token_ids, k, params, gen) if k > 0 else None

@@ -38,6 +38,7 @@ class ModelProposer(Proposer):
         self.weight_bytes = weight_bytes
         self.cache: ContiguousKVCache | None = None
         self.fed = 0  # tokens whose keys/values are in self.cache
+        self.capacity = 0  # the sequence's bound from begin(): a cache rebuilt after suspend() gets it again
 
     def begin(self, prompt_ids: list[int], capacity: int) -> None:
         cfg = self.model.config
@@ -47,6 +48,7 @@ class ModelProposer(Proposer):
             len(self.model.layers), 1, cfg.num_kv_heads, cfg.head_dim, capacity, self.kv_dtype, dev
         )
         self.fed = 0
+        self.capacity = capacity
 
     def _logits(self, ids: list[int]) -> torch.Tensor:
         """Feed ``ids`` (the tokens after ``self.fed``) and return the next-token logits ``[vocab]`` (fp32)."""
@@ -64,7 +66,7 @@ class ModelProposer(Proposer):
         self, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Draft:
         if self.cache is None or self.fed > len(tokens):
-            self.begin(tokens, len(tokens) + 256)
+            self.begin(tokens, max(self.capacity, len(tokens) + k + 1) if self.capacity else len(tokens) + 256)
         assert self.cache is not None
         logits = self._logits(tokens[self.fed :])
         out: list[int] = []
@@ -86,6 +88,9 @@ class ModelProposer(Proposer):
         if self.cache is not None and self.fed > valid:
             self.fed = valid
             self.cache.truncate(valid)
+
+    def suspend(self) -> None:
+        self.cache, self.fed = None, 0  # the next propose feeds every token again
 
     def memory_bytes(self) -> int:
         return self.weight_bytes + (self.cache.reserved_bytes() if self.cache is not None else 0)

@@ -51,6 +51,11 @@ class Proposer(ABC):
         """``tokens[:valid]`` of the last ``propose`` call plus the accepted drafts are final; forget the rest."""
         return  # stateless proposers keep nothing past the committed tokens
 
+    def suspend(self) -> None:
+        """Speculation is off for a while (a busy server, a pool short of blocks): free what the next ``propose``
+        can rebuild (a draft model's cache), so the memory it held goes back to the budget it was charged to."""
+        return  # stateless proposers hold nothing
+
     def memory_bytes(self) -> int:
         """Memory this proposer holds beyond the target's (SpecMemo accounting): weights and caches."""
         return 0

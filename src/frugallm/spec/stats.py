@@ -20,6 +20,10 @@ class SpecStats:
     verify_s: float = 0.0
     plain_s: float = 0.0
     memory_bytes: int = 0  # SpecMemo: draft weights + draft KV + reserved candidate slots + verify logits
+    # SpecMemo in the server (engine/spec_solo.py): requests that decoded without speculation because the KV pool
+    # could not spare the blocks its memory is charged as, and plain steps taken while it could not spare the draft's.
+    memory_fallbacks: int = 0
+    memory_gated_steps: int = 0
 
     def record_round(self, k: int, kept: int, t_draft: float, t_verify: float, emitted: int) -> None:
         self.rounds += 1
@@ -36,7 +40,8 @@ class SpecStats:
         self.verify_s += t_verify
 
     def merge(self, other: SpecStats) -> None:
-        for name in ("rounds", "plain_steps", "drafted", "accepted", "emitted", "draft_s", "verify_s", "plain_s"):
+        for name in ("rounds", "plain_steps", "drafted", "accepted", "emitted", "draft_s", "verify_s", "plain_s",
+                     "memory_fallbacks", "memory_gated_steps"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mine, theirs in ((self.proposed_at, other.proposed_at), (self.accepted_at, other.accepted_at)):
             mine.extend([0] * (len(theirs) - len(mine)))
@@ -86,4 +91,6 @@ class SpecStats:
             "spec_acceptance_by_position": [round(x, 3) for x in self.acceptance_by_position],
             "spec_draft_share": round(self.draft_share, 4),
             "spec_memory_bytes": self.memory_bytes,
+            "spec_memory_fallbacks": self.memory_fallbacks,
+            "spec_memory_gated_steps": self.memory_gated_steps,
         }
