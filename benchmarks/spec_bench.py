@@ -4,11 +4,15 @@ Sections (``--sections``, default all): ``verify``: one target pass of r rows vs
 verifying r - 1 drafts, which bounds the speedup); ``edit``: "add type hints and return the function whole"
 with ``ngram`` vs plain, and llama-cpp-python with ``LlamaPromptLookupDecoding`` (skipped without llama_cpp);
 ``codegen``: a short instruction with ``draft`` (Qwen2.5-Coder-0.5B) vs plain; ``chat``: open-ended chat with
-adaptive ``ngram`` and ``draft`` vs plain. Greedy, batch 1; decode tok/s = 1 / time per output token after the
-first; runs alternate plain and speculative, medians reported with the acceptance stats.
+adaptive ``ngram`` and ``draft`` vs plain; ``memory``: the memory speculation adds per proposer (SpecMemo: draft
+weights, draft KV cache, candidate slots, verify logits) for the edit prompt at ``--max-tokens``, and the blocks of
+the server's KV pool (``serve --spec``) a speculative request is charged, no timing. Greedy, batch 1; decode tok/s
+= 1 / time per output token after the first; runs alternate plain and speculative, medians reported with the
+acceptance stats.
 
     .venv/bin/python benchmarks/spec_bench.py --threads 2 --runs 3 --out /tmp/spec_bench.jsonl
     .venv/bin/python benchmarks/spec_bench.py --target default --draft default --runs 1 --max-tokens 16  # smoke
+    .venv/bin/python benchmarks/spec_bench.py --sections memory  # SpecMemo table only (seconds)
 
 ``--out`` appends one JSON line per measured pair (with the acceptance stats, machine and load).
 """
@@ -26,7 +30,10 @@ import torch
 
 from frugallm import LLM, SamplingParams
 from frugallm.cpu import model_name
+from frugallm.engine.llm_engine import EngineConfig
+from frugallm.engine.paged_cache import pool_dtype
 from frugallm.spec import parse_spec
+from frugallm.spec.memo import blocks_for_bytes, kv_bytes, plan
 
 TARGET, DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 EDIT_CODE = '''def summarize_orders(orders, tax_rate, currency="EUR", skip_cancelled=True):
@@ -91,6 +98,32 @@ def show(name: str, r: dict[str, Any]) -> None:
           f"by pos {r['spec_acceptance_by_position'][:8]}  +mem {r['spec_memory_bytes'] / 2**20:.1f} MiB")
 
 
+def memory_table(llm: LLM, prompt: str, specs: list[str], max_tokens: int) -> list[dict[str, Any]]:
+    """SpecMemo per proposer: what speculation adds to decoding ``prompt`` without it, and the blocks of the
+    server's KV pool (its dtype, the default block size) ``serve --spec`` charges a speculative request."""
+    mc, n = llm.config, len(llm.tokenizer.encode(prompt))
+    bs = EngineConfig.block_size
+    bpb = kv_bytes(mc.num_layers, mc.num_kv_heads, mc.head_dim, bs, pool_dtype(llm.dtype, llm.kv_dtype, llm.device))
+    rows = []
+    for spec in specs:
+        cfg = parse_spec(spec)
+        own = cfg.method == "draft"
+        memo = plan(cfg, mc, llm.draft.config if own else None, n, max_tokens, llm.kv_dtype)
+        weights = llm.draft.weight_bytes() if own else 0
+        r = {"spec": spec, "prompt_tokens": n, "max_tokens": max_tokens, "draft_weights": weights,
+             "draft_kv": memo.draft_kv, "candidates_kv": memo.candidates_kv, "verify_logits": memo.logits,
+             "added_bytes": weights + memo.spec_bytes, "plain_pool_blocks": -(-(n + max_tokens) // bs),
+             "request_pool_blocks": blocks_for_bytes(memo.request_bytes, bpb),
+             "draft_pool_blocks": blocks_for_bytes(memo.draft_kv, bpb), "pool_block_bytes": bpb}
+        mib = 2**20
+        print(f"memory  {spec:32s} adds {r['added_bytes'] / mib:7.1f} MiB (draft weights {weights / mib:.1f}, "
+              f"draft KV {memo.draft_kv / mib:.2f}, candidates {memo.candidates_kv / 1024:.0f} KiB, verify logits "
+              f"{memo.logits / 1024:.0f} KiB); serve pool blocks of {bs} tokens: request {r['request_pool_blocks']} "
+              f"(plain decode {r['plain_pool_blocks']}) + draft {r['draft_pool_blocks']}")
+        rows.append(r)
+    return rows
+
+
 @torch.inference_mode()
 def verify_cost(llm: LLM, prompt: str, rows: list[int], reps: int) -> None:
     """Median time of one target pass of r rows after a prefill, over one decode step (r = 1)."""
@@ -148,7 +181,7 @@ def llama_cpp_peer(target: str, prompt: str, max_tokens: int, threads: int, runs
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", default=["verify", "edit", "codegen", "chat"])
+    ap.add_argument("--sections", nargs="+", default=["memory", "verify", "edit", "codegen", "chat"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -159,9 +192,13 @@ def main() -> None:
     target, draft = args.target, args.draft
     torch.set_num_threads(args.threads)
     print(f"CPU: {model_name()}  threads {args.threads}  load average {os.getloadavg()}  torch {torch.__version__}")
-    want_draft = {"codegen", "chat"} & set(args.sections)
+    want_draft = {"codegen", "chat", "memory"} & set(args.sections)
     llm = LLM(target, spec=f"draft:model={draft}" if want_draft else None)
     chat = llm.chat_prompt
+    if "memory" in args.sections:
+        prompt = chat([{"role": "user", "content": EDIT}])
+        for r in memory_table(llm, prompt, ["ngram:k=8", f"draft:model={draft}:k=4", "self:k=4"], args.max_tokens):
+            save(args.out, "memory", r, args)
     if "verify" in args.sections:
         verify_cost(llm, chat([{"role": "user", "content": EDIT}]), [1, 2, 3, 4, 5, 6, 9, 15], reps=7)
     if "edit" in args.sections:
