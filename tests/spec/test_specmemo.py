@@ -198,3 +198,43 @@ def test_the_engine_needing_blocks_takes_the_drafts_back(path: str) -> None:
     assert engine.scheduler.num_preemptions == 0
     run_solo(solo)
     assert bm.num_reserved == 0
+
+
+def test_concurrent_requests_beside_a_speculating_one_keep_outputs_and_preempt_nothing(path: str) -> None:
+    """Through the server's engine thread: a lone request speculates with its draft's blocks reserved, three more
+    arrive (the draft's blocks go back, the solo one decodes plainly), all outputs are the plain greedy ones, the
+    engine preempts nothing and every reserved block is back at the end. The pool holds the four requests and the
+    solo one's cache, not the draft's too."""
+    prompts = [PROMPT, "the cat sat on the mat", "x y z x y z x", "abc def abc"]
+    long = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)  # still decoding when the others come
+    params = [long, GREEDY, GREEDY, GREEDY]
+    plain = LLM(path, dtype="float32", device="cpu")
+    refs = [plain.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params, strict=True)]
+    _, big, solo = make(path, SPECS[1], num_blocks=256)
+    memo = solo._plan(big.inputs.process(PROMPT, long, "probe"))
+    bpb = big.cache.bytes_per_block
+    engine_need = sum(big.block_manager.blocks_for(len(plain.tokenizer.encode(p)) + GREEDY.max_tokens + 1)
+                      for p in prompts[1:])
+    llm, engine, _ = make(path, SPECS[1], num_blocks=engine_need + blocks_for_bytes(memo.request_bytes, bpb)
+                          + blocks_for_bytes(memo.draft_kv, bpb))
+    a = AsyncLLM(engine).start()
+    gates: list[bool] = []
+    gate = llm.spec_gate
+    llm.spec_gate = lambda: gates.append(gate()) or gates[-1]
+
+    async def collect(p: str, sp: SamplingParams = GREEDY) -> list[int]:
+        return [t async for out in a.generate(p, sp) for t in out.token_ids]
+
+    async def main() -> list[list[int]]:
+        first = asyncio.ensure_future(collect(prompts[0], long))
+        while not gates:  # the first runs solo
+            await asyncio.sleep(0.001)
+        return [await first, *await asyncio.gather(*(collect(p) for p in prompts[1:]))]
+
+    try:
+        assert asyncio.run(main()) == refs
+        assert True in gates and False in gates and engine.scheduler.num_preemptions == 0
+        assert engine.block_manager.num_reserved == 0 and engine.block_manager.num_used_blocks == 0
+        engine.block_manager.check()
+    finally:
+        a.shutdown()
