@@ -8,7 +8,7 @@ from frugallm.kv import KV_POLICIES, KVSpecError, paged_names, paged_policy
 
 
 def test_paged_names_are_the_flagged_policies() -> None:
-    assert paged_names() == ["h2o", "snapkv", "streamingllm"]
+    assert paged_names() == ["h2o", "snapkv", "speckv", "streamingllm"]
     assert all(KV_POLICIES.get(n).pages for n in paged_names())
 
 
@@ -35,7 +35,7 @@ def test_other_specs_name_the_paging_policies(spec: str, why: str) -> None:
     with pytest.raises(KVSpecError, match=why) as e:
         paged_policy(spec)
     if "positions" not in why:
-        assert "h2o, snapkv, streamingllm" in str(e.value)
+        assert "h2o, snapkv, speckv, streamingllm" in str(e.value)
 
 
 def test_prefill_queries() -> None:

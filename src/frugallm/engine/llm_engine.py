@@ -38,6 +38,7 @@ from frugallm.engine.scheduler import Scheduler, SchedulerConfig, SeqStatus
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
 from frugallm.kv import KVSpecError, paged_policy
+from frugallm.kv.speckv import draft_for
 from frugallm.sampling import SamplingParams, prompt_logprobs
 from frugallm.sampling import sample_batch as sample
 from frugallm.structured import apply_bitmask
@@ -182,6 +183,8 @@ class LLMEngine:
         policy (``"full"``: none; default: the engine's). Returns the request id."""
         try:
             policy = self.kv_policy if kv is None else paged_policy(kv)
+            if getattr(policy, "needs_draft", False):
+                draft_for(self.llm.model, policy)  # SpecKV: its draft must be loaded (LLM(kv=...) loads it)
         except KVSpecError as e:
             raise InvalidRequestError(str(e)) from None
         if isinstance(prompt, EngineRequest):

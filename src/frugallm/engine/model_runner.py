@@ -20,6 +20,7 @@ import torch
 from frugallm.engine.block_manager import ring_slot
 from frugallm.engine.paged_cache import PagedKVCache
 from frugallm.engine.scheduler import SchedulerOutput
+from frugallm.kv.speckv import lookahead_pass
 from frugallm.lora.manager import LoraManager
 from frugallm.model.llama import Transformer
 
@@ -64,9 +65,12 @@ class ModelRunner:
         self.cache.copy_blocks(out.copies)
         decodes = [i for i, n in enumerate(out.num_new) if n == 1]
         prefills = [i for i, n in enumerate(out.num_new) if n > 1]
+        # SpecKV: a prompt whose draft's lookahead tokens follow it in the pass runs alone (no other row has them).
+        alone = [i for i in prefills if getattr(out.seqs[i].kv_policy, "needs_draft", False)]
+        prefills = [i for i in prefills if i not in alone]
         groups = ([decodes] if decodes else []) + [
             [prefills[j] for j in g] for g in group_prefills([out.num_new[i] for i in prefills])
-        ]
+        ] + [[i] for i in alone]
         rows: list[int] = []
         logits: list[torch.Tensor] = []
         self.all_logits = {}
@@ -110,9 +114,16 @@ class ModelRunner:
         last = "last" if t == 1 or len(set(num_new)) == 1 else torch.tensor(num_new, device=self.device) - 1
         if all_positions:
             last = "all"
+        ids, pos, cache = ids.to(self.device), pos.to(self.device), self.cache
+        look = lookahead_pass(evict[0], self.model, ids, pos, cache) if len(seqs) == 1 and 0 in evict else None
+        if look is not None:  # SpecKV: the whole prompt (its policy reads every query), then the draft's tokens
+            assert starts[0] == 0, "a SpecKV prompt is computed in one pass from its first token"
+            ids, pos, cache = look
+            t = ids.shape[1]
+            last = "all" if all_positions else torch.tensor([num_new[0] - 1], device=self.device)
         bound = contextlib.nullcontext() if self.lora is None else self.lora.bound([s.lora for s in seqs], t)
         with bound:
-            logits = self.model(ids.to(self.device), pos.to(self.device), self.cache, last)
+            logits = self.model(ids, pos, cache, last)
         self.kept.update({idx[r]: kept for r, kept in self.cache.kept.items()})
         self.kept_stats.update({idx[r]: stats for r, stats in self.cache.kept_stats.items()})
         return logits

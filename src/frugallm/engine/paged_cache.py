@@ -200,7 +200,8 @@ class PagedKVCache(KVCache):
             end, n = self._ends[r], self._num_new[r]
             if ev.needs_queries and q is None:
                 raise RuntimeError(f"{ev.name} needs the prompt's queries, but the attention passed none")
-            qr = q[r:r + 1, :, :n] if ev.needs_queries else None
+            # A lookahead pass (SpecKV, one row) hands queries past the bound tokens: the draft's, which vote too.
+            qr = (q[r:r + 1, :, :n] if q.shape[2] == self._shape[1] else q[r:r + 1]) if ev.needs_queries else None
             valid = torch.ones(1, end, dtype=torch.bool, device=keys.device)
             ctx = PrefillContext(layer, num_layers, keys[r:r + 1, :, :end], values[r:r + 1, :, :end], qr, valid)
             keep = ev.prefill_keep(end, layer, num_layers)

@@ -11,6 +11,8 @@ such as SnapKV rank the prompt by the attention of its *last* tokens; these rank
   lookahead tokens vote over the prompt's keys (summed, max-pooled with ``kernel``), the top ``budget`` per KV
   head stay in the cache and the rest leave storage, exactly as SnapKV's do. The lookahead tokens' own
   keys/values are never stored and decoding starts right after the prompt, with the logits of its last token.
+  Under continuous batching (``serve --kv speckv:...``) the engine's runner computes each prompt in one pass of
+  its own with the lookahead (:func:`lookahead_pass`) and compacts the kept slots into fewer blocks.
 * ``specpc`` (a prompt selector, like GemFilter): the draft's own attention, from its last ``window`` prompt
   queries and its lookahead queries, summed over all its layers and heads, max-pooled with ``kernel``, picks
   ``budget`` of the prompt tokens (the last ``window`` always kept); the target then prefills only those, so
@@ -211,6 +213,31 @@ class _LookaheadPrefill(KVCache):
         return self.inner.num_slots
 
 
+def lookahead_pass(
+    ev: Any, target: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+    pad_lens: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, KVCache] | None:
+    """The inputs of SpecKV's prefill pass for prompts ``ids [B, T]`` at ``positions [B, T]`` (whole prompts,
+    from their first token; left padded by ``pad_lens``): ``(ids [B, T + L], positions [B, T + L], cache)``,
+    the draft's ``L`` lookahead tokens after the prompt and ``cache`` wrapped so that it stores the prompt's
+    keys/values only and hands its evictor every query; None when evictor ``ev`` has no lookahead. Take the
+    logits of position ``T - 1``. The static cache (:func:`prefill_with_lookahead`) and the paged engine's runner
+    (one row per pass) both run it."""
+    look = getattr(ev, "lookahead", 0) if getattr(ev, "needs_draft", False) else 0
+    # The lookahead must fit the target's positions (a prompt at the context's end gets a shorter one).
+    look = max(0, min(look, target.config.max_position_embeddings - int(positions.max()) - 1))
+    if not look:
+        return None
+    draft, kv_dtype = draft_for(target, ev)
+    tokens, _ = draft_lookahead(draft, kv_dtype, ids, positions, pad_lens, look, target.config.vocab_size)
+    tokens = tokens.to(ids.device)
+    steps = torch.arange(1, look + 1, device=ids.device)[None]
+    all_ids = torch.cat([ids, tokens], 1)
+    all_pos = torch.cat([positions, positions[:, -1:] + steps], 1)
+    target.rope_tables(ids.device, int(all_pos.max()) + 1)
+    return all_ids, all_pos, _LookaheadPrefill(cache, ids.shape[1], pad_lens)
+
+
 @torch.inference_mode()
 def prefill_with_lookahead(
     spec: KVSpec, target: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -219,22 +246,12 @@ def prefill_with_lookahead(
     """The prefill of ``ids [B, T]`` at ``positions [B, T]`` into ``cache``; logits ``[B, vocab]`` of the last
     prompt token. With a SpecKV evictor the draft's lookahead tokens follow the prompt in the same pass (their
     queries vote, their keys/values are not kept); otherwise a plain prefill."""
-    ev = spec.evictor
-    look = getattr(ev, "lookahead", 0) if getattr(ev, "needs_draft", False) else 0
-    # The lookahead must fit the target's positions (a prompt at the context's end gets a shorter one).
-    look = max(0, min(look, target.config.max_position_embeddings - int(positions.max()) - 1))
-    if not look:
+    look = lookahead_pass(spec.evictor, target, ids, positions, cache, pad_lens)
+    if look is None:
         return target(ids, positions, cache, "last")
-    draft, kv_dtype = draft_for(target, ev)
     b, t = ids.shape
-    tokens, _ = draft_lookahead(draft, kv_dtype, ids, positions, pad_lens, look, target.config.vocab_size)
-    tokens = tokens.to(ids.device)
-    steps = torch.arange(1, look + 1, device=ids.device)[None]
-    all_ids = torch.cat([ids, tokens], 1)
-    all_pos = torch.cat([positions, positions[:, -1:] + steps], 1)
-    target.rope_tables(ids.device, int(all_pos.max()) + 1)
     last = torch.full((b,), t - 1, dtype=torch.long, device=ids.device)
-    return target(all_ids, all_pos, _LookaheadPrefill(cache, t, pad_lens), last)
+    return target(*look, last)
 
 
 # -- the policies ------------------------------------------------------------------------------------------------
@@ -263,6 +280,9 @@ class SpecKV(Evictor):
     needs_queries: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = True
     needs_draft: ClassVar[bool] = True
+    # On the paged engine: every prompt query is read (prefill_queries), so a prompt is computed in one pass from
+    # its first token, alone with its lookahead (engine/model_runner.py), then compacted as SnapKV's.
+    pages: ClassVar[bool] = True
     budget: float = 0.25
     lookahead: int = 16
     window: int = 16
