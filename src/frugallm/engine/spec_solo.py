@@ -15,7 +15,7 @@ Under load the engine is never idle, so nothing runs solo and throughput is the 
 
 SpecMemo (one memory budget): the solo sequence's contiguous caches are charged to the engine's block pool, as
 blocks of the pool's byte size taken out of it (``BlockManager.reserve``, planned by ``spec.memo.plan`` before
-anything is allocated), so ``--kv-memory`` bounds them too:
+anything is allocated), so ``--kv-memory-gb`` bounds them too:
 
 * the request's own cache (prompt + output + the ``k + 1`` candidate slots) and the verify logits, for its whole
   life; a request the pool cannot hold so goes to the engine and decodes plainly there
