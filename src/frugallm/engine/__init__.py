@@ -12,5 +12,8 @@ Modules, one concern each (the loop reads top to bottom in ``llm_engine.py``):
 * ``async_llm`` - ``AsyncLLM``: the engine in a background thread, one asyncio queue per request
 * ``metrics`` - the engine's counters and histograms (rendered as Prometheus text by ``serve``)
 * ``llm`` - ``LLM``, the public front: load, quantize, generate / stream / chat / score
+* ``solo`` - ``SoloRunner``, ``LLM``'s own loop: one sequence (or a static batch) on a contiguous cache, speculation
+* ``model_setup`` - ``LLM``'s load-time choices: device, dtype, quantization, LoRA slots, compile
+* ``spec_solo`` - ``SoloSpec``: a lone server request decoded speculatively on ``SoloRunner`` beside the engine
 * ``allocator`` - glibc malloc settings for CPU inference
 """
