@@ -131,15 +131,16 @@ class SoloSpec:
 
     def reserved_blocks(self) -> int:
         """Pool blocks the solo request holds now (its cache, candidates and logits; the draft's cache)."""
-        return len(self._request_blocks) + len(self._draft_blocks or ())
+        draft = self._draft_blocks
+        return len(self._request_blocks) + len(draft or ())
 
     def added_bytes(self) -> int:
         """What speculation adds now to decoding the solo request without it: candidate slots, verify logits and
         the draft's cache while held (draft weights aside: ``memory_bytes``)."""
-        if self.plan is None:
+        memo, held = self.plan, self._draft_blocks is not None  # read once: /metrics reads from another thread
+        if memo is None:
             return 0
-        draft = self.plan.draft_kv if self._draft_blocks is not None else 0
-        return self.plan.candidates_kv + self.plan.logits + draft
+        return memo.candidates_kv + memo.logits + (memo.draft_kv if held else 0)
 
     def gauges(self) -> dict[str, tuple[str, float]]:
         bpb = self.engine.cache.bytes_per_block
