@@ -52,7 +52,7 @@ def test_spec_record_fields_present_and_consistent(tiny_models, settings, spec: 
     assert any("--spec" in n for n in rec["notes"]) and f"spec={spec}" in rec["label"]
     out = io.StringIO()
     results.print_table([rec], file=out)
-    assert "accept" in out.getvalue() and "spec x" in out.getvalue()
+    assert "accept" in out.getvalue() and "spec x" in out.getvalue() and "spec +MB" in out.getvalue()
 
 
 def test_plain_point_has_spec_metrics_null_with_reason(tiny_models, settings) -> None:

@@ -263,7 +263,8 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, str]]:
         if m.get("spec_acceptance_rate") is not None:  # --spec: acceptance and the gain over no speculation
             rows[-1].update({"accept": _fmt(m["spec_acceptance_rate"], 1, ".0%"),
                              "tok/round": _fmt(m.get("spec_mean_accepted_length")),
-                             "spec x": _fmt(m.get("spec_speedup"), 1, ".3g")})
+                             "spec x": _fmt(m.get("spec_speedup"), 1, ".3g"),
+                             "spec +MB": _fmt(m.get("spec_memory_bytes"), 1e-6, ".3g")})  # SpecMemo: what it adds
     return rows
 
 
