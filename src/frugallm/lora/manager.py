@@ -138,7 +138,7 @@ class LoraManager:
         if tokens_per_row > 1:
             index = index.repeat_interleave(tokens_per_row)
         lo, hi = min(slot_of.values()), max(slot_of.values()) + 1
-        pool = next(iter(self.modules.values())).a_pools[0]
+        pool = next(iter(self.modules.values())).a_pool
         rows_with = (index != none).nonzero().flatten()
         mask = torch.zeros(index.numel(), hi - lo, dtype=pool.dtype)
         mask[rows_with, index[rows_with] - lo] = 1
