@@ -1,6 +1,7 @@
-"""SpecKV on the paged engine (``serve --kv speckv:...``, issue 14 #5 under batching): each prompt is computed in
-one pass of its own followed by the draft's lookahead tokens, whose queries vote; the kept slots are compacted and
-the evicted blocks return to the pool; the greedy tokens are the single-stream path's (static cache, same spec)."""
+"""SpecKV on the paged engine (``serve --kv speckv:...``, issue 14 #5 under batching): each prompt's last chunk is
+computed in a pass of its own followed by the draft's lookahead tokens, whose queries vote; the kept slots are
+compacted and the evicted blocks return to the pool; the greedy tokens are the single-stream path's (static cache,
+same spec) under whole-prompt passes, chunked prefill and prefix-cache sharing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from engine_runs import run_engine
 from frugallm import LLM, SamplingParams
+from frugallm.engine import model_runner
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.errors import InvalidRequestError
 from frugallm.kv import paged_policy, parse_kv_spec, speckv
@@ -36,7 +38,9 @@ def llm(paths: tuple[str, str], kv: str) -> LLM:
 def prompts(llm: LLM, n: int = 4, seed: int = 3) -> list[list[int]]:
     rng = random.Random(seed)
     v = llm.config.vocab_size
-    return [[rng.randrange(3, v) for _ in range(rng.randrange(40, 90))] for _ in range(n)]
+    shared = [rng.randrange(3, v) for _ in range(24)]  # odd prompts share a prefix (prefix-cache hits)
+    return [(shared if i % 2 else []) + [rng.randrange(3, v) for _ in range(rng.randrange(40, 90))]
+            for i in range(n)]
 
 
 def test_paged_speckv_equals_the_single_stream_path(llm: LLM, paths: tuple[str, str], monkeypatch) -> None:
@@ -46,12 +50,19 @@ def test_paged_speckv_equals_the_single_stream_path(llm: LLM, paths: tuple[str, 
     calls: list[int] = []
     real = speckv.draft_lookahead
     monkeypatch.setattr(speckv, "draft_lookahead", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    starts: list[int] = []  # the first position of each lookahead pass (> 0: a last chunk after earlier ones)
+    real_pass = model_runner.lookahead_pass
+    monkeypatch.setattr(model_runner, "lookahead_pass",
+                        lambda ev, m, ids, pos, *a, **k: starts.append(int(pos[0, 0])) or real_pass(ev, m, ids, pos,
+                                                                                                     *a, **k))
     for cfg in (EngineConfig(num_blocks=128, block_size=4),
-                EngineConfig(num_blocks=14, block_size=8, max_num_batched_tokens=96, max_num_seqs=3)):  # a tight pool
+                EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=24, max_num_seqs=4),  # chunked
+                EngineConfig(num_blocks=20, block_size=8, max_num_batched_tokens=96, max_num_seqs=3)):  # a tight pool
         engine = LLMEngine(llm, cfg)
         outs = run_engine(engine, prompts(llm), GREEDY)
         assert [o[0].token_ids for o in outs] == static
     assert calls and set(calls) == {6}  # every prompt pass ran the draft's lookahead
+    assert 0 in starts and any(st > 0 for st in starts)  # whole prompts, and last chunks (chunking, prefix hits)
 
 
 def test_evicted_blocks_return_to_the_pool(llm: LLM, kv: str) -> None:

@@ -65,8 +65,9 @@ class ModelRunner:
         self.cache.copy_blocks(out.copies)
         decodes = [i for i, n in enumerate(out.num_new) if n == 1]
         prefills = [i for i, n in enumerate(out.num_new) if n > 1]
-        # SpecKV: a prompt whose draft's lookahead tokens follow it in the pass runs alone (no other row has them).
-        alone = [i for i in prefills if getattr(out.seqs[i].kv_policy, "needs_draft", False)]
+        # SpecKV: a prompt's last chunk, followed by the draft's lookahead tokens, runs alone (no other row has them).
+        alone = [i for i in prefills if getattr(out.seqs[i].kv_policy, "needs_draft", False)
+                 and out.seqs[i].num_computed_tokens + out.num_new[i] >= out.seqs[i].num_prompt_tokens]
         prefills = [i for i in prefills if i not in alone]
         groups = ([decodes] if decodes else []) + [
             [prefills[j] for j in g] for g in group_prefills([out.num_new[i] for i in prefills])
@@ -115,9 +116,11 @@ class ModelRunner:
         if all_positions:
             last = "all"
         ids, pos, cache = ids.to(self.device), pos.to(self.device), self.cache
-        look = lookahead_pass(evict[0], self.model, ids, pos, cache) if len(seqs) == 1 and 0 in evict else None
-        if look is not None:  # SpecKV: the whole prompt (its policy reads every query), then the draft's tokens
-            assert starts[0] == 0, "a SpecKV prompt is computed in one pass from its first token"
+        look = None
+        if len(seqs) == 1 and 0 in evict:  # SpecKV: the prompt's last chunk, then the draft's lookahead tokens
+            s = seqs[0]
+            look = lookahead_pass(evict[0], self.model, ids, pos, cache, prompt=s.token_ids[:s.num_prompt_tokens])
+        if look is not None:
             ids, pos, cache = look
             t = ids.shape[1]
             last = "all" if all_positions else torch.tensor([num_new[0] - 1], device=self.device)

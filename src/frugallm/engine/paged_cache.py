@@ -201,9 +201,11 @@ class PagedKVCache(KVCache):
             if ev.needs_queries and q is None:
                 raise RuntimeError(f"{ev.name} needs the prompt's queries, but the attention passed none")
             # A lookahead pass (SpecKV, one row) hands queries past the bound tokens: the draft's, which vote too.
-            qr = (q[r:r + 1, :, :n] if q.shape[2] == self._shape[1] else q[r:r + 1]) if ev.needs_queries else None
+            look = 0 if q is None else q.shape[2] - self._shape[1]
+            qr = (q[r:r + 1, :, :n] if not look else q[r:r + 1]) if ev.needs_queries else None
             valid = torch.ones(1, end, dtype=torch.bool, device=keys.device)
-            ctx = PrefillContext(layer, num_layers, keys[r:r + 1, :, :end], values[r:r + 1, :, :end], qr, valid)
+            ctx = PrefillContext(layer, num_layers, keys[r:r + 1, :, :end], values[r:r + 1, :, :end], qr, valid,
+                                 lookahead=look)
             keep = ev.prefill_keep(end, layer, num_layers)
             idx = select_slots(ev.on_prefill(ctx), keep, valid)
             self.kept[r].append(idx[0])

@@ -116,6 +116,9 @@ class PrefillContext:
     queries: torch.Tensor | None
     valid: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Queries after the prompt's last one at the end of ``queries`` (SpecKV's lookahead on the paged engine, whose
+    # pass holds the prompt's last chunk only); None: ``queries`` holds the whole prompt's and then any extra ones.
+    lookahead: int | None = None
 
 
 @dataclass

@@ -182,16 +182,28 @@ def _pooled(scores: torch.Tensor, kernel: int) -> torch.Tensor:
 class _LookaheadPrefill(KVCache):
     """Wraps the target's cache for one prefill pass over ``prompt`` tokens followed by lookahead tokens: the
     wrapped cache stores (and its evictor compresses) the prompt's slots only, handed every query (prompt and
-    lookahead) so that the lookahead's queries can vote; attention in this pass sees everything, causally."""
+    lookahead) so that the lookahead's queries can vote; attention in this pass sees everything, causally.
 
-    def __init__(self, inner: KVCache, prompt: int, pad_lens: list[int] | None) -> None:
-        self.inner, self.prompt = inner, prompt
+    ``extend``: the pass is a prompt's last chunk on a cache that returns every slot the row attends over (the
+    paged engine's, one row): the lookahead's keys/values go after those. Otherwise the pass holds whole prompts
+    and attends over its own keys/values (a compressing cache returns only what it kept)."""
+
+    def __init__(self, inner: KVCache, prompt: int, pad_lens: list[int] | None, extend: bool = False) -> None:
+        self.inner, self.prompt, self.extend = inner, prompt, extend
         self.pad = pad_lens if pad_lens and any(pad_lens) else None
 
     def update(self, layer, k, v, *, q=None, x=None, positions=None):  # noqa: ANN001, ANN201
         p = self.prompt
-        self.inner.update(layer, k[:, :, :p], v[:, :, :p], q=q, x=None if x is None else x[:, :p],
-                          positions=None if positions is None else positions[:, :p])
+        keys, values, _ = self.inner.update(layer, k[:, :, :p], v[:, :, :p], q=q, x=None if x is None else x[:, :p],
+                                            positions=None if positions is None else positions[:, :p])
+        if self.extend and keys.shape[2] > p:  # earlier chunks' slots first: causal with their offset
+            assert self.pad is None and k.shape[0] == 1, "a paged lookahead pass holds one unpadded row"
+            keys = torch.cat([keys, k[:, :, p:].to(keys.dtype)], 2)
+            values = torch.cat([values, v[:, :, p:].to(values.dtype)], 2)
+            n, t = keys.shape[2], k.shape[2]
+            visible = torch.arange(n, device=k.device)[None, :] <= torch.arange(n - t, n, device=k.device)[:, None]
+            mask = torch.zeros(visible.shape, device=k.device).masked_fill_(~visible, float("-inf"))
+            return keys, values, mask[None, None]
         mask = None
         if self.pad is not None:  # causal, never a padding slot (a padded query row sees itself)
             n = k.shape[2]
@@ -215,27 +227,34 @@ class _LookaheadPrefill(KVCache):
 
 def lookahead_pass(
     ev: Any, target: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-    pad_lens: list[int] | None = None,
+    pad_lens: list[int] | None = None, prompt: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, KVCache] | None:
-    """The inputs of SpecKV's prefill pass for prompts ``ids [B, T]`` at ``positions [B, T]`` (whole prompts,
-    from their first token; left padded by ``pad_lens``): ``(ids [B, T + L], positions [B, T + L], cache)``,
-    the draft's ``L`` lookahead tokens after the prompt and ``cache`` wrapped so that it stores the prompt's
-    keys/values only and hands its evictor every query; None when evictor ``ev`` has no lookahead. Take the
-    logits of position ``T - 1``. The static cache (:func:`prefill_with_lookahead`) and the paged engine's runner
-    (one row per pass) both run it."""
+    """The inputs of SpecKV's prefill pass over ``ids [B, T]`` at ``positions [B, T]``, which end the prompts:
+    ``(ids [B, T + L], positions [B, T + L], cache)``, the draft's ``L`` lookahead tokens after the prompt and
+    ``cache`` wrapped so that it stores the prompt's keys/values only and hands its evictor every query; None when
+    evictor ``ev`` has no lookahead. Take the logits of position ``T - 1``.
+
+    Whole prompts (left padded by ``pad_lens``): the static cache (:func:`prefill_with_lookahead`). ``prompt``:
+    the pass is the last chunk of this one prompt (``B == 1``) on the paged engine, whose cache returns every slot
+    of the row; the draft reads the whole ``prompt``."""
     look = getattr(ev, "lookahead", 0) if getattr(ev, "needs_draft", False) else 0
     # The lookahead must fit the target's positions (a prompt at the context's end gets a shorter one).
     look = max(0, min(look, target.config.max_position_embeddings - int(positions.max()) - 1))
     if not look:
         return None
     draft, kv_dtype = draft_for(target, ev)
-    tokens, _ = draft_lookahead(draft, kv_dtype, ids, positions, pad_lens, look, target.config.vocab_size)
+    if prompt is None:
+        tokens, _ = draft_lookahead(draft, kv_dtype, ids, positions, pad_lens, look, target.config.vocab_size)
+    else:
+        whole = torch.tensor([prompt], device=ids.device)
+        tokens, _ = draft_lookahead(draft, kv_dtype, whole, torch.arange(len(prompt), device=ids.device)[None],
+                                    None, look, target.config.vocab_size)
     tokens = tokens.to(ids.device)
     steps = torch.arange(1, look + 1, device=ids.device)[None]
     all_ids = torch.cat([ids, tokens], 1)
     all_pos = torch.cat([positions, positions[:, -1:] + steps], 1)
     target.rope_tables(ids.device, int(all_pos.max()) + 1)
-    return all_ids, all_pos, _LookaheadPrefill(cache, ids.shape[1], pad_lens)
+    return all_ids, all_pos, _LookaheadPrefill(cache, ids.shape[1], pad_lens, extend=prompt is not None)
 
 
 @torch.inference_mode()
@@ -280,8 +299,8 @@ class SpecKV(Evictor):
     needs_queries: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = True
     needs_draft: ClassVar[bool] = True
-    # On the paged engine: every prompt query is read (prefill_queries), so a prompt is computed in one pass from
-    # its first token, alone with its lookahead (engine/model_runner.py), then compacted as SnapKV's.
+    # On the paged engine a prompt's last chunk (at least its last `window` tokens) runs alone with the lookahead
+    # (engine/model_runner.py); the kept slots are compacted as SnapKV's.
     pages: ClassVar[bool] = True
     budget: float = 0.25
     lookahead: int = 16
@@ -295,12 +314,16 @@ class SpecKV(Evictor):
     def prefill_keep(self, n_tokens: int, layer: int, num_layers: int) -> int:
         return windowed_keep(n_tokens, self.budget, self.window)
 
+    def prefill_queries(self, n_tokens: int) -> int:
+        return min(self.window, n_tokens)
+
     def on_prefill(self, ctx: PrefillContext) -> torch.Tensor:
-        """``ctx.queries [b, heads, T + L, d]``: the prompt's and then the ``L`` lookahead tokens' queries (the
-        static cache passes all of them; ``L`` is 0 without a lookahead, and this is SnapKV's vote)."""
+        """``ctx.queries [b, heads, Q + L, d]``: the prompt's last ``Q`` queries (the static cache passes all ``T``;
+        the paged engine its last chunk's, ``Q >= window``) and then the ``L`` lookahead tokens' (``ctx.lookahead``,
+        else ``Q + L - T``; ``L`` is 0 without a lookahead, and this is SnapKV's vote)."""
         t = ctx.keys.shape[2]
         qn = ctx.queries.shape[2]
-        extra = max(0, qn - t)
+        extra = ctx.lookahead if ctx.lookahead is not None else max(0, qn - t)
         w = min(self.window, t)
         obs = ctx.queries[:, :, qn - extra - w:]  # the last w prompt queries, then the lookahead's
         votes = attention_scores(obs, ctx.keys, ctx.valid, q_offset=t - w)  # [b, h, T]
