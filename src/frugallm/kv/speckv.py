@@ -11,8 +11,9 @@ such as SnapKV rank the prompt by the attention of its *last* tokens; these rank
   lookahead tokens vote over the prompt's keys (summed, max-pooled with ``kernel``), the top ``budget`` per KV
   head stay in the cache and the rest leave storage, exactly as SnapKV's do. The lookahead tokens' own
   keys/values are never stored and decoding starts right after the prompt, with the logits of its last token.
-  Under continuous batching (``serve --kv speckv:...``) the engine's runner computes each prompt in one pass of
-  its own with the lookahead (:func:`lookahead_pass`) and compacts the kept slots into fewer blocks.
+  Under continuous batching (``serve --kv speckv:...``) the engine's runner computes each prompt's last chunk (at
+  least its last ``window`` tokens) in a pass of its own with the lookahead (:func:`lookahead_pass`), and the
+  kept slots are compacted into fewer blocks.
 * ``specpc`` (a prompt selector, like GemFilter): the draft's own attention, from its last ``window`` prompt
   queries and its lookahead queries, summed over all its layers and heads, max-pooled with ``kernel``, picks
   ``budget`` of the prompt tokens (the last ``window`` always kept); the target then prefills only those, so
