@@ -99,12 +99,13 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
-def load_llm(args: argparse.Namespace) -> Any:
+def load_llm(args: argparse.Namespace, **techniques: Any) -> Any:
+    """The ``LLM`` of a command's arguments; ``techniques``: ``LLM`` keywords a command sets itself."""
     from frugallm import LLM
 
     # Only commands that registered add_technique_args hand them to LLM (serve applies its own).
     names = ("quant", "kv", "calib", "compile", "spec") if getattr(args, "_techniques", False) else ()
-    techniques = {k: getattr(args, k) for k in names}
+    techniques = {**{k: getattr(args, k) for k in names}, **techniques}
 
     return LLM(
         args.model,
