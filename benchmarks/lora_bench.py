@@ -4,7 +4,8 @@ Adapters are random rank-``--rank`` PEFT folders (``adapter_config.json`` + ``ad
 ``--targets`` projections, written under a temp dir. In one run, on one loaded model:
 
 * ``base c8``: 8 requests, no adapter, decoded together (continuous batching);
-* ``8 adapters c8``: the same 8 requests, each with its own adapter, decoded together (one BGMV per projection);
+* ``8 adapters c8``: the same 8 requests, each with its own adapter, decoded together (one BGMV per projection:
+  the native ``lora_bgmv`` kernel on CPU, or with ``--lora-path torch`` the masked two-GEMM torch path CUDA runs);
 * ``8 adapters serial``: the same 8 requests one after another (batch 1 each, how engines that do not batch
   across adapters run them).
 
@@ -14,6 +15,9 @@ in batches of 8 distinct ones, cycling so most requests evict: every request's g
 adapter's tokens computed alone (its prompt, a fresh single-slot run), and the slots stay at 8.
 
     .venv/bin/python benchmarks/lora_bench.py [--runs 3] [--gen-len 64] [--rank 16] [--targets all|attn|qv]
+        [--lora-path native|torch] [--registered 100]
+
+Issue 18's target is ``8 adapters c8 / base c8 >= 0.8x``; ``--registered 0`` skips the (slow) LRU check.
 """
 
 from __future__ import annotations
@@ -119,11 +123,17 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", choices=sorted(TARGETS), default="all")
     ap.add_argument("--registered", type=int, default=100)
+    ap.add_argument("--lora-path", choices=["native", "torch"], default="native",
+                    help="the adapters' product: the native kernel (where it builds) or the torch path")
     args = ap.parse_args()
 
     from frugallm import LLM, cpu
+    from frugallm.lora import punica
 
+    if args.lora_path == "torch":
+        punica.native_pools = lambda device, dtype: False  # LoraLinear picks its layout (and path) from this
     llm = LLM(args.model, max_loras=8, max_lora_rank=args.rank)
+    path = "native lora_bgmv" if next(iter(llm.lora.modules.values())).native else "torch (masked GEMMs)"
     cfg = llm.config
     root = Path(tempfile.mkdtemp(prefix="lora_bench_"))
     names = [f"a{i}" for i in range(8)]
@@ -141,7 +151,7 @@ def main() -> None:
     print(f"cpu: {cpu.model_name()}  threads: {torch.get_num_threads()}  loadavg: {os.getloadavg()}")
     print(f"model: {args.model} ({llm.weights}, decode {llm.model.decode_dtype or llm.dtype}); adapters: rank "
           f"{args.rank} on {args.targets} ({','.join(TARGETS[args.targets])}); gen_len {args.gen_len}; "
-          f"runs {args.runs}")
+          f"runs {args.runs}; LoRA path: {path} (ISA {cpu.level()})")
     print("| run | decode tok/s (median) | runs |\n|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |")

@@ -14,7 +14,8 @@
 // B is stored in column tiles, b_tiles [S, T, r, 64]: part p's columns [64 j, 64 j + 64) of slot s are the tile
 // b_tiles[s, tile0_p + j] ([r, 64], k-major; past n_p zero), tile0_p = sum over earlier parts of ceil(n_q / 64).
 // The expand then reads each slot's B as one sequential stream (k-major rows of [S*r, out] are r strided streams
-// of 128 bytes per pass, which the hardware prefetcher follows poorly: 1.3-1.5x slower over SmolLM2's pools).
+// of 128 bytes per pass, which the hardware prefetcher follows poorly: 1.4x slower over SmolLM2's pools, best of
+// interleaved runs on a loaded 2-core machine).
 //
 // Why a kernel: the torch path multiplies every row by every slot in range (two GEMMs and a mask, five ops per
 // part): with 8 rows on 8 adapters that is 8x the FLOPs, and at decode sizes CPU GEMMs in bf16 cost ~170 us each.
@@ -103,14 +104,6 @@ inline float vsum(vf v) {
 }
 #endif
 
-// Software prefetch kPrefetch bytes ahead of p: every factor is read once per step, from DRAM (8 rows x 8 adapters
-// of rank 16 on SmolLM2: 78 MB), and the hardware prefetcher alone follows the strided rows of B poorly.
-constexpr int kPrefetch = 1024;
-template <typename T>
-inline void prefetch(const T* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
-}
-
 inline float sload(const float* p) { return *p; }
 inline float sload(const bf16* p) { return frugallm::bf16_to_float(p->x); }
 inline void sstore(float* p, float v) { *p = v; }
@@ -125,7 +118,6 @@ void shrink(const TW* a, const float* x, int64_t in, int64_t rank, float* t) {
     vf s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
     int64_t i = 0;
     for (; i + W <= in; i += W) {
-      prefetch(a0 + i), prefetch(a1 + i), prefetch(a2 + i), prefetch(a3 + i);
       const vf xv = vload(x + i);
       s0 = vfma(vload(a0 + i), xv, s0);
       s1 = vfma(vload(a1 + i), xv, s1);
@@ -174,7 +166,6 @@ void expand(const TW* tiles, int64_t r, const float* t, int64_t rank, TY* y, int
 #pragma GCC unroll 8
       for (int64_t j = 0; j < V; ++j) c[j] = start(o + j * W);
       for (int64_t k = 0; k < rank; ++k) {
-        prefetch(tile + k * kTile);
         const vf tk = vset(t[k]);
 #pragma GCC unroll 8
         for (int64_t j = 0; j < V; ++j) c[j] = vfma(vload(tile + k * kTile + j * W), tk, c[j]);
