@@ -26,6 +26,11 @@ anything is allocated), so ``--kv-memory-gb`` bounds them too:
   (``SpecStats.memory_gated_steps``). Speculation never makes the engine preempt a sequence or run out of memory.
 
 ``gauges()`` (in the engine's ``/metrics``) report the blocks held and the bytes speculation adds.
+
+The budget is one, the storage is not (yet): the reserved blocks sit unused in the pool's preallocated tensors
+while the solo caches are tensors of their own, so the process holds the pool plus those caches. Backing the caches
+by the reserved blocks' memory needs the solo loop (``SoloRunner._run``, the proposer's ``begin``) to build them
+from given storage.
 """
 
 from __future__ import annotations
