@@ -1,4 +1,9 @@
-"""The public entry point: ``LLM`` loads a model and generates, streams, chats and scores."""
+"""The public entry point: ``LLM`` loads a model and generates, streams, chats and scores.
+
+A thin front: the load-time choices are plain functions in ``model_setup.py``; several prompts run on the paged
+engine (``llm_engine.py``), one prompt (or a KV policy the engine does not page) on ``SoloRunner`` (``solo.py``),
+``LLM``'s base class, which also holds speculative decoding.
+"""
 
 from __future__ import annotations
 
