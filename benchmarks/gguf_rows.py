@@ -1,0 +1,158 @@
+"""How the cost of a GGUF-as-stored forward grows with its rows (issue 14's verify pass, batched serving).
+
+``kernel``: per format, ``torch.ops.frugallm.gguf_linear`` on r input rows against a random weight of raw blocks,
+median µs and time(r) / time(1), beside dequantize-then-GEMM (``gguf_dequantize`` + ``F.linear``, the path above
+``kernels.NATIVE_QUANT_MAX_ROWS`` rows) and its ratio to the kernel (< 1: the GEMM path is faster at that r).
+Run it once per ISA level: ``FRUGALLM_ISA=avx2`` forces the AVX2 build on an AVX-512 machine.
+
+``model``: a whole-model target pass of r rows after a prompt (as ``spec_bench.py``'s ``verify`` section), median
+ms and its ratio to one decode step, and where the time goes (torch.profiler, self CPU time): the GGUF kernels
+(``frugallm::gguf_linear``), dequantize-then-GEMM (``frugallm::gguf_dequantize`` + GEMMs) and everything else.
+
+    .venv/bin/python benchmarks/gguf_rows.py kernel [--shape 1536x1536 8960x1536] [--threads 1 2]
+        [--rows 1 2 4 5 8 9 16 32] [--types Q4_K Q6_K Q8_0] [--dtype float32 bfloat16]
+    FRUGALLM_ISA=avx2 .venv/bin/python benchmarks/gguf_rows.py kernel
+    .venv/bin/python benchmarks/gguf_rows.py model [--model qwen2.5-coder-1.5b] [--threads 2] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+
+from frugallm import cpu, native
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
+from gguf_blocks import random_blocks  # noqa: E402  (shared with the kernel tests)
+
+
+def median_us(fns: dict[str, object], reps: int) -> dict[str, float]:
+    """Median µs of each callable, interleaved rep by rep (load on the machine hits them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
+def dequantize_then_gemm(x: torch.Tensor, raw: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """What GGUFLinear runs above the row cap: the weight dequantized in x's dtype, then one GEMM."""
+    return F.linear(x, torch.ops.frugallm.gguf_dequantize(raw, qtype, k, x.dtype))
+
+
+def header(threads: int) -> str:
+    fl = cpu.flags()
+    simd = " ".join(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni") if f in fl)
+    return (f"CPU: {cpu.model_name()} ({simd}); ISA level {cpu.level()}; threads {threads}; "
+            f"torch {torch.__version__}")
+
+
+@torch.no_grad()
+def kernel_sweep(args: argparse.Namespace) -> None:
+    assert native.usable("gguf_linear"), "native gguf_linear kernel unavailable on this machine"
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(header(threads))
+        print(f"{'type':<6}{'shape':>12}{'x':>9}{'rows':>5}{'µs':>10}{'x r=1':>7}{'deq+mm µs':>11}{'deq/kern':>9}")
+        for shape in args.shape:
+            n, k = (int(v) for v in shape.lower().split("x"))
+            for name in args.types:
+                qtype = int(T[name])
+                raw = torch.from_numpy(random_blocks(T[name], n, k))
+                for dname in args.dtype:
+                    dtype = getattr(torch, dname)
+                    base = None
+                    for rows in args.rows:
+                        x = torch.randn(rows, k).to(dtype)
+                        fns = {"kern": partial(torch.ops.frugallm.gguf_linear, x, raw, qtype, n, None),
+                               "deq": partial(dequantize_then_gemm, x, raw, qtype, k)}
+                        us = median_us(fns, args.reps)
+                        base = base or us["kern"]
+                        print(f"{name:<6}{shape:>12}{dname:>9}{rows:>5}{us['kern']:>10.1f}{us['kern'] / base:>7.2f}"
+                              f"{us['deq']:>11.1f}{us['deq'] / us['kern']:>9.2f}", flush=True)
+
+
+@torch.inference_mode()
+def model_sweep(args: argparse.Namespace) -> None:
+    from frugallm import LLM
+
+    torch.set_num_threads(args.threads[0])
+    print(header(args.threads[0]))
+    llm = LLM(args.model)
+    ids = llm.tokenizer.encode("def add(a, b):\n    return a + b\n\n# a test for it\n" * 8)
+    n = len(ids)
+    cache = llm.make_cache(1, n + max(args.rows) + 8)
+    llm.model(torch.tensor([ids]), torch.arange(n)[None], cache, "last")
+    base = None
+    print(f"{'rows':>4}{'ms':>9}{'x r=1':>7}   share of self CPU time (profiled pass)")
+    for r in args.rows:
+        x, pos = torch.tensor([ids[-r:]]), torch.arange(n, n + r)[None]
+        logits = "all" if r > 1 else "last"
+        times = []
+        for _ in range(args.reps):
+            cache.truncate(n)
+            if r == 1:  # a one-row step after a multi-row pass rebuilds the decode plan: warm it
+                llm.model(x, pos, cache, logits)
+                cache.truncate(n)
+            t0 = time.perf_counter()
+            llm.model(x, pos, cache, logits)
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        base = base or t
+        line = f"{r:>4}{t * 1e3:>9.1f}{t / base:>7.2f}"
+        if args.profile:
+            cache.truncate(n)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                llm.model(x, pos, cache, logits)
+            groups: dict[str, float] = defaultdict(float)
+            others: dict[str, float] = defaultdict(float)
+            for ev in prof.key_averages():
+                key = ("gguf kernel" if ev.key == "frugallm::gguf_linear" else
+                       "gguf dequantize" if ev.key == "frugallm::gguf_dequantize" else
+                       "GEMM" if ev.key in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm")
+                       else "other")
+                groups[key] += ev.self_cpu_time_total
+                if key == "other":
+                    others[ev.key] += ev.self_cpu_time_total
+            total = sum(groups.values()) or 1.0
+            line += "   " + "  ".join(f"{g} {v / total:.0%}" for g, v in sorted(groups.items(), key=lambda kv: -kv[1]))
+            top = sorted(others.items(), key=lambda kv: -kv[1])[:4]
+            line += "   (other: " + ", ".join(f"{name} {v / total:.0%}" for name, v in top) + ")"
+        cache.truncate(n)
+        print(line, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["kernel", "model"])
+    ap.add_argument("--shape", nargs="*", default=["1536x1536", "8960x1536"], help="N x K (out x in features)")
+    ap.add_argument("--types", nargs="*", default=["Q4_K", "Q6_K", "Q8_0", "Q4_0"])
+    ap.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], help="activation dtypes (kernel)")
+    ap.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 5, 8, 9, 16, 32])
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b", help="model of the `model` sweep")
+    ap.add_argument("--profile", action="store_true", help="model: split each pass's time by op (torch.profiler)")
+    args = ap.parse_args()
+    if args.what == "kernel":
+        kernel_sweep(args)
+    else:
+        args.reps = min(args.reps, 7)
+        model_sweep(args)
+
+
+if __name__ == "__main__":
+    main()
