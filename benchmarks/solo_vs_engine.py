@@ -3,7 +3,8 @@
 The question behind it (issue 15): can single-prompt ``LLM.generate`` run through the engine's one loop without
 losing speed? One model, loaded once; each round generates the same greedy prompt through both loops in turn
 (order alternating), so machine noise hits both alike. Prints median TTFT and decode tok/s (1 / TPOT) per loop,
-the engine/solo ratio, and whether both loops produced the same tokens.
+the engine/solo ratio and the engine's extra time per decode step, and whether both loops produced the same tokens.
+A tiny model (``--model DIR`` of ``tests/fixtures/tiny_models.make_hf_model``) shows the loops' per-step cost.
 
     .venv/bin/python benchmarks/solo_vs_engine.py [--model default] [--dtype auto] [--rounds 7] [--gen 128]
 """
@@ -59,7 +60,9 @@ def main() -> int:
     for name in runners:
         print(f"| {name} | {1000 * statistics.median(ttft[name]):.1f} | {statistics.median(tok_s[name]):.1f} |")
     ratio = statistics.median(tok_s["engine"]) / statistics.median(tok_s["solo"])
-    print(f"engine / solo decode: {ratio:.3f}x | same tokens: {tokens['solo'] == tokens['engine']}")
+    extra_ms = 1000 * (1 / statistics.median(tok_s["engine"]) - 1 / statistics.median(tok_s["solo"]))
+    print(f"engine / solo decode: {ratio:.3f}x ({extra_ms:+.2f} ms per decode step) | "
+          f"same tokens: {tokens['solo'] == tokens['engine']}")
     return 0
 
 
