@@ -118,11 +118,12 @@ def test_kernel_rejects_bad_operands() -> None:
         bgmv_native(y.half(), x, a, b, index, ranks, [8, 8])
 
 
-def _linear(parts: list[int], n_in: int, slots: int, rank: int, dtype: torch.dtype, bias: bool, seed: int):
+def _linear(parts: list[int], n_in: int, slots: int, rank: int, dtype: torch.dtype, bias: bool, seed: int,
+            device: str = "cpu"):
     """A ``LoraLinear`` over a random ``nn.Linear`` with adapters of mixed ranks and parts (slot 1 is DoRA)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the base's init
-    base = torch.nn.Linear(n_in, sum(parts), bias=bias).requires_grad_(False).to(dtype)
+    base = torch.nn.Linear(n_in, sum(parts), bias=bias).requires_grad_(False).to(dtype).to(device)
     lin = LoraLinear(base, n_in, parts, slots, rank, dtype, LoraContext())
     for s in range(slots - 1):  # the last slot stays empty
         factors = {}
@@ -180,6 +181,21 @@ def test_clear_zeroes_a_slot() -> None:
         torch.testing.assert_close(lin(x), lin.base(x), atol=0, rtol=0)
     assert int(lin.ranks[1].abs().sum()) == 0 and not lin.b_pool[1].any() and not lin.a_pool[:, 4:8].any()
     assert lin.b_pool[0].any() and lin.ranks[0].all()  # the other slots keep their factors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the torch path runs there)")
+def test_cuda_torch_path_equals_cpu_kernel() -> None:
+    lin = _linear([24, 70, 8], 32, 4, 8, torch.float32, True, seed=5)
+    ref = _linear([24, 70, 8], 32, 4, 8, torch.float32, True, seed=5, device="cuda")
+    assert lin.native and not ref.native
+    index = torch.tensor([0, 1, 2, 4, 1, 3, 0])
+    mask = torch.zeros(len(index), 4)
+    mask[torch.arange(len(index))[index < 4], index[index < 4]] = 1
+    lin.ctx.batch = LoraBatch(mask, index, 0, 4, dora=True)
+    ref.ctx.batch = LoraBatch(mask.cuda(), index.cuda(), 0, 4, dora=True)
+    x = torch.randn(7, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(ref(x.cuda()).cpu(), lin(x), atol=1e-4, rtol=1e-4)
 
 
 LOWER = [lvl for lvl in cpu.LEVELS[1:] if cpu.LEVELS.index(lvl) <= cpu.LEVELS.index(cpu.hardware_level())

@@ -2,7 +2,7 @@
 
 - ``config.py``: ``AdapterConfig``, ``adapter_config.json`` validated (unsupported PEFT variants named).
 - ``adapter.py``: ``LoraAdapter``, the safetensors factors mapped onto frugallm's fused projections and checked.
-- ``punica.py``: ``bgmv``, one step's rows x their own adapters as two GEMMs over stacked slots (``LoraBatch``).
+- ``punica.py``: one step's rows x their own adapters (``LoraBatch``): the native BGMV kernel, or two masked GEMMs.
 - ``layer.py``: ``LoraLinear``, a base linear (any kind, never merged) with adapter slots; DoRA's row scales.
 - ``manager.py``: ``LoraManager``, registered adapters, the LRU slots (``max_loras``) and per-forward binding.
 """

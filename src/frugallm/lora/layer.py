@@ -77,14 +77,15 @@ class LoraLinear(nn.Module):
             weight = base_weight(self.base)
         rows = slice(slot * self.rank, (slot + 1) * self.rank)
         for j, w in sorted(factors.items()):
-            r, b = w.a.shape[0], w.b
+            dev = self.a_pool.device  # adapters are read on the CPU; DoRA's norm runs beside the base weight
+            r, a, b = w.a.shape[0], w.a.to(dev), w.b.to(dev)
             cols = slice(self.offsets[j], self.offsets[j] + self.parts[j])
             if w.magnitude is not None:
-                g = w.magnitude / torch.linalg.norm(weight[cols] + w.b @ w.a, dim=1)
+                g = w.magnitude.to(dev) / torch.linalg.norm(weight[cols].to(dev) + b @ a, dim=1)
                 assert self.dora_scale is not None
                 self.dora_scale[slot, cols] = g
                 b = b * g[:, None]
-            self.a_pool[j, rows.start : rows.start + r] = w.a
+            self.a_pool[j, rows.start : rows.start + r] = a
             if self.native:
                 self.b_pool[slot, self.tile0[j] : self.tile0[j + 1]] = punica.tile_b(b, self.rank)
             else:
