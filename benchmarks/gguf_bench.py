@@ -9,6 +9,11 @@ bandwidth) and, with ``--ppl``, perplexity on the built-in corpus scored on the 
     python benchmarks/gguf_bench.py --make-synthetic /tmp/llama3-8b-q4k.gguf   # 8B Llama-3 shapes, Q4_K
     python benchmarks/gguf_bench.py --models /tmp/llama3-8b-q4k.gguf --rounds 2 --gen 16
     FRUGALLM_ISA=avx2 python benchmarks/gguf_bench.py ...   # frugallm's AVX2 kernels on an AVX-512 machine
+    python benchmarks/gguf_bench.py --engines frugallm,frugallm-q8,llama.cpp --ppl   # + int8 activations
+
+Engine ``frugallm-q8`` is frugallm with its GGUF linears quantizing decode's activations to int8 per 32 values
+(``weights="stored-q8"``, ``csrc/gguf_q8.cpp``: llama.cpp's arithmetic, not exact); prefill stays exact (bf16 /
+fp32 dequantize-then-GEMM). Its perplexity runs every position through the int8 kernel, as llama.cpp's does.
 
 The synthetic model has Llama-3-8B's shapes (32 layers, hidden 4096, 32/8 heads, FFN 14336) with random Q4_K
 blocks (Q6_K head) and Qwen2.5's tokenizer (vocabulary 151,936 instead of 128,256: 8.2B parameters); its
@@ -66,10 +71,18 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from frugallm.lab.peers import make_runner
+    from frugallm.quant.gguf_linear import set_act_quant
 
     out: dict = {"model": args.model, "engine": args.engine}
+    q8 = args.engine == "frugallm-q8"
     t0 = time.perf_counter()
-    runner = make_runner(args.engine, args.model, threads=args.threads, n_ctx=PROMPT_TOKENS + args.gen + 64)
+    runner = make_runner("frugallm" if q8 else args.engine, args.model, threads=args.threads,
+                         n_ctx=PROMPT_TOKENS + args.gen + 64)
+    if q8:  # what LLM(weights="stored-q8") builds, once the engine passes that mode through
+        llm = runner.llm  # type: ignore[attr-defined]
+        if llm.weights != "stored":
+            raise SystemExit(f"{args.model}: frugallm-q8 needs a GGUF run as stored, got weights={llm.weights}")
+        set_act_quant(llm.model, "q8")
     out["load_s"] = time.perf_counter() - t0
     ids = _ids(runner.tokenizer, PROMPT_TOKENS)
     first = runner.generate([ids], args.gen).requests[0]  # the 512-token prompt, then generated tokens
@@ -82,16 +95,18 @@ def worker(args: argparse.Namespace) -> dict:
             tps.append(1 / r.tpot_s)
     out["prefill_tok_s"] = PROMPT_TOKENS / statistics.median(ttfts)
     out["decode_tok_s"] = statistics.median(tps)
-    if args.engine == "frugallm":
+    if args.engine.startswith("frugallm"):
         info = runner.llm.loaded.source_info  # type: ignore[attr-defined]
-        out["weights"] = info.get("weights", runner.dtype)
+        out["weights"] = "stored-q8" if q8 else info.get("weights", runner.dtype)
         out["isa"] = __import__("frugallm.cpu", fromlist=["level"]).level()
     if args.ppl:
         from frugallm.corpus import builtin_corpus
         from frugallm.lab.quality import corpus_windows, perplexity, window_logprobs
 
         wins = corpus_windows(runner.tokenizer, builtin_corpus(), args.ppl_windows, args.ppl_len)
-        if args.engine == "frugallm":
+        if args.engine.startswith("frugallm"):
+            if q8:  # every position through the int8 kernel, not only decode's few rows
+                set_act_quant(runner.llm.model, "q8", max_rows=1 << 20)  # type: ignore[attr-defined]
             ppl, _, count = perplexity(window_logprobs(runner.score, wins), wins)
         else:
             import llama_cpp

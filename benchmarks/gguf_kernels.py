@@ -6,12 +6,17 @@ input rows; the table gives the median of ``--reps`` calls (after a warm-up), th
 dequantize-then-matmul (``gguf_dequantize`` + ``F.linear``, what prefill does). CPU, threads and the ISA level the
 kernel was built for (``frugallm.cpu.level()``, capped by ``FRUGALLM_ISA``) head the table.
 
+``--q8`` also times ``torch.ops.frugallm.gguf_linear_q8`` (``csrc/gguf_q8.cpp``: activations quantized to int8
+per 32 values, llama.cpp's arithmetic, ``weights="stored-q8"``) interleaved with the exact kernel, for the formats it
+runs: its µs, its weight bandwidth and its speedup over the exact kernel.
+
 ``--compare-src FILE`` also builds another version of ``csrc/gguf_linear.cpp`` (say ``git show
 HEAD~1:src/frugallm/csrc/gguf_linear.cpp > /tmp/old.cpp``) under its own op namespace with the same flags and
 times it in the same process, interleaved with the current kernel: a before/after on one noisy machine.
 
     .venv/bin/python benchmarks/gguf_kernels.py [--shape 1536x1536] [--rows 1] [--threads 1] [--reps 200]
-        [--types Q4_K Q6_K] [--compare-src /tmp/old.cpp]
+        [--types Q4_K Q6_K] [--compare-src /tmp/old.cpp] [--q8]
+    .venv/bin/python benchmarks/gguf_kernels.py --shape 1536x8960 --rows 1 4 --threads 1 --types Q4_K Q6_K --q8
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from gguf import GGMLQuantizationType as T
 
 from frugallm import cpu, native
 from frugallm.paths import cache_dir
+from frugallm.quant.gguf_linear import Q8_TYPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
 from gguf_blocks import F16_FIELDS, random_blocks  # noqa: E402  (shared with the kernel tests)
@@ -80,19 +86,26 @@ def main() -> None:
     ap.add_argument("--types", nargs="*", default=[t.name for t in F16_FIELDS])
     ap.add_argument("--compare-src", type=Path, help="another gguf_linear.cpp to time alongside (before/after)")
     ap.add_argument("--no-torch", action="store_true", help="skip the F.linear and dequantize+matmul columns")
+    ap.add_argument("--q8", action="store_true", help="also time the int8-activation kernel (gguf_linear_q8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     assert native.usable("gguf_linear"), "native gguf_linear kernel unavailable on this machine"
     cmp_ops = build_compare(args.compare_src) if args.compare_src else None
+    q8 = args.q8 and native.usable("gguf_q8")
+    if args.q8 and not q8:
+        print("gguf_q8 kernel unavailable on this machine: no q8 columns", file=sys.stderr)
     n, k = (int(v) for v in args.shape.lower().split("x"))
     dtype = getattr(torch, args.dtype)
     fl = cpu.flags()
     simd = " ".join(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni") if f in fl)
     print(f"CPU: {cpu.model_name()} ({simd}); ISA level {cpu.level()}; threads {torch.get_num_threads()}; "
-          f"x {args.dtype}; torch {torch.__version__}; reps {args.reps}")
+          f"x {args.dtype}; torch {torch.__version__}; reps {args.reps}"
+          + (f"; q8 dot product {torch.ops.frugallm.gguf_q8_isa()}" if q8 else ""))
     head = f"{'type':<6}{'shape':>12}{'rows':>5}{'µs':>9}{'GB/s':>7}"
     if cmp_ops is not None:
         head += f"{'cmp µs':>9}{'speedup':>8}"
+    if q8:
+        head += f"{'q8 µs':>9}{'q8 GB/s':>8}{'x exact':>8}"
     if not args.no_torch:
         head += f"{'F.linear µs':>12}{'x':>6}{'deq+mm µs':>11}{'x':>6}"
     print(head)
@@ -106,6 +119,8 @@ def main() -> None:
             fns = {"gguf": lambda x=x, raw=raw, q=q: torch.ops.frugallm.gguf_linear(x, raw, q, n, None)}
             if cmp_ops is not None:
                 fns["cmp"] = lambda x=x, raw=raw, q=q: cmp_ops.gguf_linear(x, raw, q, n, None)
+            if q8 and qtype in Q8_TYPES:
+                fns["q8"] = lambda x=x, raw=raw, q=q: torch.ops.frugallm.gguf_linear_q8(x, raw, q, n, None)
             if not args.no_torch:
                 wx = w.to(dtype)
                 fns["dense"] = lambda x=x, wx=wx: F.linear(x, wx)
@@ -115,6 +130,9 @@ def main() -> None:
             line = f"{name:<6}{f'{n}x{k}':>12}{rows:>5}{us['gguf']:>9.1f}{raw.numel() / us['gguf'] / 1e3:>7.2f}"
             if cmp_ops is not None:
                 line += f"{us['cmp']:>9.1f}{us['cmp'] / us['gguf']:>8.2f}"
+            if q8:
+                line += (f"{us['q8']:>9.1f}{raw.numel() / us['q8'] / 1e3:>8.2f}{us['gguf'] / us['q8']:>8.2f}"
+                         if "q8" in us else f"{'-':>9}{'-':>8}{'-':>8}")
             if not args.no_torch:
                 line += f"{us['dense']:>12.1f}{us['dense'] / us['gguf']:>6.2f}{us['deq']:>11.1f}"
                 line += f"{us['deq'] / us['gguf']:>6.2f}"

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from frugallm.errors import FrugalError, ModelLoadError
-from frugallm.loading.base import LoadedModel, ModelDescription, ModelFormat, WeightsMode
+from frugallm.loading.base import STORED_MODES, LoadedModel, ModelDescription, ModelFormat, WeightsMode
 
 __all__ = [
+    "STORED_MODES",
     "LoadedModel",
     "ModelDescription",
     "WeightsMode",
@@ -81,14 +82,17 @@ def choose_weights(
     kernel is CPU-only) and the native kernel built here (its numpy fallback re-dequantizes every call).
     Everything else dequantizes to the engine dtype, as do Hugging Face and quantized folders.
     ``weights="stored"`` forces it (any CPU, fp32 only); ``"dequantize"`` always dequantizes.
+    ``weights="stored-q8"`` (opt-in, not exact) runs as stored too, with decode's activations quantized to int8
+    per 32 values (``csrc/gguf_q8.cpp``, llama.cpp's arithmetic); where that kernel is unavailable the passes
+    stay exact (the reason says so). The engine treats both stored modes alike (:data:`STORED_MODES`).
     """
-    if weights not in ("auto", "stored", "dequantize"):
-        raise FrugalError(f"unknown weights mode {weights!r}; choices: auto, stored, dequantize")
+    if weights not in ("auto", "stored", "dequantize", "stored-q8"):
+        raise FrugalError(f"unknown weights mode {weights!r}; choices: auto, stored, dequantize, stored-q8")
     if weights == "dequantize":
         return "dequantize", "weights='dequantize' requested"
     fmt = _format_of(resolve_model_path(model))
     dtype_name = str(dtype).removeprefix("torch.")
-    dtype_ok = dtype_name == "auto" or (weights == "stored" and dtype_name in ("float32", "fp32"))
+    dtype_ok = dtype_name == "auto" or (weights in STORED_MODES and dtype_name in ("float32", "fp32"))
     blockers = [
         why
         for bad, why in (
@@ -99,9 +103,17 @@ def choose_weights(
         )
         if bad
     ]
-    if weights == "stored":
+    if weights in STORED_MODES:
         if blockers:
-            raise FrugalError(f"weights='stored' cannot be used here: {blockers[0]}")
+            raise FrugalError(f"weights={weights!r} cannot be used here: {blockers[0]}")
+        if weights == "stored-q8":
+            from frugallm import native
+            from frugallm.quant.gguf_linear import Q8_KERNEL, Q8_NOTE
+
+            if not native.usable(Q8_KERNEL):
+                return "stored-q8", ("weights='stored-q8' requested, but the native gguf_q8 kernel is not available "
+                                     "on this machine: activations stay exact")
+            return "stored-q8", f"weights='stored-q8' requested: {Q8_NOTE}"
         return "stored", "weights='stored' requested"
     if blockers:
         return "dequantize", blockers[0]
@@ -144,12 +156,12 @@ def load_model(
     progress: bool = False,
 ) -> LoadedModel:
     """Load a model (see :func:`describe`) into a :class:`Transformer` with float weights in ``dtype``, or with
-    a GGUF's quantized weights as stored (``weights="stored"``, see :func:`choose_weights`)."""
+    a GGUF's quantized weights as stored (``weights="stored"`` / ``"stored-q8"``, see :func:`choose_weights`)."""
     t0 = time.perf_counter()
     # A stored load reads the file itself (its memmap holds the weights): describing it from the weights
     # cache would first hash the whole file.
     desc = describe(model, use_cache=use_cache and weights == "dequantize")
-    if weights == "stored" and desc.format != "gguf":
+    if weights in STORED_MODES and desc.format != "gguf":
         raise ModelLoadError(f"{desc.path}: only GGUF files hold weights that run as stored")
     if desc.format == "quantized":
         from frugallm.loading import quantized
@@ -159,10 +171,10 @@ def load_model(
         from frugallm.loading import hf
 
         loaded = hf.load(desc, dtype, device)
-    elif weights == "stored":
+    elif weights in STORED_MODES:
         from frugallm.loading import gguf_stored
 
-        loaded = gguf_stored.load_stored(desc, dtype, device)
+        loaded = gguf_stored.load_stored(desc, dtype, device, act_quant="q8" if weights == "stored-q8" else None)
     else:
         from frugallm.loading import gguf
 

@@ -21,8 +21,10 @@ from frugallm.model.llama import Transformer
 from frugallm.tokenizer.tokenizer import Tokenizer
 
 ModelFormat = Literal["gguf", "hf", "quantized"]
-# How quantized weights load: run as stored in the file (GGUF on CPU), or dequantized to the engine dtype.
-WeightsMode = Literal["stored", "dequantize"]
+# How quantized weights load: run as stored in the file (GGUF on CPU), as stored with int8 activations in decode
+# (llama.cpp's arithmetic, not exact), or dequantized to the engine dtype.
+WeightsMode = Literal["stored", "stored-q8", "dequantize"]
+STORED_MODES = ("stored", "stored-q8")  # the modes that keep a GGUF's blocks (fp32 model, GGUFLinear)
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,9 +18,11 @@ from frugallm.quant.embedding import QuantEmbedding
 from frugallm.quant.gguf_linear import GGUFLinear, segment_from_reader
 
 
-def load_stored(desc: ModelDescription, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_stored(desc: ModelDescription, dtype: torch.dtype, device: torch.device,
+                act_quant: str | None = None) -> LoadedModel:
     """Quantized weights as :class:`GGUFLinear` / :class:`QuantEmbedding` modules over the file's memmap, the
-    rest (:func:`tensor_plan`) dequantized to fp32; nothing is read from or written to the weights cache."""
+    rest (:func:`tensor_plan`) dequantized to fp32; nothing is read from or written to the weights cache.
+    ``act_quant="q8"``: the linears quantize decode's activations to int8 (see :class:`GGUFLinear`)."""
     if dtype != torch.float32:
         raise ModelLoadError(f"weights run as stored take fp32 activations, not {dtype}")
     path, cfg = desc.path, desc.config
@@ -40,10 +42,10 @@ def load_stored(desc: ModelDescription, dtype: torch.dtype, device: torch.device
         bias = None
         if mod_path.endswith("qkv_proj") and cfg.attention_bias:
             bias = torch.from_numpy(qkv_bias(gf, cfg, int(mod_path.split(".")[1])))
-        modules[mod_path] = GGUFLinear.from_segments(segs, in_features, bias)
+        modules[mod_path] = GGUFLinear.from_segments(segs, in_features, bias, act_quant)
     if plan.get("token_embd.weight") == "stored":
         t = _checked(gf, "token_embd.weight", cfg.hidden_size, cfg.vocab_size)
-        table = GGUFLinear.from_segments([segment_from_reader(t)], cfg.hidden_size)
+        table = GGUFLinear.from_segments([segment_from_reader(t)], cfg.hidden_size, act_quant=act_quant)
         modules["embed_tokens"] = QuantEmbedding(table, torch.float32)
         if cfg.tie_word_embeddings:
             modules["lm_head"] = table  # the head multiplies the same blocks
@@ -59,7 +61,7 @@ def load_stored(desc: ModelDescription, dtype: torch.dtype, device: torch.device
     info = {
         "tensor_type_bytes": gf.tensor_type_bytes(),
         "file_bytes": path.stat().st_size,
-        "weights": "stored",
+        "weights": "stored" if act_quant is None else "stored-q8",
         "as_stored": plan_summary(gf, plan),
         "tensor_plan": plan,
     }

@@ -10,6 +10,12 @@ Native types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; F32 / 
 accepted (run as plain float weights). Other GGUF types (IQ*, TQ*, MXFP4...) are rejected here: the loader
 dequantizes those at load.
 
+``act_quant="q8"`` (``LLM(weights="stored-q8")``, opt-in, NOT exact) runs those few-row passes through
+``torch.ops.frugallm.gguf_linear_q8`` (``csrc/gguf_q8.cpp``) instead for the types in ``Q8_TYPES``: each input row
+is quantized to int8 per 32 values (:func:`q8_quantize`) and meets the weight's integer codes in integer dot
+products, llama.cpp's arithmetic (memory-bound where the exact kernel is compute-bound). Prefill passes and other
+types keep the exact paths; without that kernel (a CPU below AVX2, ``FRUGALLM_NATIVE=0``) everything runs exact.
+
 Without the native kernel (no compiler, ``FRUGALLM_NATIVE=0``, a CPU below AVX2, another device) every pass
 dequantizes with ``gguf.quants.dequantize`` (numpy, the format's reference code) and runs ``F.linear``: correct
 everywhere, but it re-dequantizes the weight on every call (tens of ms per large matrix), so it is a
@@ -41,6 +47,34 @@ NATIVE_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 SUPPORTED_TYPES = NATIVE_TYPES | frozenset(FLOAT_TYPES)
 KERNEL = "gguf_linear"  # csrc/gguf_linear.cpp
+# Types csrc/gguf_q8.cpp multiplies with int8 activations (act_quant="q8"); the others keep the exact kernel.
+Q8_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+Q8_KERNEL = "gguf_q8"  # csrc/gguf_q8.cpp
+ACT_QUANTS = ("q8",)  # act_quant values GGUFLinear accepts (None: exact fp32 / bf16 activations)
+Q8_NOTE = "activations quantized to int8 per 32 values (llama.cpp's arithmetic): not exact"
+
+
+def q8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [rows, K]`` -> ``(codes int8 [rows, K], scales fp32 [rows, K / 32])``, the kernel's arithmetic op for op.
+
+    Per block of 32 values: ``d = max|x| / 127``, ``inv = 1 / d`` (0 for an all-zero block), ``q = round(x * inv)``
+    rounding half to even (torch.round; the kernel's ``cvtps2dq`` in the default rounding mode), clamped to +-127.
+    ``codes * scales`` (per block) is the activation the integer dot products see.
+    """
+    rows, k = x.shape
+    if k % 32:
+        raise FrugalError(f"int8 activations are quantized in blocks of 32 values; in_features={k} is not a multiple")
+    xb = x.float().reshape(rows, k // 32, 32)
+    d = xb.abs().amax(-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(xb * inv[..., None]).clamp(-127, 127)
+    return q.to(torch.int8).reshape(rows, k), d
+
+
+def q8_dequantize_input(x: torch.Tensor) -> torch.Tensor:
+    """``x [rows, K]`` as the int8 kernel sees it: ``codes * scales`` in fp32 (see :func:`q8_quantize`)."""
+    q, d = q8_quantize(x)
+    return (q.float().reshape(*d.shape, 32) * d[..., None]).reshape(q.shape)
 
 
 def row_bytes(qtype: int, in_features: int) -> int:
@@ -127,15 +161,24 @@ class GGUFLinear(nn.Module):
         Values per weight row (a multiple of the types' block sizes: 32, or 256 for K-quants).
     bias
         Optional ``[out]``, kept in fp32.
+    act_quant
+        ``None`` (exact) or ``"q8"``: passes of up to ``NATIVE_QUANT_MAX_ROWS`` rows quantize the activations to
+        int8 per 32 values (``csrc/gguf_q8.cpp``, segments of ``Q8_TYPES``), as llama.cpp does; not exact.
 
     ``forward(x [..., in]) -> [..., out]`` in ``x``'s dtype.
     """
 
     def __init__(self, segments: Sequence[tuple[int, np.ndarray | torch.Tensor, int]], in_features: int,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, act_quant: str | None = None) -> None:
         super().__init__()
         if not segments:
             raise FrugalError("GGUFLinear needs at least one row segment")
+        if act_quant is not None and act_quant not in ACT_QUANTS:
+            raise FrugalError(f"unknown act_quant {act_quant!r}; choices: None, {', '.join(ACT_QUANTS)}")
+        self.act_quant = act_quant
+        # Passes of up to this many rows take the int8 path (prefill above it dequantizes, exact); set_act_quant
+        # raises it to score whole windows through the int8 kernel, as llama.cpp's perplexity does.
+        self.act_quant_max_rows = kernels.NATIVE_QUANT_MAX_ROWS
         self.in_features = int(in_features)
         self.segments: list[Segment] = []
         start = 0
@@ -156,17 +199,18 @@ class GGUFLinear(nn.Module):
 
     @classmethod
     def from_segments(cls, segments: Sequence[tuple[int, np.ndarray | torch.Tensor, int]], in_features: int,
-                      bias: torch.Tensor | None = None) -> GGUFLinear:
-        """``GGUFLinear(segments, in_features, bias)``: ``[(qtype, raw, rows), ...]`` fused in output order."""
-        return cls(segments, in_features, bias)
+                      bias: torch.Tensor | None = None, act_quant: str | None = None) -> GGUFLinear:
+        """``GGUFLinear(segments, in_features, bias, act_quant)``: ``[(qtype, raw, rows), ...]`` fused in output
+        order."""
+        return cls(segments, in_features, bias, act_quant)
 
     @classmethod
     def from_reader_tensors(cls, tensors: Sequence, n_heads: Sequence[int | None] | None = None,
-                            bias: torch.Tensor | None = None) -> GGUFLinear:
+                            bias: torch.Tensor | None = None, act_quant: str | None = None) -> GGUFLinear:
         """Fuse ``gguf.ReaderTensor`` weights along the output dim (``n_heads[i]``: un-permute Q/K rows)."""
         heads = n_heads or [None] * len(tensors)
         segs = [segment_from_reader(t, h) for t, h in zip(tensors, heads, strict=True)]
-        return cls(segs, int(tensors[0].shape[0]), bias)
+        return cls(segs, int(tensors[0].shape[0]), bias, act_quant)
 
     def raw(self, i: int) -> torch.Tensor:
         return getattr(self, f"raw{i}")
@@ -205,6 +249,12 @@ class GGUFLinear(nn.Module):
     def _native_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.usable(KERNEL)
 
+    def _op(self, qtype: int) -> Callable[..., torch.Tensor]:
+        """The few-rows native op for a segment of ``qtype``: int8 activations where asked and available."""
+        if self.act_quant == "q8" and qtype in Q8_TYPES and native.usable(Q8_KERNEL):
+            return torch.ops.frugallm.gguf_linear_q8
+        return torch.ops.frugallm.gguf_linear
+
     def _segment_fns(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         """Per segment, ``x [M, in]`` (contiguous fp32 / bf16, M small) -> ``[M, rows]`` in x's dtype."""
         fns = []
@@ -214,7 +264,7 @@ class GGUFLinear(nn.Module):
                 w = raw.view(FLOAT_TYPES[s.qtype])
                 fns.append(lambda x, w=w, b=bias: F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)))
             else:
-                op, args = torch.ops.frugallm.gguf_linear, (raw, s.qtype, s.rows, bias)
+                op, args = self._op(s.qtype), (raw, s.qtype, s.rows, bias)
                 fns.append(lambda x, op=op, args=args: op(x, *args))
         return fns
 
@@ -226,14 +276,16 @@ class GGUFLinear(nn.Module):
         fns = self._segment_fns()
         if len(fns) == 1 and self.segments[0].qtype not in FLOAT_TYPES:
             s = self.segments[0]
-            return kernels.few_rows_kernel(torch.ops.frugallm.gguf_linear, (self.raw(0), s.qtype, s.rows,
-                                                                            self._bias(s)), self.forward)
+            return kernels.few_rows_kernel(self._op(s.qtype), (self.raw(0), s.qtype, s.rows, self._bias(s)),
+                                           self.forward)
         limit = kernels.NATIVE_QUANT_MAX_ROWS
         return lambda x: torch.cat([f(x) for f in fns], 1) if x.shape[0] <= limit else self.forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = flatten_input(x, self.in_features)
-        if x2.shape[0] <= kernels.NATIVE_QUANT_MAX_ROWS and self._native_ok(x.device, x.dtype):
+        rows = x2.shape[0]
+        few = rows <= kernels.NATIVE_QUANT_MAX_ROWS or (self.act_quant is not None and rows <= self.act_quant_max_rows)
+        if few and self._native_ok(x.device, x.dtype):
             ys = [f(x2.contiguous()) for f in self._segment_fns()]
             y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
         else:
@@ -248,4 +300,21 @@ class GGUFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         types = "+".join(f"{GGMLQuantizationType(s.qtype).name}x{s.rows}" for s in self.segments)
-        return f"in_features={self.in_features}, out_features={self.out_features}, gguf={types}"
+        act = "" if self.act_quant is None else f", act_quant={self.act_quant}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, gguf={types}{act}"
+
+
+def set_act_quant(model: nn.Module, act_quant: str | None, max_rows: int | None = None) -> int:
+    """Set ``act_quant`` on every :class:`GGUFLinear` in ``model``; returns how many were set. Call it before
+    the first decode step (a built ``DecodePlan`` keeps the ops it chose). ``max_rows``: the largest pass that
+    takes the int8 path (default ``NATIVE_QUANT_MAX_ROWS``: decode only; a large value runs prefill and scoring
+    through it too, as llama.cpp does, e.g. to measure the perplexity int8 activations give)."""
+    if act_quant is not None and act_quant not in ACT_QUANTS:
+        raise FrugalError(f"unknown act_quant {act_quant!r}; choices: None, {', '.join(ACT_QUANTS)}")
+    if max_rows is not None and max_rows < 1:
+        raise FrugalError(f"max_rows must be >= 1, got {max_rows}")
+    mods = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    for m in mods:
+        m.act_quant = act_quant
+        m.act_quant_max_rows = kernels.NATIVE_QUANT_MAX_ROWS if max_rows is None else max_rows
+    return len(mods)
