@@ -5,6 +5,7 @@ same spec) under whole-prompt passes, chunked prefill and prefix-cache sharing."
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -85,3 +86,19 @@ def test_speckv_pages_and_needs_its_draft_loaded(paths: tuple[str, str], kv: str
     engine = LLMEngine(LLM(paths[0], dtype="float32", device="cpu"), EngineConfig(num_blocks=32, block_size=4))
     with pytest.raises(InvalidRequestError, match="no draft model is loaded"):
         engine.add_request([5, 6, 7, 8], GREEDY, kv="speckv:budget=0.5")
+
+
+def test_serve_loads_the_draft_its_kv_names(paths: tuple[str, str], kv: str) -> None:
+    """``serve --kv speckv:...,draft=D``: the served LLM has D registered, so the engine's requests run."""
+    from frugallm.cli import build_parser
+    from frugallm.serve.commands import build_engine_config, load_served_llm
+
+    base = ["serve", "--model", paths[0], "--dtype", "float32", "--device", "cpu"]
+    args = build_parser().parse_args([*base, "--kv", kv])
+    llm = load_served_llm(args)
+    assert llm.kv_draft is not None
+    engine = LLMEngine(llm, dataclasses.replace(build_engine_config(args), num_blocks=64, kv_memory_gb=1.0))
+    outs = run_engine(engine, prompts(llm, 2), GREEDY)
+    assert all(len(o[0].token_ids) == GREEDY.max_tokens for o in outs)
+    plain = build_parser().parse_args([*base, "--kv", "snapkv"])
+    assert load_served_llm(plain).kv_spec is None  # other policies: the engine's alone, no draft

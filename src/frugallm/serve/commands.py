@@ -74,6 +74,15 @@ def build_engine_config(args: argparse.Namespace):  # -> EngineConfig
     )
 
 
+def load_served_llm(args: argparse.Namespace) -> Any:
+    """The served ``LLM``. The engine applies ``--kv`` itself; a policy ranked by a draft model (speckv) has the LLM
+    load that draft and register it for the engine."""
+    from frugallm.kv import parse_kv_spec
+    from frugallm.kv.speckv import draft_policies
+
+    return load_llm(args, kv=args.kv) if args.kv and draft_policies(parse_kv_spec(args.kv)) else load_llm(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -96,8 +105,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         allowed_hosts = default_allowed_hosts(args.host)
     config = build_engine_config(args)  # validate before the (slow) model load
-    from frugallm.kv import parse_kv_spec
-    from frugallm.kv.speckv import draft_policies
     from frugallm.spec import parse_spec
 
     parse_spec(args.spec)
@@ -126,8 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif not _runs_as_stored(args):
             args.dtype = "float32"
     def build() -> LLMEngine:
-        # A KV policy ranked by a draft model (speckv): the LLM loads that draft and registers it for the engine.
-        llm = load_llm(args, kv=args.kv) if args.kv and draft_policies(parse_kv_spec(args.kv)) else load_llm(args)
+        llm = load_served_llm(args)
         if args.spec:
             llm.set_spec(args.spec)  # engine/spec_solo.py: a request alone in the server decodes speculatively
         if quant is not None:
