@@ -23,6 +23,8 @@ a fair comparison).
     python benchmarks/kv_serve_bench.py --model qwen2.5-coder-0.5b --context 2048 --requests 32 --threads 2 \
         --kv "h2o:budget=0.25" --max-num-batched-tokens 2304 --out /tmp/kv_serve_h2o.json
     python benchmarks/kv_serve_bench.py --context 512 --requests 4 --output-len 8 --tasks capacity  # sanity run
+    python benchmarks/kv_serve_bench.py --model qwen2.5-coder-1.5b --context 2048 --requests 32 --threads 2 \
+        --kv "snapkv:budget=0.25;speckv:budget=0.25,draft=qwen2.5-coder-0.5b" --out /tmp/kv_serve_speckv.json
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import torch
 
 from frugallm import LLM, SamplingParams, cpu
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
+from frugallm.kv import parse_kv_spec
+from frugallm.kv.speckv import draft_policies
 from frugallm.lab import passkey
 
 
@@ -124,9 +128,11 @@ def main() -> int:
     dtype = args.dtype
     if dtype == "auto" and cpu.fast_bf16():
         dtype = "bfloat16"  # what serve picks on such CPUs
-    llm = LLM(args.model, dtype=dtype)
-    prompts = needle_prompts(llm, args.requests, args.context, args.haystack)
     specs = ["full", *[s.strip() for s in args.kv.split(";") if s.strip()]]
+    # speckv ranks with a draft model: LLM(kv=...) loads the one it names (each run's engine applies its own spec).
+    drafted = [s for s in specs if draft_policies(parse_kv_spec(s))]
+    llm = LLM(args.model, dtype=dtype, kv=drafted[0] if drafted else None)
+    prompts = needle_prompts(llm, args.requests, args.context, args.haystack)
     per_seq = -(-(args.context + args.output_len) // args.block_size)
     common = {"block_size": args.block_size, "max_batched": args.max_num_batched_tokens,
               "output_len": args.output_len}
