@@ -77,6 +77,20 @@ def repack_q4k_x16(raw: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=3).reshape(n // 16, -1)
 
 
+def repack_q4k_x16b(raw: np.ndarray) -> np.ndarray:
+    """Q4_K rows [N, nb * 144] -> the same-size layout (gguf_q4k_x16b): per (16 rows, block) d, dmin, the scale bytes
+    transposed, then the nibbles as in repack_q4k_x16."""
+    n = raw.shape[0]
+    b = raw.reshape(n // 16, 16, -1, 144)  # G, c, blk, byte
+    nb = b.shape[2]
+    head = b[..., :16].transpose(0, 2, 3, 1)  # G, blk, byte, c
+    d = head[:, :, 0:2].transpose(0, 1, 3, 2).reshape(n // 16, nb, 32)  # c-major fp16 bytes
+    dmin = head[:, :, 2:4].transpose(0, 1, 3, 2).reshape(n // 16, nb, 32)
+    scales = head[:, :, 4:16].reshape(n // 16, nb, 192)  # [12][16]
+    nibbles = repack_q4k_x16(raw).reshape(n // 16, nb, 8, 384)[..., 128:].reshape(n // 16, nb, 2048)
+    return np.ascontiguousarray(np.concatenate([d, dmin, scales, nibbles], axis=2)).reshape(n // 16, -1)
+
+
 def median_us(fns: dict, reps: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():
@@ -112,16 +126,25 @@ def main() -> None:
     assert ((got.double() - ref).abs() <= bound).all(), "prototype != dequantize-then-matmul"
     alone = torch.cat([torch.ops.gguf_x16.gguf_q4k_x16(x[i : i + 1], packed, n) for i in range(x.shape[0])])
     assert torch.equal(alone, got), "rows depend on the pass"
+    same = torch.from_numpy(repack_q4k_x16b(raw))
+    assert same.numel() == raw.size, "the same-size layout holds the file's bytes"
+    got_b = torch.ops.gguf_x16.gguf_q4k_x16b(x, same, n)
+    assert ((got_b.double() - ref).abs() <= bound).all(), "same-size prototype != dequantize-then-matmul"
+    alone_b = torch.cat([torch.ops.gguf_x16.gguf_q4k_x16b(x[i : i + 1], same, n) for i in range(x.shape[0])])
+    assert torch.equal(alone_b, got_b), "rows depend on the pass (same-size layout)"
     print(f"CPU {cpu.model_name()}, threads {args.threads}, Q4_K {n}x{k}, bf16 x; checks passed")
-    print(f"{'rows':>4}{'stored µs':>11}{'x r=1':>7}{'x16 µs':>9}{'x r=1':>7}{'speedup':>9}")
+    print(f"{'rows':>4}{'stored µs':>11}{'x r=1':>7}{'x16 µs':>9}{'x r=1':>7}{'speedup':>9}"
+          f"{'x16b µs':>9}{'x r=1':>7}{'speedup':>9}")
     base = {}
     for r in args.rows:
         xr = x[:r].contiguous()
         us = median_us({"stored": partial(torch.ops.frugallm.gguf_linear, xr, raw_t, 12, n, None),
-                        "x16": partial(torch.ops.gguf_x16.gguf_q4k_x16, xr, packed, n)}, args.reps)
+                        "x16": partial(torch.ops.gguf_x16.gguf_q4k_x16, xr, packed, n),
+                        "x16b": partial(torch.ops.gguf_x16.gguf_q4k_x16b, xr, same, n)}, args.reps)
         base = base or us
         print(f"{r:>4}{us['stored']:>11.1f}{us['stored'] / base['stored']:>7.2f}{us['x16']:>9.1f}"
-              f"{us['x16'] / base['x16']:>7.2f}{us['stored'] / us['x16']:>9.2f}", flush=True)
+              f"{us['x16'] / base['x16']:>7.2f}{us['stored'] / us['x16']:>9.2f}{us['x16b']:>9.1f}"
+              f"{us['x16b'] / base['x16b']:>7.2f}{us['stored'] / us['x16b']:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":
