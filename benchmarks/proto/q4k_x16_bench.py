@@ -1,6 +1,8 @@
-"""PROTOTYPE measurement: Q4_K repacked 16 rows interleaved (benchmarks/proto/gguf_q4k_x16.cpp) vs the shipped
-stored-block kernel (torch.ops.frugallm.gguf_linear), bf16 x, at r rows; checks the prototype against
-dequantize-then-matmul and that each row equals its one-row pass. Needs AVX512-BF16.
+"""PROTOTYPE measurement: Q4_K with 16 weight rows interleaved so that vdpbf16ps lanes are output columns, vs the
+shipped stored-block kernel (torch.ops.frugallm.gguf_linear), bf16 x, at r rows. Columns: ``x16`` (repacked, fp32
+scales: +33 % memory), ``x16b`` (repacked in the file's own bytes: no extra memory), ``fly`` (the stored blocks,
+interleaved on the fly with vpgatherdd: no repack, but gathers cost more than they save at few rows). Each is
+checked against dequantize-then-matmul and for rows bit-identical to their one-row pass. Needs AVX512-BF16.
 
     .venv/bin/python benchmarks/proto/q4k_x16_bench.py [--shape 1536x1536] [--rows 1 2 4 5 8 16] [--threads 1]
 """
@@ -8,6 +10,7 @@ dequantize-then-matmul and that each row equals its one-row pass. Needs AVX512-B
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import subprocess
 import sys
@@ -26,18 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "fixtures
 from gguf_blocks import random_blocks  # noqa: E402
 
 SRC = Path(__file__).with_name("gguf_q4k_x16.cpp")
+FLY = Path(__file__).with_name("gguf_q4k_fly.cpp")
 
 
-def build() -> None:
+def build(src: Path = SRC) -> None:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     out = cache_dir() / "native-proto"
     out.mkdir(parents=True, exist_ok=True)
-    so = out / f"gguf_q4k_x16-{abs(hash(SRC.read_text())) % 10**12}.so"
+    so = out / f"{src.stem}-{hashlib.sha256(src.read_bytes()).hexdigest()[:12]}.so"
     if not so.exists():
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
         cmd = [native._compiler() or "c++", *native.CFLAGS, "-march=native", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-               *(f"-I{p}" for p in include_paths()), str(SRC), *(f"-L{p}" for p in library_paths()), "-lc10",
+               *(f"-I{p}" for p in include_paths()), str(src), *(f"-L{p}" for p in library_paths()), "-lc10",
                "-ltorch_cpu", "-o", str(so)]
         subprocess.run(cmd, check=True)
     torch.ops.load_library(str(so))
@@ -114,6 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     assert native.usable("gguf_linear") and "avx512_bf16" in cpu.flags()
     build()
+    build(FLY)
     n, k = (int(v) for v in args.shape.split("x"))
     raw = random_blocks(gguf.GGMLQuantizationType.Q4_K, n, k, seed=1)
     packed = torch.from_numpy(repack_q4k_x16(raw))
@@ -132,19 +137,25 @@ def main() -> None:
     assert ((got_b.double() - ref).abs() <= bound).all(), "same-size prototype != dequantize-then-matmul"
     alone_b = torch.cat([torch.ops.gguf_x16.gguf_q4k_x16b(x[i : i + 1], same, n) for i in range(x.shape[0])])
     assert torch.equal(alone_b, got_b), "rows depend on the pass (same-size layout)"
+    got_f = torch.ops.gguf_fly.gguf_q4k_fly(x, raw_t, n)
+    assert ((got_f.double() - ref).abs() <= bound).all(), "as-stored prototype != dequantize-then-matmul"
+    alone_f = torch.cat([torch.ops.gguf_fly.gguf_q4k_fly(x[i : i + 1], raw_t, n) for i in range(x.shape[0])])
+    assert torch.equal(alone_f, got_f), "rows depend on the pass (as stored)"
     print(f"CPU {cpu.model_name()}, threads {args.threads}, Q4_K {n}x{k}, bf16 x; checks passed")
     print(f"{'rows':>4}{'stored µs':>11}{'x r=1':>7}{'x16 µs':>9}{'x r=1':>7}{'speedup':>9}"
-          f"{'x16b µs':>9}{'x r=1':>7}{'speedup':>9}")
+          f"{'x16b µs':>9}{'x r=1':>7}{'speedup':>9}{'fly µs':>9}{'x r=1':>7}{'speedup':>9}")
     base = {}
     for r in args.rows:
         xr = x[:r].contiguous()
         us = median_us({"stored": partial(torch.ops.frugallm.gguf_linear, xr, raw_t, 12, n, None),
                         "x16": partial(torch.ops.gguf_x16.gguf_q4k_x16, xr, packed, n),
-                        "x16b": partial(torch.ops.gguf_x16.gguf_q4k_x16b, xr, same, n)}, args.reps)
+                        "x16b": partial(torch.ops.gguf_x16.gguf_q4k_x16b, xr, same, n),
+                        "fly": partial(torch.ops.gguf_fly.gguf_q4k_fly, xr, raw_t, n)}, args.reps)
         base = base or us
         print(f"{r:>4}{us['stored']:>11.1f}{us['stored'] / base['stored']:>7.2f}{us['x16']:>9.1f}"
               f"{us['x16'] / base['x16']:>7.2f}{us['stored'] / us['x16']:>9.2f}{us['x16b']:>9.1f}"
-              f"{us['x16b'] / base['x16b']:>7.2f}{us['stored'] / us['x16b']:>9.2f}", flush=True)
+              f"{us['x16b'] / base['x16b']:>7.2f}{us['stored'] / us['x16b']:>9.2f}{us['fly']:>9.1f}"
+              f"{us['fly'] / base['fly']:>7.2f}{us['stored'] / us['fly']:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":
