@@ -20,9 +20,10 @@ from frugallm.lora.adapter import LoraWeights
 from frugallm.lora.layer import LoraContext, LoraLinear
 from frugallm.lora.punica import TILE, LoraBatch, bgmv_native, tile_b, tiles
 
-pytestmark = [pytest.mark.isa,
-              pytest.mark.skipif(not native.usable("lora_bgmv"), reason="lora_bgmv kernel not built on this CPU "
-                                 f"(needs {native.required_level('lora_bgmv')}, runs {cpu.level()})")]
+_WHY_NOT = ("native kernels are off (FRUGALLM_NATIVE=0)" if not native.enabled() else
+            f"lora_bgmv is not built here (needs {native.required_level('lora_bgmv')}, this CPU runs {cpu.level()}, "
+            "or no compiler)")
+pytestmark = [pytest.mark.isa, pytest.mark.skipif(not native.usable("lora_bgmv"), reason=_WHY_NOT)]
 
 
 def pools(parts: list[int], n_in: int, slots: int, rank: int, dtype: torch.dtype, g: torch.Generator):
