@@ -1,0 +1,434 @@
+// requires: avx2 (frugallm/native.py builds this kernel only on CPUs at that ISA level; below it torch runs)
+// Q4_K weights repacked at load with 16 weight rows interleaved ("x16b", from benchmarks/proto/gguf_q4k_x16.cpp):
+// a vector lane is one output column, so each lane accumulates its own column (no horizontal sums), the scale FMA is
+// once per 32 values for 16 columns, each x value (or bf16 pair) is one broadcast shared by the 16 columns, and a
+// decoded weight vector is shared by every input row. An output's arithmetic does not depend on how many rows run
+// together or on the thread count: a verify pass is bit-identical to one-row decode. The layout holds exactly the
+// file's 144 bytes per row per block, so repacking costs no memory.
+//
+// Layout, per group of 16 weight rows (columns c), per 256-value block (2304 bytes):
+//   d[16] fp16 | dmin[16] fp16 | the 12 packed scale bytes as [12][16] (byte i of column c at 16 i + c) |
+//   sub-blocks j = 0..7 of 256 bytes: 4 runs z of 64 bytes; column c's dword in run z holds, in 16-bit half s,
+//   field r (bits 4r..4r+3), the code of value 32 j + 8 z + 2 r + s.
+//
+//   gguf_q4k_x16_repack(w uint8 [N, K / 256 * 144]) -> uint8 [N / 16, K / 256 * 2304]        (N % 16 == 0)
+//   gguf_q4k_x16_unpack(w uint8 [N / 16, K / 256 * 2304], N, rows int64 [R]?) -> uint8 [R or N, K / 256 * 144]
+//       (the stored rows back, bit for bit: gguf_dequantize on them is the reference dequantization)
+//   gguf_q4k_x16_linear(x [rows, K] float32|bfloat16, w x16b, qtype (12), N, bias float32 [N]?) -> [rows, N]
+//       in x's dtype: sum over sub-blocks of (d sc) * sum(x q) - (dmin m) * sum(x), fp32 accumulation, bias added in
+//       fp32, one RNE rounding for bf16 output; dequantize-then-matmul up to fp32 rounding.
+//
+// Paths: bf16 x on AVX512-BF16 meets the codes as bf16 128 + q (a bit-or: 0x4300 | q) in vdpbf16ps; 128 * sum(x) of
+// the sub-block is subtracted before the scale (the cancellation stays within 32 values). fp32 x (and bf16 x on CPUs
+// without AVX512-BF16, widened to fp32 first) converts the codes to fp32 and runs FMAs: 16 lanes on AVX-512, two
+// halves of 8 on AVX2 + FMA + F16C.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define X16_VEC 1
+#if defined(__AVX512F__)
+#define X16_AVX512 1
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define X16_BF16 1
+#endif
+#endif
+constexpr bool kVectorized = true;
+#else
+constexpr bool kVectorized = false;
+#endif
+
+namespace {
+
+constexpr int64_t kQ4K = 12;        // GGMLQuantizationType.Q4_K
+constexpr int64_t kStored = 144;    // bytes per row per block as stored
+constexpr int64_t kBlock = 2304;    // bytes per 16 rows per block repacked (16 * 144)
+constexpr int64_t kRowsPass = 4;    // input rows per pass over a group's weights
+
+void check_x16(const at::Tensor& w, int64_t n, int64_t nblocks) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "gguf_x16: w must be a contiguous CPU uint8 tensor");
+  TORCH_CHECK(n > 0 && n % 16 == 0, "gguf_x16: out_features must be a positive multiple of 16, got ", n);
+  TORCH_CHECK(w.numel() == n / 16 * nblocks * kBlock, "gguf_x16: w has ", w.numel(), " bytes, ", n, " rows of ",
+              nblocks, " Q4_K blocks take ", n / 16 * nblocks * kBlock);
+}
+
+// One stored block (16 rows' 144-byte blocks at src[c * row_bytes]) -> one repacked block, and back.
+void repack_block(const uint8_t* src, int64_t row_bytes, uint8_t* dst) {
+  for (int c = 0; c < 16; ++c) {
+    const uint8_t* p = src + c * row_bytes;
+    std::memcpy(dst + 2 * c, p, 2);
+    std::memcpy(dst + 32 + 2 * c, p + 2, 2);
+    for (int i = 0; i < 12; ++i) dst[64 + 16 * i + c] = p[4 + i];
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* qs = p + 16 + 32 * (j / 2);
+      const int sh = 4 * (j % 2);
+      for (int z = 0; z < 4; ++z) {
+        uint32_t u = 0;
+        for (int r = 0; r < 4; ++r)
+          for (int s = 0; s < 2; ++s) u |= static_cast<uint32_t>((qs[8 * z + 2 * r + s] >> sh) & 0xF) << (16 * s + 4 * r);
+        std::memcpy(dst + 256 + 256 * j + 64 * z + 4 * c, &u, 4);
+      }
+    }
+  }
+}
+
+void unpack_row(const uint8_t* blk, int c, uint8_t* p) {  // column c of one repacked block -> its 144 bytes
+  std::memcpy(p, blk + 2 * c, 2);
+  std::memcpy(p + 2, blk + 32 + 2 * c, 2);
+  for (int i = 0; i < 12; ++i) p[4 + i] = blk[64 + 16 * i + c];
+  std::memset(p + 16, 0, 128);
+  for (int j = 0; j < 8; ++j) {
+    uint8_t* qs = p + 16 + 32 * (j / 2);
+    const int sh = 4 * (j % 2);
+    for (int z = 0; z < 4; ++z) {
+      uint32_t u;
+      std::memcpy(&u, blk + 256 + 256 * j + 64 * z + 4 * c, 4);
+      for (int r = 0; r < 4; ++r)
+        for (int s = 0; s < 2; ++s) qs[8 * z + 2 * r + s] |= static_cast<uint8_t>(((u >> (16 * s + 4 * r)) & 0xF) << sh);
+    }
+  }
+}
+
+at::Tensor gguf_q4k_x16_repack(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2,
+              "gguf_q4k_x16_repack: w must be CPU uint8 [N, K / 256 * 144]");
+  const int64_t n = w.size(0), row_bytes = w.size(1);
+  TORCH_CHECK(n > 0 && n % 16 == 0, "gguf_q4k_x16_repack: the row count must be a positive multiple of 16, got ", n);
+  TORCH_CHECK(row_bytes > 0 && row_bytes % kStored == 0, "gguf_q4k_x16_repack: ", row_bytes,
+              " bytes per row is not a whole number of Q4_K blocks");
+  const at::Tensor wc = w.contiguous();
+  const int64_t nblocks = row_bytes / kStored;
+  at::Tensor out = at::empty({n / 16, nblocks * kBlock}, w.options());
+  const uint8_t* src = wc.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t b = 0; b < nblocks; ++b)
+        repack_block(src + 16 * g * row_bytes + b * kStored, row_bytes, dst + (g * nblocks + b) * kBlock);
+  });
+  return out;
+}
+
+at::Tensor gguf_q4k_x16_unpack(const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(w.dim() == 2 && n > 0 && n % 16 == 0 && w.size(0) == n / 16 && w.size(1) % kBlock == 0,
+              "gguf_q4k_x16_unpack: w must be uint8 [N / 16, K / 256 * 2304]");
+  const int64_t nblocks = w.size(1) / kBlock;
+  check_x16(w, n, nblocks);
+  at::Tensor idx;
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->device().is_cpu(),
+                "gguf_q4k_x16_unpack: rows must be a CPU int64 [R] tensor");
+    idx = rows->contiguous();
+  }
+  const int64_t r = rows.has_value() ? idx.numel() : n;
+  const int64_t* ip = rows.has_value() ? idx.data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < (ip ? r : 0); ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "gguf_q4k_x16_unpack: row ", ip[i], " is out of range [0, ", n, ")");
+  at::Tensor out = at::empty({r, nblocks * kStored}, w.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = ip ? ip[i] : i;
+      for (int64_t b = 0; b < nblocks; ++b)
+        unpack_row(src + ((row / 16) * nblocks + b) * kBlock, static_cast<int>(row % 16), dst + (i * nblocks + b) * kStored);
+    }
+  });
+  return out;
+}
+
+#if defined(X16_AVX512)
+// The 6-bit (scale, min) of sub-block j for 16 columns from the packed bytes sb[12] (the reference's
+// get_scale_min_k4).
+inline void scale_min_512(const __m512i* sb, int j, __m512i& sc, __m512i& mn) {
+  const __m512i m63 = _mm512_set1_epi32(63), m15 = _mm512_set1_epi32(15);
+  if (j < 4) {
+    sc = _mm512_and_si512(sb[j], m63);
+    mn = _mm512_and_si512(sb[j + 4], m63);
+  } else {
+    sc = _mm512_or_si512(_mm512_and_si512(sb[j + 4], m15), _mm512_slli_epi32(_mm512_srli_epi32(sb[j - 4], 6), 4));
+    mn = _mm512_or_si512(_mm512_srli_epi32(sb[j + 4], 4), _mm512_slli_epi32(_mm512_srli_epi32(sb[j], 6), 4));
+  }
+}
+
+// res[m][c] = sum over the row of (d sc) * sum(x q) - (dmin m) * sum(x), fp32 x rows x[m * k ...].
+template <int MC>
+void group_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs32, float* res) {
+  const __m512i m15 = _mm512_set1_epi32(15);
+  __m512 t[MC], off[MC];
+  for (int m = 0; m < MC; ++m) t[m] = off[m] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const uint8_t* b = w + blk * kBlock;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    const __m512 dmv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)));
+    __m512i sb[12];
+    for (int i = 0; i < 12; ++i) sb[i] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 64 + 16 * i)));
+    for (int j = 0; j < 8; ++j) {
+      __m512i sc, mn;
+      scale_min_512(sb, j, sc, mn);
+      const __m512 scale = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sc));
+      const __m512 mnv = _mm512_mul_ps(dmv, _mm512_cvtepi32_ps(mn));
+      const uint8_t* q = b + 256 + 256 * j;
+      __m512 a0[MC], a1[MC];
+      for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+      for (int z = 0; z < 4; ++z) {
+        const __m512i d = _mm512_loadu_si512(q + 64 * z);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const __m512 v0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(d, 4 * r), m15));
+          const __m512 v1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(d, 16 + 4 * r), m15));
+          for (int m = 0; m < MC; ++m) {
+            const float* xm = x + m * k + 256 * blk + 32 * j + 8 * z + 2 * r;
+            a0[m] = _mm512_fmadd_ps(v0, _mm512_set1_ps(xm[0]), a0[m]);
+            a1[m] = _mm512_fmadd_ps(v1, _mm512_set1_ps(xm[1]), a1[m]);
+          }
+        }
+      }
+      for (int m = 0; m < MC; ++m) {
+        t[m] = _mm512_fmadd_ps(_mm512_add_ps(a0[m], a1[m]), scale, t[m]);
+        off[m] = _mm512_fmadd_ps(mnv, _mm512_set1_ps(xs32[m * (k / 32) + 8 * blk + j]), off[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m) _mm512_storeu_ps(res + 16 * m, _mm512_sub_ps(t[m], off[m]));
+}
+#endif
+
+#if defined(X16_BF16)
+template <int MC>
+void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs32, float* res) {
+  const __m512i nib = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
+  __m512 t[MC], off[MC];
+  for (int m = 0; m < MC; ++m) t[m] = off[m] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const uint8_t* b = w + blk * kBlock;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    const __m512 dmv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)));
+    __m512i sb[12];
+    for (int i = 0; i < 12; ++i) sb[i] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 64 + 16 * i)));
+    for (int j = 0; j < 8; ++j) {
+      __m512i sc, mn;
+      scale_min_512(sb, j, sc, mn);
+      const __m512 scale = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sc));
+      const __m512 mnv = _mm512_mul_ps(dmv, _mm512_cvtepi32_ps(mn));
+      const uint8_t* q = b + 256 + 256 * j;
+      __m512 a0[MC], a1[MC];
+      for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+      for (int z = 0; z < 4; ++z) {
+        const __m512i d = _mm512_loadu_si512(q + 64 * z);
+        // 0x4300 | q is bf16 128 + q (exact): the codes as bf16 in one ternary-logic op each.
+        const __m512bh v0 = (__m512bh)_mm512_ternarylogic_epi32(d, nib, magic, 0xEA);
+        const __m512bh v1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 4), nib, magic, 0xEA);
+        const __m512bh v2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 8), nib, magic, 0xEA);
+        const __m512bh v3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 12), nib, magic, 0xEA);
+        for (int m = 0; m < MC; ++m) {
+          const float* xm = reinterpret_cast<const float*>(x + m * k + 256 * blk + 32 * j + 8 * z);  // bf16 pairs
+          a0[m] = _mm512_dpbf16_ps(a0[m], v0, (__m512bh)_mm512_set1_ps(xm[0]));
+          a1[m] = _mm512_dpbf16_ps(a1[m], v1, (__m512bh)_mm512_set1_ps(xm[1]));
+          a0[m] = _mm512_dpbf16_ps(a0[m], v2, (__m512bh)_mm512_set1_ps(xm[2]));
+          a1[m] = _mm512_dpbf16_ps(a1[m], v3, (__m512bh)_mm512_set1_ps(xm[3]));
+        }
+      }
+      for (int m = 0; m < MC; ++m) {
+        const float xs = xs32[m * (k / 32) + 8 * blk + j];
+        const __m512 sxq = _mm512_sub_ps(_mm512_add_ps(a0[m], a1[m]), _mm512_set1_ps(128.0f * xs));  // sum(x q)
+        t[m] = _mm512_fmadd_ps(sxq, scale, t[m]);
+        off[m] = _mm512_fmadd_ps(mnv, _mm512_set1_ps(xs), off[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m) _mm512_storeu_ps(res + 16 * m, _mm512_sub_ps(t[m], off[m]));
+}
+#endif
+
+#if defined(X16_VEC) && !defined(X16_AVX512)
+// AVX2: the 16 columns as two halves of 8 lanes (h: columns 8h..8h+7), same arithmetic per column as AVX-512.
+template <int MC>
+void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs32, float* res) {
+  const __m256i m63 = _mm256_set1_epi32(63), m15 = _mm256_set1_epi32(15);
+  for (int h = 0; h < 2; ++h) {
+    __m256 t[MC], off[MC];
+    for (int m = 0; m < MC; ++m) t[m] = off[m] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const uint8_t* b = w + blk * kBlock;
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * h)));
+      const __m256 dmv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + 16 * h)));
+      __m256i sb[12];
+      for (int i = 0; i < 12; ++i)
+        sb[i] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 64 + 16 * i + 8 * h)));
+      for (int j = 0; j < 8; ++j) {
+        __m256i sc, mn;
+        if (j < 4) {
+          sc = _mm256_and_si256(sb[j], m63);
+          mn = _mm256_and_si256(sb[j + 4], m63);
+        } else {
+          sc = _mm256_or_si256(_mm256_and_si256(sb[j + 4], m15), _mm256_slli_epi32(_mm256_srli_epi32(sb[j - 4], 6), 4));
+          mn = _mm256_or_si256(_mm256_srli_epi32(sb[j + 4], 4), _mm256_slli_epi32(_mm256_srli_epi32(sb[j], 6), 4));
+        }
+        const __m256 scale = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(sc));
+        const __m256 mnv = _mm256_mul_ps(dmv, _mm256_cvtepi32_ps(mn));
+        const uint8_t* q = b + 256 + 256 * j + 32 * h;
+        __m256 a0[MC], a1[MC];
+        for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+        for (int z = 0; z < 4; ++z) {
+          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * z));
+#pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) {
+            const __m256 v0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 4 * r), m15));
+            const __m256 v1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 16 + 4 * r), m15));
+            for (int m = 0; m < MC; ++m) {
+              const float* xm = x + m * k + 256 * blk + 32 * j + 8 * z + 2 * r;
+              a0[m] = _mm256_fmadd_ps(v0, _mm256_set1_ps(xm[0]), a0[m]);
+              a1[m] = _mm256_fmadd_ps(v1, _mm256_set1_ps(xm[1]), a1[m]);
+            }
+          }
+        }
+        for (int m = 0; m < MC; ++m) {
+          t[m] = _mm256_fmadd_ps(_mm256_add_ps(a0[m], a1[m]), scale, t[m]);
+          off[m] = _mm256_fmadd_ps(mnv, _mm256_set1_ps(xs32[m * (k / 32) + 8 * blk + j]), off[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MC; ++m) _mm256_storeu_ps(res + 16 * m + 8 * h, _mm256_sub_ps(t[m], off[m]));
+  }
+}
+#endif
+
+// Per row and 32-value sub-block, sum(x) in fp32 (a fixed order per row: independent of the pass).
+template <typename T>
+std::vector<float> sub_sums(const T* x, int64_t rows, int64_t k) {
+  std::vector<float> xs(rows * (k / 32));
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t j = 0; j < k / 32; ++j) {
+      float s = 0.0f;
+      for (int i = 0; i < 32; ++i) s += frugallm::to_float(x[m * k + 32 * j + i]);
+      xs[m * (k / 32) + j] = s;
+    }
+  return xs;
+}
+
+// Runs group(mc, w_g, nblocks, x rows, k, xs, res[mc][16]) over groups x row passes; stores res + bias as OutT.
+template <typename XT, typename OutT, typename Group>
+void run_groups(const uint8_t* w, int64_t n, int64_t nblocks, const XT* x, int64_t rows, int64_t k,
+                const float* xs, const float* bias, OutT* y, Group&& group) {
+  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
+    float res[kRowsPass * 16];
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t m0 = 0; m0 < rows; m0 += kRowsPass) {
+        const int64_t mc = std::min<int64_t>(kRowsPass, rows - m0);
+        group(static_cast<int>(mc), w + g * nblocks * kBlock, nblocks, x + m0 * k, k, xs + m0 * (k / 32), res);
+        for (int64_t m = 0; m < mc; ++m)
+          for (int c = 0; c < 16; ++c) {
+            const float v = res[16 * m + c] + (bias ? bias[16 * g + c] : 0.0f);
+            if constexpr (std::is_same_v<OutT, float>) {
+              y[(m0 + m) * n + 16 * g + c] = v;
+            } else {
+              y[(m0 + m) * n + 16 * g + c] = frugallm::float_to_bf16(v);
+            }
+          }
+      }
+  });
+}
+
+#if defined(X16_VEC)
+void group_f32(int mc, const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs, float* res) {
+#if defined(X16_AVX512)
+#define X16_F32 group_f32_512
+#else
+#define X16_F32 group_f32_256
+#endif
+  switch (mc) {
+    case 1: X16_F32<1>(w, nblocks, x, k, xs, res); break;
+    case 2: X16_F32<2>(w, nblocks, x, k, xs, res); break;
+    case 3: X16_F32<3>(w, nblocks, x, k, xs, res); break;
+    default: X16_F32<4>(w, nblocks, x, k, xs, res); break;
+  }
+#undef X16_F32
+}
+#endif
+
+#if defined(X16_BF16)
+void group_bf16(int mc, const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs, float* res) {
+  switch (mc) {
+    case 1: group_bf16_512<1>(w, nblocks, x, k, xs, res); break;
+    case 2: group_bf16_512<2>(w, nblocks, x, k, xs, res); break;
+    case 3: group_bf16_512<3>(w, nblocks, x, k, xs, res); break;
+    default: group_bf16_512<4>(w, nblocks, x, k, xs, res); break;
+  }
+}
+#endif
+
+at::Tensor gguf_q4k_x16_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
+                               const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(kVectorized, "gguf_q4k_x16_linear: this build has no vector path (needs AVX2 + FMA + F16C)");
+  TORCH_CHECK(qtype == kQ4K, "gguf_q4k_x16_linear: only Q4_K (12) is repacked, got qtype ", qtype);
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "gguf_q4k_x16_linear: x must be a CPU float32 or bfloat16 [rows, K] tensor");
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.size(0), k = xc.size(1);
+  TORCH_CHECK(k > 0 && k % 256 == 0, "gguf_q4k_x16_linear: in_features ", k, " is not a multiple of 256");
+  const int64_t nblocks = k / 256;
+  check_x16(w, n, nblocks);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n,
+                "gguf_q4k_x16_linear: bias must be float32 [", n, "]");
+    b = bias->contiguous();
+  }
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({rows, n}, xc.options());
+  if (rows == 0) return y;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+#if defined(X16_VEC)
+  if (xc.scalar_type() == at::kFloat) {
+    const float* xp = xc.data_ptr<float>();
+    const std::vector<float> xs = sub_sums(xp, rows, k);
+    run_groups(wp, n, nblocks, xp, rows, k, xs.data(), bp, y.data_ptr<float>(), group_f32);
+    return y;
+  }
+  const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  auto* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const std::vector<float> xs = sub_sums(xc.data_ptr<at::BFloat16>(), rows, k);
+#if defined(X16_BF16)
+  run_groups(wp, n, nblocks, xb, rows, k, xs.data(), bp, yb, group_bf16);
+#else
+  std::vector<float> xf(rows * k);  // no bf16 dot products here: widen x (exact) and run the fp32 path
+  for (int64_t i = 0; i < rows * k; ++i) xf[i] = frugallm::bf16_to_float(xb[i]);
+  run_groups(wp, n, nblocks, xf.data(), rows, k, xs.data(), bp, yb, group_f32);
+#endif
+#endif
+  return y;
+}
+
+bool gguf_x16_vectorized() { return kVectorized; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(frugallm, m) {
+  m.def("gguf_q4k_x16_repack(Tensor w) -> Tensor");
+  m.def("gguf_q4k_x16_unpack(Tensor w, int out_features, Tensor? rows) -> Tensor");
+  m.def("gguf_q4k_x16_linear(Tensor x, Tensor w, int qtype, int out_features, Tensor? bias) -> Tensor");
+  m.def("gguf_x16_vectorized() -> bool", &gguf_x16_vectorized);
+}
+
+TORCH_LIBRARY_IMPL(frugallm, CPU, m) {
+  m.impl("gguf_q4k_x16_repack", &gguf_q4k_x16_repack);
+  m.impl("gguf_q4k_x16_unpack", &gguf_q4k_x16_unpack);
+  m.impl("gguf_q4k_x16_linear", &gguf_q4k_x16_linear);
+}

@@ -1,0 +1,173 @@
+"""Q4_K repacked with 16 rows interleaved (csrc/gguf_x16.cpp, the "x16b" layout) and its use by GGUFLinear: the
+repack is lossless, the linear is dequantize-then-matmul up to fp32 rounding with each row bit-identical to its
+one-row pass, dequantizing a repacked segment is the reference's dequantization bit for bit, and a Q4_K model
+decodes the same with and without the repack.
+
+Marked ``isa``: ``make test`` reruns this module at ``FRUGALLM_ISA=avx2`` on AVX-512 machines, so each machine
+tests every build of the kernel it can execute (AVX512-BF16's vdpbf16ps path, AVX-512 and AVX2 FMA paths).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from frugallm import LLM, SamplingParams, native
+from frugallm.quant import gguf_linear as gl
+from frugallm.quant import kernels
+from frugallm.quant.gguf_linear import GGUFLinear, set_act_quant
+from gguf_blocks import random_blocks
+
+pytestmark = [pytest.mark.isa,
+              pytest.mark.skipif(not (native.usable("gguf_x16") and native.usable("gguf_linear")),
+                                 reason="native gguf_x16 kernel unavailable here")]
+
+SHAPES = [(16, 256), (48, 768), (272, 1280)]  # (N, K): N multiples of 16, odd numbers of 256-value blocks
+ROWS = list(range(1, 18))  # one row, several 4-row passes, a partial last pass
+
+
+def dequantized(raw: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(raw, T.Q4_K))
+
+
+def assert_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """y == x @ w^T (+ bias) up to fp32 rounding of the sums (relative to sum |x||w|), plus one bf16 rounding of
+    the output for bf16 y (as tests/loading/test_gguf_multirow.py bounds the stored-block kernel)."""
+    xd, wd = x.double(), w.double()
+    ref = xd @ wd.T + (0 if bias is None else bias.double())
+    bound = (xd.abs() @ wd.abs().T) * 1e-5 + (0 if bias is None else bias.double().abs() * 2.0**-23) + 1e-30
+    if y.dtype == torch.bfloat16:
+        bound = bound + (ref.abs() + bound) * 2.0**-8
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), float((err / bound).max())
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES, ids=lambda v: str(v))
+def test_repack_is_lossless_and_dequantizes_bit_for_bit(n: int, k: int) -> None:
+    raw_np = random_blocks(T.Q4_K, n, k, seed=n + k)
+    raw = torch.from_numpy(raw_np)
+    w16 = torch.ops.frugallm.gguf_q4k_x16_repack(raw)
+    assert w16.shape == (n // 16, k // 256 * 2304) and w16.numel() == raw.numel()  # the same bytes
+    assert not torch.equal(w16.reshape(raw.shape), raw)  # really interleaved
+    assert torch.equal(torch.ops.frugallm.gguf_q4k_x16_unpack(w16, n, None), raw)
+    idx = torch.tensor([n - 1, 0, 17 % n, n - 1])
+    assert torch.equal(torch.ops.frugallm.gguf_q4k_x16_unpack(w16, n, idx), raw[idx])
+    # GGUFLinear's dequantize of the repacked segment: the reference's numbers exactly.
+    lin = GGUFLinear([(int(T.Q4_K), raw, n)], k)
+    assert lin.segments[0].layout == "x16" and lin.raw(0).shape == w16.shape
+    assert torch.equal(lin.dequantize(torch.float32), dequantized(raw_np))
+    assert torch.equal(lin.dequantize_rows(idx), dequantized(raw_np)[idx])
+    assert torch.equal(lin.dequantize(torch.bfloat16), dequantized(raw_np).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("n", "k"), SHAPES, ids=lambda v: str(v))
+def test_linear_matches_dequantize_then_matmul_and_one_row(n: int, k: int, x_dtype: torch.dtype) -> None:
+    """Every r in 1..17: dequantize-then-matmul up to fp32 rounding, each row bit-identical to that row alone."""
+    raw_np = random_blocks(T.Q4_K, n, k, seed=2 * n + k)
+    raw, w = torch.from_numpy(raw_np), dequantized(raw_np)
+    w16 = torch.ops.frugallm.gguf_q4k_x16_repack(raw)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(max(ROWS), k, generator=g).to(x_dtype)
+    for bias in (None, torch.randn(n, generator=g)):
+        alone = torch.cat([torch.ops.frugallm.gguf_q4k_x16_linear(x[i : i + 1], w16, int(T.Q4_K), n, bias)
+                           for i in range(max(ROWS))])
+        assert alone.dtype == x_dtype
+        assert_close(alone, x.float(), w, bias)
+        for r in ROWS:
+            y = torch.ops.frugallm.gguf_q4k_x16_linear(x[:r], w16, int(T.Q4_K), n, bias)
+            assert y.shape == (r, n) and torch.equal(y, alone[:r]), r
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_do_not_depend_on_threads(x_dtype: torch.dtype, one_thread) -> None:
+    n, k = 96, 512
+    w16 = torch.ops.frugallm.gguf_q4k_x16_repack(torch.from_numpy(random_blocks(T.Q4_K, n, k, seed=9)))
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(10)).to(x_dtype)
+    single = torch.ops.frugallm.gguf_q4k_x16_linear(x, w16, int(T.Q4_K), n, None)
+    torch.set_num_threads(2)
+    assert torch.equal(torch.ops.frugallm.gguf_q4k_x16_linear(x, w16, int(T.Q4_K), n, None), single)
+
+
+def test_bad_inputs_are_clear_errors() -> None:
+    raw = torch.from_numpy(random_blocks(T.Q4_K, 16, 256, seed=1))
+    w16 = torch.ops.frugallm.gguf_q4k_x16_repack(raw)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.frugallm.gguf_q4k_x16_repack(raw[:8])
+    with pytest.raises(RuntimeError, match="only Q4_K"):
+        torch.ops.frugallm.gguf_q4k_x16_linear(torch.randn(1, 256), w16, int(T.Q6_K), 16, None)
+    with pytest.raises(RuntimeError, match="bytes"):
+        torch.ops.frugallm.gguf_q4k_x16_linear(torch.randn(1, 512), w16, int(T.Q4_K), 16, None)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.frugallm.gguf_q4k_x16_unpack(w16, 16, torch.tensor([16]))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gguf_linear_repacks_q4k_segments_only(x_dtype: torch.dtype) -> None:
+    """A fused Q4_K (x16) + Q6_K + Q4_K-of-40-rows (stays stored) linear: its few-row passes (forward and
+    decode_fn) equal the stored-block kernel per segment; prefill-size passes dequantize; q8 mode keeps stored."""
+    k = 512
+    segs_np = [(T.Q4_K, random_blocks(T.Q4_K, 48, k, seed=1), 48), (T.Q6_K, random_blocks(T.Q6_K, 32, k, seed=2), 32),
+               (T.Q4_K, random_blocks(T.Q4_K, 40, k, seed=3), 40)]
+    segs: list[tuple[int, Any, int]] = [(int(t), torch.from_numpy(r), n) for t, r, n in segs_np]
+    bias = torch.randn(120, generator=torch.Generator().manual_seed(4))
+    lin = GGUFLinear(segs, k, bias)
+    assert [s.layout for s in lin.segments] == ["x16", "stored", "stored"]
+    assert "Q4_Kx48(x16)" in lin.extra_repr()
+    w = torch.cat([dequantized(r) if t == T.Q4_K else torch.from_numpy(gguf.quants.dequantize(r, t))
+                   for t, r, _ in segs_np])
+    x = torch.randn(kernels.NATIVE_QUANT_MAX_ROWS + 3, k, generator=torch.Generator().manual_seed(5)).to(x_dtype)
+    few = x[:5]
+    y = lin(few)
+    assert_close(y, few.float(), w, bias)
+    assert torch.equal(y[:, :48], torch.ops.frugallm.gguf_q4k_x16_linear(few, lin.raw(0), int(T.Q4_K), 48, bias[:48]))
+    assert torch.equal(y[:, 48:], torch.cat([torch.ops.frugallm.gguf_linear(few, segs[i][1], segs[i][0], segs[i][2],
+                                                                           bias[lo:hi])
+                                             for i, (lo, hi) in ((1, (48, 80)), (2, (80, 120)))], 1))
+    assert torch.equal(lin.decode_fn(x_dtype, torch.device("cpu"))(few), y)
+    big = lin(x)  # prefill: dequantize (unpacked blocks) then F.linear
+    ref = torch.nn.functional.linear(x, lin.dequantize(x_dtype), bias.to(x_dtype))
+    assert torch.equal(big, ref)
+    # int8 activations read the stored layout: none repacked, and switching a model to q8 unpacks.
+    assert [s.layout for s in GGUFLinear(segs, k, bias, act_quant="q8").segments] == ["stored"] * 3
+    model = torch.nn.Sequential(lin)
+    assert set_act_quant(model, "q8") == 1
+    assert [s.layout for s in lin.segments] == ["stored"] * 3 and torch.equal(lin.raw(0), segs[0][1])
+
+
+def test_tiny_q4k_model_decodes_the_same_without_the_repack(tiny_models, tiny_ids, monkeypatch) -> None:
+    """A tiny Q4_K_M model (qwen2, tied head) as stored, repacked vs not: fp32 decode logits equal to fp32 rounding
+    and the same greedy tokens (single stream and batched); in the default decode dtype (bf16 on AVX512-BF16) the
+    logits agree to bf16 precision (a random tiny model's near-ties may then pick another greedy token)."""
+    kw = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64, "tie_word_embeddings": True}
+    path = str(tiny_models.gguf("qwen2", "Q4_K", overrides={"attn_v": "Q6_K", "ffn_down": "Q6_K"}, **kw))
+    x16 = LLM(path, device="cpu")
+    layouts = [s.layout for m in x16.model.modules() if isinstance(m, GGUFLinear) for s in m.segments]
+    assert "x16" in layouts
+    monkeypatch.setattr(gl, "_x16_ok", lambda *a: False)
+    stored = LLM(path, device="cpu")
+    assert all(s.layout == "stored" for m in stored.model.modules() if isinstance(m, GGUFLinear) for s in m.segments)
+
+    def decode(llm: LLM) -> torch.Tensor:
+        prompt, steps = tiny_ids[:8], tiny_ids[8:24]
+        cache = llm.make_cache(1, len(prompt) + len(steps))
+        with torch.inference_mode():
+            llm.model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache)
+            return torch.cat([llm.model(torch.tensor([[t]]), torch.tensor([[len(prompt) + i]]), cache)
+                              for i, t in enumerate(steps)])
+
+    default = decode(x16), decode(stored)
+    assert (default[0] - default[1]).abs().max() <= 0.02 * default[1].abs().max()
+    for llm in (x16, stored):
+        llm.model.decode_dtype = torch.float32
+    torch.testing.assert_close(decode(x16), decode(stored), atol=1e-4, rtol=0)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    prompts = ["hello world", "the cat sat on", "1 2 3"]
+    assert x16.generate(prompts[0], params)[0].token_ids == stored.generate(prompts[0], params)[0].token_ids
+    got, want = x16.generate(prompts, params), stored.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
