@@ -12,7 +12,7 @@ Adapters are random rank-``--rank`` PEFT folders (``adapter_config.json`` + ``ad
 Decode tok/s counts the tokens of engine steps after every request has its first token (prefill excluded);
 medians of ``--runs``. Then the adapters' product alone for one c8 step (every module, 8 rows on the 8 adapters):
 ms and GB/s of factors read (8 x rank 16 x 7 projections x 30 layers: 78 MB in bf16, read once per step).
-Then ``--registered`` adapters (rank 4) are registered with ``max_loras=8`` and requested
+Then ``--registered`` adapters (rank 4, fp32) are registered with ``max_loras=8`` and requested
 in batches of 8 distinct ones, cycling so most requests evict: every request's greedy tokens must equal its
 adapter's tokens computed alone (its prompt, a fresh single-slot run), and the slots stay at 8.
 
@@ -41,8 +41,8 @@ TARGETS = {
 }
 
 
-def write_adapter(folder: Path, cfg, rank: int, targets: list[str], seed: int) -> Path:
-    """A random PEFT LoRA folder for a model of ``cfg`` (A ~ N(0, 1/in), B ~ N(0, 0.02^2))."""
+def write_adapter(folder: Path, cfg, rank: int, targets: list[str], seed: int, b_std: float = 0.02) -> Path:
+    """A random PEFT LoRA folder for a model of ``cfg`` (A ~ N(0, 1/in), B ~ N(0, b_std^2))."""
     from safetensors.torch import save_file
 
     from frugallm.lora.adapter import PROJECTIONS, fused_layout
@@ -57,7 +57,7 @@ def write_adapter(folder: Path, cfg, rank: int, targets: list[str], seed: int) -
             where = "self_attn" if module.startswith("attn") else "mlp"
             key = f"base_model.model.model.layers.{layer}.{where}.{proj}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
-            tensors[f"{key}.lora_B.weight"] = 0.02 * torch.randn(outs[part], rank, generator=g)
+            tensors[f"{key}.lora_B.weight"] = b_std * torch.randn(outs[part], rank, generator=g)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets, "bias": "none"}
@@ -116,9 +116,12 @@ def check_lru(model: str, cfg, root: Path, n: int, prompt: list[int]) -> dict:
     """``n`` registered adapters, 8 slots, batches of 8 distinct ones: every request equals its adapter alone."""
     from frugallm import LLM, SamplingParams
 
-    paths = {f"r{i}": write_adapter(root / f"r{i}", cfg, 4, TARGETS["qv"], 1000 + i) for i in range(n)}
+    # B large enough that every adapter changes the greedy tokens (at 0.02 none did, so a no-op adapter would have
+    # passed), in fp32: in bf16 a batch of 8 and a lone row round differently and such adapters flip near-ties
+    # (5-6 of 12 adapters, on the torch path as on the kernel; 0 in fp32).
+    paths = {f"r{i}": write_adapter(root / f"r{i}", cfg, 4, TARGETS["qv"], 1000 + i, b_std=0.5) for i in range(n)}
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    llm = LLM(model, lora=paths, max_loras=8, max_lora_rank=4)
+    llm = LLM(model, lora=paths, max_loras=8, max_lora_rank=4, dtype="float32")
     names = list(paths)
     order = [names[(7 * i) % n] for i in range(2 * n)]  # strides through the pool: most batches evict
     got = {}
@@ -126,7 +129,7 @@ def check_lru(model: str, cfg, root: Path, n: int, prompt: list[int]) -> dict:
         batch = order[i:i + 8]
         for name, out in zip(batch, llm.generate([prompt] * len(batch), params, lora=batch), strict=True):
             got.setdefault(name, set()).add(tuple(out.token_ids))
-    alone = LLM(model, max_loras=1, max_lora_rank=4)
+    alone = LLM(model, max_loras=1, max_lora_rank=4, dtype="float32")
     wrong = 0
     for name, outs in got.items():
         alone.lora.add(name, paths[name])
