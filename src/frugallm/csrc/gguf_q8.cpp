@@ -189,15 +189,21 @@ inline __m256i bits32_x16(const uint8_t* p) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
 }
 
-// 6-bit (scale, min) of sub-block j of a Q4_K / Q5_K block from its 12 packed bytes.
-inline void k_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
-  if (j < 4) {
-    sc = s[j] & 63;
-    mn = s[j + 4] & 63;
-  } else {
-    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-    mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-  }
+// The 8 sub-block scales d * sc_j (stored to sc) and offsets dmin * mn_j (as a vector) of a Q4_K / Q5_K block. Its
+// 12 bytes as words w0, w1, w2: sc_0..3 = w0 & 63 per byte, mn_0..3 = w1 & 63, and sub-blocks 4..7 take their low 4
+// bits from w2's nibbles (low: scale, high: min) and their high 2 bits from the top bits of w0 (scale) / w1 (min).
+// Branch-free word arithmetic: a per-sub-block scalar unpack cost as much as the block's integer dots.
+inline void k_scales_mins(const uint8_t* b, float* sc, __m256& mn) {
+  uint32_t w[3];
+  std::memcpy(w, b + 4, 12);
+  const uint32_t lo6 = 0x3f3f3f3f, lo4 = 0x0f0f0f0f, lo2 = 0x03030303;
+  const uint64_t scales = (w[0] & lo6) | static_cast<uint64_t>((w[2] & lo4) | (((w[0] >> 6) & lo2) << 4)) << 32;
+  const uint64_t mins = (w[1] & lo6) | static_cast<uint64_t>(((w[2] >> 4) & lo4) | (((w[1] >> 6) & lo2) << 4)) << 32;
+  auto as_float = [](uint64_t v) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(v))));
+  };
+  _mm256_store_ps(sc, _mm256_mul_ps(_mm256_set1_ps(f16(b)), as_float(scales)));
+  mn = _mm256_mul_ps(_mm256_set1_ps(f16(b + 2)), as_float(mins));
 }
 
 // out[m] = row . dequant(x[m0 + m]) for MC inputs. Two accumulator sets (even and odd chunks) keep two FMA chains
@@ -267,14 +273,9 @@ void dot_row(const uint8_t* row, int64_t nblocks, const QuantizedX& xq, int64_t 
     constexpr int64_t bytes = format_of(T).bytes;
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const uint8_t* b = row + blk * bytes;
-      const float d = f16(b), dmin = f16(b + 2);
-      float sc[8], mn[8];
-      for (int j = 0; j < 8; ++j) {
-        int s, m;
-        k_scale_min(b + 4, j, s, m);
-        sc[j] = d * static_cast<float>(s);
-        mn[j] = dmin * static_cast<float>(m);
-      }
+      alignas(32) float sc[8];
+      __m256 mv;
+      k_scales_mins(b, sc, mv);
       const uint8_t* qs = b + (T == Q4_K ? 16 : 48);
       [[maybe_unused]] const __m256i hbits = T == Q5_K ? load32(b + 16) : _mm256_setzero_si256();
 #pragma GCC unroll 4
@@ -288,7 +289,6 @@ void dot_row(const uint8_t* row, int64_t nblocks, const QuantizedX& xq, int64_t 
         chunk(8 * blk + 2 * pair, lo, _mm256_set1_ps(sc[2 * pair]), even);
         chunk(8 * blk + 2 * pair + 1, hi, _mm256_set1_ps(sc[2 * pair + 1]), odd);
       }
-      const __m256 mv = _mm256_loadu_ps(mn);
       for (int m = 0; m < MC; ++m) offv[m] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(s32 + m * nc + 8 * blk), offv[m]);
     }
   } else {  // Q6_K: 16 int8 scales, one per 16 values
