@@ -9,6 +9,7 @@ tests every build of the kernel it can execute (AVX512-BF16's vdpbf16ps path, AV
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gguf
@@ -171,3 +172,38 @@ def test_tiny_q4k_model_decodes_the_same_without_the_repack(tiny_models, tiny_id
     assert x16.generate(prompts[0], params)[0].token_ids == stored.generate(prompts[0], params)[0].token_ids
     got, want = x16.generate(prompts, params), stored.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def _mapped_kib(path: Path) -> int:
+    """This process's resident KiB of ``path``'s mappings (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if parts and "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+            inside = len(parts) >= 6 and parts[5] == str(path)
+        elif inside and parts[0] == "Rss:":
+            total += int(parts[1])
+    return total
+
+
+def test_repack_releases_file_pages_but_never_changes_the_source(tmp_path) -> None:
+    """A segment repacked from a read-only memmap unmaps the file's pages (RSS counts the weights once); reading
+    the memmap again still gives the file's bytes, and an in-memory source is left exactly as it was."""
+    n, k = 64, 4096
+    raw_np = random_blocks(T.Q4_K, n, k, seed=11)
+    path = tmp_path / "w.bin"
+    raw_np.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r").reshape(raw_np.shape)
+    lin = GGUFLinear([(int(T.Q4_K), mm, n)], k)
+    assert lin.segments[0].layout == "x16"
+    if Path("/proc/self/smaps").is_file():
+        assert _mapped_kib(path) == 0, "the file's pages are still mapped after the repack"
+    assert np.array_equal(np.asarray(mm), raw_np)  # the released pages read back from the file
+    assert torch.equal(lin.dequantize(), dequantized(raw_np))
+    mem = raw_np.copy()
+    GGUFLinear([(int(T.Q4_K), mem, n)], k)
+    assert np.array_equal(mem, raw_np)  # anonymous memory is never released
+    ro = raw_np.copy()
+    ro.flags.writeable = False
+    GGUFLinear([(int(T.Q4_K), ro, n)], k)
+    assert np.array_equal(ro, raw_np)

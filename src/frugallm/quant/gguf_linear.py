@@ -30,6 +30,9 @@ correctness fallback, not a fast path.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -98,6 +101,31 @@ def _x16_ok(qtype: int, rows: int, device: torch.device) -> bool:
     """Whether a segment runs repacked (csrc/gguf_x16.cpp): Q4_K, a multiple of 16 rows, on this CPU's kernels."""
     return (qtype == Q.Q4_K and rows % 16 == 0 and device.type == "cpu" and native.usable(X16_KERNEL)
             and native.usable(KERNEL))
+
+
+def _drop_file_pages(t: torch.Tensor) -> None:
+    """Unmap this process's pages of ``t`` when they lie in a read-only file mapping (the GGUF memmap a repacked
+    segment no longer reads), so RSS counts the weights once. Safe for any owner: a read-only file page is read
+    from the file again if anyone touches it; anything else (anonymous or writable memory) is left alone."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    start, end = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE, hi // mmap.PAGESIZE * mmap.PAGESIZE
+    if end <= start:
+        return
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                a, b = (int(v, 16) for v in parts[0].split("-"))
+                if a <= lo < b:
+                    if hi <= b and len(parts) >= 6 and parts[5].startswith("/") and "w" not in parts[1]:
+                        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                                                  mmap.MADV_DONTNEED)
+                    return
+    except (OSError, AttributeError):  # no /proc or no madvise: the pages just stay mapped
+        return
 
 
 def _check_type(qtype: int) -> GGMLQuantizationType:
@@ -207,6 +235,7 @@ class GGUFLinear(nn.Module):
             t, layout = t.reshape(int(rows), -1), "stored"
             if act_quant is None and _x16_ok(qt, int(rows), t.device):  # one new buffer the size of the stored one
                 t, layout = torch.ops.frugallm.gguf_q4k_x16_repack(t), "x16"
+                _drop_file_pages(as_uint8(raw))  # the memmap's pages are no longer read: RSS counts them once
             self.register_buffer(f"raw{i}", t)
             self.segments.append(Segment(int(qt), start, int(rows), layout))
             start += int(rows)
