@@ -2,12 +2,15 @@
 
 ``kernel``: per format, ``torch.ops.frugallm.gguf_linear`` on r input rows against a random weight of raw blocks,
 median µs and time(r) / time(1), beside dequantize-then-GEMM (``gguf_dequantize`` + ``F.linear``, the path above
-``kernels.NATIVE_QUANT_MAX_ROWS`` rows) and its ratio to the kernel (< 1: the GEMM path is faster at that r).
+``kernels.NATIVE_QUANT_MAX_ROWS`` rows) and its ratio to the kernel (< 1: the GEMM path is faster at that r), and
+for Q4_K the interleaved layout GGUFLinear runs for segments of 16k rows (``gguf_q4k_x16_linear``): ``x16 µs`` and
+``kern/x16``, its speedup over the stored-block kernel.
 Run it once per ISA level: ``FRUGALLM_ISA=avx2`` forces the AVX2 build on an AVX-512 machine.
 
 ``model``: a whole-model target pass of r rows after a prompt (as ``spec_bench.py``'s ``verify`` section), median
 ms and its ratio to one decode step, and where the time goes (torch.profiler, self CPU time): the GGUF kernels
-(``frugallm::gguf_linear``), dequantize-then-GEMM (``frugallm::gguf_dequantize`` + GEMMs) and everything else.
+(``frugallm::gguf_linear``, ``gguf_q4k_x16_linear``), dequantize-then-GEMM (``frugallm::gguf_dequantize`` +
+GEMMs) and everything else.
 
     .venv/bin/python benchmarks/gguf_rows.py kernel [--shape 1536x1536 8960x1536] [--threads 1 2]
         [--rows 1 2 4 5 8 9 16 32] [--types Q4_K Q6_K Q8_0] [--dtype float32 bfloat16]
@@ -66,12 +69,15 @@ def kernel_sweep(args: argparse.Namespace) -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(header(threads))
-        print(f"{'type':<6}{'shape':>12}{'x':>9}{'rows':>5}{'µs':>10}{'x r=1':>7}{'deq+mm µs':>11}{'deq/kern':>9}")
+        print(f"{'type':<6}{'shape':>12}{'x':>9}{'rows':>5}{'µs':>10}{'x r=1':>7}{'deq+mm µs':>11}{'deq/kern':>9}"
+              f"{'x16 µs':>9}{'kern/x16':>9}")
         for shape in args.shape:
             n, k = (int(v) for v in shape.lower().split("x"))
             for name in args.types:
                 qtype = int(T[name])
                 raw = torch.from_numpy(random_blocks(T[name], n, k))
+                x16 = (torch.ops.frugallm.gguf_q4k_x16_repack(raw)
+                       if T[name] == T.Q4_K and n % 16 == 0 and native.usable("gguf_x16") else None)
                 for dname in args.dtype:
                     dtype = getattr(torch, dname)
                     base = None
@@ -79,10 +85,14 @@ def kernel_sweep(args: argparse.Namespace) -> None:
                         x = torch.randn(rows, k).to(dtype)
                         fns = {"kern": partial(torch.ops.frugallm.gguf_linear, x, raw, qtype, n, None),
                                "deq": partial(dequantize_then_gemm, x, raw, qtype, k)}
+                        if x16 is not None:
+                            fns["x16"] = partial(torch.ops.frugallm.gguf_q4k_x16_linear, x, x16, qtype, n, None)
                         us = median_us(fns, args.reps)
                         base = base or us["kern"]
+                        x16_cols = (f"{us['x16']:>9.1f}{us['kern'] / us['x16']:>9.2f}" if "x16" in us
+                                    else f"{'-':>9}{'-':>9}")
                         print(f"{name:<6}{shape:>12}{dname:>9}{rows:>5}{us['kern']:>10.1f}{us['kern'] / base:>7.2f}"
-                              f"{us['deq']:>11.1f}{us['deq'] / us['kern']:>9.2f}", flush=True)
+                              f"{us['deq']:>11.1f}{us['deq'] / us['kern']:>9.2f}{x16_cols}", flush=True)
 
 
 @torch.inference_mode()
@@ -120,8 +130,10 @@ def model_sweep(args: argparse.Namespace) -> None:
             groups: dict[str, float] = defaultdict(float)
             others: dict[str, float] = defaultdict(float)
             for ev in prof.key_averages():
-                key = ("gguf kernel" if ev.key == "frugallm::gguf_linear" else
-                       "gguf dequantize" if ev.key == "frugallm::gguf_dequantize" else
+                key = ("gguf kernel" if ev.key in ("frugallm::gguf_linear", "frugallm::gguf_q4k_x16_linear",
+                                                   "frugallm::gguf_linear_q8") else
+                       "gguf dequantize" if ev.key in ("frugallm::gguf_dequantize", "frugallm::gguf_q4k_x16_unpack")
+                       else
                        "GEMM" if ev.key in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm")
                        else "other")
                 groups[key] += ev.self_cpu_time_total

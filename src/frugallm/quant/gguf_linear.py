@@ -20,7 +20,8 @@ Q4_K segments of a multiple of 16 rows (exact mode) are repacked once at load by
 "x16b" layout (16 rows interleaved so vector lanes are output columns; the same bytes, replacing the stored ones)
 and their few-row passes run ``gguf_q4k_x16_linear`` (exact like ``gguf_linear``, 1.4-1.9x faster; rows
 bit-identical to one-row passes). Dequantizing them unpacks the stored blocks first (``gguf_q4k_x16_unpack``, bit
-for bit), so prefill and embedding lookups are unchanged. ``act_quant="q8"`` layers keep the stored layout.
+for bit), so prefill and embedding lookups are unchanged. ``act_quant="q8"`` layers keep the stored layout;
+``FRUGALLM_GGUF_X16=0`` keeps it everywhere (an A/B switch for benchmarks).
 
 Without the native kernel (no compiler, ``FRUGALLM_NATIVE=0``, a CPU below AVX2, another device) every pass
 dequantizes with ``gguf.quants.dequantize`` (numpy, the format's reference code) and runs ``F.linear``: correct
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -98,9 +100,10 @@ def row_bytes(qtype: int, in_features: int) -> int:
 
 
 def _x16_ok(qtype: int, rows: int, device: torch.device) -> bool:
-    """Whether a segment runs repacked (csrc/gguf_x16.cpp): Q4_K, a multiple of 16 rows, on this CPU's kernels."""
-    return (qtype == Q.Q4_K and rows % 16 == 0 and device.type == "cpu" and native.usable(X16_KERNEL)
-            and native.usable(KERNEL))
+    """Whether a segment runs repacked (csrc/gguf_x16.cpp): Q4_K, a multiple of 16 rows, on this CPU's kernels,
+    unless ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for benchmarks)."""
+    return (os.environ.get("FRUGALLM_GGUF_X16", "1") != "0" and qtype == Q.Q4_K and rows % 16 == 0
+            and device.type == "cpu" and native.usable(X16_KERNEL) and native.usable(KERNEL))
 
 
 def _drop_file_pages(t: torch.Tensor) -> None:
