@@ -207,3 +207,11 @@ def test_repack_releases_file_pages_but_never_changes_the_source(tmp_path) -> No
     ro.flags.writeable = False
     GGUFLinear([(int(T.Q4_K), ro, n)], k)
     assert np.array_equal(ro, raw_np)
+
+
+def test_env_switch_keeps_the_stored_layout(monkeypatch) -> None:
+    raw = torch.from_numpy(random_blocks(T.Q4_K, 32, 256, seed=12))
+    monkeypatch.setenv("FRUGALLM_GGUF_X16", "0")
+    assert GGUFLinear([(int(T.Q4_K), raw, 32)], 256).segments[0].layout == "stored"
+    monkeypatch.setenv("FRUGALLM_GGUF_X16", "1")
+    assert GGUFLinear([(int(T.Q4_K), raw, 32)], 256).segments[0].layout == "x16"
