@@ -70,3 +70,12 @@ def test_generate_with_quant_and_kv(model: str, capsys: pytest.CaptureFixture[st
     assert "int5 is not supported" in capsys.readouterr().err
     assert main([*base, "--kv", "nope"]) == 2
     assert "unknown KV policy 'nope'" in capsys.readouterr().err
+
+
+def test_generate_weights_modes(model: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--weights`` reaches ``LLM``: stored-q8 decodes a GGUF; a mode the load cannot honour is a one-line error."""
+    base = ["generate", "hello world", "--model", model, "-n", "4", "--ignore-eos", "--json"]
+    assert main([*base, "--weights", "stored-q8"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
+    assert main([*base, "--weights", "stored-q8", "--dtype", "bfloat16"]) == 2
+    assert "weights='stored-q8' cannot be used here: dtype=bfloat16" in capsys.readouterr().err

@@ -40,6 +40,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--weights", default="auto", choices=("auto", "stored", "stored-q8", "dequantize"),
+                   help="a GGUF's quantized weights: auto (run as stored on CPU, exact), stored, stored-q8 (int8 "
+                        "activations per 32 values, llama.cpp's arithmetic: faster decode, not exact), dequantize")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--no-cache", action="store_true", help="do not use the converted-weights cache")
 
@@ -113,6 +116,7 @@ def load_llm(args: argparse.Namespace, **techniques: Any) -> Any:
         device=args.device,
         threads=args.threads,
         use_cache=not args.no_cache,
+        weights=getattr(args, "weights", "auto"),
         progress=sys.stderr.isatty(),
         **techniques,
         **lora_kwargs(args),

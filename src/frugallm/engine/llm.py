@@ -29,7 +29,7 @@ from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.engine.solo import SoloRunner
 from frugallm.engine.threads import ThreadGovernor, adaptive_threads_enabled
 from frugallm.errors import FrugalError, InvalidRequestError
-from frugallm.loading import LoadedModel, choose_weights, load_model
+from frugallm.loading import STORED_MODES, LoadedModel, choose_weights, load_model
 from frugallm.sampling import SamplingParams
 from frugallm.structured import constraint_of
 
@@ -74,8 +74,9 @@ class LLM(SoloRunner):
         when the copies take at most a quarter of the free memory;
         ``weights``: ``auto`` runs a GGUF's quantized weights as stored on CPU when ``dtype="auto"`` and no
         ``quant=`` (bf16 activations where the CPU has AVX512-BF16, else fp32; see ``loading.choose_weights``;
-        ``llm.model.decode_dtype = torch.float32`` decodes in fp32), ``stored`` forces that, ``dequantize``
-        converts them to ``dtype``. ``self.weights`` / ``source_info["weights_reason"]`` say what was done;
+        ``llm.model.decode_dtype = torch.float32`` decodes in fp32), ``stored`` forces that, ``stored-q8``
+        also quantizes decode activations to int8 per 32 values (llama.cpp's arithmetic: faster, not exact),
+        ``dequantize`` converts them to ``dtype``. ``self.weights`` / ``source_info["weights_reason"]`` say what was done;
         ``lora``: PEFT adapters ``{name: folder}`` (LoRA / rsLoRA / DoRA) run beside the weights, chosen per prompt
         by ``generate(..., lora=name)``; ``max_loras`` of them stay loaded (LRU, default 4), ranks <= ``max_lora_rank``
         (default 16); ``spec``: speculative decoding (``ngram:k=8``, ``draft:model=qwen2.5-coder-0.5b:k=4``,
@@ -93,7 +94,7 @@ class LLM(SoloRunner):
         self.weights, weights_reason = choose_weights(model, weights, dtype, self.device, quant=bool(quant))
         # As stored, weights and norms stay fp32 and the GGUF kernel accumulates in fp32; decode activations are
         # bf16 where the CPU has AVX512-BF16 (exact code x bf16 products, see below), else fp32.
-        self.dtype = torch.float32 if self.weights == "stored" else resolve_dtype(dtype, self.device)
+        self.dtype = torch.float32 if self.weights in STORED_MODES else resolve_dtype(dtype, self.device)
         if self.device.type == "cpu":
             tune_malloc()
         # Parse technique specs before the (slow) load so a typo fails at once.

@@ -22,6 +22,7 @@ import torch
 
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError
+from frugallm.loading.base import STORED_MODES
 from frugallm.model.kv_cache import ContiguousKVCache, KVCache
 from frugallm.sampling import sample_batch
 
@@ -152,7 +153,7 @@ class SoloRunner:
         self.draft = None
         if cfg is not None and cfg.method == "draft":
             # A target run as stored takes a GGUF draft as stored too; otherwise the target's dtype.
-            self.draft = type(self)(cfg.model, dtype="auto" if self.weights == "stored" else self.dtype,
+            self.draft = type(self)(cfg.model, dtype="auto" if self.weights in STORED_MODES else self.dtype,
                                     device=self.device)
             check_same_vocab(self.tokenizer, self.draft.tokenizer, str(self.loaded.path), cfg.model)
         self.spec_cfg = cfg
