@@ -77,12 +77,7 @@ def worker(args: argparse.Namespace) -> dict:
     q8 = args.engine == "frugallm-q8"
     t0 = time.perf_counter()
     runner = make_runner("frugallm" if q8 else args.engine, args.model, threads=args.threads,
-                         n_ctx=PROMPT_TOKENS + args.gen + 64)
-    if q8:  # what LLM(weights="stored-q8") builds, once the engine passes that mode through
-        llm = runner.llm  # type: ignore[attr-defined]
-        if llm.weights != "stored":
-            raise SystemExit(f"{args.model}: frugallm-q8 needs a GGUF run as stored, got weights={llm.weights}")
-        set_act_quant(llm.model, "q8")
+                         n_ctx=PROMPT_TOKENS + args.gen + 64, weights="stored-q8" if q8 else "auto")
     out["load_s"] = time.perf_counter() - t0
     ids = _ids(runner.tokenizer, PROMPT_TOKENS)
     first = runner.generate([ids], args.gen).requests[0]  # the 512-token prompt, then generated tokens

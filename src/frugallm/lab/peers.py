@@ -178,10 +178,10 @@ class FrugalRunner(Runner):
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", threads: int | None = None,
                  quant: str | None = None, kv: str | None = None, use_cache: bool = True,
-                 spec: str | None = None) -> None:
+                 spec: str | None = None, weights: str = "auto") -> None:
         from frugallm import LLM
 
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {} if weights == "auto" else {"weights": weights}
         if quant:
             extra["quant"] = quant
         if kv:
@@ -412,17 +412,18 @@ BACKENDS: dict[str, type[Runner]] = {r.backend: r for r in (FrugalRunner, Transf
 
 def make_runner(backend: str, model: str, *, dtype: str = "auto", device: str = "auto", threads: int | None = None,
                 quant: str | None = None, kv: str | None = None, use_cache: bool = True,
-                n_ctx: int = 2048, spec: str | None = None) -> Runner:
+                n_ctx: int = 2048, spec: str | None = None, weights: str = "auto") -> Runner:
     """Load ``model`` with ``backend``; FrugalError for an unknown backend or a missing optional peer."""
     if backend not in BACKENDS:
         raise FrugalError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     why = BACKENDS[backend].missing()
     if why:
         raise FrugalError(why)
-    if backend != "frugallm" and (quant or kv or spec):
-        raise FrugalError(f"--quant/--kv/--spec are frugallm engine options; backend {backend} does not take them")
+    if backend != "frugallm" and (quant or kv or spec or weights != "auto"):
+        raise FrugalError(f"--quant/--kv/--spec/--weights are frugallm engine options; backend {backend} does not "
+                          "take them")
     if backend == "frugallm":
-        return FrugalRunner(model, dtype, device, threads, quant, kv, use_cache, spec)
+        return FrugalRunner(model, dtype, device, threads, quant, kv, use_cache, spec, weights)
     if backend == "transformers":
         return TransformersRunner(model, dtype, device, threads)
     if dtype not in ("auto", "gguf"):
