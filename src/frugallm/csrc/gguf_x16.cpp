@@ -37,8 +37,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__BMI2__) || defined(__AVX2__)
+#include <immintrin.h>  // pext / pdep for the repack, vector intrinsics for the linear
+#endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
 #define X16_VEC 1
 #if defined(__AVX512F__)
 #define X16_AVX512 1
@@ -66,6 +68,34 @@ void check_x16(const at::Tensor& w, int64_t n, int64_t nblocks) {
               nblocks, " Q4_K blocks take ", n / 16 * nblocks * kBlock);
 }
 
+// Nibble masks of 8 stored qs bytes (values 2 r + s, r = 0..3, s = 0..1) by sub-block parity (0: low nibbles) and
+// half s: pext gathers their 4 nibbles into bits 4r..4r+3 of half s of a repacked dword, pdep scatters them back.
+constexpr uint64_t kNibMask[2][2] = {{0x000F000F000F000FULL, 0x0F000F000F000F00ULL},
+                                     {0x00F000F000F000F0ULL, 0xF000F000F000F000ULL}};
+
+inline uint32_t pack_dword(uint64_t bytes, int odd) {
+#if defined(__BMI2__)
+  return static_cast<uint32_t>(_pext_u64(bytes, kNibMask[odd][0]) | (_pext_u64(bytes, kNibMask[odd][1]) << 16));
+#else
+  uint32_t u = 0;
+  for (int r = 0; r < 4; ++r)
+    for (int s = 0; s < 2; ++s) u |= static_cast<uint32_t>((bytes >> (8 * (2 * r + s) + 4 * odd)) & 0xF) << (16 * s + 4 * r);
+  return u;
+#endif
+}
+
+inline uint64_t unpack_dword(uint32_t u, int odd) {  // the inverse: the 8 qs bytes' nibbles of that parity
+#if defined(__BMI2__)
+  return _pdep_u64(u & 0xFFFF, kNibMask[odd][0]) | _pdep_u64(u >> 16, kNibMask[odd][1]);
+#else
+  uint64_t bytes = 0;
+  for (int r = 0; r < 4; ++r)
+    for (int s = 0; s < 2; ++s)
+      bytes |= static_cast<uint64_t>((u >> (16 * s + 4 * r)) & 0xF) << (8 * (2 * r + s) + 4 * odd);
+  return bytes;
+#endif
+}
+
 // One stored block (16 rows' 144-byte blocks at src[c * row_bytes]) -> one repacked block, and back.
 void repack_block(const uint8_t* src, int64_t row_bytes, uint8_t* dst) {
   for (int c = 0; c < 16; ++c) {
@@ -73,16 +103,13 @@ void repack_block(const uint8_t* src, int64_t row_bytes, uint8_t* dst) {
     std::memcpy(dst + 2 * c, p, 2);
     std::memcpy(dst + 32 + 2 * c, p + 2, 2);
     for (int i = 0; i < 12; ++i) dst[64 + 16 * i + c] = p[4 + i];
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t* qs = p + 16 + 32 * (j / 2);
-      const int sh = 4 * (j % 2);
+    for (int j = 0; j < 8; ++j)
       for (int z = 0; z < 4; ++z) {
-        uint32_t u = 0;
-        for (int r = 0; r < 4; ++r)
-          for (int s = 0; s < 2; ++s) u |= static_cast<uint32_t>((qs[8 * z + 2 * r + s] >> sh) & 0xF) << (16 * s + 4 * r);
+        uint64_t bytes;
+        std::memcpy(&bytes, p + 16 + 32 * (j / 2) + 8 * z, 8);
+        const uint32_t u = pack_dword(bytes, j % 2);
         std::memcpy(dst + 256 + 256 * j + 64 * z + 4 * c, &u, 4);
       }
-    }
   }
 }
 
@@ -90,17 +117,14 @@ void unpack_row(const uint8_t* blk, int c, uint8_t* p) {  // column c of one rep
   std::memcpy(p, blk + 2 * c, 2);
   std::memcpy(p + 2, blk + 32 + 2 * c, 2);
   for (int i = 0; i < 12; ++i) p[4 + i] = blk[64 + 16 * i + c];
-  std::memset(p + 16, 0, 128);
-  for (int j = 0; j < 8; ++j) {
-    uint8_t* qs = p + 16 + 32 * (j / 2);
-    const int sh = 4 * (j % 2);
+  for (int jp = 0; jp < 4; ++jp)  // sub-blocks 2 jp (low nibbles) and 2 jp + 1 (high) share 32 qs bytes
     for (int z = 0; z < 4; ++z) {
-      uint32_t u;
-      std::memcpy(&u, blk + 256 + 256 * j + 64 * z + 4 * c, 4);
-      for (int r = 0; r < 4; ++r)
-        for (int s = 0; s < 2; ++s) qs[8 * z + 2 * r + s] |= static_cast<uint8_t>(((u >> (16 * s + 4 * r)) & 0xF) << sh);
+      uint32_t lo, hi;
+      std::memcpy(&lo, blk + 256 + 256 * (2 * jp) + 64 * z + 4 * c, 4);
+      std::memcpy(&hi, blk + 256 + 256 * (2 * jp + 1) + 64 * z + 4 * c, 4);
+      const uint64_t bytes = unpack_dword(lo, 0) | unpack_dword(hi, 1);
+      std::memcpy(p + 16 + 32 * jp + 8 * z, &bytes, 8);
     }
-  }
 }
 
 at::Tensor gguf_q4k_x16_repack(const at::Tensor& w) {
