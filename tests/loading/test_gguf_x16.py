@@ -18,11 +18,18 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from frugallm import LLM, SamplingParams, native
+from frugallm import LLM, SamplingParams, cpu, native
 from frugallm.quant import gguf_linear as gl
 from frugallm.quant import kernels
 from frugallm.quant.gguf_linear import GGUFLinear, set_act_quant
 from gguf_blocks import random_blocks
+
+
+@pytest.fixture(autouse=True)
+def _x16_on(monkeypatch) -> None:
+    """GGUFLinear repacks at AVX-512 and above by default; the tests run the x16 path at every level."""
+    monkeypatch.setenv("FRUGALLM_GGUF_X16", "1")
+
 
 pytestmark = [pytest.mark.isa,
               pytest.mark.skipif(not (native.usable("gguf_x16") and native.usable("gguf_linear")),
@@ -209,9 +216,13 @@ def test_repack_releases_file_pages_but_never_changes_the_source(tmp_path) -> No
     assert np.array_equal(ro, raw_np)
 
 
-def test_env_switch_keeps_the_stored_layout(monkeypatch) -> None:
+def test_env_switch_and_default(monkeypatch) -> None:
+    """Default: repacked at AVX-512 and above (AVX2's x16 kernel is slower at one row); 0 / 1 force it."""
     raw = torch.from_numpy(random_blocks(T.Q4_K, 32, 256, seed=12))
     monkeypatch.setenv("FRUGALLM_GGUF_X16", "0")
     assert GGUFLinear([(int(T.Q4_K), raw, 32)], 256).segments[0].layout == "stored"
     monkeypatch.setenv("FRUGALLM_GGUF_X16", "1")
     assert GGUFLinear([(int(T.Q4_K), raw, 32)], 256).segments[0].layout == "x16"
+    monkeypatch.delenv("FRUGALLM_GGUF_X16")
+    want = "x16" if cpu.at_least("avx512") else "stored"
+    assert GGUFLinear([(int(T.Q4_K), raw, 32)], 256).segments[0].layout == want

@@ -21,7 +21,8 @@ Q4_K segments of a multiple of 16 rows (exact mode) are repacked once at load by
 and their few-row passes run ``gguf_q4k_x16_linear`` (exact like ``gguf_linear``, 1.4-1.9x faster; rows
 bit-identical to one-row passes). Dequantizing them unpacks the stored blocks first (``gguf_q4k_x16_unpack``, bit
 for bit), so prefill and embedding lookups are unchanged. ``act_quant="q8"`` layers keep the stored layout;
-``FRUGALLM_GGUF_X16=0`` keeps it everywhere (an A/B switch for benchmarks).
+the repack is on at AVX-512 and above (AVX2: ``FRUGALLM_GGUF_X16=1``, slower at one row there);
+``FRUGALLM_GGUF_X16=0`` keeps the stored layout everywhere (an A/B switch for benchmarks).
 
 Without the native kernel (no compiler, ``FRUGALLM_NATIVE=0``, a CPU below AVX2, another device) every pass
 dequantizes with ``gguf.quants.dequantize`` (numpy, the format's reference code) and runs ``F.linear``: correct
@@ -46,7 +47,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from torch import nn
 
-from frugallm import native
+from frugallm import cpu, native
 from frugallm.errors import FrugalError
 from frugallm.quant import kernels
 from frugallm.quant.layer import flatten_input, tensor_bytes
@@ -100,9 +101,12 @@ def row_bytes(qtype: int, in_features: int) -> int:
 
 
 def _x16_ok(qtype: int, rows: int, device: torch.device) -> bool:
-    """Whether a segment runs repacked (csrc/gguf_x16.cpp): Q4_K, a multiple of 16 rows, on this CPU's kernels,
-    unless ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for benchmarks)."""
-    return (os.environ.get("FRUGALLM_GGUF_X16", "1") != "0" and qtype == Q.Q4_K and rows % 16 == 0
+    """Whether a segment runs repacked (csrc/gguf_x16.cpp): Q4_K, a multiple of 16 rows, on this CPU's kernels at
+    AVX-512 or above, unless ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for benchmarks).
+    ``FRUGALLM_GGUF_X16=1`` also repacks on AVX2, where the x16 kernel is 0.75-0.96x the stored-block kernel at
+    one row (1.1-1.7x at 2-8 rows), so decode keeps the stored layout there by default."""
+    flag = os.environ.get("FRUGALLM_GGUF_X16", "auto")
+    return (flag != "0" and (flag == "1" or cpu.at_least("avx512")) and qtype == Q.Q4_K and rows % 16 == 0
             and device.type == "cpu" and native.usable(X16_KERNEL) and native.usable(KERNEL))
 
 
