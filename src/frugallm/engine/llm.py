@@ -76,7 +76,8 @@ class LLM(SoloRunner):
         ``quant=`` (bf16 activations where the CPU has AVX512-BF16, else fp32; see ``loading.choose_weights``;
         ``llm.model.decode_dtype = torch.float32`` decodes in fp32), ``stored`` forces that, ``stored-q8``
         also quantizes decode activations to int8 per 32 values (llama.cpp's arithmetic: faster, not exact),
-        ``dequantize`` converts them to ``dtype``. ``self.weights`` / ``source_info["weights_reason"]`` say what was done;
+        ``dequantize`` converts them to ``dtype``. ``self.weights`` / ``source_info["weights_reason"]`` say what
+        was done;
         ``lora``: PEFT adapters ``{name: folder}`` (LoRA / rsLoRA / DoRA) run beside the weights, chosen per prompt
         by ``generate(..., lora=name)``; ``max_loras`` of them stay loaded (LRU, default 4), ranks <= ``max_lora_rank``
         (default 16); ``spec``: speculative decoding (``ngram:k=8``, ``draft:model=qwen2.5-coder-0.5b:k=4``,
