@@ -34,6 +34,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "gguf_format.h"
 
 #include <algorithm>
 #include <cmath>
@@ -56,24 +57,11 @@ constexpr bool kVectorized = false;
 
 namespace {
 
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+using namespace frugallm::gguf;
 
-struct Format {
-  int64_t block, bytes;  // values per block, bytes per block
-};
-
-constexpr Format format_of(int64_t qtype) {
-  switch (qtype) {
-    case Q4_0: return {32, 18};
-    case Q4_1: return {32, 20};
-    case Q5_0: return {32, 22};
-    case Q5_1: return {32, 24};
-    case Q8_0: return {32, 34};
-    case Q4_K: return {256, 144};
-    case Q5_K: return {256, 176};
-    case Q6_K: return {256, 210};
-    default: return {0, 0};
-  }
+// The types this file runs (Q2_K / Q3_K keep the exact kernel).
+constexpr bool runs_q8(int64_t t) {
+  return t == Q4_0 || t == Q4_1 || t == Q5_0 || t == Q5_1 || t == Q8_0 || t == Q4_K || t == Q5_K || t == Q6_K;
 }
 
 // Which integer dot product this build uses (tests and benchmarks report it).
@@ -163,11 +151,6 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
-inline float f16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline __m256i nib_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
 inline __m256i nib_hi(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
@@ -365,22 +348,9 @@ DotFn dot_fn(int64_t qtype) {
 }
 #endif  // FRUGALLM_Q8_VEC
 
-// The format of qtype, checked against a weight of [rows, bytes_per_row] for `cols` values per row (the same
-// messages as gguf_linear's).
 Format check_weight(const at::Tensor& w, int64_t qtype, int64_t rows, int64_t cols) {
-  const Format f = format_of(qtype);
-  TORCH_CHECK(f.block != 0, "unsupported GGUF qtype ", qtype, " for int8 activations (supported: Q4_0=2, Q4_1=3, ",
-              "Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14)");
-  TORCH_CHECK(cols > 0 && cols % f.block == 0, "in_features (", cols, ") must be a positive multiple of ", f.block,
-              " for GGUF qtype ", qtype);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "w must be a contiguous uint8 [out_features, bytes_per_row] tensor, got ", w.scalar_type(), " with ",
-              w.dim(), " dims");
-  TORCH_CHECK(w.size(0) == rows, "w has ", w.size(0), " rows but out_features is ", rows);
-  TORCH_CHECK(w.size(1) == cols / f.block * f.bytes, "w has ", w.size(1), " bytes per row but GGUF qtype ", qtype,
-              " stores ", cols, " values in ", cols / f.block * f.bytes, " bytes (", f.bytes, " per block of ",
-              f.block, ")");
-  return f;
+  return frugallm::gguf::check_weight(w, qtype, rows, cols, runs_q8(qtype), " for int8 activations",
+                                      "Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14");
 }
 
 at::Tensor gguf_linear_q8(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n_out,

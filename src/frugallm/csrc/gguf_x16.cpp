@@ -1,5 +1,6 @@
 // requires: avx2 (frugallm/native.py builds this kernel only on CPUs at that ISA level; below it torch runs)
-// Q4_K weights repacked at load with 16 weight rows interleaved ("x16b", from benchmarks/proto/gguf_q4k_x16.cpp):
+// Q4_K weights repacked at load with 16 weight rows interleaved ("x16b"; its prototypes, and a gather-based variant
+// on the stored blocks at 0.46x of the stored-block kernel, are in git history: 8814961, 65e5f3e):
 // a vector lane is one output column, so each lane accumulates its own column (no horizontal sums), the scale FMA is
 // once per 32 values for 16 columns, each x value (or bf16 pair) is one broadcast shared by the 16 columns, and a
 // decoded weight vector is shared by every input row. An output's arithmetic does not depend on how many rows run
