@@ -7,6 +7,7 @@ One cluster for the module (Ray's start-up is most of the cost): 2 CPUs, no dash
 
 from __future__ import annotations
 
+import random
 import socket
 import sys
 import threading
@@ -64,10 +65,8 @@ def cluster(tiny_models, tmp_path_factory) -> Any:
     llm_kwargs = dict(dtype="float32", device="cpu", threads=1, lora={"sql": str(adapter)}, max_loras=2,
                       max_lora_rank=4)
     config = EngineConfig(num_blocks=256, block_size=4, max_num_seqs=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = proxy_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         build = functools.partial(slow_engine, engine_builder(str(model), config, **llm_kwargs), STEP_DELAY_S)
@@ -78,6 +77,24 @@ def cluster(tiny_models, tmp_path_factory) -> Any:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def proxy_port() -> int:
+    """A free port for Serve's proxy from 20000-32767: above Ray's worker ports (10002-19999) and below the kernel's
+    ephemeral range, where Ray's own processes take ports. A port picked by binding port 0 comes from that range
+    and can be taken again before the proxy binds it (CI saw "Failed to bind to address")."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:  # not Linux: the IANA ephemeral range starts at 49152
+        low = 32768
+    for port in random.Random().sample(range(20000, min(low, 32768)), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def client(cluster: Any) -> Any:
