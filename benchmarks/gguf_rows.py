@@ -37,18 +37,8 @@ from frugallm import cpu, native
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
 from gguf_blocks import random_blocks  # noqa: E402  (shared with the kernel tests)
 
-
-def median_us(fns: dict[str, object], reps: int) -> dict[str, float]:
-    """Median µs of each callable, interleaved rep by rep (load on the machine hits them alike)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf_kernels import median_us  # noqa: E402  (interleaved medians, one definition)
 
 
 def dequantize_then_gemm(x: torch.Tensor, raw: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
