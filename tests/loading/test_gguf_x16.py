@@ -1,7 +1,7 @@
-"""Q4_K repacked with 16 rows interleaved (csrc/gguf_x16.cpp, the "x16b" layout) and its use by GGUFLinear: the
-repack is lossless, the linear is dequantize-then-matmul up to fp32 rounding with each row bit-identical to its
-one-row pass, dequantizing a repacked segment is the reference's dequantization bit for bit, and a Q4_K model
-decodes the same with and without the repack.
+"""Q4_K and Q6_K repacked with 16 rows interleaved (csrc/gguf_x16.cpp, the "x16b" layouts) and their use by
+GGUFLinear: the repack is lossless, the linear is dequantize-then-matmul up to fp32 rounding with each row
+bit-identical to its one-row pass, dequantizing a repacked segment is the reference's dequantization bit for bit,
+and a Q4_K_M model (Q4_K + Q6_K) decodes the same with and without the repack.
 
 Marked ``isa``: ``make test`` reruns this module at ``FRUGALLM_ISA=avx2`` on AVX-512 machines, so each machine
 tests every build of the kernel it can execute (AVX512-BF16's vdpbf16ps path, AVX-512 and AVX2 FMA paths).
@@ -37,10 +37,14 @@ pytestmark = [pytest.mark.isa,
 
 SHAPES = [(16, 256), (48, 768), (272, 1280)]  # (N, K): N multiples of 16, odd numbers of 256-value blocks
 ROWS = list(range(1, 18))  # one row, several 4-row passes, a partial last pass
+# type -> (repack, unpack, repacked bytes per 16 rows per 256-value block)
+X16 = {T.Q4_K: (torch.ops.frugallm.gguf_q4k_x16_repack, torch.ops.frugallm.gguf_q4k_x16_unpack, 2304),
+       T.Q6_K: (torch.ops.frugallm.gguf_q6k_x16_repack, torch.ops.frugallm.gguf_q6k_x16_unpack, 3360)}
+QTYPES = pytest.mark.parametrize("qt", list(X16), ids=lambda t: t.name)
 
 
-def dequantized(raw: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(gguf.quants.dequantize(raw, T.Q4_K))
+def dequantized(raw: np.ndarray, qt: T = T.Q4_K) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(raw, qt))
 
 
 def assert_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -55,51 +59,76 @@ def assert_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.
     assert (err <= bound).all(), float((err / bound).max())
 
 
+@QTYPES
 @pytest.mark.parametrize(("n", "k"), SHAPES, ids=lambda v: str(v))
-def test_repack_is_lossless_and_dequantizes_bit_for_bit(n: int, k: int) -> None:
-    raw_np = random_blocks(T.Q4_K, n, k, seed=n + k)
+def test_repack_is_lossless_and_dequantizes_bit_for_bit(n: int, k: int, qt: T) -> None:
+    repack, unpack, block = X16[qt]
+    raw_np = random_blocks(qt, n, k, seed=n + k)
     raw = torch.from_numpy(raw_np)
-    w16 = torch.ops.frugallm.gguf_q4k_x16_repack(raw)
-    assert w16.shape == (n // 16, k // 256 * 2304) and w16.numel() == raw.numel()  # the same bytes
+    w16 = repack(raw)
+    assert w16.shape == (n // 16, k // 256 * block) and w16.numel() == raw.numel()  # the same bytes
     assert not torch.equal(w16.reshape(raw.shape), raw)  # really interleaved
-    assert torch.equal(torch.ops.frugallm.gguf_q4k_x16_unpack(w16, n, None), raw)
+    assert torch.equal(unpack(w16, n, None), raw)
     idx = torch.tensor([n - 1, 0, 17 % n, n - 1])
-    assert torch.equal(torch.ops.frugallm.gguf_q4k_x16_unpack(w16, n, idx), raw[idx])
+    assert torch.equal(unpack(w16, n, idx), raw[idx])
     # GGUFLinear's dequantize of the repacked segment: the reference's numbers exactly.
-    lin = GGUFLinear([(int(T.Q4_K), raw, n)], k)
+    lin = GGUFLinear([(int(qt), raw, n)], k)
     assert lin.segments[0].layout == "x16" and lin.raw(0).shape == w16.shape
-    assert torch.equal(lin.dequantize(torch.float32), dequantized(raw_np))
-    assert torch.equal(lin.dequantize_rows(idx), dequantized(raw_np)[idx])
-    assert torch.equal(lin.dequantize(torch.bfloat16), dequantized(raw_np).to(torch.bfloat16))
+    assert torch.equal(lin.dequantize(torch.float32), dequantized(raw_np, qt))
+    assert torch.equal(lin.dequantize_rows(idx), dequantized(raw_np, qt)[idx])
+    assert torch.equal(lin.dequantize(torch.bfloat16), dequantized(raw_np, qt).to(torch.bfloat16))
 
 
+def test_q6k_repack_round_trips_every_code() -> None:
+    """Every 6-bit code at every position of a Q6_K block (ql / qh bit placement) survives the repack: 16 rows
+    whose codes are (row + value) % 64 over one block, unpacked bit for bit."""
+    raw = torch.from_numpy(random_blocks(T.Q6_K, 16, 256, seed=3))
+    codes = (torch.arange(16)[:, None] + torch.arange(256)[None]) % 64  # [16 rows, 256 values]
+    v = torch.arange(256)
+    h, qd, lo = v // 128, (v % 128) // 32, v % 32
+    ql, qh = torch.zeros(16, 128, dtype=torch.int64), torch.zeros(16, 64, dtype=torch.int64)
+    ql.index_add_(1, 64 * h + 32 * (qd % 2) + lo, (codes & 15) << torch.where(qd < 2, 0, 4))
+    qh.index_add_(1, 32 * h + lo, (codes >> 4) << (2 * qd))
+    raw[:, :128], raw[:, 128:192] = ql.to(torch.uint8), qh.to(torch.uint8)
+    ref = dequantized(raw.numpy(), T.Q6_K)
+    d = torch.from_numpy(raw[:, 208:210].numpy().copy().view(np.float16).astype(np.float32))  # [16, 1]
+    sc = raw[:, 192:208].view(torch.int8).float().repeat_interleave(16, 1)
+    torch.testing.assert_close(ref, d * sc * (codes - 32).float(), rtol=0, atol=0)  # codes placed as meant
+    w16 = torch.ops.frugallm.gguf_q6k_x16_repack(raw)
+    assert torch.equal(torch.ops.frugallm.gguf_q6k_x16_unpack(w16, 16, None), raw)
+
+
+@QTYPES
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("n", "k"), SHAPES, ids=lambda v: str(v))
-def test_linear_matches_dequantize_then_matmul_and_one_row(n: int, k: int, x_dtype: torch.dtype) -> None:
+def test_linear_matches_dequantize_then_matmul_and_one_row(n: int, k: int, x_dtype: torch.dtype, qt: T) -> None:
     """Every r in 1..17: dequantize-then-matmul up to fp32 rounding, each row bit-identical to that row alone."""
-    raw_np = random_blocks(T.Q4_K, n, k, seed=2 * n + k)
-    raw, w = torch.from_numpy(raw_np), dequantized(raw_np)
-    w16 = torch.ops.frugallm.gguf_q4k_x16_repack(raw)
+    raw_np = random_blocks(qt, n, k, seed=2 * n + k)
+    raw, w = torch.from_numpy(raw_np), dequantized(raw_np, qt)
+    w16 = X16[qt][0](raw)
     g = torch.Generator().manual_seed(n)
     x = torch.randn(max(ROWS), k, generator=g).to(x_dtype)
     for bias in (None, torch.randn(n, generator=g)):
-        alone = torch.cat([torch.ops.frugallm.gguf_q4k_x16_linear(x[i : i + 1], w16, int(T.Q4_K), n, bias)
+        alone = torch.cat([torch.ops.frugallm.gguf_x16_linear(x[i : i + 1], w16, int(qt), n, bias)
                            for i in range(max(ROWS))])
         assert alone.dtype == x_dtype
         assert_close(alone, x.float(), w, bias)
         for r in ROWS:
-            y = torch.ops.frugallm.gguf_q4k_x16_linear(x[:r], w16, int(T.Q4_K), n, bias)
+            y = torch.ops.frugallm.gguf_x16_linear(x[:r], w16, int(qt), n, bias)
             assert y.shape == (r, n) and torch.equal(y, alone[:r]), r
+        if qt == T.Q4_K:  # the Q4_K-only op is the same kernel
+            assert torch.equal(torch.ops.frugallm.gguf_q4k_x16_linear(x[:5], w16, int(qt), n, bias), alone[:5])
 
 
+@QTYPES
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_rows_do_not_depend_on_threads(x_dtype: torch.dtype, one_thread) -> None:
+def test_rows_do_not_depend_on_threads(x_dtype: torch.dtype, qt: T, one_thread) -> None:
     n, k = 96, 512
-    w16 = torch.ops.frugallm.gguf_q4k_x16_repack(torch.from_numpy(random_blocks(T.Q4_K, n, k, seed=9)))
+    w16 = X16[qt][0](torch.from_numpy(random_blocks(qt, n, k, seed=9)))
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(10)).to(x_dtype)
-    single = torch.ops.frugallm.gguf_q4k_x16_linear(x, w16, int(T.Q4_K), n, None)
+    single = torch.ops.frugallm.gguf_x16_linear(x, w16, int(qt), n, None)
     torch.set_num_threads(2)
-    assert torch.equal(torch.ops.frugallm.gguf_q4k_x16_linear(x, w16, int(T.Q4_K), n, None), single)
+    assert torch.equal(torch.ops.frugallm.gguf_x16_linear(x, w16, int(qt), n, None), single)
 
 
 def test_bad_inputs_are_clear_errors() -> None:
@@ -113,50 +142,65 @@ def test_bad_inputs_are_clear_errors() -> None:
         torch.ops.frugallm.gguf_q4k_x16_linear(torch.randn(1, 512), w16, int(T.Q4_K), 16, None)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.frugallm.gguf_q4k_x16_unpack(w16, 16, torch.tensor([16]))
+    with pytest.raises(RuntimeError, match=r"only Q4_K \(12\) and Q6_K"):
+        torch.ops.frugallm.gguf_x16_linear(torch.randn(1, 256), w16, int(T.Q5_K), 16, None)
+    raw6 = torch.from_numpy(random_blocks(T.Q6_K, 16, 256, seed=2))
+    w6 = torch.ops.frugallm.gguf_q6k_x16_repack(raw6)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.frugallm.gguf_q6k_x16_repack(raw6[:8])
+    with pytest.raises(RuntimeError, match="Q6_K blocks"):
+        torch.ops.frugallm.gguf_q6k_x16_repack(raw6[:, :200])
+    with pytest.raises(RuntimeError, match="bytes"):  # Q4_K's repacked size is not Q6_K's
+        torch.ops.frugallm.gguf_x16_linear(torch.randn(1, 256), w6, int(T.Q4_K), 16, None)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.frugallm.gguf_q6k_x16_unpack(w6, 16, torch.tensor([-1]))
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gguf_linear_repacks_q4k_segments_only(x_dtype: torch.dtype) -> None:
-    """A fused Q4_K (x16) + Q6_K + Q4_K-of-40-rows (stays stored) linear: its few-row passes (forward and
-    decode_fn) equal the stored-block kernel per segment; prefill-size passes dequantize; q8 mode keeps stored."""
+def test_gguf_linear_repacks_q4k_and_q6k_segments_of_16k_rows(x_dtype: torch.dtype) -> None:
+    """A fused Q4_K (x16) + Q6_K (x16) + Q4_K-of-40-rows (stays stored) + Q5_K linear: its few-row passes (forward
+    and decode_fn) equal the x16 / stored-block kernels per segment; prefill-size passes dequantize; q8 mode keeps
+    stored."""
     k = 512
     segs_np = [(T.Q4_K, random_blocks(T.Q4_K, 48, k, seed=1), 48), (T.Q6_K, random_blocks(T.Q6_K, 32, k, seed=2), 32),
-               (T.Q4_K, random_blocks(T.Q4_K, 40, k, seed=3), 40)]
+               (T.Q4_K, random_blocks(T.Q4_K, 40, k, seed=3), 40), (T.Q5_K, random_blocks(T.Q5_K, 16, k, seed=6), 16)]
     segs: list[tuple[int, Any, int]] = [(int(t), torch.from_numpy(r), n) for t, r, n in segs_np]
-    bias = torch.randn(120, generator=torch.Generator().manual_seed(4))
+    bias = torch.randn(136, generator=torch.Generator().manual_seed(4))
     lin = GGUFLinear(segs, k, bias)
-    assert [s.layout for s in lin.segments] == ["x16", "stored", "stored"]
-    assert "Q4_Kx48(x16)" in lin.extra_repr()
-    w = torch.cat([dequantized(r) if t == T.Q4_K else torch.from_numpy(gguf.quants.dequantize(r, t))
-                   for t, r, _ in segs_np])
+    assert [s.layout for s in lin.segments] == ["x16", "x16", "stored", "stored"]
+    assert "Q4_Kx48(x16)" in lin.extra_repr() and "Q6_Kx32(x16)" in lin.extra_repr()
+    w = torch.cat([dequantized(r, t) for t, r, _ in segs_np])
     x = torch.randn(kernels.NATIVE_QUANT_MAX_ROWS + 3, k, generator=torch.Generator().manual_seed(5)).to(x_dtype)
     few = x[:5]
     y = lin(few)
     assert_close(y, few.float(), w, bias)
     assert torch.equal(y[:, :48], torch.ops.frugallm.gguf_q4k_x16_linear(few, lin.raw(0), int(T.Q4_K), 48, bias[:48]))
-    assert torch.equal(y[:, 48:], torch.cat([torch.ops.frugallm.gguf_linear(few, segs[i][1], segs[i][0], segs[i][2],
+    assert torch.equal(y[:, 48:80], torch.ops.frugallm.gguf_x16_linear(few, lin.raw(1), int(T.Q6_K), 32, bias[48:80]))
+    assert torch.equal(y[:, 80:], torch.cat([torch.ops.frugallm.gguf_linear(few, segs[i][1], segs[i][0], segs[i][2],
                                                                            bias[lo:hi])
-                                             for i, (lo, hi) in ((1, (48, 80)), (2, (80, 120)))], 1))
+                                             for i, (lo, hi) in ((2, (80, 120)), (3, (120, 136)))], 1))
     assert torch.equal(lin.decode_fn(x_dtype, torch.device("cpu"))(few), y)
     big = lin(x)  # prefill: dequantize (unpacked blocks) then F.linear
     ref = torch.nn.functional.linear(x, lin.dequantize(x_dtype), bias.to(x_dtype))
     assert torch.equal(big, ref)
     # int8 activations read the stored layout: none repacked, and switching a model to q8 unpacks.
-    assert [s.layout for s in GGUFLinear(segs, k, bias, act_quant="q8").segments] == ["stored"] * 3
+    assert [s.layout for s in GGUFLinear(segs, k, bias, act_quant="q8").segments] == ["stored"] * 4
     model = torch.nn.Sequential(lin)
     assert set_act_quant(model, "q8") == 1
-    assert [s.layout for s in lin.segments] == ["stored"] * 3 and torch.equal(lin.raw(0), segs[0][1])
+    assert [s.layout for s in lin.segments] == ["stored"] * 4
+    assert torch.equal(lin.raw(0), segs[0][1]) and torch.equal(lin.raw(1), segs[1][1])
 
 
 def test_tiny_q4k_model_decodes_the_same_without_the_repack(tiny_models, tiny_ids, monkeypatch) -> None:
-    """A tiny Q4_K_M model (qwen2, tied head) as stored, repacked vs not: fp32 decode logits equal to fp32 rounding
-    and the same greedy tokens (single stream and batched); in the default decode dtype (bf16 on AVX512-BF16) the
-    logits agree to bf16 precision (a random tiny model's near-ties may then pick another greedy token)."""
+    """A tiny Q4_K_M model (qwen2, tied head; Q4_K and Q6_K) as stored, repacked vs not: fp32 decode logits equal
+    to fp32 rounding and the same greedy tokens (single stream and batched); in the default decode dtype (bf16 on
+    AVX512-BF16) the logits agree to bf16 precision (a random tiny model's near-ties may then pick another greedy
+    token)."""
     kw = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64, "tie_word_embeddings": True}
     path = str(tiny_models.gguf("qwen2", "Q4_K", overrides={"attn_v": "Q6_K", "ffn_down": "Q6_K"}, **kw))
     x16 = LLM(path, device="cpu")
-    layouts = [s.layout for m in x16.model.modules() if isinstance(m, GGUFLinear) for s in m.segments]
-    assert "x16" in layouts
+    layouts = {(s.qtype, s.layout) for m in x16.model.modules() if isinstance(m, GGUFLinear) for s in m.segments}
+    assert {(int(T.Q4_K), "x16"), (int(T.Q6_K), "x16")} <= layouts
     monkeypatch.setattr(gl, "_x16_ok", lambda *a: False)
     stored = LLM(path, device="cpu")
     assert all(s.layout == "stored" for m in stored.model.modules() if isinstance(m, GGUFLinear) for s in m.segments)

@@ -19,9 +19,17 @@
 //       in x's dtype: sum over sub-blocks of (d sc) * sum(x q) - (dmin m) * sum(x), fp32 accumulation, bias added in
 //       fp32, one RNE rounding for bf16 output; dequantize-then-matmul up to fp32 rounding.
 //
+// Q6_K the same way (gguf_q6k_x16_repack / gguf_q6k_x16_unpack, the same signatures; 210 bytes per row per block):
+//   d[16] fp16 | the 16 int8 scales as [16][16] | sub-blocks i = 0..15 (16 values, one scale) of 192 bytes: runs
+//   z = 0..1 of 64 bytes, column c's dword in run z holding in 16-bit half s, bits 4r..4r+3, the low nibble of the
+//   code of value 16 i + 8 z + 2 r + s; then a run of 64 bytes whose column dword holds that value's 2 high code
+//   bits at bits 16 s + 4 r + 2 z. 16 * 210 = 3360 bytes per group per block.
+//   gguf_x16_linear(x, w x16b, qtype (12 or 14), N, bias?): either type (gguf_q4k_x16_linear: Q4_K only); Q6_K is
+//       sum over sub-blocks of (d sc) * (sum(x q) - 32 sum(x)), the same guarantees.
+//
 // Paths: bf16 x on AVX512-BF16 meets the codes as bf16 128 + q (a bit-or: 0x4300 | q) in vdpbf16ps; 128 * sum(x) of
-// the sub-block is subtracted before the scale (the cancellation stays within 32 values). fp32 x (and bf16 x on CPUs
-// without AVX512-BF16, widened to fp32 first) converts the codes to fp32 and runs FMAs: 16 lanes on AVX-512, two
+// the sub-block is subtracted before the scale (the cancellation stays within 32 values; Q6_K: 160 * sum(x) of 16).
+// fp32 x (and bf16 x on CPUs without AVX512-BF16, widened to fp32 first) converts the codes to fp32 and runs FMAs: 16 lanes on AVX-512, two
 // halves of 8 on AVX2 + FMA + F16C.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -61,12 +69,17 @@ constexpr int64_t kStored = 144;    // bytes per row per block as stored
 constexpr int64_t kBlock = 2304;    // bytes per 16 rows per block repacked (16 * 144)
 constexpr int64_t kRowsPass = 4;    // input rows per pass over a group's weights
 
-void check_x16(const at::Tensor& w, int64_t n, int64_t nblocks) {
+constexpr int64_t kQ6K = 14;        // GGMLQuantizationType.Q6_K
+constexpr int64_t kStored6 = 210;   // Q6_K bytes per row per block as stored
+constexpr int64_t kBlock6 = 3360;   // Q6_K bytes per 16 rows per block repacked (16 * 210)
+
+void check_x16(const at::Tensor& w, int64_t n, int64_t nblocks, int64_t block_bytes = kBlock,
+               const char* type = "Q4_K") {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous(),
               "gguf_x16: w must be a contiguous CPU uint8 tensor");
   TORCH_CHECK(n > 0 && n % 16 == 0, "gguf_x16: out_features must be a positive multiple of 16, got ", n);
-  TORCH_CHECK(w.numel() == n / 16 * nblocks * kBlock, "gguf_x16: w has ", w.numel(), " bytes, ", n, " rows of ",
-              nblocks, " Q4_K blocks take ", n / 16 * nblocks * kBlock);
+  TORCH_CHECK(w.numel() == n / 16 * nblocks * block_bytes, "gguf_x16: w has ", w.numel(), " bytes, ", n,
+              " rows of ", nblocks, " ", type, " blocks take ", n / 16 * nblocks * block_bytes);
 }
 
 // Nibble masks of 8 stored qs bytes (values 2 r + s, r = 0..3, s = 0..1) by sub-block parity (0: low nibbles) and
@@ -171,6 +184,112 @@ at::Tensor gguf_q4k_x16_unpack(const at::Tensor& w, int64_t n, const std::option
       const int64_t row = ip ? ip[i] : i;
       for (int64_t b = 0; b < nblocks; ++b)
         unpack_row(src + ((row / 16) * nblocks + b) * kBlock, static_cast<int>(row % 16), dst + (i * nblocks + b) * kStored);
+    }
+  });
+  return out;
+}
+
+// ---- Q6_K ------------------------------------------------------------------------------------------------------
+// Stored block (210 bytes): ql[128] | qh[64] | int8 scales[16] | d f16. Value v = 128 h + 32 qd + l (h = 0..1,
+// quadrant qd = 0..3, l = 0..31) has the 6-bit code (nibble qd / 2 of ql[64 h + 32 (qd % 2) + l]) |
+// (bits 2 qd..2 qd + 1 of qh[32 h + l]) << 4, weight d * scales[v / 16] * (code - 32).
+inline int q6_get(const uint8_t* p, int v) {
+  const int h = v / 128, qd = (v % 128) / 32, l = v % 32;
+  const uint8_t lo = p[64 * h + 32 * (qd % 2) + l];
+  return ((qd < 2 ? lo : lo >> 4) & 0xF) | (((p[128 + 32 * h + l] >> (2 * qd)) & 3) << 4);
+}
+
+inline void q6_set(uint8_t* p, int v, int q) {  // p's ql / qh start zeroed
+  const int h = v / 128, qd = (v % 128) / 32, l = v % 32;
+  p[64 * h + 32 * (qd % 2) + l] |= static_cast<uint8_t>((q & 0xF) << (qd < 2 ? 0 : 4));
+  p[128 + 32 * h + l] |= static_cast<uint8_t>((q >> 4) << (2 * qd));
+}
+
+// Value u = 8 z + 2 r + s (z = 0..1, r = 0..3, s = 0..1) of sub-block i: its low nibble at bits 16 s + 4 r of
+// column c's dword in run z, its 2 high bits at bits 16 s + 4 r + 2 z of the column's dword in the high run.
+void repack_block6(const uint8_t* src, int64_t row_bytes, uint8_t* dst) {
+  for (int c = 0; c < 16; ++c) {
+    const uint8_t* p = src + c * row_bytes;
+    std::memcpy(dst + 2 * c, p + 208, 2);
+    for (int i = 0; i < 16; ++i) dst[32 + 16 * i + c] = p[192 + i];
+    for (int i = 0; i < 16; ++i) {
+      uint32_t lo[2] = {0, 0}, hi = 0;
+      for (int u = 0; u < 16; ++u) {
+        const uint32_t q = static_cast<uint32_t>(q6_get(p, 16 * i + u));
+        const int z = u / 8, r = (u % 8) / 2, s = u % 2;
+        lo[z] |= (q & 0xF) << (16 * s + 4 * r);
+        hi |= (q >> 4) << (16 * s + 4 * r + 2 * z);
+      }
+      uint8_t* q = dst + 288 + 192 * i + 4 * c;
+      std::memcpy(q, &lo[0], 4);
+      std::memcpy(q + 64, &lo[1], 4);
+      std::memcpy(q + 128, &hi, 4);
+    }
+  }
+}
+
+void unpack_row6(const uint8_t* blk, int c, uint8_t* p) {  // column c of one repacked Q6_K block -> its 210 bytes
+  std::memset(p, 0, 192);
+  std::memcpy(p + 208, blk + 2 * c, 2);
+  for (int i = 0; i < 16; ++i) p[192 + i] = blk[32 + 16 * i + c];
+  for (int i = 0; i < 16; ++i) {
+    const uint8_t* q = blk + 288 + 192 * i + 4 * c;
+    uint32_t lo[2], hi;
+    std::memcpy(&lo[0], q, 4);
+    std::memcpy(&lo[1], q + 64, 4);
+    std::memcpy(&hi, q + 128, 4);
+    for (int u = 0; u < 16; ++u) {
+      const int z = u / 8, r = (u % 8) / 2, s = u % 2;
+      const uint32_t low = (lo[z] >> (16 * s + 4 * r)) & 0xF, high = (hi >> (16 * s + 4 * r + 2 * z)) & 3;
+      q6_set(p, 16 * i + u, static_cast<int>(low | (high << 4)));
+    }
+  }
+}
+
+at::Tensor gguf_q6k_x16_repack(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2,
+              "gguf_q6k_x16_repack: w must be CPU uint8 [N, K / 256 * 210]");
+  const int64_t n = w.size(0), row_bytes = w.size(1);
+  TORCH_CHECK(n > 0 && n % 16 == 0, "gguf_q6k_x16_repack: the row count must be a positive multiple of 16, got ", n);
+  TORCH_CHECK(row_bytes > 0 && row_bytes % kStored6 == 0, "gguf_q6k_x16_repack: ", row_bytes,
+              " bytes per row is not a whole number of Q6_K blocks");
+  const at::Tensor wc = w.contiguous();
+  const int64_t nblocks = row_bytes / kStored6;
+  at::Tensor out = at::empty({n / 16, nblocks * kBlock6}, w.options());
+  const uint8_t* src = wc.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t b = 0; b < nblocks; ++b)
+        repack_block6(src + 16 * g * row_bytes + b * kStored6, row_bytes, dst + (g * nblocks + b) * kBlock6);
+  });
+  return out;
+}
+
+at::Tensor gguf_q6k_x16_unpack(const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(w.dim() == 2 && n > 0 && n % 16 == 0 && w.size(0) == n / 16 && w.size(1) % kBlock6 == 0,
+              "gguf_q6k_x16_unpack: w must be uint8 [N / 16, K / 256 * 3360]");
+  const int64_t nblocks = w.size(1) / kBlock6;
+  check_x16(w, n, nblocks, kBlock6, "Q6_K");
+  at::Tensor idx;
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->device().is_cpu(),
+                "gguf_q6k_x16_unpack: rows must be a CPU int64 [R] tensor");
+    idx = rows->contiguous();
+  }
+  const int64_t r = rows.has_value() ? idx.numel() : n;
+  const int64_t* ip = rows.has_value() ? idx.data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < (ip ? r : 0); ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "gguf_q6k_x16_unpack: row ", ip[i], " is out of range [0, ", n, ")");
+  at::Tensor out = at::empty({r, nblocks * kStored6}, w.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = ip ? ip[i] : i;
+      for (int64_t b = 0; b < nblocks; ++b)
+        unpack_row6(src + ((row / 16) * nblocks + b) * kBlock6, static_cast<int>(row % 16),
+                    dst + (i * nblocks + b) * kStored6);
     }
   });
   return out;
@@ -334,29 +453,176 @@ void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
 }
 #endif
 
-// Per row and 32-value sub-block, sum(x) in fp32 (a fixed order per row: independent of the pass).
+// Q6_K kernels: res[m][c] = sum over sub-blocks i of (d sc_i) * (sum(x q) - 32 sum(x)), xs16 the per-16 sums of x.
+#if defined(X16_AVX512)
+// The 2 bits at bit b of each lane moved to bits 4..5 (b = 16 s + 4 r + 2 z: value (z, r, s)'s high bits).
+inline __m512i hi_at4_512(__m512i hi, int b) {
+  return b >= 4 ? _mm512_srli_epi32(hi, b - 4) : _mm512_slli_epi32(hi, 4 - b);
+}
+
+template <int MC>
+void group6_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs16, float* res) {
+  const __m512i m15 = _mm512_set1_epi32(15), m63 = _mm512_set1_epi32(63);
+  __m512 t[MC];
+  for (int m = 0; m < MC; ++m) t[m] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const uint8_t* b = w + blk * kBlock6;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    for (int i = 0; i < 16; ++i) {
+      const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + 16 * i)));
+      const __m512 scale = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sc));
+      const uint8_t* q = b + 288 + 192 * i;
+      const __m512i hi = _mm512_loadu_si512(q + 128);
+      __m512 a0[MC], a1[MC];
+      for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+      for (int z = 0; z < 2; ++z) {
+        const __m512i lo = _mm512_loadu_si512(q + 64 * z);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          // bits 0..3 from the low nibbles, 4..5 from the high bits (0xE4: C ? A : B), then the 6-bit code
+          const __m512i c0 = _mm512_and_si512(
+              _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 4 * r), hi_at4_512(hi, 4 * r + 2 * z), m15, 0xE4), m63);
+          const __m512i c1 = _mm512_and_si512(
+              _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 16 + 4 * r), hi_at4_512(hi, 16 + 4 * r + 2 * z), m15,
+                                        0xE4),
+              m63);
+          const __m512 v0 = _mm512_cvtepi32_ps(c0), v1 = _mm512_cvtepi32_ps(c1);
+          for (int m = 0; m < MC; ++m) {
+            const float* xm = x + m * k + 256 * blk + 16 * i + 8 * z + 2 * r;
+            a0[m] = _mm512_fmadd_ps(v0, _mm512_set1_ps(xm[0]), a0[m]);
+            a1[m] = _mm512_fmadd_ps(v1, _mm512_set1_ps(xm[1]), a1[m]);
+          }
+        }
+      }
+      for (int m = 0; m < MC; ++m) {
+        const __m512 off = _mm512_set1_ps(32.0f * xs16[m * (k / 16) + 16 * blk + i]);
+        t[m] = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_add_ps(a0[m], a1[m]), off), scale, t[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m) _mm512_storeu_ps(res + 16 * m, t[m]);
+}
+#endif
+
+#if defined(X16_BF16)
+template <int MC>
+void group6_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs16,
+                     float* res) {
+  const __m512i nib = _mm512_set1_epi32(0x000F000F), code = _mm512_set1_epi32(0x003F003F),
+                magic = _mm512_set1_epi32(0x43004300);
+  __m512 t[MC];
+  for (int m = 0; m < MC; ++m) t[m] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const uint8_t* b = w + blk * kBlock6;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    for (int i = 0; i < 16; ++i) {
+      const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + 16 * i)));
+      const __m512 scale = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sc));
+      const uint8_t* q = b + 288 + 192 * i;
+      const __m512i hi = _mm512_loadu_si512(q + 128);
+      __m512 a0[MC], a1[MC];
+      for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+      for (int z = 0; z < 2; ++z) {
+        const __m512i lo = _mm512_loadu_si512(q + 64 * z);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          // both halves at once: 0x4300 | code is bf16 128 + code (exact for codes < 128)
+          const __m512i sel = _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 4 * r), hi_at4_512(hi, 4 * r + 2 * z),
+                                                        nib, 0xE4);
+          const __m512bh v = (__m512bh)_mm512_ternarylogic_epi32(sel, code, magic, 0xEA);
+          for (int m = 0; m < MC; ++m) {
+            const float* xm = reinterpret_cast<const float*>(x + m * k + 256 * blk + 16 * i + 8 * z + 2 * r);
+            if (r % 2 == 0) {
+              a0[m] = _mm512_dpbf16_ps(a0[m], v, (__m512bh)_mm512_set1_ps(xm[0]));
+            } else {
+              a1[m] = _mm512_dpbf16_ps(a1[m], v, (__m512bh)_mm512_set1_ps(xm[0]));
+            }
+          }
+        }
+      }
+      for (int m = 0; m < MC; ++m) {  // sum(x (128 + q)) - 160 sum(x) = sum(x (q - 32))
+        const __m512 off = _mm512_set1_ps(160.0f * xs16[m * (k / 16) + 16 * blk + i]);
+        t[m] = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_add_ps(a0[m], a1[m]), off), scale, t[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m) _mm512_storeu_ps(res + 16 * m, t[m]);
+}
+#endif
+
+#if defined(X16_VEC) && !defined(X16_AVX512)
+inline __m256i hi_at4_256(__m256i hi, int b) {
+  return b >= 4 ? _mm256_srli_epi32(hi, b - 4) : _mm256_slli_epi32(hi, 4 - b);
+}
+
+template <int MC>
+void group6_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs16, float* res) {
+  const __m256i m15 = _mm256_set1_epi32(15), m48 = _mm256_set1_epi32(48);
+  for (int h = 0; h < 2; ++h) {
+    __m256 t[MC];
+    for (int m = 0; m < MC; ++m) t[m] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const uint8_t* b = w + blk * kBlock6;
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * h)));
+      for (int i = 0; i < 16; ++i) {
+        const __m256i sc =
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 32 + 16 * i + 8 * h)));
+        const __m256 scale = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(sc));
+        const uint8_t* q = b + 288 + 192 * i + 32 * h;
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128));
+        __m256 a0[MC], a1[MC];
+        for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+        for (int z = 0; z < 2; ++z) {
+          const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * z));
+#pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) {
+            const __m256 v0 = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(lo, 4 * r), m15),
+                                                                 _mm256_and_si256(hi_at4_256(hi, 4 * r + 2 * z), m48)));
+            const __m256 v1 = _mm256_cvtepi32_ps(
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(lo, 16 + 4 * r), m15),
+                                _mm256_and_si256(hi_at4_256(hi, 16 + 4 * r + 2 * z), m48)));
+            for (int m = 0; m < MC; ++m) {
+              const float* xm = x + m * k + 256 * blk + 16 * i + 8 * z + 2 * r;
+              a0[m] = _mm256_fmadd_ps(v0, _mm256_set1_ps(xm[0]), a0[m]);
+              a1[m] = _mm256_fmadd_ps(v1, _mm256_set1_ps(xm[1]), a1[m]);
+            }
+          }
+        }
+        for (int m = 0; m < MC; ++m) {
+          const __m256 off = _mm256_set1_ps(32.0f * xs16[m * (k / 16) + 16 * blk + i]);
+          t[m] = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_add_ps(a0[m], a1[m]), off), scale, t[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MC; ++m) _mm256_storeu_ps(res + 16 * m + 8 * h, t[m]);
+  }
+}
+#endif
+
+// Per row and G-value sub-block (32: Q4_K, 16: Q6_K), sum(x) in fp32 (a fixed order per row: independent of the
+// pass).
 template <typename T>
-std::vector<float> sub_sums(const T* x, int64_t rows, int64_t k) {
-  std::vector<float> xs(rows * (k / 32));
+std::vector<float> sub_sums(const T* x, int64_t rows, int64_t k, int64_t g) {
+  std::vector<float> xs(rows * (k / g));
   for (int64_t m = 0; m < rows; ++m)
-    for (int64_t j = 0; j < k / 32; ++j) {
+    for (int64_t j = 0; j < k / g; ++j) {
       float s = 0.0f;
-      for (int i = 0; i < 32; ++i) s += frugallm::to_float(x[m * k + 32 * j + i]);
-      xs[m * (k / 32) + j] = s;
+      for (int64_t i = 0; i < g; ++i) s += frugallm::to_float(x[m * k + g * j + i]);
+      xs[m * (k / g) + j] = s;
     }
   return xs;
 }
 
 // Runs group(mc, w_g, nblocks, x rows, k, xs, res[mc][16]) over groups x row passes; stores res + bias as OutT.
 template <typename XT, typename OutT, typename Group>
-void run_groups(const uint8_t* w, int64_t n, int64_t nblocks, const XT* x, int64_t rows, int64_t k,
-                const float* xs, const float* bias, OutT* y, Group&& group) {
+void run_groups(const uint8_t* w, int64_t n, int64_t nblocks, int64_t block_bytes, const XT* x, int64_t rows,
+                int64_t k, const float* xs, int64_t xs_row, const float* bias, OutT* y, Group&& group) {
   at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
     float res[kRowsPass * 16];
     for (int64_t g = begin; g < end; ++g)
       for (int64_t m0 = 0; m0 < rows; m0 += kRowsPass) {
         const int64_t mc = std::min<int64_t>(kRowsPass, rows - m0);
-        group(static_cast<int>(mc), w + g * nblocks * kBlock, nblocks, x + m0 * k, k, xs + m0 * (k / 32), res);
+        group(static_cast<int>(mc), w + g * nblocks * block_bytes, nblocks, x + m0 * k, k, xs + m0 * xs_row, res);
         for (int64_t m = 0; m < mc; ++m)
           for (int c = 0; c < 16; ++c) {
             const float v = res[16 * m + c] + (bias ? bias[16 * g + c] : 0.0f);
@@ -370,50 +636,46 @@ void run_groups(const uint8_t* w, int64_t n, int64_t nblocks, const XT* x, int64
   });
 }
 
-#if defined(X16_VEC)
-void group_f32(int mc, const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs, float* res) {
+// The MC = 1..4 instantiations of a group kernel: K (a template) picks it by mc at run time.
+#define X16_DISPATCH(NAME, KERNEL, XT)                                                                   \
+  void NAME(int mc, const uint8_t* w, int64_t nblocks, const XT* x, int64_t k, const float* xs, float* res) { \
+    switch (mc) {                                                                                         \
+      case 1: KERNEL<1>(w, nblocks, x, k, xs, res); break;                                               \
+      case 2: KERNEL<2>(w, nblocks, x, k, xs, res); break;                                               \
+      case 3: KERNEL<3>(w, nblocks, x, k, xs, res); break;                                               \
+      default: KERNEL<4>(w, nblocks, x, k, xs, res); break;                                              \
+    }                                                                                                     \
+  }
 #if defined(X16_AVX512)
-#define X16_F32 group_f32_512
-#else
-#define X16_F32 group_f32_256
+X16_DISPATCH(group_f32, group_f32_512, float)
+X16_DISPATCH(group6_f32, group6_f32_512, float)
+#elif defined(X16_VEC)
+X16_DISPATCH(group_f32, group_f32_256, float)
+X16_DISPATCH(group6_f32, group6_f32_256, float)
 #endif
-  switch (mc) {
-    case 1: X16_F32<1>(w, nblocks, x, k, xs, res); break;
-    case 2: X16_F32<2>(w, nblocks, x, k, xs, res); break;
-    case 3: X16_F32<3>(w, nblocks, x, k, xs, res); break;
-    default: X16_F32<4>(w, nblocks, x, k, xs, res); break;
-  }
-#undef X16_F32
-}
-#endif
-
 #if defined(X16_BF16)
-void group_bf16(int mc, const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs, float* res) {
-  switch (mc) {
-    case 1: group_bf16_512<1>(w, nblocks, x, k, xs, res); break;
-    case 2: group_bf16_512<2>(w, nblocks, x, k, xs, res); break;
-    case 3: group_bf16_512<3>(w, nblocks, x, k, xs, res); break;
-    default: group_bf16_512<4>(w, nblocks, x, k, xs, res); break;
-  }
-}
+X16_DISPATCH(group_bf16, group_bf16_512, uint16_t)
+X16_DISPATCH(group6_bf16, group6_bf16_512, uint16_t)
 #endif
+#undef X16_DISPATCH
 
-at::Tensor gguf_q4k_x16_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
-                               const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(kVectorized, "gguf_q4k_x16_linear: this build has no vector path (needs AVX2 + FMA + F16C)");
-  TORCH_CHECK(qtype == kQ4K, "gguf_q4k_x16_linear: only Q4_K (12) is repacked, got qtype ", qtype);
+// Q4_K (12) or Q6_K (14) repacked; `op` names the caller in errors.
+at::Tensor x16_linear(const char* op, const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
+                      const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(kVectorized, op, ": this build has no vector path (needs AVX2 + FMA + F16C)");
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "gguf_q4k_x16_linear: x must be a CPU float32 or bfloat16 [rows, K] tensor");
+              op, ": x must be a CPU float32 or bfloat16 [rows, K] tensor");
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), k = xc.size(1);
-  TORCH_CHECK(k > 0 && k % 256 == 0, "gguf_q4k_x16_linear: in_features ", k, " is not a multiple of 256");
+  TORCH_CHECK(k > 0 && k % 256 == 0, op, ": in_features ", k, " is not a multiple of 256");
   const int64_t nblocks = k / 256;
-  check_x16(w, n, nblocks);
+  const bool q6 = qtype == kQ6K;
+  const int64_t block_bytes = q6 ? kBlock6 : kBlock, g = q6 ? 16 : 32;
+  check_x16(w, n, nblocks, block_bytes, q6 ? "Q6_K" : "Q4_K");
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n,
-                "gguf_q4k_x16_linear: bias must be float32 [", n, "]");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n, op, ": bias must be float32 [", n, "]");
     b = bias->contiguous();
   }
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
@@ -423,22 +685,36 @@ at::Tensor gguf_q4k_x16_linear(const at::Tensor& x, const at::Tensor& w, int64_t
 #if defined(X16_VEC)
   if (xc.scalar_type() == at::kFloat) {
     const float* xp = xc.data_ptr<float>();
-    const std::vector<float> xs = sub_sums(xp, rows, k);
-    run_groups(wp, n, nblocks, xp, rows, k, xs.data(), bp, y.data_ptr<float>(), group_f32);
+    const std::vector<float> xs = sub_sums(xp, rows, k, g);
+    run_groups(wp, n, nblocks, block_bytes, xp, rows, k, xs.data(), k / g, bp, y.data_ptr<float>(),
+               q6 ? group6_f32 : group_f32);
     return y;
   }
   const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   auto* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const std::vector<float> xs = sub_sums(xc.data_ptr<at::BFloat16>(), rows, k);
+  const std::vector<float> xs = sub_sums(xc.data_ptr<at::BFloat16>(), rows, k, g);
 #if defined(X16_BF16)
-  run_groups(wp, n, nblocks, xb, rows, k, xs.data(), bp, yb, group_bf16);
+  run_groups(wp, n, nblocks, block_bytes, xb, rows, k, xs.data(), k / g, bp, yb, q6 ? group6_bf16 : group_bf16);
 #else
   std::vector<float> xf(rows * k);  // no bf16 dot products here: widen x (exact) and run the fp32 path
   for (int64_t i = 0; i < rows * k; ++i) xf[i] = frugallm::bf16_to_float(xb[i]);
-  run_groups(wp, n, nblocks, xf.data(), rows, k, xs.data(), bp, yb, group_f32);
+  run_groups(wp, n, nblocks, block_bytes, xf.data(), rows, k, xs.data(), k / g, bp, yb, q6 ? group6_f32 : group_f32);
 #endif
 #endif
   return y;
+}
+
+at::Tensor gguf_q4k_x16_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
+                               const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qtype == kQ4K, "gguf_q4k_x16_linear: only Q4_K (12) is repacked, got qtype ", qtype);
+  return x16_linear("gguf_q4k_x16_linear", x, w, qtype, n, bias);
+}
+
+at::Tensor gguf_x16_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
+                           const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qtype == kQ4K || qtype == kQ6K, "gguf_x16_linear: only Q4_K (12) and Q6_K (14) are repacked, got qtype ",
+              qtype);
+  return x16_linear("gguf_x16_linear", x, w, qtype, n, bias);
 }
 
 bool gguf_x16_vectorized() { return kVectorized; }
@@ -449,6 +725,9 @@ TORCH_LIBRARY_FRAGMENT(frugallm, m) {
   m.def("gguf_q4k_x16_repack(Tensor w) -> Tensor");
   m.def("gguf_q4k_x16_unpack(Tensor w, int out_features, Tensor? rows) -> Tensor");
   m.def("gguf_q4k_x16_linear(Tensor x, Tensor w, int qtype, int out_features, Tensor? bias) -> Tensor");
+  m.def("gguf_q6k_x16_repack(Tensor w) -> Tensor");
+  m.def("gguf_q6k_x16_unpack(Tensor w, int out_features, Tensor? rows) -> Tensor");
+  m.def("gguf_x16_linear(Tensor x, Tensor w, int qtype, int out_features, Tensor? bias) -> Tensor");
   m.def("gguf_x16_vectorized() -> bool", &gguf_x16_vectorized);
 }
 
@@ -456,4 +735,7 @@ TORCH_LIBRARY_IMPL(frugallm, CPU, m) {
   m.impl("gguf_q4k_x16_repack", &gguf_q4k_x16_repack);
   m.impl("gguf_q4k_x16_unpack", &gguf_q4k_x16_unpack);
   m.impl("gguf_q4k_x16_linear", &gguf_q4k_x16_linear);
+  m.impl("gguf_q6k_x16_repack", &gguf_q6k_x16_repack);
+  m.impl("gguf_q6k_x16_unpack", &gguf_q6k_x16_unpack);
+  m.impl("gguf_x16_linear", &gguf_x16_linear);
 }

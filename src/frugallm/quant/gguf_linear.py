@@ -16,12 +16,12 @@ is quantized to int8 per 32 values (:func:`q8_quantize`) and meets the weight's 
 products, llama.cpp's arithmetic (memory-bound where the exact kernel is compute-bound). Prefill passes and other
 types keep the exact paths; without that kernel (a CPU below AVX2, ``FRUGALLM_NATIVE=0``) everything runs exact.
 
-Q4_K segments of a multiple of 16 rows (exact mode) are repacked once at load by ``csrc/gguf_x16.cpp`` into its
-"x16b" layout (16 rows interleaved so vector lanes are output columns; the same bytes, replacing the stored ones)
-and their few-row passes run ``gguf_q4k_x16_linear`` (exact like ``gguf_linear``, 1.4-1.9x faster; rows
-bit-identical to one-row passes). Dequantizing them unpacks the stored blocks first (``gguf_q4k_x16_unpack``, bit
-for bit), so prefill and embedding lookups are unchanged. ``act_quant="q8"`` layers keep the stored layout;
-the repack is on at AVX-512 and above (AVX2: ``FRUGALLM_GGUF_X16=1``, slower at one row there);
+Q4_K and Q6_K segments of a multiple of 16 rows (exact mode) are repacked once at load by ``csrc/gguf_x16.cpp``
+into its "x16b" layouts (16 rows interleaved so vector lanes are output columns; the same bytes, replacing the
+stored ones) and their few-row passes run ``gguf_x16_linear`` (exact like ``gguf_linear``, Q4_K 1.4-1.9x faster;
+rows bit-identical to one-row passes). Dequantizing them unpacks the stored blocks first (``gguf_q4k_x16_unpack``,
+``gguf_q6k_x16_unpack``, bit for bit), so prefill and embedding lookups are unchanged. ``act_quant="q8"`` layers
+keep the stored layout; the repack is on at AVX-512 and above (AVX2: ``FRUGALLM_GGUF_X16=1``, slower at one row there);
 ``FRUGALLM_GGUF_X16=0`` keeps the stored layout everywhere (an A/B switch for benchmarks).
 
 Without the native kernel (no compiler, ``FRUGALLM_NATIVE=0``, a CPU below AVX2, another device) every pass
@@ -62,7 +62,16 @@ KERNEL = "gguf_linear"  # csrc/gguf_linear.cpp
 # Types csrc/gguf_q8.cpp multiplies with int8 activations (act_quant="q8"); the others keep the exact kernel.
 Q8_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 Q8_KERNEL = "gguf_q8"  # csrc/gguf_q8.cpp
-X16_KERNEL = "gguf_x16"  # csrc/gguf_x16.cpp: Q4_K with 16 rows interleaved ("x16b" layout)
+X16_KERNEL = "gguf_x16"  # csrc/gguf_x16.cpp: Q4_K and Q6_K with 16 rows interleaved ("x16b" layout)
+
+
+def _x16_ops(name: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """(repack, unpack) of one type's x16 layout, looked up when called (the kernel loads lazily)."""
+    return (lambda w: getattr(torch.ops.frugallm, f"gguf_{name}_x16_repack")(w),
+            lambda w, n, rows: getattr(torch.ops.frugallm, f"gguf_{name}_x16_unpack")(w, n, rows))
+
+
+X16_TYPES = {Q.Q4_K: _x16_ops("q4k"), Q.Q6_K: _x16_ops("q6k")}  # the types csrc/gguf_x16.cpp repacks
 ACT_QUANTS = ("q8",)  # act_quant values GGUFLinear accepts (None: exact fp32 / bf16 activations)
 Q8_NOTE = "activations quantized to int8 per 32 values (llama.cpp's arithmetic): not exact"
 
@@ -101,12 +110,12 @@ def row_bytes(qtype: int, in_features: int) -> int:
 
 
 def _x16_ok(qtype: int, rows: int, device: torch.device) -> bool:
-    """Whether a segment runs repacked (csrc/gguf_x16.cpp): Q4_K, a multiple of 16 rows, on this CPU's kernels at
-    AVX-512 or above, unless ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for benchmarks).
+    """Whether a segment runs repacked (csrc/gguf_x16.cpp): Q4_K or Q6_K, a multiple of 16 rows, on this CPU's
+    kernels at AVX-512 or above, unless ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for benchmarks).
     ``FRUGALLM_GGUF_X16=1`` also repacks on AVX2, where the x16 kernel is 0.75-0.96x the stored-block kernel at
     one row (1.1-1.7x at 2-8 rows), so decode keeps the stored layout there by default."""
     flag = os.environ.get("FRUGALLM_GGUF_X16", "auto")
-    return (flag != "0" and (flag == "1" or cpu.at_least("avx512")) and qtype == Q.Q4_K and rows % 16 == 0
+    return (flag != "0" and (flag == "1" or cpu.at_least("avx512")) and qtype in X16_TYPES and rows % 16 == 0
             and device.type == "cpu" and native.usable(X16_KERNEL) and native.usable(KERNEL))
 
 
@@ -190,7 +199,8 @@ def segment_from_reader(tensor, n_head: int | None = None) -> tuple[int, torch.T
 @dataclass(frozen=True)
 class Segment:
     """Rows ``[start, start + rows)`` of the output, stored as ``qtype`` in buffer ``raw{index}``: ``layout``
-    ``"stored"`` (the file's rows ``[rows, bytes]``) or ``"x16"`` (Q4_K repacked, ``[rows / 16, 16 * bytes]``)."""
+    ``"stored"`` (the file's rows ``[rows, bytes]``) or ``"x16"`` (Q4_K / Q6_K repacked,
+    ``[rows / 16, 16 * bytes]``)."""
 
     qtype: int
     start: int
@@ -241,7 +251,7 @@ class GGUFLinear(nn.Module):
                                   f"{self.in_features} values take {expected}")
             t, layout = t.reshape(int(rows), -1), "stored"
             if act_quant is None and _x16_ok(qt, int(rows), t.device):  # one new buffer the size of the stored one
-                t, layout = torch.ops.frugallm.gguf_q4k_x16_repack(t), "x16"
+                t, layout = X16_TYPES[qt][0](t), "x16"
                 _drop_file_pages(as_uint8(raw))  # the memmap's pages are no longer read: RSS counts them once
             self.register_buffer(f"raw{i}", t)
             self.segments.append(Segment(int(qt), start, int(rows), layout))
@@ -289,7 +299,7 @@ class GGUFLinear(nn.Module):
         raw, s = self.raw(i), self.segments[i]
         if s.layout == "x16":
             idx = None if rows is None else rows.to(device="cpu", dtype=torch.long)
-            return torch.ops.frugallm.gguf_q4k_x16_unpack(raw.cpu(), s.rows, idx).to(raw.device)
+            return X16_TYPES[s.qtype][1](raw.cpu(), s.rows, idx).to(raw.device)
         return raw if rows is None else raw[rows]
 
     def use_stored_layout(self) -> None:
@@ -323,7 +333,7 @@ class GGUFLinear(nn.Module):
         """The few-rows native op for ``seg``: int8 activations where asked and available, the x16 kernel on a
         repacked segment."""
         if seg.layout == "x16":
-            return torch.ops.frugallm.gguf_q4k_x16_linear
+            return torch.ops.frugallm.gguf_x16_linear
         if self.act_quant == "q8" and seg.qtype in Q8_TYPES and native.usable(Q8_KERNEL):
             return torch.ops.frugallm.gguf_linear_q8
         return torch.ops.frugallm.gguf_linear
