@@ -3,13 +3,13 @@
 ``kernel``: per format, ``torch.ops.frugallm.gguf_linear`` on r input rows against a random weight of raw blocks,
 median µs and time(r) / time(1), beside dequantize-then-GEMM (``gguf_dequantize`` + ``F.linear``, the path above
 ``kernels.NATIVE_QUANT_MAX_ROWS`` rows) and its ratio to the kernel (< 1: the GEMM path is faster at that r), and
-for Q4_K the interleaved layout GGUFLinear runs for segments of 16k rows (``gguf_q4k_x16_linear``): ``x16 µs`` and
+for Q4_K and Q6_K the interleaved layout GGUFLinear runs for segments of 16k rows (``gguf_x16_linear``): ``x16 µs`` and
 ``kern/x16``, its speedup over the stored-block kernel.
 Run it once per ISA level: ``FRUGALLM_ISA=avx2`` forces the AVX2 build on an AVX-512 machine.
 
 ``model``: a whole-model target pass of r rows after a prompt (as ``spec_bench.py``'s ``verify`` section), median
 ms and its ratio to one decode step, and where the time goes (torch.profiler, self CPU time): the GGUF kernels
-(``frugallm::gguf_linear``, ``gguf_q4k_x16_linear``), dequantize-then-GEMM (``frugallm::gguf_dequantize`` +
+(``frugallm::gguf_linear``, ``gguf_x16_linear``), dequantize-then-GEMM (``frugallm::gguf_dequantize`` +
 GEMMs) and everything else.
 
     .venv/bin/python benchmarks/gguf_rows.py kernel [--shape 1536x1536 8960x1536] [--threads 1 2]
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
 from frugallm import cpu, native
+from frugallm.quant.gguf_linear import X16_TYPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
 from gguf_blocks import random_blocks  # noqa: E402  (shared with the kernel tests)
@@ -66,8 +67,8 @@ def kernel_sweep(args: argparse.Namespace) -> None:
             for name in args.types:
                 qtype = int(T[name])
                 raw = torch.from_numpy(random_blocks(T[name], n, k))
-                x16 = (torch.ops.frugallm.gguf_q4k_x16_repack(raw)
-                       if T[name] == T.Q4_K and n % 16 == 0 and native.usable("gguf_x16") else None)
+                x16 = (X16_TYPES[T[name]][0](raw)
+                       if T[name] in X16_TYPES and n % 16 == 0 and native.usable("gguf_x16") else None)
                 for dname in args.dtype:
                     dtype = getattr(torch, dname)
                     base = None
@@ -76,7 +77,7 @@ def kernel_sweep(args: argparse.Namespace) -> None:
                         fns = {"kern": partial(torch.ops.frugallm.gguf_linear, x, raw, qtype, n, None),
                                "deq": partial(dequantize_then_gemm, x, raw, qtype, k)}
                         if x16 is not None:
-                            fns["x16"] = partial(torch.ops.frugallm.gguf_q4k_x16_linear, x, x16, qtype, n, None)
+                            fns["x16"] = partial(torch.ops.frugallm.gguf_x16_linear, x, x16, qtype, n, None)
                         us = median_us(fns, args.reps)
                         base = base or us["kern"]
                         x16_cols = (f"{us['x16']:>9.1f}{us['kern'] / us['x16']:>9.2f}" if "x16" in us
@@ -120,9 +121,10 @@ def model_sweep(args: argparse.Namespace) -> None:
             groups: dict[str, float] = defaultdict(float)
             others: dict[str, float] = defaultdict(float)
             for ev in prof.key_averages():
-                key = ("gguf kernel" if ev.key in ("frugallm::gguf_linear", "frugallm::gguf_q4k_x16_linear",
+                key = ("gguf kernel" if ev.key in ("frugallm::gguf_linear", "frugallm::gguf_x16_linear",
                                                    "frugallm::gguf_linear_q8") else
-                       "gguf dequantize" if ev.key in ("frugallm::gguf_dequantize", "frugallm::gguf_q4k_x16_unpack")
+                       "gguf dequantize" if ev.key in ("frugallm::gguf_dequantize", "frugallm::gguf_q4k_x16_unpack",
+                                                    "frugallm::gguf_q6k_x16_unpack")
                        else
                        "GEMM" if ev.key in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm")
                        else "other")
