@@ -29,8 +29,8 @@
 //
 // Paths: bf16 x on AVX512-BF16 meets the codes as bf16 128 + q (a bit-or: 0x4300 | q) in vdpbf16ps; 128 * sum(x) of
 // the sub-block is subtracted before the scale (the cancellation stays within 32 values; Q6_K: 160 * sum(x) of 16).
-// fp32 x (and bf16 x on CPUs without AVX512-BF16, widened to fp32 first) converts the codes to fp32 and runs FMAs: 16 lanes on AVX-512, two
-// halves of 8 on AVX2 + FMA + F16C.
+// fp32 x (and bf16 x on CPUs without AVX512-BF16, widened to fp32 first) converts the codes to fp32 and runs FMAs:
+// 16 lanes on AVX-512, two halves of 8 on AVX2 + FMA + F16C.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -193,17 +193,35 @@ at::Tensor gguf_q4k_x16_unpack(const at::Tensor& w, int64_t n, const std::option
 // Stored block (210 bytes): ql[128] | qh[64] | int8 scales[16] | d f16. Value v = 128 h + 32 qd + l (h = 0..1,
 // quadrant qd = 0..3, l = 0..31) has the 6-bit code (nibble qd / 2 of ql[64 h + 32 (qd % 2) + l]) |
 // (bits 2 qd..2 qd + 1 of qh[32 h + l]) << 4, weight d * scales[v / 16] * (code - 32).
-inline int q6_get(const uint8_t* p, int v) {
-  const int h = v / 128, qd = (v % 128) / 32, l = v % 32;
-  const uint8_t lo = p[64 * h + 32 * (qd % 2) + l];
-  return ((qd < 2 ? lo : lo >> 4) & 0xF) | (((p[128 + 32 * h + l] >> (2 * qd)) & 3) << 4);
+inline uint64_t pext64(uint64_t x, uint64_t mask) {
+#if defined(__BMI2__)
+  return _pext_u64(x, mask);
+#else
+  uint64_t out = 0;
+  for (uint64_t bit = 1; mask; mask &= mask - 1, bit <<= 1)
+    if (x & mask & (~mask + 1)) out |= bit;
+  return out;
+#endif
 }
 
-inline void q6_set(uint8_t* p, int v, int q) {  // p's ql / qh start zeroed
-  const int h = v / 128, qd = (v % 128) / 32, l = v % 32;
-  p[64 * h + 32 * (qd % 2) + l] |= static_cast<uint8_t>((q & 0xF) << (qd < 2 ? 0 : 4));
-  p[128 + 32 * h + l] |= static_cast<uint8_t>((q >> 4) << (2 * qd));
+inline uint64_t pdep64(uint64_t x, uint64_t mask) {
+#if defined(__BMI2__)
+  return _pdep_u64(x, mask);
+#else
+  uint64_t out = 0;
+  for (uint64_t bit = 1; mask; mask &= mask - 1, bit <<= 1)
+    if (x & bit) out |= mask & (~mask + 1);
+  return out;
+#endif
 }
+
+// Sub-block i (values 16 i .. 16 i + 15) reads 16 consecutive ql bytes (nibble qd / 2) and 16 consecutive qh
+// bytes (bits 2 qd, 2 qd + 1): h = i / 8, qd = (i % 8) / 2, l = 16 (i % 2) + u.
+inline int64_t q6_ql(int i) { return 64 * (i / 8) + 32 * ((i % 8) / 2 % 2) + 16 * (i % 2); }
+inline int64_t q6_qh(int i) { return 128 + 32 * (i / 8) + 16 * (i % 2); }
+// The 2 high bits of the 4 values 2 r + s (r = 0..3) among 8 qh bytes, for quadrant qd.
+inline uint64_t q6_hi_mask(int qd, int s) { return 0x0003000300030003ULL << (8 * s + 2 * qd); }
+constexpr uint64_t kHiField = 0x3333;  // in a 16-bit half, the 2-bit slots 4 r (shifted by 2 z)
 
 // Value u = 8 z + 2 r + s (z = 0..1, r = 0..3, s = 0..1) of sub-block i: its low nibble at bits 16 s + 4 r of
 // column c's dword in run z, its 2 high bits at bits 16 s + 4 r + 2 z of the column's dword in the high run.
@@ -213,12 +231,15 @@ void repack_block6(const uint8_t* src, int64_t row_bytes, uint8_t* dst) {
     std::memcpy(dst + 2 * c, p + 208, 2);
     for (int i = 0; i < 16; ++i) dst[32 + 16 * i + c] = p[192 + i];
     for (int i = 0; i < 16; ++i) {
-      uint32_t lo[2] = {0, 0}, hi = 0;
-      for (int u = 0; u < 16; ++u) {
-        const uint32_t q = static_cast<uint32_t>(q6_get(p, 16 * i + u));
-        const int z = u / 8, r = (u % 8) / 2, s = u % 2;
-        lo[z] |= (q & 0xF) << (16 * s + 4 * r);
-        hi |= (q >> 4) << (16 * s + 4 * r + 2 * z);
+      const int qd = (i % 8) / 2;
+      uint32_t lo[2], hi = 0;
+      for (int z = 0; z < 2; ++z) {
+        uint64_t l8, h8;
+        std::memcpy(&l8, p + q6_ql(i) + 8 * z, 8);
+        std::memcpy(&h8, p + q6_qh(i) + 8 * z, 8);
+        lo[z] = pack_dword(l8, qd / 2);
+        for (int s = 0; s < 2; ++s)
+          hi |= static_cast<uint32_t>(pdep64(pext64(h8, q6_hi_mask(qd, s)), kHiField << (2 * z))) << (16 * s);
       }
       uint8_t* q = dst + 288 + 192 * i + 4 * c;
       std::memcpy(q, &lo[0], 4);
@@ -232,16 +253,22 @@ void unpack_row6(const uint8_t* blk, int c, uint8_t* p) {  // column c of one re
   std::memset(p, 0, 192);
   std::memcpy(p + 208, blk + 2 * c, 2);
   for (int i = 0; i < 16; ++i) p[192 + i] = blk[32 + 16 * i + c];
-  for (int i = 0; i < 16; ++i) {
+  for (int i = 0; i < 16; ++i) {  // sub-blocks sharing ql / qh bytes OR their bits in
+    const int qd = (i % 8) / 2;
     const uint8_t* q = blk + 288 + 192 * i + 4 * c;
     uint32_t lo[2], hi;
     std::memcpy(&lo[0], q, 4);
     std::memcpy(&lo[1], q + 64, 4);
     std::memcpy(&hi, q + 128, 4);
-    for (int u = 0; u < 16; ++u) {
-      const int z = u / 8, r = (u % 8) / 2, s = u % 2;
-      const uint32_t low = (lo[z] >> (16 * s + 4 * r)) & 0xF, high = (hi >> (16 * s + 4 * r + 2 * z)) & 3;
-      q6_set(p, 16 * i + u, static_cast<int>(low | (high << 4)));
+    for (int z = 0; z < 2; ++z) {
+      uint64_t l8, h8;
+      std::memcpy(&l8, p + q6_ql(i) + 8 * z, 8);
+      std::memcpy(&h8, p + q6_qh(i) + 8 * z, 8);
+      l8 |= unpack_dword(lo[z], qd / 2);
+      for (int s = 0; s < 2; ++s)
+        h8 |= pdep64(pext64((hi >> (16 * s)) & 0xFFFF, kHiField << (2 * z)), q6_hi_mask(qd, s));
+      std::memcpy(p + q6_ql(i) + 8 * z, &l8, 8);
+      std::memcpy(p + q6_qh(i) + 8 * z, &h8, 8);
     }
   }
 }
