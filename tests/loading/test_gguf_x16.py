@@ -19,6 +19,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from frugallm import LLM, SamplingParams, cpu, native
+from frugallm.errors import FrugalError
 from frugallm.quant import gguf_linear as gl
 from frugallm.quant import kernels
 from frugallm.quant.gguf_linear import GGUFLinear, set_act_quant
@@ -261,12 +262,21 @@ def test_repack_releases_file_pages_but_never_changes_the_source(tmp_path) -> No
 
 
 def test_env_switch_and_default(monkeypatch) -> None:
-    """Default: repacked at AVX-512 and above (AVX2's x16 kernel is slower at one row); 0 / 1 force it."""
+    """Default: repacked at AVX-512 and above (AVX2's x16 kernel is slower at one row); 0 / 1 force it, type names
+    force it for those types only."""
     raw = torch.from_numpy(random_blocks(T.Q4_K, 32, 256, seed=12))
     monkeypatch.setenv("FRUGALLM_GGUF_X16", "0")
     assert GGUFLinear([(int(T.Q4_K), raw, 32)], 256).segments[0].layout == "stored"
     monkeypatch.setenv("FRUGALLM_GGUF_X16", "1")
     assert GGUFLinear([(int(T.Q4_K), raw, 32)], 256).segments[0].layout == "x16"
+    raw6 = torch.from_numpy(random_blocks(T.Q6_K, 32, 256, seed=13))
+    segs = [(int(T.Q4_K), raw, 32), (int(T.Q6_K), raw6, 32)]
+    for flag, want in (("Q4_K", ["x16", "stored"]), ("q6_k", ["stored", "x16"]), ("Q4_K,Q6_K", ["x16", "x16"])):
+        monkeypatch.setenv("FRUGALLM_GGUF_X16", flag)
+        assert [s.layout for s in GGUFLinear(segs, 256).segments] == want, flag
+    monkeypatch.setenv("FRUGALLM_GGUF_X16", "Q5_K")
+    with pytest.raises(FrugalError, match="FRUGALLM_GGUF_X16='Q5_K'"):
+        GGUFLinear(segs, 256)
     monkeypatch.delenv("FRUGALLM_GGUF_X16")
     want = "x16" if cpu.at_least("avx512") else "stored"
-    assert GGUFLinear([(int(T.Q4_K), raw, 32)], 256).segments[0].layout == want
+    assert [s.layout for s in GGUFLinear(segs, 256).segments] == [want] * 2

@@ -111,11 +111,20 @@ def row_bytes(qtype: int, in_features: int) -> int:
 
 def _x16_ok(qtype: int, rows: int, device: torch.device) -> bool:
     """Whether a segment runs repacked (csrc/gguf_x16.cpp): Q4_K or Q6_K, a multiple of 16 rows, on this CPU's
-    kernels at AVX-512 or above, unless ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for benchmarks).
-    ``FRUGALLM_GGUF_X16=1`` also repacks on AVX2, where the x16 kernel is 0.75-0.96x the stored-block kernel at
-    one row (1.1-1.7x at 2-8 rows), so decode keeps the stored layout there by default."""
-    flag = os.environ.get("FRUGALLM_GGUF_X16", "auto")
-    return (flag != "0" and (flag == "1" or cpu.at_least("avx512")) and qtype in X16_TYPES and rows % 16 == 0
+    kernels at AVX-512 or above, unless ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for
+    benchmarks). ``FRUGALLM_GGUF_X16=1`` also repacks on AVX2, where the x16 kernel is 0.75-0.96x the stored-block
+    kernel at one row (1.1-1.7x at 2-8 rows), so decode keeps the stored layout there by default; a list of type
+    names (``FRUGALLM_GGUF_X16=Q4_K``) does what ``1`` does for those types only (a per-type A/B)."""
+    flag = os.environ.get("FRUGALLM_GGUF_X16", "auto").strip()
+    if flag not in ("0", "1", "auto"):
+        names = {n.strip().upper() for n in flag.split(",") if n.strip()}
+        known = {GGMLQuantizationType(t).name for t in X16_TYPES}
+        if not names or not names <= known:
+            raise FrugalError(f"FRUGALLM_GGUF_X16={flag!r}: expected 0, 1, auto or type names among "
+                              f"{', '.join(sorted(known))}")
+        if GGMLQuantizationType(qtype).name not in names:
+            return False
+    return (flag != "0" and (flag != "auto" or cpu.at_least("avx512")) and qtype in X16_TYPES and rows % 16 == 0
             and device.type == "cpu" and native.usable(X16_KERNEL) and native.usable(KERNEL))
 
 
