@@ -188,12 +188,14 @@ def main() -> None:
     ap.add_argument("--target", default=TARGET)
     ap.add_argument("--draft", default=DRAFT, help="draft model of the codegen and chat sections")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--weights", default="auto", choices=("auto", "stored", "stored-q8", "dequantize"),
+                    help="the target's weights mode (stored-q8: int8 activations in decode and verify passes)")
     args = ap.parse_args()
     target, draft = args.target, args.draft
     torch.set_num_threads(args.threads)
     print(f"CPU: {model_name()}  threads {args.threads}  load average {os.getloadavg()}  torch {torch.__version__}")
     want_draft = {"codegen", "chat", "memory"} & set(args.sections)
-    llm = LLM(target, spec=f"draft:model={draft}" if want_draft else None)
+    llm = LLM(target, spec=f"draft:model={draft}" if want_draft else None, weights=args.weights)
     chat = llm.chat_prompt
     if "memory" in args.sections:
         prompt = chat([{"role": "user", "content": EDIT}])
