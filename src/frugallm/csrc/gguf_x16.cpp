@@ -110,6 +110,61 @@ inline uint64_t unpack_dword(uint32_t u, int odd) {  // the inverse: the 8 qs by
 #endif
 }
 
+// Repack / unpack of one type: `stored` bytes per row per block in the file, `block` per 16 rows repacked;
+// `repack` turns 16 rows' block (rows row_bytes apart) into one repacked block, `unpack` column c back to a row's.
+using RepackFn = void (*)(const uint8_t*, int64_t, uint8_t*);
+using UnpackFn = void (*)(const uint8_t*, int, uint8_t*);
+
+at::Tensor repack_x16(const at::Tensor& w, const char* op, const char* type, int64_t stored, int64_t block,
+                      RepackFn repack) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2,
+              op, ": w must be CPU uint8 [N, K / 256 * ", stored, "]");
+  const int64_t n = w.size(0), row_bytes = w.size(1);
+  TORCH_CHECK(n > 0 && n % 16 == 0, op, ": the row count must be a positive multiple of 16, got ", n);
+  TORCH_CHECK(row_bytes > 0 && row_bytes % stored == 0, op, ": ", row_bytes,
+              " bytes per row is not a whole number of ", type, " blocks");
+  const at::Tensor wc = w.contiguous();
+  const int64_t nblocks = row_bytes / stored;
+  at::Tensor out = at::empty({n / 16, nblocks * block}, w.options());
+  const uint8_t* src = wc.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t b = 0; b < nblocks; ++b)
+        repack(src + 16 * g * row_bytes + b * stored, row_bytes, dst + (g * nblocks + b) * block);
+  });
+  return out;
+}
+
+at::Tensor unpack_x16(const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& rows, const char* op,
+                      const char* type, int64_t stored, int64_t block, UnpackFn unpack) {
+  TORCH_CHECK(w.dim() == 2 && n > 0 && n % 16 == 0 && w.size(0) == n / 16 && w.size(1) % block == 0,
+              op, ": w must be uint8 [N / 16, K / 256 * ", block, "]");
+  const int64_t nblocks = w.size(1) / block;
+  check_x16(w, n, nblocks, block, type);
+  at::Tensor idx;
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->device().is_cpu(),
+                op, ": rows must be a CPU int64 [R] tensor");
+    idx = rows->contiguous();
+  }
+  const int64_t r = rows.has_value() ? idx.numel() : n;
+  const int64_t* ip = rows.has_value() ? idx.data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < (ip ? r : 0); ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, op, ": row ", ip[i], " is out of range [0, ", n, ")");
+  at::Tensor out = at::empty({r, nblocks * stored}, w.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = ip ? ip[i] : i;
+      for (int64_t b = 0; b < nblocks; ++b)
+        unpack(src + ((row / 16) * nblocks + b) * block, static_cast<int>(row % 16), dst + (i * nblocks + b) * stored);
+    }
+  });
+  return out;
+}
+
 // One stored block (16 rows' 144-byte blocks at src[c * row_bytes]) -> one repacked block, and back.
 void repack_block(const uint8_t* src, int64_t row_bytes, uint8_t* dst) {
   for (int c = 0; c < 16; ++c) {
@@ -142,51 +197,11 @@ void unpack_row(const uint8_t* blk, int c, uint8_t* p) {  // column c of one rep
 }
 
 at::Tensor gguf_q4k_x16_repack(const at::Tensor& w) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2,
-              "gguf_q4k_x16_repack: w must be CPU uint8 [N, K / 256 * 144]");
-  const int64_t n = w.size(0), row_bytes = w.size(1);
-  TORCH_CHECK(n > 0 && n % 16 == 0, "gguf_q4k_x16_repack: the row count must be a positive multiple of 16, got ", n);
-  TORCH_CHECK(row_bytes > 0 && row_bytes % kStored == 0, "gguf_q4k_x16_repack: ", row_bytes,
-              " bytes per row is not a whole number of Q4_K blocks");
-  const at::Tensor wc = w.contiguous();
-  const int64_t nblocks = row_bytes / kStored;
-  at::Tensor out = at::empty({n / 16, nblocks * kBlock}, w.options());
-  const uint8_t* src = wc.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
-      for (int64_t b = 0; b < nblocks; ++b)
-        repack_block(src + 16 * g * row_bytes + b * kStored, row_bytes, dst + (g * nblocks + b) * kBlock);
-  });
-  return out;
+  return repack_x16(w, "gguf_q4k_x16_repack", "Q4_K", kStored, kBlock, repack_block);
 }
 
 at::Tensor gguf_q4k_x16_unpack(const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& rows) {
-  TORCH_CHECK(w.dim() == 2 && n > 0 && n % 16 == 0 && w.size(0) == n / 16 && w.size(1) % kBlock == 0,
-              "gguf_q4k_x16_unpack: w must be uint8 [N / 16, K / 256 * 2304]");
-  const int64_t nblocks = w.size(1) / kBlock;
-  check_x16(w, n, nblocks);
-  at::Tensor idx;
-  if (rows.has_value()) {
-    TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->device().is_cpu(),
-                "gguf_q4k_x16_unpack: rows must be a CPU int64 [R] tensor");
-    idx = rows->contiguous();
-  }
-  const int64_t r = rows.has_value() ? idx.numel() : n;
-  const int64_t* ip = rows.has_value() ? idx.data_ptr<int64_t>() : nullptr;
-  for (int64_t i = 0; i < (ip ? r : 0); ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "gguf_q4k_x16_unpack: row ", ip[i], " is out of range [0, ", n, ")");
-  at::Tensor out = at::empty({r, nblocks * kStored}, w.options());
-  const uint8_t* src = w.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = ip ? ip[i] : i;
-      for (int64_t b = 0; b < nblocks; ++b)
-        unpack_row(src + ((row / 16) * nblocks + b) * kBlock, static_cast<int>(row % 16), dst + (i * nblocks + b) * kStored);
-    }
-  });
-  return out;
+  return unpack_x16(w, n, rows, "gguf_q4k_x16_unpack", "Q4_K", kStored, kBlock, unpack_row);
 }
 
 // ---- Q6_K ------------------------------------------------------------------------------------------------------
@@ -274,52 +289,11 @@ void unpack_row6(const uint8_t* blk, int c, uint8_t* p) {  // column c of one re
 }
 
 at::Tensor gguf_q6k_x16_repack(const at::Tensor& w) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2,
-              "gguf_q6k_x16_repack: w must be CPU uint8 [N, K / 256 * 210]");
-  const int64_t n = w.size(0), row_bytes = w.size(1);
-  TORCH_CHECK(n > 0 && n % 16 == 0, "gguf_q6k_x16_repack: the row count must be a positive multiple of 16, got ", n);
-  TORCH_CHECK(row_bytes > 0 && row_bytes % kStored6 == 0, "gguf_q6k_x16_repack: ", row_bytes,
-              " bytes per row is not a whole number of Q6_K blocks");
-  const at::Tensor wc = w.contiguous();
-  const int64_t nblocks = row_bytes / kStored6;
-  at::Tensor out = at::empty({n / 16, nblocks * kBlock6}, w.options());
-  const uint8_t* src = wc.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
-      for (int64_t b = 0; b < nblocks; ++b)
-        repack_block6(src + 16 * g * row_bytes + b * kStored6, row_bytes, dst + (g * nblocks + b) * kBlock6);
-  });
-  return out;
+  return repack_x16(w, "gguf_q6k_x16_repack", "Q6_K", kStored6, kBlock6, repack_block6);
 }
 
 at::Tensor gguf_q6k_x16_unpack(const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& rows) {
-  TORCH_CHECK(w.dim() == 2 && n > 0 && n % 16 == 0 && w.size(0) == n / 16 && w.size(1) % kBlock6 == 0,
-              "gguf_q6k_x16_unpack: w must be uint8 [N / 16, K / 256 * 3360]");
-  const int64_t nblocks = w.size(1) / kBlock6;
-  check_x16(w, n, nblocks, kBlock6, "Q6_K");
-  at::Tensor idx;
-  if (rows.has_value()) {
-    TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->device().is_cpu(),
-                "gguf_q6k_x16_unpack: rows must be a CPU int64 [R] tensor");
-    idx = rows->contiguous();
-  }
-  const int64_t r = rows.has_value() ? idx.numel() : n;
-  const int64_t* ip = rows.has_value() ? idx.data_ptr<int64_t>() : nullptr;
-  for (int64_t i = 0; i < (ip ? r : 0); ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, "gguf_q6k_x16_unpack: row ", ip[i], " is out of range [0, ", n, ")");
-  at::Tensor out = at::empty({r, nblocks * kStored6}, w.options());
-  const uint8_t* src = w.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = ip ? ip[i] : i;
-      for (int64_t b = 0; b < nblocks; ++b)
-        unpack_row6(src + ((row / 16) * nblocks + b) * kBlock6, static_cast<int>(row % 16),
-                    dst + (i * nblocks + b) * kStored6);
-    }
-  });
-  return out;
+  return unpack_x16(w, n, rows, "gguf_q6k_x16_unpack", "Q6_K", kStored6, kBlock6, unpack_row6);
 }
 
 #if defined(X16_AVX512)
