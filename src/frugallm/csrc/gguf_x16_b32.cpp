@@ -1,0 +1,515 @@
+// requires: avx2 (frugallm/native.py builds this kernel only on CPUs at that ISA level; below it torch runs)
+// The 32-value GGUF block formats Q4_0, Q4_1 and Q8_0 repacked at load with 16 weight rows interleaved, the way
+// csrc/gguf_x16.cpp does Q4_K and Q6_K: a vector lane is one output column (no horizontal sums), the scale FMA is
+// once per 32 values for 16 columns, an x value (or bf16 pair) is one broadcast shared by the 16 columns, and a
+// decoded weight vector is shared by every input row of a pass. An output's arithmetic does not depend on how many
+// rows run together or on the thread count: a verify pass is bit-identical to one-row decode. The layout holds
+// exactly the file's bytes per row per block (16 * 18, 16 * 20, 16 * 34), so repacking costs no memory.
+//
+// Layout, per group of 16 weight rows (columns c), per 32-value block:
+//   Q4_0 / Q4_1: d[16] fp16 | (Q4_1) m[16] fp16 | runs z = 0..3 of 64 bytes: column c's dword in run z holds, in
+//   16-bit half s, field r (bits 4r..4r+3), the 4-bit code of value 8 z + 2 r + s (the order of x16b's sub-blocks).
+//   Q8_0: d[16] fp16 | the 32 int8 codes as [32][16] (value v of column c at byte 16 v + c).
+//
+//   gguf_x16_b32_repack(w uint8 [N, K / 32 * S], qtype) -> uint8 [N / 16, K / 32 * 16 S]        (N % 16 == 0)
+//   gguf_x16_b32_unpack(w uint8 [N / 16, K / 32 * 16 S], qtype, N, rows int64 [R]?) -> uint8 [R or N, K / 32 * S]
+//       (the stored rows back, bit for bit: gguf_dequantize on them is the reference dequantization)
+//   gguf_x16_b32_linear(x [rows, K] float32|bfloat16, w x16, qtype, N, bias float32 [N]?) -> [rows, N] in x's
+//       dtype: per block d * sum(x c) (+ m * sum(x) for Q4_1), c the signed code (Q4_0: q - 8), fp32 accumulation,
+//       bias added in fp32, one RNE rounding for bf16 output; dequantize-then-matmul up to fp32 rounding.
+//
+// Paths: a 4-bit code is decoded by one table lookup that ignores the bits above the nibble, so a shift and a
+// permute make a vector of codes: AVX-512 fp32 x: vpermps from 16 fp32 values (the signed code: q - 8 for Q4_0),
+// then FMAs; bf16 x on AVX512-BF16: vpermw from 32 bf16 values (the same table twice: bit 4 of each word index is
+// the next nibble's) gives a column's two codes as a bf16 pair, exact small integers, for vdpbf16ps against the
+// broadcast x pair (no offset to cancel). Q8_0 runs fp32 FMAs for either x (bf16 x widened, exact): a sign-extending
+// load and a convert per 16 codes, as cheap per value as the bf16 route (an int8 is not one bf16 bit pattern away:
+// its bf16 needs two nibble lookups per pair; measured 1.45x the stored kernel, this path more, under load). AVX2 +
+// FMA + F16C (and bf16 x without AVX512-BF16, widened to fp32 first): mask, offset and convert, two halves of 8
+// columns.
+// Each row keeps 4 accumulators per block (one per field r), reset per block, so one-row decode has 4 chains in
+// flight per block and consecutive blocks overlap (out-of-order); the count does not depend on the rows per pass.
+// pack_dword / unpack_dword are copied from csrc/gguf_x16.cpp (the same nibble order; that file is not shared).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "gguf_format.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#if defined(__BMI2__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define B32_VEC 1
+#if defined(__AVX512F__)
+#define B32_AVX512 1
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define B32_BF16 1
+#endif
+#endif
+constexpr bool kVectorized = true;
+#else
+constexpr bool kVectorized = false;
+#endif
+
+namespace {
+
+namespace gg = frugallm::gguf;
+
+constexpr int64_t kRowsPass = 4;  // input rows per pass over a group's weights
+
+// Geometry of one type's x16 block: `stored` bytes per row per block in the file, `head` bytes of fp16 fields per
+// 16 rows (the codes follow).
+struct Layout {
+  int64_t stored, head;
+  constexpr int64_t block() const { return 16 * stored; }
+};
+
+constexpr Layout layout_of(int64_t qtype) {
+  switch (qtype) {
+    case gg::Q4_0: return {18, 32};
+    case gg::Q4_1: return {20, 64};
+    case gg::Q8_0: return {34, 32};
+    default: return {0, 0};
+  }
+}
+
+Layout checked_layout(const char* op, int64_t qtype) {
+  const Layout l = layout_of(qtype);
+  TORCH_CHECK(l.stored != 0, op, ": only Q4_0 (2), Q4_1 (3) and Q8_0 (8) are repacked here, got qtype ", qtype);
+  return l;
+}
+
+// Nibble masks of 8 stored bytes (values 2 r + s, r = 0..3, s = 0..1) by nibble (0: low) and half s: pext gathers
+// their 4 nibbles into bits 4r..4r+3 of half s of a repacked dword, pdep scatters them back.
+constexpr uint64_t kNibMask[2][2] = {{0x000F000F000F000FULL, 0x0F000F000F000F00ULL},
+                                     {0x00F000F000F000F0ULL, 0xF000F000F000F000ULL}};
+
+inline uint32_t pack_dword(uint64_t bytes, int hi) {
+#if defined(__BMI2__)
+  return static_cast<uint32_t>(_pext_u64(bytes, kNibMask[hi][0]) | (_pext_u64(bytes, kNibMask[hi][1]) << 16));
+#else
+  uint32_t u = 0;
+  for (int r = 0; r < 4; ++r)
+    for (int s = 0; s < 2; ++s) u |= static_cast<uint32_t>((bytes >> (8 * (2 * r + s) + 4 * hi)) & 0xF) << (16 * s + 4 * r);
+  return u;
+#endif
+}
+
+inline uint64_t unpack_dword(uint32_t u, int hi) {  // the inverse: the 8 bytes' nibbles of that half
+#if defined(__BMI2__)
+  return _pdep_u64(u & 0xFFFF, kNibMask[hi][0]) | _pdep_u64(u >> 16, kNibMask[hi][1]);
+#else
+  uint64_t bytes = 0;
+  for (int r = 0; r < 4; ++r)
+    for (int s = 0; s < 2; ++s)
+      bytes |= static_cast<uint64_t>((u >> (16 * s + 4 * r)) & 0xF) << (8 * (2 * r + s) + 4 * hi);
+  return bytes;
+#endif
+}
+
+// 16 rows' stored blocks (rows row_bytes apart) -> one x16 block, and column c of one back to its stored bytes.
+template <int64_t QT>
+void repack_block(const uint8_t* src, int64_t row_bytes, uint8_t* dst) {
+  constexpr Layout L = layout_of(QT);
+  for (int c = 0; c < 16; ++c) {
+    const uint8_t* p = src + c * row_bytes;
+    std::memcpy(dst + 2 * c, p, 2);
+    if constexpr (QT == gg::Q4_1) std::memcpy(dst + 32 + 2 * c, p + 2, 2);
+    if constexpr (QT == gg::Q8_0) {
+      for (int v = 0; v < 32; ++v) dst[L.head + 16 * v + c] = p[2 + v];
+    } else {
+      for (int z = 0; z < 4; ++z) {  // values 0..15 are the low nibbles of qs[0..15], 16..31 the high ones
+        uint64_t bytes;
+        std::memcpy(&bytes, p + L.stored - 16 + 8 * (z % 2), 8);
+        const uint32_t u = pack_dword(bytes, z / 2);
+        std::memcpy(dst + L.head + 64 * z + 4 * c, &u, 4);
+      }
+    }
+  }
+}
+
+template <int64_t QT>
+void unpack_row(const uint8_t* blk, int c, uint8_t* p) {
+  constexpr Layout L = layout_of(QT);
+  std::memcpy(p, blk + 2 * c, 2);
+  if constexpr (QT == gg::Q4_1) std::memcpy(p + 2, blk + 32 + 2 * c, 2);
+  if constexpr (QT == gg::Q8_0) {
+    for (int v = 0; v < 32; ++v) p[2 + v] = blk[L.head + 16 * v + c];
+  } else {
+    for (int z = 0; z < 2; ++z) {
+      uint32_t lo, hi;
+      std::memcpy(&lo, blk + L.head + 64 * z + 4 * c, 4);
+      std::memcpy(&hi, blk + L.head + 64 * (z + 2) + 4 * c, 4);
+      const uint64_t bytes = unpack_dword(lo, 0) | unpack_dword(hi, 1);
+      std::memcpy(p + L.stored - 16 + 8 * z, &bytes, 8);
+    }
+  }
+}
+
+void check_x16(const char* op, const at::Tensor& w, int64_t n, int64_t nblocks, const Layout& l) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2,
+              op, ": w must be a contiguous CPU uint8 [N / 16, bytes] tensor");
+  TORCH_CHECK(n > 0 && n % 16 == 0, op, ": out_features must be a positive multiple of 16, got ", n);
+  TORCH_CHECK(w.size(0) == n / 16 && w.numel() == n / 16 * nblocks * l.block(), op, ": w has ", w.numel(),
+              " bytes in ", w.size(0), " groups; ", n, " rows of ", nblocks, " blocks take ", n / 16 * nblocks * l.block(),
+              " in ", n / 16);
+}
+
+template <int64_t QT>
+at::Tensor repack_typed(const at::Tensor& w) {
+  constexpr Layout L = layout_of(QT);
+  const int64_t n = w.size(0), row_bytes = w.size(1);
+  TORCH_CHECK(n > 0 && n % 16 == 0, "gguf_x16_b32_repack: the row count must be a positive multiple of 16, got ", n);
+  TORCH_CHECK(row_bytes > 0 && row_bytes % L.stored == 0, "gguf_x16_b32_repack: ", row_bytes,
+              " bytes per row is not a whole number of ", L.stored, "-byte blocks");
+  const at::Tensor wc = w.contiguous();
+  const int64_t nblocks = row_bytes / L.stored;
+  at::Tensor out = at::empty({n / 16, nblocks * L.block()}, w.options());
+  const uint8_t* src = wc.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t b = 0; b < nblocks; ++b)
+        repack_block<QT>(src + 16 * g * row_bytes + b * L.stored, row_bytes, dst + (g * nblocks + b) * L.block());
+  });
+  return out;
+}
+
+template <int64_t QT>
+at::Tensor unpack_typed(const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& rows) {
+  constexpr Layout L = layout_of(QT);
+  const char* op = "gguf_x16_b32_unpack";
+  TORCH_CHECK(w.dim() == 2 && w.size(1) % L.block() == 0, op, ": w must be uint8 [N / 16, K / 32 * ", L.block(), "]");
+  const int64_t nblocks = w.size(1) / L.block();
+  check_x16(op, w, n, nblocks, L);
+  at::Tensor idx;
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->device().is_cpu(),
+                op, ": rows must be a CPU int64 [R] tensor");
+    idx = rows->contiguous();
+  }
+  const int64_t r = rows.has_value() ? idx.numel() : n;
+  const int64_t* ip = rows.has_value() ? idx.data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < (ip ? r : 0); ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, op, ": row ", ip[i], " is out of range [0, ", n, ")");
+  at::Tensor out = at::empty({r, nblocks * L.stored}, w.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = ip ? ip[i] : i;
+      for (int64_t b = 0; b < nblocks; ++b)
+        unpack_row<QT>(src + ((row / 16) * nblocks + b) * L.block(), static_cast<int>(row % 16),
+                       dst + (i * nblocks + b) * L.stored);
+    }
+  });
+  return out;
+}
+
+at::Tensor gguf_x16_b32_repack(const at::Tensor& w, int64_t qtype) {
+  checked_layout("gguf_x16_b32_repack", qtype);
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2,
+              "gguf_x16_b32_repack: w must be CPU uint8 [N, bytes per row]");
+  switch (qtype) {
+    case gg::Q4_0: return repack_typed<gg::Q4_0>(w);
+    case gg::Q4_1: return repack_typed<gg::Q4_1>(w);
+    default: return repack_typed<gg::Q8_0>(w);
+  }
+}
+
+at::Tensor gguf_x16_b32_unpack(const at::Tensor& w, int64_t qtype, int64_t n, const std::optional<at::Tensor>& rows) {
+  checked_layout("gguf_x16_b32_unpack", qtype);
+  switch (qtype) {
+    case gg::Q4_0: return unpack_typed<gg::Q4_0>(w, n, rows);
+    case gg::Q4_1: return unpack_typed<gg::Q4_1>(w, n, rows);
+    default: return unpack_typed<gg::Q8_0>(w, n, rows);
+  }
+}
+
+// The value the vector paths give 4-bit code i of type QT (signed: Q4_0's offset is in the table).
+constexpr float code_value(int64_t qt, int i) { return static_cast<float>(qt == gg::Q4_0 ? i - 8 : i); }
+
+#if defined(B32_AVX512)
+template <int64_t QT>
+inline __m512 table_512() {
+  alignas(64) float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = code_value(QT, i);
+  return _mm512_load_ps(t);
+}
+
+// One block's contribution to a row's 16 columns: t += d * (a0 + a1 + a2 + a3) (+ m * sum(x) for Q4_1), the
+// accumulator sum in one fixed order.
+template <int64_t QT>
+inline __m512 block_end_512(const uint8_t* b, const __m512* a, float xs, __m512 t) {
+  const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  t = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])), dv, t);
+  if constexpr (QT == gg::Q4_1)
+    t = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32))),
+                        _mm512_set1_ps(xs), t);
+  return t;
+}
+
+// res[m][c] = sum over blocks of d * sum(x code) (+ m * sum(x)), fp32 x rows x[m * k ...].
+template <int64_t QT, int MC>
+void group_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs32, float* res) {
+  constexpr Layout L = layout_of(QT);
+  const __m512 tab = table_512<QT>();
+  __m512 t[MC];
+  for (int m = 0; m < MC; ++m) t[m] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const uint8_t* b = w + blk * L.block();
+    __m512 a[MC][4];
+    for (int m = 0; m < MC; ++m)
+      for (int r = 0; r < 4; ++r) a[m][r] = _mm512_setzero_ps();
+    if constexpr (QT == gg::Q8_0) {
+#pragma GCC unroll 32
+      for (int v = 0; v < 32; ++v) {  // value v of the 16 columns: sign-extend, convert
+        const __m512 q = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + L.head + 16 * v))));
+        for (int m = 0; m < MC; ++m) a[m][v % 4] = _mm512_fmadd_ps(q, _mm512_set1_ps(x[m * k + 32 * blk + v]), a[m][v % 4]);
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int z = 0; z < 4; ++z) {
+        const __m512i d = _mm512_loadu_si512(b + L.head + 64 * z);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const __m512 v0 = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4 * r), tab);
+          const __m512 v1 = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 16 + 4 * r), tab);
+          for (int m = 0; m < MC; ++m) {
+            const float* xm = x + m * k + 32 * blk + 8 * z + 2 * r;
+            a[m][r] = _mm512_fmadd_ps(v0, _mm512_set1_ps(xm[0]), a[m][r]);
+            a[m][r] = _mm512_fmadd_ps(v1, _mm512_set1_ps(xm[1]), a[m][r]);
+          }
+        }
+      }
+    }
+    for (int m = 0; m < MC; ++m) t[m] = block_end_512<QT>(b, a[m], xs32[m * (k / 32) + blk], t[m]);
+  }
+  for (int m = 0; m < MC; ++m) _mm512_storeu_ps(res + 16 * m, t[m]);
+}
+#endif
+
+#if defined(B32_BF16)
+template <int64_t QT>
+inline __m512i table_bf16() {  // 32 words: the 16 codes twice (vpermw reads 5 index bits)
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) t[i] = frugallm::float_to_bf16(code_value(QT, i % 16));
+  return _mm512_load_si512(t);
+}
+
+template <int64_t QT, int MC>
+void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs32, float* res) {
+  constexpr Layout L = layout_of(QT);
+  const __m512i tab = table_bf16<QT>();
+  __m512 t[MC];
+  for (int m = 0; m < MC; ++m) t[m] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const uint8_t* b = w + blk * L.block();
+    __m512 a[MC][4];
+    for (int m = 0; m < MC; ++m)
+      for (int r = 0; r < 4; ++r) a[m][r] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int z = 0; z < 4; ++z) {
+      const __m512i d = _mm512_loadu_si512(b + L.head + 64 * z);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        // lane c: the codes of values 8 z + 2 r and 8 z + 2 r + 1 as a bf16 pair (words from the two halves)
+        const __m512bh v = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi32(d, 4 * r), tab);
+        for (int m = 0; m < MC; ++m) {
+          const float* xm = reinterpret_cast<const float*>(x + m * k + 32 * blk + 8 * z + 2 * r);  // bf16 pair
+          a[m][r] = _mm512_dpbf16_ps(a[m][r], v, (__m512bh)_mm512_set1_ps(xm[0]));
+        }
+      }
+    }
+    for (int m = 0; m < MC; ++m) t[m] = block_end_512<QT>(b, a[m], xs32[m * (k / 32) + blk], t[m]);
+  }
+  for (int m = 0; m < MC; ++m) _mm512_storeu_ps(res + 16 * m, t[m]);
+}
+#endif
+
+#if defined(B32_VEC) && !defined(B32_AVX512)
+// AVX2: the 16 columns as two halves of 8 lanes (h: columns 8h..8h+7), same arithmetic per column as AVX-512.
+template <int64_t QT, int MC>
+void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs32, float* res) {
+  constexpr Layout L = layout_of(QT);
+  const __m256i m15 = _mm256_set1_epi32(15), off = _mm256_set1_epi32(QT == gg::Q4_0 ? 8 : 0);
+  for (int h = 0; h < 2; ++h) {
+    __m256 t[MC];
+    for (int m = 0; m < MC; ++m) t[m] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const uint8_t* b = w + blk * L.block();
+      __m256 a[MC][4];
+      for (int m = 0; m < MC; ++m)
+        for (int r = 0; r < 4; ++r) a[m][r] = _mm256_setzero_ps();
+      if constexpr (QT == gg::Q8_0) {
+#pragma GCC unroll 32
+        for (int v = 0; v < 32; ++v) {
+          const __m256 q = _mm256_cvtepi32_ps(
+              _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + L.head + 16 * v + 8 * h))));
+          for (int m = 0; m < MC; ++m)
+            a[m][v % 4] = _mm256_fmadd_ps(q, _mm256_set1_ps(x[m * k + 32 * blk + v]), a[m][v % 4]);
+        }
+      } else {
+        for (int z = 0; z < 4; ++z) {
+          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + L.head + 64 * z + 32 * h));
+#pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) {  // the nibble minus the type's offset (Q4_0: 8), as fp32
+            const __m256 v0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(d, 4 * r), m15), off));
+            const __m256 v1 =
+                _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(d, 16 + 4 * r), m15), off));
+            for (int m = 0; m < MC; ++m) {
+              const float* xm = x + m * k + 32 * blk + 8 * z + 2 * r;
+              a[m][r] = _mm256_fmadd_ps(v0, _mm256_set1_ps(xm[0]), a[m][r]);
+              a[m][r] = _mm256_fmadd_ps(v1, _mm256_set1_ps(xm[1]), a[m][r]);
+            }
+          }
+        }
+      }
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * h)));
+      for (int m = 0; m < MC; ++m) {
+        t[m] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a[m][0], a[m][1]), _mm256_add_ps(a[m][2], a[m][3])), dv, t[m]);
+        if constexpr (QT == gg::Q4_1) {
+          const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + 16 * h)));
+          t[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs32[m * (k / 32) + blk]), t[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MC; ++m) _mm256_storeu_ps(res + 16 * m + 8 * h, t[m]);
+  }
+}
+#endif
+
+// Per row and 32-value block, sum(x) in fp32 (a fixed order per row: independent of the pass); Q4_1's min term.
+template <typename T>
+std::vector<float> block_sums(const T* x, int64_t rows, int64_t k) {
+  std::vector<float> xs(rows * (k / 32));
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t j = 0; j < k / 32; ++j) {
+      float s = 0.0f;
+      for (int64_t i = 0; i < 32; ++i) s += frugallm::to_float(x[m * k + 32 * j + i]);
+      xs[m * (k / 32) + j] = s;
+    }
+  return xs;
+}
+
+using GroupF32 = void (*)(const uint8_t*, int64_t, const float*, int64_t, const float*, float*);
+using GroupBF16 = void (*)(const uint8_t*, int64_t, const uint16_t*, int64_t, const float*, float*);
+
+// Runs group[mc - 1](w_g, nblocks, x rows, k, xs, res[mc][16]) over groups x row passes; stores res + bias as OutT.
+template <typename XT, typename OutT, typename Fn>
+void run_groups(const uint8_t* w, int64_t n, int64_t nblocks, int64_t block_bytes, const XT* x, int64_t rows,
+                int64_t k, const float* xs, const float* bias, OutT* y, const Fn* group) {
+  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
+    float res[kRowsPass * 16];
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t m0 = 0; m0 < rows; m0 += kRowsPass) {
+        const int64_t mc = std::min<int64_t>(kRowsPass, rows - m0);
+        group[mc - 1](w + g * nblocks * block_bytes, nblocks, x + m0 * k, k, xs + m0 * (k / 32), res);
+        for (int64_t m = 0; m < mc; ++m)
+          for (int c = 0; c < 16; ++c) {
+            const float v = res[16 * m + c] + (bias ? bias[16 * g + c] : 0.0f);
+            if constexpr (std::is_same_v<OutT, float>) {
+              y[(m0 + m) * n + 16 * g + c] = v;
+            } else {
+              y[(m0 + m) * n + 16 * g + c] = frugallm::float_to_bf16(v);
+            }
+          }
+      }
+  });
+}
+
+#if defined(B32_VEC)
+template <int64_t QT>
+struct Kernels {
+#if defined(B32_AVX512)
+  static constexpr GroupF32 f32[kRowsPass] = {group_f32_512<QT, 1>, group_f32_512<QT, 2>, group_f32_512<QT, 3>,
+                                              group_f32_512<QT, 4>};
+#else
+  static constexpr GroupF32 f32[kRowsPass] = {group_f32_256<QT, 1>, group_f32_256<QT, 2>, group_f32_256<QT, 3>,
+                                              group_f32_256<QT, 4>};
+#endif
+#if defined(B32_BF16)
+  static constexpr GroupBF16 bf16[kRowsPass] = {group_bf16_512<QT, 1>, group_bf16_512<QT, 2>, group_bf16_512<QT, 3>,
+                                                group_bf16_512<QT, 4>};  // Q4_0 / Q4_1 only
+#endif
+};
+
+template <int64_t QT>
+void linear_typed(const at::Tensor& xc, const uint8_t* wp, int64_t n, const float* bp, at::Tensor& y) {
+  constexpr Layout L = layout_of(QT);
+  const int64_t rows = xc.size(0), k = xc.size(1), nblocks = k / 32;
+  if (xc.scalar_type() == at::kFloat) {
+    const float* xp = xc.data_ptr<float>();
+    const std::vector<float> xs = QT == gg::Q4_1 ? block_sums(xp, rows, k) : std::vector<float>(rows * nblocks);
+    run_groups(wp, n, nblocks, L.block(), xp, rows, k, xs.data(), bp, y.data_ptr<float>(), Kernels<QT>::f32);
+    return;
+  }
+  auto* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const std::vector<float> xs =
+      QT == gg::Q4_1 ? block_sums(xc.data_ptr<at::BFloat16>(), rows, k) : std::vector<float>(rows * nblocks);
+#if defined(B32_BF16)
+  if constexpr (QT != gg::Q8_0) {
+    const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    run_groups(wp, n, nblocks, L.block(), xb, rows, k, xs.data(), bp, yb, Kernels<QT>::bf16);
+    return;
+  }
+#endif
+  const std::vector<float> xf = frugallm::rows_as_float(xc);  // fp32 FMAs here: widen x (exact)
+  run_groups(wp, n, nblocks, L.block(), xf.data(), rows, k, xs.data(), bp, yb, Kernels<QT>::f32);
+}
+#endif
+
+at::Tensor gguf_x16_b32_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
+                               const std::optional<at::Tensor>& bias) {
+  const char* op = "gguf_x16_b32_linear";
+  TORCH_CHECK(kVectorized, op, ": this build has no vector path (needs AVX2 + FMA + F16C)");
+  const Layout l = checked_layout(op, qtype);
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              op, ": x must be a CPU float32 or bfloat16 [rows, K] tensor");
+  const at::Tensor xc = x.contiguous();
+  const int64_t k = xc.size(1);
+  TORCH_CHECK(k > 0 && k % 32 == 0, op, ": in_features ", k, " is not a positive multiple of 32");
+  check_x16(op, w, n, k / 32, l);
+  const float* bp = frugallm::bias_ptr(bias, n);
+  at::Tensor y = at::empty({xc.size(0), n}, xc.options());
+  if (xc.size(0) == 0) return y;
+#if defined(B32_VEC)
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  switch (qtype) {
+    case gg::Q4_0: linear_typed<gg::Q4_0>(xc, wp, n, bp, y); break;
+    case gg::Q4_1: linear_typed<gg::Q4_1>(xc, wp, n, bp, y); break;
+    default: linear_typed<gg::Q8_0>(xc, wp, n, bp, y); break;
+  }
+#endif
+  return y;
+}
+
+bool gguf_x16_b32_vectorized() { return kVectorized; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(frugallm, m) {
+  m.def("gguf_x16_b32_repack(Tensor w, int qtype) -> Tensor");
+  m.def("gguf_x16_b32_unpack(Tensor w, int qtype, int out_features, Tensor? rows) -> Tensor");
+  m.def("gguf_x16_b32_linear(Tensor x, Tensor w, int qtype, int out_features, Tensor? bias) -> Tensor");
+  m.def("gguf_x16_b32_vectorized() -> bool", &gguf_x16_b32_vectorized);
+}
+
+TORCH_LIBRARY_IMPL(frugallm, CPU, m) {
+  m.impl("gguf_x16_b32_repack", &gguf_x16_b32_repack);
+  m.impl("gguf_x16_b32_unpack", &gguf_x16_b32_unpack);
+  m.impl("gguf_x16_b32_linear", &gguf_x16_b32_linear);
+}
