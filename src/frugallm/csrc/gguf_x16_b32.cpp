@@ -25,8 +25,8 @@
 // broadcast x pair (no offset to cancel). Q8_0 runs fp32 FMAs for either x (bf16 x widened, exact): a sign-extending
 // load and a convert per 16 codes, as cheap per value as the bf16 route (an int8 is not one bf16 bit pattern away:
 // its bf16 needs two nibble lookups per pair; measured 1.45x the stored kernel, this path more, under load). AVX2 +
-// FMA + F16C (and bf16 x without AVX512-BF16, widened to fp32 first): mask, offset and convert, two halves of 8
-// columns.
+// FMA + F16C (and bf16 x without AVX512-BF16, widened to fp32 first): mask and convert (Q4_0's 8 sum(x) taken off
+// per block), two halves of 8 columns.
 // Each row keeps 4 accumulators per block (one per field r), reset per block, so one-row decode has 4 chains in
 // flight per block and consecutive blocks overlap (out-of-order); the count does not depend on the rows per pass.
 // pack_dword / unpack_dword are copied from csrc/gguf_x16.cpp (the same nibble order; that file is not shared).
@@ -58,7 +58,13 @@
 #endif
 #endif
 constexpr bool kVectorized = true;
+#if defined(B32_AVX512)
+constexpr bool kAvx512 = true;
 #else
+constexpr bool kAvx512 = false;
+#endif
+#else
+constexpr bool kAvx512 = false;
 constexpr bool kVectorized = false;
 #endif
 
@@ -344,7 +350,7 @@ void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_
 template <int64_t QT, int MC>
 void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs32, float* res) {
   constexpr Layout L = layout_of(QT);
-  const __m256i m15 = _mm256_set1_epi32(15), off = _mm256_set1_epi32(QT == gg::Q4_0 ? 8 : 0);
+  const __m256i m15 = _mm256_set1_epi32(15);
   for (int h = 0; h < 2; ++h) {
     __m256 t[MC];
     for (int m = 0; m < MC; ++m) t[m] = _mm256_setzero_ps();
@@ -365,10 +371,9 @@ void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
         for (int z = 0; z < 4; ++z) {
           const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + L.head + 64 * z + 32 * h));
 #pragma GCC unroll 4
-          for (int r = 0; r < 4; ++r) {  // the nibble minus the type's offset (Q4_0: 8), as fp32
-            const __m256 v0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(d, 4 * r), m15), off));
-            const __m256 v1 =
-                _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(d, 16 + 4 * r), m15), off));
+          for (int r = 0; r < 4; ++r) {  // the nibble as fp32 (Q4_0's offset: 8 sum(x) per block, below)
+            const __m256 v0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 4 * r), m15));
+            const __m256 v1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 16 + 4 * r), m15));
             for (int m = 0; m < MC; ++m) {
               const float* xm = x + m * k + 32 * blk + 8 * z + 2 * r;
               a[m][r] = _mm256_fmadd_ps(v0, _mm256_set1_ps(xm[0]), a[m][r]);
@@ -379,7 +384,9 @@ void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
       }
       const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * h)));
       for (int m = 0; m < MC; ++m) {
-        t[m] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a[m][0], a[m][1]), _mm256_add_ps(a[m][2], a[m][3])), dv, t[m]);
+        __m256 sum = _mm256_add_ps(_mm256_add_ps(a[m][0], a[m][1]), _mm256_add_ps(a[m][2], a[m][3]));
+        if constexpr (QT == gg::Q4_0) sum = _mm256_sub_ps(sum, _mm256_set1_ps(8.0f * xs32[m * (k / 32) + blk]));
+        t[m] = _mm256_fmadd_ps(sum, dv, t[m]);
         if constexpr (QT == gg::Q4_1) {
           const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + 16 * h)));
           t[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs32[m * (k / 32) + blk]), t[m]);
@@ -446,19 +453,23 @@ struct Kernels {
 #endif
 };
 
+// Whether the kernels read sum(x) per block: Q4_1's min term, and Q4_0's offset on AVX2 (the AVX-512 tables hold it).
+template <int64_t QT>
+constexpr bool kSums = QT == gg::Q4_1 || (QT == gg::Q4_0 && !kAvx512);
+
 template <int64_t QT>
 void linear_typed(const at::Tensor& xc, const uint8_t* wp, int64_t n, const float* bp, at::Tensor& y) {
   constexpr Layout L = layout_of(QT);
   const int64_t rows = xc.size(0), k = xc.size(1), nblocks = k / 32;
   if (xc.scalar_type() == at::kFloat) {
     const float* xp = xc.data_ptr<float>();
-    const std::vector<float> xs = QT == gg::Q4_1 ? block_sums(xp, rows, k) : std::vector<float>(rows * nblocks);
+    const std::vector<float> xs = kSums<QT> ? block_sums(xp, rows, k) : std::vector<float>(rows * nblocks);
     run_groups(wp, n, nblocks, L.block(), xp, rows, k, xs.data(), bp, y.data_ptr<float>(), Kernels<QT>::f32);
     return;
   }
   auto* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const std::vector<float> xs =
-      QT == gg::Q4_1 ? block_sums(xc.data_ptr<at::BFloat16>(), rows, k) : std::vector<float>(rows * nblocks);
+      kSums<QT> ? block_sums(xc.data_ptr<at::BFloat16>(), rows, k) : std::vector<float>(rows * nblocks);
 #if defined(B32_BF16)
   if constexpr (QT != gg::Q8_0) {
     const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
