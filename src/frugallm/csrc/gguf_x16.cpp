@@ -30,7 +30,13 @@
 // Paths: bf16 x on AVX512-BF16 meets the codes as bf16 128 + q (a bit-or: 0x4300 | q) in vdpbf16ps; 128 * sum(x) of
 // the sub-block is subtracted before the scale (the cancellation stays within 32 values; Q6_K: 160 * sum(x) of 16).
 // fp32 x (and bf16 x on CPUs without AVX512-BF16, widened to fp32 first) converts the codes to fp32 and runs FMAs:
-// 16 lanes on AVX-512, two halves of 8 on AVX2 + FMA + F16C.
+// 16 lanes on AVX-512, two halves of 8 on AVX2 + FMA + F16C. Q4_K's codes become fp32 by one vpermps on AVX-512
+// (a 16-entry table indexed by the nibble: no mask, no int-to-float conversion). With 1-2 rows per pass, Q4_K
+// interleaves 2-4 sub-blocks (independent accumulator chains) with the same per-sub-block arithmetic. At one row the
+// kernel is bound by the code decode's vector ops (shifts, masks, conversions: as many as its FMAs), more than by
+// the accumulators' latency: vpermps gave 1.21x at one fp32 row, interleaving 4 sub-blocks a further 1.05x (Q4_K
+// 1536x8960, 1 thread, loaded machine); at AVX2 (16 ymm registers: 2 sub-blocks at one row) interleaving gave
+// 1.14-1.24x; Q6_K, whose chains are half as long, gained nothing from it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -296,6 +302,13 @@ at::Tensor gguf_q6k_x16_unpack(const at::Tensor& w, int64_t n, const std::option
   return unpack_x16(w, n, rows, "gguf_q6k_x16_unpack", "Q6_K", kStored6, kBlock6, unpack_row6);
 }
 
+// Sub-blocks interleaved per pass over a group: a sub-block's multiply-adds per row form two dependent chains (a0,
+// a1; 16 FMAs of 4 cycles or 8 vdpbf16ps of ~6 on Zen 4), so with few rows per pass SB sub-blocks run together
+// (2 SB MC chains in flight). Each sub-block keeps its own a0 / a1 and the totals take them in sub-block order: the
+// arithmetic does not depend on SB (nor on MC).
+template <int MC>
+constexpr int kSubBlocks = MC == 1 ? 4 : MC == 2 ? 2 : 1;
+
 #if defined(X16_AVX512)
 // The 6-bit (scale, min) of sub-block j for 16 columns from the packed bytes sb[12] (the reference's
 // get_scale_min_k4).
@@ -313,7 +326,9 @@ inline void scale_min_512(const __m512i* sb, int j, __m512i& sc, __m512i& mn) {
 // res[m][c] = sum over the row of (d sc) * sum(x q) - (dmin m) * sum(x), fp32 x rows x[m * k ...].
 template <int MC>
 void group_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs32, float* res) {
-  const __m512i m15 = _mm512_set1_epi32(15);
+  constexpr int SB = kSubBlocks<MC>;
+  // vpermps reads the low 4 bits of each index lane: a code's fp32 value from its nibble after one shift.
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 t[MC], off[MC];
   for (int m = 0; m < MC; ++m) t[m] = off[m] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -322,30 +337,36 @@ void group_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
     const __m512 dmv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)));
     __m512i sb[12];
     for (int i = 0; i < 12; ++i) sb[i] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 64 + 16 * i)));
-    for (int j = 0; j < 8; ++j) {
-      __m512i sc, mn;
-      scale_min_512(sb, j, sc, mn);
-      const __m512 scale = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sc));
-      const __m512 mnv = _mm512_mul_ps(dmv, _mm512_cvtepi32_ps(mn));
-      const uint8_t* q = b + 256 + 256 * j;
-      __m512 a0[MC], a1[MC];
-      for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int j0 = 0; j0 < 8; j0 += SB) {
+      __m512 a0[SB][MC], a1[SB][MC];
+      for (int s = 0; s < SB; ++s)
+        for (int m = 0; m < MC; ++m) a0[s][m] = a1[s][m] = _mm512_setzero_ps();
       for (int z = 0; z < 4; ++z) {
-        const __m512i d = _mm512_loadu_si512(q + 64 * z);
 #pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) {
-          const __m512 v0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(d, 4 * r), m15));
-          const __m512 v1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(d, 16 + 4 * r), m15));
-          for (int m = 0; m < MC; ++m) {
-            const float* xm = x + m * k + 256 * blk + 32 * j + 8 * z + 2 * r;
-            a0[m] = _mm512_fmadd_ps(v0, _mm512_set1_ps(xm[0]), a0[m]);
-            a1[m] = _mm512_fmadd_ps(v1, _mm512_set1_ps(xm[1]), a1[m]);
+#pragma GCC unroll 4
+          for (int s = 0; s < SB; ++s) {
+            const __m512i d = _mm512_loadu_si512(b + 256 + 256 * (j0 + s) + 64 * z);
+            const __m512 v0 = _mm512_permutexvar_ps(r == 0 ? d : _mm512_srli_epi32(d, 4 * r), codes);
+            const __m512 v1 = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 16 + 4 * r), codes);
+            for (int m = 0; m < MC; ++m) {
+              const float* xm = x + m * k + 256 * blk + 32 * (j0 + s) + 8 * z + 2 * r;
+              a0[s][m] = _mm512_fmadd_ps(v0, _mm512_set1_ps(xm[0]), a0[s][m]);
+              a1[s][m] = _mm512_fmadd_ps(v1, _mm512_set1_ps(xm[1]), a1[s][m]);
+            }
           }
         }
       }
-      for (int m = 0; m < MC; ++m) {
-        t[m] = _mm512_fmadd_ps(_mm512_add_ps(a0[m], a1[m]), scale, t[m]);
-        off[m] = _mm512_fmadd_ps(mnv, _mm512_set1_ps(xs32[m * (k / 32) + 8 * blk + j]), off[m]);
+      for (int s = 0; s < SB; ++s) {
+        const int j = j0 + s;
+        __m512i sc, mn;
+        scale_min_512(sb, j, sc, mn);
+        const __m512 scale = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sc));
+        const __m512 mnv = _mm512_mul_ps(dmv, _mm512_cvtepi32_ps(mn));
+        for (int m = 0; m < MC; ++m) {
+          t[m] = _mm512_fmadd_ps(_mm512_add_ps(a0[s][m], a1[s][m]), scale, t[m]);
+          off[m] = _mm512_fmadd_ps(mnv, _mm512_set1_ps(xs32[m * (k / 32) + 8 * blk + j]), off[m]);
+        }
       }
     }
   }
@@ -356,6 +377,7 @@ void group_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
 #if defined(X16_BF16)
 template <int MC>
 void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs32, float* res) {
+  constexpr int SB = kSubBlocks<MC>;  // sub-blocks interleaved (see group_f32_512)
   const __m512i nib = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
   __m512 t[MC], off[MC];
   for (int m = 0; m < MC; ++m) t[m] = off[m] = _mm512_setzero_ps();
@@ -365,35 +387,41 @@ void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_
     const __m512 dmv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)));
     __m512i sb[12];
     for (int i = 0; i < 12; ++i) sb[i] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 64 + 16 * i)));
-    for (int j = 0; j < 8; ++j) {
-      __m512i sc, mn;
-      scale_min_512(sb, j, sc, mn);
-      const __m512 scale = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sc));
-      const __m512 mnv = _mm512_mul_ps(dmv, _mm512_cvtepi32_ps(mn));
-      const uint8_t* q = b + 256 + 256 * j;
-      __m512 a0[MC], a1[MC];
-      for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int j0 = 0; j0 < 8; j0 += SB) {
+      __m512 a0[SB][MC], a1[SB][MC];
+      for (int s = 0; s < SB; ++s)
+        for (int m = 0; m < MC; ++m) a0[s][m] = a1[s][m] = _mm512_setzero_ps();
 #pragma GCC unroll 4
       for (int z = 0; z < 4; ++z) {
-        const __m512i d = _mm512_loadu_si512(q + 64 * z);
-        // 0x4300 | q is bf16 128 + q (exact): the codes as bf16 in one ternary-logic op each.
-        const __m512bh v0 = (__m512bh)_mm512_ternarylogic_epi32(d, nib, magic, 0xEA);
-        const __m512bh v1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 4), nib, magic, 0xEA);
-        const __m512bh v2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 8), nib, magic, 0xEA);
-        const __m512bh v3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 12), nib, magic, 0xEA);
-        for (int m = 0; m < MC; ++m) {
-          const float* xm = reinterpret_cast<const float*>(x + m * k + 256 * blk + 32 * j + 8 * z);  // bf16 pairs
-          a0[m] = _mm512_dpbf16_ps(a0[m], v0, (__m512bh)_mm512_set1_ps(xm[0]));
-          a1[m] = _mm512_dpbf16_ps(a1[m], v1, (__m512bh)_mm512_set1_ps(xm[1]));
-          a0[m] = _mm512_dpbf16_ps(a0[m], v2, (__m512bh)_mm512_set1_ps(xm[2]));
-          a1[m] = _mm512_dpbf16_ps(a1[m], v3, (__m512bh)_mm512_set1_ps(xm[3]));
+#pragma GCC unroll 4
+        for (int s = 0; s < SB; ++s) {
+          const __m512i d = _mm512_loadu_si512(b + 256 + 256 * (j0 + s) + 64 * z);
+          // 0x4300 | q is bf16 128 + q (exact): the codes as bf16 in one ternary-logic op each.
+          const __m512bh v0 = (__m512bh)_mm512_ternarylogic_epi32(d, nib, magic, 0xEA);
+          const __m512bh v1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 4), nib, magic, 0xEA);
+          const __m512bh v2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 8), nib, magic, 0xEA);
+          const __m512bh v3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 12), nib, magic, 0xEA);
+          for (int m = 0; m < MC; ++m) {
+            const float* xm = reinterpret_cast<const float*>(x + m * k + 256 * blk + 32 * (j0 + s) + 8 * z);  // bf16 pairs
+            a0[s][m] = _mm512_dpbf16_ps(a0[s][m], v0, (__m512bh)_mm512_set1_ps(xm[0]));
+            a1[s][m] = _mm512_dpbf16_ps(a1[s][m], v1, (__m512bh)_mm512_set1_ps(xm[1]));
+            a0[s][m] = _mm512_dpbf16_ps(a0[s][m], v2, (__m512bh)_mm512_set1_ps(xm[2]));
+            a1[s][m] = _mm512_dpbf16_ps(a1[s][m], v3, (__m512bh)_mm512_set1_ps(xm[3]));
+          }
         }
       }
-      for (int m = 0; m < MC; ++m) {
-        const float xs = xs32[m * (k / 32) + 8 * blk + j];
-        const __m512 sxq = _mm512_sub_ps(_mm512_add_ps(a0[m], a1[m]), _mm512_set1_ps(128.0f * xs));  // sum(x q)
-        t[m] = _mm512_fmadd_ps(sxq, scale, t[m]);
-        off[m] = _mm512_fmadd_ps(mnv, _mm512_set1_ps(xs), off[m]);
+      for (int s = 0; s < SB; ++s) {
+        const int j = j0 + s;
+        __m512i sc, mn;
+        scale_min_512(sb, j, sc, mn);
+        const __m512 scale = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sc));
+        const __m512 mnv = _mm512_mul_ps(dmv, _mm512_cvtepi32_ps(mn));
+        for (int m = 0; m < MC; ++m) {
+          const float xs = xs32[m * (k / 32) + 8 * blk + j];
+          const __m512 sxq = _mm512_sub_ps(_mm512_add_ps(a0[s][m], a1[s][m]), _mm512_set1_ps(128.0f * xs));  // sum(x q)
+          t[m] = _mm512_fmadd_ps(sxq, scale, t[m]);
+          off[m] = _mm512_fmadd_ps(mnv, _mm512_set1_ps(xs), off[m]);
+        }
       }
     }
   }
@@ -405,6 +433,7 @@ void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_
 // AVX2: the 16 columns as two halves of 8 lanes (h: columns 8h..8h+7), same arithmetic per column as AVX-512.
 template <int MC>
 void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs32, float* res) {
+  constexpr int SB = kSubBlocks<MC> > 2 ? 2 : kSubBlocks<MC>;  // 16 ymm registers: at most 2 interleaved
   const __m256i m63 = _mm256_set1_epi32(63), m15 = _mm256_set1_epi32(15);
   for (int h = 0; h < 2; ++h) {
     __m256 t[MC], off[MC];
@@ -416,36 +445,42 @@ void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
       __m256i sb[12];
       for (int i = 0; i < 12; ++i)
         sb[i] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 64 + 16 * i + 8 * h)));
-      for (int j = 0; j < 8; ++j) {
-        __m256i sc, mn;
-        if (j < 4) {
-          sc = _mm256_and_si256(sb[j], m63);
-          mn = _mm256_and_si256(sb[j + 4], m63);
-        } else {
-          sc = _mm256_or_si256(_mm256_and_si256(sb[j + 4], m15), _mm256_slli_epi32(_mm256_srli_epi32(sb[j - 4], 6), 4));
-          mn = _mm256_or_si256(_mm256_srli_epi32(sb[j + 4], 4), _mm256_slli_epi32(_mm256_srli_epi32(sb[j], 6), 4));
-        }
-        const __m256 scale = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(sc));
-        const __m256 mnv = _mm256_mul_ps(dmv, _mm256_cvtepi32_ps(mn));
-        const uint8_t* q = b + 256 + 256 * j + 32 * h;
-        __m256 a0[MC], a1[MC];
-        for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+      for (int j0 = 0; j0 < 8; j0 += SB) {
+        __m256 a0[SB][MC], a1[SB][MC];
+        for (int s = 0; s < SB; ++s)
+          for (int m = 0; m < MC; ++m) a0[s][m] = a1[s][m] = _mm256_setzero_ps();
         for (int z = 0; z < 4; ++z) {
-          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * z));
 #pragma GCC unroll 4
           for (int r = 0; r < 4; ++r) {
-            const __m256 v0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 4 * r), m15));
-            const __m256 v1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 16 + 4 * r), m15));
-            for (int m = 0; m < MC; ++m) {
-              const float* xm = x + m * k + 256 * blk + 32 * j + 8 * z + 2 * r;
-              a0[m] = _mm256_fmadd_ps(v0, _mm256_set1_ps(xm[0]), a0[m]);
-              a1[m] = _mm256_fmadd_ps(v1, _mm256_set1_ps(xm[1]), a1[m]);
+#pragma GCC unroll 2
+            for (int s = 0; s < SB; ++s) {
+              const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 256 + 256 * (j0 + s) + 32 * h + 64 * z));
+              const __m256 v0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 4 * r), m15));
+              const __m256 v1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 16 + 4 * r), m15));
+              for (int m = 0; m < MC; ++m) {
+                const float* xm = x + m * k + 256 * blk + 32 * (j0 + s) + 8 * z + 2 * r;
+                a0[s][m] = _mm256_fmadd_ps(v0, _mm256_set1_ps(xm[0]), a0[s][m]);
+                a1[s][m] = _mm256_fmadd_ps(v1, _mm256_set1_ps(xm[1]), a1[s][m]);
+              }
             }
           }
         }
-        for (int m = 0; m < MC; ++m) {
-          t[m] = _mm256_fmadd_ps(_mm256_add_ps(a0[m], a1[m]), scale, t[m]);
-          off[m] = _mm256_fmadd_ps(mnv, _mm256_set1_ps(xs32[m * (k / 32) + 8 * blk + j]), off[m]);
+        for (int s = 0; s < SB; ++s) {
+          const int j = j0 + s;
+          __m256i sc, mn;
+          if (j < 4) {
+            sc = _mm256_and_si256(sb[j], m63);
+            mn = _mm256_and_si256(sb[j + 4], m63);
+          } else {
+            sc = _mm256_or_si256(_mm256_and_si256(sb[j + 4], m15), _mm256_slli_epi32(_mm256_srli_epi32(sb[j - 4], 6), 4));
+            mn = _mm256_or_si256(_mm256_srli_epi32(sb[j + 4], 4), _mm256_slli_epi32(_mm256_srli_epi32(sb[j], 6), 4));
+          }
+          const __m256 scale = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(sc));
+          const __m256 mnv = _mm256_mul_ps(dmv, _mm256_cvtepi32_ps(mn));
+          for (int m = 0; m < MC; ++m) {
+            t[m] = _mm256_fmadd_ps(_mm256_add_ps(a0[s][m], a1[s][m]), scale, t[m]);
+            off[m] = _mm256_fmadd_ps(mnv, _mm256_set1_ps(xs32[m * (k / 32) + 8 * blk + j]), off[m]);
+          }
         }
       }
     }
