@@ -166,19 +166,19 @@ def test_llm_generate_batches_paged_policies(llm: LLM, static: list[list[int]], 
 
 def test_policies_that_do_not_page_are_refused(llm: LLM, full: LLM) -> None:
     with pytest.raises(KVSpecError, match="snapkv"):
-        EngineConfig(kv="kivi:bits=2")
-    with pytest.raises(KVSpecError, match="cannot be composed|kivi"):
-        EngineConfig(kv="snapkv:budget=0.25+kivi:bits=2")
+        EngineConfig(kv="xquant:bits=2")
+    with pytest.raises(KVSpecError, match="xquant cannot"):
+        EngineConfig(kv="snapkv:budget=0.25+xquant:bits=2")
     engine = LLMEngine(full, EngineConfig(num_blocks=32, block_size=4, max_num_batched_tokens=16))
     with pytest.raises(InvalidRequestError, match="lacache"):
         engine.add_request([5, 6, 7], GREEDY, kv="lacache:budget=0.5")
     with pytest.raises(InvalidRequestError, match="max_num_batched_tokens"):
         engine.add_request(list(range(3, 60)), GREEDY, kv="snapkv:window=32")
-    kivi = LLM(str(full.loaded.path), dtype="float32", device="cpu", kv="kivi:bits=4")
+    xq = LLM(str(full.loaded.path), dtype="float32", device="cpu", kv="xquant:bits=4")
     with pytest.raises(KVSpecError, match="snapkv"):
-        LLMEngine(kivi, EngineConfig(num_blocks=32, block_size=4))
+        LLMEngine(xq, EngineConfig(num_blocks=32, block_size=4))
     # LLM.generate still runs such policies, on the static batch.
-    assert len(kivi.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=2, temperature=0))) == 2
+    assert len(xq.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=2, temperature=0))) == 2
 
 
 def test_compressed_requests_share_a_cached_prompt(llm: LLM, static: list[list[int]]) -> None:

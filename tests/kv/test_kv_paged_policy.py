@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from frugallm.kv import KV_POLICIES, KVSpecError, paged_names, paged_policy
+from frugallm.kv import KV_POLICIES, KVSpecError, paged_names, paged_policy, paged_quantizer
 
 
 def test_paged_names_are_the_flagged_policies() -> None:
-    assert paged_names() == ["h2o", "snapkv", "speckv", "streamingllm"]
+    assert paged_names() == ["h2o", "kivi", "snapkv", "speckv", "streamingllm"]
     assert all(KV_POLICIES.get(n).pages for n in paged_names())
 
 
@@ -26,16 +26,27 @@ def test_plain_cache_is_no_policy(spec: str | None) -> None:
 
 
 @pytest.mark.parametrize(("spec", "why"), [
-    ("kivi:bits=2", "kivi cannot run under continuous batching"),
-    ("snapkv:budget=0.25+kivi:bits=2", "kivi cannot"),
+    ("xquant:bits=2", "xquant cannot run under continuous batching"),
+    ("snapkv:budget=0.25+xquant:bits=2", "xquant cannot"),
     ("think:ratio=0.5", "think cannot"),
+    ("h2o:budget=0.5+kivi:bits=2", "compresses at prefill alone"),  # kivi packs after a prefill-time evictor only
+    ("kivi:bits=2,vgroup=16", "vgroup"),
     ("streamingllm:budget=0.25", "positions=original"),  # positions=cache re-rotates keys by slot
 ])
 def test_other_specs_name_the_paging_policies(spec: str, why: str) -> None:
     with pytest.raises(KVSpecError, match=why) as e:
         paged_policy(spec)
-    if "positions" not in why:
-        assert "h2o, snapkv, speckv, streamingllm" in str(e.value)
+    if "cannot" in why:
+        assert "h2o, kivi, snapkv, speckv, streamingllm" in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["kivi:bits=2", "kivi:bits=4,residual=64", "snapkv:budget=0.25+kivi:bits=2"])
+def test_kivi_pages_alone_or_after_snapkv(spec: str) -> None:
+    ev = paged_policy(spec)
+    assert (ev is None) == spec.startswith("kivi")
+    q = paged_quantizer(spec)
+    assert q is not None and q.name == "kivi"
+    assert paged_quantizer("snapkv:budget=0.25") is None
 
 
 def test_prefill_queries() -> None:

@@ -444,8 +444,8 @@ def test_serve_command_end_to_end(tiny_models) -> None:
 def test_serve_command_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     from frugallm.cli import main
 
-    assert main(["serve", "--kv", "kivi:bits=2"]) == 2  # under batching only the paging policies (issue 17 #5)
+    assert main(["serve", "--kv", "xquant:bits=2"]) == 2  # under batching only the paging policies (issue 17 #5)
     err = capsys.readouterr().err
-    assert "kivi cannot run under continuous batching" in err and "policies that do (alone):" in err and "snapkv" in err
+    assert "xquant cannot run under continuous batching" in err and "policies that do:" in err and "kivi" in err
     assert main(["serve", "--block-size", "0"]) == 2
     assert "block_size" in capsys.readouterr().err

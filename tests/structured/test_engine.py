@@ -126,11 +126,13 @@ def test_static_loop_refuses_constraints(tiny_models) -> None:
 
 
 def test_paged_kv_policy_keeps_constraints(tiny_models) -> None:
-    """A KV policy the paged engine runs (snapkv) keeps structured output; one it does not (kivi) refuses it."""
+    """A KV policy the paged engine runs (snapkv, kivi) keeps structured output; one it does not (xquant) refuses it."""
     path = str(tiny_models.hf("llama"))
     llm = LLM(path, dtype="float32", device="cpu", kv="snapkv:budget=0.5")
     (o,) = llm.generate("a prompt long enough for a budget", params(json_schema=SCHEMA))
     valid(o.text, SCHEMA)
     assert "".join(llm.stream("a prompt long enough for a budget", params(json_schema=SCHEMA))) == o.text
-    with pytest.raises(InvalidRequestError, match="kivi"):
-        LLM(path, dtype="float32", device="cpu", kv="kivi:bits=4").generate("hi", params(json_schema=SCHEMA))
+    (o,) = LLM(path, dtype="float32", device="cpu", kv="kivi:bits=4").generate("hi", params(json_schema=SCHEMA))
+    valid(o.text, SCHEMA)
+    with pytest.raises(InvalidRequestError, match="xquant"):
+        LLM(path, dtype="float32", device="cpu", kv="xquant:bits=4").generate("hi", params(json_schema=SCHEMA))

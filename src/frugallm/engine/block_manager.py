@@ -30,6 +30,10 @@ Plain Python (no torch) so it can be unit-tested alone; the tensors live in :mod
 * Sliding windows (StreamingLLM): a sequence capped at ``max_slots`` slots writes each new token over its
   oldest slot after the first ``ring_start`` ones (:func:`ring_slot`), so it takes no new block; a shared
   block is copied before that write, an own one leaves the prefix cache.
+* Packed KV (KIVI in the pool, ``packed_kv.py``): a sequence's oldest exact slots, packed, fill whole blocks of
+  its *packed table* (:meth:`BlockManager.take_packed`); they count as evicted from its block table, which is
+  compacted as above. The packed blocks hold no token ranges (no prefix caching), are freed with the sequence
+  and shared by its forks.
 * Reservations (:meth:`BlockManager.reserve`): blocks taken out of the pool for memory held elsewhere under the
   same budget (SpecMemo: a speculative request's contiguous caches, see ``spec_solo.py``); they hold no tokens
   and return to the free list with :meth:`BlockManager.unreserve`.
@@ -57,6 +61,8 @@ class BlockSeq(Protocol):
     ring_start: int  # the leading slots a sliding window never overwrites (attention sinks)
     num_slid: int  # tokens written over older ones so far
     lora_id: int  # the LoRA adapter it runs with (0: none); prefixes are cached per adapter
+    packed_table: list[int]  # blocks holding its packed (quantized) KV chunks, in order
+    num_packed: int  # tokens in those chunks (counted in num_evicted too)
 
 
 @dataclass(eq=False)
@@ -296,14 +302,19 @@ class BlockManager:
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_evicted = parent.num_evicted
         child.num_slid = parent.num_slid
+        for block_id in parent.packed_table:
+            self.blocks[block_id].ref_count += 1
+        child.packed_table = list(parent.packed_table)
+        child.num_packed = parent.num_packed
 
-    def compact(self, seq: BlockSeq, num_slots: int) -> list[int]:
+    def compact(self, seq: BlockSeq, num_slots: int, reserve: int = 0) -> list[int]:
         """After a KV policy kept ``num_slots`` of the sequence's slots: its new block table (``blocks_for(num_slots)``
         blocks) and ``num_evicted`` set; the caller copies the kept slots from the old table into it before the
         next forward pass. Shared leading blocks are replaced by fresh ones, own ones reused (and forgotten
         by the prefix cache: they are about to hold other contents), trailing ones released first (their
         contents stay intact until reallocated, so a released block may serve as a fresh one: the caller
-        reads every kept slot before writing any).
+        reads every kept slot before writing any). ``reserve``: free blocks to leave for the caller (no cached
+        prefix is copied into them).
         """
         old = seq.block_table
         n = self.blocks_for(num_slots)
@@ -311,7 +322,7 @@ class BlockManager:
         for block_id in reversed(old[n:]):
             self._release(block_id)
         table, replaced = [], []
-        spare = len(self.free) - sum(1 for b in old[:n] if self.blocks[b].ref_count > 1)
+        spare = len(self.free) - sum(1 for b in old[:n] if self.blocks[b].ref_count > 1) - reserve
         assert spare >= 0, "can_compact() was not checked"
         for block_id in old[:n]:
             b = self.blocks[block_id]
@@ -330,12 +341,20 @@ class BlockManager:
         seq.num_evicted = seq.num_computed_tokens - num_slots
         return table
 
-    def can_compact(self, seq: BlockSeq, num_slots: int) -> bool:
-        """Are there free blocks for the shared leading blocks that :meth:`compact` must replace?"""
+    def can_compact(self, seq: BlockSeq, num_slots: int, reserve: int = 0) -> bool:
+        """Are there free blocks for the shared leading blocks that :meth:`compact` must replace (and ``reserve``
+        more)?"""
         n = self.blocks_for(num_slots)
         shared = sum(1 for b in seq.block_table[:n] if self.blocks[b].ref_count > 1)
         released = sum(1 for b in seq.block_table[n:] if self.blocks[b].ref_count == 1)
-        return shared <= len(self.free) + released
+        return shared + reserve <= len(self.free) + released
+
+    def take_packed(self, seq: BlockSeq, num: int) -> list[int]:
+        """``num`` free blocks appended to the sequence's packed table (see :meth:`compact`'s ``reserve``)."""
+        assert num <= len(self.free)
+        ids = [self._take_free() for _ in range(num)]
+        seq.packed_table.extend(ids)
+        return ids
 
     def _forget(self, b: Block) -> None:
         """Drop a block from the prefix cache (its contents are about to change)."""
@@ -366,6 +385,10 @@ class BlockManager:
         """Drop the sequence's references (blocks that reach zero join the free list)."""
         for block_id in reversed(seq.block_table):  # the tail is freed first, so it is evicted first
             self._release(block_id)
+        for block_id in reversed(seq.packed_table):
+            self._release(block_id)
+        seq.packed_table = []
+        seq.num_packed = 0
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0

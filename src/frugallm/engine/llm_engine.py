@@ -33,11 +33,12 @@ from frugallm.engine.block_manager import BlockManager
 from frugallm.engine.inputs import EngineRequest, InputProcessor
 from frugallm.engine.metrics import EngineMetrics
 from frugallm.engine.model_runner import ModelRunner
+from frugallm.engine.packed_kv import KVPacker
 from frugallm.engine.paged_cache import PagedKVCache, pool_dtype
 from frugallm.engine.scheduler import Scheduler, SchedulerConfig, SeqStatus
 from frugallm.engine.sequence import RequestOutput, Sequence
 from frugallm.errors import FrugalError, InvalidRequestError
-from frugallm.kv import KVSpecError, paged_policy
+from frugallm.kv import KVSpecError, paged_policy, paged_quantizer
 from frugallm.kv.speckv import draft_for
 from frugallm.sampling import SamplingParams, prompt_logprobs
 from frugallm.sampling import sample_batch as sample
@@ -151,6 +152,10 @@ class LLMEngine:
         self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len, config.max_num_seqs)
         llm.model.rope_tables(llm.device, self.max_model_len)  # every position a request can reach
         self.kv_policy = paged_policy(config.kv if config.kv is not None else getattr(llm, "kv_spec", None))
+        # KIVI: packed chunks in the same pool (packed_kv.py); a layout that saves nothing fails here.
+        self.packer = KVPacker(self.block_manager, self.cache, mc.num_kv_heads, mc.head_dim)
+        quant = paged_quantizer(config.kv if config.kv is not None else getattr(llm, "kv_spec", None))
+        self.kv_quant = None if quant is None else self.packer.codec(quant)
         self.num_uncompacted = 0  # sequences that fell back to the full cache (see _compact)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -183,6 +188,9 @@ class LLMEngine:
         policy (``"full"``: none; default: the engine's). Returns the request id."""
         try:
             policy = self.kv_policy if kv is None else paged_policy(kv)
+            quant = self.kv_quant if kv is None else paged_quantizer(kv)
+            if quant is not None and kv is not None:
+                quant = self.packer.codec(quant)
             if getattr(policy, "needs_draft", False):
                 draft_for(self.llm.model, policy)  # SpecKV: its draft must be loaded (LLM(kv=...) loads it)
         except KVSpecError as e:
@@ -212,6 +220,7 @@ class LLMEngine:
                 seq.matcher = req.matcher if i == 0 else req.matcher.copy()
             seq.lora = req.lora
             seq.kv_policy = policy
+            seq.kv_quant = quant
             if policy is not None and policy.evicts_during_decode:
                 # It holds its capacity plus the step's new token. A sliding window writes that over its oldest
                 # slot after the sinks; a scoring policy (H2O) compacts its kept slots first, so the new token
@@ -295,6 +304,8 @@ class LLMEngine:
                 if seq.matcher is not None:
                     seq.matcher.accept(tok)
                 outputs.append(self._append(seq, tok))
+                if seq.kv_quant is not None and not seq.finished:
+                    self.packer.pack(seq)  # its oldest exact chunks, when whole ones are ready
         self.cache.num_used_blocks = self.block_manager.num_used_blocks
         with self.metrics.lock:
             self.metrics.generation_tokens.inc(len(seqs))
@@ -357,7 +368,8 @@ class LLMEngine:
         seq.append(tok)
         req = seq.request
         if seq.finished:
-            seq.kv_cache_bytes = len(seq.block_table) * self.cache.bytes_per_block  # blocks it holds (shared too)
+            # Blocks it holds (shared and packed ones too).
+            seq.kv_cache_bytes = (len(seq.block_table) + len(seq.packed_table)) * self.cache.bytes_per_block
             self.scheduler.finish(seq)
             m = seq.output().metrics
             with self.metrics.lock:

@@ -110,8 +110,9 @@ class ModelRunner:
         scored = {r: (s.kv_policy, s.max_slots - 1, s.kv_stats)
                   for r, (s, st) in enumerate(zip(seqs, starts, strict=True))
                   if s.kv_stats is not None and s.kv_policy is not None and st >= s.num_prompt_tokens}
+        packed = {r: (s.kv_quant, s.packed_table) for r, s in enumerate(seqs) if s.packed_table}  # KIVI chunks
         self.cache.bind([s.block_table for s in seqs], [st - s.num_evicted for s, st in zip(seqs, starts, strict=True)],
-                        num_new, evict, overwrite, scored)
+                        num_new, evict, overwrite, scored, packed)
         last = "last" if t == 1 or len(set(num_new)) == 1 else torch.tensor(num_new, device=self.device) - 1
         if all_positions:
             last = "all"

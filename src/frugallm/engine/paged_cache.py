@@ -32,6 +32,13 @@ sliding window (StreamingLLM) at its cap writes its one new token over a given s
 attends over the same number of slots. A policy that scores slots at every decode step (H2O) gets its
 row's slots and per-slot statistics after the step's attention (``scored``), picks the slots to keep per
 KV head and the row's slots are compacted in place, layer by layer, as the static cache's store gathers.
+
+KIVI in the pool (``kv.kivi.PagedKIVI``, driven by ``packed_kv.py``): a sequence's oldest exact slots are packed
+in chunks into blocks of the same pool, as bytes (:meth:`PagedKVCache.write_packed`; the K pool's block bytes
+hold the keys' codes / scales / zeros, the V pool's the values'), and its bf16 slots after them move down (the
+packed ones count as evicted from its block table). A decode pass with such rows (``packed``) reads each row's
+chunks back, dequantizes them in torch and attends over them followed by the row's bf16 slots (the sinks and the
+exact window), on the gather + SDPA path.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import torch
 
 from frugallm import native
 from frugallm.kv import DecodeContext, Evictor, PrefillContext, select_slots
+from frugallm.kv.kivi import PagedKIVI
 from frugallm.model.kv_cache import KVCache
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -88,6 +96,13 @@ class PagedKVCache(KVCache):
         self.kept: dict[int, list[torch.Tensor]] = {}
         self.kept_stats: dict[int, list[dict[str, torch.Tensor]]] = {}
         self._scored: dict[int, tuple[Evictor, int, list[dict[str, torch.Tensor]]]] = {}
+        self._packed: dict[int, tuple[PagedKIVI, torch.Tensor]] = {}
+        self._packed_len = 0
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of one layer's K (or V) pool: what a packed chunk's keys (values) fill."""
+        return self.k[0][0].numel() * self.k[0].element_size()
 
     @property
     def bytes_per_block(self) -> int:
@@ -96,7 +111,8 @@ class PagedKVCache(KVCache):
 
     def bind(self, block_tables: list[list[int]], starts: list[int], num_new: list[int],
              evict: Mapping[int, Evictor] | None = None, overwrite: Mapping[int, int] | None = None,
-             scored: Mapping[int, tuple[Evictor, int, list[dict[str, torch.Tensor]]]] | None = None) -> None:
+             scored: Mapping[int, tuple[Evictor, int, list[dict[str, torch.Tensor]]]] | None = None,
+             packed: Mapping[int, tuple[PagedKIVI, list[int]]] | None = None) -> None:
         """Prepare one forward pass over a right-padded ``[batch, max(num_new)]`` input.
 
         Row ``b`` has ``starts[b]`` slots cached already (slots ``0..starts[b]-1`` of its block table; fewer
@@ -107,6 +123,8 @@ class PagedKVCache(KVCache):
         their ``starts[b]`` slots instead of after them (a sliding window at its cap). ``scored``: decode rows
         whose policy scores their slots after this step: ``(policy, capacity, per-layer statistics)``; the
         statistics are updated in place and the row's slots compacted to ``capacity`` when it holds more.
+        ``packed``: decode rows with KIVI chunks in the pool: ``(codec, the chunks' blocks)``; they attend over the
+        dequantized chunks, then their bf16 slots.
         """
         bs, dev = self.block_size, self.device
         b = len(block_tables)
@@ -135,8 +153,15 @@ class PagedKVCache(KVCache):
         self.kept_stats = {r: [] for r in self._evict}
         self._scored = dict(scored or {})
         self._row_tables = tables
-        # The policies read update()'s keys: no fused pass for their rows' steps.
-        self._fused = self.fused_decode and t == 1 and not self._evict and not self._scored
+        self._packed = {r: (codec, torch.tensor(blocks, dtype=torch.long, device=dev))
+                        for r, (codec, blocks) in (packed or {}).items()}
+        assert not self._packed or (t == 1 and not overwrite and not self._scored and not self._evict), \
+            "packed KV rows only decode"
+        npk = [len(self._packed[r][1]) // self._packed[r][0].blocks_per_chunk * self._packed[r][0].chunk_tokens
+               if r in self._packed else 0 for r in range(b)]
+        self._packed_len = max(npk)
+        # The policies read update()'s keys, packed rows are dequantized there: no fused pass for their steps.
+        self._fused = self.fused_decode and t == 1 and not self._evict and not self._scored and not self._packed
         if self._fused:
             self._tables_2d = tables
             self._lens = torch.tensor(ends, dtype=torch.long)
@@ -144,7 +169,14 @@ class PagedKVCache(KVCache):
         self._fresh = False
         # Masks are additive fp32 (0 or -inf), built once per pass: SDPA would otherwise turn a bool mask
         # into this form in every layer (~15% of a decode step's attention time).
-        if b == 1:
+        if self._packed and b > 1:
+            # [packed right-aligned before slot P | bf16 slots]: row r sees its npk[r] chunks' tokens and its slots.
+            p, self._visible = self._packed_len, max(ends)
+            slots = torch.arange(p + self._visible)
+            lo = torch.tensor([p - n for n in npk])[:, None]
+            hi = torch.tensor([p + e for e in ends])[:, None]
+            self._mask = _additive((slots[None, :] >= lo) & (slots[None, :] < hi)).view(b, 1, 1, -1).to(dev)
+        elif b == 1:
             # One row: show exactly its tokens, like a contiguous cache, so results match it bit for bit.
             self._visible = ends[0]
             self._mask = None
@@ -186,11 +218,65 @@ class PagedKVCache(KVCache):
             keys = kp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
             values = vp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
             mask = self._mask
+        if self._packed:
+            keys, values = self._with_packed(layer, keys, values)
         if self._evict:
             self._pick(layer, keys, values, q)
         if self._scored:
             self._score(layer, keys, values, q)
         return keys, values, mask
+
+    def _with_packed(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys, values [B, kv_heads, n, D]`` (bf16 slots) preceded by each packed row's dequantized chunks,
+        right-aligned before slot ``_packed_len`` (zeros elsewhere: finite, masked)."""
+        b, h, n, d = keys.shape
+        p = self._packed_len
+        if b == 1:
+            codec, blocks = self._packed[0]
+            dk, dv = codec.decode(*self.read_packed(layer, codec, blocks))
+            return torch.cat([dk[None].to(keys.dtype), keys], 2), torch.cat([dv[None].to(values.dtype), values], 2)
+        out_k, out_v = keys.new_zeros(b, h, p + n, d), values.new_zeros(b, h, p + n, d)
+        out_k[:, :, p:], out_v[:, :, p:] = keys, values
+        for r, (codec, blocks) in self._packed.items():
+            dk, dv = codec.decode(*self.read_packed(layer, codec, blocks))
+            m = dk.shape[1]
+            out_k[r, :, p - m:p], out_v[r, :, p - m:p] = dk, dv
+        return out_k, out_v
+
+    @staticmethod
+    def _bytes(pool: torch.Tensor) -> torch.Tensor:
+        """A pool ``[blocks, block_size, kv_heads, D]`` seen as uint8 ``[blocks, block_bytes]``."""
+        return pool.view(torch.uint8).view(pool.shape[0], -1)
+
+    def read_packed(self, layer: int, codec: PagedKIVI, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunks stored in ``blocks`` (``blocks_per_chunk`` per chunk, in order) of ``layer``: uint8
+        ``[chunks, key bytes]``, ``[chunks, value bytes]`` for :meth:`PagedKIVI.decode`."""
+        n = len(blocks) // codec.blocks_per_chunk
+        kb, vb = sum(codec.k_sizes), sum(codec.v_sizes)
+        k = self._bytes(self.k[layer]).index_select(0, blocks).view(n, -1)[:, :kb]
+        v = self._bytes(self.v[layer]).index_select(0, blocks).view(n, -1)[:, :vb]
+        return k, v
+
+    @torch.inference_mode()
+    def write_packed(self, layer: int, blocks: list[int], kbytes: torch.Tensor, vbytes: torch.Tensor) -> None:
+        """Store chunks ``kbytes [chunks, key bytes]``, ``vbytes [chunks, value bytes]`` of ``layer`` in ``blocks``
+        (``len(blocks) / chunks`` per chunk)."""
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        n, bb = kbytes.shape[0], self.block_bytes
+        for pool, raw in ((self.k[layer], kbytes), (self.v[layer], vbytes)):
+            buf = torch.zeros(n, len(blocks) // n * bb, dtype=torch.uint8, device=self.device)
+            buf[:, :raw.shape[1]] = raw
+            self._bytes(pool)[idx] = buf.view(len(blocks), bb)
+
+    @torch.inference_mode()
+    def read_slots(self, layer: int, table: list[int], start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots ``start..stop-1`` of block table ``table`` in ``layer``: ``k, v [kv_heads, stop - start, D]``."""
+        bs = self.block_size
+        j = torch.arange(start, stop)
+        flat = (torch.tensor(table, dtype=torch.long)[j // bs] * bs + j % bs).to(self.device)
+        kp, vp = self.k[layer], self.v[layer]
+        h, d = kp.shape[2], kp.shape[3]
+        return kp.view(-1, h, d)[flat].transpose(0, 1), vp.view(-1, h, d)[flat].transpose(0, 1)
 
     def _pick(self, layer: int, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor | None) -> None:
         """Each evicting row's kept slots in ``layer``: its policy scores its ``end`` slots (the whole prompt)

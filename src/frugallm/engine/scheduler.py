@@ -77,6 +77,9 @@ class SeqState:
     max_slots: int = 0  # sliding window (kv_policy slides): slots it holds at most, then writes over its oldest
     ring_start: int = 0  # its leading slots never written over (attention sinks)
     num_slid: int = 0  # tokens written over older ones
+    kv_quant: Any = None  # kv.kivi.PagedKIVI: its oldest exact slots are packed into the pool (packed_kv.py)
+    packed_table: list[int] = field(default_factory=list)  # blocks holding its packed KV chunks
+    num_packed: int = 0  # tokens packed there (counted in num_evicted too)
     kv_stats: Any = None  # a scoring decode policy's per-layer slot statistics (H2O), set when its prompt is compacted
     lora: Any = None  # the LoRA adapter it runs with (a lora.LoraRequest); None: the base model
 

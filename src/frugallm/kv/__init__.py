@@ -20,7 +20,7 @@ from frugallm.kv.policy import (
     PromptSelector,
     Quantizer,
 )
-from frugallm.kv.spec import KVSpec, paged_names, paged_policy, parse_kv_spec
+from frugallm.kv.spec import KVSpec, paged_names, paged_policy, paged_quantizer, parse_kv_spec
 
 __all__ = [
     "KV_POLICIES",
@@ -37,6 +37,7 @@ __all__ = [
     "build_kv_cache",
     "paged_names",
     "paged_policy",
+    "paged_quantizer",
     "parse_kv_spec",
     "select_prompt_tokens",
     "select_slots",

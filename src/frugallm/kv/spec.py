@@ -142,18 +142,32 @@ def paged_names() -> list[str]:
 
 
 def paged_policy(spec: str | KVSpec | None):  # noqa: ANN201 - Evictor | None
-    """The evictor the paged engine runs for ``spec``, None for the plain cache; a spec it cannot run is a
-    :class:`KVSpecError` naming the policies that do run under batching."""
+    """The evictor the paged engine runs for ``spec`` (None: none); a spec it cannot run is a :class:`KVSpecError`
+    naming the policies that do run under batching. Besides an evictor alone, the engine runs a quantizer that
+    ``pages`` (KIVI, packed in the pool: :func:`paged_quantizer`) alone or after an evictor that compresses only
+    at prefill (``snapkv:budget=0.25+kivi:bits=2``)."""
     spec = parse_kv_spec(spec)
     if not spec.policies:
         return None
-    ev = spec.evictor
-    if len(spec.policies) == 1 and ev is not None and ev.pages:
-        why = ev.paging_error()
-        if why is not None:
-            raise KVSpecError(f"kv={spec}: {why}")
+    ev, q = spec.evictor, spec.quantizer
+    if all(p.pages for p in spec.policies) and (len(spec.policies) == 1 or (
+            len(spec.policies) == 2 and ev is not None and q is not None)):
+        if ev is not None and q is not None and (ev.evicts_during_decode or getattr(ev, "needs_draft", False)):
+            raise KVSpecError(f"kv={spec}: {q.name} composes under continuous batching only with an evictor that "
+                              f"compresses at prefill alone (snapkv), not {ev.name}")
+        for p in spec.policies:
+            why = p.paging_error()
+            if why is not None:
+                raise KVSpecError(f"kv={spec}: {why}")
         return ev
     others = [p.name for p in spec.policies if not p.pages]
-    why = f"{', '.join(others)} cannot" if others else "policies cannot be composed there"
-    raise KVSpecError(f"kv={spec}: {why} run under continuous batching yet; policies that do (alone): "
-                      f"{', '.join(paged_names())}; the others run single-stream through LLM(kv=...)")
+    why = f"{', '.join(others)} cannot" if others else "these policies cannot be composed there"
+    raise KVSpecError(f"kv={spec}: {why} run under continuous batching yet; policies that do: "
+                      f"{', '.join(paged_names())} (an evictor alone, kivi alone, or snapkv+kivi); the others run "
+                      "single-stream through LLM(kv=...)")
+
+
+def paged_quantizer(spec: str | KVSpec | None):  # noqa: ANN201 - Quantizer | None
+    """The quantizer the paged engine packs into its pool for ``spec`` (None: none); checked as :func:`paged_policy`."""
+    paged_policy(spec)
+    return parse_kv_spec(spec).quantizer

@@ -40,8 +40,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="prefill whole prompts in dedicated steps (running decodes pause meanwhile)")
     p.add_argument("--quant", default=None, help="weight quantization spec applied after loading, e.g. int8, int4")
     p.add_argument("--kv", default=None,
-                   help="KV-cache policy of every request, e.g. snapkv:budget=0.25 (under batching: the policies of "
-                        "frugallm.kv.paged_names(); evicted blocks return to the pool)")
+                   help="KV-cache policy of every request, e.g. snapkv:budget=0.25+kivi:bits=2 (under batching: the "
+                        "policies of frugallm.kv.paged_names(), an evictor or kivi alone or snapkv+kivi; evicted "
+                        "blocks return to the pool, kivi packs older tokens into pool blocks)")
     p.add_argument("--spec", default=None,
                    help="speculative decoding while the server holds at most 2 sequences (e.g. ngram:k=8, "
                         "draft:model=qwen2.5-coder-0.5b:k=4); busier, the engine decodes as without it")

@@ -1,0 +1,157 @@
+"""KIVI packed in the paged pool (issue 17 item 5): chunks of a sequence's oldest slots quantized into pool blocks.
+
+The reference is the single-stream ``LLM(kv="kivi:...")``: it quantizes the same tokens with the same groups, one
+token at a time as they leave its window, while the pool packs whole chunks. At a prompt length where both have
+quantized the same tokens when the first decode step runs (``sinks + residual + k * chunk``), that step's logits
+match to fp32 rounding (the order attention sums slots in differs); later steps keep more exact tokens in the pool.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine_runs import run_engine
+from frugallm import LLM, SamplingParams
+from frugallm.engine.llm_engine import EngineConfig, LLMEngine
+from frugallm.errors import InvalidRequestError
+from frugallm.kv import KVSpecError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KIVI = "kivi:bits=2,group=8,residual=8,sinks=2"
+SNAP = "snapkv:budget=0.5,window=8+" + KIVI
+BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_models) -> str:
+    return str(tiny_models.hf("llama"))
+
+
+@pytest.fixture(scope="module")
+def kivi(model_path: str) -> LLM:
+    return LLM(model_path, dtype="float32", device="cpu", kv=KIVI)
+
+
+@pytest.fixture(scope="module")
+def full(model_path: str) -> LLM:
+    return LLM(model_path, dtype="float32", device="cpu")
+
+
+def engine(llm: LLM, kv: str | None = None, **kw) -> LLMEngine:
+    cfg = dict(num_blocks=64, block_size=BLOCK, max_num_batched_tokens=512, max_num_seqs=8)
+    return LLMEngine(llm, EngineConfig(**{**cfg, **kw}, kv=kv))
+
+
+def tokens(llm: LLM, n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, llm.config.vocab_size) for _ in range(n)]
+
+
+def test_codec_layout_saves_blocks(kivi: LLM) -> None:
+    e = engine(kivi)
+    c = e.kv_quant
+    assert c is not None and c.chunk_tokens % 8 == 0
+    assert c.tokens_per_block() > BLOCK  # more tokens per block packed than in fp32
+
+
+def test_first_decode_matches_single_stream(kivi: LLM) -> None:
+    e = engine(kivi)
+    c = e.kv_quant
+    n = c.sinks + c.residual + 2 * c.chunk_tokens  # both have quantized exactly 2 chunks at the first decode step
+    prompt = tokens(kivi, n, 1)
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=5)
+    ref = kivi.generate([prompt], params)[0]  # one prompt: the single-stream KIVI cache
+    (out,) = run_engine(e, [prompt], params)
+    assert e.packer.num_packed_chunks == 2
+    assert out[0].token_ids == ref.token_ids
+    for mine, theirs in zip(out[0].logprobs, ref.logprobs, strict=True):
+        assert mine.keys() == theirs.keys()
+        for tok, lp in theirs.items():
+            assert mine[tok] == pytest.approx(lp, abs=1e-4)
+
+
+def test_packing_frees_blocks(kivi: LLM) -> None:
+    e = engine(kivi)
+    c = e.kv_quant
+    n = c.sinks + c.residual + 3 * c.chunk_tokens + 5
+    rid = e.add_request(tokens(kivi, n, 2), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    seq = e.requests[rid].seqs[0]
+    e.step()  # the whole prompt, then its 3 chunks are packed
+    bm = e.block_manager
+    exact = n - 3 * c.chunk_tokens
+    assert seq.num_packed == 3 * c.chunk_tokens
+    assert len(seq.packed_table) == 3 * c.blocks_per_chunk
+    assert len(seq.block_table) == bm.blocks_for(exact)
+    assert bm.num_used_blocks == bm.blocks_for(exact) + 3 * c.blocks_per_chunk < bm.blocks_for(n)
+    bm.check()
+    e.run_to_completion()
+    assert bm.num_used_blocks == 0
+
+
+def test_mixed_batch_and_prefix_sharing(kivi: LLM, full: LLM) -> None:
+    """kivi and plain requests in one batch; a plain request sharing a kivi request's prompt prefix keeps the
+    tokens it has alone (the shared blocks are never requantized or written)."""
+    e = engine(kivi)
+    c = e.kv_quant
+    shared = tokens(kivi, 3 * BLOCK, 3)
+    long = shared + tokens(kivi, c.sinks + c.residual + 2 * c.chunk_tokens, 4)
+    plain = [shared + tokens(kivi, 20, 5), tokens(kivi, 30, 6)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    alone = [full.generate([p], params)[0].token_ids for p in plain]
+    ref = kivi.generate([long], params)[0].token_ids
+    rid = e.add_request(long, params)
+    e.step()  # the kivi prompt first: its prefix blocks are cached, then it packs
+    e.step()
+    rids = [e.add_request(p, params, kv="full") for p in plain]
+    seqs = [e.requests[r].seqs[0] for r in [rid, *rids]]
+    e.run_to_completion()
+    assert e.packer.num_packed_chunks >= 2
+    assert seqs[1].num_cached_tokens == 3 * BLOCK  # it reused the kivi request's prefix blocks
+    assert [s.output().token_ids for s in seqs[1:]] == alone
+    assert seqs[0].output().token_ids[:2] == ref[:2]
+    assert e.block_manager.num_used_blocks == 0
+
+
+def test_kivi_tokens_close_to_single_stream_under_preemption(kivi: LLM) -> None:
+    """Several kivi sequences in a small pool (preempted and recomputed): each one's first tokens equal the
+    single-stream KIVI run's (later ones may differ: the pool keeps more tokens exact between chunks)."""
+    c = engine(kivi).kv_quant
+    n = c.sinks + c.residual + c.chunk_tokens
+    ps = [tokens(kivi, n, 10 + i) for i in range(4)]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    ref = [kivi.generate([p], params)[0].token_ids for p in ps]
+    per_seq = -(-(n + 3) // BLOCK)
+    e = engine(kivi, num_blocks=2 * per_seq, max_num_batched_tokens=n + 16)
+    outs = run_engine(e, ps, params)
+    assert [o[0].token_ids[:2] for o in outs] == [r[:2] for r in ref]
+
+
+def test_snapkv_plus_kivi(model_path: str) -> None:
+    llm = LLM(model_path, dtype="float32", device="cpu", kv=SNAP)
+    e = engine(llm)
+    c = e.kv_quant
+    keep = c.sinks + c.residual + c.chunk_tokens  # kept by snapkv at budget 0.5: one chunk packs
+    prompt = tokens(llm, 2 * keep, 7)
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=3)
+    ref = llm.generate([prompt], params)[0]
+    (out,) = run_engine(e, [prompt], params)
+    assert e.packer.num_packed_chunks == 1
+    assert out[0].token_ids == ref.token_ids
+    for mine, theirs in zip(out[0].logprobs, ref.logprobs, strict=True):
+        for tok, lp in theirs.items():
+            assert mine[tok] == pytest.approx(lp, abs=1e-4)
+
+
+def test_specs_accepted_and_refused(full: LLM) -> None:
+    for spec in ("kivi:bits=2", "kivi:bits=4", "snapkv:budget=0.25+kivi:bits=2"):
+        EngineConfig(kv=spec)
+    with pytest.raises(KVSpecError, match="compresses at prefill"):
+        EngineConfig(kv="h2o:budget=0.25+kivi:bits=2")
+    with pytest.raises(KVSpecError, match="cannot run under continuous batching"):
+        EngineConfig(kv="xquant")
+    e = engine(full)
+    with pytest.raises(InvalidRequestError, match="vgroup"):
+        e.add_request([5, 6, 7], SamplingParams(max_tokens=1), kv="kivi:vgroup=8")
