@@ -338,16 +338,16 @@ class LLMEngine:
         self.cache.compact(old, self.block_manager.compact(seq, keep), kept)
 
     @staticmethod
-    @torch.inference_mode()  # the logits are inference tensors
     def _constrain(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Structured output: mask ``logits [S, vocab]`` rows of constrained sequences to their grammar's tokens."""
         rows = [r for r, s in enumerate(seqs) if s.matcher is not None]
         if not rows:
             return
-        bitmask = torch.full((len(rows), (logits.shape[-1] + 31) // 32), -1, dtype=torch.int32)
-        for j, r in enumerate(rows):
-            seqs[r].matcher.fill(bitmask, j)  # type: ignore[union-attr]
-        apply_bitmask(logits, bitmask, rows)
+        with torch.inference_mode():  # the logits are inference tensors (entered only here: it costs per step)
+            bitmask = torch.full((len(rows), (logits.shape[-1] + 31) // 32), -1, dtype=torch.int32)
+            for j, r in enumerate(rows):
+                seqs[r].matcher.fill(bitmask, j)  # type: ignore[union-attr]
+            apply_bitmask(logits, bitmask, rows)
 
     @staticmethod
     def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:

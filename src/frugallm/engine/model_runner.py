@@ -19,7 +19,7 @@ import torch
 
 from frugallm.engine.block_manager import ring_slot
 from frugallm.engine.paged_cache import PagedKVCache
-from frugallm.engine.scheduler import SchedulerOutput
+from frugallm.engine.scheduler import SchedulerOutput, SeqState
 from frugallm.kv.speckv import lookahead_pass
 from frugallm.lora.manager import LoraManager
 from frugallm.model.llama import Transformer
@@ -58,6 +58,10 @@ class ModelRunner:
         # sequences whose prompt ended this step (the engine compacts their blocks).
         self.kept: dict[int, list[torch.Tensor]] = {}
         self.kept_stats: dict[int, list[dict[str, torch.Tensor]]] = {}  # their policies' per-slot statistics
+        # A step where one sequence decodes alone reads its blocks in place (PagedKVCache.bind_run) when they are
+        # consecutive in the pool; False sends it through bind()'s gather like any batch (tests, A/B).
+        self.in_place_decode = True
+        self.num_in_place = 0  # steps that did
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor | None]:
@@ -92,6 +96,13 @@ class ModelRunner:
         return rows, (torch.cat(logits) if len(logits) > 1 else logits[0]) if logits else None
 
     def _forward(self, out: SchedulerOutput, idx: list[int], all_positions: bool = False) -> torch.Tensor:
+        if len(idx) == 1 and out.num_new[idx[0]] == 1 and not all_positions:
+            s = out.seqs[idx[0]]
+            # One sequence decoding, no KV policy or KIVI: its blocks read in place (bind_run), one input tensor.
+            if (self.in_place_decode and s.kv_policy is None and s.kv_quant is None and not s.num_evicted
+                    and self.cache.bind_run(s.block_table, s.num_computed_tokens)):
+                self.num_in_place += 1
+                return self._decode_one(s)
         seqs = [out.seqs[i] for i in idx]
         num_new = [out.num_new[i] for i in idx]
         starts = [s.num_computed_tokens for s in seqs]  # RoPE positions; slots are these less the evicted
@@ -131,3 +142,11 @@ class ModelRunner:
         self.kept.update({idx[r]: kept for r, kept in self.cache.kept.items()})
         self.kept_stats.update({idx[r]: stats for r, stats in self.cache.kept_stats.items()})
         return logits
+
+    def _decode_one(self, s: SeqState) -> torch.Tensor:
+        """The decode step of one sequence bound by ``PagedKVCache.bind_run``: fp32 logits ``[1, vocab]``."""
+        st = s.num_computed_tokens
+        inp = torch.tensor([[s.token_ids[st]], [st]], device=self.device)  # [2, 1]: the token, its position
+        bound = contextlib.nullcontext() if self.lora is None else self.lora.bound([s.lora], 1)
+        with bound:
+            return self.model(inp[:1], inp[1:], self.cache, "last")

@@ -87,6 +87,11 @@ class PagedKVCache(KVCache):
         self.scratch_block = num_blocks
         self.device = torch.device(device)
         self.num_used_blocks = 0  # kept current by the engine, for nbytes()
+        # Each layer's pool as one row [1, kv_heads, slots, head_dim] (a view): a decode pass of one row whose blocks
+        # are consecutive in the pool (bind_run) writes and reads its slots in place, as a contiguous cache does.
+        self._k_row = [p.view(1, -1, num_kv_heads, head_dim).transpose(1, 2) for p in self.k]
+        self._v_row = [p.view(1, -1, num_kv_heads, head_dim).transpose(1, 2) for p in self.v]
+        self._run: tuple[int, int, int] | None = None  # bind_run's (write slot, first slot, visible slots)
         self.fused_decode = fused_decode_available(dtype, device)
         self._bound = False
         self._fused = False
@@ -196,7 +201,27 @@ class PagedKVCache(KVCache):
             # Slot j is visible to query i of row b iff j <= its position. Padding query rows see up to
             # their (fake) position too: finite garbage, discarded by the caller, never NaN.
             self._mask = _additive(slots[None, None, :] <= pos[:, :, None]).unsqueeze(1).to(dev)
+        self._run = None
         self._bound = True
+
+    def bind_run(self, block_table: list[int], start: int) -> bool:
+        """Prepare a one-token decode pass of one row (no KV policy) with ``start`` slots cached, when the blocks
+        holding its ``start + 1`` slots are consecutive in the pool (one sequence alone in a fresh pool: always):
+        :meth:`update` then writes the new slot and returns the row's slots as views of the pool (no gather, no
+        index tensors, no mask), the same values and layout :meth:`bind` gives, so the same results bit for bit.
+        Returns False (nothing bound) otherwise, or for a pool on the fused kernel (it reads blocks in place)."""
+        bs = self.block_size
+        nb = start // bs + 1
+        first = block_table[0]
+        if self.fused_decode or len(block_table) < nb or block_table[nb - 1] != first + nb - 1 or (
+                nb > 2 and block_table[:nb] != list(range(first, first + nb))):
+            return False
+        self._run = (first * bs + start, first * bs, start + 1)
+        self._evict, self._scored, self.kept, self.kept_stats = {}, {}, {}, {}
+        self._fused = self._fresh = False
+        self._shape = (1, 1, nb * bs)
+        self._bound = True
+        return True
 
     def update(
         self,
@@ -208,6 +233,12 @@ class PagedKVCache(KVCache):
         x: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self._run is not None:  # bind_run: one row on consecutive blocks, in place
+            slot, first, n = self._run
+            kr, vr = self._k_row[layer], self._v_row[layer]
+            kr.narrow(2, slot, 1).copy_(k)
+            vr.narrow(2, slot, 1).copy_(v)
+            return kr.narrow(2, first, n), vr.narrow(2, first, n), None
         k, v = self._write(layer, k, v)
         b, h, _, d = k.shape
         kp, vp = self.k[layer], self.v[layer]
