@@ -237,3 +237,26 @@ def test_rows_do_not_depend_on_the_pass(qtype: T, x_dtype: torch.dtype) -> None:
     alone = torch.cat([torch.ops.frugallm.gguf_linear(x[i : i + 1], raw, int(qtype), 21, None) for i in range(16)])
     for rows in (2, 5, 8, 9, 16):
         assert torch.equal(torch.ops.frugallm.gguf_linear(x[:rows], raw, int(qtype), 21, None), alone[:rows]), rows
+
+
+@needs_native
+@pytest.mark.parametrize("x16", [False, True], ids=["stored", "x16"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_dequantize_in_tiles(x16: bool, x_dtype: torch.dtype, monkeypatch) -> None:
+    """A prefill pass dequantizes PREFILL_TILE_ROWS output rows at a time (tiles that split segments, stored
+    and x16-repacked ones): still dequantize-then-matmul, bias included."""
+    import frugallm.quant.gguf_linear as gl
+
+    monkeypatch.setenv("FRUGALLM_GGUF_X16", "1" if x16 else "0")
+    monkeypatch.setattr(gl, "PREFILL_TILE_ROWS", 16)
+    k = 512
+    q4, q6 = random_blocks(T.Q4_K, 48, k, 3), random_blocks(T.Q6_K, 5, k, 4)
+    b = torch.randn(53)
+    mod = GGUFLinear.from_segments([(T.Q4_K, q4, 48), (T.Q6_K, q6, 5)], k, b)
+    if x16 and native.usable("gguf_x16"):
+        assert mod.segments[0].layout == "x16"
+    w = torch.cat([reference(q4, T.Q4_K), reference(q6, T.Q6_K)])
+    x = torch.randn(40, k).to(x_dtype)
+    y = mod(x)
+    assert y.shape == (40, 53) and y.dtype == x_dtype
+    assert_matmul_close(y, x.float(), w, b)
