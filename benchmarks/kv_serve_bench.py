@@ -12,9 +12,16 @@ then each of ``--kv``), on the same prompts:
 * ``c16``: ``max_num_seqs=16`` with a pool that holds 16 full sequences (no preemption either way), the same
   prompts: output tok/s, total tok/s (prompt + output), TTFT p50 and TPOT mean, needles found.
 
-Needle accuracy is the share of answers containing the key. Each record names the machine's load average.
-The capacity gain is bounded by the prefill: a prompt holds all its blocks until the pass that ends it, so a pool
-of B blocks runs about (B - prompt blocks) / kept blocks compressed sequences. H2O reads every prompt query, so
+Needle accuracy is the share of answers containing the key. Each record names the machine's load average, and
+``fit``: how many sequences of the run's mean final size (blocks held at the end, packed ones included) the pool
+holds, the memory bound on concurrency. The measured peak also depends on timing: with a short ``--output-len``
+a sequence finishes before the next few prompts are prefilled (in session 7, 2k prompts and 32 output tokens
+peaked at 8 running even in a pool of 16 full sequences), so measure capacity with a long output
+(``--output-len 256``). A prompt holds all its blocks until the pass that ends it; the scheduler prefills one
+long compressible prompt at a time, admitted only when its whole prompt fits, so a pool of B blocks runs about
+(B - prompt blocks) / kept blocks compressed sequences. KIVI (``kivi:bits=2``, alone or after snapkv) packs the
+oldest tokens into pool blocks after the prompt (chunks of whole key groups, 6x fewer bytes than bf16 at 2 bits),
+keeping its sinks and ``residual`` window exact. H2O reads every prompt query, so
 its prompts are one pass: give it ``--max-num-batched-tokens`` >= ``--context`` (and the same to the others, for
 a fair comparison).
 
@@ -22,6 +29,8 @@ a fair comparison).
         --kv "snapkv:budget=0.25;streamingllm:budget=0.25,positions=original" --threads 2 --out /tmp/kv_serve.json
     python benchmarks/kv_serve_bench.py --model qwen2.5-coder-0.5b --context 2048 --requests 32 --threads 2 \
         --kv "h2o:budget=0.25" --max-num-batched-tokens 2304 --out /tmp/kv_serve_h2o.json
+    python benchmarks/kv_serve_bench.py --model qwen2.5-coder-0.5b --context 2048 --requests 32 --threads 2 \
+        --output-len 256 --kv "snapkv:budget=0.25;snapkv:budget=0.25+kivi:bits=2;kivi:bits=2" --out /tmp/kv_kivi.json
     python benchmarks/kv_serve_bench.py --context 512 --requests 4 --output-len 8 --tasks capacity  # sanity run
     python benchmarks/kv_serve_bench.py --model qwen2.5-coder-1.5b --context 2048 --requests 32 --threads 2 \
         --kv "snapkv:budget=0.25;speckv:budget=0.25,draft=qwen2.5-coder-0.5b" --out /tmp/kv_serve_speckv.json
@@ -67,6 +76,7 @@ def run(llm: LLM, prompts: list[passkey.PasskeyPrompt], kv: str, *, num_blocks: 
     rids = [engine.add_request(p.ids, params, arrival_time=start) for p in prompts]
     seqs = [engine.requests[r].seqs[0] for r in rids]
     running, used = [], []
+    bytes_per_block = engine.cache.bytes_per_block
     while engine.has_unfinished_requests():
         engine.step()
         running.append(sum(1 for s in engine.scheduler.running if s.num_computed_tokens >= s.num_prompt_tokens))
@@ -85,6 +95,9 @@ def run(llm: LLM, prompts: list[passkey.PasskeyPrompt], kv: str, *, num_blocks: 
         "peak_blocks": max(used), "preemptions": engine.scheduler.num_preemptions,
         "uncompacted": engine.num_uncompacted,
         "kv_bytes_per_seq": statistics.fmean(o.metrics.get("kv_cache_bytes", 0) for o in outs),
+        "fit": num_blocks * bytes_per_block / max(1.0, statistics.fmean(o.metrics.get("kv_cache_bytes", 0)
+                                                                        for o in outs)),
+        "packed_chunks": engine.packer.num_packed_chunks, "packing_deferred": engine.packer.num_deferred,
         "wall_s": wall, "output_tok_s": n_out / wall,
         "total_tok_s": (n_out + sum(len(p.ids) for p in prompts)) / wall,
         "ttft_p50_s": statistics.median(ttft) if ttft else None,
@@ -95,13 +108,14 @@ def run(llm: LLM, prompts: list[passkey.PasskeyPrompt], kv: str, *, num_blocks: 
 
 
 def table(recs: list[dict[str, Any]]) -> str:
-    rows = ["| task | kv | pool blocks | peak / mean running | preemptions | KV MiB/seq | out tok/s | total tok/s "
-            "| TTFT p50 s | TPOT ms | needles |", "|" + "---|" * 11]
+    rows = ["| task | kv | pool blocks | peak / mean running | fit | preemptions | KV MiB/seq | out tok/s "
+            "| total tok/s | TTFT p50 s | TPOT ms | needles |", "|" + "---|" * 12]
     for r in recs:
         tpot = "-" if r["tpot_mean_s"] is None else f"{1e3 * r['tpot_mean_s']:.1f}"
         ttft = "-" if r["ttft_p50_s"] is None else f"{r['ttft_p50_s']:.2f}"
         rows.append(f"| {r['task']} | {r['kv']} | {r['num_blocks']} | {r['peak_running']} / {r['mean_running']:.1f} "
-                    f"| {r['preemptions']} | {r['kv_bytes_per_seq'] / 2**20:.1f} | {r['output_tok_s']:.1f} "
+                    f"| {r['fit']:.1f} | {r['preemptions']} | {r['kv_bytes_per_seq'] / 2**20:.1f} "
+                    f"| {r['output_tok_s']:.1f} "
                     f"| {r['total_tok_s']:.1f} | {ttft} | {tpot} | {r['needles']} |")
     return "\n".join(rows)
 
@@ -148,7 +162,8 @@ def main() -> int:
             else:
                 r = run(llm, prompts, kv, num_blocks=16 * per_seq, max_num_seqs=16, **common)
             recs.append({"task": task, "model": args.model, "dtype": dtype, "threads": torch.get_num_threads(), **r})
-            print(f"{task} {kv}: peak running {r['peak_running']}, {r['output_tok_s']:.1f} out tok/s, "
+            print(f"{task} {kv}: peak running {r['peak_running']} (fit {r['fit']:.1f}), "
+                  f"{r['output_tok_s']:.1f} out tok/s, "
                   f"needles {r['needles']}, {r['wall_s']:.0f} s, load {r['load']:.1f}", flush=True)
     print(table(recs))
     if args.out:

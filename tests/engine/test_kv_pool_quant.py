@@ -155,3 +155,53 @@ def test_specs_accepted_and_refused(full: LLM) -> None:
     e = engine(full)
     with pytest.raises(InvalidRequestError, match="vgroup"):
         e.add_request([5, 6, 7], SamplingParams(max_tokens=1), kv="kivi:vgroup=8")
+
+
+def test_served_with_snapkv_plus_kivi(model_path: str) -> None:
+    """``serve --kv snapkv:budget=0.5+kivi:...``: the engine packs, answers over HTTP, then holds no block."""
+    from fastapi.testclient import TestClient
+
+    from frugallm.engine.async_llm import AsyncLLM
+    from frugallm.serve.app import create_app
+
+    llm = LLM(model_path, dtype="float32", device="cpu")
+    e = engine(llm, kv=SNAP)
+    c = e.kv_quant
+    prompt = tokens(llm, 2 * (c.sinks + c.residual + c.chunk_tokens), 8)
+    with TestClient(create_app(AsyncLLM(e).start(), "tiny")) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 4,
+                                                 "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+    assert e.packer.num_packed_chunks == 1
+    assert e.block_manager.num_used_blocks == 0
+
+
+def test_one_long_compressible_prefill_at_a_time() -> None:
+    """Scheduler alone: a long prompt with a KV policy waits while another one prefills, then until the free blocks
+    hold its whole prompt (its first chunk alone would fit); a plain prompt is not held back."""
+    from frugallm.engine.block_manager import BlockManager
+    from frugallm.engine.scheduler import Scheduler, SchedulerConfig, SeqState
+
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=128), BlockManager(48, 8))
+    a, b = SeqState(list(range(3, 203))), SeqState(list(range(5, 205)))  # 25 blocks each, of 48
+    a.kv_quant = b.kv_quant = object()
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert out.seqs == [a] and out.num_new == [128]
+    sched.postprocess(out)
+    out = sched.schedule()  # a's last 72 tokens; b's first chunk would fit the 56 left, but a still prefills
+    assert out.seqs == [a] and out.num_new == [72] and b in sched.waiting
+    sched.postprocess(out)
+    out = sched.schedule()  # a holds 25 blocks: 23 free hold b's first chunk (16) but not its prompt (25)
+    assert b in sched.waiting and b not in out.seqs
+    plain = SeqState(list(range(7, 207)))  # no KV policy: admitted as before
+    sched.add(plain)
+    sched.waiting.rotate(1)  # plain first in line
+    out = sched.schedule()
+    assert plain in out.seqs
+    for s in list(sched.running):
+        sched.finish(s)
+    out = sched.schedule()
+    assert out.seqs == [b]

@@ -28,6 +28,11 @@ Policies:
   (``prefill_queries``): chunks are cut so, and prefix-cache hits are capped so. After a preemption it
   recomputes its prompt, is compacted again, then computes its generated tokens (the same cache as before;
   one per step with a sliding window, each overwriting the slot it overwrote the first time).
+* **One long compressible prefill at a time**: a prompt that a KV policy will shrink (an evictor compacts it when
+  it ends, KIVI packs it right after) and that needs several passes is admitted only when no other such prompt is
+  still prefilling and the free blocks hold its whole prompt. Its prompt holds all its blocks until it shrinks, so
+  two at once would bind the pool long before the compressed sequences do, and one admitted into too few blocks
+  would preempt decoding sequences (or itself) half-way.
 * **Preemption by recompute**: when a running sequence needs a block and none is free, the most recently
   admitted sequence loses its blocks and returns to the front of the queue; it later prefills its prompt
   plus what it generated so far (prefix caching usually makes that cheap).
@@ -207,6 +212,20 @@ class Scheduler:
         end = seq.num_prompt_tokens
         return (end - seq.kv_policy.prefill_queries(end)) // self.bm.block_size
 
+    @staticmethod
+    def _shrinks(seq: SeqState) -> bool:
+        """Will a KV policy shrink its blocks once its prompt is computed (evict at its end, or pack it)?"""
+        return seq.kv_policy is not None or seq.kv_quant is not None
+
+    def _long_prefill_waits(self, seq: SeqState, cached: list[int]) -> bool:
+        """Must this compressible prompt of several passes wait (see the module docstring)?"""
+        computed = len(cached) * self.bm.block_size
+        if not self._shrinks(seq) or seq.num_tokens - computed <= self.config.max_num_batched_tokens:
+            return False
+        if any(self._shrinks(s) and s.num_computed_tokens < s.num_prompt_tokens for s in self.running):
+            return True
+        return not self.bm.can_allocate(cached, seq.num_tokens)
+
     def _num_seqs_after(self, seq: SeqState) -> int:
         return len(self.running) + 1 + seq.num_forks
 
@@ -271,6 +290,8 @@ class Scheduler:
             if self.bm.prefix_in_flight(seq.token_ids, cached, seq.lora_id):
                 i += 1  # a running sequence is computing its next prefix block: share it from the next step
                 continue
+            if self._long_prefill_waits(seq, cached):
+                break
             computed = len(cached) * self.bm.block_size
             remaining = self._limit(seq, seq.num_tokens - computed, computed)
             if chunked:
