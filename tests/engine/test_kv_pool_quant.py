@@ -205,3 +205,26 @@ def test_one_long_compressible_prefill_at_a_time() -> None:
         sched.finish(s)
     out = sched.schedule()
     assert out.seqs == [b]
+
+
+def test_prefix_registration_stops_once_packed_and_samples_share_chunks(kivi: LLM) -> None:
+    """A kivi prompt registers its full blocks while it prefills (as any prompt); once packed it registers nothing
+    more, and its cached prompt still serves the next identical request. ``n=2`` greedy samples fork before
+    packing, each packs its own chunks, and both give the single sample's tokens."""
+    e = engine(kivi, num_blocks=96)
+    c = e.kv_quant
+    prompt = tokens(kivi, c.sinks + c.residual + c.chunk_tokens + 3, 9)
+    params = SamplingParams(max_tokens=BLOCK + 2, temperature=0, ignore_eos=True)
+    rid = e.add_request(prompt, params)
+    seq = e.requests[rid].seqs[0]
+    e.step()
+    bm = e.block_manager
+    registered = len(bm.hash_to_block)
+    assert seq.num_packed == c.chunk_tokens and registered == len(prompt) // BLOCK
+    e.run_to_completion()  # decoding past a block boundary registers no new block
+    assert len(bm.hash_to_block) == registered
+    hits = bm.prefix_hits
+    (again,) = run_engine(e, [prompt], params)
+    assert bm.prefix_hits > hits and again[0].token_ids == seq.output().token_ids
+    (two,) = run_engine(e, [prompt], params, n=2)
+    assert [o.token_ids for o in two] == [seq.output().token_ids] * 2
