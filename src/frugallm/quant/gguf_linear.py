@@ -19,10 +19,12 @@ types keep the exact paths; without that kernel (a CPU below AVX2, ``FRUGALLM_NA
 Q4_K and Q6_K segments of a multiple of 16 rows (exact mode) are repacked once at load by ``csrc/gguf_x16.cpp``
 into its "x16b" layouts (16 rows interleaved so vector lanes are output columns; the same bytes, replacing the
 stored ones) and their few-row passes run ``gguf_x16_linear`` (exact like ``gguf_linear``, Q4_K 1.4-1.9x faster;
-rows bit-identical to one-row passes). Dequantizing them unpacks the stored blocks first (``gguf_q4k_x16_unpack``,
-``gguf_q6k_x16_unpack``, bit for bit), so prefill and embedding lookups are unchanged. ``act_quant="q8"`` layers
-keep the stored layout; the repack is on at AVX-512 and above (AVX2: ``FRUGALLM_GGUF_X16=1``, slower at one row there);
-``FRUGALLM_GGUF_X16=0`` keeps the stored layout everywhere (an A/B switch for benchmarks).
+rows bit-identical to one-row passes). Q4_0, Q4_1 and Q8_0 segments the same way by ``csrc/gguf_x16_b32.cpp``
+(``gguf_x16_b32_linear``; 1.5-2.5x at one row on AVX-512, 1.2-1.5x on AVX2). Dequantizing them unpacks the stored
+blocks first (``gguf_q4k_x16_unpack``, ``gguf_q6k_x16_unpack``, ``gguf_x16_b32_unpack``, bit for bit), so prefill
+and embedding lookups are unchanged. ``act_quant="q8"`` layers keep the stored layout; the repack is on at AVX-512
+and above, and for the 32-value types also on AVX2 (Q4_K / Q6_K on AVX2: ``FRUGALLM_GGUF_X16=1``, slower at one row
+there); ``FRUGALLM_GGUF_X16=0`` keeps the stored layout everywhere (an A/B switch for benchmarks).
 
 Without the native kernel (no compiler, ``FRUGALLM_NATIVE=0``, a CPU below AVX2, another device) every pass
 dequantizes with ``gguf.quants.dequantize`` (numpy, the format's reference code) and runs ``F.linear``: correct
@@ -72,6 +74,17 @@ def _x16_ops(name: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torc
 
 
 X16_TYPES = {Q.Q4_K: _x16_ops("q4k"), Q.Q6_K: _x16_ops("q6k")}  # the types csrc/gguf_x16.cpp repacks
+X16_B32_KERNEL = "gguf_x16_b32"  # csrc/gguf_x16_b32.cpp: the 32-value block types, 16 rows interleaved
+
+
+def _b32_ops(qtype: int) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """(repack, unpack) of a 32-value block type's x16 layout (csrc/gguf_x16_b32.cpp), looked up when called."""
+    return (lambda w: torch.ops.frugallm.gguf_x16_b32_repack(w, qtype),
+            lambda w, n, rows: torch.ops.frugallm.gguf_x16_b32_unpack(w, qtype, n, rows))
+
+
+X16_B32_TYPES = {t: _b32_ops(int(t)) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0)}  # the types csrc/gguf_x16_b32.cpp repacks
+X16_LAYOUTS = {**X16_TYPES, **X16_B32_TYPES}  # every type GGUFLinear may repack: qtype -> (repack, unpack)
 # Output rows per dequantized tile in a many-row pass (GGUFLinear._dequantized_matmul): 2048 rows of 1536 bf16
 # values are 6 MiB, inside a server CPU's L3, and large enough that the GEMM per tile runs at full speed.
 PREFILL_TILE_ROWS = 2048
@@ -113,22 +126,25 @@ def row_bytes(qtype: int, in_features: int) -> int:
 
 
 def _x16_ok(qtype: int, rows: int, device: torch.device) -> bool:
-    """Whether a segment runs repacked (csrc/gguf_x16.cpp): Q4_K or Q6_K, a multiple of 16 rows, on this CPU's
-    kernels at AVX-512 or above, unless ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for
-    benchmarks). ``FRUGALLM_GGUF_X16=1`` also repacks on AVX2, where the x16 kernel is 0.75-0.96x the stored-block
-    kernel at one row (1.1-1.7x at 2-8 rows), so decode keeps the stored layout there by default; a list of type
-    names (``FRUGALLM_GGUF_X16=Q4_K``) does what ``1`` does for those types only (a per-type A/B)."""
+    """Whether a segment runs repacked (csrc/gguf_x16.cpp: Q4_K, Q6_K; csrc/gguf_x16_b32.cpp: Q4_0, Q4_1, Q8_0),
+    a multiple of 16 rows, on this CPU's kernels at AVX-512 or above (the 32-value types: AVX2 or above), unless
+    ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for benchmarks). ``FRUGALLM_GGUF_X16=1`` also
+    repacks Q4_K / Q6_K on AVX2, where their x16 kernel is 0.75-0.96x the stored-block kernel at one row (1.1-1.7x
+    at 2-8 rows), so decode keeps their stored layout there by default; a list of type names
+    (``FRUGALLM_GGUF_X16=Q4_K,Q8_0``) does what ``1`` does for those types only (a per-type A/B)."""
     flag = os.environ.get("FRUGALLM_GGUF_X16", "auto").strip()
     if flag not in ("0", "1", "auto"):
         names = {n.strip().upper() for n in flag.split(",") if n.strip()}
-        known = {GGMLQuantizationType(t).name for t in X16_TYPES}
+        known = {GGMLQuantizationType(t).name for t in X16_LAYOUTS}
         if not names or not names <= known:
             raise FrugalError(f"FRUGALLM_GGUF_X16={flag!r}: expected 0, 1, auto or type names among "
                               f"{', '.join(sorted(known))}")
         if GGMLQuantizationType(qtype).name not in names:
             return False
-    return (flag != "0" and (flag != "auto" or cpu.at_least("avx512")) and qtype in X16_TYPES and rows % 16 == 0
-            and device.type == "cpu" and native.usable(X16_KERNEL) and native.usable(KERNEL))
+    b32 = qtype in X16_B32_TYPES
+    return (flag != "0" and (flag != "auto" or b32 or cpu.at_least("avx512")) and qtype in X16_LAYOUTS
+            and rows % 16 == 0 and device.type == "cpu" and native.usable(X16_B32_KERNEL if b32 else X16_KERNEL)
+            and native.usable(KERNEL))
 
 
 def _drop_file_pages(t: torch.Tensor) -> None:
@@ -211,7 +227,7 @@ def segment_from_reader(tensor, n_head: int | None = None) -> tuple[int, torch.T
 @dataclass(frozen=True)
 class Segment:
     """Rows ``[start, start + rows)`` of the output, stored as ``qtype`` in buffer ``raw{index}``: ``layout``
-    ``"stored"`` (the file's rows ``[rows, bytes]``) or ``"x16"`` (Q4_K / Q6_K repacked,
+    ``"stored"`` (the file's rows ``[rows, bytes]``) or ``"x16"`` (a type of ``X16_LAYOUTS`` repacked,
     ``[rows / 16, 16 * bytes]``)."""
 
     qtype: int
@@ -263,7 +279,7 @@ class GGUFLinear(nn.Module):
                                   f"{self.in_features} values take {expected}")
             t, layout = t.reshape(int(rows), -1), "stored"
             if act_quant is None and _x16_ok(qt, int(rows), t.device):  # one new buffer the size of the stored one
-                t, layout = X16_TYPES[qt][0](t), "x16"
+                t, layout = X16_LAYOUTS[qt][0](t), "x16"
                 _drop_file_pages(as_uint8(raw))  # the memmap's pages are no longer read: RSS counts them once
             self.register_buffer(f"raw{i}", t)
             self.segments.append(Segment(int(qt), start, int(rows), layout))
@@ -311,7 +327,7 @@ class GGUFLinear(nn.Module):
         raw, s = self.raw(i), self.segments[i]
         if s.layout == "x16":
             idx = None if rows is None else rows.to(device="cpu", dtype=torch.long)
-            return X16_TYPES[s.qtype][1](raw.cpu(), s.rows, idx).to(raw.device)
+            return X16_LAYOUTS[s.qtype][1](raw.cpu(), s.rows, idx).to(raw.device)
         return raw if rows is None else raw[rows]
 
     def use_stored_layout(self) -> None:
@@ -345,7 +361,8 @@ class GGUFLinear(nn.Module):
         """The few-rows native op for ``seg``: int8 activations where asked and available, the x16 kernel on a
         repacked segment."""
         if seg.layout == "x16":
-            return torch.ops.frugallm.gguf_x16_linear
+            return (torch.ops.frugallm.gguf_x16_b32_linear if seg.qtype in X16_B32_TYPES
+                    else torch.ops.frugallm.gguf_x16_linear)
         if self.act_quant == "q8" and seg.qtype in Q8_TYPES and native.usable(Q8_KERNEL):
             return torch.ops.frugallm.gguf_linear_q8
         return torch.ops.frugallm.gguf_linear
