@@ -44,11 +44,13 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "gguf_q8_act.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -753,6 +755,284 @@ at::Tensor gguf_x16_linear(const at::Tensor& x, const at::Tensor& w, int64_t qty
   return x16_linear("gguf_x16_linear", x, w, qtype, n, bias);
 }
 
+// ---- int8 activations (weights="stored-q8": llama.cpp's arithmetic, NOT exact) ------------------------------------
+// x quantized per 32 values exactly as csrc/gguf_q8.cpp does (csrc/gguf_q8_act.h: the same codes qx and scales dx).
+// A repacked dword's bytes, masked to their low nibbles, are the codes of values 8 z + {0, 4, 1, 5} of its run, and
+// shifted right by 4 those of 8 z + {2, 6, 3, 7}: with qx permuted once per call to that order per 8 values, one
+// broadcast dword of 4 codes meets 16 columns' 4 codes in one vpdpbusd (64 multiply-adds, no horizontal sums).
+// Per 32 values (Q4_K) / 16 (Q6_K) the integer dot per column is exact; it meets (d sc) dx in one fp32 FMA and the
+// offset (Q4_K: dmin mn per 32, Q6_K: 32 d sc per 16) times dx * sum(qx) is subtracted by one more, so the result is gguf_linear_q8's up to
+// fp32 rounding (its sums run in another order) and every row's arithmetic is the same at any rows per pass.
+#if defined(X16_VEC)
+constexpr int64_t kRowsPassQ8 = 8;  // rows per pass: a verify pass of up to 8 rows decodes the codes once
+
+// The vector width's operations (AVX-512: the 16 columns in one vector; AVX2: two halves of 8, h = 0, 1).
+#if defined(X16_AVX512)
+struct VecQ8 {
+  static constexpr int W = 16;
+  using F = __m512;
+  using I = __m512i;
+  static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  template <int S> static I srli(I a) { return S == 0 ? a : _mm512_srli_epi32(a, S); }
+  template <int S> static I slli(I a) { return S == 0 ? a : _mm512_slli_epi32(a, S); }
+  static I bcast(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+  static I set1i(int32_t v) { return _mm512_set1_epi32(v); }
+  static I zeroi() { return _mm512_setzero_si512(); }
+  static I dot4(I acc, I u, I s) {  // acc + per lane the 4 byte products u (unsigned) . s (signed)
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+  }
+  static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
+  static F zerof() { return _mm512_setzero_ps(); }
+  static F set1f(float v) { return _mm512_set1_ps(v); }
+  static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F half(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static I u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I s8(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
+#else
+struct VecQ8 {
+  static constexpr int W = 8;
+  using F = __m256;
+  using I = __m256i;
+  static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  template <int S> static I srli(I a) { return S == 0 ? a : _mm256_srli_epi32(a, S); }
+  template <int S> static I slli(I a) { return S == 0 ? a : _mm256_slli_epi32(a, S); }
+  static I bcast(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+  static I set1i(int32_t v) { return _mm256_set1_epi32(v); }
+  static I zeroi() { return _mm256_setzero_si256(); }
+  static I dot4(I acc, I u, I s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+  }
+  static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
+  static F zerof() { return _mm256_setzero_ps(); }
+  static F set1f(float v) { return _mm256_set1_ps(v); }
+  static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F half(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static I s8(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+};
+#endif
+
+// The build's -fassociative-math lets the compiler regroup sums and products; an instantiation with few rows did
+// (one-row outputs then differed from the same row's in a pass of several): an empty asm pins a value as computed.
+template <typename F>
+inline void in_order(F& v) {
+  asm("" : "+v"(v));
+}
+
+// Which integer dot product the int8 path of this build uses (tests and benchmarks report it).
+const char* x16_q8_isa() {
+#if defined(X16_AVX512) && defined(__AVX512VNNI__)
+  return "avx512vnni";
+#elif defined(X16_AVX512)
+  return "avx512bw";
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512vnni";
+#elif defined(__AVXVNNI__)
+  return "avxvnni";
+#else
+  return "avx2";
+#endif
+}
+
+// Q4_K, MC rows: res[m][c] = sum_j (d sc_j) dx_j (u . qx)_j - (dmin mn_j) (dx sum qx)_j. qx: [rows, k] codes in the
+// permuted order, dx / s32: [rows, k / 32] scales and dx * sums.
+template <int MC>
+void group_q8_q4k(const uint8_t* w, int64_t nblocks, const int8_t* qx, int64_t k, const float* dx, const float* s32,
+                  float* res) {
+  using V = VecQ8;
+  const int64_t nc = k / 32;
+  const typename V::I m4 = V::set1i(0x0F0F0F0F), m63 = V::set1i(63), m15 = V::set1i(15);
+  for (int h = 0; h < 16 / V::W; ++h) {
+    typename V::F t[MC];  // the offsets too (fnmadd): one register per row
+    for (int m = 0; m < MC; ++m) t[m] = V::zerof();
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const uint8_t* b = w + blk * kBlock;
+      const typename V::F dv = V::half(b + 2 * V::W * h), dmv = V::half(b + 32 + 2 * V::W * h);
+      typename V::I sb[12];
+      for (int i = 0; i < 12; ++i) sb[i] = V::u8(b + 64 + 16 * i + V::W * h);
+      for (int j = 0; j < 8; ++j) {
+        // Two integer chains per row where registers allow (exact: the split does not change the sum).
+        constexpr bool two = V::W == 16 || MC <= 2;
+        typename V::I p0[MC], p1s[MC];
+        typename V::I* p1 = two ? p1s : p0;
+        for (int m = 0; m < MC; ++m) p0[m] = p1s[m] = V::zeroi();
+#pragma GCC unroll 4
+        for (int z = 0; z < 4; ++z) {
+          const typename V::I d = V::load(b + 256 + 256 * j + 64 * z + 4 * V::W * h);
+          const typename V::I u0 = V::and_(d, m4), u1 = V::and_(V::template srli<4>(d), m4);
+          for (int m = 0; m < MC; ++m) {
+            const int8_t* xm = qx + m * k + 256 * blk + 32 * j + 8 * z;
+            p0[m] = V::dot4(p0[m], u0, V::bcast(xm));
+            p1[m] = V::dot4(p1[m], u1, V::bcast(xm + 4));
+          }
+        }
+        typename V::I sc, mn;
+        if (j < 4) {
+          sc = V::and_(sb[j], m63);
+          mn = V::and_(sb[j + 4], m63);
+        } else {
+          sc = V::or_(V::and_(sb[j + 4], m15), V::template slli<4>(V::template srli<6>(sb[j - 4])));
+          mn = V::or_(V::template srli<4>(sb[j + 4]), V::template slli<4>(V::template srli<6>(sb[j])));
+        }
+        typename V::F scale = V::mul(dv, V::cvt(sc)), mnv = V::mul(dmv, V::cvt(mn));
+        in_order(scale);
+        in_order(mnv);
+        for (int m = 0; m < MC; ++m) {
+          const int64_t c = m * nc + 8 * blk + j;
+          const typename V::I p = two ? V::add_i(p0[m], p1s[m]) : p0[m];
+          typename V::F sdx = V::mul(scale, V::set1f(dx[c]));
+          in_order(sdx);
+          t[m] = V::fnmadd(mnv, V::set1f(s32[c]), V::fmadd(V::cvt(p), sdx, t[m]));
+          in_order(t[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MC; ++m) V::store(res + 16 * m + V::W * h, t[m]);
+  }
+}
+
+// Q6_K, MC rows: res[m][c] = sum_i (d sc_i) dx (u . qx)_i - 32 (d sc_i) (dx sum qx)_i per 16 values; s16: [rows,
+// k / 16] dx * sums. A code's 2 high bits (bits 16 s + 4 r + 2 z of the high run) move to bits 4..5 of its byte by
+// one shift per run and parity.
+template <int MC>
+void group_q8_q6k(const uint8_t* w, int64_t nblocks, const int8_t* qx, int64_t k, const float* dx, const float* s16,
+                  float* res) {
+  using V = VecQ8;
+  const int64_t nc = k / 32;
+  const typename V::I m4 = V::set1i(0x0F0F0F0F), m30 = V::set1i(0x30303030);
+  for (int h = 0; h < 16 / V::W; ++h) {
+    typename V::F t[MC];
+    for (int m = 0; m < MC; ++m) t[m] = V::zerof();
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const uint8_t* b = w + blk * kBlock6;
+      const typename V::F dv = V::half(b + 2 * V::W * h);
+#pragma GCC unroll 2
+      for (int i = 0; i < 16; ++i) {
+        const uint8_t* q = b + 288 + 192 * i + 4 * V::W * h;
+        const typename V::I hi = V::load(q + 128), lo0 = V::load(q), lo1 = V::load(q + 64);
+        // run z, even fields (r = 0, 2): high bits at 2 z -> 4; odd fields (r = 1, 3): at 4 + 2 z -> 4
+        const typename V::I u00 = V::or_(V::and_(lo0, m4), V::and_(V::template slli<4>(hi), m30));
+        const typename V::I u01 = V::or_(V::and_(V::template srli<4>(lo0), m4), V::and_(hi, m30));
+        const typename V::I u10 = V::or_(V::and_(lo1, m4), V::and_(V::template slli<2>(hi), m30));
+        const typename V::I u11 = V::or_(V::and_(V::template srli<4>(lo1), m4), V::and_(V::template srli<2>(hi), m30));
+        typename V::F scale = V::mul(dv, V::cvt(V::s8(b + 32 + 16 * i + V::W * h)));
+        in_order(scale);
+        const typename V::F off_scale = V::mul(V::set1f(32.0f), scale);
+        for (int m = 0; m < MC; ++m) {
+          const int8_t* xm = qx + m * k + 256 * blk + 16 * i;
+          typename V::I p0 = V::dot4(V::zeroi(), u00, V::bcast(xm));
+          typename V::I p1 = V::dot4(V::zeroi(), u01, V::bcast(xm + 4));
+          p0 = V::dot4(p0, u10, V::bcast(xm + 8));
+          p1 = V::dot4(p1, u11, V::bcast(xm + 12));
+          typename V::F sdx = V::mul(scale, V::set1f(dx[m * nc + 8 * blk + i / 2]));
+          in_order(sdx);
+          t[m] = V::fnmadd(off_scale, V::set1f(s16[m * 2 * nc + 16 * blk + i]), V::fmadd(V::cvt(V::add_i(p0, p1)), sdx, t[m]));
+          in_order(t[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MC; ++m) V::store(res + 16 * m + V::W * h, t[m]);
+  }
+}
+
+using GroupQ8 = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const float*, const float*, float*);
+
+#define X16_Q8_TABLE(KERNEL) \
+  {&KERNEL<1>, &KERNEL<2>, &KERNEL<3>, &KERNEL<4>, &KERNEL<5>, &KERNEL<6>, &KERNEL<7>, &KERNEL<8>}
+constexpr GroupQ8 kGroupQ4K[kRowsPassQ8] = X16_Q8_TABLE(group_q8_q4k);
+constexpr GroupQ8 kGroupQ6K[kRowsPassQ8] = X16_Q8_TABLE(group_q8_q6k);
+#undef X16_Q8_TABLE
+#endif  // X16_VEC
+
+at::Tensor gguf_x16_linear_q8(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
+                              const std::optional<at::Tensor>& bias) {
+  const char* op = "gguf_x16_linear_q8";
+  TORCH_CHECK(qtype == kQ4K || qtype == kQ6K, op, ": only Q4_K (12) and Q6_K (14) are repacked, got qtype ", qtype);
+  TORCH_CHECK(kVectorized, op, ": this build has no vector path (needs AVX2 + FMA + F16C)");
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              op, ": x must be a CPU float32 or bfloat16 [rows, K] tensor");
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.size(0), k = xc.size(1);
+  TORCH_CHECK(k > 0 && k % 256 == 0, op, ": in_features ", k, " is not a multiple of 256");
+  const int64_t nblocks = k / 256;
+  const bool q6 = qtype == kQ6K;
+  check_x16(w, n, nblocks, q6 ? kBlock6 : kBlock, q6 ? "Q6_K" : "Q4_K");
+  const float* bp = frugallm::bias_ptr(bias, n);
+  at::Tensor y = at::empty({rows, n}, xc.options());
+  if (rows == 0) return y;
+#if defined(X16_VEC)
+  frugallm::q8act::QuantizedX xq = frugallm::q8act::quantize_x(xc);
+  for (int64_t i = 0; i < rows * k; i += 8) {  // per 8 values: the order 0 4 1 5 2 6 3 7 (see above)
+    int8_t v[8];
+    std::memcpy(v, xq.q.data() + i, 8);
+    for (int r = 0; r < 4; ++r) {
+      xq.q[i + 2 * r] = v[r];
+      xq.q[i + 2 * r + 1] = v[r + 4];
+    }
+  }
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  float* yf = bf16 ? nullptr : y.data_ptr<float>();
+  auto* yb = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) : nullptr;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t block_bytes = q6 ? kBlock6 : kBlock, nc = k / 32;
+  const GroupQ8* table = q6 ? kGroupQ6K : kGroupQ4K;
+  const float* sums = q6 ? xq.s16.data() : xq.s32.data();
+  const int64_t sums_row = q6 ? 2 * nc : nc;
+  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
+    float res[kRowsPassQ8 * 16];
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t m0 = 0; m0 < rows; m0 += kRowsPassQ8) {
+        const int64_t mc = std::min<int64_t>(kRowsPassQ8, rows - m0);
+        table[mc - 1](wp + g * nblocks * block_bytes, nblocks, xq.q.data() + m0 * k, k, xq.d.data() + m0 * nc,
+                      sums + m0 * sums_row, res);
+        for (int64_t m = 0; m < mc; ++m)
+          for (int c = 0; c < 16; ++c) {
+            const float v = res[16 * m + c] + (bp ? bp[16 * g + c] : 0.0f);
+            if (bf16)
+              yb[(m0 + m) * n + 16 * g + c] = frugallm::float_to_bf16(v);
+            else
+              yf[(m0 + m) * n + 16 * g + c] = v;
+          }
+      }
+  });
+#else
+  (void)bp;
+#endif
+  return y;
+}
+
+std::string gguf_x16_q8_isa() {
+#if defined(X16_VEC)
+  return x16_q8_isa();
+#else
+  return "none";
+#endif
+}
+
 bool gguf_x16_vectorized() { return kVectorized; }
 
 }  // namespace
@@ -765,6 +1045,8 @@ TORCH_LIBRARY_FRAGMENT(frugallm, m) {
   m.def("gguf_q6k_x16_unpack(Tensor w, int out_features, Tensor? rows) -> Tensor");
   m.def("gguf_x16_linear(Tensor x, Tensor w, int qtype, int out_features, Tensor? bias) -> Tensor");
   m.def("gguf_x16_vectorized() -> bool", &gguf_x16_vectorized);
+  m.def("gguf_x16_linear_q8(Tensor x, Tensor w, int qtype, int out_features, Tensor? bias) -> Tensor");
+  m.def("gguf_x16_q8_isa() -> str", &gguf_x16_q8_isa);
 }
 
 TORCH_LIBRARY_IMPL(frugallm, CPU, m) {
@@ -774,4 +1056,5 @@ TORCH_LIBRARY_IMPL(frugallm, CPU, m) {
   m.impl("gguf_q6k_x16_repack", &gguf_q6k_x16_repack);
   m.impl("gguf_q6k_x16_unpack", &gguf_q6k_x16_unpack);
   m.impl("gguf_x16_linear", &gguf_x16_linear);
+  m.impl("gguf_x16_linear_q8", &gguf_x16_linear_q8);
 }
