@@ -97,8 +97,9 @@ def quantize(
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``codes * scale + zero`` in ``dtype`` (computed in fp32)."""
-    return (codes.float() * scale.float() + zero.float()).to(dtype)
+    """``codes * scale + zero`` in ``dtype`` (computed in fp32; in place on the codes' fp32 copy, no temporaries
+    of the full size: the paged engine dequantizes every packed token at every decode step)."""
+    return codes.float().mul_(scale.float()).add_(zero.float()).to(dtype)
 
 
 def quantize_groups(
@@ -263,6 +264,11 @@ class QuantizedSequence:
             x = dequantize_groups(self.codes, self.scale, self.zero, self.bits, self.channels, torch.float32)
             return (x @ self.rotation).to(self.dtype)
         nq = self.num_quantized
+        if self.gid is None and nq % self.group == 0:  # whole groups: the group's (scale, zero) broadcast
+            lead, ng, g, c = self.codes.shape[:-2], nq // self.group, self.group, self.channels
+            codes = unpack(self.codes, self.bits, c).view(*lead, ng, g, c)
+            scale, zero = self.scale[..., :ng, None, :], self.zero[..., :ng, None, :]
+            return dequantize(codes, scale, zero, self.dtype).view(*lead, nq, c)
         if self.gid is None:  # (fp8 -> fp32 before repeating: copying fp8 on CPU is slow)
             scale = self.scale.float().repeat_interleave(self.group, dim=-2)[..., :nq, :]
             zero = self.zero.float().repeat_interleave(self.group, dim=-2)[..., :nq, :]
