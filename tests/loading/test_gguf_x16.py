@@ -160,8 +160,8 @@ def test_bad_inputs_are_clear_errors() -> None:
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gguf_linear_repacks_q4k_and_q6k_segments_of_16k_rows(x_dtype: torch.dtype) -> None:
     """A fused Q4_K (x16) + Q6_K (x16) + Q4_K-of-40-rows (stays stored) + Q5_K linear: its few-row passes (forward
-    and decode_fn) equal the x16 / stored-block kernels per segment; prefill-size passes dequantize; q8 mode keeps
-    stored."""
+    and decode_fn) equal the x16 / stored-block kernels per segment; prefill-size passes dequantize; q8 mode runs the
+    x16 segments' int8 kernel and the stored-block one on the rest."""
     k = 512
     segs_np = [(T.Q4_K, random_blocks(T.Q4_K, 48, k, seed=1), 48), (T.Q6_K, random_blocks(T.Q6_K, 32, k, seed=2), 32),
                (T.Q4_K, random_blocks(T.Q4_K, 40, k, seed=3), 40), (T.Q5_K, random_blocks(T.Q5_K, 16, k, seed=6), 16)]
@@ -184,12 +184,19 @@ def test_gguf_linear_repacks_q4k_and_q6k_segments_of_16k_rows(x_dtype: torch.dty
     big = lin(x)  # prefill: dequantize (unpacked blocks) then F.linear
     ref = torch.nn.functional.linear(x, lin.dequantize(x_dtype), bias.to(x_dtype))
     assert torch.equal(big, ref)
-    # int8 activations read the stored layout: none repacked, and switching a model to q8 unpacks.
-    assert [s.layout for s in GGUFLinear(segs, k, bias, act_quant="q8").segments] == ["stored"] * 4
+    # int8 activations: Q4_K / Q6_K stay repacked (gguf_x16_linear_q8), the rest reads the stored blocks
+    # (gguf_linear_q8), whether built in q8 mode or switched to it.
+    lq8 = GGUFLinear(segs, k, bias, act_quant="q8")
+    assert [s.layout for s in lq8.segments] == ["x16", "x16", "stored", "stored"]
     model = torch.nn.Sequential(lin)
     assert set_act_quant(model, "q8") == 1
-    assert [s.layout for s in lin.segments] == ["stored"] * 4
-    assert torch.equal(lin.raw(0), segs[0][1]) and torch.equal(lin.raw(1), segs[1][1])
+    assert [s.layout for s in lin.segments] == ["x16", "x16", "stored", "stored"]
+    y8 = lin(few)
+    assert torch.equal(lq8(few), y8) and torch.equal(lin.decode_fn(x_dtype, torch.device("cpu"))(few), y8)
+    q8_x16, q8 = torch.ops.frugallm.gguf_x16_linear_q8, torch.ops.frugallm.gguf_linear_q8
+    assert torch.equal(y8[:, :48], q8_x16(few, lin.raw(0), int(T.Q4_K), 48, bias[:48]))
+    assert torch.equal(y8[:, 48:80], q8_x16(few, lin.raw(1), int(T.Q6_K), 32, bias[48:80]))
+    assert torch.equal(y8[:, 80:120], q8(few, segs[2][1], int(T.Q4_K), 40, bias[80:120]))
 
 
 def test_tiny_q4k_model_decodes_the_same_without_the_repack(tiny_models, tiny_ids, monkeypatch) -> None:

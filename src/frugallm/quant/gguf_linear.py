@@ -22,9 +22,11 @@ stored ones) and their few-row passes run ``gguf_x16_linear`` (exact like ``gguf
 rows bit-identical to one-row passes). Q4_0, Q4_1 and Q8_0 segments the same way by ``csrc/gguf_x16_b32.cpp``
 (``gguf_x16_b32_linear``; 1.5-2.5x at one row on AVX-512, 1.2-1.5x on AVX2). Dequantizing them unpacks the stored
 blocks first (``gguf_q4k_x16_unpack``, ``gguf_q6k_x16_unpack``, ``gguf_x16_b32_unpack``, bit for bit), so prefill
-and embedding lookups are unchanged. ``act_quant="q8"`` layers keep the stored layout; the repack is on at AVX-512
-and above, and for the 32-value types also on AVX2 (Q4_K / Q6_K on AVX2: ``FRUGALLM_GGUF_X16=1``, slower at one row
-there); ``FRUGALLM_GGUF_X16=0`` keeps the stored layout everywhere (an A/B switch for benchmarks).
+and embedding lookups are unchanged. ``act_quant="q8"`` layers keep Q4_K / Q6_K repacked (``gguf_x16_linear_q8``:
+int8 activations on the x16b layouts, vpdpbusd with no horizontal sums) and the other types in the stored layout
+(``gguf_linear_q8``); the repack is on at AVX-512 and above, and for the 32-value types also on AVX2 (Q4_K / Q6_K
+on AVX2: ``FRUGALLM_GGUF_X16=1``, slower at one row there); ``FRUGALLM_GGUF_X16=0`` keeps the stored layout
+everywhere (an A/B switch for benchmarks).
 
 Without the native kernel (no compiler, ``FRUGALLM_NATIVE=0``, a CPU below AVX2, another device) every pass
 dequantizes with ``gguf.quants.dequantize`` (numpy, the format's reference code) and runs ``F.linear``: correct
@@ -85,6 +87,7 @@ def _b32_ops(qtype: int) -> tuple[Callable[..., torch.Tensor], Callable[..., tor
 
 X16_B32_TYPES = {t: _b32_ops(int(t)) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0)}  # the types csrc/gguf_x16_b32.cpp repacks
 X16_LAYOUTS = {**X16_TYPES, **X16_B32_TYPES}  # every type GGUFLinear may repack: qtype -> (repack, unpack)
+X16_Q8_TYPES = frozenset({Q.Q4_K, Q.Q6_K})  # x16 layouts with an int8-activation kernel (gguf_x16_linear_q8)
 # Output rows per dequantized tile in a many-row pass (GGUFLinear._dequantized_matmul): 2048 rows of 1536 bf16
 # values are 6 MiB, inside a server CPU's L3, and large enough that the GEMM per tile runs at full speed.
 PREFILL_TILE_ROWS = 2048
@@ -278,7 +281,7 @@ class GGUFLinear(nn.Module):
                 raise FrugalError(f"segment {i} ({qt.name}): {t.numel()} bytes, but {rows} rows of "
                                   f"{self.in_features} values take {expected}")
             t, layout = t.reshape(int(rows), -1), "stored"
-            if act_quant is None and _x16_ok(qt, int(rows), t.device):  # one new buffer the size of the stored one
+            if (act_quant is None or qt in X16_Q8_TYPES) and _x16_ok(qt, int(rows), t.device):  # same-size buffer
                 t, layout = X16_LAYOUTS[qt][0](t), "x16"
                 _drop_file_pages(as_uint8(raw))  # the memmap's pages are no longer read: RSS counts them once
             self.register_buffer(f"raw{i}", t)
@@ -331,9 +334,10 @@ class GGUFLinear(nn.Module):
         return raw if rows is None else raw[rows]
 
     def use_stored_layout(self) -> None:
-        """Put x16 segments back in the file's layout (for the int8-activation kernel, which reads it)."""
+        """Put x16 segments back in the file's layout where the int8-activation kernel reads that (the types
+        without an x16 int8 kernel: not ``X16_Q8_TYPES``)."""
         for i, s in enumerate(self.segments):
-            if s.layout == "x16":
+            if s.layout == "x16" and s.qtype not in X16_Q8_TYPES:
                 setattr(self, f"raw{i}", self.stored(i))
                 self.segments[i] = Segment(s.qtype, s.start, s.rows)
 
@@ -360,6 +364,8 @@ class GGUFLinear(nn.Module):
     def _op(self, seg: Segment) -> Callable[..., torch.Tensor]:
         """The few-rows native op for ``seg``: int8 activations where asked and available, the x16 kernel on a
         repacked segment."""
+        if seg.layout == "x16" and self.act_quant == "q8" and seg.qtype in X16_Q8_TYPES:
+            return torch.ops.frugallm.gguf_x16_linear_q8
         if seg.layout == "x16":
             return (torch.ops.frugallm.gguf_x16_b32_linear if seg.qtype in X16_B32_TYPES
                     else torch.ops.frugallm.gguf_x16_linear)
