@@ -18,15 +18,16 @@
 //       dtype: per block d * sum(x c) (+ m * sum(x) for Q4_1), c the signed code (Q4_0: q - 8), fp32 accumulation,
 //       bias added in fp32, one RNE rounding for bf16 output; dequantize-then-matmul up to fp32 rounding.
 //
-// Paths: a 4-bit code is decoded by one table lookup that ignores the bits above the nibble, so a shift and a
-// permute make a vector of codes: AVX-512 fp32 x: vpermps from 16 fp32 values (the signed code: q - 8 for Q4_0),
-// then FMAs; bf16 x on AVX512-BF16: vpermw from 32 bf16 values (the same table twice: bit 4 of each word index is
-// the next nibble's) gives a column's two codes as a bf16 pair, exact small integers, for vdpbf16ps against the
-// broadcast x pair (no offset to cancel). Q8_0 runs fp32 FMAs for either x (bf16 x widened, exact): a sign-extending
-// load and a convert per 16 codes, as cheap per value as the bf16 route (an int8 is not one bf16 bit pattern away:
-// its bf16 needs two nibble lookups per pair; measured 1.45x the stored kernel, this path more, under load). AVX2 +
-// FMA + F16C (and bf16 x without AVX512-BF16, widened to fp32 first): mask and convert (Q4_0's 8 sum(x) taken off
-// per block), two halves of 8 columns.
+// Paths: AVX-512 fp32 x: a shift and a vpermps (a 16-entry table of the signed codes, q - 8 for Q4_0, indexed by the
+// nibble: the bits above it are ignored) make a vector of codes, then FMAs; bf16 x on AVX512-BF16: a shift and one
+// ternary-logic op make a column's two codes the bf16 pair 128 + q (0x4300 | q, as csrc/gguf_x16.cpp does) for
+// vdpbf16ps against the broadcast x pair, 128 sum(x) (Q4_0: 136) taken off per block (a vpermw lookup of the signed
+// codes, with nothing to cancel, measured 6-7 % slower under load). Q8_0 runs fp32 FMAs for either x (bf16 x
+// widened, exact): a sign-extending load and a convert per 16 codes, as cheap per value as a bf16 route (an int8 is
+// not one bf16 bit pattern away: its bf16 pair needs two nibble lookups; that layout measured 1.45x the stored
+// kernel in bf16 and 0.8x in fp32, this one 1.5x in both, under load). AVX2 + FMA + F16C (and bf16 x without
+// AVX512-BF16, widened to fp32 first): mask and convert (Q4_0's 8 sum(x) taken off per block), two halves of 8
+// columns.
 // Each row keeps 4 accumulators per block (one per field r), reset per block, so one-row decode has 4 chains in
 // flight per block and consecutive blocks overlap (out-of-order); the count does not depend on the rows per pass.
 // pack_dword / unpack_dword are copied from csrc/gguf_x16.cpp (the same nibble order; that file is not shared).
@@ -58,13 +59,7 @@
 #endif
 #endif
 constexpr bool kVectorized = true;
-#if defined(B32_AVX512)
-constexpr bool kAvx512 = true;
 #else
-constexpr bool kAvx512 = false;
-#endif
-#else
-constexpr bool kAvx512 = false;
 constexpr bool kVectorized = false;
 #endif
 
@@ -168,8 +163,8 @@ void check_x16(const char* op, const at::Tensor& w, int64_t n, int64_t nblocks, 
               op, ": w must be a contiguous CPU uint8 [N / 16, bytes] tensor");
   TORCH_CHECK(n > 0 && n % 16 == 0, op, ": out_features must be a positive multiple of 16, got ", n);
   TORCH_CHECK(w.size(0) == n / 16 && w.numel() == n / 16 * nblocks * l.block(), op, ": w has ", w.numel(),
-              " bytes in ", w.size(0), " groups; ", n, " rows of ", nblocks, " blocks take ", n / 16 * nblocks * l.block(),
-              " in ", n / 16);
+              " bytes in ", w.size(0), " groups; ", n, " rows of ", nblocks, " blocks take ",
+              n / 16 * nblocks * l.block(), " in ", n / 16);
 }
 
 template <int64_t QT>
@@ -283,7 +278,8 @@ void group_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
       for (int v = 0; v < 32; ++v) {  // value v of the 16 columns: sign-extend, convert
         const __m512 q = _mm512_cvtepi32_ps(
             _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + L.head + 16 * v))));
-        for (int m = 0; m < MC; ++m) a[m][v % 4] = _mm512_fmadd_ps(q, _mm512_set1_ps(x[m * k + 32 * blk + v]), a[m][v % 4]);
+        for (int m = 0; m < MC; ++m)
+          a[m][v % 4] = _mm512_fmadd_ps(q, _mm512_set1_ps(x[m * k + 32 * blk + v]), a[m][v % 4]);
       }
     } else {
 #pragma GCC unroll 4
@@ -308,17 +304,10 @@ void group_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
 #endif
 
 #if defined(B32_BF16)
-template <int64_t QT>
-inline __m512i table_bf16() {  // 32 words: the 16 codes twice (vpermw reads 5 index bits)
-  alignas(64) uint16_t t[32];
-  for (int i = 0; i < 32; ++i) t[i] = frugallm::float_to_bf16(code_value(QT, i % 16));
-  return _mm512_load_si512(t);
-}
-
 template <int64_t QT, int MC>
 void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs32, float* res) {
   constexpr Layout L = layout_of(QT);
-  const __m512i tab = table_bf16<QT>();
+  const __m512i nib = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
   __m512 t[MC];
   for (int m = 0; m < MC; ++m) t[m] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -331,15 +320,20 @@ void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_
       const __m512i d = _mm512_loadu_si512(b + L.head + 64 * z);
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
-        // lane c: the codes of values 8 z + 2 r and 8 z + 2 r + 1 as a bf16 pair (words from the two halves)
-        const __m512bh v = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi32(d, 4 * r), tab);
+        // lane c: the codes of values 8 z + 2 r and 8 z + 2 r + 1 as the bf16 pair 128 + q (0x4300 | q, exact)
+        const __m512bh v = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 4 * r), nib, magic, 0xEA);
         for (int m = 0; m < MC; ++m) {
           const float* xm = reinterpret_cast<const float*>(x + m * k + 32 * blk + 8 * z + 2 * r);  // bf16 pair
           a[m][r] = _mm512_dpbf16_ps(a[m][r], v, (__m512bh)_mm512_set1_ps(xm[0]));
         }
       }
     }
-    for (int m = 0; m < MC; ++m) t[m] = block_end_512<QT>(b, a[m], xs32[m * (k / 32) + blk], t[m]);
+    for (int m = 0; m < MC; ++m) {
+      const float xs = xs32[m * (k / 32) + blk];
+      // sum(x (128 + q)) - 128 sum(x) = sum(x q); Q4_0's code is q - 8: 136 (the cancellation stays in 32 values)
+      a[m][0] = _mm512_sub_ps(a[m][0], _mm512_set1_ps((QT == gg::Q4_0 ? 136.0f : 128.0f) * xs));
+      t[m] = block_end_512<QT>(b, a[m], xs, t[m]);
+    }
   }
   for (int m = 0; m < MC; ++m) _mm512_storeu_ps(res + 16 * m, t[m]);
 }
@@ -453,9 +447,9 @@ struct Kernels {
 #endif
 };
 
-// Whether the kernels read sum(x) per block: Q4_1's min term, and Q4_0's offset on AVX2 (the AVX-512 tables hold it).
+// Whether the kernels read sum(x) per block: Q4_1's min term, the bf16 path's 128 offset, Q4_0's 8 on AVX2.
 template <int64_t QT>
-constexpr bool kSums = QT == gg::Q4_1 || (QT == gg::Q4_0 && !kAvx512);
+constexpr bool kSums = QT != gg::Q8_0;
 
 template <int64_t QT>
 void linear_typed(const at::Tensor& xc, const uint8_t* wp, int64_t n, const float* bp, at::Tensor& y) {
