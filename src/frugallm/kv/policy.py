@@ -24,7 +24,9 @@ runs on the continuous-batching engine (``engine/paged_cache.py``): at prefill i
 slots in every layer, so a sequence's kept keys/values compact into its first blocks and the rest of its
 blocks go back to the pool. If it ``evicts_during_decode`` the sequence then holds its capacity plus one
 slot: a sliding window (:attr:`Evictor.sliding_sinks`) writes each new token over its oldest slot after
-the sinks; any other policy scores the slots after each step and the kept ones are compacted in place.
+the sinks; any other policy scores the slots after each step and the kept ones are compacted in place. A quantizer
+that ``pages`` (KIVI) packs a sequence's oldest slots into pool blocks once its prompt is computed, alone or after
+an evictor that compresses at prefill only (``kivi.PagedKIVI``, ``engine/packed_kv.py``).
 """
 
 from __future__ import annotations
