@@ -47,7 +47,8 @@ def build_compare(src: Path) -> object:
 
     text = src.read_text().replace("TORCH_LIBRARY_FRAGMENT(frugallm,", "TORCH_LIBRARY_FRAGMENT(gguf_cmp,")
     text = text.replace("TORCH_LIBRARY_IMPL(frugallm,", "TORCH_LIBRARY_IMPL(gguf_cmp,")
-    text = text.replace('#include "common.h"', f'#include "{native.CSRC / "common.h"}"')
+    for header in native.CSRC.glob("*.h"):  # the csrc headers by absolute path (the copy lives elsewhere)
+        text = text.replace(f'#include "{header.name}"', f'#include "{header}"')
     key = hashlib.sha256((text + cpu.level()).encode()).hexdigest()[:12]
     out_dir = cache_dir() / "native-compare"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -269,8 +269,8 @@ def test_repack_releases_file_pages_but_never_changes_the_source(tmp_path) -> No
 
 
 def test_env_switch_and_default(monkeypatch) -> None:
-    """Default: repacked at AVX-512 and above (AVX2's x16 kernel is slower at one row); 0 / 1 force it, type names
-    force it for those types only."""
+    """Default: repacked at AVX-512 and above; at AVX2 Q4_K, and Q6_K only with int8 activations (its exact x16
+    kernel is slower there at one row); 0 / 1 force it, type names force it for those types only."""
     raw = torch.from_numpy(random_blocks(T.Q4_K, 32, 256, seed=12))
     monkeypatch.setenv("FRUGALLM_GGUF_X16", "0")
     assert GGUFLinear([(int(T.Q4_K), raw, 32)], 256).segments[0].layout == "stored"
@@ -286,4 +286,5 @@ def test_env_switch_and_default(monkeypatch) -> None:
         GGUFLinear(segs, 256)
     monkeypatch.delenv("FRUGALLM_GGUF_X16")
     want = "x16" if cpu.at_least("avx512") else "stored"
-    assert [s.layout for s in GGUFLinear(segs, 256).segments] == [want] * 2
+    assert [s.layout for s in GGUFLinear(segs, 256).segments] == ["x16", want]
+    assert [s.layout for s in GGUFLinear(segs, 256, act_quant="q8").segments] == ["x16", "x16"]

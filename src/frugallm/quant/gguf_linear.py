@@ -24,8 +24,8 @@ rows bit-identical to one-row passes). Q4_0, Q4_1 and Q8_0 segments the same way
 blocks first (``gguf_q4k_x16_unpack``, ``gguf_q6k_x16_unpack``, ``gguf_x16_b32_unpack``, bit for bit), so prefill
 and embedding lookups are unchanged. ``act_quant="q8"`` layers keep Q4_K / Q6_K repacked (``gguf_x16_linear_q8``:
 int8 activations on the x16b layouts, vpdpbusd with no horizontal sums) and the other types in the stored layout
-(``gguf_linear_q8``); the repack is on at AVX-512 and above, and for the 32-value types also on AVX2 (Q4_K / Q6_K
-on AVX2: ``FRUGALLM_GGUF_X16=1``, slower at one row there); ``FRUGALLM_GGUF_X16=0`` keeps the stored layout
+(``gguf_linear_q8``); the repack is on at AVX-512 and above, and on AVX2 for every type but Q6_K in exact mode
+(slower there at one row; ``FRUGALLM_GGUF_X16=1`` forces it); ``FRUGALLM_GGUF_X16=0`` keeps the stored layout
 everywhere (an A/B switch for benchmarks).
 
 Without the native kernel (no compiler, ``FRUGALLM_NATIVE=0``, a CPU below AVX2, another device) every pass
@@ -128,13 +128,14 @@ def row_bytes(qtype: int, in_features: int) -> int:
     return in_features // block * size
 
 
-def _x16_ok(qtype: int, rows: int, device: torch.device) -> bool:
+def _x16_ok(qtype: int, rows: int, device: torch.device, act_quant: str | None = None) -> bool:
     """Whether a segment runs repacked (csrc/gguf_x16.cpp: Q4_K, Q6_K; csrc/gguf_x16_b32.cpp: Q4_0, Q4_1, Q8_0),
-    a multiple of 16 rows, on this CPU's kernels at AVX-512 or above (the 32-value types: AVX2 or above), unless
-    ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for benchmarks). ``FRUGALLM_GGUF_X16=1`` also
-    repacks Q4_K / Q6_K on AVX2, where their x16 kernel is 0.75-0.96x the stored-block kernel at one row (1.1-1.7x
-    at 2-8 rows), so decode keeps their stored layout there by default; a list of type names
-    (``FRUGALLM_GGUF_X16=Q4_K,Q8_0``) does what ``1`` does for those types only (a per-type A/B)."""
+    a multiple of 16 rows, on this CPU's kernels: at AVX-512 or above every type; at AVX2 the 32-value types, Q4_K,
+    and with ``act_quant="q8"`` Q6_K too (AVX2, one row, 1 thread, under load: the Q4_K x16 kernel 1.16-1.45x the
+    stored-block one, Q6_K's 0.89-0.98x; with int8 activations x16 is 1.26-1.70x ``gguf_linear_q8`` for both), unless
+    ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for benchmarks). ``FRUGALLM_GGUF_X16=1`` repacks
+    every type (Q6_K on AVX2 too); a list of type names (``FRUGALLM_GGUF_X16=Q4_K,Q8_0``) does what ``1`` does for
+    those types only (a per-type A/B)."""
     flag = os.environ.get("FRUGALLM_GGUF_X16", "auto").strip()
     if flag not in ("0", "1", "auto"):
         names = {n.strip().upper() for n in flag.split(",") if n.strip()}
@@ -145,7 +146,8 @@ def _x16_ok(qtype: int, rows: int, device: torch.device) -> bool:
         if GGMLQuantizationType(qtype).name not in names:
             return False
     b32 = qtype in X16_B32_TYPES
-    return (flag != "0" and (flag != "auto" or b32 or cpu.at_least("avx512")) and qtype in X16_LAYOUTS
+    at_avx2 = b32 or qtype == Q.Q4_K or (act_quant == "q8" and qtype in X16_Q8_TYPES)
+    return (flag != "0" and (flag != "auto" or at_avx2 or cpu.at_least("avx512")) and qtype in X16_LAYOUTS
             and rows % 16 == 0 and device.type == "cpu" and native.usable(X16_B32_KERNEL if b32 else X16_KERNEL)
             and native.usable(KERNEL))
 
@@ -281,7 +283,7 @@ class GGUFLinear(nn.Module):
                 raise FrugalError(f"segment {i} ({qt.name}): {t.numel()} bytes, but {rows} rows of "
                                   f"{self.in_features} values take {expected}")
             t, layout = t.reshape(int(rows), -1), "stored"
-            if (act_quant is None or qt in X16_Q8_TYPES) and _x16_ok(qt, int(rows), t.device):  # same-size buffer
+            if (act_quant is None or qt in X16_Q8_TYPES) and _x16_ok(qt, int(rows), t.device, act_quant):
                 t, layout = X16_LAYOUTS[qt][0](t), "x16"
                 _drop_file_pages(as_uint8(raw))  # the memmap's pages are no longer read: RSS counts them once
             self.register_buffer(f"raw{i}", t)
