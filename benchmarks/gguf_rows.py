@@ -4,18 +4,21 @@
 median µs and time(r) / time(1), beside dequantize-then-GEMM (``gguf_dequantize`` + ``F.linear``, the path above
 ``kernels.NATIVE_QUANT_MAX_ROWS`` rows) and its ratio to the kernel (< 1: the GEMM path is faster at that r), and
 for Q4_K and Q6_K the interleaved layout GGUFLinear runs for segments of 16k rows (``gguf_x16_linear``): ``x16 µs`` and
-``kern/x16``, its speedup over the stored-block kernel.
+``kern/x16``, its speedup over the stored-block kernel. ``--q8`` adds the int8-activation kernels (``weights=
+"stored-q8"``): ``gguf_linear_q8`` on the stored blocks (``q8 µs``) and, for Q4_K / Q6_K, ``gguf_x16_linear_q8`` on the
+x16 layout (``x16q8 µs``, its ``x r=1`` and ``q8/x16q8``).
 Run it once per ISA level: ``FRUGALLM_ISA=avx2`` forces the AVX2 build on an AVX-512 machine.
 
-``model``: a whole-model target pass of r rows after a prompt (as ``spec_bench.py``'s ``verify`` section), median
-ms and its ratio to one decode step, and where the time goes (torch.profiler, self CPU time): the GGUF kernels
-(``frugallm::gguf_linear``, ``gguf_x16_linear``), dequantize-then-GEMM (``frugallm::gguf_dequantize`` +
-GEMMs) and everything else.
+``model``: a whole-model target pass of r rows after a prompt (as ``spec_bench.py``'s ``verify`` section), median ms and
+its ratio to one decode step (``--weights stored-q8``: the int8-activation kernels), and where the time goes
+(torch.profiler, self CPU time): the GGUF kernels (``frugallm::gguf_linear``, ``gguf_x16_linear``), dequantize-then-GEMM
+(``frugallm::gguf_dequantize`` + GEMMs) and everything else.
 
     .venv/bin/python benchmarks/gguf_rows.py kernel [--shape 1536x1536 8960x1536] [--threads 1 2]
-        [--rows 1 2 4 5 8 9 16 32] [--types Q4_K Q6_K Q8_0] [--dtype float32 bfloat16]
+        [--rows 1 2 4 5 8 9 16 32] [--types Q4_K Q6_K Q8_0] [--dtype float32 bfloat16] [--q8]
     FRUGALLM_ISA=avx2 .venv/bin/python benchmarks/gguf_rows.py kernel
     .venv/bin/python benchmarks/gguf_rows.py model [--model qwen2.5-coder-1.5b] [--threads 2] [--profile]
+        [--weights stored-q8]
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
 from frugallm import cpu, native
-from frugallm.quant.gguf_linear import X16_TYPES
+from frugallm.quant.gguf_linear import Q8_TYPES, X16_Q8_TYPES, X16_TYPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
 from gguf_blocks import random_blocks  # noqa: E402  (shared with the kernel tests)
@@ -57,11 +60,15 @@ def header(threads: int) -> str:
 @torch.no_grad()
 def kernel_sweep(args: argparse.Namespace) -> None:
     assert native.usable("gguf_linear"), "native gguf_linear kernel unavailable on this machine"
+    q8 = args.q8 and native.usable("gguf_q8")
+    if args.q8 and not q8:
+        print("gguf_q8 kernel unavailable on this machine: no q8 columns", file=sys.stderr)
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(header(threads))
         print(f"{'type':<6}{'shape':>12}{'x':>9}{'rows':>5}{'µs':>10}{'x r=1':>7}{'deq+mm µs':>11}{'deq/kern':>9}"
-              f"{'x16 µs':>9}{'kern/x16':>9}")
+              f"{'x16 µs':>9}{'kern/x16':>9}"
+              + (f"{'q8 µs':>9}{'x16q8 µs':>10}{'x r=1':>7}{'q8/x16q8':>9}" if q8 else ""))
         for shape in args.shape:
             n, k = (int(v) for v in shape.lower().split("x"))
             for name in args.types:
@@ -71,19 +78,32 @@ def kernel_sweep(args: argparse.Namespace) -> None:
                        if T[name] in X16_TYPES and n % 16 == 0 and native.usable("gguf_x16") else None)
                 for dname in args.dtype:
                     dtype = getattr(torch, dname)
-                    base = None
+                    base = base8 = None
                     for rows in args.rows:
                         x = torch.randn(rows, k).to(dtype)
                         fns = {"kern": partial(torch.ops.frugallm.gguf_linear, x, raw, qtype, n, None),
                                "deq": partial(dequantize_then_gemm, x, raw, qtype, k)}
                         if x16 is not None:
                             fns["x16"] = partial(torch.ops.frugallm.gguf_x16_linear, x, x16, qtype, n, None)
+                        if q8 and T[name] in Q8_TYPES:
+                            fns["q8"] = partial(torch.ops.frugallm.gguf_linear_q8, x, raw, qtype, n, None)
+                        if q8 and x16 is not None and T[name] in X16_Q8_TYPES:
+                            fns["x16q8"] = partial(torch.ops.frugallm.gguf_x16_linear_q8, x, x16, qtype, n, None)
                         us = median_us(fns, args.reps)
                         base = base or us["kern"]
                         x16_cols = (f"{us['x16']:>9.1f}{us['kern'] / us['x16']:>9.2f}" if "x16" in us
                                     else f"{'-':>9}{'-':>9}")
+                        q8_cols = ""
+                        if q8:
+                            q8_cols = f"{us['q8']:>9.1f}" if "q8" in us else f"{'-':>9}"
+                            if "x16q8" in us:
+                                base8 = base8 or us["x16q8"]
+                                q8_cols += f"{us['x16q8']:>10.1f}{us['x16q8'] / base8:>7.2f}"
+                                q8_cols += f"{us['q8'] / us['x16q8']:>9.2f}" if "q8" in us else f"{'-':>9}"
+                            else:
+                                q8_cols += f"{'-':>10}{'-':>7}{'-':>9}"
                         print(f"{name:<6}{shape:>12}{dname:>9}{rows:>5}{us['kern']:>10.1f}{us['kern'] / base:>7.2f}"
-                              f"{us['deq']:>11.1f}{us['deq'] / us['kern']:>9.2f}{x16_cols}", flush=True)
+                              f"{us['deq']:>11.1f}{us['deq'] / us['kern']:>9.2f}{x16_cols}{q8_cols}", flush=True)
 
 
 @torch.inference_mode()
@@ -91,8 +111,8 @@ def model_sweep(args: argparse.Namespace) -> None:
     from frugallm import LLM
 
     torch.set_num_threads(args.threads[0])
-    print(header(args.threads[0]))
-    llm = LLM(args.model)
+    print(header(args.threads[0]) + f"; weights {args.weights}")
+    llm = LLM(args.model, weights=args.weights)
     ids = llm.tokenizer.encode("def add(a, b):\n    return a + b\n\n# a test for it\n" * 8)
     n = len(ids)
     cache = llm.make_cache(1, n + max(args.rows) + 8)
@@ -122,7 +142,8 @@ def model_sweep(args: argparse.Namespace) -> None:
             others: dict[str, float] = defaultdict(float)
             for ev in prof.key_averages():
                 key = ("gguf kernel" if ev.key in ("frugallm::gguf_linear", "frugallm::gguf_x16_linear",
-                                                   "frugallm::gguf_linear_q8") else
+                                                   "frugallm::gguf_linear_q8", "frugallm::gguf_x16_linear_q8",
+                                                   "frugallm::gguf_x16_b32_linear") else
                        "gguf dequantize" if ev.key in ("frugallm::gguf_dequantize", "frugallm::gguf_q4k_x16_unpack",
                                                     "frugallm::gguf_q6k_x16_unpack")
                        else
@@ -150,6 +171,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b", help="model of the `model` sweep")
     ap.add_argument("--profile", action="store_true", help="model: split each pass's time by op (torch.profiler)")
+    ap.add_argument("--q8", action="store_true", help="kernel: also the int8-activation kernels (stored-q8)")
+    ap.add_argument("--weights", default="auto", help="model: LLM(weights=...), e.g. stored-q8")
     args = ap.parse_args()
     if args.what == "kernel":
         kernel_sweep(args)
