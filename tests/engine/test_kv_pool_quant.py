@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine_runs import run_engine
 from frugallm import LLM, SamplingParams
@@ -228,3 +229,20 @@ def test_prefix_registration_stops_once_packed_and_samples_share_chunks(kivi: LL
     assert bm.prefix_hits > hits and again[0].token_ids == seq.output().token_ids
     (two,) = run_engine(e, [prompt], params, n=2)
     assert [o.token_ids for o in two] == [seq.output().token_ids] * 2
+
+
+def test_bf16_pool(model_path: str) -> None:
+    """A bf16 pool (the CPU serving default for half models; the fused decode kernel where it builds): chunks are
+    laid out for its 2-byte slots, packed rows decode beside plain ones, and every block comes back."""
+    llm = LLM(model_path, dtype="bfloat16", device="cpu")
+    e = engine(llm, kv=KIVI)
+    c = e.kv_quant
+    assert e.cache.k[0].dtype == torch.bfloat16 and c.tokens_per_block() > BLOCK
+    n = c.sinks + c.residual + c.chunk_tokens
+    ps = [tokens(llm, n, 20), tokens(llm, n + 9, 21), tokens(llm, 40, 22)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    rids = [e.add_request(p, params, kv="full" if i == 2 else None) for i, p in enumerate(ps)]
+    seqs = [e.requests[r].seqs[0] for r in rids]
+    e.run_to_completion()
+    assert e.packer.num_packed_chunks == 2 and all(len(s.output().token_ids) == 6 for s in seqs)
+    assert e.block_manager.num_used_blocks == 0
