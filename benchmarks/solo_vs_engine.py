@@ -1,7 +1,9 @@
 """One stream, two loops: `LLM`'s contiguous-cache loop (`SoloRunner`) against the paged engine (`LLMEngine.step`).
 
 The question behind it (issue 15): can single-prompt ``LLM.generate`` run through the engine's one loop without
-losing speed? One model, loaded once; each round generates the same greedy prompt through both loops in turn
+losing speed? It now does (``LLM._on_engine``, the decode steps on ``PagedKVCache.bind_run``); this keeps the
+contiguous loop, which KV policies and speculation still use, as the reference. One model, loaded once; each
+round generates the same greedy prompt through both loops in turn
 (order alternating), so machine noise hits both alike. Prints median TTFT and decode tok/s (1 / TPOT) per loop,
 the engine/solo ratio and the engine's extra time per decode step, and whether both loops produced the same tokens.
 A tiny model (``--model DIR`` of ``tests/fixtures/tiny_models.make_hf_model``) shows the loops' per-step cost.
@@ -29,17 +31,19 @@ def main() -> int:
     args = ap.parse_args()
 
     from frugallm import LLM, SamplingParams
-    from frugallm.engine.llm_engine import generate_batched
 
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
     params = SamplingParams(max_tokens=args.gen, temperature=0, ignore_eos=True)
     ids = llm.tokenizer.encode(" ".join([PROMPT] * args.prompt_repeat))
 
     def solo() -> object:
-        return llm.generate([ids], params)[0]  # one prompt: SoloRunner._run
+        (seq,) = llm._sequences([ids], params)
+        for _ in llm._run([seq]):  # SoloRunner's contiguous-cache loop
+            pass
+        return llm._output(seq)
 
     def engine() -> object:
-        return generate_batched(llm, [ids], [params])[0]  # one prompt through LLMEngine.step
+        return llm.generate([ids], params)[0]  # one prompt: LLMEngine.step (LLM._on_engine)
 
     runners = {"solo": solo, "engine": engine}
     for run in runners.values():  # warm-up (kernels, rope tables, allocator)

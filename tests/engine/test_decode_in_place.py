@@ -1,4 +1,4 @@
-"""The runner's in-place decode (``PagedKVCache.bind_run``): bit-identical logits to the gather path (``bind``).
+"""The runner's in-place passes (``PagedKVCache.bind_run``): bit-identical logits to the gather path (``bind``).
 
 Each scenario runs the same requests through two engines on one tiny fp32 model, one with the in-place decode and
 one without (``ModelRunner.in_place_decode = False``), and compares every sampled logits row exactly: across block
@@ -77,7 +77,7 @@ def test_one_sequence_across_block_boundaries(llm: LLM) -> None:
             engine.add_request(prompt, greedy(23))
 
     fast = assert_identical(llm, EngineConfig(num_blocks=32, block_size=4), script)
-    assert fast.runner.num_in_place == 22  # every decode step
+    assert fast.runner.num_in_place == 23  # the prompt, then every decode step
 
 
 def test_sequences_joining_and_leaving(llm: LLM) -> None:
@@ -104,12 +104,14 @@ def test_prefix_cache_hits(llm: LLM) -> None:
 
     fast = assert_identical(llm, EngineConfig(num_blocks=32, block_size=4), script)
     assert fast.block_manager.prefix_hits == 12
-    assert fast.runner.num_in_place == 9  # the second on the cached blocks: its last prompt token, 8 decodes
+    # The first's prompt; the second on the cached blocks: its last prompt token (a one-token chunk), 8 decodes.
+    assert fast.runner.num_in_place == 10
 
 
 def test_preemption(llm: LLM) -> None:
     """Two prompts fill the 4-block pool; A's next block preempts B, A finishes on blocks 0, 1, 3, 2 (gathered), then
-    B recomputes its prompt and tokens on blocks 2, 3 and decodes there in place until its table takes block 1."""
+    B recomputes its prompt and tokens on blocks 2, 3 and decodes there in place until its table takes block 1; both
+    prompts' first passes ran in place too."""
     a, b = prompts_for(llm, 2, seed=2)
 
     def script(engine: LLMEngine, step: int) -> None:
@@ -119,7 +121,7 @@ def test_preemption(llm: LLM) -> None:
 
     fast = assert_identical(llm, EngineConfig(num_blocks=4, block_size=4, max_num_seqs=2), script)
     assert fast.scheduler.num_preemptions == 1
-    assert fast.runner.num_in_place == 2
+    assert fast.runner.num_in_place == 5
 
 
 def test_bind_run_needs_consecutive_blocks() -> None:
@@ -128,6 +130,8 @@ def test_bind_run_needs_consecutive_blocks() -> None:
     assert cache.bind_run([3, 4, 0], 7)  # the blocks of slots 0..7 only
     assert not cache.bind_run([3, 5, 6], 9)
     assert not cache.bind_run([3, 4, 6, 7], 12)
+    assert cache.bind_run([3, 4, 5], 0, 10)  # a prompt from its first token
+    assert not cache.bind_run([3, 4, 5], 2, 8)  # a later chunk of several tokens needs bind()'s offset causal mask
     k = torch.arange(2.0).view(1, 1, 1, 2)
     assert cache.bind_run([2, 3], 5)
     keys, values, mask = cache.update(0, k, k + 1)

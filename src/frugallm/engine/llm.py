@@ -1,8 +1,8 @@
 """The public entry point: ``LLM`` loads a model and generates, streams, chats and scores.
 
-A thin front: the load-time choices are plain functions in ``model_setup.py``; several prompts run on the paged
-engine (``llm_engine.py``), one prompt (or a KV policy the engine does not page) on ``SoloRunner`` (``solo.py``),
-``LLM``'s base class, which also holds speculative decoding.
+A thin front: the load-time choices are plain functions in ``model_setup.py``; generation runs on the paged engine's
+loop (``llm_engine.py``: several prompts batched, one prompt alone on a pool sized to it, ``_on_engine``); KV policies
+and speculative decoding of one prompt run on ``SoloRunner`` (``solo.py``, ``LLM``'s base class; which and why there).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class LLM(SoloRunner):
         """``quant``: weight quantization spec (``int4:group=32``, ``gptq:bits=4``, see ``frugallm.quant``);
         ``kv``: KV-cache policy spec (``snapkv:budget=0.25+kivi:bits=2``, see ``frugallm.kv``);
         ``calib``: calibration text file for methods that need one (default: the built-in corpus);
-        ``batching``: run multi-prompt ``generate`` calls through the continuous-batching engine;
+        ``batching``: run ``generate`` / ``stream`` through the continuous-batching engine (False: the contiguous
+        loop, several prompts as one static batch);
         ``compile``: ``torch.compile`` the decode step's layers (``compile_seconds`` records the cost);
         ``pack_weights``: bf16 CPU linears on packed copies (faster, +1x those weights' memory); None =
         when the copies take at most a quarter of the free memory;
@@ -216,6 +217,10 @@ class LLM(SoloRunner):
         # Prompt logprobs and structured output are computed by the paged engine.
         wants_engine = any(s.params.prompt_logprobs is not None or constraint_of(s.params) for s in seqs)
         self._check_constrainable(seqs)
+        if self._one_loop(seqs):
+            for _ in self._on_engine(seqs[0]):
+                pass
+            return [self.last_output]
         if len(seqs) > 1 and not wants_engine and self._spec_one_by_one(seqs):
             outs = []
             for s in seqs:  # each prompt alone, speculatively
@@ -254,24 +259,41 @@ class LLM(SoloRunner):
         """Yield text deltas for one prompt as tokens are generated."""
         (seq,) = self._sequences([prompt] if isinstance(prompt, str) else [list(prompt)], params)
         self._set_lora([seq], lora)
-        if constraint_of(seq.params):  # structured output: token masks live in the paged engine's step
-            self._check_constrainable([seq])
-            from frugallm.engine.llm_engine import LLMEngine, batch_config
-
-            engine = LLMEngine(self, batch_config(self, [seq.prompt_ids], [seq.params]))
-            rid = engine.add_request(seq.prompt_ids, seq.params, lora=seq.lora)
-            seq = engine.requests[rid].seqs[0]
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.text:
-                        yield out.text
-            self.last_output = seq.output()
+        self._check_constrainable([seq])
+        if self._one_loop([seq]) or constraint_of(seq.params):  # structured output: token masks in the engine's step
+            yield from self._on_engine(seq)
             return
         for _ in self._run([seq]):
             delta = seq.take_delta()
             if delta:
                 yield delta
         self.last_output = self._output(seq)
+
+    def _one_loop(self, seqs: list[Sequence]) -> bool:
+        """Whether ``seqs`` run on the paged engine's loop as one stream: one prompt, batching on, no KV policy and
+        no speculation (those stay on ``SoloRunner._run``: see ``solo.py``)."""
+        return len(seqs) == 1 and self.batching and self.kv_spec is None and not self._speculates(seqs)
+
+    def _on_engine(self, seq: Sequence) -> Iterator[str]:
+        """One prompt on a paged engine sized to it (``LLMEngine.step``, the loop batches run on): yields its text
+        deltas as tokens come; ``self.last_output`` then holds its output. Without a KV policy the pool keeps the
+        single-stream loop's fp32 keys/values (``exact_kv``) and its ``kv_cache_bytes`` counts the slots holding
+        tokens, as ``KVCache.nbytes`` does, not the blocks held."""
+        from frugallm.engine.llm_engine import LLMEngine, batch_config
+
+        exact = self.kv_spec is None
+        engine = LLMEngine(self, batch_config(self, [seq.prompt_ids], [seq.params], exact_kv=exact))
+        rid = engine.add_request(seq.prompt_ids, seq.params, lora=seq.lora, arrival_time=seq.t_start)
+        done = engine.requests[rid].seqs[0]
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.text:
+                    yield out.text
+        if exact:  # every token but the last sampled one has its keys/values in the cache
+            done.kv_cache_bytes = (done.num_tokens - 1) * engine.cache.bytes_per_block // engine.cache.block_size
+        out = done.output()
+        out.prompt, out.request_id = seq.prompt, seq.request_id
+        self.last_output = out
 
     def _check_constrainable(self, seqs: list[Sequence]) -> None:
         """Structured output runs in the paged engine only: refuse it where the static loop would run (and

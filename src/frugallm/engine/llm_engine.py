@@ -58,6 +58,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None  # default: the model's, capped to what the KV pool can hold
     kv: str | None = None  # KV policy of every request (see kv.paged_names()); default: the LLM's kv=
+    # The pool in the LLM's kv_dtype (fp32 on CPU) even where pool_dtype picks bf16 (half models on CPU): LLM's
+    # single-prompt generate / stream keep the numbers (and tokens) of the fp32 cache they always had.
+    exact_kv: bool = False
 
     def __post_init__(self) -> None:
         paged_policy(self.kv)  # a KVSpecError naming the policies that run under batching
@@ -134,7 +137,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = llm.tokenizer
         mc = llm.config
-        kv_dtype = pool_dtype(llm.dtype, llm.kv_dtype, llm.device)
+        kv_dtype = llm.kv_dtype if config.exact_kv else pool_dtype(llm.dtype, llm.kv_dtype, llm.device)
         num_blocks = config.num_blocks or self.blocks_in(llm, config.kv_memory_gb, config.block_size, kv_dtype)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.lora = getattr(llm, "lora", None)  # the LLM's LoraManager, when it has adapter slots
@@ -413,19 +416,22 @@ class LLMEngine:
             self.step()
 
 
-def batch_config(llm: Any, prompts_token_ids: list[list[int]], params: list[SamplingParams]) -> EngineConfig:
+def batch_config(llm: Any, prompts_token_ids: list[list[int]], params: list[SamplingParams],
+                 exact_kv: bool = False) -> EngineConfig:
     """An engine sized to these prompts: every sequence at full length, capped at ``kv_memory_gb`` (past the cap
     sequences are preempted and recomputed, which does not change their tokens)."""
     bs = EngineConfig.block_size
     need = [-(-min(len(p) + sp.max_tokens, llm.max_model_len) // bs)
             for p, sp in zip(prompts_token_ids, params, strict=True)]
-    cap = LLMEngine.blocks_in(llm, EngineConfig.kv_memory_gb, bs, pool_dtype(llm.dtype, llm.kv_dtype, llm.device))
+    kv_dtype = llm.kv_dtype if exact_kv else pool_dtype(llm.dtype, llm.kv_dtype, llm.device)
+    cap = LLMEngine.blocks_in(llm, EngineConfig.kv_memory_gb, bs, kv_dtype)
     seqs_cap = min(len(need), 256)
     # A KV policy that reads every prompt query (H2O) computes each prompt in one pass.
     policy = paged_policy(getattr(llm, "kv_spec", None))
     queries = max((policy.prefill_queries(len(p)) for p in prompts_token_ids), default=0) if policy else 0
-    return EngineConfig(max_num_seqs=seqs_cap, max_num_batched_tokens=max(512, seqs_cap, queries),
-                        num_blocks=max(min(sum(need), cap), max(need)))
+    alone = len(prompts_token_ids[0]) if len(prompts_token_ids) == 1 else 0  # one prompt: prefilled in one pass
+    return EngineConfig(max_num_seqs=seqs_cap, max_num_batched_tokens=max(512, seqs_cap, queries, alone),
+                        num_blocks=max(min(sum(need), cap), max(need)), exact_kv=exact_kv)
 
 
 def generate_batched(llm: Any, prompts_token_ids: list[list[int]], params: list[SamplingParams],

@@ -58,10 +58,10 @@ class ModelRunner:
         # sequences whose prompt ended this step (the engine compacts their blocks).
         self.kept: dict[int, list[torch.Tensor]] = {}
         self.kept_stats: dict[int, list[dict[str, torch.Tensor]]] = {}  # their policies' per-slot statistics
-        # A step where one sequence decodes alone reads its blocks in place (PagedKVCache.bind_run) when they are
-        # consecutive in the pool; False sends it through bind()'s gather like any batch (tests, A/B).
+        # A pass of one sequence (a decode, or a prompt from its first token) reads its blocks in place
+        # (PagedKVCache.bind_run) when they are consecutive in the pool; False: bind()'s gather, as any batch.
         self.in_place_decode = True
-        self.num_in_place = 0  # steps that did
+        self.num_in_place = 0  # passes that did
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor | None]:
@@ -96,13 +96,13 @@ class ModelRunner:
         return rows, (torch.cat(logits) if len(logits) > 1 else logits[0]) if logits else None
 
     def _forward(self, out: SchedulerOutput, idx: list[int], all_positions: bool = False) -> torch.Tensor:
-        if len(idx) == 1 and out.num_new[idx[0]] == 1 and not all_positions:
-            s = out.seqs[idx[0]]
-            # One sequence decoding, no KV policy or KIVI: its blocks read in place (bind_run), one input tensor.
+        if len(idx) == 1 and not all_positions:
+            s, n = out.seqs[idx[0]], out.num_new[idx[0]]
+            # One sequence decoding or starting its prompt, no KV policy or KIVI: its blocks read in place (bind_run).
             if (self.in_place_decode and s.kv_policy is None and s.kv_quant is None and not s.num_evicted
-                    and self.cache.bind_run(s.block_table, s.num_computed_tokens)):
+                    and self.cache.bind_run(s.block_table, s.num_computed_tokens, n)):
                 self.num_in_place += 1
-                return self._decode_one(s)
+                return self._forward_in_place(s, n)
         seqs = [out.seqs[i] for i in idx]
         num_new = [out.num_new[i] for i in idx]
         starts = [s.num_computed_tokens for s in seqs]  # RoPE positions; slots are these less the evicted
@@ -143,10 +143,11 @@ class ModelRunner:
         self.kept_stats.update({idx[r]: stats for r, stats in self.cache.kept_stats.items()})
         return logits
 
-    def _decode_one(self, s: SeqState) -> torch.Tensor:
-        """The decode step of one sequence bound by ``PagedKVCache.bind_run``: fp32 logits ``[1, vocab]``."""
+    def _forward_in_place(self, s: SeqState, n: int) -> torch.Tensor:
+        """The pass of one sequence bound by ``PagedKVCache.bind_run`` (its next ``n`` tokens): fp32 logits
+        ``[1, vocab]`` of the last."""
         st = s.num_computed_tokens
-        inp = torch.tensor([[s.token_ids[st]], [st]], device=self.device)  # [2, 1]: the token, its position
-        bound = contextlib.nullcontext() if self.lora is None else self.lora.bound([s.lora], 1)
+        inp = torch.tensor([s.token_ids[st:st + n], range(st, st + n)], device=self.device)  # [2, n]: tokens, positions
+        bound = contextlib.nullcontext() if self.lora is None else self.lora.bound([s.lora], n)
         with bound:
             return self.model(inp[:1], inp[1:], self.cache, "last")

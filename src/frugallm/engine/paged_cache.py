@@ -91,7 +91,7 @@ class PagedKVCache(KVCache):
         # are consecutive in the pool (bind_run) writes and reads its slots in place, as a contiguous cache does.
         self._k_row = [p.view(1, -1, num_kv_heads, head_dim).transpose(1, 2) for p in self.k]
         self._v_row = [p.view(1, -1, num_kv_heads, head_dim).transpose(1, 2) for p in self.v]
-        self._run: tuple[int, int, int] | None = None  # bind_run's (write slot, first slot, visible slots)
+        self._run: tuple[int, int, int] | None = None  # bind_run's (first new slot, first slot, visible slots)
         self.fused_decode = fused_decode_available(dtype, device)
         self._bound = False
         self._fused = False
@@ -204,22 +204,24 @@ class PagedKVCache(KVCache):
         self._run = None
         self._bound = True
 
-    def bind_run(self, block_table: list[int], start: int) -> bool:
-        """Prepare a one-token decode pass of one row (no KV policy) with ``start`` slots cached, when the blocks
-        holding its ``start + 1`` slots are consecutive in the pool (one sequence alone in a fresh pool: always):
-        :meth:`update` then writes the new slot and returns the row's slots as views of the pool (no gather, no
-        index tensors, no mask), the same values and layout :meth:`bind` gives, so the same results bit for bit.
-        Returns False (nothing bound) otherwise, or for a pool on the fused kernel (it reads blocks in place)."""
-        bs = self.block_size
-        nb = start // bs + 1
-        first = block_table[0]
-        if self.fused_decode or len(block_table) < nb or block_table[nb - 1] != first + nb - 1 or (
-                nb > 2 and block_table[:nb] != list(range(first, first + nb))):
+    def bind_run(self, block_table: list[int], start: int, num_new: int = 1) -> bool:
+        """Prepare a pass of one row (no KV policy) with ``start`` slots cached adding ``num_new`` tokens (one to
+        decode, or a prompt from its first token), when the blocks holding its ``start + num_new`` slots are
+        consecutive in the pool (one sequence alone in a fresh pool: always): :meth:`update` then writes the new
+        slots and returns the row's slots as views of the pool (no gather, no index tensors, no mask), the same
+        values and layout :meth:`bind` gives, so the same results bit for bit. Returns False (nothing bound)
+        otherwise, or for a decode on the fused kernel (it reads blocks in place)."""
+        bs, end = self.block_size, start + num_new
+        nb = -(-end // bs)
+        first = block_table[0] if block_table else -1
+        if (num_new > 1 and start) or (num_new == 1 and self.fused_decode) or len(block_table) < nb:
             return False
-        self._run = (first * bs + start, first * bs, start + 1)
+        if block_table[nb - 1] != first + nb - 1 or (nb > 2 and block_table[:nb] != list(range(first, first + nb))):
+            return False
+        self._run = (first * bs + start, first * bs, end)
         self._evict, self._scored, self.kept, self.kept_stats = {}, {}, {}, {}
         self._fused = self._fresh = False
-        self._shape = (1, 1, nb * bs)
+        self._shape = (1, num_new, nb * bs)
         self._bound = True
         return True
 
@@ -236,8 +238,9 @@ class PagedKVCache(KVCache):
         if self._run is not None:  # bind_run: one row on consecutive blocks, in place
             slot, first, n = self._run
             kr, vr = self._k_row[layer], self._v_row[layer]
-            kr.narrow(2, slot, 1).copy_(k)
-            vr.narrow(2, slot, 1).copy_(v)
+            t = k.shape[2]
+            kr.narrow(2, slot, t).copy_(k)
+            vr.narrow(2, slot, t).copy_(v)
             return kr.narrow(2, first, n), vr.narrow(2, first, n), None
         k, v = self._write(layer, k, v)
         b, h, _, d = k.shape

@@ -1,13 +1,20 @@
-"""``SoloRunner``: the LLM's own decode loop, one sequence (or a static batch) on a contiguous KV cache.
+"""``SoloRunner``: the LLM's contiguous-cache loop, one sequence (or a static batch) on a ``KVCache`` of its own.
 
-The paged engine (``llm_engine.py``) batches; this loop runs what it does not, as fast as one stream can go:
+Plain generation does not run here: one prompt without a KV policy or speculation runs on the paged engine's loop
+(``LLM._on_engine``: a pool sized to it, its blocks read in place, ``PagedKVCache.bind_run``: the same logits as this
+loop, bit for bit, at the same step cost: ``benchmarks/solo_vs_engine.py``). This loop runs what the engine cannot
+yet:
 
-* one prompt (``LLM.generate`` of a single prompt, ``LLM.stream``): prefill, then one decode step per token on a
-  ``ContiguousKVCache``, no scheduler and no block tables between the steps;
-* KV policies that compress a contiguous cache (those outside ``kv.paged_names()``): their cache from
-  ``make_cache``, several prompts as one left-padded static batch;
-* speculative decoding (``spec=``): ``SpecDecoder`` rounds on that same cache, and the choice to decode a few
-  prompts one by one speculatively rather than batched without (``_spec_one_by_one``).
+* KV policies that compress a contiguous cache (every spec ``kv.paged_policy`` refuses: gemfilter, lacache, specpc,
+  think, xquant, and combinations the engine does not run): their caches (``make_cache``) rewrite, quantize or
+  re-select slots in layouts the block pool does not hold; several prompts run as one left-padded static batch.
+  One prompt with a paged policy (``kv.paged_names()``: h2o, kivi, snapkv, speckv, streamingllm) runs here too:
+  this loop is the reference their batched runs are tested against (same greedy tokens);
+* speculative decoding of one prompt (``spec=``): ``SpecDecoder`` verifies k+1 tokens per pass, truncates the cache
+  after rejected drafts and keeps a draft cache beside it; the engine has no k+1-token verify steps in its
+  scheduler, no block truncation and no per-sequence draft cache yet. Also the choice to decode a few prompts one
+  by one speculatively rather than batched without (``_spec_one_by_one``);
+* ``LLM(batching=False)``: everything, as one static batch.
 
 ``LLM`` inherits it (``class LLM(SoloRunner)``: the attributes below are the ones ``LLM.__init__`` sets);
 ``SoloSpec`` (``spec_solo.py``) runs it beside the paged engine in the server.
