@@ -1,7 +1,7 @@
-"""Q4_0, Q4_1 and Q8_0 repacked with 16 rows interleaved (csrc/gguf_x16_b32.cpp) and their use by GGUFLinear: the
-repack is lossless, the linear is dequantize-then-matmul up to fp32 rounding with each row bit-identical to its
-one-row pass, dequantizing a repacked segment is the reference's dequantization bit for bit, and models built of
-these types decode the same with and without the repack.
+"""Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 repacked with 16 rows interleaved (csrc/gguf_x16_b32.cpp) and their use by
+GGUFLinear: the repack is lossless, the linear is dequantize-then-matmul up to fp32 rounding with each row
+bit-identical to its one-row pass, dequantizing a repacked segment is the reference's dequantization bit for bit, and
+models built of these types decode the same with and without the repack.
 
 Marked ``isa``: ``make test`` reruns this module at ``FRUGALLM_ISA=avx2`` on AVX-512 machines, so each machine
 tests every build of the kernel it can execute (AVX512-BF16's vdpbf16ps path, AVX-512 and AVX2 FMA paths).
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.isa,
               pytest.mark.skipif(not (native.usable("gguf_x16_b32") and native.usable("gguf_linear")),
                                  reason="native gguf_x16_b32 kernel unavailable here")]
 
-TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
+TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 QTYPES = pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 SHAPES = [(16, 32), (48, 224), (272, 608)]  # (N, K): N multiples of 16, odd numbers of 32-value blocks
 ROWS = list(range(1, 18))  # one row, several 4-row passes, a partial last pass
@@ -75,18 +75,30 @@ def test_repack_is_lossless_and_dequantizes_bit_for_bit(n: int, k: int, qt: T, m
 
 @QTYPES
 def test_every_code_at_every_position_round_trips(qt: T) -> None:
-    """Each of the 16 rows holds every code at every position of a block (codes (row + value) % 16, or % 256 as
-    int8 for Q8_0): unpacked bit for bit, and the linear against one-hot x reads back each code times its scale."""
+    """Each of the 16 rows holds every code at every position of a block (codes (row + value) % 16, % 32 for Q5,
+    % 256 as int8 for Q8_0): unpacked bit for bit, and the linear against one-hot x reads back each code times its
+    scale."""
     raw = torch.from_numpy(random_blocks(qt, 16, 32, seed=3))
-    codes = (torch.arange(16)[:, None] + torch.arange(32)[None]) % (256 if qt == T.Q8_0 else 16)  # [16, 32]
+    bits = {T.Q8_0: 8, T.Q5_0: 5, T.Q5_1: 5}.get(qt, 4)
+    codes = (torch.arange(16)[:, None] + 3 * torch.arange(32)[None]) % (1 << bits)  # [16, 32]
     if qt == T.Q8_0:
         raw[:, 2:] = codes.to(torch.uint8)
     else:
         off = raw.shape[1] - 16  # the 16 qs bytes: value i in the low nibble of byte i % 16 (i < 16), else high
-        raw[:, off:] = (codes[:, :16] | (codes[:, 16:] << 4)).to(torch.uint8)
+        raw[:, off:] = ((codes[:, :16] & 15) | ((codes[:, 16:] & 15) << 4)).to(torch.uint8)
+        if bits == 5:  # qh (4 bytes before qs, little endian): bit i is value i's 5th bit
+            qh = ((codes >> 4) << torch.arange(32)).sum(1)
+            raw[:, off - 4 : off] = torch.stack([(qh >> (8 * j)) & 255 for j in range(4)], 1).to(torch.uint8)
+    ref = dequantized(raw, qt)
+    d = torch.from_numpy(raw[:, :2].numpy().copy().view("float16").astype("float32"))  # [16, 1]
+    zero = {T.Q4_0: 8, T.Q5_0: 16}.get(qt, 0)
+    base = torch.from_numpy(raw[:, 2:4].numpy().copy().view("float16").astype("float32")) if qt in (T.Q4_1, T.Q5_1) \
+        else 0
+    signed = codes.to(torch.int8).float() if qt == T.Q8_0 else (codes - zero).float()
+    torch.testing.assert_close(ref, d * signed + base, rtol=0, atol=0)  # codes placed as meant
     w16 = repack(raw, qt)
     assert torch.equal(OPS.gguf_x16_b32_unpack(w16, int(qt), 16, None), raw)
-    w = dequantized(raw, qt)
+    w = ref
     for dtype in (torch.float32, torch.bfloat16):
         y = OPS.gguf_x16_b32_linear(torch.eye(32, dtype=dtype), w16, int(qt), 16, None)  # [32 values, 16 rows]
         assert torch.equal(y.float(), w.T.to(dtype).float()), dtype
@@ -129,9 +141,9 @@ def test_bad_inputs_are_clear_errors() -> None:
         repack(raw[:8], T.Q4_1)
     with pytest.raises(RuntimeError, match="whole number of 20-byte blocks"):
         repack(raw[:, :30], T.Q4_1)
-    with pytest.raises(RuntimeError, match=r"only Q4_0 \(2\), Q4_1 \(3\) and Q8_0 \(8\)"):
-        repack(raw, T.Q5_0)
-    with pytest.raises(RuntimeError, match=r"only Q4_0 \(2\), Q4_1 \(3\) and Q8_0 \(8\)"):
+    with pytest.raises(RuntimeError, match=r"only Q4_0 \(2\), Q4_1 \(3\), Q5_0 \(6\), Q5_1 \(7\) and Q8_0"):
+        repack(raw, T.Q4_K)
+    with pytest.raises(RuntimeError, match=r"only Q4_0 \(2\), Q4_1 \(3\), Q5_0 \(6\), Q5_1 \(7\) and Q8_0"):
         OPS.gguf_x16_b32_linear(torch.randn(1, 64), w16, int(T.Q4_K), 16, None)
     with pytest.raises(RuntimeError, match="bytes"):  # Q4_1's repacked size is not Q4_0's
         OPS.gguf_x16_b32_linear(torch.randn(1, 64), w16, int(T.Q4_0), 16, None)
@@ -149,17 +161,17 @@ def test_bad_inputs_are_clear_errors() -> None:
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gguf_linear_repacks_segments_of_16k_rows(x_dtype: torch.dtype, monkeypatch) -> None:
-    """A fused Q4_1 (x16) + Q8_0 (x16) + Q4_0-of-40-rows (N % 16 != 0: stays stored) + Q5_1 (not repacked)
-    linear: its few-row passes (forward and decode_fn) equal the x16 / stored-block kernels per segment; prefill-size
-    passes dequantize the unpacked blocks; q8 mode keeps (and restores) the stored layout."""
+    """A fused Q4_1 (x16) + Q8_0 (x16) + Q4_0-of-40-rows (N % 16 != 0: stays stored) + Q5_1 (x16) + Q2_K (not
+    repacked) linear: its few-row passes (forward and decode_fn) equal the x16 / stored-block kernels per segment;
+    prefill-size passes dequantize the unpacked blocks; q8 mode keeps (and restores) the stored layout."""
     monkeypatch.setenv("FRUGALLM_GGUF_X16", "1")
-    k = 224
-    segs_np = [(T.Q4_1, 48, 1), (T.Q8_0, 32, 2), (T.Q4_0, 40, 3), (T.Q5_1, 16, 6)]
+    k = 256
+    segs_np = [(T.Q4_1, 48, 1), (T.Q8_0, 32, 2), (T.Q4_0, 40, 3), (T.Q5_1, 16, 6), (T.Q2_K, 16, 7)]
     segs: list[tuple[int, Any, int]] = [(int(t), torch.from_numpy(random_blocks(t, n, k, seed=s)), n)
                                         for t, n, s in segs_np]
-    bias = torch.randn(136, generator=torch.Generator().manual_seed(4))
+    bias = torch.randn(152, generator=torch.Generator().manual_seed(4))
     lin = GGUFLinear(segs, k, bias)
-    assert [s.layout for s in lin.segments] == ["x16", "x16", "stored", "stored"]
+    assert [s.layout for s in lin.segments] == ["x16", "x16", "stored", "x16", "stored"]
     assert "Q4_1x48(x16)" in lin.extra_repr() and "Q8_0x32(x16)" in lin.extra_repr()
     w = torch.cat([dequantized(r, T(t)) for t, r, _ in segs])
     x = torch.randn(kernels.NATIVE_QUANT_MAX_ROWS + 3, k, generator=torch.Generator().manual_seed(5)).to(x_dtype)
@@ -168,15 +180,16 @@ def test_gguf_linear_repacks_segments_of_16k_rows(x_dtype: torch.dtype, monkeypa
     assert_close(y, few.float(), w, bias)
     assert torch.equal(y[:, :48], OPS.gguf_x16_b32_linear(few, lin.raw(0), int(T.Q4_1), 48, bias[:48]))
     assert torch.equal(y[:, 48:80], OPS.gguf_x16_b32_linear(few, lin.raw(1), int(T.Q8_0), 32, bias[48:80]))
-    assert torch.equal(y[:, 80:], torch.cat([OPS.gguf_linear(few, segs[i][1], segs[i][0], segs[i][2], bias[lo:hi])
-                                             for i, (lo, hi) in ((2, (80, 120)), (3, (120, 136)))], 1))
+    assert torch.equal(y[:, 80:120], OPS.gguf_linear(few, segs[2][1], segs[2][0], 40, bias[80:120]))
+    assert torch.equal(y[:, 120:136], OPS.gguf_x16_b32_linear(few, lin.raw(3), int(T.Q5_1), 16, bias[120:136]))
+    assert torch.equal(y[:, 136:], OPS.gguf_linear(few, segs[4][1], segs[4][0], 16, bias[136:]))
     assert torch.equal(lin.decode_fn(x_dtype, torch.device("cpu"))(few), y)
     big = lin(x)  # prefill: dequantize (unpacked blocks, in x's dtype) then F.linear
     assert torch.equal(big, torch.nn.functional.linear(x, lin.dequantize(x_dtype), bias.to(x_dtype)))
-    assert [s.layout for s in GGUFLinear(segs, k, bias, act_quant="q8").segments] == ["stored"] * 4
+    assert [s.layout for s in GGUFLinear(segs, k, bias, act_quant="q8").segments] == ["stored"] * 5
     assert set_act_quant(torch.nn.Sequential(lin), "q8") == 1
-    assert [s.layout for s in lin.segments] == ["stored"] * 4
-    assert torch.equal(lin.raw(0), segs[0][1]) and torch.equal(lin.raw(1), segs[1][1])
+    assert [s.layout for s in lin.segments] == ["stored"] * 5
+    assert all(torch.equal(lin.raw(i), segs[i][1]) for i in range(5))
 
 
 def test_env_switch_and_default(monkeypatch) -> None:
@@ -184,20 +197,20 @@ def test_env_switch_and_default(monkeypatch) -> None:
     type names repack those types only."""
     segs = [(int(t), torch.from_numpy(random_blocks(t, 32, 64, seed=12 + i)), 32) for i, t in enumerate(TYPES)]
     monkeypatch.delenv("FRUGALLM_GGUF_X16", raising=False)
-    assert [s.layout for s in GGUFLinear(segs, 64).segments] == ["x16"] * 3
+    assert [s.layout for s in GGUFLinear(segs, 64).segments] == ["x16"] * 5
     monkeypatch.setenv("FRUGALLM_GGUF_X16", "0")
-    assert [s.layout for s in GGUFLinear(segs, 64).segments] == ["stored"] * 3
-    monkeypatch.setenv("FRUGALLM_GGUF_X16", "q8_0,Q4_0")
-    assert [s.layout for s in GGUFLinear(segs, 64).segments] == ["x16", "stored", "x16"]
-    monkeypatch.setenv("FRUGALLM_GGUF_X16", "Q5_0")
-    with pytest.raises(FrugalError, match="Q4_0, Q4_1, Q4_K, Q6_K, Q8_0"):
+    assert [s.layout for s in GGUFLinear(segs, 64).segments] == ["stored"] * 5
+    monkeypatch.setenv("FRUGALLM_GGUF_X16", "q8_0,Q4_0,Q5_1")
+    assert [s.layout for s in GGUFLinear(segs, 64).segments] == ["x16", "stored", "stored", "x16", "x16"]
+    monkeypatch.setenv("FRUGALLM_GGUF_X16", "Q5_K")
+    with pytest.raises(FrugalError, match="Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0"):
         GGUFLinear(segs, 64)
 
 
-@pytest.mark.parametrize("tensor_type", ["Q4_1", "Q4_0"])
+@pytest.mark.parametrize("tensor_type", ["Q4_1", "Q4_0", "Q5_0"])
 def test_tiny_model_decodes_the_same_without_the_repack(tensor_type: str, tiny_models, tiny_ids,
                                                         monkeypatch) -> None:
-    """A tiny llama of Q4_1 (or Q4_0) layers and a tied Q8_0 head / embedding, repacked vs not: fp32 decode logits
+    """A tiny llama of Q4_1 (or Q4_0, Q5_0) layers and a tied Q8_0 head / embedding, repacked vs not: fp32 decode logits
     equal to fp32 rounding and the same greedy tokens (single stream and batched); in the default decode dtype the
     logits agree to bf16 precision."""
     monkeypatch.delenv("FRUGALLM_GGUF_X16", raising=False)

@@ -1,32 +1,36 @@
 // requires: avx2 (frugallm/native.py builds this kernel only on CPUs at that ISA level; below it torch runs)
-// The 32-value GGUF block formats Q4_0, Q4_1 and Q8_0 repacked at load with 16 weight rows interleaved, the way
-// csrc/gguf_x16.cpp does Q4_K and Q6_K: a vector lane is one output column (no horizontal sums), the scale FMA is
-// once per 32 values for 16 columns, an x value (or bf16 pair) is one broadcast shared by the 16 columns, and a
-// decoded weight vector is shared by every input row of a pass. An output's arithmetic does not depend on how many
+// The 32-value GGUF block formats Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 repacked at load with 16 weight rows interleaved,
+// the way csrc/gguf_x16.cpp does Q4_K and Q6_K: a vector lane is one output column (no horizontal sums), the scale
+// FMA is once per 32 values for 16 columns, an x value (or bf16 pair) is one broadcast shared by the 16 columns, and
+// a decoded weight vector is shared by every input row of a pass. An output's arithmetic does not depend on how many
 // rows run together or on the thread count: a verify pass is bit-identical to one-row decode. The layout holds
-// exactly the file's bytes per row per block (16 * 18, 16 * 20, 16 * 34), so repacking costs no memory.
+// exactly the file's bytes per row per block (16 * 18, 20, 22, 24, 34), so repacking costs no memory.
 //
 // Layout, per group of 16 weight rows (columns c), per 32-value block:
 //   Q4_0 / Q4_1: d[16] fp16 | (Q4_1) m[16] fp16 | runs z = 0..3 of 64 bytes: column c's dword in run z holds, in
 //   16-bit half s, field r (bits 4r..4r+3), the 4-bit code of value 8 z + 2 r + s (the order of x16b's sub-blocks).
+//   Q5_0 / Q5_1: d[16] fp16 | (Q5_1) m[16] fp16 | the 5th code bits, column c's dword holding value 8 z + 2 r + s's
+//   at bit 16 s + 4 r + z | the low nibbles as Q4_0's runs.
 //   Q8_0: d[16] fp16 | the 32 int8 codes as [32][16] (value v of column c at byte 16 v + c).
 //
 //   gguf_x16_b32_repack(w uint8 [N, K / 32 * S], qtype) -> uint8 [N / 16, K / 32 * 16 S]        (N % 16 == 0)
 //   gguf_x16_b32_unpack(w uint8 [N / 16, K / 32 * 16 S], qtype, N, rows int64 [R]?) -> uint8 [R or N, K / 32 * S]
 //       (the stored rows back, bit for bit: gguf_dequantize on them is the reference dequantization)
 //   gguf_x16_b32_linear(x [rows, K] float32|bfloat16, w x16, qtype, N, bias float32 [N]?) -> [rows, N] in x's
-//       dtype: per block d * sum(x c) (+ m * sum(x) for Q4_1), c the signed code (Q4_0: q - 8), fp32 accumulation,
-//       bias added in fp32, one RNE rounding for bf16 output; dequantize-then-matmul up to fp32 rounding.
+//       dtype: per block d * sum(x c) (+ m * sum(x) for Q4_1 / Q5_1), c the signed code (Q4_0: q - 8, Q5_0: q - 16),
+//       fp32 accumulation, bias added in fp32, one RNE rounding for bf16 output; dequantize-then-matmul up to fp32
+//       rounding.
 //
 // Paths: AVX-512 fp32 x: a shift and a vpermps (a 16-entry table of the signed codes, q - 8 for Q4_0, indexed by the
-// nibble: the bits above it are ignored) make a vector of codes, then FMAs; bf16 x on AVX512-BF16: a shift and one
-// ternary-logic op make a column's two codes the bf16 pair 128 + q (0x4300 | q, as csrc/gguf_x16.cpp does) for
-// vdpbf16ps against the broadcast x pair, 128 sum(x) (Q4_0: 136) taken off per block (a vpermw lookup of the signed
-// codes, with nothing to cancel, measured 6-7 % slower under load). Q8_0 runs fp32 FMAs for either x (bf16 x
-// widened, exact): a sign-extending load and a convert per 16 codes, as cheap per value as a bf16 route (an int8 is
-// not one bf16 bit pattern away: its bf16 pair needs two nibble lookups; that layout measured 1.45x the stored
-// kernel in bf16 and 0.8x in fp32, this one 1.5x in both, under load). AVX2 + FMA + F16C (and bf16 x without
-// AVX512-BF16, widened to fp32 first): mask and convert (Q4_0's 8 sum(x) taken off per block), two halves of 8
+// nibble: the bits above it are ignored; Q5: the 5th bit merged in by a ternary-logic op, a 32-entry vpermt2ps) make
+// a vector of codes, then FMAs; bf16 x on AVX512-BF16: a shift and one ternary-logic op (Q5: two) make a column's
+// two codes the bf16 pair 128 + q (0x4300 | q, exact, as csrc/gguf_x16.cpp does) for vdpbf16ps against the broadcast
+// x pair, 128 sum(x) (Q4_0: 136, Q5_0: 144) taken off per block (a vpermw lookup of the signed codes, with nothing
+// to cancel, measured 6-7 % slower under load). Q8_0 runs fp32 FMAs for either x (bf16 x widened, exact): a sign-
+// extending load and a convert per 16 codes, as cheap per value as a bf16 route (an int8 is not one bf16 bit pattern
+// away: its bf16 pair needs two nibble lookups; that layout measured 1.45x the stored kernel in bf16 and 0.8x in
+// fp32, this one 1.5x in both, under load). AVX2 + FMA + F16C (and bf16 x without AVX512-BF16, widened to fp32
+// first): mask (Q5: or the 5th bit) and convert (Q4_0's 8 / Q5_0's 16 sum(x) taken off per block), two halves of 8
 // columns.
 // Each row keeps 4 accumulators per block (one per field r), reset per block, so one-row decode has 4 chains in
 // flight per block and consecutive blocks overlap (out-of-order); the count does not depend on the rows per pass.
@@ -70,24 +74,32 @@ namespace gg = frugallm::gguf;
 constexpr int64_t kRowsPass = 4;  // input rows per pass over a group's weights
 
 // Geometry of one type's x16 block: `stored` bytes per row per block in the file, `head` bytes of fp16 fields per
-// 16 rows (the codes follow).
+// 16 rows, then `qh` bytes of 5th code bits (Q5_0 / Q5_1), then the codes.
 struct Layout {
-  int64_t stored, head;
+  int64_t stored, head, qh;
   constexpr int64_t block() const { return 16 * stored; }
+  constexpr int64_t codes() const { return head + qh; }
 };
+
+constexpr bool has_min(int64_t qt) { return qt == gg::Q4_1 || qt == gg::Q5_1; }  // w = d q + m
+constexpr bool has_qh(int64_t qt) { return qt == gg::Q5_0 || qt == gg::Q5_1; }
+constexpr int zero_of(int64_t qt) { return qt == gg::Q4_0 ? 8 : qt == gg::Q5_0 ? 16 : 0; }  // w = d (q - zero)
 
 constexpr Layout layout_of(int64_t qtype) {
   switch (qtype) {
-    case gg::Q4_0: return {18, 32};
-    case gg::Q4_1: return {20, 64};
-    case gg::Q8_0: return {34, 32};
-    default: return {0, 0};
+    case gg::Q4_0: return {18, 32, 0};
+    case gg::Q4_1: return {20, 64, 0};
+    case gg::Q5_0: return {22, 32, 64};
+    case gg::Q5_1: return {24, 64, 64};
+    case gg::Q8_0: return {34, 32, 0};
+    default: return {0, 0, 0};
   }
 }
 
 Layout checked_layout(const char* op, int64_t qtype) {
   const Layout l = layout_of(qtype);
-  TORCH_CHECK(l.stored != 0, op, ": only Q4_0 (2), Q4_1 (3) and Q8_0 (8) are repacked here, got qtype ", qtype);
+  TORCH_CHECK(l.stored != 0, op, ": only Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7) and Q8_0 (8) are repacked here, got "
+              "qtype ", qtype);
   return l;
 }
 
@@ -102,7 +114,8 @@ inline uint32_t pack_dword(uint64_t bytes, int hi) {
 #else
   uint32_t u = 0;
   for (int r = 0; r < 4; ++r)
-    for (int s = 0; s < 2; ++s) u |= static_cast<uint32_t>((bytes >> (8 * (2 * r + s) + 4 * hi)) & 0xF) << (16 * s + 4 * r);
+    for (int s = 0; s < 2; ++s)
+      u |= static_cast<uint32_t>((bytes >> (8 * (2 * r + s) + 4 * hi)) & 0xF) << (16 * s + 4 * r);
   return u;
 #endif
 }
@@ -126,7 +139,13 @@ void repack_block(const uint8_t* src, int64_t row_bytes, uint8_t* dst) {
   for (int c = 0; c < 16; ++c) {
     const uint8_t* p = src + c * row_bytes;
     std::memcpy(dst + 2 * c, p, 2);
-    if constexpr (QT == gg::Q4_1) std::memcpy(dst + 32 + 2 * c, p + 2, 2);
+    if constexpr (has_min(QT)) std::memcpy(dst + 32 + 2 * c, p + 2, 2);
+    if constexpr (has_qh(QT)) {  // value v = 8 z + 2 r + s: bit v of qh -> bit 16 s + 4 r + z of the column's dword
+      uint32_t qh, hb = 0;
+      std::memcpy(&qh, p + L.stored - 20, 4);
+      for (int v = 0; v < 32; ++v) hb |= ((qh >> v) & 1u) << (16 * (v % 2) + 4 * (v % 8 / 2) + v / 8);
+      std::memcpy(dst + L.head + 4 * c, &hb, 4);
+    }
     if constexpr (QT == gg::Q8_0) {
       for (int v = 0; v < 32; ++v) dst[L.head + 16 * v + c] = p[2 + v];
     } else {
@@ -134,7 +153,7 @@ void repack_block(const uint8_t* src, int64_t row_bytes, uint8_t* dst) {
         uint64_t bytes;
         std::memcpy(&bytes, p + L.stored - 16 + 8 * (z % 2), 8);
         const uint32_t u = pack_dword(bytes, z / 2);
-        std::memcpy(dst + L.head + 64 * z + 4 * c, &u, 4);
+        std::memcpy(dst + L.codes() + 64 * z + 4 * c, &u, 4);
       }
     }
   }
@@ -144,14 +163,20 @@ template <int64_t QT>
 void unpack_row(const uint8_t* blk, int c, uint8_t* p) {
   constexpr Layout L = layout_of(QT);
   std::memcpy(p, blk + 2 * c, 2);
-  if constexpr (QT == gg::Q4_1) std::memcpy(p + 2, blk + 32 + 2 * c, 2);
+  if constexpr (has_min(QT)) std::memcpy(p + 2, blk + 32 + 2 * c, 2);
+  if constexpr (has_qh(QT)) {
+    uint32_t hb, qh = 0;
+    std::memcpy(&hb, blk + L.head + 4 * c, 4);
+    for (int v = 0; v < 32; ++v) qh |= ((hb >> (16 * (v % 2) + 4 * (v % 8 / 2) + v / 8)) & 1u) << v;
+    std::memcpy(p + L.stored - 20, &qh, 4);
+  }
   if constexpr (QT == gg::Q8_0) {
     for (int v = 0; v < 32; ++v) p[2 + v] = blk[L.head + 16 * v + c];
   } else {
     for (int z = 0; z < 2; ++z) {
       uint32_t lo, hi;
-      std::memcpy(&lo, blk + L.head + 64 * z + 4 * c, 4);
-      std::memcpy(&hi, blk + L.head + 64 * (z + 2) + 4 * c, 4);
+      std::memcpy(&lo, blk + L.codes() + 64 * z + 4 * c, 4);
+      std::memcpy(&hi, blk + L.codes() + 64 * (z + 2) + 4 * c, 4);
       const uint64_t bytes = unpack_dword(lo, 0) | unpack_dword(hi, 1);
       std::memcpy(p + L.stored - 16 + 8 * z, &bytes, 8);
     }
@@ -225,6 +250,8 @@ at::Tensor gguf_x16_b32_repack(const at::Tensor& w, int64_t qtype) {
   switch (qtype) {
     case gg::Q4_0: return repack_typed<gg::Q4_0>(w);
     case gg::Q4_1: return repack_typed<gg::Q4_1>(w);
+    case gg::Q5_0: return repack_typed<gg::Q5_0>(w);
+    case gg::Q5_1: return repack_typed<gg::Q5_1>(w);
     default: return repack_typed<gg::Q8_0>(w);
   }
 }
@@ -234,18 +261,33 @@ at::Tensor gguf_x16_b32_unpack(const at::Tensor& w, int64_t qtype, int64_t n, co
   switch (qtype) {
     case gg::Q4_0: return unpack_typed<gg::Q4_0>(w, n, rows);
     case gg::Q4_1: return unpack_typed<gg::Q4_1>(w, n, rows);
+    case gg::Q5_0: return unpack_typed<gg::Q5_0>(w, n, rows);
+    case gg::Q5_1: return unpack_typed<gg::Q5_1>(w, n, rows);
     default: return unpack_typed<gg::Q8_0>(w, n, rows);
   }
 }
 
-// The value the vector paths give 4-bit code i of type QT (signed: Q4_0's offset is in the table).
-constexpr float code_value(int64_t qt, int i) { return static_cast<float>(qt == gg::Q4_0 ? i - 8 : i); }
+// The value the vector paths give code i of type QT (signed: Q4_0's / Q5_0's offset is in the table).
+constexpr float code_value(int64_t qt, int i) { return static_cast<float>(i - zero_of(qt)); }
+
+// The 5th code bits of field (r, z) (at 16 s + 4 r + z in the qh dword) moved to bit 4 of each 16-bit half: a right
+// shift by sh = 4 r + z - 4 (12 + 4 r + z: half 1 alone, at bit 4 of the dword), a left shift where sh < 0.
+#if defined(B32_AVX512)
+inline __m512i qh_at4_512(__m512i hb, int sh) {
+  return sh >= 0 ? _mm512_srli_epi32(hb, sh) : _mm512_slli_epi32(hb, -sh);
+}
+#endif
+#if defined(B32_VEC) && !defined(B32_AVX512)
+inline __m256i qh_at4_256(__m256i hb, int sh) {
+  return sh >= 0 ? _mm256_srli_epi32(hb, sh) : _mm256_slli_epi32(hb, -sh);
+}
+#endif
 
 #if defined(B32_AVX512)
 template <int64_t QT>
-inline __m512 table_512() {
+inline __m512 table_512(int half) {  // codes 16 half .. 16 half + 15
   alignas(64) float t[16];
-  for (int i = 0; i < 16; ++i) t[i] = code_value(QT, i);
+  for (int i = 0; i < 16; ++i) t[i] = code_value(QT, 16 * half + i);
   return _mm512_load_ps(t);
 }
 
@@ -255,7 +297,7 @@ template <int64_t QT>
 inline __m512 block_end_512(const uint8_t* b, const __m512* a, float xs, __m512 t) {
   const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
   t = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])), dv, t);
-  if constexpr (QT == gg::Q4_1)
+  if constexpr (has_min(QT))
     t = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32))),
                         _mm512_set1_ps(xs), t);
   return t;
@@ -265,7 +307,8 @@ inline __m512 block_end_512(const uint8_t* b, const __m512* a, float xs, __m512 
 template <int64_t QT, int MC>
 void group_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs32, float* res) {
   constexpr Layout L = layout_of(QT);
-  const __m512 tab = table_512<QT>();
+  const __m512 tab = table_512<QT>(0), tab_hi = table_512<QT>(1);
+  const __m512i m15 = _mm512_set1_epi32(15);
   __m512 t[MC];
   for (int m = 0; m < MC; ++m) t[m] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -282,13 +325,24 @@ void group_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
           a[m][v % 4] = _mm512_fmadd_ps(q, _mm512_set1_ps(x[m * k + 32 * blk + v]), a[m][v % 4]);
       }
     } else {
+      [[maybe_unused]] const __m512i hb = has_qh(QT) ? _mm512_loadu_si512(b + L.head) : _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int z = 0; z < 4; ++z) {
-        const __m512i d = _mm512_loadu_si512(b + L.head + 64 * z);
+        const __m512i d = _mm512_loadu_si512(b + L.codes() + 64 * z);
 #pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) {
-          const __m512 v0 = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4 * r), tab);
-          const __m512 v1 = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 16 + 4 * r), tab);
+          __m512 v0, v1;
+          if constexpr (has_qh(QT)) {  // the 5-bit code (bit 4 from qh; bits above it ignored) in a 32-entry table
+            const __m512i i0 =
+                _mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 4 * r), qh_at4_512(hb, 4 * r + z - 4), m15, 0xE4);
+            const __m512i i1 =
+                _mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 16 + 4 * r), qh_at4_512(hb, 12 + 4 * r + z), m15, 0xE4);
+            v0 = _mm512_permutex2var_ps(tab, i0, tab_hi);
+            v1 = _mm512_permutex2var_ps(tab, i1, tab_hi);
+          } else {
+            v0 = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4 * r), tab);
+            v1 = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 16 + 4 * r), tab);
+          }
           for (int m = 0; m < MC; ++m) {
             const float* xm = x + m * k + 32 * blk + 8 * z + 2 * r;
             a[m][r] = _mm512_fmadd_ps(v0, _mm512_set1_ps(xm[0]), a[m][r]);
@@ -307,7 +361,8 @@ void group_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
 template <int64_t QT, int MC>
 void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_t k, const float* xs32, float* res) {
   constexpr Layout L = layout_of(QT);
-  const __m512i nib = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
+  const __m512i nib = _mm512_set1_epi32(0x000F000F), code5 = _mm512_set1_epi32(0x001F001F),
+                magic = _mm512_set1_epi32(0x43004300);
   __m512 t[MC];
   for (int m = 0; m < MC; ++m) t[m] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -315,13 +370,21 @@ void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_
     __m512 a[MC][4];
     for (int m = 0; m < MC; ++m)
       for (int r = 0; r < 4; ++r) a[m][r] = _mm512_setzero_ps();
+    [[maybe_unused]] const __m512i hb = has_qh(QT) ? _mm512_loadu_si512(b + L.head) : _mm512_setzero_si512();
 #pragma GCC unroll 4
     for (int z = 0; z < 4; ++z) {
-      const __m512i d = _mm512_loadu_si512(b + L.head + 64 * z);
+      const __m512i d = _mm512_loadu_si512(b + L.codes() + 64 * z);
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
         // lane c: the codes of values 8 z + 2 r and 8 z + 2 r + 1 as the bf16 pair 128 + q (0x4300 | q, exact)
-        const __m512bh v = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 4 * r), nib, magic, 0xEA);
+        __m512bh v;
+        if constexpr (has_qh(QT)) {  // nibbles (0xE4: C ? A : B) with the 5th bits at bit 4, then 0x4300 | q
+          const __m512i q =
+              _mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 4 * r), qh_at4_512(hb, 4 * r + z - 4), nib, 0xE4);
+          v = (__m512bh)_mm512_ternarylogic_epi32(q, code5, magic, 0xEA);
+        } else {
+          v = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 4 * r), nib, magic, 0xEA);
+        }
         for (int m = 0; m < MC; ++m) {
           const float* xm = reinterpret_cast<const float*>(x + m * k + 32 * blk + 8 * z + 2 * r);  // bf16 pair
           a[m][r] = _mm512_dpbf16_ps(a[m][r], v, (__m512bh)_mm512_set1_ps(xm[0]));
@@ -330,8 +393,9 @@ void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_
     }
     for (int m = 0; m < MC; ++m) {
       const float xs = xs32[m * (k / 32) + blk];
-      // sum(x (128 + q)) - 128 sum(x) = sum(x q); Q4_0's code is q - 8: 136 (the cancellation stays in 32 values)
-      a[m][0] = _mm512_sub_ps(a[m][0], _mm512_set1_ps((QT == gg::Q4_0 ? 136.0f : 128.0f) * xs));
+      // sum(x (128 + q)) - 128 sum(x) = sum(x q); Q4_0's code is q - 8: 136, Q5_0's q - 16: 144 (the cancellation
+      // stays within 32 values)
+      a[m][0] = _mm512_sub_ps(a[m][0], _mm512_set1_ps(static_cast<float>(128 + zero_of(QT)) * xs));
       t[m] = block_end_512<QT>(b, a[m], xs, t[m]);
     }
   }
@@ -344,7 +408,7 @@ void group_bf16_512(const uint8_t* w, int64_t nblocks, const uint16_t* x, int64_
 template <int64_t QT, int MC>
 void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs32, float* res) {
   constexpr Layout L = layout_of(QT);
-  const __m256i m15 = _mm256_set1_epi32(15);
+  const __m256i m15 = _mm256_set1_epi32(15), m16 = _mm256_set1_epi32(16);
   for (int h = 0; h < 2; ++h) {
     __m256 t[MC];
     for (int m = 0; m < MC; ++m) t[m] = _mm256_setzero_ps();
@@ -362,12 +426,19 @@ void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
             a[m][v % 4] = _mm256_fmadd_ps(q, _mm256_set1_ps(x[m * k + 32 * blk + v]), a[m][v % 4]);
         }
       } else {
+        [[maybe_unused]] const __m256i hb =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (has_qh(QT) ? L.head + 32 * h : 0)));
         for (int z = 0; z < 4; ++z) {
-          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + L.head + 64 * z + 32 * h));
+          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + L.codes() + 64 * z + 32 * h));
 #pragma GCC unroll 4
-          for (int r = 0; r < 4; ++r) {  // the nibble as fp32 (Q4_0's offset: 8 sum(x) per block, below)
-            const __m256 v0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 4 * r), m15));
-            const __m256 v1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 16 + 4 * r), m15));
+          for (int r = 0; r < 4; ++r) {  // the code as fp32 (Q4_0's / Q5_0's offset: zero * sum(x) per block, below)
+            __m256i q0 = _mm256_and_si256(_mm256_srli_epi32(d, 4 * r), m15);
+            __m256i q1 = _mm256_and_si256(_mm256_srli_epi32(d, 16 + 4 * r), m15);
+            if constexpr (has_qh(QT)) {
+              q0 = _mm256_or_si256(q0, _mm256_and_si256(qh_at4_256(hb, 4 * r + z - 4), m16));
+              q1 = _mm256_or_si256(q1, _mm256_and_si256(qh_at4_256(hb, 12 + 4 * r + z), m16));
+            }
+            const __m256 v0 = _mm256_cvtepi32_ps(q0), v1 = _mm256_cvtepi32_ps(q1);
             for (int m = 0; m < MC; ++m) {
               const float* xm = x + m * k + 32 * blk + 8 * z + 2 * r;
               a[m][r] = _mm256_fmadd_ps(v0, _mm256_set1_ps(xm[0]), a[m][r]);
@@ -379,9 +450,10 @@ void group_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k,
       const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * h)));
       for (int m = 0; m < MC; ++m) {
         __m256 sum = _mm256_add_ps(_mm256_add_ps(a[m][0], a[m][1]), _mm256_add_ps(a[m][2], a[m][3]));
-        if constexpr (QT == gg::Q4_0) sum = _mm256_sub_ps(sum, _mm256_set1_ps(8.0f * xs32[m * (k / 32) + blk]));
+        if constexpr (zero_of(QT) != 0)
+          sum = _mm256_sub_ps(sum, _mm256_set1_ps(static_cast<float>(zero_of(QT)) * xs32[m * (k / 32) + blk]));
         t[m] = _mm256_fmadd_ps(sum, dv, t[m]);
-        if constexpr (QT == gg::Q4_1) {
+        if constexpr (has_min(QT)) {
           const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 + 16 * h)));
           t[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs32[m * (k / 32) + blk]), t[m]);
         }
@@ -496,6 +568,8 @@ at::Tensor gguf_x16_b32_linear(const at::Tensor& x, const at::Tensor& w, int64_t
   switch (qtype) {
     case gg::Q4_0: linear_typed<gg::Q4_0>(xc, wp, n, bp, y); break;
     case gg::Q4_1: linear_typed<gg::Q4_1>(xc, wp, n, bp, y); break;
+    case gg::Q5_0: linear_typed<gg::Q5_0>(xc, wp, n, bp, y); break;
+    case gg::Q5_1: linear_typed<gg::Q5_1>(xc, wp, n, bp, y); break;
     default: linear_typed<gg::Q8_0>(xc, wp, n, bp, y); break;
   }
 #endif

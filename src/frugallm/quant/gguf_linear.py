@@ -16,17 +16,17 @@ is quantized to int8 per 32 values (:func:`q8_quantize`) and meets the weight's 
 products, llama.cpp's arithmetic (memory-bound where the exact kernel is compute-bound). Prefill passes and other
 types keep the exact paths; without that kernel (a CPU below AVX2, ``FRUGALLM_NATIVE=0``) everything runs exact.
 
-Q4_K and Q6_K segments of a multiple of 16 rows (exact mode) are repacked once at load by ``csrc/gguf_x16.cpp``
-into its "x16b" layouts (16 rows interleaved so vector lanes are output columns; the same bytes, replacing the
-stored ones) and their few-row passes run ``gguf_x16_linear`` (exact like ``gguf_linear``, Q4_K 1.4-1.9x faster;
-rows bit-identical to one-row passes). Q4_0, Q4_1 and Q8_0 segments the same way by ``csrc/gguf_x16_b32.cpp``
-(``gguf_x16_b32_linear``; 1.5-2.5x at one row on AVX-512, 1.2-1.5x on AVX2). Dequantizing them unpacks the stored
-blocks first (``gguf_q4k_x16_unpack``, ``gguf_q6k_x16_unpack``, ``gguf_x16_b32_unpack``, bit for bit), so prefill
-and embedding lookups are unchanged. ``act_quant="q8"`` layers keep Q4_K / Q6_K repacked (``gguf_x16_linear_q8``:
-int8 activations on the x16b layouts, vpdpbusd with no horizontal sums) and the other types in the stored layout
-(``gguf_linear_q8``); the repack is on at AVX-512 and above, and on AVX2 for every type but Q6_K in exact mode
-(slower there at one row; ``FRUGALLM_GGUF_X16=1`` forces it); ``FRUGALLM_GGUF_X16=0`` keeps the stored layout
-everywhere (an A/B switch for benchmarks).
+Q4_K and Q6_K segments of a multiple of 16 rows (exact mode) are repacked once at load by ``csrc/gguf_x16.cpp`` into its
+"x16b" layouts (16 rows interleaved so vector lanes are output columns; the same bytes, replacing the stored ones) and
+their few-row passes run ``gguf_x16_linear`` (exact like ``gguf_linear``, Q4_K 1.4-1.9x faster; rows bit-identical to
+one-row passes). Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 segments the same way by ``csrc/gguf_x16_b32.cpp``
+(``gguf_x16_b32_linear``; 1.5-2.5x at one row on AVX-512, 1.06-1.5x on AVX2). Dequantizing them unpacks the stored
+blocks first (``gguf_q4k_x16_unpack``, ``gguf_q6k_x16_unpack``, ``gguf_x16_b32_unpack``, bit for bit), so prefill and
+embedding lookups are unchanged. ``act_quant="q8"`` layers keep Q4_K / Q6_K repacked (``gguf_x16_linear_q8``: int8
+activations on the x16b layouts, vpdpbusd with no horizontal sums) and the other types in the stored layout
+(``gguf_linear_q8``); the repack is on at AVX-512 and above, and on AVX2 for every type but Q6_K in exact mode (slower
+there at one row; ``FRUGALLM_GGUF_X16=1`` forces it); ``FRUGALLM_GGUF_X16=0`` keeps the stored layout everywhere (an A/B
+switch for benchmarks).
 
 Without the native kernel (no compiler, ``FRUGALLM_NATIVE=0``, a CPU below AVX2, another device) every pass
 dequantizes with ``gguf.quants.dequantize`` (numpy, the format's reference code) and runs ``F.linear``: correct
@@ -85,7 +85,8 @@ def _b32_ops(qtype: int) -> tuple[Callable[..., torch.Tensor], Callable[..., tor
             lambda w, n, rows: torch.ops.frugallm.gguf_x16_b32_unpack(w, qtype, n, rows))
 
 
-X16_B32_TYPES = {t: _b32_ops(int(t)) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0)}  # the types csrc/gguf_x16_b32.cpp repacks
+# the types csrc/gguf_x16_b32.cpp repacks
+X16_B32_TYPES = {t: _b32_ops(int(t)) for t in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)}
 X16_LAYOUTS = {**X16_TYPES, **X16_B32_TYPES}  # every type GGUFLinear may repack: qtype -> (repack, unpack)
 X16_Q8_TYPES = frozenset({Q.Q4_K, Q.Q6_K})  # x16 layouts with an int8-activation kernel (gguf_x16_linear_q8)
 # Output rows per dequantized tile in a many-row pass (GGUFLinear._dequantized_matmul): 2048 rows of 1536 bf16
@@ -129,13 +130,13 @@ def row_bytes(qtype: int, in_features: int) -> int:
 
 
 def _x16_ok(qtype: int, rows: int, device: torch.device, act_quant: str | None = None) -> bool:
-    """Whether a segment runs repacked (csrc/gguf_x16.cpp: Q4_K, Q6_K; csrc/gguf_x16_b32.cpp: Q4_0, Q4_1, Q8_0),
-    a multiple of 16 rows, on this CPU's kernels: at AVX-512 or above every type; at AVX2 the 32-value types, Q4_K,
-    and with ``act_quant="q8"`` Q6_K too (AVX2, one row, 1 thread, under load: the Q4_K x16 kernel 1.16-1.45x the
-    stored-block one, Q6_K's 0.89-0.98x; with int8 activations x16 is 1.26-1.70x ``gguf_linear_q8`` for both), unless
-    ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for benchmarks). ``FRUGALLM_GGUF_X16=1`` repacks
-    every type (Q6_K on AVX2 too); a list of type names (``FRUGALLM_GGUF_X16=Q4_K,Q8_0``) does what ``1`` does for
-    those types only (a per-type A/B)."""
+    """Whether a segment runs repacked (csrc/gguf_x16.cpp: Q4_K, Q6_K; csrc/gguf_x16_b32.cpp: the 32-value block types
+    Q4_0 ... Q8_0), a multiple of 16 rows, on this CPU's kernels: at AVX-512 or above every type; at AVX2 the
+    32-value types, Q4_K, and with ``act_quant="q8"`` Q6_K too (AVX2, one row, 1 thread, under load: the Q4_K x16
+    kernel 1.16-1.45x the stored-block one, Q6_K's 0.89-0.98x; with int8 activations x16 is 1.26-1.70x
+    ``gguf_linear_q8`` for both), unless ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for
+    benchmarks). ``FRUGALLM_GGUF_X16=1`` repacks every type (Q6_K on AVX2 too); a list of type names
+    (``FRUGALLM_GGUF_X16=Q4_K,Q8_0``) does what ``1`` does for those types only (a per-type A/B)."""
     flag = os.environ.get("FRUGALLM_GGUF_X16", "auto").strip()
     if flag not in ("0", "1", "auto"):
         names = {n.strip().upper() for n in flag.split(",") if n.strip()}
