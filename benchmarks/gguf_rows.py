@@ -145,7 +145,7 @@ def model_sweep(args: argparse.Namespace) -> None:
                                                    "frugallm::gguf_linear_q8", "frugallm::gguf_x16_linear_q8",
                                                    "frugallm::gguf_x16_b32_linear") else
                        "gguf dequantize" if ev.key in ("frugallm::gguf_dequantize", "frugallm::gguf_q4k_x16_unpack",
-                                                    "frugallm::gguf_q6k_x16_unpack")
+                                                    "frugallm::gguf_q6k_x16_unpack", "frugallm::gguf_x16_b32_unpack")
                        else
                        "GEMM" if ev.key in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm")
                        else "other")
