@@ -87,6 +87,7 @@ def test_packing_frees_blocks(kivi: LLM) -> None:
     assert len(seq.packed_table) == 3 * c.blocks_per_chunk
     assert len(seq.block_table) == bm.blocks_for(exact)
     assert bm.num_used_blocks == bm.blocks_for(exact) + 3 * c.blocks_per_chunk < bm.blocks_for(n)
+    assert e.gauges()["kv_blocks_packed"][1] == 3 * c.blocks_per_chunk  # /metrics: frugallm_kv_blocks_packed
     bm.check()
     e.run_to_completion()
     assert bm.num_used_blocks == 0

@@ -402,6 +402,8 @@ class LLMEngine:
             "kv_blocks_used": ("KV-cache blocks referenced by sequences.", bm.num_used_blocks),
             "kv_blocks_free": ("KV-cache blocks free (some hold reusable cached prefixes).", bm.num_free_blocks),
             "kv_blocks_total": ("KV-cache blocks in the pool.", bm.num_blocks),
+            "kv_blocks_packed": ("KV-cache blocks holding KIVI-packed chunks of running sequences.",
+                                 sum(len(s.packed_table) for s in sch.running)),
             "kv_block_size_tokens": ("Tokens per KV-cache block.", bm.block_size),
             "kv_cache_usage_ratio": ("Fraction of KV-cache blocks in use.", bm.num_used_blocks / bm.num_blocks),
             **self.extra_gauges(),
