@@ -44,6 +44,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "gguf_x16.h"
 #include "gguf_q8_act.h"
 
 #include <algorithm>
@@ -81,97 +82,10 @@ constexpr int64_t kQ6K = 14;        // GGMLQuantizationType.Q6_K
 constexpr int64_t kStored6 = 210;   // Q6_K bytes per row per block as stored
 constexpr int64_t kBlock6 = 3360;   // Q6_K bytes per 16 rows per block repacked (16 * 210)
 
-void check_x16(const at::Tensor& w, int64_t n, int64_t nblocks, int64_t block_bytes = kBlock,
-               const char* type = "Q4_K") {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "gguf_x16: w must be a contiguous CPU uint8 tensor");
-  TORCH_CHECK(n > 0 && n % 16 == 0, "gguf_x16: out_features must be a positive multiple of 16, got ", n);
-  TORCH_CHECK(w.numel() == n / 16 * nblocks * block_bytes, "gguf_x16: w has ", w.numel(), " bytes, ", n,
-              " rows of ", nblocks, " ", type, " blocks take ", n / 16 * nblocks * block_bytes);
-}
-
-// Nibble masks of 8 stored qs bytes (values 2 r + s, r = 0..3, s = 0..1) by sub-block parity (0: low nibbles) and
-// half s: pext gathers their 4 nibbles into bits 4r..4r+3 of half s of a repacked dword, pdep scatters them back.
-constexpr uint64_t kNibMask[2][2] = {{0x000F000F000F000FULL, 0x0F000F000F000F00ULL},
-                                     {0x00F000F000F000F0ULL, 0xF000F000F000F000ULL}};
-
-inline uint32_t pack_dword(uint64_t bytes, int odd) {
-#if defined(__BMI2__)
-  return static_cast<uint32_t>(_pext_u64(bytes, kNibMask[odd][0]) | (_pext_u64(bytes, kNibMask[odd][1]) << 16));
-#else
-  uint32_t u = 0;
-  for (int r = 0; r < 4; ++r)
-    for (int s = 0; s < 2; ++s) u |= static_cast<uint32_t>((bytes >> (8 * (2 * r + s) + 4 * odd)) & 0xF) << (16 * s + 4 * r);
-  return u;
-#endif
-}
-
-inline uint64_t unpack_dword(uint32_t u, int odd) {  // the inverse: the 8 qs bytes' nibbles of that parity
-#if defined(__BMI2__)
-  return _pdep_u64(u & 0xFFFF, kNibMask[odd][0]) | _pdep_u64(u >> 16, kNibMask[odd][1]);
-#else
-  uint64_t bytes = 0;
-  for (int r = 0; r < 4; ++r)
-    for (int s = 0; s < 2; ++s)
-      bytes |= static_cast<uint64_t>((u >> (16 * s + 4 * r)) & 0xF) << (8 * (2 * r + s) + 4 * odd);
-  return bytes;
-#endif
-}
-
-// Repack / unpack of one type: `stored` bytes per row per block in the file, `block` per 16 rows repacked;
-// `repack` turns 16 rows' block (rows row_bytes apart) into one repacked block, `unpack` column c back to a row's.
-using RepackFn = void (*)(const uint8_t*, int64_t, uint8_t*);
-using UnpackFn = void (*)(const uint8_t*, int, uint8_t*);
-
-at::Tensor repack_x16(const at::Tensor& w, const char* op, const char* type, int64_t stored, int64_t block,
-                      RepackFn repack) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2,
-              op, ": w must be CPU uint8 [N, K / 256 * ", stored, "]");
-  const int64_t n = w.size(0), row_bytes = w.size(1);
-  TORCH_CHECK(n > 0 && n % 16 == 0, op, ": the row count must be a positive multiple of 16, got ", n);
-  TORCH_CHECK(row_bytes > 0 && row_bytes % stored == 0, op, ": ", row_bytes,
-              " bytes per row is not a whole number of ", type, " blocks");
-  const at::Tensor wc = w.contiguous();
-  const int64_t nblocks = row_bytes / stored;
-  at::Tensor out = at::empty({n / 16, nblocks * block}, w.options());
-  const uint8_t* src = wc.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
-      for (int64_t b = 0; b < nblocks; ++b)
-        repack(src + 16 * g * row_bytes + b * stored, row_bytes, dst + (g * nblocks + b) * block);
-  });
-  return out;
-}
-
-at::Tensor unpack_x16(const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& rows, const char* op,
-                      const char* type, int64_t stored, int64_t block, UnpackFn unpack) {
-  TORCH_CHECK(w.dim() == 2 && n > 0 && n % 16 == 0 && w.size(0) == n / 16 && w.size(1) % block == 0,
-              op, ": w must be uint8 [N / 16, K / 256 * ", block, "]");
-  const int64_t nblocks = w.size(1) / block;
-  check_x16(w, n, nblocks, block, type);
-  at::Tensor idx;
-  if (rows.has_value()) {
-    TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->device().is_cpu(),
-                op, ": rows must be a CPU int64 [R] tensor");
-    idx = rows->contiguous();
-  }
-  const int64_t r = rows.has_value() ? idx.numel() : n;
-  const int64_t* ip = rows.has_value() ? idx.data_ptr<int64_t>() : nullptr;
-  for (int64_t i = 0; i < (ip ? r : 0); ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, op, ": row ", ip[i], " is out of range [0, ", n, ")");
-  at::Tensor out = at::empty({r, nblocks * stored}, w.options());
-  const uint8_t* src = w.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = ip ? ip[i] : i;
-      for (int64_t b = 0; b < nblocks; ++b)
-        unpack(src + ((row / 16) * nblocks + b) * block, static_cast<int>(row % 16), dst + (i * nblocks + b) * stored);
-    }
-  });
-  return out;
-}
+using frugallm::x16::pack_dword;
+using frugallm::x16::unpack_dword;
+constexpr frugallm::x16::Format kQ4KFormat{"Q4_K", kStored, kBlock};
+constexpr frugallm::x16::Format kQ6KFormat{"Q6_K", kStored6, kBlock6};
 
 // One stored block (16 rows' 144-byte blocks at src[c * row_bytes]) -> one repacked block, and back.
 void repack_block(const uint8_t* src, int64_t row_bytes, uint8_t* dst) {
@@ -205,11 +119,11 @@ void unpack_row(const uint8_t* blk, int c, uint8_t* p) {  // column c of one rep
 }
 
 at::Tensor gguf_q4k_x16_repack(const at::Tensor& w) {
-  return repack_x16(w, "gguf_q4k_x16_repack", "Q4_K", kStored, kBlock, repack_block);
+  return frugallm::x16::repack(w, "gguf_q4k_x16_repack", kQ4KFormat, repack_block);
 }
 
 at::Tensor gguf_q4k_x16_unpack(const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& rows) {
-  return unpack_x16(w, n, rows, "gguf_q4k_x16_unpack", "Q4_K", kStored, kBlock, unpack_row);
+  return frugallm::x16::unpack(w, n, rows, "gguf_q4k_x16_unpack", kQ4KFormat, unpack_row);
 }
 
 // ---- Q6_K ------------------------------------------------------------------------------------------------------
@@ -297,11 +211,11 @@ void unpack_row6(const uint8_t* blk, int c, uint8_t* p) {  // column c of one re
 }
 
 at::Tensor gguf_q6k_x16_repack(const at::Tensor& w) {
-  return repack_x16(w, "gguf_q6k_x16_repack", "Q6_K", kStored6, kBlock6, repack_block6);
+  return frugallm::x16::repack(w, "gguf_q6k_x16_repack", kQ6KFormat, repack_block6);
 }
 
 at::Tensor gguf_q6k_x16_unpack(const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& rows) {
-  return unpack_x16(w, n, rows, "gguf_q6k_x16_unpack", "Q6_K", kStored6, kBlock6, unpack_row6);
+  return frugallm::x16::unpack(w, n, rows, "gguf_q6k_x16_unpack", kQ6KFormat, unpack_row6);
 }
 
 // Sub-blocks interleaved per pass over a group: a sub-block's multiply-adds per row form two dependent chains (a0,
@@ -710,7 +624,7 @@ at::Tensor x16_linear(const char* op, const at::Tensor& x, const at::Tensor& w, 
   const int64_t nblocks = k / 256;
   const bool q6 = qtype == kQ6K;
   const int64_t block_bytes = q6 ? kBlock6 : kBlock, g = q6 ? 16 : 32;
-  check_x16(w, n, nblocks, block_bytes, q6 ? "Q6_K" : "Q4_K");
+  frugallm::x16::check_weight(op, w, n, nblocks, q6 ? kQ6KFormat : kQ4KFormat);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n, op, ": bias must be float32 [", n, "]");
@@ -980,7 +894,7 @@ at::Tensor gguf_x16_linear_q8(const at::Tensor& x, const at::Tensor& w, int64_t 
   TORCH_CHECK(k > 0 && k % 256 == 0, op, ": in_features ", k, " is not a multiple of 256");
   const int64_t nblocks = k / 256;
   const bool q6 = qtype == kQ6K;
-  check_x16(w, n, nblocks, q6 ? kBlock6 : kBlock, q6 ? "Q6_K" : "Q4_K");
+  frugallm::x16::check_weight(op, w, n, nblocks, q6 ? kQ6KFormat : kQ4KFormat);
   const float* bp = frugallm::bias_ptr(bias, n);
   at::Tensor y = at::empty({rows, n}, xc.options());
   if (rows == 0) return y;

@@ -34,7 +34,7 @@
 // columns.
 // Each row keeps 4 accumulators per block (one per field r), reset per block, so one-row decode has 4 chains in
 // flight per block and consecutive blocks overlap (out-of-order); the count does not depend on the rows per pass.
-// pack_dword / unpack_dword are copied from csrc/gguf_x16.cpp (the same nibble order; that file is not shared).
+// The nibble order, the weight check and the repack / unpack drivers are gguf_x16.h's (shared with gguf_x16.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -43,6 +43,7 @@
 
 #include "common.h"
 #include "gguf_format.h"
+#include "gguf_x16.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -103,33 +104,15 @@ Layout checked_layout(const char* op, int64_t qtype) {
   return l;
 }
 
-// Nibble masks of 8 stored bytes (values 2 r + s, r = 0..3, s = 0..1) by nibble (0: low) and half s: pext gathers
-// their 4 nibbles into bits 4r..4r+3 of half s of a repacked dword, pdep scatters them back.
-constexpr uint64_t kNibMask[2][2] = {{0x000F000F000F000FULL, 0x0F000F000F000F00ULL},
-                                     {0x00F000F000F000F0ULL, 0xF000F000F000F000ULL}};
+using frugallm::x16::pack_dword;
+using frugallm::x16::unpack_dword;
 
-inline uint32_t pack_dword(uint64_t bytes, int hi) {
-#if defined(__BMI2__)
-  return static_cast<uint32_t>(_pext_u64(bytes, kNibMask[hi][0]) | (_pext_u64(bytes, kNibMask[hi][1]) << 16));
-#else
-  uint32_t u = 0;
-  for (int r = 0; r < 4; ++r)
-    for (int s = 0; s < 2; ++s)
-      u |= static_cast<uint32_t>((bytes >> (8 * (2 * r + s) + 4 * hi)) & 0xF) << (16 * s + 4 * r);
-  return u;
-#endif
+constexpr const char* name_of(int64_t qt) {
+  return qt == gg::Q4_0 ? "Q4_0" : qt == gg::Q4_1 ? "Q4_1" : qt == gg::Q5_0 ? "Q5_0" : qt == gg::Q5_1 ? "Q5_1" : "Q8_0";
 }
 
-inline uint64_t unpack_dword(uint32_t u, int hi) {  // the inverse: the 8 bytes' nibbles of that half
-#if defined(__BMI2__)
-  return _pdep_u64(u & 0xFFFF, kNibMask[hi][0]) | _pdep_u64(u >> 16, kNibMask[hi][1]);
-#else
-  uint64_t bytes = 0;
-  for (int r = 0; r < 4; ++r)
-    for (int s = 0; s < 2; ++s)
-      bytes |= static_cast<uint64_t>((u >> (16 * s + 4 * r)) & 0xF) << (8 * (2 * r + s) + 4 * hi);
-  return bytes;
-#endif
+constexpr frugallm::x16::Format format_of(int64_t qt) {
+  return {name_of(qt), layout_of(qt).stored, layout_of(qt).block()};
 }
 
 // 16 rows' stored blocks (rows row_bytes apart) -> one x16 block, and column c of one back to its stored bytes.
@@ -183,70 +166,18 @@ void unpack_row(const uint8_t* blk, int c, uint8_t* p) {
   }
 }
 
-void check_x16(const char* op, const at::Tensor& w, int64_t n, int64_t nblocks, const Layout& l) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2,
-              op, ": w must be a contiguous CPU uint8 [N / 16, bytes] tensor");
-  TORCH_CHECK(n > 0 && n % 16 == 0, op, ": out_features must be a positive multiple of 16, got ", n);
-  TORCH_CHECK(w.size(0) == n / 16 && w.numel() == n / 16 * nblocks * l.block(), op, ": w has ", w.numel(),
-              " bytes in ", w.size(0), " groups; ", n, " rows of ", nblocks, " blocks take ",
-              n / 16 * nblocks * l.block(), " in ", n / 16);
-}
-
 template <int64_t QT>
 at::Tensor repack_typed(const at::Tensor& w) {
-  constexpr Layout L = layout_of(QT);
-  const int64_t n = w.size(0), row_bytes = w.size(1);
-  TORCH_CHECK(n > 0 && n % 16 == 0, "gguf_x16_b32_repack: the row count must be a positive multiple of 16, got ", n);
-  TORCH_CHECK(row_bytes > 0 && row_bytes % L.stored == 0, "gguf_x16_b32_repack: ", row_bytes,
-              " bytes per row is not a whole number of ", L.stored, "-byte blocks");
-  const at::Tensor wc = w.contiguous();
-  const int64_t nblocks = row_bytes / L.stored;
-  at::Tensor out = at::empty({n / 16, nblocks * L.block()}, w.options());
-  const uint8_t* src = wc.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
-      for (int64_t b = 0; b < nblocks; ++b)
-        repack_block<QT>(src + 16 * g * row_bytes + b * L.stored, row_bytes, dst + (g * nblocks + b) * L.block());
-  });
-  return out;
+  return frugallm::x16::repack(w, "gguf_x16_b32_repack", format_of(QT), repack_block<QT>);
 }
 
 template <int64_t QT>
 at::Tensor unpack_typed(const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& rows) {
-  constexpr Layout L = layout_of(QT);
-  const char* op = "gguf_x16_b32_unpack";
-  TORCH_CHECK(w.dim() == 2 && w.size(1) % L.block() == 0, op, ": w must be uint8 [N / 16, K / 32 * ", L.block(), "]");
-  const int64_t nblocks = w.size(1) / L.block();
-  check_x16(op, w, n, nblocks, L);
-  at::Tensor idx;
-  if (rows.has_value()) {
-    TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->device().is_cpu(),
-                op, ": rows must be a CPU int64 [R] tensor");
-    idx = rows->contiguous();
-  }
-  const int64_t r = rows.has_value() ? idx.numel() : n;
-  const int64_t* ip = rows.has_value() ? idx.data_ptr<int64_t>() : nullptr;
-  for (int64_t i = 0; i < (ip ? r : 0); ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < n, op, ": row ", ip[i], " is out of range [0, ", n, ")");
-  at::Tensor out = at::empty({r, nblocks * L.stored}, w.options());
-  const uint8_t* src = w.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = ip ? ip[i] : i;
-      for (int64_t b = 0; b < nblocks; ++b)
-        unpack_row<QT>(src + ((row / 16) * nblocks + b) * L.block(), static_cast<int>(row % 16),
-                       dst + (i * nblocks + b) * L.stored);
-    }
-  });
-  return out;
+  return frugallm::x16::unpack(w, n, rows, "gguf_x16_b32_unpack", format_of(QT), unpack_row<QT>);
 }
 
 at::Tensor gguf_x16_b32_repack(const at::Tensor& w, int64_t qtype) {
   checked_layout("gguf_x16_b32_repack", qtype);
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2,
-              "gguf_x16_b32_repack: w must be CPU uint8 [N, bytes per row]");
   switch (qtype) {
     case gg::Q4_0: return repack_typed<gg::Q4_0>(w);
     case gg::Q4_1: return repack_typed<gg::Q4_1>(w);
@@ -552,14 +483,14 @@ at::Tensor gguf_x16_b32_linear(const at::Tensor& x, const at::Tensor& w, int64_t
                                const std::optional<at::Tensor>& bias) {
   const char* op = "gguf_x16_b32_linear";
   TORCH_CHECK(kVectorized, op, ": this build has no vector path (needs AVX2 + FMA + F16C)");
-  const Layout l = checked_layout(op, qtype);
+  checked_layout(op, qtype);
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               op, ": x must be a CPU float32 or bfloat16 [rows, K] tensor");
   const at::Tensor xc = x.contiguous();
   const int64_t k = xc.size(1);
   TORCH_CHECK(k > 0 && k % 32 == 0, op, ": in_features ", k, " is not a positive multiple of 32");
-  check_x16(op, w, n, k / 32, l);
+  frugallm::x16::check_weight(op, w, n, k / 32, format_of(qtype));
   const float* bp = frugallm::bias_ptr(bias, n);
   at::Tensor y = at::empty({xc.size(0), n}, xc.options());
   if (xc.size(0) == 0) return y;
