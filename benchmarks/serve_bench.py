@@ -47,6 +47,8 @@ class ServerProcess:
                "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--log-level", "warning", *extra]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.weights:
+            cmd += ["--weights", args.weights]
         self.cmd = cmd
 
     def __enter__(self) -> ServerProcess:
@@ -194,6 +196,8 @@ def main() -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the server (default: torch's)")
+    ap.add_argument("--weights", choices=["auto", "stored", "stored-q8", "dequantize"], default=None,
+                    help="the server's --weights (a GGUF's quantized weights; default: serve's own)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--c1-requests", type=int, default=None, help="requests at concurrency 1 (default: --requests)")
     ap.add_argument("--prompt-len", type=int, default=128)
