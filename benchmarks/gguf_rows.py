@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
 from frugallm import cpu, native
-from frugallm.quant.gguf_linear import Q8_TYPES, X16_Q8_TYPES, X16_TYPES
+from frugallm.quant.gguf_linear import Q8_TYPES
+from frugallm.quant.gguf_x16 import X16_Q8_TYPES, X16_TYPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
 from gguf_blocks import random_blocks  # noqa: E402  (shared with the kernel tests)

@@ -204,7 +204,7 @@ def compiled(tmp: Path) -> dict:
 @section("serve_engine")
 def serve_engine(tmp: Path) -> dict:
     from frugallm import LLM, SamplingParams
-    from frugallm.engine.llm_engine import generate_batched
+    from frugallm.engine.batched import generate_batched
 
     d = tmp / "smollm-shaped"
     llm = LLM(str(d), dtype="bfloat16", device=DEV)

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures
 
 from frugallm import LLM, SamplingParams  # noqa: E402
 from frugallm.cpu import model_name  # noqa: E402
+from frugallm.engine.batched import generate_batched  # noqa: E402
 from frugallm.engine.inputs import InputProcessor  # noqa: E402
-from frugallm.engine.llm_engine import EngineConfig, LLMEngine, generate_batched  # noqa: E402
+from frugallm.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from structured_schemas import SCHEMAS  # noqa: E402
 
 MASK_S = [0.0]

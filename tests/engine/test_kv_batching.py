@@ -13,7 +13,7 @@ import pytest
 
 from engine_runs import run_engine
 from frugallm import LLM, SamplingParams
-from frugallm.engine import llm_engine
+from frugallm.engine import batched
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.errors import InvalidRequestError
 from frugallm.kv import KVSpecError, parse_kv_spec
@@ -156,8 +156,8 @@ def test_forked_samples_share_compacted_blocks(llm: LLM, static: list[list[int]]
 
 def test_llm_generate_batches_paged_policies(llm: LLM, static: list[list[int]], monkeypatch) -> None:
     calls = []
-    real = llm_engine.generate_batched
-    monkeypatch.setattr(llm_engine, "generate_batched", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = batched.generate_batched
+    monkeypatch.setattr(batched, "generate_batched", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     outs = llm.generate(prompts(llm), GREEDY)
     assert calls, "several prompts with a paged policy go through the engine"
     assert [o.token_ids for o in outs] == static

@@ -12,7 +12,8 @@ from engine_runs import prompts_for, run_engine
 from frugallm import LLM, SamplingParams
 from frugallm.config import ModelConfig
 from frugallm.engine.async_llm import AsyncLLM
-from frugallm.engine.llm_engine import EngineConfig, LLMEngine, generate_batched
+from frugallm.engine.batched import generate_batched
+from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.engine.model_runner import group_prefills
 from frugallm.engine.paged_cache import PagedKVCache
 from frugallm.errors import FrugalError, InvalidRequestError

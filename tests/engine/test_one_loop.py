@@ -99,7 +99,7 @@ def test_policies_speculation_and_static_batching_keep_the_contiguous_loop(
 
 
 def test_exact_kv_pool(llm: LLM) -> None:
-    from frugallm.engine.llm_engine import batch_config
+    from frugallm.engine.batched import batch_config
 
     engine = LLMEngine(llm, batch_config(llm, [[1, 2, 3]], [SamplingParams(max_tokens=4)], exact_kv=True))
     assert engine.cache.k[0].dtype == llm.kv_dtype == torch.float32

@@ -122,7 +122,7 @@ def test_tiny_q4km_model_in_q8_mode_runs_x16_and_verifies_like_one_row_steps(tin
     x16 = LLM(path, device="cpu", weights="stored-q8")
     layouts = {(s.qtype, s.layout) for m in x16.model.modules() if isinstance(m, GGUFLinear) for s in m.segments}
     assert {(int(T.Q4_K), "x16"), (int(T.Q6_K), "x16")} <= layouts
-    monkeypatch.setattr(gl, "_x16_ok", lambda *a: False)
+    monkeypatch.setattr(gl, "repacks", lambda *a: False)
     stored = LLM(path, device="cpu", weights="stored-q8")
     assert all(s.layout == "stored" for m in stored.model.modules() if isinstance(m, GGUFLinear) for s in m.segments)
     prompt, steps = tiny_ids[:8], tiny_ids[8:17]

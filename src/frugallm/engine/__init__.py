@@ -8,7 +8,8 @@ Modules, one concern each (the loop reads top to bottom in ``llm_engine.py``):
 * ``scheduler`` - waiting/running queues, chunked prefill under a token budget, preemption (no torch)
 * ``paged_cache`` - ``PagedKVCache``, the ``KVCache`` the attention layer reads through block tables
 * ``model_runner`` - builds each step's forward passes on the paged cache
-* ``llm_engine`` - ``LLMEngine`` (``add_request`` / ``step`` / ``abort``) and ``generate_batched``
+* ``llm_engine`` - ``LLMEngine`` (``add_request`` / ``step`` / ``abort``); ``batched`` - ``generate_batched``
+  (a list of prompts on a fresh engine sized to them) and ``batch_config``
 * ``async_llm`` - ``AsyncLLM``: the engine in a background thread, one asyncio queue per request
 * ``metrics`` - the engine's counters and histograms (rendered as Prometheus text by ``serve``)
 * ``llm`` - ``LLM``, the public front: load, quantize, generate / stream / chat / score

@@ -231,7 +231,7 @@ class LLM(SoloRunner):
         if (len(seqs) > 1 or wants_engine) and self.batching and self._kv_pages():
             # Continuous batching over a paged KV cache (KV policies other than kv.paged_names() still use the
             # static batch; spec= batches decode without speculation: it pays at batch 1, see frugallm.spec).
-            from frugallm.engine.llm_engine import generate_batched
+            from frugallm.engine.batched import generate_batched
 
             outs = generate_batched(self, [s.prompt_ids for s in seqs], [s.params for s in seqs],
                                     loras=[s.lora for s in seqs])
@@ -279,7 +279,8 @@ class LLM(SoloRunner):
         deltas as tokens come; ``self.last_output`` then holds its output. Without a KV policy the pool keeps the
         single-stream loop's fp32 keys/values (``exact_kv``) and its ``kv_cache_bytes`` counts the slots holding
         tokens, as ``KVCache.nbytes`` does, not the blocks held."""
-        from frugallm.engine.llm_engine import LLMEngine, batch_config
+        from frugallm.engine.batched import batch_config
+        from frugallm.engine.llm_engine import LLMEngine
 
         exact = self.kv_spec is None
         engine = LLMEngine(self, batch_config(self, [seq.prompt_ids], [seq.params], exact_kv=exact))

@@ -4,7 +4,7 @@ Memory is the file's bytes (the blocks may be a zero-copy view of the GGUF memma
 ``kernels.NATIVE_QUANT_MAX_ROWS`` rows) run ``torch.ops.frugallm.gguf_linear`` (``csrc/gguf_linear.cpp``): blocks
 decoded in registers against fp32 activations (FMAs) or bf16 ones (``vdpbf16ps`` on AVX512-BF16 CPUs, where
 ``LLM`` decodes stored GGUFs in bf16), equal to dequantize-then-matmul up to fp32 rounding. Larger
-passes (prefill) dequantize once per call (``gguf_dequantize``, one native pass) and run ``F.linear``.
+passes (prefill) dequantize ``PREFILL_TILE_ROWS`` output rows at a time (``gguf_dequantize``) and run ``F.linear``.
 
 Native types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; F32 / F16 / BF16 rows are also
 accepted (run as plain float weights). Other GGUF types (IQ*, TQ*, MXFP4...) are rejected here: the loader
@@ -16,17 +16,8 @@ is quantized to int8 per 32 values (:func:`q8_quantize`) and meets the weight's 
 products, llama.cpp's arithmetic (memory-bound where the exact kernel is compute-bound). Prefill passes and other
 types keep the exact paths; without that kernel (a CPU below AVX2, ``FRUGALLM_NATIVE=0``) everything runs exact.
 
-Q4_K and Q6_K segments of a multiple of 16 rows (exact mode) are repacked once at load by ``csrc/gguf_x16.cpp`` into its
-"x16b" layouts (16 rows interleaved so vector lanes are output columns; the same bytes, replacing the stored ones) and
-their few-row passes run ``gguf_x16_linear`` (exact like ``gguf_linear``, Q4_K 1.4-1.9x faster; rows bit-identical to
-one-row passes). Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 segments the same way by ``csrc/gguf_x16_b32.cpp``
-(``gguf_x16_b32_linear``; 1.5-2.5x at one row on AVX-512, 1.06-1.5x on AVX2). Dequantizing them unpacks the stored
-blocks first (``gguf_q4k_x16_unpack``, ``gguf_q6k_x16_unpack``, ``gguf_x16_b32_unpack``, bit for bit), so prefill and
-embedding lookups are unchanged. ``act_quant="q8"`` layers keep Q4_K / Q6_K repacked (``gguf_x16_linear_q8``: int8
-activations on the x16b layouts, vpdpbusd with no horizontal sums) and the other types in the stored layout
-(``gguf_linear_q8``); the repack is on at AVX-512 and above, and on AVX2 for every type but Q6_K in exact mode (slower
-there at one row; ``FRUGALLM_GGUF_X16=1`` forces it); ``FRUGALLM_GGUF_X16=0`` keeps the stored layout everywhere (an A/B
-switch for benchmarks).
+Segments of a multiple of 16 rows may be repacked at load into interleaved "x16" layouts (``quant/gguf_x16.py``:
+which types, on which CPUs, the ops); their few-row passes then run the x16 kernels, exact the same way.
 
 Without the native kernel (no compiler, ``FRUGALLM_NATIVE=0``, a CPU below AVX2, another device) every pass
 dequantizes with ``gguf.quants.dequantize`` (numpy, the format's reference code) and runs ``F.linear``: correct
@@ -36,10 +27,6 @@ correctness fallback, not a fast path.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import os
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,9 +38,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from torch import nn
 
-from frugallm import cpu, native
+from frugallm import native
 from frugallm.errors import FrugalError
 from frugallm.quant import kernels
+from frugallm.quant.gguf_x16 import X16_B32_TYPES, X16_LAYOUTS, X16_Q8_TYPES, drop_file_pages, repacks
 from frugallm.quant.layer import flatten_input, tensor_bytes
 
 Q = GGMLQuantizationType
@@ -66,29 +54,6 @@ KERNEL = "gguf_linear"  # csrc/gguf_linear.cpp
 # Types csrc/gguf_q8.cpp multiplies with int8 activations (act_quant="q8"); the others keep the exact kernel.
 Q8_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 Q8_KERNEL = "gguf_q8"  # csrc/gguf_q8.cpp
-X16_KERNEL = "gguf_x16"  # csrc/gguf_x16.cpp: Q4_K and Q6_K with 16 rows interleaved ("x16b" layout)
-
-
-def _x16_ops(name: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
-    """(repack, unpack) of one type's x16 layout, looked up when called (the kernel loads lazily)."""
-    return (lambda w: getattr(torch.ops.frugallm, f"gguf_{name}_x16_repack")(w),
-            lambda w, n, rows: getattr(torch.ops.frugallm, f"gguf_{name}_x16_unpack")(w, n, rows))
-
-
-X16_TYPES = {Q.Q4_K: _x16_ops("q4k"), Q.Q6_K: _x16_ops("q6k")}  # the types csrc/gguf_x16.cpp repacks
-X16_B32_KERNEL = "gguf_x16_b32"  # csrc/gguf_x16_b32.cpp: the 32-value block types, 16 rows interleaved
-
-
-def _b32_ops(qtype: int) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
-    """(repack, unpack) of a 32-value block type's x16 layout (csrc/gguf_x16_b32.cpp), looked up when called."""
-    return (lambda w: torch.ops.frugallm.gguf_x16_b32_repack(w, qtype),
-            lambda w, n, rows: torch.ops.frugallm.gguf_x16_b32_unpack(w, qtype, n, rows))
-
-
-# the types csrc/gguf_x16_b32.cpp repacks
-X16_B32_TYPES = {t: _b32_ops(int(t)) for t in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)}
-X16_LAYOUTS = {**X16_TYPES, **X16_B32_TYPES}  # every type GGUFLinear may repack: qtype -> (repack, unpack)
-X16_Q8_TYPES = frozenset({Q.Q4_K, Q.Q6_K})  # x16 layouts with an int8-activation kernel (gguf_x16_linear_q8)
 # Output rows per dequantized tile in a many-row pass (GGUFLinear._dequantized_matmul): 2048 rows of 1536 bf16
 # values are 6 MiB, inside a server CPU's L3, and large enough that the GEMM per tile runs at full speed.
 PREFILL_TILE_ROWS = 2048
@@ -127,55 +92,6 @@ def row_bytes(qtype: int, in_features: int) -> int:
         raise FrugalError(f"{qt.name} stores rows in blocks of {block} values; in_features={in_features} is not a "
                           f"positive multiple of {block}")
     return in_features // block * size
-
-
-def _x16_ok(qtype: int, rows: int, device: torch.device, act_quant: str | None = None) -> bool:
-    """Whether a segment runs repacked (csrc/gguf_x16.cpp: Q4_K, Q6_K; csrc/gguf_x16_b32.cpp: the 32-value block types
-    Q4_0 ... Q8_0), a multiple of 16 rows, on this CPU's kernels: at AVX-512 or above every type; at AVX2 the
-    32-value types, Q4_K, and with ``act_quant="q8"`` Q6_K too (AVX2, one row, 1 thread, under load: the Q4_K x16
-    kernel 1.16-1.45x the stored-block one, Q6_K's 0.89-0.98x; with int8 activations x16 is 1.26-1.70x
-    ``gguf_linear_q8`` for both), unless ``FRUGALLM_GGUF_X16=0`` (keeps the stored layout: an A/B switch for
-    benchmarks). ``FRUGALLM_GGUF_X16=1`` repacks every type (Q6_K on AVX2 too); a list of type names
-    (``FRUGALLM_GGUF_X16=Q4_K,Q8_0``) does what ``1`` does for those types only (a per-type A/B)."""
-    flag = os.environ.get("FRUGALLM_GGUF_X16", "auto").strip()
-    if flag not in ("0", "1", "auto"):
-        names = {n.strip().upper() for n in flag.split(",") if n.strip()}
-        known = {GGMLQuantizationType(t).name for t in X16_LAYOUTS}
-        if not names or not names <= known:
-            raise FrugalError(f"FRUGALLM_GGUF_X16={flag!r}: expected 0, 1, auto or type names among "
-                              f"{', '.join(sorted(known))}")
-        if GGMLQuantizationType(qtype).name not in names:
-            return False
-    b32 = qtype in X16_B32_TYPES
-    at_avx2 = b32 or qtype == Q.Q4_K or (act_quant == "q8" and qtype in X16_Q8_TYPES)
-    return (flag != "0" and (flag != "auto" or at_avx2 or cpu.at_least("avx512")) and qtype in X16_LAYOUTS
-            and rows % 16 == 0 and device.type == "cpu" and native.usable(X16_B32_KERNEL if b32 else X16_KERNEL)
-            and native.usable(KERNEL))
-
-
-def _drop_file_pages(t: torch.Tensor) -> None:
-    """Unmap this process's pages of ``t`` when they lie in a read-only file mapping (the GGUF memmap a repacked
-    segment no longer reads), so RSS counts the weights once. Safe for any owner: a read-only file page is read
-    from the file again if anyone touches it; anything else (anonymous or writable memory) is left alone."""
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
-        return
-    lo = t.data_ptr()
-    hi = lo + t.numel() * t.element_size()
-    start, end = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE, hi // mmap.PAGESIZE * mmap.PAGESIZE
-    if end <= start:
-        return
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split()
-                a, b = (int(v, 16) for v in parts[0].split("-"))
-                if a <= lo < b:
-                    if hi <= b and len(parts) >= 6 and parts[5].startswith("/") and "w" not in parts[1]:
-                        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
-                                                                  mmap.MADV_DONTNEED)
-                    return
-    except (OSError, AttributeError):  # no /proc or no madvise: the pages just stay mapped
-        return
 
 
 def _check_type(qtype: int) -> GGMLQuantizationType:
@@ -284,9 +200,9 @@ class GGUFLinear(nn.Module):
                 raise FrugalError(f"segment {i} ({qt.name}): {t.numel()} bytes, but {rows} rows of "
                                   f"{self.in_features} values take {expected}")
             t, layout = t.reshape(int(rows), -1), "stored"
-            if (act_quant is None or qt in X16_Q8_TYPES) and _x16_ok(qt, int(rows), t.device, act_quant):
+            if (act_quant is None or qt in X16_Q8_TYPES) and repacks(qt, int(rows), t.device, act_quant):
                 t, layout = X16_LAYOUTS[qt][0](t), "x16"
-                _drop_file_pages(as_uint8(raw))  # the memmap's pages are no longer read: RSS counts them once
+                drop_file_pages(as_uint8(raw))  # the memmap's pages are no longer read: RSS counts them once
             self.register_buffer(f"raw{i}", t)
             self.segments.append(Segment(int(qt), start, int(rows), layout))
             start += int(rows)
