@@ -9,15 +9,9 @@ import pytest
 
 from frugallm import LLM
 from frugallm.errors import InvalidRequestError
-from frugallm.serve.tool_calls import (
-    HermesFormat,
-    Llama3JsonFormat,
-    MistralFormat,
-    ToolSpec,
-    ToolStream,
-    format_for,
-    tool_specs,
-)
+from frugallm.serve.tool_calls import ToolSpec, tool_specs
+from frugallm.serve.tool_formats import HermesFormat, Llama3JsonFormat, MistralFormat, format_for
+from frugallm.serve.tool_stream import ToolStream
 
 WEATHER = ToolSpec("get_weather", {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                                   "unit": {"enum": ["C", "F"]}},

@@ -27,7 +27,9 @@ from frugallm.engine.inputs import EngineRequest
 from frugallm.engine.llm_engine import StepOutput
 from frugallm.errors import InvalidRequestError, TemplateError
 from frugallm.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body, json_error
-from frugallm.serve.tool_calls import ToolFormat, ToolStream, format_for, tool_specs
+from frugallm.serve.tool_calls import ToolFormat, tool_specs
+from frugallm.serve.tool_formats import format_for
+from frugallm.serve.tool_stream import ToolStream
 from frugallm.tokenizer.tokenizer import Tokenizer
 
 
