@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from frugallm.errors import FrugalError
-from frugallm.lab import hwprobe
+from frugallm.lab import hwmeasure, hwprobe
 from frugallm.lab.hwspecs import load_hw_spec
 
 
@@ -96,8 +96,8 @@ def test_cache_sizes_parse_sysfs(tmp_path) -> None:
         (d / "level").write_text(f"{level}\n")
         (d / "type").write_text(f"{kind}\n")
         (d / "size").write_text(f"{size}\n")
-    assert hwprobe._cache_sizes(tmp_path) == {"L1d": 48 << 10, "L1i": 32 << 10, "L2": 1 << 20, "L3": 32 << 20}
-    assert hwprobe._cache_sizes(tmp_path / "missing") == {}
+    assert hwmeasure.cache_sizes(tmp_path) == {"L1d": 48 << 10, "L1i": 32 << 10, "L2": 1 << 20, "L3": 32 << 20}
+    assert hwmeasure.cache_sizes(tmp_path / "missing") == {}
 
 
 def test_quick_probe_command_never_compiles_native_kernels(cache, monkeypatch, capsys) -> None:
