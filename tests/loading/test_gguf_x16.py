@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.isa,
                                  reason="native gguf_x16 kernel unavailable here")]
 
 SHAPES = [(16, 256), (48, 768), (272, 1280)]  # (N, K): N multiples of 16, odd numbers of 256-value blocks
-ROWS = list(range(1, 18))  # one row, several 4-row passes, a partial last pass
+ROWS = list(range(1, 38))  # one row, 4-row passes, 16-row wide passes and partial last passes (16 + 16 + 5)
 # type -> (repack, unpack, repacked bytes per 16 rows per 256-value block)
 X16 = {T.Q4_K: (torch.ops.frugallm.gguf_q4k_x16_repack, torch.ops.frugallm.gguf_q4k_x16_unpack, 2304),
        T.Q6_K: (torch.ops.frugallm.gguf_q6k_x16_repack, torch.ops.frugallm.gguf_q6k_x16_unpack, 3360)}
