@@ -15,7 +15,7 @@ import torch
 from frugallm.cli import main
 from frugallm.errors import FrugalError
 from frugallm.lab import bench, endpoint, hwprobe, meters, results, sweep
-from frugallm.lab.peers import LLAMA_CPP_MISSING
+from frugallm.lab.peers.llamacpp import LLAMA_CPP_MISSING
 
 # One thread: on a busy 2-core machine, OpenMP threads waiting on each other make runs 10x slower.
 TINY = {"batch": 1, "prompt_len": 16, "gen_len": 4, "repeat": 1, "warmup": 1, "threads": 1}

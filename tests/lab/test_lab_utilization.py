@@ -10,7 +10,8 @@ import torch
 from frugallm import cpu
 from frugallm.config import ModelConfig
 from frugallm.lab.hardware import HardwareSpec
-from frugallm.lab.peers import FrugalRunner, Runner
+from frugallm.lab.peers.base import Runner
+from frugallm.lab.peers.frugal import FrugalRunner
 from frugallm.lab.roofline import analyze
 from frugallm.lab.utilization import measured_utilization, peak_dtype, point_utilization
 

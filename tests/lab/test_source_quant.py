@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from frugallm.lab import bench, sweep
-from frugallm.lab.peers import FrugalRunner
+from frugallm.lab.peers.frugal import FrugalRunner
 
 
 def flags(runner: FrugalRunner, quant: str | None) -> list[str]:

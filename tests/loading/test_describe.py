@@ -91,7 +91,7 @@ def test_previous_format_folder_still_loads(quantized: Path, tmp_path: Path) -> 
 
 
 def test_peers_use_describe(quantized: Path) -> None:
-    from frugallm.lab.peers import load_model_config, load_tokenizer
+    from frugallm.lab.peers.base import load_model_config, load_tokenizer
 
     desc = describe(quantized)
     assert load_model_config(quantized) == desc.config

@@ -29,7 +29,8 @@ from frugallm.errors import FrugalError
 from frugallm.lab import hwprobe, results
 from frugallm.lab.hardware import HardwareSpec
 from frugallm.lab.meters import DEFAULT_WATTS_PER_CORE, RssSampler, make_energy_meter, peak_rss_bytes, summarize
-from frugallm.lab.peers import BACKENDS, Runner, load_model_config, load_tokenizer, make_runner
+from frugallm.lab.peers import BACKENDS, make_runner
+from frugallm.lab.peers.base import Runner, load_model_config, load_tokenizer
 from frugallm.lab.quality import corpus_ids
 from frugallm.lab.results import LATENCY_KEYS, METRIC_KEYS, Metrics
 from frugallm.lab.sweep import BenchPoint

@@ -107,7 +107,7 @@ def _roofline_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_roofline(args: argparse.Namespace) -> int:
     from frugallm.lab.hwspecs import load_hw_spec
-    from frugallm.lab.peers import load_model_config
+    from frugallm.lab.peers.base import load_model_config
     from frugallm.lab.roofline import analyze
     from frugallm.lab.roofline_chart import format_table, plot_roofline
 
@@ -239,7 +239,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from frugallm.corpus import load_corpus
     from frugallm.lab import passkey, quality
-    from frugallm.lab.peers import FrugalRunner
+    from frugallm.lab.peers.frugal import FrugalRunner
 
     depths = passkey.parse_depths(args.depths) if args.task == "passkey" else []
     stacks = passkey.parse_haystacks(args.haystacks) if args.task == "passkey" else []

@@ -3,7 +3,7 @@
 :func:`measured_utilization` compares measured times with :func:`frugallm.lab.roofline.analyze`;
 :func:`point_utilization` does it for one ``frugallm bench`` point, deriving the roofline's inputs from
 what the backend really ran: bit widths from the measured weight and KV bytes, and for each phase the
-dtype it multiplies in (:meth:`frugallm.lab.peers.Runner.compute_dtype`). A phase's MFU is only
+dtype it multiplies in (:meth:`frugallm.lab.peers.base.Runner.compute_dtype`). A phase's MFU is only
 meaningful against the peak of that dtype: frugallm's fp16 models on CPU prefill in bf16 (fp32 where
 bf16 is emulated) but decode in fp16, and its quantized CPU matmuls run in bf16 or fp32.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from frugallm.config import ModelConfig
 from frugallm.errors import FrugalError
 from frugallm.lab.hardware import HardwareSpec
-from frugallm.lab.peers import Runner
+from frugallm.lab.peers.base import Runner
 from frugallm.lab.roofline import VALID_BITS, analyze
 
 # torch dtype name (``Runner.dtype``) -> (activation bits, peak_flops entry). llama.cpp ("gguf") runs the
