@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from frugallm.lab import bench, sweep
+from frugallm.lab import point_metrics, sweep
 from frugallm.lab.peers.frugal import FrugalRunner
 
 
 def flags(runner: FrugalRunner, quant: str | None) -> list[str]:
-    return bench._source_quant_flags(dataclasses.replace(sweep.BenchPoint(), quant=quant), runner)
+    return point_metrics.source_quant_flags(dataclasses.replace(sweep.BenchPoint(), quant=quant), runner)
 
 
 def test_already_quantized_source_is_flagged(tiny_models) -> None:

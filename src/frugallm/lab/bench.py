@@ -8,15 +8,15 @@ of exactly ``prompt_len`` corpus tokens. The record holds every metric of
 sweep resumes where it stopped.
 
 The pieces live next door: sweep files and points in :mod:`~frugallm.lab.sweep`, memory and energy
-meters in :mod:`~frugallm.lab.meters`, MBU/MFU in :mod:`~frugallm.lab.utilization`, backends in
-:mod:`~frugallm.lab.peers`, the summary table in :mod:`~frugallm.lab.results`. Caveats of the meters
+meters in :mod:`~frugallm.lab.meters`, the metrics beyond timings (latency summaries, MBU/MFU, quality, --spec)
+in :mod:`~frugallm.lab.point_metrics`, backends in :mod:`~frugallm.lab.peers`, the summary table in
+:mod:`~frugallm.lab.results`. Caveats of the meters
 (peak RSS, energy method) are recorded in each record's ``notes``.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,24 +28,26 @@ import torch
 from frugallm.errors import FrugalError
 from frugallm.lab import hwprobe, results
 from frugallm.lab.hardware import HardwareSpec
-from frugallm.lab.meters import DEFAULT_WATTS_PER_CORE, RssSampler, make_energy_meter, peak_rss_bytes, summarize
+from frugallm.lab.meters import DEFAULT_WATTS_PER_CORE, RssSampler, make_energy_meter, peak_rss_bytes
 from frugallm.lab.peers import BACKENDS, make_runner
 from frugallm.lab.peers.base import Runner, load_model_config, load_tokenizer
+from frugallm.lab.point_metrics import (
+    latency_metrics,
+    load_note,
+    quality_metrics,
+    source_quant_flags,
+    spec_metrics,
+    utilization_metrics,
+)
 from frugallm.lab.quality import corpus_ids
-from frugallm.lab.results import LATENCY_KEYS, METRIC_KEYS, Metrics
+from frugallm.lab.results import METRIC_KEYS, Metrics
 from frugallm.lab.sweep import BenchPoint
-from frugallm.lab.utilization import point_utilization
 
 NOTES = (
     "peak_rss_bytes is the process high-water mark (not resettable in-process); peak_rss_delta_bytes is its "
     "growth during this point; rss_sampled_peak_bytes is sampled every 20 ms during the timed runs",
     "fp16 baseline = num_params x 2 bytes + fp16 K/V of batch x (prompt_len + gen_len - 1) tokens",
 )
-
-_ROOFLINE_KEYS = ("decode_mbu", "decode_mfu", "prefill_mbu", "prefill_mfu", "decode_achieved_gbs",
-                  "prefill_achieved_flops", "predicted_ttft_s", "predicted_tpot_s", "ttft_over_predicted",
-                  "tpot_over_predicted", "predicted_ttft_peak_s", "predicted_tpot_peak_s", "ttft_over_predicted_peak",
-                  "tpot_over_predicted_peak", "decode_gemv_efficiency")
 
 
 def synthetic_prompts(tokenizer: Any, corpus_text: str, batch: int, prompt_len: int) -> list[list[int]]:
@@ -138,55 +140,6 @@ def _check_context(p: BenchPoint, cfg: Any) -> Any:
     return cfg
 
 
-def _latency(m: Metrics, timings: list[Any], samples: dict[str, list[float]]) -> None:
-    for key in LATENCY_KEYS:
-        vals = [getattr(t, key) for t in timings if getattr(t, key) is not None]
-        samples[key] = vals
-        reason = "gen_len 1 has no time per output token" if key == "tpot_s" else "no successful request"
-        m.put(key, summarize(vals), reason)
-
-
-def _utilization(m: Metrics, rec: dict[str, Any], p: BenchPoint, runner: Runner, hw: HardwareSpec,
-                 kv_bytes: int | None) -> None:
-    ttft, tpot = m.values.get("ttft_s"), m.values.get("tpot_s")
-    values, rec["roofline"] = point_utilization(runner.config, hw, runner, p.batch, p.prompt_len, p.gen_len,
-                                                m.values["weight_bytes"], kv_bytes, ttft["mean"] if ttft else None,
-                                                tpot["mean"] if tpot else None)
-    for key, value in values.items():
-        no_decode = key.startswith("decode") or "tpot" in key
-        m.put(key, value, "gen_len 1 has no decode step" if no_decode else "no TTFT")
-
-
-def _quality(m: Metrics, rec: dict[str, Any], p: BenchPoint, runner: Runner, settings: BenchSettings) -> None:
-    from frugallm.lab import quality
-
-    keys = ("perplexity", "nll", "kl_divergence", "top1_agreement")
-    if not p.quality:
-        m.none(keys, "quality disabled (--no-quality)")
-        return
-    if not runner.can_score:
-        m.none(keys, runner.score_reason)
-        return
-    is_ref = p.backend == "frugallm" and runner.dtype == "float32" and not p.quant and not p.kv
-    model_key = f"{runner.path.resolve()}|{runner.device}"
-    kw: dict[str, Any] = dict(model_key=model_key, is_reference=is_ref,
-                              make_reference=quality.frugal_reference_scorer(p.model, runner.device, p.threads),
-                              corpus_text=settings.corpus(p.corpus), corpus_name=p.corpus,
-                              windows=settings.quality_windows, window_len=settings.quality_window_len)
-    if p.kv:
-        # A KV policy runs on the generation path only: score it there (prefill, then decode steps).
-        llm = getattr(runner, "llm", None)
-        if getattr(llm, "kv_spec", None) is None:
-            m.none(keys, f"--kv quality needs frugallm's decode path; backend {p.backend} has none")
-            return
-        q = quality.evaluate_llm(llm, **kw)
-    else:
-        q = quality.evaluate(runner.score, runner.tokenizer, **kw)
-    for k in keys:
-        m.put(k, getattr(q, k), "no reference model")
-    rec["quality"] = q.to_dict()
-
-
 def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> dict[str, Any]:
     why = BACKENDS[p.backend].missing()
     if why:  # before any model work: a missing optional peer is reported at once
@@ -208,7 +161,7 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
         torch.cuda.reset_peak_memory_stats()
     meter = make_energy_meter(runner.device, settings.watts_per_core)
     gc.collect()
-    load_before = _loadavg()
+    load_before = hwprobe.loadavg_1m()
     rss_hwm_before = peak_rss_bytes()
     timings, walls, kv_bytes = [], [], None
     runner.take_spec_stats()  # --spec: count the timed runs only
@@ -221,7 +174,7 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
             kv_bytes = res.kv_cache_bytes
         energy = meter.read() - e0
     samples: dict[str, list[float]] = {}
-    _latency(m, timings, samples)
+    latency_metrics(m, timings, samples)
     wall = sum(walls)
     n_out = sum(t.output_tokens for t in timings)
     m.put("output_tokens", n_out)
@@ -250,100 +203,27 @@ def _run_local(p: BenchPoint, settings: BenchSettings, cache: RunnerCache) -> di
     m.put("energy_per_token_j", energy / n_out)
     m.put("energy_per_request_j", energy / len(timings))
     m.put("avg_power_w", energy / wall)
-    spec_notes = _spec(m, rec, p, runner, prompts, n_out / wall, timings)
-    src_quant = _source_quant_flags(p, runner)
+    spec_notes = spec_metrics(m, rec, p, runner, prompts, n_out / wall, timings)
+    src_quant = source_quant_flags(p, runner)
     probe = settings.probe if settings.probe is not None else local_probe(runner.device)
     hw = settings.hw or probe.spec
-    try:
-        _utilization(m, rec, p, runner, hw, kv_bytes)
-    except FrugalError as e:  # e.g. a spec without the needed dtype peak
-        m.none(_ROOFLINE_KEYS, f"roofline: {e}")
-    _quality(m, rec, p, runner, settings)
+    utilization_metrics(m, rec, p, runner, hw, kv_bytes)
+    quality_metrics(m, rec, p, runner, settings.corpus(p.corpus), settings.quality_windows,
+                    settings.quality_window_len)
     rec["metrics"], rec["unavailable"] = m.finish()
     rec.update(energy_method=meter.method, samples=samples, hardware=hw.to_dict(),
                machine=results.machine_info(probe), model_config=cfg.to_dict(),
                engine={"backend": runner.backend, "dtype": runner.dtype, "device": runner.device,
                        "threads": torch.get_num_threads(), "quant": p.quant, "kv": p.kv, "model_path": str(runner.path),
                        "reused_loaded_model": cache.reused, "source_quantization": runner.source_quantization},
-               system_load={"loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg(),
+               system_load={"loadavg_1m_before": load_before, "loadavg_1m_after": hwprobe.loadavg_1m(),
                             "logical_cores": psutil.cpu_count(logical=True)},
-               notes=[*NOTES, meter.note, *runner.notes, *_load_note(load_before), *spec_notes],
+               notes=[*NOTES, meter.note, *runner.notes, *load_note(load_before), *spec_notes],
                # figures past a ceiling, and what makes the probe they are measured against doubtful
                flags=[*src_quant, *rec.get("roofline", {}).get("flags", []),
                       *(probe.notes() if settings.hw is None else [])])
     return rec
 
-
-def _spec(m: Metrics, rec: dict[str, Any], p: BenchPoint, runner: Runner, prompts: list[list[int]],
-          tok_s: float, timings: list[Any]) -> list[str]:
-    """``--spec``: what speculation did in the timed runs, then the same point without it (same loaded model,
-    same prompts, its own warm-up and ``repeat`` runs) for the speedups. Returns the record's notes."""
-    from frugallm.lab.results import SPEC_KEYS
-
-    stats = runner.take_spec_stats()
-    if stats is None:
-        m.none(SPEC_KEYS, "no --spec")
-        return []
-    base, walls = [], []
-    with runner.speculation_off():
-        for _ in range(p.warmup):
-            runner.generate(prompts, p.gen_len)
-        for _ in range(p.repeat):
-            res = runner.generate(prompts, p.gen_len)
-            base += res.requests
-            walls.append(res.wall_s)
-    base_tok_s = sum(t.output_tokens for t in base) / sum(walls)
-    base_tpot = [t.tpot_s for t in base if t.tpot_s is not None]
-    spec_tpot = [t.tpot_s for t in timings if t.tpot_s is not None]
-    no_decode = "gen_len 1 has no decode step"
-    nothing = "no draft token was verified (every step decoded plainly)"
-    drafted = stats.drafted > 0
-    m.put("spec_acceptance_rate", stats.acceptance_rate if drafted else None, nothing)
-    m.put("spec_mean_accepted_length", stats.mean_accepted_length if stats.rounds else None, nothing)
-    m.put("spec_acceptance_by_position", [round(x, 4) for x in stats.acceptance_by_position] if drafted else None,
-          nothing)
-    m.put("spec_draft_share", stats.draft_share)
-    m.put("spec_memory_bytes", stats.memory_bytes)
-    m.put("nospec_output_tokens_per_s", base_tok_s)
-    m.put("nospec_tpot_s", summarize(base_tpot) if base_tpot else None, no_decode)
-    m.put("spec_speedup", tok_s / base_tok_s)
-    ratio = sum(base_tpot) / len(base_tpot) / (sum(spec_tpot) / len(spec_tpot)) if base_tpot and spec_tpot else None
-    m.put("spec_decode_speedup", ratio, no_decode)
-    rec["spec"] = {"config": p.spec, **stats.as_dict(), "proposed_at": stats.proposed_at,
-                   "accepted_at": stats.accepted_at, "draft_s": stats.draft_s, "verify_s": stats.verify_s,
-                   "plain_s": stats.plain_s}
-    return ["--spec: nospec_* metrics and the speedups come from the same loaded model decoding the same prompts "
-            "without speculation, right after the timed runs; the other metrics are the speculative runs'",
-            "--spec: a verify pass emits several tokens per read of the weights, so TPOT below the one-token "
-            "roofline (MBU > 100 %) is expected, not a measuring error"]
-
-
-def _source_quant_flags(p: BenchPoint, runner: Runner) -> list[str]:
-    """A model file that is already quantized makes ``--quant`` look nearly lossless: say so."""
-    src = runner.source_quantization
-    if src is None:
-        return []
-    if p.quant:
-        return [f"the source model is already quantized ({src}): --quant {p.quant} re-quantizes quantized "
-                "weights, and quality is measured against this file dequantized to fp32, not against the original "
-                "model, so the loss reads smaller than quantizing the original would give"]
-    return [f"the source model is already quantized ({src}): the fp32 reference for quality is this file "
-            "dequantized, not the original model"]
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):  # not on this platform
-        return None
-
-
-def _load_note(load: float | None) -> list[str]:
-    cores = psutil.cpu_count(logical=True) or 1
-    if load is not None and load > 0.5 * cores:
-        return [f"the machine was busy (1-min load average {load:.1f} on {cores} logical cores): "
-                "timings include contention from other processes"]
-    return []
 
 
 def _run_endpoint(p: BenchPoint, settings: BenchSettings) -> dict[str, Any]:
@@ -366,7 +246,7 @@ def _run_endpoint(p: BenchPoint, settings: BenchSettings) -> dict[str, Any]:
     rec = results.ok_record(p.params())
     m = Metrics()
     samples: dict[str, list[float]] = {}
-    _latency(m, ok, samples)
+    latency_metrics(m, ok, samples)
     n_out = sum(r.output_tokens for r in ok)
     m.put("output_tokens", n_out)
     m.put("requests", len(ok))
