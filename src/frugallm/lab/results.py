@@ -30,7 +30,7 @@ from frugallm.errors import FrugalError
 
 SCHEMA_VERSION = 1
 LATENCY_KEYS = ("ttft_s", "tpot_s", "e2e_s")
-# --spec points: what speculation did, and the same point decoded without it in the same run (lab/bench.py).
+# --spec points: what speculation did, and the same point decoded without it in the same run (lab/point_metrics.py).
 SPEC_KEYS = ("spec_acceptance_rate", "spec_mean_accepted_length", "spec_acceptance_by_position", "spec_draft_share",
              "spec_memory_bytes", "nospec_output_tokens_per_s", "nospec_tpot_s", "spec_speedup",
              "spec_decode_speedup")
