@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,9 +27,14 @@ def llm(tiny_models) -> LLM:
     return LLM(str(tiny_models.hf("llama")), dtype="float32", device="cpu")
 
 
-def make_app(llm: LLM, **kw: Any) -> tuple[Any, LLMEngine, AsyncLLM]:
+def make_engine(llm: LLM, **kw: Any) -> tuple[LLMEngine, AsyncLLM]:
+    """A small paged engine on ``llm`` and its started :class:`AsyncLLM` (``kw``: its limits)."""
     engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4, max_num_seqs=8))
-    async_llm = AsyncLLM(engine, **kw).start()
+    return engine, AsyncLLM(engine, **kw).start()
+
+
+def make_app(llm: LLM, **kw: Any) -> tuple[Any, LLMEngine, AsyncLLM]:
+    engine, async_llm = make_engine(llm, **kw)
     return create_app(async_llm, "tiny", max_body_bytes=4 * 2**20), engine, async_llm
 
 
@@ -52,22 +57,28 @@ def health_latencies(url: str, busy: threading.Event) -> list[float]:
     return out
 
 
+def while_probing_health(url: str, send: Callable[[], httpx.Response]) -> tuple[httpx.Response, float, list[float]]:
+    """``send()``'s response and how long it took, with the ``/health`` round trips measured meanwhile."""
+    done = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        probe = pool.submit(health_latencies, url, done)
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        r = send()
+        elapsed = time.perf_counter() - t0
+        done.set()
+        return r, elapsed, probe.result()
+
+
 @pytest.mark.parametrize("template", [NESTED_LOOPS, "{{ 'a' * 4000000000 }}"])
 def test_hostile_chat_template_is_400_and_off_the_event_loop(llm: LLM, hostile_template: None,
                                                             template: str) -> None:
     llm.tokenizer.chat_template = template
     app, engine, _ = make_app(llm)
     with UvicornThread(app) as srv:
-        done = threading.Event()
-        with ThreadPoolExecutor(2) as pool:
-            probe = pool.submit(health_latencies, srv.url, done)
-            time.sleep(0.1)
-            t0 = time.perf_counter()
-            r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=30,
-                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-            elapsed = time.perf_counter() - t0
-            done.set()
-            latencies = probe.result()
+        r, elapsed, latencies = while_probing_health(srv.url, lambda: httpx.post(
+            f"{srv.url}/v1/chat/completions", timeout=30,
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
         assert r.status_code == 400, r.text
         assert "chat template exceeded its" in r.json()["error"]["message"]
         assert elapsed < 10
@@ -126,8 +137,7 @@ def test_admission_is_released_however_a_stream_ends(llm: LLM) -> None:
 
     from frugallm import SamplingParams
 
-    engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4, max_num_seqs=8))
-    async_llm = AsyncLLM(engine, max_queue=3).start()
+    engine, async_llm = make_engine(llm, max_queue=3)
     req = async_llm.inputs.process("x", SamplingParams(max_tokens=30, ignore_eos=True), n=3)
 
     async def scenario() -> None:
@@ -169,15 +179,8 @@ def test_large_prompt_is_tokenized_off_the_event_loop(llm: LLM) -> None:
     app, engine, _ = make_app(llm)
     prompt = ("The quick brown fox jumps over the lazy dog. " * 45_000)[:2_000_000]  # 2 MB
     with UvicornThread(app) as srv:
-        done = threading.Event()
-        with ThreadPoolExecutor(2) as pool:
-            probe = pool.submit(health_latencies, srv.url, done)
-            time.sleep(0.1)
-            t0 = time.perf_counter()
-            r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=60)
-            elapsed = time.perf_counter() - t0
-            done.set()
-            latencies = probe.result()
+        r, elapsed, latencies = while_probing_health(srv.url, lambda: httpx.post(
+            f"{srv.url}/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=60))
     assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"], r.text[:300]
     assert elapsed > 0.2 and len(latencies) >= 3  # /health was asked while the prompt was being tokenized
     assert max(latencies) < 0.5, latencies
@@ -230,8 +233,7 @@ def test_admission_is_released_when_the_engine_is_done_not_when_the_stream_is_co
 
     from frugallm import SamplingParams
 
-    engine = LLMEngine(llm, EngineConfig(num_blocks=128, block_size=4, max_num_seqs=8))
-    async_llm = AsyncLLM(engine, max_queue=3).start()
+    engine, async_llm = make_engine(llm, max_queue=3)
     req = async_llm.inputs.process("x", SamplingParams(max_tokens=6, ignore_eos=True), n=3)
 
     async def scenario() -> None:

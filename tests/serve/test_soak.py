@@ -10,6 +10,7 @@ sequence is left, and no thread outlives the server. ``FRUGALLM_SOAK_REQUESTS`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -150,22 +151,28 @@ class Soaker:
             self._retry_wait(r)
         raise AssertionError(f"{path}: still 429 after {MAX_RETRIES} tries")
 
-    def stream(self, path: str, body: dict[str, Any]) -> tuple[int, list[Any]]:
-        """SSE events of a streamed request (``[DONE]`` as the string), retried past 429s."""
+    @contextlib.contextmanager
+    def open_stream(self, path: str, body: dict[str, Any]) -> Iterator[httpx.Response]:
+        """A streamed request's open response (its body unread), the request sent again past 429s."""
         for _ in range(MAX_RETRIES):
             with self.c.stream("POST", path, content=json.dumps(body).encode(),
-                               headers={"content-type": "application/json"}) as s:
-                self.out.seen.append(s.status_code)
-                if s.status_code == 429:
-                    s.read()
-                    self._retry_wait(s)
-                    continue
-                if s.status_code != 200:
-                    s.read()
-                    return s.status_code, [s.json()]
-                return 200, [ln[6:] if ln == "data: [DONE]" else json.loads(ln[6:])
-                             for ln in s.iter_lines() if ln.startswith("data: ")]
+                               headers={"content-type": "application/json"}) as r:
+                self.out.seen.append(r.status_code)
+                if r.status_code != 429:
+                    yield r
+                    return
+                r.read()
+                self._retry_wait(r)
         raise AssertionError(f"{path}: still 429 after {MAX_RETRIES} tries")
+
+    def stream(self, path: str, body: dict[str, Any]) -> tuple[int, list[Any]]:
+        """SSE events of a streamed request (``[DONE]`` as the string), retried past 429s."""
+        with self.open_stream(path, body) as s:
+            if s.status_code != 200:
+                s.read()
+                return s.status_code, [s.json()]
+            return 200, [ln[6:] if ln == "data: [DONE]" else json.loads(ln[6:])
+                         for ln in s.iter_lines() if ln.startswith("data: ")]
 
 
 # -- valid requests: each returns a problem ("" when the answer is complete and right) ------------------------
@@ -382,19 +389,11 @@ def hangup(s: Soaker, refs: Refs) -> str:
     """A client that reads the first event of a long stream and goes away: the request must be aborted."""
     p = f"{s.rng.choice(PROMPTS)} {s.rng.randrange(10**6)}"
     body = {"prompt": p, "max_tokens": HANGUP_TOKENS, "stream": True, "ignore_eos": True}
-    for _ in range(MAX_RETRIES):
-        with s.c.stream("POST", "/v1/completions", content=json.dumps(body).encode(),
-                        headers={"content-type": "application/json"}) as r:
-            s.out.seen.append(r.status_code)
-            if r.status_code == 429:
-                r.read()
-                s._retry_wait(r)
-                continue
-            s.out.status, s.out.hangup_prompt = r.status_code, p
-            for _ in r.iter_lines():
-                break
-            return "" if r.status_code == 200 else f"hangup got {r.status_code}"
-    raise AssertionError("hangup: still 429")
+    with s.open_stream("/v1/completions", body) as r:
+        s.out.status, s.out.hangup_prompt = r.status_code, p
+        for _ in r.iter_lines():
+            break
+        return "" if r.status_code == 200 else f"hangup got {r.status_code}"
 
 
 VALID: dict[str, tuple[float, Callable[[Soaker, Refs], str]]] = {

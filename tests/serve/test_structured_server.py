@@ -10,17 +10,13 @@ import pytest
 
 from frugallm import LLM
 from live_server import LiveServer
+from structured_schemas import THING as SCHEMA
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
-                                           "c": {"enum": ["red", "green", "blue"]},
-                                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 6},
-                                                    "maxItems": 2}},
-          "required": ["n", "c", "tags"], "additionalProperties": False}
 FORMAT = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
 CHAT = [{"role": "user", "content": "Describe a thing as JSON"}]
 

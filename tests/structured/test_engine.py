@@ -12,16 +12,11 @@ from frugallm import LLM, SamplingParams
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.errors import InvalidRequestError
 from structured_schemas import SCHEMAS
+from structured_schemas import THING as SCHEMA
 
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
-                                           "c": {"enum": ["red", "green", "blue"]},
-                                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 6},
-                                                    "maxItems": 2}},
-          "required": ["n", "c", "tags"], "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
