@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.isa,
 REPACK = {T.Q4_K: torch.ops.frugallm.gguf_q4k_x16_repack, T.Q6_K: torch.ops.frugallm.gguf_q6k_x16_repack}
 QTYPES = pytest.mark.parametrize("qt", list(REPACK), ids=lambda t: t.name)
 SHAPES = [(16, 256), (48, 768), (272, 1280)]  # odd block counts, N a multiple of 16
-ROWS = 17  # 1..17: every rows-per-pass count (8 per pass) and a partial last pass
+ROWS = 37  # 1..37: every rows-per-pass count (16 per pass at AVX-512, 8 at AVX2) and partial last passes
 RTOL = 1e-5  # fp32 rounding, relative to sum |x_q| |w| (tests/quant/test_gguf_q8.py's bound)
 
 
@@ -58,7 +58,7 @@ def test_isa_variant_matches_the_level() -> None:
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("n", "k"), SHAPES, ids=lambda v: str(v))
 def test_matches_the_quantized_reference_and_one_row(n: int, k: int, x_dtype: torch.dtype, qt: T) -> None:
-    """Every r in 1..17: the quantized reference up to fp32 rounding, each row bit-identical to that row alone;
+    """Every r in 1..37: the quantized reference up to fp32 rounding, each row bit-identical to that row alone;
     the stored-block int8 kernel meets the same reference."""
     raw_np = random_blocks(qt, n, k, seed=3 * n + k)
     raw = torch.from_numpy(raw_np)
@@ -82,7 +82,7 @@ def test_matches_the_quantized_reference_and_one_row(n: int, k: int, x_dtype: to
 def test_rows_do_not_depend_on_threads(qt: T, one_thread) -> None:
     n, k = 96, 512
     w16 = REPACK[qt](torch.from_numpy(random_blocks(qt, n, k, seed=9)))
-    x = torch.randn(11, k, generator=torch.Generator().manual_seed(10))
+    x = torch.randn(19, k, generator=torch.Generator().manual_seed(10))  # a 16-row pass and a partial one
     single = x16_q8(x, w16, qt, n)
     torch.set_num_threads(2)
     assert torch.equal(x16_q8(x, w16, qt, n), single)
