@@ -1,12 +1,10 @@
-"""The OpenAI-compatible server on a tiny random model: routes, formats, bad input, auth, disconnects, fuzz
-(the 1,000-request soak: test_soak.py)."""
+"""The OpenAI-compatible server on a tiny random model: routes, formats, bad input, auth, disconnects (the
+1,000-request soak: test_soak.py; schema fuzzing: test_openapi_fuzz.py; the serve command: test_serve_command.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +16,7 @@ from frugallm import LLM, SamplingParams
 from frugallm.engine.async_llm import AsyncLLM
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
 from frugallm.serve.app import create_app
-from live_server import UvicornThread, free_port
+from live_server import UvicornThread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -335,117 +333,3 @@ def test_client_disconnect_frees_blocks(llm: LLM) -> None:
         wait_idle(srv.url, engine)
         assert kv_used(srv.url) == 0 and not engine.requests
         assert 'frugallm_request_aborted_total 2' in httpx.get(f"{srv.url}/metrics").text
-
-
-# -- fuzzing from the OpenAPI schema -----------------------------------------------------------------------
-# Every route the app serves; the fuzz fails if one is missing from /openapi.json (and so from the fuzz).
-ROUTES = {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-          ("GET", "/v1/models/{model_id}"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info"),
-          ("GET", "/health"), ("GET", "/metrics"), ("POST", "/v1/load_lora_adapter"),
-          ("POST", "/v1/unload_lora_adapter")}
-FUZZ_EXAMPLES = int(os.environ.get("FRUGALLM_FUZZ_EXAMPLES", "25"))  # per route and mode; x4 for generation
-
-
-def fuzz_schema(app: Any) -> dict[str, Any]:
-    """The app's OpenAPI document with the server's rule for unknown fields spelled out: they pass only as null
-    (``additionalProperties: {"type": "null"}``), so schema-valid cases are requests the server accepts and reach
-    the engine, instead of stopping at 'unsupported field'."""
-    import copy
-
-    raw = copy.deepcopy(app.openapi())
-    for schema in raw["components"]["schemas"].values():
-        if "properties" in schema and "additionalProperties" not in schema:
-            schema["additionalProperties"] = {"type": "null"}
-    return raw
-
-
-def fuzz(operation: Any, mode: Any, examples: int, statuses: Counter[tuple[str, str, int]]) -> None:
-    """``examples`` cases of one route in one generation mode; statuses counted by (path, mode, status)."""
-    from hypothesis import HealthCheck, given, settings
-
-    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(case=operation.as_strategy(generation_mode=mode))
-    def run(case: Any) -> None:
-        r = case.call()
-        statuses[(operation.path, mode.value, r.status_code)] += 1
-        assert r.status_code < 500, (case.method, case.path, case.body, r.text[:300])
-        if r.status_code >= 400:
-            assert r.json()["error"]["message"], r.text[:300]
-
-    run()
-
-
-def test_openapi_fuzz_no_5xx(tiny_models) -> None:
-    """Schemathesis on every route and every field (response_format, logit_bias, stop, tools, ...): schema-valid
-    cases, then schema-violating ones; no 5xx, and no KV block left. LoRA slots are on, so the adapter routes run
-    their checks instead of answering 'no LoRA slots'."""
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis.errors import Unsatisfiable
-
-    llm = LLM(str(tiny_models.hf("llama")), dtype="float32", device="cpu", max_loras=1)
-    app, engine = make_app(llm, max_model_len=128)  # the chat template alone is ~80 tokens
-    schema = schemathesis.openapi.from_dict(fuzz_schema(app))
-    schema.app = app
-    statuses: Counter[tuple[str, str, int]] = Counter()
-    operations = [op.ok() for op in schema.get_all_operations()]
-    assert {(o.method.upper(), o.path) for o in operations} >= ROUTES
-    with TestClient(app):  # runs the lifespan (and shuts the engine down at the end)
-        for operation in operations:
-            for mode in schemathesis.GenerationMode:  # schema-valid cases, then schema-violating ones
-                generates = operation.path in ("/v1/completions", "/v1/chat/completions")
-                try:
-                    fuzz(operation, mode, FUZZ_EXAMPLES * (4 if generates else 1), statuses)
-                except Unsatisfiable:  # negative mode on a route with nothing to violate
-                    assert mode is schemathesis.GenerationMode.NEGATIVE
-    by_status = Counter()
-    for (_, _, st), k in statuses.items():
-        by_status[st] += k
-    print("fuzz statuses:", dict(by_status), "\n", sorted(statuses.items()))
-    assert sum(by_status.values()) > 500
-    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
-        assert statuses[(path, "positive", 200)] > 0, f"no schema-valid case of {path} was served"
-    assert engine.block_manager.num_used_blocks == 0
-
-
-# -- the CLI ------------------------------------------------------------------------------------------------
-def test_serve_command_end_to_end(tiny_models) -> None:
-    import subprocess
-    import sys
-
-    port = free_port()
-    cmd = [sys.executable, "-c", "from frugallm.cli import main; raise SystemExit(main())", "serve",
-           str(tiny_models.hf("llama")), "--port", str(port), "--dtype", "float32", "--device", "cpu",
-           "--api-key", "k", "--num-blocks", "64", "--block-size", "8", "--max-num-seqs", "4",
-           "--served-model-name", "tiny-cli", "--no-chunked-prefill", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
-        h = {"Authorization": "Bearer k"}
-        assert httpx.get(f"{base}/v1/models", headers=h).json()["data"][0]["id"] == "tiny-cli"
-        r = httpx.post(f"{base}/v1/completions", headers=h, json={"model": "tiny-cli", "prompt": "hi", "max_tokens": 3})
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}).status_code == 401
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
-    assert "64 blocks x 8 tokens" in err and "chunked prefill False" in err
-
-
-def test_serve_command_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
-    from frugallm.cli import main
-
-    assert main(["serve", "--kv", "xquant:bits=2"]) == 2  # under batching only the paging policies (issue 17 #5)
-    err = capsys.readouterr().err
-    assert "xquant cannot run under continuous batching" in err and "policies that do:" in err and "kivi" in err
-    assert main(["serve", "--block-size", "0"]) == 2
-    assert "block_size" in capsys.readouterr().err
