@@ -22,7 +22,8 @@ os.environ.setdefault("FRUGALLM_ADAPTIVE_THREADS", "0")
 # Modules whose tests exercise native kernels or CPU-dependent defaults: marked ``isa``, so that `make test` reruns
 # them with FRUGALLM_ISA=avx2 on AVX-512 machines (each machine tests every kernel variant it can execute).
 ISA_MODULES = {"test_native_build.py", "test_gguf_linear.py", "test_gguf_q8.py", "test_gguf_stored.py",
-               "test_paged_attention.py", "test_packed_linear.py", "test_llm.py", "test_decode_plan.py"}
+               "test_paged_attention.py", "test_packed_linear.py", "test_llm.py", "test_decode_plan.py",
+               "test_kv_pool_attention.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

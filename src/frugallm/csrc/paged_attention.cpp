@@ -5,7 +5,9 @@
 // SDPA on it, reading and writing the visible KV twice per layer; SDPA's CPU kernel is also 4-10x slower
 // on half-precision keys for one-token queries, which forces an fp32 pool. This kernel reads each key and
 // value once, in the pool's dtype (fp32, bf16 or fp16), converting to fp32 in registers, and serves the
-// query heads of a GQA group from one read of their shared key/value head.
+// query heads of a GQA group from one read of their shared key/value head. paged_decode_attention_lse also
+// returns each query head's log-sum-exp of scores, so a caller can merge it with attention over other keys
+// (KIVI-packed chunks: kivi_attention.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -54,7 +57,7 @@ inline float exp_nonpositive(float x) {
 // every thread. HEAD_DIM > 0 fixes the head size at compile time (unrolled loops); 0 reads it at run time.
 template <typename T, int HEAD_DIM>
 void decode_attention(const float* q, const T* k_pool, const T* v_pool, const int64_t* tables,
-                      const int64_t* lens, float* out, int64_t batch, int64_t q_heads, int64_t kv_heads,
+                      const int64_t* lens, float* out, float* lse, int64_t batch, int64_t q_heads, int64_t kv_heads,
                       int64_t head_dim_rt, int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : head_dim_rt;
   const int64_t group = q_heads / kv_heads;
@@ -123,6 +126,7 @@ void decode_attention(const float* q, const T* k_pool, const T* v_pool, const in
         }
         const float inv = 1.0f / sum;
         for (int64_t s = 0; s < len; ++s) si[s] *= inv;
+        if (lse != nullptr) lse[b * q_heads + h0 * group + i] = mx + std::log(sum);
       }
       // Weighted sum of values, a block at a time: its rows are converted to fp32 once (prefetching the
       // next block's as they go), then each query head's output stays in registers across the block's
@@ -161,23 +165,25 @@ void decode_attention(const float* q, const T* k_pool, const T* v_pool, const in
 
 template <typename T>
 void dispatch_head_dim(const float* q, const T* k_pool, const T* v_pool, const int64_t* tables,
-                       const int64_t* lens, float* out, int64_t batch, int64_t q_heads, int64_t kv_heads,
+                       const int64_t* lens, float* out, float* lse, int64_t batch, int64_t q_heads, int64_t kv_heads,
                        int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
   switch (head_dim) {
     case 64:
-      return decode_attention<T, 64>(q, k_pool, v_pool, tables, lens, out, batch, q_heads, kv_heads, head_dim,
+      return decode_attention<T, 64>(q, k_pool, v_pool, tables, lens, out, lse, batch, q_heads, kv_heads, head_dim,
                                      block_size, max_blocks, scale);
     case 128:
-      return decode_attention<T, 128>(q, k_pool, v_pool, tables, lens, out, batch, q_heads, kv_heads, head_dim,
+      return decode_attention<T, 128>(q, k_pool, v_pool, tables, lens, out, lse, batch, q_heads, kv_heads, head_dim,
                                       block_size, max_blocks, scale);
     default:
-      return decode_attention<T, 0>(q, k_pool, v_pool, tables, lens, out, batch, q_heads, kv_heads, head_dim,
+      return decode_attention<T, 0>(q, k_pool, v_pool, tables, lens, out, lse, batch, q_heads, kv_heads, head_dim,
                                     block_size, max_blocks, scale);
   }
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+// out [batch, q_heads, head_dim]; lse (a [batch, q_heads] float32 tensor, or undefined) gets the log-sum-exps.
+void paged_decode_attention_into(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                 const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                 at::Tensor& out, at::Tensor& lse) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 [batch, q_heads, head_dim] tensor");
   TORCH_CHECK(k_pool.dim() == 4 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
@@ -195,28 +201,43 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_blocks * block_size, "context length out of the block table");
-  at::Tensor out = at::empty({batch, q_heads, head_dim}, q.options());
+  out = at::empty({batch, q_heads, head_dim}, q.options());
+  float* lp = lse.defined() ? (lse = at::empty({batch, q_heads}, q.options())).data_ptr<float>() : nullptr;
   const float s = static_cast<float>(scale);
   switch (k_pool.scalar_type()) {
     case at::kFloat:
       dispatch_head_dim(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(),
-                       block_tables.data_ptr<int64_t>(), lens, out.data_ptr<float>(), batch, q_heads, kv_heads,
+                       block_tables.data_ptr<int64_t>(), lens, out.data_ptr<float>(), lp, batch, q_heads, kv_heads,
                        head_dim, block_size, max_blocks, s);
       break;
     case at::kBFloat16:
       dispatch_head_dim(q.data_ptr<float>(), k_pool.data_ptr<c10::BFloat16>(), v_pool.data_ptr<c10::BFloat16>(),
-                       block_tables.data_ptr<int64_t>(), lens, out.data_ptr<float>(), batch, q_heads, kv_heads,
+                       block_tables.data_ptr<int64_t>(), lens, out.data_ptr<float>(), lp, batch, q_heads, kv_heads,
                        head_dim, block_size, max_blocks, s);
       break;
     case at::kHalf:
       dispatch_head_dim(q.data_ptr<float>(), k_pool.data_ptr<c10::Half>(), v_pool.data_ptr<c10::Half>(),
-                       block_tables.data_ptr<int64_t>(), lens, out.data_ptr<float>(), batch, q_heads, kv_heads,
+                       block_tables.data_ptr<int64_t>(), lens, out.data_ptr<float>(), lp, batch, q_heads, kv_heads,
                        head_dim, block_size, max_blocks, s);
       break;
     default:
       TORCH_CHECK(false, "unsupported pool dtype ", k_pool.scalar_type());
   }
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  at::Tensor out, lse;
+  paged_decode_attention_into(q, k_pool, v_pool, block_tables, context_lens, scale, out, lse);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_decode_attention_lse(const at::Tensor& q, const at::Tensor& k_pool,
+                                                              const at::Tensor& v_pool, const at::Tensor& block_tables,
+                                                              const at::Tensor& context_lens, double scale) {
+  at::Tensor out, lse = at::empty({0}, q.options());
+  paged_decode_attention_into(q, k_pool, v_pool, block_tables, context_lens, scale, out, lse);
+  return {out, lse};
 }
 
 }  // namespace
@@ -224,6 +245,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
 TORCH_LIBRARY_FRAGMENT(frugallm, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
         "Tensor context_lens, float scale) -> Tensor");
+  m.def("paged_decode_attention_lse(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
+        "Tensor context_lens, float scale) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(frugallm, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(frugallm, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_attention_lse", &paged_decode_attention_lse);
+}

@@ -36,9 +36,10 @@ KV head and the row's slots are compacted in place, layer by layer, as the stati
 KIVI in the pool (``kv.kivi.PagedKIVI``, driven by ``packed_kv.py``): a sequence's oldest exact slots are packed
 in chunks into blocks of the same pool, as bytes (:meth:`PagedKVCache.write_packed`; the K pool's block bytes
 hold the keys' codes / scales / zeros, the V pool's the values'), and its bf16 slots after them move down (the
-packed ones count as evicted from its block table). A decode pass with such rows (``packed``) reads each row's
-chunks back, dequantizes them in torch and attends over them followed by the row's bf16 slots (the sinks and the
-exact window), on the gather + SDPA path.
+packed ones count as evicted from its block table). A decode pass with such rows (``packed``) attends over each
+row's chunks and its bf16 slots (the sinks and the exact window): on the fused kernel, with the chunks read from
+their codes by a second kernel and the two softmaxes merged, or dequantized on the gather + SDPA path
+(``packed_attention.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from collections.abc import Mapping
 import torch
 
 from frugallm import native
+from frugallm.engine.packed_attention import PackedRows, kernel_available, pool_bytes
 from frugallm.kv import DecodeContext, Evictor, PrefillContext, select_slots
 from frugallm.kv.kivi import PagedKIVI
 from frugallm.model.kv_cache import KVCache
@@ -101,8 +103,7 @@ class PagedKVCache(KVCache):
         self.kept: dict[int, list[torch.Tensor]] = {}
         self.kept_stats: dict[int, list[dict[str, torch.Tensor]]] = {}
         self._scored: dict[int, tuple[Evictor, int, list[dict[str, torch.Tensor]]]] = {}
-        self._packed: dict[int, tuple[PagedKIVI, torch.Tensor]] = {}
-        self._packed_len = 0
+        self._packed = PackedRows({}, self.device)
 
     @property
     def block_bytes(self) -> int:
@@ -158,15 +159,13 @@ class PagedKVCache(KVCache):
         self.kept_stats = {r: [] for r in self._evict}
         self._scored = dict(scored or {})
         self._row_tables = tables
-        self._packed = {r: (codec, torch.tensor(blocks, dtype=torch.long, device=dev))
-                        for r, (codec, blocks) in (packed or {}).items()}
+        self._packed = PackedRows(packed or {}, dev)
         assert not self._packed or (t == 1 and not overwrite and not self._scored and not self._evict), \
             "packed KV rows only decode"
-        npk = [len(self._packed[r][1]) // self._packed[r][0].blocks_per_chunk * self._packed[r][0].chunk_tokens
-               if r in self._packed else 0 for r in range(b)]
-        self._packed_len = max(npk)
-        # The policies read update()'s keys, packed rows are dequantized there: no fused pass for their steps.
-        self._fused = self.fused_decode and t == 1 and not self._evict and not self._scored and not self._packed
+        # The policies read update()'s keys: no fused pass for their steps. Packed rows keep it where their kernel
+        # is there too (packed_attention.py), else they are dequantized in update().
+        self._fused = (self.fused_decode and t == 1 and not self._evict and not self._scored
+                       and (not self._packed or kernel_available()))
         if self._fused:
             self._tables_2d = tables
             self._lens = torch.tensor(ends, dtype=torch.long)
@@ -174,11 +173,11 @@ class PagedKVCache(KVCache):
         self._fresh = False
         # Masks are additive fp32 (0 or -inf), built once per pass: SDPA would otherwise turn a bool mask
         # into this form in every layer (~15% of a decode step's attention time).
-        if self._packed and b > 1:
-            # [packed right-aligned before slot P | bf16 slots]: row r sees its npk[r] chunks' tokens and its slots.
-            p, self._visible = self._packed_len, max(ends)
+        if self._packed and b > 1 and not self._fused:
+            # [packed right-aligned before slot P | bf16 slots]: row r sees its chunks' tokens and its slots.
+            p, self._visible = self._packed.max_len, max(ends)
             slots = torch.arange(p + self._visible)
-            lo = torch.tensor([p - n for n in npk])[:, None]
+            lo = torch.tensor([p - self._packed.row_len(r) for r in range(b)])[:, None]
             hi = torch.tensor([p + e for e in ends])[:, None]
             self._mask = _additive((slots[None, :] >= lo) & (slots[None, :] < hi)).view(b, 1, 1, -1).to(dev)
         elif b == 1:
@@ -220,6 +219,7 @@ class PagedKVCache(KVCache):
             return False
         self._run = (first * bs + start, first * bs, end)
         self._evict, self._scored, self.kept, self.kept_stats = {}, {}, {}, {}
+        self._packed = PackedRows({}, self.device)
         self._fused = self._fresh = False
         self._shape = (1, num_new, nb * bs)
         self._bound = True
@@ -253,43 +253,12 @@ class PagedKVCache(KVCache):
             values = vp.index_select(0, self._tables).view(b, -1, h, d)[:, :n].transpose(1, 2)
             mask = self._mask
         if self._packed:
-            keys, values = self._with_packed(layer, keys, values)
+            keys, values = self._packed.prepend(self.k[layer], self.v[layer], keys, values)
         if self._evict:
             self._pick(layer, keys, values, q)
         if self._scored:
             self._score(layer, keys, values, q)
         return keys, values, mask
-
-    def _with_packed(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``keys, values [B, kv_heads, n, D]`` (bf16 slots) preceded by each packed row's dequantized chunks,
-        right-aligned before slot ``_packed_len`` (zeros elsewhere: finite, masked)."""
-        b, h, n, d = keys.shape
-        p = self._packed_len
-        if b == 1:
-            codec, blocks = self._packed[0]
-            dk, dv = codec.decode(*self.read_packed(layer, codec, blocks))
-            return torch.cat([dk[None].to(keys.dtype), keys], 2), torch.cat([dv[None].to(values.dtype), values], 2)
-        out_k, out_v = keys.new_zeros(b, h, p + n, d), values.new_zeros(b, h, p + n, d)
-        out_k[:, :, p:], out_v[:, :, p:] = keys, values
-        for r, (codec, blocks) in self._packed.items():
-            dk, dv = codec.decode(*self.read_packed(layer, codec, blocks))
-            m = dk.shape[1]
-            out_k[r, :, p - m:p], out_v[r, :, p - m:p] = dk, dv
-        return out_k, out_v
-
-    @staticmethod
-    def _bytes(pool: torch.Tensor) -> torch.Tensor:
-        """A pool ``[blocks, block_size, kv_heads, D]`` seen as uint8 ``[blocks, block_bytes]``."""
-        return pool.view(torch.uint8).view(pool.shape[0], -1)
-
-    def read_packed(self, layer: int, codec: PagedKIVI, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chunks stored in ``blocks`` (``blocks_per_chunk`` per chunk, in order) of ``layer``: uint8
-        ``[chunks, key bytes]``, ``[chunks, value bytes]`` for :meth:`PagedKIVI.decode`."""
-        n = len(blocks) // codec.blocks_per_chunk
-        kb, vb = sum(codec.k_sizes), sum(codec.v_sizes)
-        k = self._bytes(self.k[layer]).index_select(0, blocks).view(n, -1)[:, :kb]
-        v = self._bytes(self.v[layer]).index_select(0, blocks).view(n, -1)[:, :vb]
-        return k, v
 
     @torch.inference_mode()
     def write_packed(self, layer: int, blocks: list[int], kbytes: torch.Tensor, vbytes: torch.Tensor) -> None:
@@ -300,7 +269,7 @@ class PagedKVCache(KVCache):
         for pool, raw in ((self.k[layer], kbytes), (self.v[layer], vbytes)):
             buf = torch.zeros(n, len(blocks) // n * bb, dtype=torch.uint8, device=self.device)
             buf[:, :raw.shape[1]] = raw
-            self._bytes(pool)[idx] = buf.view(len(blocks), bb)
+            pool_bytes(pool)[idx] = buf.view(len(blocks), bb)
 
     @torch.inference_mode()
     def read_slots(self, layer: int, table: list[int], start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,9 +348,12 @@ class PagedKVCache(KVCache):
         self._write(layer, k, v)
         b, _, _, d = k.shape
         qf = q.reshape(b, -1, d).to(torch.float32).contiguous()
-        out = torch.ops.frugallm.paged_decode_attention(
-            qf, self.k[layer], self.v[layer], self._tables_2d, self._lens, d**-0.5
-        )
+        kp, vp = self.k[layer], self.v[layer]
+        if not self._packed:
+            out = torch.ops.frugallm.paged_decode_attention(qf, kp, vp, self._tables_2d, self._lens, d**-0.5)
+            return out.unsqueeze(2)
+        out, lse = torch.ops.frugallm.paged_decode_attention_lse(qf, kp, vp, self._tables_2d, self._lens, d**-0.5)
+        self._packed.merge(kp, vp, qf, out, lse, d**-0.5)  # the packed rows' chunks, from their codes
         return out.unsqueeze(2)
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

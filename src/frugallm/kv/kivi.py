@@ -41,7 +41,7 @@ from typing import ClassVar
 import torch
 
 from frugallm.kv.policy import KV_POLICIES, Quantizer
-from frugallm.kv.quantize import FP8, QuantizedSequence, channel_group
+from frugallm.kv.quantize import FP8, QuantizedSequence, channel_group, hadamard
 from frugallm.kv.stores import Store, StoreContext
 
 
@@ -162,6 +162,8 @@ class PagedKIVI:
         self.chunk_tokens = p.group * min(m for m, r in ratio.items() if r >= 0.9 * max(ratio.values()))
         self.k_sizes, self.v_sizes = self._sizes(self.chunk_tokens)
         self.blocks_per_chunk = math.ceil(max(sum(self.k_sizes), sum(self.v_sizes)) / block_bytes)
+        # Values are quantized in this rotated frame (fp32 [D, D], or None): x = dequantized codes @ rotation.
+        self.rotation = hadamard(head_dim, self.device) if p.rotate else None
 
     def tokens_per_block(self) -> float:
         return self.chunk_tokens / self.blocks_per_chunk
