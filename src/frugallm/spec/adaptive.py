@@ -10,6 +10,15 @@ the ``k`` with the best rate and switches speculation off when no ``k`` beats pl
 over its draft + verify time, in plain steps; it sees what the model of the costs misses, e.g. a draft model
 catching up on the tokens decoded while speculation was off). While off it probes again after a back-off of plain
 steps that doubles on each failed probe, and starts short again only once rounds measurably pay.
+
+Shadow rounds (``observe_shadow``): a proposer that drafts for free (``Proposer.free``: prompt lookup) keeps
+guessing while speculation is off, and the decoder checks each guess against the tokens the plain steps then
+produce. For a deterministic draft that is exactly what verifying it would have kept (greedy: the same argmax;
+sampling: the draft token is kept with probability ``p(x)``, which is also the chance the plain step samples it),
+so the acceptance stays measured at no cost, and speculation comes back on as soon as it would pay (a code edit
+reaching the part it copies from the prompt) instead of after the back-off. Not when even fully kept drafts would
+not pay at the measured costs (``ceiling``): acceptance cannot help there. Shadow guesses are ``PROBE_K`` long,
+so a copied span turns speculation on after a few plain steps.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ class AdaptiveK:
         self.since_plain = 0
         self.probe = False
         self.measured = _Ema(0.3)  # measured speedup of recent rounds (tokens x plain step time / round time)
+        self.shadow_ok = False  # off, but kept drafts would pay at these costs: shadow rounds may turn it back on
+        self.shadow_kept, self.shadow_failed = 0.0, 0.5  # decayed acceptance counts of shadow rounds since then
 
     @property
     def alpha(self) -> float:
@@ -61,9 +72,10 @@ class AdaptiveK:
         slope = max(0.0, sum((t - t1) / (r - 1) for r, t in pts) / len(pts))
         return t1 + slope * (rows - 1)
 
-    def expected_speedup(self, k: int) -> float:
-        """Tokens per second of rounds of ``k`` over those of plain steps, under the current measurements."""
-        a = self.alpha
+    def expected_speedup(self, k: int, alpha: float | None = None) -> float:
+        """Tokens per second of rounds of ``k`` over those of plain steps, under the current measurements (or
+        acceptance ``alpha``)."""
+        a = self.alpha if alpha is None else alpha
         tokens = sum(a**i for i in range(k + 1))
         cost = self.verify_time(k + 1) + k * (self.t_draft.value or 0.0)
         plain = self.t_plain.value if self.t_plain.value is not None else self.verify_time(1)
@@ -77,8 +89,8 @@ class AdaptiveK:
         finally:
             self.kept, self.failed = a
 
-    def best_k(self) -> tuple[int, float]:
-        return max(((k, self.expected_speedup(k)) for k in range(1, self.k_max + 1)), key=lambda t: t[1])
+    def best_k(self, alpha: float | None = None) -> tuple[int, float]:
+        return max(((k, self.expected_speedup(k, alpha)) for k in range(1, self.k_max + 1)), key=lambda t: t[1])
 
     def next_k(self) -> int:
         if not self.adaptive:
@@ -86,6 +98,12 @@ class AdaptiveK:
         if self.t_plain.value is None or self.since_plain >= REMEASURE_EVERY:
             return 0  # measure (or refresh) the plain step this round
         if self.off_for > 0:
+            shadow = self.shadow_kept / (self.shadow_kept + self.shadow_failed)
+            if self.shadow_ok and self.best_k(shadow)[1] >= MARGIN:
+                self.off_for, self.probe = 0, False  # the guesses made while off would have paid: back on with
+                self.kept, self.failed = self.shadow_kept, self.shadow_failed  # their acceptance; the rounds from
+                self.measured.value = None  # here decide (their measured rate)
+                return self.best_k()[0]
             self.off_for -= 1
             self.probe = self.off_for == 0
             return 0
@@ -100,6 +118,8 @@ class AdaptiveK:
         slow = self.measured.value is not None and self.measured.value < MARGIN
         if (gain < MARGIN or slow) and self.t_verify:
             self.off_for = self.backoff  # off for a while; a probe afterwards uses the best k then
+            self.shadow_ok = self.ceiling() >= MARGIN  # kept drafts would pay: shadow rounds can tell
+            self.shadow_kept, self.shadow_failed = 0.0, 0.5  # only they decide (the probe's pessimistic prior)
             # Not even all drafts kept would pay at these costs: probe only at the longest back-off.
             self.backoff = PROBE_MAX if self.ceiling() < MARGIN else min(2 * self.backoff, PROBE_MAX)
             return 0
@@ -116,6 +136,17 @@ class AdaptiveK:
             self.measured.add((kept + 1) * self.t_plain.value / (t_draft + t_verify))
         if self.adaptive and self.best_k()[1] >= MARGIN and (self.measured.value or 0.0) >= MARGIN:
             self.backoff = PROBE_START  # paying again: the next switch-off starts from a short back-off
+
+    def observe_shadow(self, k: int, kept: int) -> None:
+        """While off: a free draft of ``k`` tokens of which the plain steps that followed matched the first
+        ``kept`` (see the module docstring). Counts as a round's acceptance, costs nothing."""
+        self.shadow_kept = DECAY * self.shadow_kept + kept
+        self.shadow_failed = DECAY * self.shadow_failed + (1 if kept < k else 0)
+
+    @property
+    def off(self) -> bool:
+        """Speculation is switched off by the controller (plain steps until a probe or a shadow round says on)."""
+        return self.adaptive and self.off_for > 0
 
     def observe_plain(self, t: float) -> None:
         self.t_plain.add(t)

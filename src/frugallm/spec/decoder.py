@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from frugallm.spec.adaptive import AdaptiveK
+from frugallm.spec.adaptive import PROBE_K, AdaptiveK
 from frugallm.spec.config import SpecConfig
 from frugallm.spec.proposer import Proposer
 from frugallm.spec.stats import SpecStats
@@ -28,6 +28,36 @@ class TruncatableCache(Protocol):
 def supports(params: Any) -> bool:
     """Requests speculation serves exactly: penalties and logprobs need per-row history (not yet done here)."""
     return not params.needs_history and params.logprobs is None
+
+
+class _Shadow:
+    """A free proposer's guess made while speculation is off, checked against the plain steps' tokens one by one;
+    once it misses or is used up, what a verify pass would have kept goes to the controller (``observe_shadow``)."""
+
+    def __init__(self, ctrl: AdaptiveK) -> None:
+        self.ctrl = ctrl
+        self.tokens: list[int] = []
+        self.hits = 0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.tokens)
+
+    def start(self, tokens: list[int]) -> None:
+        self.tokens, self.hits = tokens, 0
+
+    def drop(self) -> None:
+        self.tokens = []
+
+    def check(self, token: int) -> int:
+        """The plain step produced ``token``; 1 when this resolved the guess (a shadow round), else 0."""
+        if token == self.tokens[self.hits]:
+            self.hits += 1
+            if self.hits < len(self.tokens):
+                return 0
+        self.ctrl.observe_shadow(len(self.tokens), self.hits)
+        self.tokens = []
+        return 1
 
 
 class SpecDecoder:
@@ -59,6 +89,7 @@ class SpecDecoder:
         sample_first()
         yield
         suspended = False
+        shadow = _Shadow(ctrl) if self.proposer.free and self.cfg.adaptive else None
         while not seq.finished:
             n_done = len(seq.token_ids) - 1  # tokens whose keys/values the target's cache holds
             last = seq.token_ids[-1]
@@ -70,6 +101,11 @@ class SpecDecoder:
             k = 0 if gated else min(ctrl.next_k(), seq.max_new - seq.num_output_tokens - 1)  # drafts + target's
             t0 = time.perf_counter()
             draft = self.proposer.propose(seq.token_ids, k, params, gen) if k > 0 else None
+            if shadow is not None:
+                if k > 0 or gated:
+                    shadow.drop()  # speculating again (or gated): a pending guess is moot
+                elif not shadow.pending:
+                    shadow.start(self.proposer.propose(seq.token_ids, min(self.cfg.k, PROBE_K), params, gen).tokens)
             t1 = time.perf_counter()
             if draft is None or not draft.tokens:
                 if draft is not None:
@@ -84,6 +120,8 @@ class SpecDecoder:
                 self.stats.plain_s += dt + (t1 - t0)
                 seq.append(tok)
                 self.proposer.rollback(n_done)
+                if shadow is not None and shadow.pending:
+                    self.stats.shadow_rounds += shadow.check(tok)
                 yield
                 continue
             drafts = draft.tokens

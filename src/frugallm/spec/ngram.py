@@ -19,6 +19,8 @@ class NgramProposer(Proposer):
     it), extended incrementally as tokens are committed: a lookup costs O(n), not a scan of the context.
     """
 
+    free = True  # a dictionary lookup: it keeps guessing while speculation is off (shadow rounds)
+
     def __init__(self, n: int = 3, min_n: int = 1) -> None:
         self.n, self.min_n = n, min_n
         self._index: list[dict[tuple[int, ...], int]] = []

@@ -32,10 +32,14 @@ class Draft(NamedTuple):
 
 class Proposer(ABC):
     """Drafts tokens for one sequence at a time. ``samples`` (capability flag): whether ``propose`` draws from
-    a distribution (and returns it) when the request samples; deterministic proposers leave it False."""
+    a distribution (and returns it) when the request samples; deterministic proposers leave it False. ``free``:
+    drafting costs nothing next to a decode step (no model runs) and is deterministic, so the decoder keeps
+    drafting while speculation is switched off and checks the guesses against the plain steps' tokens (shadow
+    rounds, ``spec/adaptive.py``)."""
 
     name: ClassVar[str]
     samples: ClassVar[bool] = False
+    free: ClassVar[bool] = False
 
     def begin(self, prompt_ids: list[int], capacity: int) -> None:
         """A new sequence starts; ``capacity`` bounds its length (prompt + output + k)."""

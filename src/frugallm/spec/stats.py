@@ -11,6 +11,7 @@ class SpecStats:
 
     rounds: int = 0  # verify passes
     plain_steps: int = 0  # one-row decode steps (speculation off, nothing proposed, or measuring)
+    shadow_rounds: int = 0  # free guesses checked against plain steps' tokens while off (spec/adaptive.py)
     drafted: int = 0  # draft tokens verified
     accepted: int = 0  # draft tokens kept
     emitted: int = 0  # tokens produced by verify rounds (kept drafts + the target's token)
@@ -40,8 +41,8 @@ class SpecStats:
         self.verify_s += t_verify
 
     def merge(self, other: SpecStats) -> None:
-        for name in ("rounds", "plain_steps", "drafted", "accepted", "emitted", "draft_s", "verify_s", "plain_s",
-                     "memory_fallbacks", "memory_gated_steps"):
+        for name in ("rounds", "plain_steps", "shadow_rounds", "drafted", "accepted", "emitted", "draft_s", "verify_s",
+                     "plain_s", "memory_fallbacks", "memory_gated_steps"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mine, theirs in ((self.proposed_at, other.proposed_at), (self.accepted_at, other.accepted_at)):
             mine.extend([0] * (len(theirs) - len(mine)))
@@ -84,6 +85,7 @@ class SpecStats:
         return {
             "spec_rounds": self.rounds,
             "spec_plain_steps": self.plain_steps,
+            "spec_shadow_rounds": self.shadow_rounds,
             "spec_drafted": self.drafted,
             "spec_accepted": self.accepted,
             "spec_acceptance_rate": round(self.acceptance_rate, 4),
