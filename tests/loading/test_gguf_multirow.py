@@ -80,18 +80,20 @@ def test_rows_do_not_depend_on_threads(qtype: T, x_dtype: torch.dtype, one_threa
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_module_verify_pass_equals_one_row_steps(x_dtype: torch.dtype) -> None:
-    """GGUFLinear as Q4_K_M files make it (Q4_K rows fused with Q6_K rows): a pass of up to
-    NATIVE_QUANT_MAX_ROWS rows (speculative verify) gives each row bit for bit what its one-row decode step gives,
-    through forward and through the decode plan's decode_fn; above the cap (dequantize-then-GEMM) it stays close."""
+    """GGUFLinear as Q4_K_M files make it (Q4_K rows fused with Q6_K rows): a pass of up to its few-rows cap
+    (GGUF_FP32_MAX_ROWS with fp32 x, NATIVE_QUANT_MAX_ROWS with bf16: speculative verify, batched decode) gives each
+    row bit for bit what its one-row decode step gives, through forward and through the decode plan's decode_fn;
+    above the cap (dequantize-then-GEMM) it stays close."""
     k = 512
     q4, q6 = random_blocks(T.Q4_K, 29, k, 3), random_blocks(T.Q6_K, 7, k, 4)
     mod = GGUFLinear.from_segments([(T.Q4_K, q4, 29), (T.Q6_K, q6, 7)], k, torch.randn(36))
     w = torch.cat([dequantized(q4, T.Q4_K), dequantized(q6, T.Q6_K)])
     fn = mod.decode_fn(x_dtype, torch.device("cpu"))
-    cap = kernels.NATIVE_QUANT_MAX_ROWS
+    cap = mod.few_rows_limit(x_dtype)
+    assert cap == (kernels.GGUF_FP32_MAX_ROWS if x_dtype == torch.float32 else kernels.NATIVE_QUANT_MAX_ROWS)
     x = torch.randn(cap + 3, k, generator=torch.Generator().manual_seed(7)).to(x_dtype)
     steps = torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
-    for r in (2, 3, 5, 8, 9, cap):
+    for r in sorted({2, 3, 5, 8, 9, 16, 17, cap} & set(range(cap + 1))):
         assert torch.equal(fn(x[:r]), steps[:r]), r
         assert torch.equal(mod(x[:r]), steps[:r]), r
     over = mod(x)  # above the cap: dequantize-then-GEMM (bf16 x: on the weight rounded to bf16)

@@ -21,7 +21,6 @@ from gguf import GGMLQuantizationType as T
 from frugallm import LLM, SamplingParams, cpu, native
 from frugallm.errors import FrugalError
 from frugallm.quant import gguf_linear as gl
-from frugallm.quant import kernels
 from frugallm.quant.gguf_linear import GGUFLinear, set_act_quant
 from gguf_blocks import random_blocks
 
@@ -171,7 +170,7 @@ def test_gguf_linear_repacks_q4k_and_q6k_segments_of_16k_rows(x_dtype: torch.dty
     assert [s.layout for s in lin.segments] == ["x16", "x16", "stored", "stored"]
     assert "Q4_Kx48(x16)" in lin.extra_repr() and "Q6_Kx32(x16)" in lin.extra_repr()
     w = torch.cat([dequantized(r, t) for t, r, _ in segs_np])
-    x = torch.randn(kernels.NATIVE_QUANT_MAX_ROWS + 3, k, generator=torch.Generator().manual_seed(5)).to(x_dtype)
+    x = torch.randn(lin.few_rows_limit(x_dtype) + 3, k, generator=torch.Generator().manual_seed(5)).to(x_dtype)
     few = x[:5]
     y = lin(few)
     assert_close(y, few.float(), w, bias)

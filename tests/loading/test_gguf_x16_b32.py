@@ -19,7 +19,6 @@ from gguf import GGMLQuantizationType as T
 from frugallm import LLM, SamplingParams, native
 from frugallm.errors import FrugalError
 from frugallm.quant import gguf_linear as gl
-from frugallm.quant import kernels
 from frugallm.quant.gguf_linear import GGUFLinear, set_act_quant
 from gguf_blocks import random_blocks
 
@@ -174,7 +173,7 @@ def test_gguf_linear_repacks_segments_of_16k_rows(x_dtype: torch.dtype, monkeypa
     assert [s.layout for s in lin.segments] == ["x16", "x16", "stored", "x16", "stored"]
     assert "Q4_1x48(x16)" in lin.extra_repr() and "Q8_0x32(x16)" in lin.extra_repr()
     w = torch.cat([dequantized(r, T(t)) for t, r, _ in segs])
-    x = torch.randn(kernels.NATIVE_QUANT_MAX_ROWS + 3, k, generator=torch.Generator().manual_seed(5)).to(x_dtype)
+    x = torch.randn(lin.few_rows_limit(x_dtype) + 3, k, generator=torch.Generator().manual_seed(5)).to(x_dtype)
     few = x[:5]
     y = lin(few)
     assert_close(y, few.float(), w, bias)

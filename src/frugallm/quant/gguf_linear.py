@@ -1,9 +1,10 @@
 """GGUF quantized weights run as stored: :class:`GGUFLinear` keeps each weight row's raw ggml blocks.
 
-Memory is the file's bytes (the blocks may be a zero-copy view of the GGUF memmap). Decode passes (up to
-``kernels.NATIVE_QUANT_MAX_ROWS`` rows) run ``torch.ops.frugallm.gguf_linear`` (``csrc/gguf_linear.cpp``): blocks
-decoded in registers against fp32 activations (FMAs) or bf16 ones (``vdpbf16ps`` on AVX512-BF16 CPUs, where
-``LLM`` decodes stored GGUFs in bf16), equal to dequantize-then-matmul up to fp32 rounding. Larger
+Memory is the file's bytes (the blocks may be a zero-copy view of the GGUF memmap). Few-row passes (decode,
+speculative verify, short prompts: up to ``kernels.GGUF_FP32_MAX_ROWS`` rows with fp32 activations, the loader's,
+``kernels.NATIVE_QUANT_MAX_ROWS`` with bf16 ones) run ``torch.ops.frugallm.gguf_linear`` (``csrc/gguf_linear.cpp``):
+blocks decoded in registers against fp32 activations (FMAs) or bf16 ones (``vdpbf16ps`` on AVX512-BF16 CPUs),
+equal to dequantize-then-matmul up to fp32 rounding. Larger
 passes (prefill) dequantize ``PREFILL_TILE_ROWS`` output rows at a time (``gguf_dequantize``) and run ``F.linear``.
 
 Native types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; F32 / F16 / BF16 rows are also
@@ -280,6 +281,12 @@ class GGUFLinear(nn.Module):
     def _native_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.usable(KERNEL)
 
+    def few_rows_limit(self, dtype: torch.dtype) -> int:
+        """The largest pass the native kernels take for ``dtype`` activations (above it: dequantize-then-GEMM)."""
+        if self.act_quant is None and dtype == torch.float32:
+            return kernels.GGUF_FP32_MAX_ROWS
+        return kernels.NATIVE_QUANT_MAX_ROWS
+
     def _op(self, seg: Segment) -> Callable[..., torch.Tensor]:
         """The few-rows native op for ``seg``: int8 activations where asked and available, the x16 kernel on a
         repacked segment."""
@@ -307,21 +314,21 @@ class GGUFLinear(nn.Module):
 
     def decode_fn(self, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         """``self(x)`` for 2-D contiguous ``x`` in ``dtype`` (see ``DecodePlan``): the native op per segment
-        directly for up to ``NATIVE_QUANT_MAX_ROWS`` rows, without ``forward``'s per-call checks."""
+        directly for up to ``few_rows_limit(dtype)`` rows, without ``forward``'s per-call checks."""
         if not self._native_ok(device, dtype):
             return self.forward
         fns = self._segment_fns()
+        limit = self.few_rows_limit(dtype)
         if len(fns) == 1 and self.segments[0].qtype not in FLOAT_TYPES:
             s = self.segments[0]
             return kernels.few_rows_kernel(self._op(s), (self.raw(0), s.qtype, s.rows, self._bias(s)),
-                                           self.forward)
-        limit = kernels.NATIVE_QUANT_MAX_ROWS
+                                           self.forward, limit)
         return lambda x: torch.cat([f(x) for f in fns], 1) if x.shape[0] <= limit else self.forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = flatten_input(x, self.in_features)
         rows = x2.shape[0]
-        few = rows <= kernels.NATIVE_QUANT_MAX_ROWS or (self.act_quant is not None and rows <= self.act_quant_max_rows)
+        few = rows <= self.few_rows_limit(x.dtype) or (self.act_quant is not None and rows <= self.act_quant_max_rows)
         if few and self._native_ok(x.device, x.dtype):
             ys = [f(x2.contiguous()) for f in self._segment_fns()]
             y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)

@@ -64,12 +64,18 @@ def int8pack_supported(device: torch.device, in_features: int) -> bool:
 # the torch paths on CPU (torch._weight_int8pack_mm; dequantize + F.linear for mix4).
 NATIVE_QUANT_MAX_ROWS = 16
 
+# GGUF weights as stored with fp32 activations (GGUFLinear, exact mode): up to this many rows its native kernels
+# beat dequantize + F.linear, which pays for dequantizing the whole weight on every pass (8960x1536 Q4_K / Q6_K,
+# 1 thread, loaded machine: the x16 kernels 2.3-3.0x dequantize-then-GEMM at 64 rows and 1.3-1.7x at 128-256, the
+# stored-block kernel 1.5-1.7x at 64). bf16 activations keep NATIVE_QUANT_MAX_ROWS: the bf16 GEMM wins from ~64 rows.
+GGUF_FP32_MAX_ROWS = 64
+
 
 def few_rows_kernel(
-    op: Callable[..., torch.Tensor], args: tuple, fallback: Callable[[torch.Tensor], torch.Tensor]
+    op: Callable[..., torch.Tensor], args: tuple, fallback: Callable[[torch.Tensor], torch.Tensor],
+    limit: int = NATIVE_QUANT_MAX_ROWS,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``decode_fn``: ``op(x, *args)`` for passes of up to NATIVE_QUANT_MAX_ROWS rows, else ``fallback(x)``."""
-    limit = NATIVE_QUANT_MAX_ROWS
+    """A ``decode_fn``: ``op(x, *args)`` for passes of up to ``limit`` rows, else ``fallback(x)``."""
     return lambda x: op(x, *args) if x.shape[0] <= limit else fallback(x)
 
 
