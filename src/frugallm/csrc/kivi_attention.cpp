@@ -71,21 +71,28 @@ struct Layout {
   int64_t value_bytes() const { return kv_heads * chunk * (cb() + 2 * ssz()); }
 };
 
-// PER codes per byte; CB code bytes per token (D / PER). Planar layouts (plane j holds channels PER*i + j) let
-// the byte loop vectorize: each plane is one shift and mask of the same bytes.
+// Unpacks one token's codes (PER to a byte, channel PER*i + j in bits j*BITS of byte i) into fp32 ``row[D]``: once
+// per token and KV head, then shared by the head's whole GQA query group as plain fp32 loops that vectorize.
+template <int PER>
+inline void unpack_row(const uint8_t* codes, float* row, int64_t cb) {
+  constexpr int BITS = 8 / PER;
+  constexpr int MASK = (1 << BITS) - 1;
+  for (int64_t i = 0; i < cb; ++i) {
+    const int byte = codes[i];
+    for (int j = 0; j < PER; ++j) row[PER * i + j] = static_cast<float>((byte >> (j * BITS)) & MASK);
+  }
+}
+
 template <int PER>
 void kivi_attention(const float* q, const uint8_t* kc, const uint8_t* vc, int64_t k_stride, int64_t v_stride,
                     const int64_t* offsets, float* out, float* lse, int64_t rows, int64_t q_heads, const Layout& L,
                     float scale) {
-  constexpr int BITS = 8 / PER;
-  constexpr uint8_t MASK = (1 << BITS) - 1;
   const int64_t H = L.kv_heads, D = L.head_dim, C = L.chunk, G = L.group, CB = L.cb(), NG = L.groups();
   const int64_t group = q_heads / H;
-  const int64_t kb = k_stride, vb = v_stride;
   const int64_t k_scale_at = H * C * CB, k_zero_at = k_scale_at + H * NG * D * L.ssz();
   const int64_t v_scale_at = H * C * CB, v_zero_at = v_scale_at + H * C * L.ssz();
   at::parallel_for(0, rows * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(group * D), qsp(group * PER * CB), bias(group), scores, acc(group * PER * CB), zsum(group);
+    std::vector<float> qs(group * D), qg_s(group * D), bias(group), scores, row(D), zrow(D), zsum(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / H, h = task % H;
       const int64_t c0 = offsets[r], nc = offsets[r + 1] - c0, len = nc * C;
@@ -100,32 +107,31 @@ void kivi_attention(const float* q, const uint8_t* kc, const uint8_t* vc, int64_
       for (int64_t i = 0; i < group * D; ++i) qs[i] = qr[i] * scale;
       scores.resize(group * len);
       for (int64_t ci = 0; ci < nc; ++ci) {
-        const uint8_t* base = kc + (c0 + ci) * kb;
+        const uint8_t* base = kc + (c0 + ci) * k_stride;
         for (int64_t gi = 0; gi < NG; ++gi) {
-          const int64_t row = h * NG + gi;
-          const uint8_t* sp = base + k_scale_at + row * D * L.ssz();
-          const uint8_t* zp = base + k_zero_at + row * D * 2;
-          for (int64_t g = 0; g < group; ++g) {  // the group's (q_c s_c) in planes, and sum_c q_c z_c
-            const float* qg = qs.data() + g * D;
-            float* p = qsp.data() + g * PER * CB;
+          const int64_t at = h * NG + gi;
+          const uint8_t* sp = base + k_scale_at + at * D * L.ssz();
+          const uint8_t* zp = base + k_zero_at + at * D * 2;
+          for (int64_t c = 0; c < D; ++c) {  // the group's scales and zeros
+            row[c] = L.fp8 ? fp8_at(sp, c) : half_at(sp, c);
+            zrow[c] = half_at(zp, c);
+          }
+          for (int64_t g = 0; g < group; ++g) {  // the group's (q_c s_c), and sum_c q_c z_c
             float b = 0.0f;
+#pragma omp simd reduction(+ : b)
             for (int64_t c = 0; c < D; ++c) {
-              const float s = L.fp8 ? fp8_at(sp, c) : half_at(sp, c);
-              p[(c % PER) * CB + c / PER] = qg[c] * s;
-              b += qg[c] * half_at(zp, c);
+              qg_s[g * D + c] = qs[g * D + c] * row[c];
+              b += qs[g * D + c] * zrow[c];
             }
             bias[g] = b;
           }
           for (int64_t t = gi * G; t < (gi + 1) * G; ++t) {
-            const uint8_t* codes = base + (h * C + t) * CB;
+            unpack_row<PER>(base + (h * C + t) * CB, row.data(), CB);
             for (int64_t g = 0; g < group; ++g) {
-              const float* p = qsp.data() + g * PER * CB;
+              const float* qv = qg_s.data() + g * D;
               float a = 0.0f;
-              for (int j = 0; j < PER; ++j) {
-                const float* pj = p + j * CB;
 #pragma omp simd reduction(+ : a)
-                for (int64_t i = 0; i < CB; ++i) a += pj[i] * static_cast<float>((codes[i] >> (j * BITS)) & MASK);
-              }
+              for (int64_t c = 0; c < D; ++c) a += qv[c] * row[c];
               scores[g * len + ci * C + t] = a + bias[g];
             }
           }
@@ -145,30 +151,27 @@ void kivi_attention(const float* q, const uint8_t* kc, const uint8_t* vc, int64_
         const float inv = 1.0f / sum;
         for (int64_t s = 0; s < len; ++s) sg[s] *= inv;
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(o, o + group * D, 0.0f);
       std::fill(zsum.begin(), zsum.end(), 0.0f);
       for (int64_t ci = 0; ci < nc; ++ci) {
-        const uint8_t* base = vc + (c0 + ci) * vb;
+        const uint8_t* base = vc + (c0 + ci) * v_stride;
         for (int64_t t = 0; t < C; ++t) {
-          const int64_t row = h * C + t;
-          const uint8_t* codes = base + row * CB;
-          const float s = L.fp8 ? fp8_at(base + v_scale_at, row) : half_at(base + v_scale_at, row);
-          const float z = L.fp8 ? fp8_at(base + v_zero_at, row) : half_at(base + v_zero_at, row);
+          const int64_t at = h * C + t;
+          const float s = L.fp8 ? fp8_at(base + v_scale_at, at) : half_at(base + v_scale_at, at);
+          const float z = L.fp8 ? fp8_at(base + v_zero_at, at) : half_at(base + v_zero_at, at);
+          unpack_row<PER>(base + at * CB, row.data(), CB);
           for (int64_t g = 0; g < group; ++g) {
             const float p = scores[g * len + ci * C + t];
             const float w = p * s;
             zsum[g] += p * z;
-            float* a = acc.data() + g * PER * CB;
-            for (int j = 0; j < PER; ++j) {
-              float* aj = a + j * CB;
+            float* og = o + g * D;
 #pragma omp simd
-              for (int64_t i = 0; i < CB; ++i) aj[i] += w * static_cast<float>((codes[i] >> (j * BITS)) & MASK);
-            }
+            for (int64_t c = 0; c < D; ++c) og[c] += w * row[c];
           }
         }
       }
       for (int64_t g = 0; g < group; ++g)
-        for (int64_t c = 0; c < D; ++c) o[g * D + c] = acc[g * PER * CB + (c % PER) * CB + c / PER] + zsum[g];
+        for (int64_t c = 0; c < D; ++c) o[g * D + c] += zsum[g];
     }
   });
 }
