@@ -3,7 +3,10 @@
 Sections (``--sections``, default all): ``verify``: one target pass of r rows vs one decode step (the cost of
 verifying r - 1 drafts, which bounds the speedup); ``edit``: "add type hints and return the function whole"
 with ``ngram`` vs plain, and llama-cpp-python with ``LlamaPromptLookupDecoding`` (skipped without llama_cpp);
-``codegen``: a short instruction with ``draft`` (Qwen2.5-Coder-0.5B) vs plain; ``chat``: open-ended chat with
+``codegen``: a short instruction with ``draft`` (Qwen2.5-Coder-0.5B, as stored and with ``weights=stored-q8``: int8
+activations on the draft only) vs plain; ``draftcost``: one decode step of each draft candidate (the 0.5B as stored,
+the 0.5B at stored-q8, the target's first 1/4 and 1/2 layers: ``self``) over one target step, interleaved in one
+process, medians; ``chat``: open-ended chat with
 adaptive ``ngram`` and ``draft`` vs plain; ``memory``: the memory speculation adds per proposer (SpecMemo: draft
 weights, draft KV cache, candidate slots, verify logits) for the edit prompt at ``--max-tokens``, and the blocks of
 the server's KV pool (``serve --spec``) a speculative request is charged, no timing. Greedy, batch 1; decode tok/s
@@ -13,6 +16,8 @@ acceptance stats.
     .venv/bin/python benchmarks/spec_bench.py --threads 2 --runs 3 --out /tmp/spec_bench.jsonl
     .venv/bin/python benchmarks/spec_bench.py --target default --draft default --runs 1 --max-tokens 16  # smoke
     .venv/bin/python benchmarks/spec_bench.py --sections memory  # SpecMemo table only (seconds)
+    .venv/bin/python benchmarks/spec_bench.py --sections draftcost codegen --threads 2 --runs 3
+    .venv/bin/python benchmarks/spec_bench.py --sections serve --threads 2  # serve --spec vs plain, c1 and c16
 
 ``--out`` appends one JSON line per measured pair (with the acceptance stats, machine and load).
 """
@@ -64,6 +69,9 @@ def run_pair(llm: LLM, prompt: str, spec: str, runs: int, max_tokens: int) -> di
     """Alternate plain and ``spec`` runs of the same greedy request; medians and the spec stats."""
     p = SamplingParams(max_tokens=max_tokens, temperature=0)
     cfg = parse_spec(spec)
+    if cfg.method == "draft" and getattr(llm, "_bench_draft", None) != (cfg.model, cfg.weights):
+        llm.set_spec(spec)  # load this draft (its own weights mode); the loop below toggles spec_cfg only
+        llm._bench_draft = (cfg.model, cfg.weights)  # type: ignore[attr-defined]
     plain, fast, stats, same = [], [], [], True
     for _ in range(runs):
         llm.spec_cfg = None  # the same loaded model without speculation
@@ -149,6 +157,42 @@ def verify_cost(llm: LLM, prompt: str, rows: list[int], reps: int) -> None:
         print(f"verify  rows {r:2d}: {t * 1e3:7.1f} ms  x{t / base:.2f} of one decode step")
 
 
+@torch.inference_mode()
+def draft_cost(llm: LLM, prompt: str, draft: str, reps: int) -> list[dict[str, Any]]:
+    """One-row decode step of each draft candidate over one target step, after the same prompt's prefill; the
+    candidates take turns step by step (load hits them alike), medians of ``reps``."""
+    from frugallm.spec import first_layers
+
+    ids = llm.tokenizer.encode(prompt)
+    n, layers = len(ids), llm.config.num_layers
+    cands: list[tuple[str, Any, Any]] = [("target", llm.model, llm)]
+    for weights in ("auto", "stored-q8"):
+        d = LLM(draft, weights=weights)
+        cands.append((f"draft:model={draft}:weights={d.weights}", d.model, d))
+    for n_layers in (layers // 4, layers // 2):
+        cands.append((f"self:layers={n_layers}", first_layers(llm.model, n_layers), llm))
+    caches = []
+    for _, model, owner in cands:
+        cache = owner.make_cache(1, n + 8)
+        model(torch.tensor([ids]), torch.arange(n)[None], cache, "last")
+        model(torch.tensor([[ids[-1]]]), torch.tensor([[n]]), cache, "last")  # build the decode plan
+        caches.append(cache)
+    times: list[list[float]] = [[] for _ in cands]
+    for _ in range(reps):
+        for i, (_, model, _) in enumerate(cands):
+            caches[i].truncate(n)
+            t0 = time.perf_counter()
+            model(torch.tensor([[ids[-1]]]), torch.tensor([[n]]), caches[i], "last")
+            times[i].append(time.perf_counter() - t0)
+    base = statistics.median(times[0])
+    rows = []
+    for (name, _, _), t in zip(cands, times, strict=True):
+        med = statistics.median(t)
+        print(f"draftcost {name:48s} {med * 1e3:7.1f} ms  x{med / base:.3f} of a target step")
+        rows.append({"spec": name, "step_ms": med * 1e3, "x_target_step": med / base})
+    return rows
+
+
 def llama_cpp_peer(target: str, prompt: str, max_tokens: int, threads: int, runs: int) -> None:
     try:
         from llama_cpp import Llama
@@ -179,6 +223,42 @@ def llama_cpp_peer(target: str, prompt: str, max_tokens: int, threads: int, runs
         del llm
 
 
+def serve_section(args: argparse.Namespace, tok: Any, edit_prompt: str) -> list[dict[str, Any]]:
+    """``serve --spec`` against the same server without it (serve_bench's server and load generator): concurrency 1
+    on the edit prompt (speculation's case) and ``--concurrency`` on distinct corpus prompts (the engine's: the
+    solo request is gated off above 2 sequences; target >= 0.95x). One server per spec, fresh each."""
+    import asyncio
+
+    from serve_bench import ServerProcess, measured, run_load
+
+    from frugallm.corpus import builtin_corpus
+
+    ids = tok.encode(builtin_corpus())
+    need = args.serve_requests * args.serve_prompt_len
+    while len(ids) < need:
+        ids = ids + ids
+    prompts = [ids[i * args.serve_prompt_len:(i + 1) * args.serve_prompt_len] for i in range(args.serve_requests)]
+    ns = argparse.Namespace(model=args.target, dtype="auto", max_num_seqs=16, max_num_batched_tokens=512,
+                            threads=args.threads, weights=None if args.weights == "auto" else args.weights)
+    rows: list[dict[str, Any]] = []
+    for spec in (None, "ngram:k=8", f"draft:model={args.draft}:k=4"):
+        with ServerProcess(ns, *(("--spec", spec) if spec else ())) as srv:
+            asyncio.run(run_load(srv.url, prompts[:2], 4, 2))  # warm-up
+            c1 = measured(srv.url, srv.proc.pid, [edit_prompt] * args.serve_c1_requests, args.max_tokens, 1)
+            cn = measured(srv.url, srv.proc.pid, prompts, args.max_tokens, args.concurrency)
+        row = {"spec": spec or "off", "c1_tok_s": c1["output_tok_s"], "c1_tpot_ms": c1["tpot_mean_s"] * 1e3,
+               f"c{args.concurrency}_tok_s": cn["output_tok_s"], "ttft_p50_s": cn["ttft_p50_s"],
+               "load": cn["load_avg"][0]}
+        base = rows[0] if rows else row
+        row["x_off_c1"] = row["c1_tok_s"] / base["c1_tok_s"]
+        row[f"x_off_c{args.concurrency}"] = row[f"c{args.concurrency}_tok_s"] / base[f"c{args.concurrency}_tok_s"]
+        print(f"serve   {row['spec']:36s} c1 (edit) {row['c1_tok_s']:7.2f} tok/s x{row['x_off_c1']:.2f} | "
+              f"c{args.concurrency} {row[f'c{args.concurrency}_tok_s']:7.2f} tok/s "
+              f"x{row[f'x_off_c{args.concurrency}']:.2f} | load {row['load']:.1f}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", nargs="+", default=["memory", "verify", "edit", "codegen", "chat"])
@@ -188,12 +268,23 @@ def main() -> None:
     ap.add_argument("--target", default=TARGET)
     ap.add_argument("--draft", default=DRAFT, help="draft model of the codegen and chat sections")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--concurrency", type=int, default=16, help="serve: the loaded server's concurrency")
+    ap.add_argument("--serve-requests", type=int, default=32, help="serve: requests at --concurrency")
+    ap.add_argument("--serve-c1-requests", type=int, default=3, help="serve: edit requests at concurrency 1")
+    ap.add_argument("--serve-prompt-len", type=int, default=128, help="serve: tokens per corpus prompt")
     ap.add_argument("--weights", default="auto", choices=("auto", "stored", "stored-q8", "dequantize"),
                     help="the target's weights mode (stored-q8: int8 activations in decode and verify passes)")
     args = ap.parse_args()
     target, draft = args.target, args.draft
     torch.set_num_threads(args.threads)
     print(f"CPU: {model_name()}  threads {args.threads}  load average {os.getloadavg()}  torch {torch.__version__}")
+    if args.sections == ["serve"]:  # servers only: no model in this process beyond the tokenizer's
+        llm = LLM(target, device="cpu")
+        tok, prompt = llm.tokenizer, llm.chat_prompt([{"role": "user", "content": EDIT}])
+        del llm
+        for r in serve_section(args, tok, prompt):
+            save(args.out, "serve", r, args)
+        return
     want_draft = {"codegen", "chat", "memory"} & set(args.sections)
     llm = LLM(target, spec=f"draft:model={draft}" if want_draft else None, weights=args.weights)
     chat = llm.chat_prompt
@@ -209,17 +300,23 @@ def main() -> None:
         show("edit", r)
         save(args.out, "edit", r, args)
         llama_cpp_peer(target, prompt, args.max_tokens, args.threads, args.runs)
+    if "draftcost" in args.sections:
+        for r in draft_cost(llm, chat([{"role": "user", "content": CODEGEN}]), draft, reps=15):
+            save(args.out, "draftcost", r, args)
     if "codegen" in args.sections:
-        r = run_pair(llm, chat([{"role": "user", "content": CODEGEN}]), f"draft:model={draft}:k=4", args.runs,
-                     args.max_tokens)
-        show("codegen", r)
-        save(args.out, "codegen", r, args)
+        for spec in (f"draft:model={draft}:k=4", f"draft:model={draft}:k=4:weights=stored-q8"):
+            r = run_pair(llm, chat([{"role": "user", "content": CODEGEN}]), spec, args.runs, args.max_tokens)
+            show("codegen", r)
+            save(args.out, "codegen", r, args)
     if "chat" in args.sections:
         prompt = chat([{"role": "user", "content": CHAT}])
         for spec in ("ngram:k=8", f"draft:model={draft}:k=4"):
             r = run_pair(llm, prompt, spec, args.runs, args.max_tokens)
             show("chat", r)
             save(args.out, "chat", r, args)
+    if "serve" in args.sections:
+        for r in serve_section(args, llm.tokenizer, chat([{"role": "user", "content": EDIT}])):
+            save(args.out, "serve", r, args)
     print(f"load average after: {os.getloadavg()}")
 
 

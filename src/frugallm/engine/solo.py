@@ -159,9 +159,11 @@ class SoloRunner:
         cfg = self._spec_config(spec)
         self.draft = None
         if cfg is not None and cfg.method == "draft":
-            # A target run as stored takes a GGUF draft as stored too; otherwise the target's dtype.
-            self.draft = type(self)(cfg.model, dtype="auto" if self.weights in STORED_MODES else self.dtype,
-                                    device=self.device)
+            # A target run as stored takes a GGUF draft as stored too; otherwise the target's dtype. The draft's own
+            # weights= (e.g. stored-q8: int8 activations) changes only its guesses, never the verified output.
+            stored = self.weights in STORED_MODES or cfg.weights in STORED_MODES
+            self.draft = type(self)(cfg.model, dtype="auto" if stored else self.dtype, device=self.device,
+                                    weights=cfg.weights or "auto")
             check_same_vocab(self.tokenizer, self.draft.tokenizer, str(self.loaded.path), cfg.model)
         self.spec_cfg = cfg
 
@@ -183,9 +185,12 @@ class SoloRunner:
 
         self.draft = None
         if self.spec_cfg is not None and self.spec_cfg.method == "draft":
-            # Same dtype and weight handling as the target (a GGUF draft runs as stored too), no techniques.
-            self.draft = type(self)(self.spec_cfg.model, dtype=dtype, device=device, use_cache=use_cache,
-                                    weights=weights, pack_weights=pack_weights)
+            # Same dtype and weight handling as the target (a GGUF draft runs as stored too), no techniques, unless
+            # the spec gives the draft its own weights mode (stored-q8: a cheaper, inexact draft; output unchanged).
+            own = self.spec_cfg.weights
+            self.draft = type(self)(self.spec_cfg.model, dtype="auto" if own in STORED_MODES else dtype,
+                                    device=device, use_cache=use_cache, weights=own or weights,
+                                    pack_weights=pack_weights)
             check_same_vocab(self.tokenizer, self.draft.tokenizer, model, self.spec_cfg.model)
         self.kv_draft = None
         if self.kv_spec is not None:

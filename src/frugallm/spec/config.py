@@ -4,7 +4,10 @@ Grammar: ``METHOD[:KEY=VALUE]*``, like ``--quant``.
 
 ==========  ===============================================================================================
 ``ngram``   prompt lookup: continue from the latest earlier match of the last ``n`` .. ``min_n`` tokens
-``draft``   a separate small model with the target's vocabulary: ``model=NAME_OR_PATH`` (required)
+``draft``   a separate small model with the target's vocabulary: ``model=NAME_OR_PATH`` (required), ``weights=``
+            its own weights mode (``auto``, ``stored``, ``stored-q8``, ``dequantize``, as ``LLM(weights=)``;
+            default: the target's): ``stored-q8`` runs the draft's decode on int8 activations (faster, not
+            exact), which changes only the guesses: the target still verifies every token exactly
 ``self``    the target's own first ``layers`` layers with its final norm and head (no extra weights)
 ==========  ===============================================================================================
 
@@ -23,7 +26,9 @@ from frugallm.errors import FrugalError
 K_MAX = 14  # k + 1 verify rows < PREFILL_MIN_TOKENS (16): the decode dtype and the multi-row decode kernels
 DEFAULT_K = {"ngram": 8, "draft": 4, "self": 4}
 # method -> the method-specific keys it accepts
-METHOD_KEYS: dict[str, tuple[str, ...]] = {"ngram": ("n", "min_n"), "draft": ("model",), "self": ("layers",)}
+METHOD_KEYS: dict[str, tuple[str, ...]] = {"ngram": ("n", "min_n"), "draft": ("model", "weights"),
+                                           "self": ("layers",)}
+WEIGHTS = ("auto", "stored", "stored-q8", "dequantize")  # the draft's weights modes (LLM(weights=...))
 _COMMON = ("k", "adaptive")
 _BOOL = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
 _EXAMPLES = "e.g. ngram:k=8, draft:model=qwen2.5-coder-0.5b:k=4, self:layers=8"
@@ -44,6 +49,7 @@ class SpecConfig:
     min_n: int = 1
     model: str | None = None
     layers: int | None = None
+    weights: str | None = None  # draft: its weights mode; None: the target's
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_KEYS:
@@ -54,6 +60,8 @@ class SpecConfig:
             raise SpecError(f"ngram: need 1 <= min_n <= n <= 16, got n={self.n}, min_n={self.min_n}")
         if self.method == "draft" and not self.model:
             raise SpecError("draft needs model=NAME_OR_PATH, e.g. draft:model=qwen2.5-coder-0.5b:k=4")
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise SpecError(f"draft: weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if self.layers is not None and self.layers < 1:
             raise SpecError(f"self: layers must be >= 1, got {self.layers}")
 
@@ -103,6 +111,8 @@ def parse_spec(spec: str | SpecConfig | None) -> SpecConfig | None:
             kw[key] = _BOOL[raw.lower()]
         elif key == "model":
             kw[key] = raw
+        elif key == "weights":
+            kw[key] = raw.lower()
         else:
             kw[key] = _int(method, key, raw)
     kw.setdefault("k", DEFAULT_K[method])
