@@ -62,8 +62,11 @@ def test_a_lone_request_speculates_and_matches_plain_decoding(path: str, plain_o
         a.shutdown()
 
 
-def test_concurrent_requests_go_to_the_engine_and_gate_the_solo_one(path: str, reference: list[list[int]]) -> None:
+@pytest.mark.parametrize("handoff", [True, False])
+def test_concurrent_requests_go_to_the_engine_and_the_solo_one_joins_or_is_gated(path: str, reference: list[list[int]],
+                                                                                 handoff: bool) -> None:
     llm, a = serve(path)
+    a.solo.handoff = handoff
     gates: list[bool] = []
     gate = llm.spec_gate
     llm.spec_gate = lambda: gates.append(gate()) or gates[-1]
@@ -74,8 +77,13 @@ def test_concurrent_requests_go_to_the_engine_and_gate_the_solo_one(path: str, r
 
     try:
         assert asyncio.run(main()) == reference
-        # The first request ran solo; with the other three in the engine (4 > 2 sequences) it decoded plainly.
-        assert False in gates
+        # The first request ran solo; with the other three in the engine (4 > 2 sequences) it was handed to the
+        # engine's batch (its tokens so far computed again there), or, without hand-off, it decoded plainly.
+        if handoff:
+            assert a.solo.handoffs == 1 and a.solo.gauges()["spec_handoffs"][1] == 1
+        else:
+            assert False in gates and a.solo.handoffs == 0
+        assert not a.solo.running and a.engine.block_manager.num_reserved == 0
         assert not a.engine.requests and a.engine.block_manager.num_used_blocks == 0
     finally:
         a.shutdown()

@@ -33,11 +33,13 @@ def reference(path: str) -> list[int]:
     return LLM(path, dtype="float32", device="cpu").generate(PROMPT, GREEDY)[0].token_ids
 
 
-def make(path: str, spec: str, num_blocks: int) -> tuple[LLM, LLMEngine, SoloSpec]:
+def make(path: str, spec: str, num_blocks: int, handoff: bool = False) -> tuple[LLM, LLMEngine, SoloSpec]:
+    """``handoff=False`` (most tests here): a busy server gates the solo request instead of taking it into the
+    engine's batch, the path whose reserved blocks come and go."""
     llm = LLM(path, dtype="float32", device="cpu")
     llm.set_spec(spec)
     engine = LLMEngine(llm, EngineConfig(num_blocks=num_blocks, block_size=4))
-    return llm, engine, SoloSpec(engine)
+    return llm, engine, SoloSpec(engine, handoff=handoff)
 
 
 def run_solo(solo: SoloSpec, during: list[int] | None = None) -> list[int]:
@@ -200,6 +202,25 @@ def test_the_engine_needing_blocks_takes_the_drafts_back(path: str) -> None:
     assert bm.num_reserved == 0
 
 
+def test_a_busy_server_takes_the_solo_request_into_its_batch_with_every_block_back(path: str,
+                                                                                   reference: list[int]) -> None:
+    llm, engine, solo = make(path, SPECS[1], num_blocks=256, handoff=True)
+    bm = engine.block_manager
+    req = engine.inputs.process(PROMPT, GREEDY, "solo")
+    assert solo.accepts(req)
+    solo.start(req)
+    toks = solo.step().token_ids + solo.step().token_ids  # prefill, then a speculative round
+    assert solo.reserved_blocks() > 0 and llm.last_spec_stats.rounds == 1
+    others = [engine.add_request(p, GREEDY) for p in ("the cat sat", "x y z", "abc def")]  # 4 > 2 sequences
+    toks += solo.step().token_ids  # a plain step (gated), then the hand-off
+    assert not solo.running and solo.handoffs == 1 and bm.num_reserved == 0 and "solo" in engine.requests
+    while engine.has_unfinished_requests():
+        toks += [t for out in engine.step() if out.request_id == "solo" for t in out.token_ids]
+    assert toks == reference and others and engine.scheduler.num_preemptions == 0
+    assert not engine.requests and bm.num_used_blocks == 0
+    bm.check()
+
+
 def test_concurrent_requests_beside_a_speculating_one_keep_outputs_and_preempt_nothing(path: str) -> None:
     """Through the server's engine thread: a lone request speculates with its draft's blocks reserved, three more
     arrive (the draft's blocks go back, the solo one decodes plainly), all outputs are the plain greedy ones, the
@@ -218,6 +239,7 @@ def test_concurrent_requests_beside_a_speculating_one_keep_outputs_and_preempt_n
     llm, engine, _ = make(path, SPECS[1], num_blocks=engine_need + blocks_for_bytes(memo.request_bytes, bpb)
                           + blocks_for_bytes(memo.draft_kv, bpb))
     a = AsyncLLM(engine).start()
+    a.solo.handoff = False  # the gated path: the solo request stays beside the engine, its draft's blocks go back
     gates: list[bool] = []
     gate = llm.spec_gate
     llm.spec_gate = lambda: gates.append(gate()) or gates[-1]

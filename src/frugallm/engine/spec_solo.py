@@ -7,9 +7,14 @@ those rows with real tokens. So the server speculates only when it holds at most
 * a request that arrives while the paged engine has nothing to do (``n = 1``, no adapter, no structured output,
   no prompt logprobs, a request ``SpecDecoder`` serves exactly) runs *solo*, on the LLM's single-sequence path
   (``LLM._run``: contiguous cache, ``SpecDecoder``), one round per turn of the engine thread;
-* requests arriving meanwhile go to the paged engine as usual; the engine thread then alternates one engine step
-  and one solo round, and the solo sequence decodes plainly (its rounds gated off) while the server holds more
-  than ``max_batch`` sequences, speculating again once it holds fewer.
+* requests arriving meanwhile go to the paged engine as usual. Once the server holds more than ``max_batch``
+  sequences, the solo sequence is handed to the engine (``handoff``, the default): it joins the engine's batch as a
+  waiting sequence holding its prompt and the tokens decoded so far, which the engine computes again in one
+  chunked pass (as after a preemption) and continues; its stream goes on under the same request id. A solo
+  sequence decoded beside the engine costs a whole one-row forward pass per engine step (the batch's weights are
+  read twice), which halved a 4-request server's throughput; the re-prefill costs one pass. With
+  ``handoff=False`` it stays solo instead, decoding plainly (its rounds gated off) while the server is busy and
+  speculating again once it holds fewer sequences.
 
 Under load the engine is never idle, so nothing runs solo and throughput is the engine's own.
 
@@ -38,7 +43,8 @@ from __future__ import annotations
 from typing import Any
 
 from frugallm.engine.inputs import EngineRequest
-from frugallm.engine.llm_engine import LLMEngine, StepOutput
+from frugallm.engine.llm_engine import LLMEngine, Request, StepOutput
+from frugallm.engine.scheduler import SeqStatus
 from frugallm.engine.sequence import Sequence
 from frugallm.spec.memo import MemoPlan, blocks_for_bytes, plan
 
@@ -49,8 +55,9 @@ class SoloSpec:
     """At most one request at a time, decoded speculatively beside ``engine`` (see the module docstring). Used only
     by the engine thread."""
 
-    def __init__(self, engine: LLMEngine, max_batch: int = DEFAULT_MAX_BATCH) -> None:
-        self.engine, self.llm, self.max_batch = engine, engine.llm, max_batch
+    def __init__(self, engine: LLMEngine, max_batch: int = DEFAULT_MAX_BATCH, handoff: bool = True) -> None:
+        self.engine, self.llm, self.max_batch, self.handoff = engine, engine.llm, max_batch, handoff
+        self.handoffs = 0  # solo requests handed to the engine's batch
         self.request_id: str | None = None
         self.seq: Sequence | None = None
         self._steps: Any = None
@@ -103,11 +110,14 @@ class SoloSpec:
     def _blocks(self, nbytes: int) -> int:
         return blocks_for_bytes(nbytes, self.engine.cache.bytes_per_block)
 
+    def _busy(self) -> bool:
+        """The server holds more than ``max_batch`` sequences, the solo one included."""
+        return 1 + sum(len(r.seqs) for r in self.engine.requests.values()) > self.max_batch
+
     def _gate(self) -> bool:
         """Speculate this round: the server holds at most ``max_batch`` sequences, this one included, the engine's
         sequences find the blocks they need to finish, and the draft's cache is charged to the pool (taken here)."""
-        busy = 1 + sum(len(r.seqs) for r in self.engine.requests.values()) > self.max_batch
-        if busy or self._engine_short():
+        if self._busy() or self._engine_short():
             self._release_draft()
             return False
         if self._draft_blocks is None and self.plan is not None:
@@ -158,6 +168,8 @@ class SoloSpec:
                                         "logits, draft cache; not the draft's weights).", self.added_bytes()),
             "spec_memory_fallbacks": ("Requests decoded without speculation: the KV pool could not spare the blocks "
                                       "their speculative memory takes.", self.llm.spec_stats.memory_fallbacks),
+            "spec_handoffs": ("Requests decoded speculatively alone, then handed to the engine's batch when the "
+                              "server got busy.", self.handoffs),
         }
 
     def step(self) -> StepOutput:
@@ -173,7 +185,24 @@ class SoloSpec:
         if seq.finished:
             self._count(seq)
             self._clear()
+        elif self.handoff and self._busy():
+            self._hand_off()
         return out
+
+    def _hand_off(self) -> None:
+        """Move the solo sequence into the engine's batch (see the module docstring): a waiting sequence of the
+        same request id, its tokens so far computed again by the engine (no blocks held yet, as after a
+        preemption); the solo loop, its caches and its reserved blocks are dropped first, so the pool has them."""
+        seq, rid, engine = self.seq, self.request_id, self.engine
+        assert seq is not None and rid is not None
+        self.seq = None  # _clear must not touch it
+        self._clear()
+        request = Request(rid, [seq])
+        seq.request_id, seq.request, seq.index = next(engine._ids), request, 0  # as LLMEngine.add_request numbers
+        seq.status, seq.num_computed_tokens, seq.block_table = SeqStatus.WAITING, 0, []
+        engine.requests[rid] = request
+        engine.scheduler.waiting.appendleft(seq)  # first in line, as a preempted sequence: its stream is running
+        self.handoffs += 1
 
     def abort(self, request_id: str) -> bool:
         """Drop the solo request if it is ``request_id``."""
