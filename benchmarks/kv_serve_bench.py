@@ -21,7 +21,11 @@ peaked at 8 running even in a pool of 16 full sequences), so measure capacity wi
 long compressible prompt at a time, admitted only when its whole prompt fits, so a pool of B blocks runs about
 (B - prompt blocks) / kept blocks compressed sequences. KIVI (``kivi:bits=2``, alone or after snapkv) packs the
 oldest tokens into pool blocks after the prompt (chunks of whole key groups, 6x fewer bytes than bf16 at 2 bits),
-keeping its sinks and ``residual`` window exact. H2O reads every prompt query, so
+keeping its sinks and ``residual`` window exact; packed rows decode on the fused paged kernel with their chunks read
+from their codes (``csrc/kivi_attention.cpp``); ``--packed-attention both`` runs each KIVI spec a second time with
+the packed rows dequantized in torch (gather + SDPA for the whole batch, the path before it), to measure it, in
+the same process. KIVI's default key group (64) loses 2-bit needles here; ``group=32`` (the KIVI paper's, ~8 %
+more KV bytes) kept them in a first check. H2O reads every prompt query, so
 its prompts are one pass: give it ``--max-num-batched-tokens`` >= ``--context`` (and the same to the others, for
 a fair comparison).
 
@@ -31,6 +35,9 @@ a fair comparison).
         --kv "h2o:budget=0.25" --max-num-batched-tokens 2304 --out /tmp/kv_serve_h2o.json
     python benchmarks/kv_serve_bench.py --model qwen2.5-coder-0.5b --context 2048 --requests 32 --threads 2 \
         --output-len 256 --kv "snapkv:budget=0.25;snapkv:budget=0.25+kivi:bits=2;kivi:bits=2" --out /tmp/kv_kivi.json
+    python benchmarks/kv_serve_bench.py --model qwen2.5-coder-0.5b --context 2048 --requests 16 --threads 2 \
+        --output-len 256 --packed-attention both --out /tmp/kv_kivi_c16.json \
+        --kv "snapkv:budget=0.25;snapkv:budget=0.25+kivi:bits=2;snapkv:budget=0.25+kivi:bits=2,group=32"
     python benchmarks/kv_serve_bench.py --context 512 --requests 4 --output-len 8 --tasks capacity  # sanity run
     python benchmarks/kv_serve_bench.py --model qwen2.5-coder-1.5b --context 2048 --requests 32 --threads 2 \
         --kv "snapkv:budget=0.25;speckv:budget=0.25,draft=qwen2.5-coder-0.5b" --out /tmp/kv_serve_speckv.json
@@ -48,8 +55,9 @@ from typing import Any
 import torch
 
 from frugallm import LLM, SamplingParams, cpu
+from frugallm.engine import paged_cache
 from frugallm.engine.llm_engine import EngineConfig, LLMEngine
-from frugallm.kv import parse_kv_spec
+from frugallm.kv import paged_quantizer, parse_kv_spec
 from frugallm.kv.speckv import draft_policies
 from frugallm.lab import passkey
 
@@ -67,8 +75,17 @@ def needle_prompts(llm: LLM, n: int, context: int, stack: str) -> list[passkey.P
 
 
 def run(llm: LLM, prompts: list[passkey.PasskeyPrompt], kv: str, *, num_blocks: int, block_size: int,
-        max_num_seqs: int, max_batched: int, output_len: int) -> dict[str, Any]:
-    """All prompts at once through one engine; per-step concurrency, then speed and needles."""
+        max_num_seqs: int, max_batched: int, output_len: int, packed_torch: bool = False) -> dict[str, Any]:
+    """All prompts at once through one engine; per-step concurrency, then speed and needles. ``packed_torch``:
+    KIVI-packed rows attend on the torch path (dequantize + SDPA) instead of the fused kernels."""
+    if packed_torch:
+        available = paged_cache.kernel_available
+        paged_cache.kernel_available = lambda: False
+        try:
+            return {**run(llm, prompts, kv, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                          max_batched=max_batched, output_len=output_len), "packed_attention": "torch"}
+        finally:
+            paged_cache.kernel_available = available
     engine = LLMEngine(llm, EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
                                          block_size=block_size, num_blocks=num_blocks, kv=kv))
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
@@ -104,6 +121,7 @@ def run(llm: LLM, prompts: list[passkey.PasskeyPrompt], kv: str, *, num_blocks: 
         "tpot_mean_s": statistics.fmean(tpot) if tpot else None,
         "needles": f"{found}/{len(prompts)}", "needle_acc": found / len(prompts),
         "answers": [o.text[:40] for o in outs], "load": os.getloadavg()[0],
+        "packed_attention": "kernel" if paged_cache.kernel_available() else "torch",
     }
 
 
@@ -113,7 +131,8 @@ def table(recs: list[dict[str, Any]]) -> str:
     for r in recs:
         tpot = "-" if r["tpot_mean_s"] is None else f"{1e3 * r['tpot_mean_s']:.1f}"
         ttft = "-" if r["ttft_p50_s"] is None else f"{r['ttft_p50_s']:.2f}"
-        rows.append(f"| {r['task']} | {r['kv']} | {r['num_blocks']} | {r['peak_running']} / {r['mean_running']:.1f} "
+        kv = r["kv"] + (" (torch attn)" if r.get("packed_attention") == "torch" and "kivi" in r["kv"] else "")
+        rows.append(f"| {r['task']} | {kv} | {r['num_blocks']} | {r['peak_running']} / {r['mean_running']:.1f} "
                     f"| {r['fit']:.1f} | {r['preemptions']} | {r['kv_bytes_per_seq'] / 2**20:.1f} "
                     f"| {r['output_tok_s']:.1f} "
                     f"| {r['total_tok_s']:.1f} | {ttft} | {tpot} | {r['needles']} |")
@@ -135,6 +154,8 @@ def main() -> int:
     ap.add_argument("--full-seqs", type=int, default=4, help="capacity: the pool holds this many full sequences")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--packed-attention", default="kernel", choices=("kernel", "both"),
+                    help="both: each KIVI spec also with packed rows dequantized in torch (no kernel)")
     ap.add_argument("--out", default=None, help="write the records as JSON here")
     args = ap.parse_args()
     if args.threads:
@@ -156,15 +177,19 @@ def main() -> int:
         if task not in tasks:
             continue
         for kv in specs:
-            if task == "capacity":
-                r = run(llm, prompts, kv, num_blocks=args.full_seqs * per_seq, max_num_seqs=max(64, args.requests),
-                        **common)
-            else:
-                r = run(llm, prompts, kv, num_blocks=16 * per_seq, max_num_seqs=16, **common)
-            recs.append({"task": task, "model": args.model, "dtype": dtype, "threads": torch.get_num_threads(), **r})
-            print(f"{task} {kv}: peak running {r['peak_running']} (fit {r['fit']:.1f}), "
-                  f"{r['output_tok_s']:.1f} out tok/s, "
-                  f"needles {r['needles']}, {r['wall_s']:.0f} s, load {r['load']:.1f}", flush=True)
+            quantized = kv != "full" and paged_quantizer(kv) is not None
+            for packed_torch in (False, True) if quantized and args.packed_attention == "both" else (False,):
+                if task == "capacity":
+                    r = run(llm, prompts, kv, num_blocks=args.full_seqs * per_seq,
+                            max_num_seqs=max(64, args.requests), packed_torch=packed_torch, **common)
+                else:
+                    r = run(llm, prompts, kv, num_blocks=16 * per_seq, max_num_seqs=16, packed_torch=packed_torch,
+                            **common)
+                recs.append({"task": task, "model": args.model, "dtype": dtype, "threads": torch.get_num_threads(),
+                             **r})
+                print(f"{task} {kv} ({r['packed_attention']} attn): peak running {r['peak_running']} "
+                      f"(fit {r['fit']:.1f}), {r['output_tok_s']:.1f} out tok/s, {r['total_tok_s']:.1f} total tok/s, "
+                      f"needles {r['needles']}, {r['wall_s']:.0f} s, load {r['load']:.1f}", flush=True)
     print(table(recs))
     if args.out:
         with open(args.out, "w") as f:
