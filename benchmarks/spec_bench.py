@@ -4,14 +4,15 @@ Sections (``--sections``, default all): ``verify``: one target pass of r rows vs
 verifying r - 1 drafts, which bounds the speedup); ``edit``: "add type hints and return the function whole"
 with ``ngram`` vs plain, and llama-cpp-python with ``LlamaPromptLookupDecoding`` (skipped without llama_cpp);
 ``codegen``: a short instruction with ``draft`` (Qwen2.5-Coder-0.5B, as stored and with ``weights=stored-q8``: int8
-activations on the draft only) vs plain; ``draftcost``: one decode step of each draft candidate (the 0.5B as stored,
-the 0.5B at stored-q8, the target's first 1/4 and 1/2 layers: ``self``) over one target step, interleaved in one
-process, medians; ``chat``: open-ended chat with
-adaptive ``ngram`` and ``draft`` vs plain; ``memory``: the memory speculation adds per proposer (SpecMemo: draft
-weights, draft KV cache, candidate slots, verify logits) for the edit prompt at ``--max-tokens``, and the blocks of
-the server's KV pool (``serve --spec``) a speculative request is charged, no timing. Greedy, batch 1; decode tok/s
-= 1 / time per output token after the first; runs alternate plain and speculative, medians reported with the
-acceptance stats.
+activations on the draft only) and ``self:layers=7`` (the target's first quarter) vs plain; ``draftcost``: one
+decode step of each draft candidate (the 0.5B as stored, the 0.5B at stored-q8, the target's first 1/4 and 1/2
+layers: ``self``) over one target step, interleaved in one process, medians; ``chat``: open-ended chat with
+adaptive ``ngram`` and ``draft`` vs plain; ``serve``: ``serve --spec`` (ngram, draft) vs the same server without it
+at concurrency 1 (edit prompt) and ``--concurrency``; ``memory``: the memory speculation adds per proposer
+(SpecMemo: draft weights, draft KV cache, candidate slots, verify logits) for the edit prompt at ``--max-tokens``,
+and the blocks of the server's KV pool (``serve --spec``) a speculative request is charged, no timing. Greedy,
+batch 1; decode tok/s = 1 / time per output token after the first; runs alternate plain and speculative, medians
+reported with the acceptance stats.
 
     .venv/bin/python benchmarks/spec_bench.py --threads 2 --runs 3 --out /tmp/spec_bench.jsonl
     .venv/bin/python benchmarks/spec_bench.py --target default --draft default --runs 1 --max-tokens 16  # smoke
@@ -268,6 +269,9 @@ def main() -> None:
     ap.add_argument("--target", default=TARGET)
     ap.add_argument("--draft", default=DRAFT, help="draft model of the codegen and chat sections")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--codegen-specs", nargs="+", default=None,
+                    help="codegen: the specs to compare with plain (default: the draft as stored, at stored-q8, and "
+                         "self:layers=7:k=4)")
     ap.add_argument("--concurrency", type=int, default=16, help="serve: the loaded server's concurrency")
     ap.add_argument("--serve-requests", type=int, default=32, help="serve: requests at --concurrency")
     ap.add_argument("--serve-c1-requests", type=int, default=3, help="serve: edit requests at concurrency 1")
@@ -304,7 +308,8 @@ def main() -> None:
         for r in draft_cost(llm, chat([{"role": "user", "content": CODEGEN}]), draft, reps=15):
             save(args.out, "draftcost", r, args)
     if "codegen" in args.sections:
-        for spec in (f"draft:model={draft}:k=4", f"draft:model={draft}:k=4:weights=stored-q8"):
+        for spec in args.codegen_specs or (f"draft:model={draft}:k=4", f"draft:model={draft}:k=4:weights=stored-q8",
+                                           "self:layers=7:k=4"):
             r = run_pair(llm, chat([{"role": "user", "content": CODEGEN}]), spec, args.runs, args.max_tokens)
             show("codegen", r)
             save(args.out, "codegen", r, args)
