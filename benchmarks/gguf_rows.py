@@ -9,6 +9,13 @@ for Q4_K and Q6_K the interleaved layout GGUFLinear runs for segments of 16k row
 x16 layout (``x16q8 µs``, its ``x r=1`` and ``q8/x16q8``).
 Run it once per ISA level: ``FRUGALLM_ISA=avx2`` forces the AVX2 build on an AVX-512 machine.
 
+``--compare-src FILE`` (both sweeps): another version of ``csrc/gguf_x16.cpp`` (``git show REV:src/frugallm/csrc/
+gguf_x16.cpp > /tmp/old.cpp``) built under its own op namespace with the same flags (``gguf_kernels.build_compare``)
+and timed in the same process, interleaved with the current one: ``kernel`` adds its x16 (and x16q8) µs and
+``old/new``, each pair timed on its own (the other columns' order leaves the weights in cache or not); ``model``
+runs each r-row pass with either build's x16 ops (``ms old``, ``old/new``), a before/after of whole passes on one
+noisy machine.
+
 ``model``: a whole-model target pass of r rows after a prompt (as ``spec_bench.py``'s ``verify`` section), median ms and
 its ratio to one decode step (``--weights stored-q8``: the int8-activation kernels), and where the time goes
 (torch.profiler, self CPU time): the GGUF kernels (``frugallm::gguf_linear``, ``gguf_x16_linear``), dequantize-then-GEMM
@@ -18,7 +25,7 @@ its ratio to one decode step (``--weights stored-q8``: the int8-activation kerne
         [--rows 1 2 4 5 8 9 16 32] [--types Q4_K Q6_K Q8_0] [--dtype float32 bfloat16] [--q8]
     FRUGALLM_ISA=avx2 .venv/bin/python benchmarks/gguf_rows.py kernel
     .venv/bin/python benchmarks/gguf_rows.py model [--model qwen2.5-coder-1.5b] [--threads 2] [--profile]
-        [--weights stored-q8]
+        [--weights stored-q8] [--compare-src /tmp/old.cpp]
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures
 from gguf_blocks import random_blocks  # noqa: E402  (shared with the kernel tests)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_kernels import median_us  # noqa: E402  (interleaved medians, one definition)
+from gguf_kernels import build_compare, median_us  # noqa: E402  (interleaved medians, one definition)
+
+X16_OPS = ("gguf_x16_linear", "gguf_x16_linear_q8", "gguf_q4k_x16_linear")  # what --compare-src swaps
 
 
 def dequantize_then_gemm(x: torch.Tensor, raw: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
@@ -61,6 +70,7 @@ def header(threads: int) -> str:
 @torch.no_grad()
 def kernel_sweep(args: argparse.Namespace) -> None:
     assert native.usable("gguf_linear"), "native gguf_linear kernel unavailable on this machine"
+    cmp_ops = build_compare(args.compare_src) if args.compare_src else None
     q8 = args.q8 and native.usable("gguf_q8")
     if args.q8 and not q8:
         print("gguf_q8 kernel unavailable on this machine: no q8 columns", file=sys.stderr)
@@ -69,7 +79,9 @@ def kernel_sweep(args: argparse.Namespace) -> None:
         print(header(threads))
         print(f"{'type':<6}{'shape':>12}{'x':>9}{'rows':>5}{'µs':>10}{'x r=1':>7}{'deq+mm µs':>11}{'deq/kern':>9}"
               f"{'x16 µs':>9}{'kern/x16':>9}"
-              + (f"{'q8 µs':>9}{'x16q8 µs':>10}{'x r=1':>7}{'q8/x16q8':>9}" if q8 else ""))
+              + (f"{'q8 µs':>9}{'x16q8 µs':>10}{'x r=1':>7}{'q8/x16q8':>9}" if q8 else "")
+              + (f"{'old x16':>9}{'old/new':>8}" + (f"{'old x16q8':>10}{'old/new':>8}" if q8 else "")
+                 if cmp_ops is not None else ""))
         for shape in args.shape:
             n, k = (int(v) for v in shape.lower().split("x"))
             for name in args.types:
@@ -91,6 +103,13 @@ def kernel_sweep(args: argparse.Namespace) -> None:
                         if q8 and x16 is not None and T[name] in X16_Q8_TYPES:
                             fns["x16q8"] = partial(torch.ops.frugallm.gguf_x16_linear_q8, x, x16, qtype, n, None)
                         us = median_us(fns, args.reps)
+                        if cmp_ops is not None and x16 is not None:  # pairs timed alone: same cache state for both
+                            us |= median_us({"new": fns["x16"], "old": partial(cmp_ops.gguf_x16_linear, x, x16, qtype,
+                                                                               n, None)}, args.reps)
+                            if "x16q8" in fns:
+                                pair = {"newq8": fns["x16q8"],
+                                        "oldq8": partial(cmp_ops.gguf_x16_linear_q8, x, x16, qtype, n, None)}
+                                us |= median_us(pair, args.reps)
                         base = base or us["kern"]
                         x16_cols = (f"{us['x16']:>9.1f}{us['kern'] / us['x16']:>9.2f}" if "x16" in us
                                     else f"{'-':>9}{'-':>9}")
@@ -103,8 +122,16 @@ def kernel_sweep(args: argparse.Namespace) -> None:
                                 q8_cols += f"{us['q8'] / us['x16q8']:>9.2f}" if "q8" in us else f"{'-':>9}"
                             else:
                                 q8_cols += f"{'-':>10}{'-':>7}{'-':>9}"
+                        cmp_cols = ""
+                        if cmp_ops is not None:
+                            cmp_cols = (f"{us['old']:>9.1f}{us['old'] / us['new']:>8.2f}" if "old" in us
+                                        else f"{'-':>9}{'-':>8}")
+                            if q8:
+                                cmp_cols += (f"{us['oldq8']:>10.1f}{us['oldq8'] / us['newq8']:>8.2f}" if "oldq8" in us
+                                             else f"{'-':>10}{'-':>8}")
                         print(f"{name:<6}{shape:>12}{dname:>9}{rows:>5}{us['kern']:>10.1f}{us['kern'] / base:>7.2f}"
-                              f"{us['deq']:>11.1f}{us['deq'] / us['kern']:>9.2f}{x16_cols}{q8_cols}", flush=True)
+                              f"{us['deq']:>11.1f}{us['deq'] / us['kern']:>9.2f}{x16_cols}{q8_cols}{cmp_cols}",
+                              flush=True)
 
 
 @torch.inference_mode()
@@ -113,28 +140,52 @@ def model_sweep(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads[0])
     print(header(args.threads[0]) + f"; weights {args.weights}")
+    use_old = [False]
+    if args.compare_src:  # GGUFLinear's x16 ops through a switch, set before the model builds its decode plans
+        from frugallm.quant.gguf_linear import GGUFLinear
+
+        cmp_ops, current = build_compare(args.compare_src), GGUFLinear._op
+
+        def switched(self: GGUFLinear, seg: object) -> object:
+            op = current(self, seg)
+            name = next((n for n in X16_OPS if op is getattr(torch.ops.frugallm, n)), None)
+            if name is None:
+                return op
+            old = getattr(cmp_ops, name)
+            return lambda *a: (old if use_old[0] else op)(*a)
+
+        GGUFLinear._op = switched  # type: ignore[method-assign]
     llm = LLM(args.model, weights=args.weights)
     ids = llm.tokenizer.encode("def add(a, b):\n    return a + b\n\n# a test for it\n" * 8)
     n = len(ids)
     cache = llm.make_cache(1, n + max(args.rows) + 8)
     llm.model(torch.tensor([ids]), torch.arange(n)[None], cache, "last")
     base = None
-    print(f"{'rows':>4}{'ms':>9}{'x r=1':>7}   share of self CPU time (profiled pass)")
+    print(f"{'rows':>4}{'ms':>9}{'x r=1':>7}" + (f"{'ms old':>9}{'x r=1':>7}{'old/new':>8}" if args.compare_src else "")
+          + "   share of self CPU time (profiled pass)")
+    base_old = None
     for r in args.rows:
         x, pos = torch.tensor([ids[-r:]]), torch.arange(n, n + r)[None]
         logits = "all" if r > 1 else "last"
-        times = []
+        times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.reps):
-            cache.truncate(n)
-            if r == 1:  # a one-row step after a multi-row pass rebuilds the decode plan: warm it
-                llm.model(x, pos, cache, logits)
+            for old in (False, True) if args.compare_src else (False,):  # interleaved: noise hits both alike
+                use_old[0] = old
                 cache.truncate(n)
-            t0 = time.perf_counter()
-            llm.model(x, pos, cache, logits)
-            times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
+                if r == 1:  # a one-row step after a multi-row pass rebuilds the decode plan: warm it
+                    llm.model(x, pos, cache, logits)
+                    cache.truncate(n)
+                t0 = time.perf_counter()
+                llm.model(x, pos, cache, logits)
+                times[old].append(time.perf_counter() - t0)
+        use_old[0] = False
+        t = statistics.median(times[False])
         base = base or t
         line = f"{r:>4}{t * 1e3:>9.1f}{t / base:>7.2f}"
+        if args.compare_src:
+            t_old = statistics.median(times[True])
+            base_old = base_old or t_old
+            line += f"{t_old * 1e3:>9.1f}{t_old / base_old:>7.2f}{t_old / t:>8.2f}"
         if args.profile:
             cache.truncate(n)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -174,6 +225,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="model: split each pass's time by op (torch.profiler)")
     ap.add_argument("--q8", action="store_true", help="kernel: also the int8-activation kernels (stored-q8)")
     ap.add_argument("--weights", default="auto", help="model: LLM(weights=...), e.g. stored-q8")
+    ap.add_argument("--compare-src", type=Path, help="another csrc/gguf_x16.cpp to time alongside (before/after)")
     args = ap.parse_args()
     if args.what == "kernel":
         kernel_sweep(args)

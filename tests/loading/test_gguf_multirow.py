@@ -81,7 +81,8 @@ def test_rows_do_not_depend_on_threads(qtype: T, x_dtype: torch.dtype, one_threa
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_module_verify_pass_equals_one_row_steps(x_dtype: torch.dtype) -> None:
     """GGUFLinear as Q4_K_M files make it (Q4_K rows fused with Q6_K rows): a pass of up to its few-rows cap
-    (GGUF_FP32_MAX_ROWS with fp32 x, NATIVE_QUANT_MAX_ROWS with bf16: speculative verify, batched decode) gives each
+    (GGUF_FP32_MAX_ROWS with fp32 x; with bf16 x NATIVE_QUANT_MAX_ROWS here, the Q4_K segment of 29 rows staying in
+    the stored layout: speculative verify, batched decode) gives each
     row bit for bit what its one-row decode step gives, through forward and through the decode plan's decode_fn;
     above the cap (dequantize-then-GEMM) it stays close."""
     k = 512

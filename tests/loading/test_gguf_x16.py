@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType as T
 from frugallm import LLM, SamplingParams, cpu, native
 from frugallm.errors import FrugalError
 from frugallm.quant import gguf_linear as gl
+from frugallm.quant import kernels
 from frugallm.quant.gguf_linear import GGUFLinear, set_act_quant
 from gguf_blocks import random_blocks
 
@@ -196,6 +197,28 @@ def test_gguf_linear_repacks_q4k_and_q6k_segments_of_16k_rows(x_dtype: torch.dty
     assert torch.equal(y8[:, :48], q8_x16(few, lin.raw(0), int(T.Q4_K), 48, bias[:48]))
     assert torch.equal(y8[:, 48:80], q8_x16(few, lin.raw(1), int(T.Q6_K), 32, bias[48:80]))
     assert torch.equal(y8[:, 80:120], q8(few, segs[2][1], int(T.Q4_K), 40, bias[80:120]))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_few_rows_cap_follows_the_layout_and_dtype(x_dtype: torch.dtype) -> None:
+    """A linear whose segments are all x16 takes passes of up to GGUF_FP32_MAX_ROWS (fp32 x) or
+    GGUF_X16_BF16_MAX_ROWS (bf16 x) rows on the kernels, each row bit-identical to its one-row pass; one row more
+    dequantizes then multiplies; q8 mode keeps NATIVE_QUANT_MAX_ROWS."""
+    k = 512
+    segs = [(int(T.Q4_K), torch.from_numpy(random_blocks(T.Q4_K, 48, k, seed=11)), 48),
+            (int(T.Q6_K), torch.from_numpy(random_blocks(T.Q6_K, 32, k, seed=12)), 32)]
+    bias = torch.randn(80, generator=torch.Generator().manual_seed(13))
+    lin = GGUFLinear(segs, k, bias)
+    assert [s.layout for s in lin.segments] == ["x16", "x16"]
+    cap = lin.few_rows_limit(x_dtype)
+    assert cap == (kernels.GGUF_FP32_MAX_ROWS if x_dtype == torch.float32 else kernels.GGUF_X16_BF16_MAX_ROWS)
+    assert cap > kernels.NATIVE_QUANT_MAX_ROWS
+    assert GGUFLinear(segs, k, bias, act_quant="q8").few_rows_limit(x_dtype) == kernels.NATIVE_QUANT_MAX_ROWS
+    x = torch.randn(cap + 1, k, generator=torch.Generator().manual_seed(14)).to(x_dtype)
+    fn = lin.decode_fn(x_dtype, torch.device("cpu"))
+    steps = torch.cat([fn(x[i : i + 1]) for i in range(cap)])
+    assert torch.equal(fn(x[:cap]), steps) and torch.equal(lin(x[:cap]), steps)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.dequantize(x_dtype), bias.to(x_dtype)))
 
 
 def test_tiny_q4k_model_decodes_the_same_without_the_repack(tiny_models, tiny_ids, monkeypatch) -> None:

@@ -1,8 +1,8 @@
 """GGUF quantized weights run as stored: :class:`GGUFLinear` keeps each weight row's raw ggml blocks.
 
 Memory is the file's bytes (the blocks may be a zero-copy view of the GGUF memmap). Few-row passes (decode,
-speculative verify, short prompts: up to ``kernels.GGUF_FP32_MAX_ROWS`` rows with fp32 activations, the loader's,
-``kernels.NATIVE_QUANT_MAX_ROWS`` with bf16 ones) run ``torch.ops.frugallm.gguf_linear`` (``csrc/gguf_linear.cpp``):
+speculative verify, short prompts: up to ``kernels.GGUF_FP32_MAX_ROWS`` rows with fp32 activations, fewer with
+bf16 ones, :meth:`GGUFLinear.few_rows_limit`) run ``torch.ops.frugallm.gguf_linear`` (``csrc/gguf_linear.cpp``):
 blocks decoded in registers against fp32 activations (FMAs) or bf16 ones (``vdpbf16ps`` on AVX512-BF16 CPUs),
 equal to dequantize-then-matmul up to fp32 rounding. Larger
 passes (prefill) dequantize ``PREFILL_TILE_ROWS`` output rows at a time (``gguf_dequantize``) and run ``F.linear``.
@@ -282,9 +282,14 @@ class GGUFLinear(nn.Module):
         return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.usable(KERNEL)
 
     def few_rows_limit(self, dtype: torch.dtype) -> int:
-        """The largest pass the native kernels take for ``dtype`` activations (above it: dequantize-then-GEMM)."""
-        if self.act_quant is None and dtype == torch.float32:
+        """The largest pass the native kernels take for ``dtype`` activations (above it: dequantize-then-GEMM;
+        see ``kernels.GGUF_FP32_MAX_ROWS``)."""
+        if self.act_quant is not None:
+            return kernels.NATIVE_QUANT_MAX_ROWS
+        if dtype == torch.float32:
             return kernels.GGUF_FP32_MAX_ROWS
+        if all(s.layout == "x16" or s.qtype in FLOAT_TYPES for s in self.segments):
+            return kernels.GGUF_X16_BF16_MAX_ROWS
         return kernels.NATIVE_QUANT_MAX_ROWS
 
     def _op(self, seg: Segment) -> Callable[..., torch.Tensor]:

@@ -64,11 +64,15 @@ def int8pack_supported(device: torch.device, in_features: int) -> bool:
 # the torch paths on CPU (torch._weight_int8pack_mm; dequantize + F.linear for mix4).
 NATIVE_QUANT_MAX_ROWS = 16
 
-# GGUF weights as stored with fp32 activations (GGUFLinear, exact mode): up to this many rows its native kernels
-# beat dequantize + F.linear, which pays for dequantizing the whole weight on every pass (8960x1536 Q4_K / Q6_K,
-# 1 thread, loaded machine: the x16 kernels 2.3-3.0x dequantize-then-GEMM at 64 rows and 1.3-1.7x at 128-256, the
-# stored-block kernel 1.5-1.7x at 64). bf16 activations keep NATIVE_QUANT_MAX_ROWS: the bf16 GEMM wins from ~64 rows.
+# GGUF weights as stored (GGUFLinear, exact mode): up to these many rows its native kernels beat dequantize +
+# F.linear, which dequantizes the whole weight on every pass (8960x1536 / 1536x8960 Q4_K / Q6_K, 1 thread, loaded
+# machine). fp32 activations (decode, verify): the x16 kernels 2.3-3.0x it at 64 rows and 1.3-1.7x at 128-256, the
+# stored-block kernel 1.15-1.7x at 64. bf16 activations (the model's prefill dtype from PREFILL_MIN_TOKENS rows on
+# AVX512-BF16 CPUs) against the bf16 GEMM: the x16 kernels 1.14-1.35x at 24 rows, 0.96-1.19x at 32, 0.8-0.9x at 48;
+# the stored-block kernel loses from ~24 rows (0.88-1.02x), so modules with a stored segment keep
+# NATIVE_QUANT_MAX_ROWS there.
 GGUF_FP32_MAX_ROWS = 64
+GGUF_X16_BF16_MAX_ROWS = 32
 
 
 def few_rows_kernel(
