@@ -563,10 +563,12 @@ void group6_f32_256(const uint8_t* w, int64_t nblocks, const float* x, int64_t k
 // rows run against it in chunks of up to 8 (16 accumulator chains in flight), so a pass of r rows decodes the codes
 // once instead of ceil(r / 4) times. Each row's arithmetic is the one-row kernel's: per sub-block, chain a0 over its
 // even-indexed products and a1 over its odd ones, in the same order from zero, then a0 + a1 meets the scale in
-// sub-block order (only the order of independent rows changes): bit-identical to a one-row pass. Q6_K 2048x1536,
-// 1 thread, min of 40 interleaved with 4-row passes, loaded machine: fp32 9 rows 1.16x, 16 rows 1.21x; bf16 1.14x,
-// 1.06x. Q4_K gains nothing from it (fp32 0.80-0.88x, bf16 0.94-1.00x): its decode (one shift and one vpermps per
-// 16 products) already hides under the FMAs of a 4-row pass, which run at about one zmm FMA per cycle.
+// sub-block order (only the order of independent rows changes): bit-identical to a one-row pass. Q6_K fp32 against
+// the 4-row build (gguf_rows.py --compare-src, interleaved pairs, 1 thread, loaded machine; 2048x1536, 8960x1536):
+// 9 rows 1.10x, 12-16 rows 1.14-1.16x, one row unchanged; bf16 (min of 40 against 4-row calls) up to 1.13x. Q4_K
+// gains nothing from it (fp32 0.80-0.88x, bf16 0.94-1.00x): its decode (one shift and one vpermps per 16 products)
+// already hides under the FMAs of a 4-row pass, which run at about one zmm FMA per cycle (r rows cost about r times
+// the FMAs: the floor of this exact arithmetic).
 constexpr int kChunk = 8;
 
 // s[m] = a0 + a1 of row m (x + m * k: the sub-block's first value) over NP products: buf[p] times x value p (fp32)
@@ -796,8 +798,9 @@ at::Tensor gguf_x16_linear(const at::Tensor& x, const at::Tensor& w, int64_t qty
 // offset (Q4_K: dmin mn per 32, Q6_K: 32 d sc per 16) times dx * sum(qx) is subtracted by one more, so the result is gguf_linear_q8's up to
 // fp32 rounding (its sums run in another order) and every row's arithmetic is the same at any rows per pass.
 #if defined(X16_VEC)
-// Rows per pass: a verify pass of up to this many rows decodes the codes once (AVX-512, 2048x1536, 1 thread, under
-// load, against passes of 8: 9 rows 1.12x / 1.15x (Q4_K / Q6_K), 16 rows 1.07x Q6_K; AVX2's 16 registers: 8).
+// Rows per pass: a verify pass of up to this many rows decodes the codes once. Against the 8-row build (gguf_rows.py
+// --compare-src, interleaved pairs, 1 thread, loaded machine; 2048x1536 and 8960x1536) at 9-16 rows: Q4_K
+// 0.99-1.06x, Q6_K 1.04-1.09x; one row unchanged. AVX2's 16 registers: 8.
 #if defined(X16_AVX512)
 constexpr int64_t kRowsPassQ8 = 16;
 #else
