@@ -419,6 +419,15 @@ inline __m512i hi_at4_512(__m512i hi, int b) {
   return b >= 4 ? _mm512_srli_epi32(hi, b - 4) : _mm512_slli_epi32(hi, 4 - b);
 }
 
+// Value (z, r, s)'s 6-bit codes as int32 lanes: bits 0..3 from the low nibbles, 4..5 from the high bits
+// (0xE4: C ? A : B).
+inline __m512i q6k_code_512(__m512i lo, __m512i hi, int z, int r, int s, __m512i m15, __m512i m63) {
+  return _mm512_and_si512(
+      _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 16 * s + 4 * r), hi_at4_512(hi, 16 * s + 4 * r + 2 * z), m15,
+                                0xE4),
+      m63);
+}
+
 template <int MC>
 void group6_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k, const float* xs16, float* res) {
   const __m512i m15 = _mm512_set1_epi32(15), m63 = _mm512_set1_epi32(63);
@@ -438,13 +447,7 @@ void group6_f32_512(const uint8_t* w, int64_t nblocks, const float* x, int64_t k
         const __m512i lo = _mm512_loadu_si512(q + 64 * z);
 #pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) {
-          // bits 0..3 from the low nibbles, 4..5 from the high bits (0xE4: C ? A : B), then the 6-bit code
-          const __m512i c0 = _mm512_and_si512(
-              _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 4 * r), hi_at4_512(hi, 4 * r + 2 * z), m15, 0xE4), m63);
-          const __m512i c1 = _mm512_and_si512(
-              _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 16 + 4 * r), hi_at4_512(hi, 16 + 4 * r + 2 * z), m15,
-                                        0xE4),
-              m63);
+          const __m512i c0 = q6k_code_512(lo, hi, z, r, 0, m15, m63), c1 = q6k_code_512(lo, hi, z, r, 1, m15, m63);
           const __m512 v0 = _mm512_cvtepi32_ps(c0), v1 = _mm512_cvtepi32_ps(c1);
           for (int m = 0; m < MC; ++m) {
             const float* xm = x + m * k + 256 * blk + 16 * i + 8 * z + 2 * r;
@@ -639,12 +642,7 @@ void group6_wide_512(const uint8_t* w, int64_t nblocks, const XT* x, int64_t k, 
                                                           nib, 0xE4);
             buf[4 * z + r] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sel, code, magic, 0xEA));
           } else {  // product p = 8 z + 2 r + s: value 8 z + 2 r + s
-            const __m512i c0 = _mm512_and_si512(
-                _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 4 * r), hi_at4_512(hi, 4 * r + 2 * z), m15, 0xE4), m63);
-            const __m512i c1 = _mm512_and_si512(
-                _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 16 + 4 * r), hi_at4_512(hi, 16 + 4 * r + 2 * z), m15,
-                                          0xE4),
-                m63);
+            const __m512i c0 = q6k_code_512(lo, hi, z, r, 0, m15, m63), c1 = q6k_code_512(lo, hi, z, r, 1, m15, m63);
             buf[8 * z + 2 * r] = _mm512_cvtepi32_ps(c0);
             buf[8 * z + 2 * r + 1] = _mm512_cvtepi32_ps(c1);
           }

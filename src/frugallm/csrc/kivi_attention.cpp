@@ -23,6 +23,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,23 +45,7 @@ inline float fp8_at(const uint8_t* p, int64_t i) {
   return static_cast<float>(c10::Float8_e4m3fn(p[i], c10::Float8_e4m3fn::from_bits()));
 }
 
-// exp(x) for x <= 0, as in paged_attention.cpp (branch-free Cephes polynomial so the loop vectorizes).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+using frugallm::exp_nonpositive;
 
 struct Layout {
   int64_t kv_heads, head_dim, chunk, group, bits;

@@ -31,25 +31,7 @@ inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return frugallm::bf16_to_float(x.x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// exp(x) for x <= 0 (scores minus their max): Cephes' expf polynomial on the reduced argument, written
-// without branches so the loop vectorizes (relative error ~2e-7; scalar libm expf would dominate the
-// kernel: S * heads calls per layer).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+using frugallm::exp_nonpositive;
 
 // A task is one sequence and a run of its kv heads with their GQA query groups. With enough sequences to
 // go round the threads, a task takes all of a sequence's heads, so it streams each token's contiguous row

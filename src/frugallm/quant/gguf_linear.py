@@ -281,10 +281,10 @@ class GGUFLinear(nn.Module):
     def _native_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.usable(KERNEL)
 
-    def few_rows_limit(self, dtype: torch.dtype) -> int:
+    def few_rows_limit(self, dtype: torch.dtype, exact: bool = False) -> int:
         """The largest pass the native kernels take for ``dtype`` activations (above it: dequantize-then-GEMM;
-        see ``kernels.GGUF_FP32_MAX_ROWS``)."""
-        if self.act_quant is not None:
+        see ``kernels.GGUF_FP32_MAX_ROWS``); ``exact``: the exact kernels' limit, whatever ``act_quant``."""
+        if self.act_quant is not None and not exact:
             return kernels.NATIVE_QUANT_MAX_ROWS
         if dtype == torch.float32:
             return kernels.GGUF_FP32_MAX_ROWS
@@ -292,20 +292,22 @@ class GGUFLinear(nn.Module):
             return kernels.GGUF_X16_BF16_MAX_ROWS
         return kernels.NATIVE_QUANT_MAX_ROWS
 
-    def _op(self, seg: Segment) -> Callable[..., torch.Tensor]:
-        """The few-rows native op for ``seg``: int8 activations where asked and available, the x16 kernel on a
-        repacked segment."""
-        if seg.layout == "x16" and self.act_quant == "q8" and seg.qtype in X16_Q8_TYPES:
+    def _op(self, seg: Segment, exact: bool = False) -> Callable[..., torch.Tensor]:
+        """The few-rows native op for ``seg``: int8 activations where asked and available (not ``exact``), the
+        x16 kernel on a repacked segment."""
+        q8 = self.act_quant == "q8" and not exact
+        if seg.layout == "x16" and q8 and seg.qtype in X16_Q8_TYPES:
             return torch.ops.frugallm.gguf_x16_linear_q8
         if seg.layout == "x16":
             return (torch.ops.frugallm.gguf_x16_b32_linear if seg.qtype in X16_B32_TYPES
                     else torch.ops.frugallm.gguf_x16_linear)
-        if self.act_quant == "q8" and seg.qtype in Q8_TYPES and native.usable(Q8_KERNEL):
+        if q8 and seg.qtype in Q8_TYPES and native.usable(Q8_KERNEL):
             return torch.ops.frugallm.gguf_linear_q8
         return torch.ops.frugallm.gguf_linear
 
-    def _segment_fns(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        """Per segment, ``x [M, in]`` (contiguous fp32 / bf16, M small) -> ``[M, rows]`` in x's dtype."""
+    def _segment_fns(self, exact: bool = False) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Per segment, ``x [M, in]`` (contiguous fp32 / bf16, M small) -> ``[M, rows]`` in x's dtype
+        (``exact``: the exact ops, whatever ``act_quant``)."""
         fns = []
         for i, s in enumerate(self.segments):
             raw, bias = self.raw(i), self._bias(s)
@@ -313,7 +315,7 @@ class GGUFLinear(nn.Module):
                 w = raw.view(FLOAT_TYPES[s.qtype])
                 fns.append(lambda x, w=w, b=bias: F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)))
             else:
-                op, args = self._op(s), (raw, s.qtype, s.rows, bias)
+                op, args = self._op(s, exact), (raw, s.qtype, s.rows, bias)
                 fns.append(lambda x, op=op, args=args: op(x, *args))
         return fns
 
@@ -333,9 +335,11 @@ class GGUFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = flatten_input(x, self.in_features)
         rows = x2.shape[0]
-        few = rows <= self.few_rows_limit(x.dtype) or (self.act_quant is not None and rows <= self.act_quant_max_rows)
+        quant = self.act_quant is not None and rows <= max(self.act_quant_max_rows, self.few_rows_limit(x.dtype))
+        # Above the int8 passes a module with act_quant runs what the same module without it runs (bit for bit).
+        few = quant or rows <= self.few_rows_limit(x.dtype, exact=True)
         if few and self._native_ok(x.device, x.dtype):
-            ys = [f(x2.contiguous()) for f in self._segment_fns()]
+            ys = [f(x2.contiguous()) for f in self._segment_fns(exact=not quant)]
             y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
         else:
             # fp16 GEMMs are very slow on CPU: dequantize to bf16 there.
