@@ -59,6 +59,10 @@ class KVCache(ABC):
         converting it in every layer).
         """
 
+    # True when ``update``'s slots are the sequence's tokens in order, every one visible to the queries after it
+    # (no padding, eviction or re-selection): a few-token pass may then attend row by row as one-token steps do.
+    causal_rows = False
+
     def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         """Optional fused path for one-token queries: append ``k, v`` and attend in one kernel.
 
@@ -107,6 +111,7 @@ class ContiguousKVCache(KVCache):
         self.batch = batch
         self.pad_lens = torch.tensor(pad_lens or [0] * batch, device=device)
         self._has_pad = bool(pad_lens and any(pad_lens))
+        self.causal_rows = not self._has_pad
         self._mask_key: tuple[int, int] | None = None
         self._mask: torch.Tensor | None = None
 

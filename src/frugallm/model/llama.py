@@ -159,6 +159,15 @@ class Attention(nn.Module):
             return fused.to(x.dtype).view(b, 1, self.q_size)
         keys, values, mask = cache.update(self.layer, k, v, q=q, x=x, positions=positions)
         q, keys, values = sdpa_dtypes(q, keys, values, decode=t < PREFILL_MIN_TOKENS)
+        start = keys.shape[2] - t
+        if 1 < t < PREFILL_MIN_TOKENS and start > 0 and cache.causal_rows:
+            # A speculative verify pass (or a few-token chunk): each row attends exactly as its one-token step would
+            # (same SDPA call on the same key prefix). One masked call over all rows rounds differently, by an ulp
+            # that Qwen's ~4k-magnitude activations grow to ~0.1 in the logits: enough to flip a greedy near-tie.
+            rows = [F.scaled_dot_product_attention(q[:, :, i : i + 1], keys.narrow(2, 0, start + i + 1),
+                                                   values.narrow(2, 0, start + i + 1),
+                                                   enable_gqa=self.n_heads != self.n_kv) for i in range(t)]
+            return torch.cat(rows, 2).to(x.dtype).transpose(1, 2).reshape(b, t, self.q_size)
         out = F.scaled_dot_product_attention(
             q,
             keys,
