@@ -241,6 +241,16 @@ class LLMEngine:
             self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         return rid
 
+    def adopt(self, rid: str, seq: Sequence) -> None:
+        """Continue ``seq``, decoded so far outside the engine (``SoloSpec``'s hand-off), as request ``rid``: first in
+        line, no blocks held; its prompt and tokens so far are computed again in one chunked pass, as after a
+        preemption."""
+        request = Request(rid, [seq])
+        seq.request_id, seq.request, seq.index = next(self._ids), request, 0  # numbered as add_request numbers
+        seq.num_computed_tokens, seq.block_table = 0, []
+        self.requests[rid] = request
+        self.scheduler.add(seq, first=True)
+
     def resolve_lora(self, lora: Any) -> Any:
         """A LoRA adapter name -> its ``LoraRequest`` (an unknown name is an ``InvalidRequestError`` naming it)."""
         if self.lora is None:

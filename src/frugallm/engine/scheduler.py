@@ -158,9 +158,13 @@ class Scheduler:
         self.num_preemptions = 0
 
     # -- queues -------------------------------------------------------------------------------------
-    def add(self, seq: SeqState) -> None:
+    def add(self, seq: SeqState, first: bool = False) -> None:
+        """Queue ``seq``; ``first``: ahead of the others, as a preempted sequence (its stream is running)."""
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        if first:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

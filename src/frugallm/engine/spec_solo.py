@@ -43,8 +43,7 @@ from __future__ import annotations
 from typing import Any
 
 from frugallm.engine.inputs import EngineRequest
-from frugallm.engine.llm_engine import LLMEngine, Request, StepOutput
-from frugallm.engine.scheduler import SeqStatus
+from frugallm.engine.llm_engine import LLMEngine, StepOutput
 from frugallm.engine.sequence import Sequence
 from frugallm.spec.memo import MemoPlan, blocks_for_bytes, plan
 
@@ -197,11 +196,7 @@ class SoloSpec:
         assert seq is not None and rid is not None
         self.seq = None  # _clear must not touch it
         self._clear()
-        request = Request(rid, [seq])
-        seq.request_id, seq.request, seq.index = next(engine._ids), request, 0  # as LLMEngine.add_request numbers
-        seq.status, seq.num_computed_tokens, seq.block_table = SeqStatus.WAITING, 0, []
-        engine.requests[rid] = request
-        engine.scheduler.waiting.appendleft(seq)  # first in line, as a preempted sequence: its stream is running
+        engine.adopt(rid, seq)
         self.handoffs += 1
 
     def abort(self, request_id: str) -> bool:
